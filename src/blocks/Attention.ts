@@ -1,0 +1,98 @@
+/**
+ * Multi-head self-attention with grouped KV heads: MHA (`kvHeads = heads`), GQA, MQA (`kvHeads = 1`).
+ * `[batch, seq, d] → [batch, seq, d]`.
+ *
+ * Params: `q [d, H·hd]`, `k [d, KV·hd]`, `v [d, KV·hd]`, `o [H·hd, d]`; optional biases on q/k/v
+ * (`qkvBias`, Qwen2) and on o (`outBias`, GPT-2); optional QK norms: per head (`"head"`: `[hd]` each,
+ * Qwen3) or over the whole projection (`"full"`: `[H·hd]` and `[KV·hd]`, OLMoE).
+ *
+ * FLOPs/token: 2·d·hd·(2H + 2KV) for the projections (part "attention").
+ * Attention map per layer over n positions: 2·H·(hd + hd)·pairs(n), pairs = n² full, n(n+1)/2 causal,
+ * capped by `window`. KV cache: 2·KV·hd elements per position.
+ *
+ * @since 0.1.0
+ */
+import { Schema } from "effect"
+import * as Cost from "../cost/Cost.ts"
+import { type Block, type BlockKind, leaf, type Named, type ParamDecl } from "../graph/Block.ts"
+import { crossCheck, Dim, withDefault } from "../graph/Spec.ts"
+import { RopeSpec } from "./Rotary.ts"
+
+export const AttentionSpec = Schema.Struct({
+  d: Dim,
+  heads: Dim,
+  kvHeads: Dim,
+  headDim: Dim,
+  qkvBias: withDefault(Schema.Boolean, false),
+  outBias: withDefault(Schema.Boolean, false),
+  qkNorm: withDefault(Schema.Literals(["none", "head", "full"]), "none"),
+  rope: withDefault(Schema.NullOr(RopeSpec), null),
+  /** Sliding window: keys a query may attend to at most, or null. */
+  window: withDefault(Schema.NullOr(Dim), null),
+  causal: withDefault(Schema.Boolean, true)
+}).pipe(Schema.check(crossCheck((s) =>
+  s.heads % s.kvHeads !== 0
+    ? ["kvHeads", `heads (${s.heads}) must be a multiple of kvHeads (${s.kvHeads})`]
+    : s.rope !== null && s.rope.dim > s.headDim
+    ? ["rope", `rotary dim ${s.rope.dim} exceeds headDim ${s.headDim}`]
+    : undefined
+)))
+export type AttentionSpec = typeof AttentionSpec.Type
+
+const params = (s: AttentionSpec): Array<ParamDecl> => {
+  const q = s.heads * s.headDim
+  const kv = s.kvHeads * s.headDim
+  const out: Array<ParamDecl> = [
+    { name: "q.weight", shape: [s.d, q], part: "attention" },
+    { name: "k.weight", shape: [s.d, kv], part: "attention" },
+    { name: "v.weight", shape: [s.d, kv], part: "attention" },
+    { name: "o.weight", shape: [q, s.d], part: "attention" }
+  ]
+  if (s.qkvBias) {
+    out.push(
+      { name: "q.bias", shape: [q], part: "attention" },
+      { name: "k.bias", shape: [kv], part: "attention" },
+      { name: "v.bias", shape: [kv], part: "attention" }
+    )
+  }
+  if (s.outBias) out.push({ name: "o.bias", shape: [s.d], part: "attention" })
+  if (s.qkNorm === "head") {
+    out.push({ name: "qNorm.weight", shape: [s.headDim], part: "norm" }, { name: "kNorm.weight", shape: [s.headDim], part: "norm" })
+  } else if (s.qkNorm === "full") {
+    out.push({ name: "qNorm.weight", shape: [q], part: "norm" }, { name: "kNorm.weight", shape: [kv], part: "norm" })
+  }
+  return out
+}
+
+export const Attention: BlockKind<AttentionSpec> = {
+  name: "attention",
+  summary: "multi-head attention (MHA / GQA / MQA)",
+  spec: AttentionSpec,
+  io: (s) => ({ in: s?.d, out: s?.d }),
+  params,
+  cost: (s, { path }) =>
+    Cost.make({
+      flops: { attention: 2 * s.d * s.headDim * (2 * s.heads + 2 * s.kvHeads) },
+      attention: [{
+        path,
+        heads: s.heads,
+        dQK: s.headDim,
+        dV: s.headDim,
+        window: s.window,
+        ropeDim: s.rope?.dim ?? 0,
+        passes: 1,
+        rate: 1
+      }],
+      kv: [{ path, elements: 2 * s.kvHeads * s.headDim, window: s.window, passes: 1, rate: 1 }]
+    })
+}
+
+/** Constructor argument: `kvHeads` defaults to `heads`, `headDim` to `d / heads`. */
+export type AttentionArgs<D extends number> =
+  & { readonly d: D; readonly heads: number; readonly kvHeads?: number; readonly headDim?: number }
+  & Partial<Omit<AttentionSpec, "d" | "heads" | "kvHeads" | "headDim">>
+  & Named
+
+/** @category constructors */
+export const attention = <const D extends number>(spec: AttentionArgs<D>): Block<D, D> =>
+  leaf(Attention, { ...spec, kvHeads: spec.kvHeads ?? spec.heads, headDim: spec.headDim ?? spec.d / spec.heads })

@@ -1,0 +1,149 @@
+/**
+ * Static analysis of a graph: decode every spec, check every size, list every parameter, fold the
+ * cost. No tensor is allocated; a 671B-parameter graph is analysed in milliseconds.
+ *
+ * @since 0.1.0
+ */
+import { Effect, Result, Schema } from "effect"
+import * as Cost from "../cost/Cost.ts"
+import { type AnyBlock, type Block, numel, type ParamEntry, type Width } from "./Block.ts"
+import { type GraphProblem, InvalidGraph } from "./Errors.ts"
+import { formatPath, problemsOf } from "./Spec.ts"
+
+/** One row of the per-path table. */
+export interface Row {
+  readonly path: string
+  readonly kind: string
+  readonly depth: number
+  readonly in: Width
+  readonly out: Width
+  /** Unique parameters in this subtree. */
+  readonly params: number
+  /** Activated parameters per position in this subtree. */
+  readonly activated: number
+  /** Forward matmul FLOPs per input token in this subtree (attention map excluded). */
+  readonly flops: number
+}
+
+/** The result of a successful analysis. */
+export interface Analysis {
+  readonly root: AnyBlock
+  readonly cost: Cost.Cost
+  /** Every parameter, tied ones included (flagged with `tiedTo`), in graph order. */
+  readonly params: ReadonlyArray<ParamEntry>
+  /** One row per node, in pre-order. */
+  readonly rows: ReadonlyArray<Row>
+}
+
+/** Joins path segments. */
+export const joinPath = (parent: string, segment: string): string => (parent === "" ? segment : `${parent}/${segment}`)
+
+/**
+ * Checks and costs a graph. Fails with {@link InvalidGraph} listing every problem (with its path) if
+ * any spec does not decode, any sizes do not line up, the root does not accept `options.input`, or a
+ * tied parameter has no owner of the same shape.
+ *
+ * @category analysis
+ */
+export const analyze = (
+  root: AnyBlock,
+  options?: { readonly input?: Width }
+): Effect.Effect<Analysis, InvalidGraph> =>
+  Effect.suspend(() => {
+    const result = analyzeResult(root, options)
+    return Result.isSuccess(result) ? Effect.succeed(result.success) : Effect.fail(result.failure)
+  })
+
+/** {@link analyze} as a plain `Result`, for pure callers. */
+export const analyzeResult = (
+  root: AnyBlock,
+  options?: { readonly input?: Width }
+): Result.Result<Analysis, InvalidGraph> => {
+  const problems: Array<GraphProblem> = []
+  const params: Array<ParamEntry> = []
+  const rows: Array<Row> = []
+
+  if (options?.input !== undefined && root.in !== options.input) {
+    problems.push({ path: "", kind: root.kind.name, message: `expects input ${root.in}, but the model input is ${options.input}` })
+  }
+
+  const visit = (block: Block, path: string, depth: number): Cost.Cost => {
+    const kind = block.kind
+    const decoded = Schema.decodeUnknownResult(kind.spec, { errors: "all" })(block.spec)
+    if (Result.isFailure(decoded)) {
+      for (const p of problemsOf(decoded.failure.issue)) {
+        problems.push({ path, kind: kind.name, field: formatPath(p.path), message: p.message })
+      }
+      return Cost.zero
+    }
+    const spec = decoded.success
+    for (const message of kind.connect?.(spec, block.children) ?? []) {
+      problems.push({ path, kind: kind.name, message })
+    }
+    const rowIndex = rows.length
+    rows.push({ path, kind: kind.name, depth, in: block.in, out: block.out, params: 0, activated: 0, flops: 0 })
+
+    const own: Array<ParamEntry> = (kind.params?.(spec) ?? []).map((d) => ({
+      ...d,
+      path: joinPath(path, d.name),
+      numel: numel(d.shape)
+    }))
+    for (const p of own) {
+      if (p.shape.some((s) => !Number.isInteger(s) || s <= 0)) {
+        problems.push({ path, kind: kind.name, field: p.name, message: `parameter shape [${p.shape}] is not made of positive integers` })
+      }
+    }
+    params.push(...own)
+
+    const seen = new Set<string>()
+    const children = block.children.map((child, i) => {
+      const segment = child.name ?? `${i}`
+      if (seen.has(segment)) problems.push({ path, kind: kind.name, message: `two children are named "${segment}"` })
+      seen.add(segment)
+      return visit(child, joinPath(path, segment), depth + 1)
+    })
+
+    const cost = Cost.add(ownParamCost(own), kind.cost(spec, { path, params: own, children }))
+    rows[rowIndex] = {
+      ...rows[rowIndex]!,
+      params: Cost.total(cost.params),
+      activated: Cost.total(cost.activated),
+      flops: Cost.total(cost.flops)
+    }
+    return cost
+  }
+
+  const cost = visit(root, "", 0)
+
+  const byPath = new Map(params.map((p) => [p.path, p]))
+  for (const p of params) {
+    if (p.tiedTo === undefined) continue
+    const owner = byPath.get(p.tiedTo)
+    if (owner === undefined || owner.tiedTo !== undefined) {
+      problems.push({ path: p.path, kind: "param", message: `is tied to "${p.tiedTo}", which is not a parameter of this graph` })
+    } else if (owner.numel !== p.numel) {
+      problems.push({ path: p.path, kind: "param", message: `is tied to "${p.tiedTo}" of shape [${owner.shape}], but has shape [${p.shape}]` })
+    }
+  }
+  const paths = new Set<string>()
+  for (const p of params) {
+    if (paths.has(p.path)) problems.push({ path: p.path, kind: "param", message: "two parameters have this path" })
+    paths.add(p.path)
+  }
+
+  if (problems.length > 0) return Result.fail(new InvalidGraph({ problems }))
+  return Result.succeed({ root, cost, params, rows })
+}
+
+/** The parameter counts a leaf's own parameters contribute (tied ones count zero). */
+const ownParamCost = (own: ReadonlyArray<ParamEntry>): Cost.Cost => {
+  const total: Record<string, number> = {}
+  const activated: Record<string, number> = {}
+  for (const p of own) {
+    if (p.tiedTo !== undefined) continue
+    total[p.part] = (total[p.part] ?? 0) + p.numel
+    const act = p.active === undefined ? p.numel : (p.numel / p.active.of) * p.active.used
+    activated[p.part] = (activated[p.part] ?? 0) + act
+  }
+  return Cost.make({ params: total, activated })
+}

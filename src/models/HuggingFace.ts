@@ -1,0 +1,419 @@
+/**
+ * Hugging Face `config.json` import: a transformers config becomes a {@link DecoderConfig} (and so a
+ * graph) whose total parameter count equals `sum(p.numel())` of the transformers model built from
+ * that config, tied weights counted once.
+ *
+ * One Schema per `model_type`, with transformers' defaults for absent keys and cross-field checks
+ * that name the config field at fault. Supported: gpt2, llama, mistral, mixtral, qwen2_moe,
+ * qwen3_moe, deepseek_v2, deepseek_v3, olmoe.
+ *
+ * Conventions that follow transformers (see docs/cost-model.md):
+ * - DeepSeek-V3's `e_score_correction_bias` is a buffer in transformers, not a parameter, so it is
+ *   not counted (DeepSeek's "671B" includes it: +256 per MoE layer).
+ * - DeepSeek's multi-token-prediction layers (`num_nextn_predict_layers`) are not built by
+ *   transformers and not counted.
+ *
+ * @since 0.1.0
+ */
+import { Schema } from "effect"
+import type { Activation } from "../blocks/MLP.ts"
+import { Count, crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
+import type { DecoderConfig, DecoderLayer, FFN, Mixer } from "./Decoder.ts"
+
+const optionalDim = Schema.optionalKey(Schema.NullOr(Dim))
+const bool = (v: boolean) => withDefault(Schema.Boolean, v)
+const dim = (v: number) => withDefault(Dim, v)
+const num = (v: number) => withDefault(PositiveNumber, v)
+
+const headsDivide = (hidden: string, heads: string) => (c: Record<string, unknown>) => {
+  const h = c[hidden] as number
+  const n = c[heads] as number
+  return c["head_dim"] == null && h % n !== 0
+    ? [heads, `${hidden} (${h}) is not divisible by ${heads} (${n}) and no head_dim is given`] as const
+    : undefined
+}
+const kvDivide = (c: Record<string, unknown>) => {
+  const n = c["num_attention_heads"] as number
+  const kv = c["num_key_value_heads"] as number | null | undefined
+  return kv != null && n % kv !== 0
+    ? ["num_key_value_heads", `num_attention_heads (${n}) is not a multiple of num_key_value_heads (${kv})`] as const
+    : undefined
+}
+const topKFits = (experts: string) => (c: Record<string, unknown>) => {
+  const e = c[experts] as number
+  const k = c["num_experts_per_tok"] as number
+  return k > e ? ["num_experts_per_tok", `num_experts_per_tok (${k}) exceeds ${experts} (${e})`] as const : undefined
+}
+const all = (...checks: ReadonlyArray<(c: Record<string, unknown>) => readonly [string, string] | undefined>) =>
+<S extends Schema.Top>(self: S): S["Rebuild"] =>
+  self.check(crossCheck<S["Type"]>((c) => {
+    for (const f of checks) {
+      const bad = f(c as Record<string, unknown>)
+      if (bad !== undefined) return bad
+    }
+    return undefined
+  }))
+
+const HfActivation = withDefault(Schema.Literals(["silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"]), "silu")
+
+export const Gpt2Config = Schema.Struct({
+  model_type: Schema.Literal("gpt2"),
+  vocab_size: dim(50257),
+  n_positions: dim(1024),
+  n_embd: dim(768),
+  n_layer: dim(12),
+  n_head: dim(12),
+  n_inner: optionalDim,
+  activation_function: withDefault(Schema.Literals(["gelu_new", "gelu", "relu", "silu", "gelu_pytorch_tanh"]), "gelu_new"),
+  layer_norm_epsilon: num(1e-5),
+  tie_word_embeddings: bool(true)
+}).pipe(all((c) =>
+  (c["n_embd"] as number) % (c["n_head"] as number) !== 0
+    ? ["n_head", `n_embd (${c["n_embd"]}) is not divisible by n_head (${c["n_head"]})`]
+    : undefined
+))
+
+const llamaFields = {
+  vocab_size: dim(32000),
+  hidden_size: dim(4096),
+  intermediate_size: dim(11008),
+  num_hidden_layers: dim(32),
+  num_attention_heads: dim(32),
+  num_key_value_heads: optionalDim,
+  head_dim: optionalDim,
+  hidden_act: HfActivation,
+  max_position_embeddings: dim(2048),
+  rms_norm_eps: num(1e-6),
+  tie_word_embeddings: bool(false),
+  rope_theta: num(10000)
+}
+
+export const LlamaConfig = Schema.Struct({
+  model_type: Schema.Literal("llama"),
+  ...llamaFields,
+  attention_bias: bool(false),
+  mlp_bias: bool(false)
+}).pipe(all(headsDivide("hidden_size", "num_attention_heads"), kvDivide))
+
+const mistralFields = {
+  ...llamaFields,
+  intermediate_size: dim(14336),
+  num_key_value_heads: optionalDim,
+  max_position_embeddings: dim(4096 * 32),
+  sliding_window: optionalDim
+}
+
+export const MistralConfig = Schema.Struct({ model_type: Schema.Literal("mistral"), ...mistralFields })
+  .pipe(all(headsDivide("hidden_size", "num_attention_heads"), kvDivide))
+
+export const MixtralConfig = Schema.Struct({
+  model_type: Schema.Literal("mixtral"),
+  ...mistralFields,
+  rms_norm_eps: num(1e-5),
+  rope_theta: num(1e6),
+  num_local_experts: dim(8),
+  num_experts_per_tok: dim(2)
+}).pipe(all(headsDivide("hidden_size", "num_attention_heads"), kvDivide, topKFits("num_local_experts")))
+
+const qwenMoeFields = {
+  ...llamaFields,
+  vocab_size: dim(151936),
+  hidden_size: dim(2048),
+  num_hidden_layers: dim(24),
+  max_position_embeddings: dim(32768),
+  decoder_sparse_step: dim(1),
+  mlp_only_layers: withDefault(Schema.NullOr(Schema.Array(Count)), null),
+  norm_topk_prob: bool(false),
+  sliding_window: optionalDim,
+  use_sliding_window: bool(false)
+}
+
+export const Qwen2MoeConfig = Schema.Struct({
+  model_type: Schema.Literal("qwen2_moe"),
+  ...qwenMoeFields,
+  intermediate_size: dim(5632),
+  num_attention_heads: dim(16),
+  moe_intermediate_size: dim(1408),
+  shared_expert_intermediate_size: withDefault(Count, 5632),
+  num_experts_per_tok: dim(4),
+  num_experts: dim(60),
+  qkv_bias: bool(true)
+}).pipe(all(headsDivide("hidden_size", "num_attention_heads"), kvDivide, topKFits("num_experts")))
+
+export const Qwen3MoeConfig = Schema.Struct({
+  model_type: Schema.Literal("qwen3_moe"),
+  ...qwenMoeFields,
+  intermediate_size: dim(6144),
+  num_attention_heads: dim(32),
+  moe_intermediate_size: dim(768),
+  num_experts_per_tok: dim(8),
+  num_experts: dim(128),
+  attention_bias: bool(false)
+}).pipe(all(headsDivide("hidden_size", "num_attention_heads"), kvDivide, topKFits("num_experts")))
+
+export const OlmoeConfig = Schema.Struct({
+  model_type: Schema.Literal("olmoe"),
+  ...llamaFields,
+  vocab_size: dim(50304),
+  hidden_size: dim(2048),
+  intermediate_size: dim(2048),
+  num_hidden_layers: dim(16),
+  num_attention_heads: dim(16),
+  max_position_embeddings: dim(4096),
+  rms_norm_eps: num(1e-5),
+  attention_bias: bool(false),
+  num_experts_per_tok: dim(8),
+  num_experts: dim(64),
+  norm_topk_prob: bool(false)
+}).pipe(all(headsDivide("hidden_size", "num_attention_heads"), kvDivide, topKFits("num_experts")))
+
+const deepseekFields = {
+  vocab_size: dim(102400),
+  hidden_size: dim(4096),
+  intermediate_size: dim(11008),
+  moe_intermediate_size: dim(1407),
+  num_hidden_layers: dim(30),
+  num_attention_heads: dim(32),
+  num_key_value_heads: optionalDim,
+  n_shared_experts: withDefault(Schema.NullOr(Count), null),
+  n_routed_experts: withDefault(Schema.NullOr(Dim), null),
+  num_experts_per_tok: withDefault(Schema.NullOr(Dim), null),
+  moe_layer_freq: dim(1),
+  first_k_dense_replace: withDefault(Count, 0),
+  kv_lora_rank: dim(512),
+  q_lora_rank: withDefault(Schema.NullOr(Dim), 1536),
+  qk_rope_head_dim: dim(64),
+  v_head_dim: dim(128),
+  qk_nope_head_dim: dim(128),
+  hidden_act: HfActivation,
+  max_position_embeddings: dim(2048),
+  rms_norm_eps: num(1e-6),
+  tie_word_embeddings: bool(false),
+  rope_theta: num(10000),
+  attention_bias: bool(false),
+  norm_topk_prob: bool(false),
+  scoring_func: withDefault(Schema.String, "softmax")
+}
+
+const deepseekTopK = (c: Record<string, unknown>) => {
+  const e = c["n_routed_experts"] as number | null
+  const k = c["num_experts_per_tok"] as number | null
+  if (e === null) return undefined
+  if (k === null) return ["num_experts_per_tok", "is required when n_routed_experts is set"] as const
+  return k > e ? ["num_experts_per_tok", `num_experts_per_tok (${k}) exceeds n_routed_experts (${e})`] as const : undefined
+}
+
+export const DeepseekV2Config = Schema.Struct({ model_type: Schema.Literal("deepseek_v2"), ...deepseekFields })
+  .pipe(all(deepseekTopK))
+
+export const DeepseekV3Config = Schema.Struct({
+  model_type: Schema.Literal("deepseek_v3"),
+  ...deepseekFields,
+  vocab_size: dim(129280),
+  hidden_size: dim(7168),
+  intermediate_size: dim(18432),
+  moe_intermediate_size: dim(2048),
+  num_hidden_layers: dim(61),
+  num_attention_heads: dim(128),
+  n_shared_experts: withDefault(Schema.NullOr(Count), 1),
+  n_routed_experts: withDefault(Schema.NullOr(Dim), 256),
+  num_experts_per_tok: withDefault(Schema.NullOr(Dim), 8),
+  first_k_dense_replace: withDefault(Count, 3),
+  max_position_embeddings: dim(4096),
+  norm_topk_prob: bool(true),
+  scoring_func: withDefault(Schema.String, "sigmoid")
+}).pipe(all(deepseekTopK))
+
+/** Every supported `model_type`, with its Schema. */
+export const hfSchemas = {
+  gpt2: Gpt2Config,
+  llama: LlamaConfig,
+  mistral: MistralConfig,
+  mixtral: MixtralConfig,
+  qwen2_moe: Qwen2MoeConfig,
+  qwen3_moe: Qwen3MoeConfig,
+  deepseek_v2: DeepseekV2Config,
+  deepseek_v3: DeepseekV3Config,
+  olmoe: OlmoeConfig
+} as const
+export type HfModelType = keyof typeof hfSchemas
+export const hfModelTypes = Object.keys(hfSchemas) as ReadonlyArray<HfModelType>
+
+export const HfConfig = Schema.Union([
+  Gpt2Config,
+  LlamaConfig,
+  MistralConfig,
+  MixtralConfig,
+  Qwen2MoeConfig,
+  Qwen3MoeConfig,
+  DeepseekV2Config,
+  DeepseekV3Config,
+  OlmoeConfig
+])
+export type HfConfig = typeof HfConfig.Type
+
+const activation = (act: string, gated: boolean): Activation =>
+  gated
+    ? "swiglu"
+    : act === "gelu_new" || act === "gelu_pytorch_tanh"
+    ? "gelu_tanh"
+    : act === "gelu"
+    ? "gelu"
+    : act === "relu"
+    ? "relu"
+    : "silu"
+
+const gqa = (c: {
+  readonly hidden_size: number
+  readonly num_attention_heads: number
+  readonly num_key_value_heads?: number | null | undefined
+  readonly head_dim?: number | null | undefined
+  readonly rope_theta: number
+}, extra: Partial<Extract<Mixer, { kind: "attention" }>["spec"]> = {}): Mixer => {
+  const headDim = c.head_dim ?? c.hidden_size / c.num_attention_heads
+  return {
+    kind: "attention",
+    spec: {
+      heads: c.num_attention_heads,
+      kvHeads: c.num_key_value_heads ?? c.num_attention_heads,
+      headDim,
+      rope: { dim: headDim, base: c.rope_theta },
+      ...extra
+    }
+  }
+}
+
+const layers = (n: number, f: (i: number) => DecoderLayer): ReadonlyArray<DecoderLayer> => Array.from({ length: n }, (_, i) => f(i))
+
+const qwenSparse = (c: { readonly mlp_only_layers: ReadonlyArray<number> | null; readonly decoder_sparse_step: number; readonly num_experts: number }, i: number) =>
+  !(c.mlp_only_layers ?? []).includes(i) && c.num_experts > 0 && (i + 1) % c.decoder_sparse_step === 0
+
+const window = (c: { readonly sliding_window?: number | null | undefined; readonly use_sliding_window?: boolean }) =>
+  c.use_sliding_window === false ? null : c.sliding_window ?? null
+
+/**
+ * Maps a decoded transformers config to the normalised decoder description.
+ *
+ * @category builders
+ */
+export const fromHf = (c: HfConfig, name: string): DecoderConfig => {
+  switch (c.model_type) {
+    case "gpt2": {
+      const hidden = c.n_inner ?? 4 * c.n_embd
+      const layer: DecoderLayer = {
+        mixer: { kind: "attention", spec: { heads: c.n_head, kvHeads: c.n_head, headDim: c.n_embd / c.n_head, qkvBias: true, outBias: true } },
+        ffn: { kind: "mlp", spec: { hidden, activation: activation(c.activation_function, false), bias: true } }
+      }
+      return {
+        name,
+        vocab: c.vocab_size,
+        d: c.n_embd,
+        positions: c.n_positions,
+        norm: { kind: "layer", eps: c.layer_norm_epsilon },
+        layers: layers(c.n_layer, () => layer),
+        tiedEmbeddings: c.tie_word_embeddings,
+        contextLength: c.n_positions
+      }
+    }
+    case "llama":
+    case "mistral":
+    case "mixtral": {
+      const bias = c.model_type === "llama" ? c.attention_bias : false
+      const mixer = gqa(c, { qkvBias: bias, outBias: bias, window: c.model_type === "llama" ? null : window(c) })
+      const ffn: FFN = c.model_type === "mixtral"
+        ? { kind: "moe", spec: { experts: c.num_local_experts, topK: c.num_experts_per_tok, expertHidden: c.intermediate_size } }
+        : { kind: "mlp", spec: { hidden: c.intermediate_size, bias: c.model_type === "llama" ? c.mlp_bias : false } }
+      return decoder(name, c, layers(c.num_hidden_layers, () => ({ mixer, ffn })))
+    }
+    case "qwen2_moe": {
+      const mixer = gqa(c, { qkvBias: c.qkv_bias, window: window(c) })
+      const sparse: FFN = {
+        kind: "moe",
+        spec: {
+          experts: c.num_experts,
+          topK: c.num_experts_per_tok,
+          expertHidden: c.moe_intermediate_size,
+          normalizeTopK: c.norm_topk_prob,
+          shared: c.shared_expert_intermediate_size > 0 ? { hidden: c.shared_expert_intermediate_size, gate: true } : null
+        }
+      }
+      const dense: FFN = { kind: "mlp", spec: { hidden: c.intermediate_size } }
+      return decoder(name, c, layers(c.num_hidden_layers, (i) => ({ mixer, ffn: qwenSparse(c, i) ? sparse : dense })))
+    }
+    case "qwen3_moe":
+    case "olmoe": {
+      const mixer = gqa(c, {
+        qkvBias: c.attention_bias,
+        outBias: c.attention_bias,
+        qkNorm: c.model_type === "qwen3_moe" ? "head" : "full",
+        window: c.model_type === "qwen3_moe" ? window(c) : null
+      })
+      const sparse: FFN = {
+        kind: "moe",
+        spec: { experts: c.num_experts, topK: c.num_experts_per_tok, expertHidden: c.model_type === "olmoe" ? c.intermediate_size : c.moe_intermediate_size, normalizeTopK: c.norm_topk_prob }
+      }
+      if (c.model_type === "olmoe") return decoder(name, c, layers(c.num_hidden_layers, () => ({ mixer, ffn: sparse })))
+      const dense: FFN = { kind: "mlp", spec: { hidden: c.intermediate_size } }
+      return decoder(name, c, layers(c.num_hidden_layers, (i) => ({ mixer, ffn: qwenSparse(c, i) ? sparse : dense })))
+    }
+    case "deepseek_v2":
+    case "deepseek_v3": {
+      const mixer: Mixer = {
+        kind: "mla",
+        spec: {
+          heads: c.num_attention_heads,
+          qLoraRank: c.q_lora_rank,
+          kvLoraRank: c.kv_lora_rank,
+          qkNopeHeadDim: c.qk_nope_head_dim,
+          qkRopeHeadDim: c.qk_rope_head_dim,
+          vHeadDim: c.v_head_dim,
+          bias: c.attention_bias,
+          ropeBase: c.rope_theta
+        }
+      }
+      const dense: FFN = { kind: "mlp", spec: { hidden: c.intermediate_size } }
+      const routed = c.n_routed_experts
+      const sparse: FFN | undefined = routed === null ? undefined : {
+        kind: "moe",
+        spec: {
+          experts: routed,
+          topK: c.num_experts_per_tok ?? 1,
+          expertHidden: c.moe_intermediate_size,
+          scoring: c.model_type === "deepseek_v3" ? "sigmoid" : "softmax",
+          normalizeTopK: c.norm_topk_prob,
+          shared: c.n_shared_experts !== null && c.n_shared_experts > 0 ? { hidden: c.moe_intermediate_size * c.n_shared_experts } : null
+        }
+      }
+      const isMoE = (i: number) =>
+        sparse !== undefined && i >= c.first_k_dense_replace &&
+        (c.model_type === "deepseek_v3" || i % c.moe_layer_freq === 0)
+      return decoder(name, c, layers(c.num_hidden_layers, (i) => ({ mixer, ffn: isMoE(i) ? sparse! : dense })))
+    }
+  }
+}
+
+const decoder = (
+  name: string,
+  c: {
+    readonly vocab_size: number
+    readonly hidden_size: number
+    readonly rms_norm_eps: number
+    readonly tie_word_embeddings: boolean
+    readonly max_position_embeddings: number
+  },
+  ls: ReadonlyArray<DecoderLayer>
+): DecoderConfig => ({
+  name,
+  vocab: c.vocab_size,
+  d: c.hidden_size,
+  positions: null,
+  norm: { kind: "rms", eps: c.rms_norm_eps },
+  layers: ls,
+  tiedEmbeddings: c.tie_word_embeddings,
+  contextLength: c.max_position_embeddings
+})
+
+/** Decodes an unknown value as a config of its `model_type`. */
+export const decodeHf = (modelType: HfModelType) => Schema.decodeUnknownEffect(hfSchemas[modelType], { errors: "all" })
+
+export const isHfModelType = (s: unknown): s is HfModelType => typeof s === "string" && s in hfSchemas

@@ -1,0 +1,123 @@
+/**
+ * The budget report: what `conceptmoe budget --format json` prints, computed from an analysis.
+ *
+ * @since 0.1.0
+ */
+import type { Analysis } from "../graph/Analyze.ts"
+import * as Cost from "./Cost.ts"
+
+/** How every number in a report is counted. Printed with every report. */
+export const conventions = {
+  flopsPerMultiplyAdd: 2,
+  matmulPerToken:
+    "forward matmul FLOPs per token of the weights a token uses: attention projections, top-k routed and shared experts, router and gates, LM head. Not counted: the input-embedding lookup, norms, activations, softmax, top-k selection, bias and residual adds.",
+  attentionMap:
+    "forward QKᵀ and AV FLOPs over one sequence of seqLen tokens, full T×T (non-causal: FlopCounterMode, PaLM, Chinchilla); attentionMapCausal counts the T(T+1)/2 pairs a causal mask keeps",
+  forward: "seqLen · matmulPerToken + attentionMap",
+  training: "3 × forward (backward = 2 × forward, for matmuls and the attention map alike)",
+  totalParams: "sum(p.numel()) of the model with tied weights counted once; buffers are not parameters",
+  activatedParams:
+    "parameters one token touches in a forward pass, counting the whole input embedding and LM head (Mixtral, Qwen, OLMoE); DeepSeek's convention is activatedExclInputEmbedding",
+  loops: "a looped block counts its parameters once and its compute, attention map and KV cache once per pass",
+  kvCache: "K and V of every attention layer per position (MLA: its latent, kv_lora_rank + qk_rope_head_dim); bytesPerElement as given",
+  excluded: "flops.excluded.rotaryTable: transformers' inv_freq outer product, ropeDim·T per forward"
+} as const
+
+export interface BudgetReport {
+  readonly model: { readonly name: string; readonly format: string; readonly file: string }
+  readonly seqLen: number
+  readonly params: {
+    readonly total: number
+    readonly activated: number
+    readonly activatedExclInputEmbedding: number
+    readonly activatedNonEmbedding: number
+    readonly embedding: number
+    readonly lmHead: number
+    readonly lmHeadTied: boolean
+    readonly byPart: Cost.Parts
+    readonly activatedByPart: Cost.Parts
+  }
+  readonly flops: {
+    readonly matmulPerToken: number
+    readonly byPart: Cost.Parts
+    readonly attentionMap: number
+    readonly attentionMapCausal: number
+    readonly forward: number
+    readonly forwardCausal: number
+    readonly training: number
+    readonly trainingPerToken: number
+    readonly excluded: { readonly rotaryTable: number }
+  }
+  readonly kvCache: {
+    readonly bytesPerElement: number
+    readonly elementsPerToken: number
+    readonly bytesPerToken: number
+    readonly bytes: number
+  }
+  readonly conventions: typeof conventions
+}
+
+/** Parameter totals in each convention. */
+export const paramSummary = (a: Analysis) => {
+  const total = Cost.total(a.cost.params)
+  const activated = Cost.total(a.cost.activated)
+  const embedding = a.cost.params["embedding"] ?? 0
+  let lmHead = 0
+  let tiedHead = 0
+  for (const p of a.params) {
+    if (p.part !== "lmHead") continue
+    lmHead += p.numel
+    if (p.tiedTo !== undefined) tiedHead += p.numel
+  }
+  return {
+    total,
+    activated,
+    activatedExclInputEmbedding: activated - embedding + tiedHead,
+    activatedNonEmbedding: activated - embedding - (lmHead - tiedHead),
+    embedding,
+    lmHead,
+    lmHeadTied: tiedHead > 0
+  }
+}
+
+/**
+ * The report of one model at one sequence length.
+ *
+ * @category reports
+ */
+export const budgetReport = (
+  model: { readonly name: string; readonly format: string; readonly file: string; readonly analysis: Analysis },
+  options: { readonly seqLen: number; readonly bytesPerElement?: number }
+): BudgetReport => {
+  const c = model.analysis.cost
+  const T = options.seqLen
+  const bytesPerElement = options.bytesPerElement ?? 2
+  const matmulPerToken = Cost.matmulPerToken(c)
+  const attentionMap = Cost.attentionMapFlops(c, T, false)
+  const attentionMapCausal = Cost.attentionMapFlops(c, T, true)
+  const forward = T * matmulPerToken + attentionMap
+  const elementsPerToken = Cost.kvElementsPerToken(c)
+  return {
+    model: { name: model.name, format: model.format, file: model.file },
+    seqLen: T,
+    params: { ...paramSummary(model.analysis), byPart: c.params, activatedByPart: c.activated },
+    flops: {
+      matmulPerToken,
+      byPart: c.flops,
+      attentionMap,
+      attentionMapCausal,
+      forward,
+      forwardCausal: T * matmulPerToken + attentionMapCausal,
+      training: 3 * forward,
+      trainingPerToken: (3 * forward) / T,
+      excluded: { rotaryTable: Cost.rotaryTableFlops(c, T) }
+    },
+    kvCache: {
+      bytesPerElement,
+      elementsPerToken,
+      bytesPerToken: elementsPerToken * bytesPerElement,
+      bytes: Cost.kvElements(c, T) * bytesPerElement
+    },
+    conventions
+  }
+}

@@ -1,0 +1,144 @@
+/**
+ * conceptmoe's own model config format: a flat record with a `kind`.
+ *
+ * ```json
+ * { "kind": "moe", "name": "moe-small", "vocab": 256, "hidden": 128, "layers": 4, "heads": 4,
+ *   "experts": 8, "topK": 2, "expertHidden": 128 }
+ * ```
+ *
+ * `kind: "dense"` takes `ffnHidden` instead of the expert fields. Every other field has a default
+ * (see {@link MoEConfig}); docs/cost-model.md lists them.
+ *
+ * @since 0.1.0
+ */
+import { Schema } from "effect"
+import { Activation } from "../blocks/MLP.ts"
+import { Count, crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
+import type { DecoderConfig, FFN, Mixer } from "./Decoder.ts"
+
+const common = {
+  name: withDefault(Schema.String, "model"),
+  vocab: Dim,
+  hidden: Dim,
+  layers: Dim,
+  heads: Dim,
+  kvHeads: Schema.optionalKey(Dim),
+  headDim: Schema.optionalKey(Dim),
+  activation: withDefault(Activation, "swiglu"),
+  norm: withDefault(Schema.Literals(["rms", "layer"]), "rms"),
+  normEps: withDefault(PositiveNumber, 1e-6),
+  positions: withDefault(Schema.Literals(["rope", "learned", "none"]), "rope"),
+  ropeBase: withDefault(PositiveNumber, 10000),
+  qkNorm: withDefault(Schema.Literals(["none", "head", "full"]), "none"),
+  attentionBias: withDefault(Schema.Boolean, false),
+  window: withDefault(Schema.NullOr(Dim), null),
+  tiedEmbeddings: withDefault(Schema.Boolean, false),
+  contextLength: withDefault(Dim, 2048)
+}
+
+type Common = {
+  readonly hidden: number
+  readonly heads: number
+  readonly kvHeads?: number
+  readonly headDim?: number
+}
+
+const attentionChecks = (c: Common): readonly [string, string] | undefined => {
+  if (c.headDim === undefined && c.hidden % c.heads !== 0) {
+    return ["heads", `hidden (${c.hidden}) is not divisible by heads (${c.heads}) and no headDim is given`]
+  }
+  if (c.kvHeads !== undefined && c.heads % c.kvHeads !== 0) {
+    return ["kvHeads", `heads (${c.heads}) is not a multiple of kvHeads (${c.kvHeads})`]
+  }
+  return undefined
+}
+
+export const DenseConfig = Schema.Struct({
+  kind: Schema.Literal("dense"),
+  ...common,
+  ffnHidden: Dim
+}).pipe(Schema.check(crossCheck(attentionChecks)))
+export type DenseConfig = typeof DenseConfig.Type
+
+export const MoEConfig = Schema.Struct({
+  kind: Schema.Literal("moe"),
+  ...common,
+  experts: Dim,
+  topK: Dim,
+  expertHidden: Dim,
+  /** Neurons of the shared experts (0: none). */
+  sharedHidden: withDefault(Count, 0),
+  sharedGate: withDefault(Schema.Boolean, false),
+  /** The first `denseLayers` layers use a dense FFN of `denseHidden` neurons (DeepSeek's first-k-dense). */
+  denseLayers: withDefault(Count, 0),
+  denseHidden: Schema.optionalKey(Dim),
+  scoring: withDefault(Schema.Literals(["softmax", "sigmoid"]), "softmax")
+}).pipe(Schema.check(crossCheck((c) =>
+  attentionChecks(c) ??
+    (c.topK > c.experts
+      ? ["topK", `topK (${c.topK}) exceeds experts (${c.experts})`]
+      : c.denseLayers > c.layers
+      ? ["denseLayers", `denseLayers (${c.denseLayers}) exceeds layers (${c.layers})`]
+      : c.denseLayers > 0 && c.denseHidden === undefined
+      ? ["denseHidden", `is required when denseLayers (${c.denseLayers}) > 0`]
+      : undefined)
+)))
+export type MoEConfig = typeof MoEConfig.Type
+
+export const ModelConfig = Schema.Union([DenseConfig, MoEConfig])
+export type ModelConfig = typeof ModelConfig.Type
+
+/** The `kind`s of model config this module reads. */
+export const modelKinds = ["dense", "moe"] as const
+
+const mixer = (c: ModelConfig): Mixer => {
+  const headDim = c.headDim ?? c.hidden / c.heads
+  return {
+    kind: "attention",
+    spec: {
+      heads: c.heads,
+      kvHeads: c.kvHeads ?? c.heads,
+      headDim,
+      qkvBias: c.attentionBias,
+      outBias: c.attentionBias,
+      qkNorm: c.qkNorm,
+      window: c.window,
+      rope: c.positions === "rope" ? { dim: headDim, base: c.ropeBase } : null
+    }
+  }
+}
+
+/**
+ * The normalised decoder of a conceptmoe config.
+ *
+ * @category builders
+ */
+export const toDecoder = (c: ModelConfig): DecoderConfig => {
+  const m = mixer(c)
+  const dense = (hidden: number): FFN => ({ kind: "mlp", spec: { hidden, activation: c.activation } })
+  const ffnAt = (i: number): FFN => {
+    if (c.kind === "dense") return dense(c.ffnHidden)
+    if (i < c.denseLayers) return dense(c.denseHidden!)
+    return {
+      kind: "moe",
+      spec: {
+        experts: c.experts,
+        topK: c.topK,
+        expertHidden: c.expertHidden,
+        activation: c.activation,
+        scoring: c.scoring,
+        shared: c.sharedHidden > 0 ? { hidden: c.sharedHidden, gate: c.sharedGate } : null
+      }
+    }
+  }
+  return {
+    name: c.name,
+    vocab: c.vocab,
+    d: c.hidden,
+    positions: c.positions === "learned" ? c.contextLength : null,
+    norm: { kind: c.norm, eps: c.normEps },
+    layers: Array.from({ length: c.layers }, (_, i) => ({ mixer: m, ffn: ffnAt(i) })),
+    tiedEmbeddings: c.tiedEmbeddings,
+    contextLength: c.contextLength
+  }
+}

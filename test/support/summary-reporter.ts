@@ -1,0 +1,23 @@
+/**
+ * Prints the plain closing line the CI reads: `N passed, N failed` (and `, N skipped`), after
+ * vitest's own summary. Failed modules (a file that does not load) count as failed.
+ */
+import type { Reporter, TestModule } from "vitest/node"
+
+export default class SummaryReporter implements Reporter {
+  onTestRunEnd(modules: ReadonlyArray<TestModule>, unhandledErrors: ReadonlyArray<unknown>): void {
+    let passed = 0
+    let failed = unhandledErrors.length
+    let skipped = 0
+    for (const m of modules) {
+      if (m.state() === "failed" && [...m.children.allTests()].length === 0) failed++
+      for (const t of m.children.allTests()) {
+        const state = t.result().state
+        if (state === "passed") passed++
+        else if (state === "failed") failed++
+        else skipped++
+      }
+    }
+    process.stdout.write(`\n${passed} passed, ${failed} failed${skipped > 0 ? `, ${skipped} skipped` : ""}\n`)
+  }
+}

@@ -34,6 +34,12 @@ export type Chain<Bs extends ReadonlyArray<AnyBlock>, Prev = never> = number ext
     ? readonly [Fits<H, Prev>, ...Chain<Rest, OutOf<H>>]
   : readonly []
 
+/** Requires a chain to map its input size to itself, where both sizes are literal types. */
+export type KeepsSize<Bs extends ReadonlyArray<AnyBlock>> = true extends Loose<First<Bs>> | Loose<Last<Bs>> ? unknown
+  : [First<Bs>] extends [Last<Bs>] ? [Last<Bs>] extends [First<Bs>] ? unknown
+    : { readonly "a residual or looped body must keep its size": never }
+  : { readonly "a residual or looped body must keep its size": never }
+
 type First<Bs extends ReadonlyArray<AnyBlock>> = Bs extends readonly [infer H, ...Array<any>] ? InOf<H> : Width
 type Last<Bs extends ReadonlyArray<AnyBlock>> = Bs extends readonly [...Array<any>, infer L] ? OutOf<L> : Width
 
@@ -157,7 +163,7 @@ export const sequence = <const Bs extends readonly [AnyBlock, ...Array<AnyBlock>
  * @category combinators
  */
 export const residual = <const Bs extends readonly [AnyBlock, ...Array<AnyBlock>] | ReadonlyArray<AnyBlock>>(
-  blocks: Bs & Chain<Bs>,
+  blocks: Bs & Chain<Bs> & KeepsSize<Bs>,
   options?: Opts
 ): Block<First<Bs>, First<Bs>> => make(Residual, {}, { name: options?.name, children: blocks })
 

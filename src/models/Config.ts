@@ -17,7 +17,8 @@ import { Count, crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Sp
 import type { DecoderConfig, FFN, Mixer } from "./Decoder.ts"
 
 const common = {
-  name: withDefault(Schema.String, "model"),
+  /** Defaults to the file's base name. */
+  name: Schema.optionalKey(Schema.String),
   vocab: Dim,
   hidden: Dim,
   layers: Dim,
@@ -113,7 +114,7 @@ const mixer = (c: ModelConfig): Mixer => {
  *
  * @category builders
  */
-export const toDecoder = (c: ModelConfig): DecoderConfig => {
+export const toDecoder = (c: ModelConfig, name: string): DecoderConfig => {
   const m = mixer(c)
   const dense = (hidden: number): FFN => ({ kind: "mlp", spec: { hidden, activation: c.activation } })
   const ffnAt = (i: number): FFN => {
@@ -132,7 +133,7 @@ export const toDecoder = (c: ModelConfig): DecoderConfig => {
     }
   }
   return {
-    name: c.name,
+    name: c.name ?? name,
     vocab: c.vocab,
     d: c.hidden,
     positions: c.positions === "learned" ? c.contextLength : null,

@@ -76,7 +76,7 @@ export const conceptmoe: ConfigFormat = {
   name: "conceptmoe config",
   key: "kind",
   values: modelKinds,
-  build: (json) => {
+  build: (json, name) => {
     const k = json["kind"]
     if (typeof k !== "string" || !(modelKinds as ReadonlyArray<string>).includes(k)) {
       return Result.fail({
@@ -85,7 +85,7 @@ export const conceptmoe: ConfigFormat = {
       })
     }
     return Result.map(decodeWith(ModelConfig, json), (c) => {
-      const decoder = toDecoder(c)
+      const decoder = toDecoder(c, name)
       return { format: `conceptmoe/${c.kind}`, graph: buildDecoder(decoder), contextLength: decoder.contextLength }
     })
   }

@@ -4,11 +4,14 @@
  * @since 0.1.0
  */
 import { NodeRuntime, NodeServices } from "@effect/platform-node"
-import { Console, Effect, Option, Schema } from "effect"
+import { Console, Effect, Option, Result, Schema } from "effect"
 import { Argument, Command, Flag } from "effect/cli"
 import { diff, match, budgetOf, renderDiff } from "../cost/Budget.ts"
 import { budgetReport } from "../cost/Report.ts"
-import { loadModel } from "../models/Load.ts"
+import { loadModel as loadModelWith } from "../models/Load.ts"
+import { BlockRegistry, builtins, isBlockKind, register } from "../graph/Registry.ts"
+import * as path from "node:path"
+import { pathToFileURL } from "node:url"
 import { renderBudget } from "./render.ts"
 
 /** A bad command-line value. */
@@ -24,6 +27,30 @@ const seqLen = Flag.Int("seq-len").pipe(
   Flag.optional
 )
 
+const blocks = Flag.String("blocks").pipe(
+  Flag.withDescription("comma-separated TypeScript/JavaScript modules whose exported block kinds are registered (for \"kind\": \"graph\" configs)"),
+  Flag.optional
+)
+
+/** Imports modules and registers every block kind they export. */
+const registryWith = (modules: Option.Option<string>) =>
+  Effect.gen(function*() {
+    if (Option.isNone(modules)) return builtins
+    let registry = builtins
+    for (const m of modules.value.split(",").map((s) => s.trim()).filter((s) => s !== "")) {
+      const mod = yield* Effect.tryPromise({
+        try: () => import(pathToFileURL(path.resolve(m)).href) as Promise<Record<string, unknown>>,
+        catch: (e) => new UsageError({ message: `--blocks ${m}: cannot import: ${(e as Error).message.split("\n")[0]}` })
+      })
+      const kinds = Object.values(mod).filter(isBlockKind)
+      if (kinds.length === 0) return yield* new UsageError({ message: `--blocks ${m}: the module exports no block kind` })
+      const next = register(registry, ...kinds)
+      if (Result.isFailure(next)) return yield* new UsageError({ message: `--blocks ${m}: ${next.failure}` })
+      registry = next.success
+    }
+    return registry
+  })
+
 const budget = Command.make(
   "budget",
   {
@@ -32,6 +59,7 @@ const budget = Command.make(
     ),
     seqLen,
     format,
+    blocks,
     depth: Flag.Int("depth").pipe(Flag.withDescription("depth of the per-path table (table format)"), Flag.withDefault(2)),
     kvBytes: Flag.Int("kv-bytes").pipe(Flag.withDescription("bytes per cached KV element"), Flag.withDefault(2)),
     against: Flag.String("against").pipe(
@@ -43,10 +71,12 @@ const budget = Command.make(
       Flag.withDefault(0.01)
     )
   },
-  Effect.fn("budget")(function*({ against, config, depth, format, kvBytes, seqLen, tolerance }) {
+  Effect.fn("budget")(function*({ against, blocks, config, depth, format, kvBytes, seqLen, tolerance }) {
     if (Option.isSome(seqLen) && seqLen.value <= 0) {
       return yield* Effect.fail(new UsageError({ message: `--seq-len must be a positive integer, got ${seqLen.value}` }))
     }
+    const registry = yield* registryWith(blocks)
+    const loadModel = (file: string) => loadModelWith(file).pipe(Effect.provideService(BlockRegistry, registry))
     const model = yield* loadModel(config)
     const T = Option.getOrElse(seqLen, () => model.contextLength)
     const report = budgetReport(model, { seqLen: T, bytesPerElement: kvBytes })

@@ -10,7 +10,8 @@
 import { Effect, FileSystem, Result, Schema } from "effect"
 import type { AnyBlock } from "../graph/Block.ts"
 import { type Analysis, analyzeResult } from "../graph/Analyze.ts"
-import { formatPath, problemsOf } from "../graph/Spec.ts"
+import { BlockRegistry, fromJson as graphFromJson, type Registry } from "../graph/Registry.ts"
+import { Dim, formatPath, problemsOf, withDefault } from "../graph/Spec.ts"
 import { ModelConfig, modelKinds, toDecoder } from "./Config.ts"
 import { buildDecoder } from "./Decoder.ts"
 import { ConfigError } from "./Errors.ts"
@@ -35,7 +36,8 @@ export interface ConfigFormat {
   readonly values: ReadonlyArray<string>
   readonly build: (
     json: Record<string, unknown>,
-    name: string
+    name: string,
+    registry: Registry
   ) => Result.Result<{ readonly format: string; readonly graph: AnyBlock; readonly contextLength: number }, ConfigFormatFailure>
 }
 
@@ -71,18 +73,38 @@ export const huggingFace: ConfigFormat = {
   }
 }
 
+/**
+ * A graph written out node by node: `{ "kind": "graph", "graph": { "block": ..., "children": [...] } }`.
+ * Block kinds are looked up in the registry, so user-defined kinds work once registered.
+ */
+export const GraphConfig = Schema.Struct({
+  kind: Schema.Literal("graph"),
+  name: Schema.optionalKey(Schema.String),
+  contextLength: withDefault(Dim, 2048),
+  graph: Schema.Unknown
+})
+
+const configKinds = [...modelKinds, "graph"] as const
+
 /** conceptmoe's own configs. */
 export const conceptmoe: ConfigFormat = {
   name: "conceptmoe config",
   key: "kind",
-  values: modelKinds,
-  build: (json, name) => {
+  values: configKinds,
+  build: (json, name, registry) => {
     const k = json["kind"]
-    if (typeof k !== "string" || !(modelKinds as ReadonlyArray<string>).includes(k)) {
+    if (typeof k !== "string" || !(configKinds as ReadonlyArray<string>).includes(k)) {
       return Result.fail({
         reason: "unsupported",
-        problems: [{ field: "kind", message: `unsupported kind ${JSON.stringify(k)}; expected one of ${modelKinds.join(", ")}` }]
+        problems: [{ field: "kind", message: `unsupported kind ${JSON.stringify(k)}; expected one of ${configKinds.join(", ")}` }]
       })
+    }
+    if (k === "graph") {
+      return Result.flatMap(decodeWith(GraphConfig, json), (c) =>
+        Result.mapBoth(graphFromJson(c.graph, registry), {
+          onFailure: (problems): ConfigFormatFailure => ({ reason: "invalid", problems }),
+          onSuccess: (graph) => ({ format: "conceptmoe/graph", graph: c.name === undefined ? graph : { ...graph, name: c.name }, contextLength: c.contextLength })
+        }))
     }
     return Result.map(decodeWith(ModelConfig, json), (c) => {
       const decoder = toDecoder(c, name)
@@ -102,7 +124,7 @@ const baseName = (file: string) => file.replace(/^.*[\\/]/, "").replace(/\.json$
  * @category loading
  */
 export const modelFromJson = (json: unknown, file: string): Effect.Effect<LoadedModel, ConfigError> =>
-  Effect.suspend(() => {
+  Effect.flatMap(Effect.service(BlockRegistry), (registry) => {
     const fail = (reason: ConfigError["reason"], problems: ConfigError["problems"]) =>
       Effect.fail(new ConfigError({ file, reason, problems }))
     if (typeof json !== "object" || json === null || Array.isArray(json)) {
@@ -117,7 +139,7 @@ export const modelFromJson = (json: unknown, file: string): Effect.Effect<Loaded
       }])
     }
     const name = typeof record["name"] === "string" ? record["name"] : baseName(file)
-    const built = format.build(record, name)
+    const built = format.build(record, name, registry)
     if (Result.isFailure(built)) return fail(built.failure.reason, built.failure.problems)
     const analysis = analyzeResult(built.success.graph, { input: "ids" })
     if (Result.isFailure(analysis)) {

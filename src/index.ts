@@ -1,0 +1,34 @@
+/**
+ * conceptmoe: language models as typed graphs of pure blocks, with static parameter and FLOP
+ * budgets. The public API, one namespace per module.
+ *
+ * @since 0.1.0
+ */
+export * as Analyze from "./graph/Analyze.ts"
+export * as Block from "./graph/Block.ts"
+export * as Combinators from "./graph/Combinators.ts"
+export * as GraphErrors from "./graph/Errors.ts"
+export * as Registry from "./graph/Registry.ts"
+export * as Spec from "./graph/Spec.ts"
+export * as Surgery from "./graph/Surgery.ts"
+
+export * as Attention from "./blocks/Attention.ts"
+export * as Embedding from "./blocks/Embedding.ts"
+export * as LayerNorm from "./blocks/LayerNorm.ts"
+export * as Linear from "./blocks/Linear.ts"
+export * as LMHead from "./blocks/LMHead.ts"
+export * as MLA from "./blocks/MLA.ts"
+export * as MLP from "./blocks/MLP.ts"
+export * as MoE from "./blocks/MoE.ts"
+export * as RMSNorm from "./blocks/RMSNorm.ts"
+export * as Rotary from "./blocks/Rotary.ts"
+
+export * as Budget from "./cost/Budget.ts"
+export * as Cost from "./cost/Cost.ts"
+export * as Report from "./cost/Report.ts"
+
+export * as Config from "./models/Config.ts"
+export * as Decoder from "./models/Decoder.ts"
+export * as HuggingFace from "./models/HuggingFace.ts"
+export * as Load from "./models/Load.ts"
+export * as ModelErrors from "./models/Errors.ts"

@@ -136,22 +136,38 @@ describe("activated params in each vendor convention (§6)", () => {
   }
 })
 
-describe("training FLOPs per token equal the PaLM column of §7 (= 3 × FlopCounterMode forward)", () => {
-  const cases: ReadonlyArray<readonly [string, number, number]> = [
-    ["gpt2.json", 1024, 0.854],
-    ["llama-3-8b.json", 8192, 57.91],
-    ["mixtral-8x7b.json", 4096, 82.93],
-    ["qwen3-30b-a3b.json", 4096, 27.91],
-    ["deepseek-v3.json", 4096, 281.15]
-  ]
-  for (const [file, T, gflops] of cases) {
-    it.effect(`${file} at T=${T}: ${gflops} GFLOP/token`, () =>
+// §7: GFLOP per token, training (fwd+bwd), one model counted five ways.
+const table7: ReadonlyArray<readonly [string, number, ReadonlyArray<number>]> = [
+  //                               6·N_total 6·N_active Kaplan  PaLM    Megatron
+  ["gpt2.json", 1024, [0.747, 0.747, 0.567, 0.854, 0.798]],
+  ["llama-3-8b.json", 8192, [48.18, 48.18, 48.32, 57.91, 51.47]],
+  ["mixtral-8x7b.json", 4096, [280.22, 77.28, 78.93, 82.93, 79.71]],
+  ["qwen3-30b-a3b.json", 4096, [183.19, 20.12, 21.22, 27.91, 23.01]],
+  ["deepseek-v3.json", 4096, [4026.16, 225.31, 251.04, 281.15, 249.81]]
+]
+
+describe("§7: the same config under other tools' conventions (flops.otherConventions)", () => {
+  for (const [file, T, expected] of table7) {
+    it.effect(`${file} at T=${T}: ${expected.join(" / ")} GFLOP/token`, () =>
       Effect.gen(function*() {
         const r = budgetReport(yield* loadFile(`examples/hf/${file}`), { seqLen: T })
-        const digits = gflops < 1 ? 1000 : 100
-        assert.strictEqual(Math.round((r.flops.trainingPerToken / 1e9) * digits) / digits, gflops)
+        const o = r.flops.otherConventions
+        const digits = expected[0]! < 1 ? 1000 : 100
+        const round = (x: number) => Math.round((x / 1e9) * digits) / digits
+        assert.deepStrictEqual(
+          [o.sixNTotalPerToken, o.sixNActivePerToken, o.kaplanTrainingPerToken, o.palmTrainingPerToken, o.megatronTrainingPerToken].map(round),
+          expected
+        )
+        // PaLM's count is ours: 3 × (forward / T)
+        assert.strictEqual(o.palmTrainingPerToken, r.flops.trainingPerToken)
       }))
   }
+
+  it.effect("FlopCounterMode's forward is ours plus the rotary table (GPT-2 has none)", () =>
+    Effect.gen(function*() {
+      const r = budgetReport(yield* loadFile("examples/hf/gpt2.json"), { seqLen: 1024 })
+      assert.strictEqual(r.flops.otherConventions.flopCounterModeForward, 291_648_307_200)
+    }))
 
   it.effect("6·N_active for DeepSeek-V3 is 225.31 GFLOP (§7)", () =>
     Effect.gen(function*() {

@@ -20,7 +20,18 @@ export const conventions = {
     "parameters one token touches in a forward pass, counting the whole input embedding and LM head (Mixtral, Qwen, OLMoE); DeepSeek's convention is activatedExclInputEmbedding",
   loops: "a looped block counts its parameters once and its compute, attention map and KV cache once per pass",
   kvCache: "K and V of every attention layer per position (MLA: its latent, kv_lora_rank + qk_rope_head_dim); bytesPerElement as given",
-  excluded: "flops.excluded.rotaryTable: transformers' inv_freq outer product, ropeDim·T per forward"
+  excluded: "flops.excluded.rotaryTable: transformers' inv_freq outer product, ropeDim·T per forward",
+  otherConventions: {
+    flopCounterModeForward:
+      "forward FLOPs of the whole sequence as torch FlopCounterMode counts them (eager experts): forward + rotaryTable",
+    palmTrainingPerToken: "PaLM App. B 6N + 12·L·H·Q·T with N the matmul weights a token uses: 3 × (matmulPerToken + attentionMap/T)",
+    megatronTrainingPerToken:
+      "Megatron-LM num_floating_point_operations per token: router excluded, causal map as T/2 keys: 3 × (matmulPerToken − router + attentionMap/(2T))",
+    kaplanTrainingPerToken:
+      "Kaplan et al. 2020 6N + 6·n_layer·n_ctx·d_attn with N the activated non-embedding params and d_attn = H·d_qk; no LM head",
+    sixNActivePerToken: "6 × activated params (both embeddings)",
+    sixNTotalPerToken: "6 × total params (every expert, as transformers' floating_point_ops does for MoE)"
+  }
 } as const
 
 export interface BudgetReport {
@@ -47,6 +58,15 @@ export interface BudgetReport {
     readonly training: number
     readonly trainingPerToken: number
     readonly excluded: { readonly rotaryTable: number }
+    /** The same model counted the ways other tools count it (see conventions.otherConventions). */
+    readonly otherConventions: {
+      readonly flopCounterModeForward: number
+      readonly palmTrainingPerToken: number
+      readonly megatronTrainingPerToken: number
+      readonly kaplanTrainingPerToken: number
+      readonly sixNActivePerToken: number
+      readonly sixNTotalPerToken: number
+    }
   }
   readonly kvCache: {
     readonly bytesPerElement: number
@@ -97,10 +117,14 @@ export const budgetReport = (
   const attentionMapCausal = Cost.attentionMapFlops(c, T, true)
   const forward = T * matmulPerToken + attentionMap
   const elementsPerToken = Cost.kvElementsPerToken(c)
+  const params = paramSummary(model.analysis)
+  const rotaryTable = Cost.rotaryTableFlops(c, T)
+  let dAttn = 0
+  for (const t of c.attention) dAttn += t.passes * t.rate * t.heads * t.dQK
   return {
     model: { name: model.name, format: model.format, file: model.file },
     seqLen: T,
-    params: { ...paramSummary(model.analysis), byPart: c.params, activatedByPart: c.activated },
+    params: { ...params, byPart: c.params, activatedByPart: c.activated },
     flops: {
       matmulPerToken,
       byPart: c.flops,
@@ -110,7 +134,15 @@ export const budgetReport = (
       forwardCausal: T * matmulPerToken + attentionMapCausal,
       training: 3 * forward,
       trainingPerToken: (3 * forward) / T,
-      excluded: { rotaryTable: Cost.rotaryTableFlops(c, T) }
+      excluded: { rotaryTable },
+      otherConventions: {
+        flopCounterModeForward: forward + rotaryTable,
+        palmTrainingPerToken: 3 * (matmulPerToken + attentionMap / T),
+        megatronTrainingPerToken: 3 * (matmulPerToken - (c.flops["router"] ?? 0) + attentionMap / (2 * T)),
+        kaplanTrainingPerToken: 6 * params.activatedNonEmbedding + 6 * T * dAttn,
+        sixNActivePerToken: 6 * params.activated,
+        sixNTotalPerToken: 6 * params.total
+      }
     },
     kvCache: {
       bytesPerElement,

@@ -112,7 +112,7 @@ const budget = Command.make(
   Command.withExamples([
     { command: "conceptmoe budget examples/moe-small.json", description: "budget table of the example MoE" },
     { command: "conceptmoe budget examples/hf/deepseek-v3.json --seq-len 4096 --format json", description: "DeepSeek-V3 as JSON" },
-    { command: "conceptmoe budget examples/moe-small.json --against examples/moe-small-top4.json", description: "side-by-side budgets" }
+    { command: "conceptmoe budget examples/moe-small.json --against examples/moe-small-fine.json", description: "side-by-side budgets, matched within the tolerance?" }
   ])
 )
 

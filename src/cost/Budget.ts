@@ -28,12 +28,18 @@ export interface Budget {
   readonly kvElements: (seqLen: number) => number
 }
 
-/** The budget of an analysed graph. */
-export const budgetOf = (a: Analysis): Budget => ({
-  params: Cost.total(a.cost.params),
-  matmulPerToken: Cost.matmulPerToken(a.cost),
-  paramsByPart: a.cost.params,
-  flopsByPart: a.cost.flops,
+const without = (parts: Cost.Parts, exclude: ReadonlyArray<string>): Cost.Parts =>
+  Object.fromEntries(Object.entries(parts).filter(([k]) => !exclude.includes(k)))
+
+/**
+ * The budget of an analysed graph. Parts named in `exclude` are left out of the parameter and FLOP
+ * totals (ConceptMoE's paper leaves the chunk module and joint decoding out when it matches budgets).
+ */
+export const budgetOf = (a: Analysis, exclude: ReadonlyArray<string> = []): Budget => ({
+  params: Cost.total(without(a.cost.params, exclude)),
+  matmulPerToken: Cost.total(without(a.cost.flops, exclude)),
+  paramsByPart: without(a.cost.params, exclude),
+  flopsByPart: without(a.cost.flops, exclude),
   attentionMap: (T) => Cost.attentionMapFlops(a.cost, T),
   kvElements: (T) => Cost.kvElements(a.cost, T)
 })
@@ -125,6 +131,8 @@ export interface Matched<A = Analysis, B = Analysis> {
   readonly baseline: A
   readonly candidate: B
   readonly tolerance: number
+  /** Parts left out of the comparison. */
+  readonly excluded: ReadonlyArray<string>
   /** Relative differences (candidate − baseline) / baseline. */
   readonly residual: { readonly params: number; readonly flops: number }
   readonly rows: ReadonlyArray<DiffRow>
@@ -139,11 +147,16 @@ export interface Matched<A = Analysis, B = Analysis> {
 export const match = <A extends Analysis, B extends Analysis>(
   baseline: A,
   candidate: B,
-  options?: { readonly tolerance?: number; readonly names?: readonly [string, string] }
+  options?: {
+    readonly tolerance?: number
+    readonly names?: readonly [string, string]
+    /** Parts left out of both budgets (see {@link budgetOf}). */
+    readonly exclude?: ReadonlyArray<string>
+  }
 ): Effect.Effect<Matched<A, B>, BudgetMismatch> =>
   Effect.suspend(() => {
     const tolerance = options?.tolerance ?? 0.01
-    const rows = diff(budgetOf(baseline), budgetOf(candidate))
+    const rows = diff(budgetOf(baseline, options?.exclude), budgetOf(candidate, options?.exclude))
     const totals = rows.filter((r) => r.part === "total")
     const params = totals.find((r) => r.metric === "params")!.relative
     const flops = totals.find((r) => r.metric === "flops")!.relative
@@ -157,5 +170,7 @@ export const match = <A extends Analysis, B extends Analysis>(
         rows
       }))
     }
-    return Effect.succeed({ baseline, candidate, tolerance, residual: { params, flops }, rows } as unknown as Matched<A, B>)
+    return Effect.succeed(
+      { baseline, candidate, tolerance, excluded: options?.exclude ?? [], residual: { params, flops }, rows } as unknown as Matched<A, B>
+    )
   })

@@ -21,7 +21,10 @@ export interface Row {
   readonly params: number
   /** Activated parameters per position in this subtree. */
   readonly activated: number
-  /** Forward matmul FLOPs per input token in this subtree (attention map excluded). */
+  /**
+   * Forward matmul FLOPs per input token of the model in this subtree (attention map excluded):
+   * inside a concept stage, per-position figures are scaled by the stage's rate.
+   */
   readonly flops: number
 }
 
@@ -67,7 +70,7 @@ export const analyzeResult = (
     problems.push({ path: "", kind: root.kind.name, message: `expects input ${root.in}, but the model input is ${options.input}` })
   }
 
-  const visit = (block: Block, path: string, depth: number): Cost.Cost => {
+  const visit = (block: Block, path: string, depth: number, rate: number): Cost.Cost => {
     const kind = block.kind
     const decoded = Schema.decodeUnknownResult(kind.spec, { errors: "all" })(block.spec)
     if (Result.isFailure(decoded)) {
@@ -100,7 +103,7 @@ export const analyzeResult = (
       const segment = child.name ?? `${i}`
       if (seen.has(segment)) problems.push({ path, kind: kind.name, message: `two children are named "${segment}"` })
       seen.add(segment)
-      return visit(child, joinPath(path, segment), depth + 1)
+      return visit(child, joinPath(path, segment), depth + 1, rate * (kind.childRate?.(spec, i) ?? 1))
     })
 
     const cost = Cost.add(ownParamCost(own), kind.cost(spec, { path, params: own, children }))
@@ -108,12 +111,12 @@ export const analyzeResult = (
       ...rows[rowIndex]!,
       params: Cost.total(cost.params),
       activated: Cost.total(cost.activated),
-      flops: Cost.total(cost.flops)
+      flops: rate * Cost.total(cost.flops)
     }
     return cost
   }
 
-  const cost = visit(root, "", 0)
+  const cost = visit(root, "", 0, 1)
 
   const byPath = new Map(params.map((p) => [p.path, p]))
   for (const p of params) {

@@ -71,6 +71,12 @@ export interface BlockKind<S = any> {
   readonly io: (spec: any, children: ReadonlyArray<Block>) => { readonly in: Width; readonly out: Width }
   /** Connectivity checks of a combinator over its children: each message is a problem. */
   readonly connect?: (spec: S, children: ReadonlyArray<Block>) => ReadonlyArray<string>
+  /**
+   * Positions child `index` runs on per input token of this block (default 1). A concept stage
+   * runs its concept model at 1/R. Only used to put per-token figures in the per-path rows; the
+   * kind's own `cost` applies the rate to the totals.
+   */
+  readonly childRate?: (spec: S, index: number) => number
   /** Own parameters (leaves). */
   readonly params?: (spec: S) => ReadonlyArray<ParamDecl>
   /**

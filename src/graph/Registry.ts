@@ -11,6 +11,11 @@
  */
 import { Context, Result } from "effect"
 import { Attention } from "../blocks/Attention.ts"
+import { Chunker } from "../blocks/Chunker.ts"
+import { ConceptStage } from "../blocks/ConceptStage.ts"
+import { Dechunk } from "../blocks/Dechunk.ts"
+import { JointAttention } from "../blocks/JointAttention.ts"
+import { Projector } from "../blocks/Projector.ts"
 import { Embedding } from "../blocks/Embedding.ts"
 import { LayerNorm } from "../blocks/LayerNorm.ts"
 import { Linear } from "../blocks/Linear.ts"
@@ -42,7 +47,12 @@ export const builtinKinds: ReadonlyArray<BlockKind> = [
   MLA,
   MLP,
   MoE,
-  LMHead
+  LMHead,
+  Chunker,
+  Dechunk,
+  JointAttention,
+  Projector,
+  ConceptStage
 ]
 
 /** A registry of the given kinds. */

@@ -52,7 +52,8 @@ export interface DecoderConfig {
   readonly contextLength: number
 }
 
-const norm = (cfg: DecoderConfig, name: string): Block<number, number> =>
+/** The config's norm block. */
+export const norm = (cfg: DecoderConfig, name: string): Block<number, number> =>
   cfg.norm.kind === "rms" ? rmsNorm({ d: cfg.d, eps: cfg.norm.eps, name }) : layerNorm({ d: cfg.d, eps: cfg.norm.eps, name })
 
 const mixer = (cfg: DecoderConfig, m: Mixer): Block<number, number> =>
@@ -61,10 +62,15 @@ const mixer = (cfg: DecoderConfig, m: Mixer): Block<number, number> =>
 const ffn = (cfg: DecoderConfig, f: FFN): Block<number, number> =>
   f.kind === "mlp" ? mlp({ ...f.spec, d: cfg.d, name: "mlp" }) : moe({ ...f.spec, d: cfg.d, name: "moe" })
 
-/** One pre-norm transformer layer. */
-export const decoderLayer = (cfg: DecoderConfig, layer: DecoderLayer, name: string): Block<number, number> =>
+/** One pre-norm transformer layer; `attn` replaces the mixer block built from the layer (joint decoding). */
+export const decoderLayer = (
+  cfg: DecoderConfig,
+  layer: DecoderLayer,
+  name: string,
+  attn: Block<number, number> = mixer(cfg, layer.mixer)
+): Block<number, number> =>
   sequence([
-    residual([norm(cfg, "norm"), mixer(cfg, layer.mixer)], { name: "mixer" }),
+    residual([norm(cfg, "norm"), attn], { name: "mixer" }),
     residual([norm(cfg, "norm"), ffn(cfg, layer.ffn)], { name: "ffn" })
   ], { name })
 

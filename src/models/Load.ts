@@ -1,76 +1,82 @@
 /**
- * Reading model configs from disk: file → JSON → Schema decode → config → builder → graph → analysis.
+ * Reading model configs: file → JSON → Schema decode → config → builder → graph → analysis.
  *
- * A file is read as one of the {@link formats}: a Hugging Face `config.json` (it has `model_type`)
- * or a conceptmoe config (it has `kind`). Every failure is a {@link ConfigError} naming the file
- * and the field.
+ * A config is one of:
+ * - a Hugging Face `config.json` (it has `model_type`);
+ * - a conceptmoe config (it has `kind`): `dense`, `moe`, `graph` (a block graph written node by
+ *   node), or `conceptmoe` (an MoE baseline plus a concept spec).
+ *
+ * Every failure is a {@link ConfigError} naming the file and the field.
  *
  * @since 0.1.0
  */
 import { Effect, FileSystem, Result, Schema } from "effect"
+import * as nodePath from "node:path"
 import type { AnyBlock } from "../graph/Block.ts"
 import { type Analysis, analyzeResult } from "../graph/Analyze.ts"
 import { BlockRegistry, fromJson as graphFromJson, type Registry } from "../graph/Registry.ts"
 import { Dim, formatPath, problemsOf, withDefault } from "../graph/Spec.ts"
+import { buildConceptMoE, type ConceptLayout, ConceptMoEConfig, type ConceptSpec } from "./ConceptMoE.ts"
 import { ModelConfig, modelKinds, toDecoder } from "./Config.ts"
-import { buildDecoder } from "./Decoder.ts"
+import { buildDecoder, type DecoderConfig } from "./Decoder.ts"
 import { ConfigError } from "./Errors.ts"
 import { fromHf, hfModelTypes, hfSchemas, isHfModelType } from "./HuggingFace.ts"
+
+/** What a ConceptMoE config was built from. */
+export interface ConceptInfo {
+  readonly baseline: DecoderConfig
+  readonly baselineFormat: string
+  readonly spec: ConceptSpec
+  readonly layout: ConceptLayout
+}
 
 /** A model read from a config and analysed. */
 export interface LoadedModel {
   readonly file: string
-  /** e.g. `"hf/mixtral"`, `"conceptmoe/moe"`. */
+  /** e.g. `"hf/mixtral"`, `"conceptmoe/moe"`, `"conceptmoe/conceptmoe"`. */
   readonly format: string
   readonly name: string
   readonly graph: AnyBlock
   readonly analysis: Analysis
   readonly contextLength: number
+  /** The normalised decoder, for decoder-only configs (dense, MoE, Hugging Face). */
+  readonly decoder?: DecoderConfig
+  /** For ConceptMoE configs. */
+  readonly concept?: ConceptInfo
 }
 
-/** How one config format is recognised, decoded and built. */
-export interface ConfigFormat {
-  readonly name: string
-  /** The discriminating key ("model_type", "kind"). */
-  readonly key: string
-  readonly values: ReadonlyArray<string>
-  readonly build: (
-    json: Record<string, unknown>,
-    name: string,
-    registry: Registry
-  ) => Result.Result<{ readonly format: string; readonly graph: AnyBlock; readonly contextLength: number }, ConfigFormatFailure>
-}
-
-/** What a format reports back: problems with field paths. */
-export interface ConfigFormatFailure {
-  readonly reason: "unsupported" | "invalid"
-  readonly problems: ReadonlyArray<{ readonly field: string; readonly message: string }>
-}
+type Problem = { readonly field: string; readonly message: string }
+type Failure = { readonly reason: "unsupported" | "invalid"; readonly problems: ReadonlyArray<Problem> }
+type Built = Omit<LoadedModel, "file" | "analysis" | "name"> & { readonly name: string }
 
 const decodeWith = <S extends Schema.Decoder<unknown>>(schema: S, json: unknown) =>
   Result.mapError(
     Schema.decodeUnknownResult(schema, { errors: "all" })(json),
-    (e): ConfigFormatFailure => ({ reason: "invalid", problems: problemsOf(e.issue).map((p) => ({ field: formatPath(p.path), message: p.message })) })
+    (e): Failure => ({ reason: "invalid", problems: problemsOf(e.issue).map((p) => ({ field: formatPath(p.path), message: p.message })) })
   )
 
-/** Hugging Face transformers configs. */
-export const huggingFace: ConfigFormat = {
-  name: "Hugging Face config.json",
-  key: "model_type",
-  values: hfModelTypes,
-  build: (json, name) => {
+const unsupported = (field: string, value: unknown, expected: ReadonlyArray<string>): Result.Result<never, Failure> =>
+  Result.fail({
+    reason: "unsupported",
+    problems: [{ field, message: `unsupported ${field} ${JSON.stringify(value)}; expected one of ${expected.join(", ")}` }]
+  })
+
+/** The `kind`s conceptmoe configs may have. */
+export const configKinds = [...modelKinds, "graph", "conceptmoe"] as const
+
+/** A decoder-only config (Hugging Face, `dense`, `moe`) as a normalised decoder. */
+export const decoderFromJson = (
+  json: Record<string, unknown>,
+  name: string
+): Result.Result<{ readonly format: string; readonly decoder: DecoderConfig }, Failure> => {
+  if ("model_type" in json) {
     const t = json["model_type"]
-    if (!isHfModelType(t)) {
-      return Result.fail({
-        reason: "unsupported",
-        problems: [{ field: "model_type", message: `unsupported model_type ${JSON.stringify(t)}; expected one of ${hfModelTypes.join(", ")}` }]
-      })
-    }
-    return Result.map(decodeWith(hfSchemas[t], json), (c) => {
-      const decoder = fromHf(c, name)
-      return { format: `hf/${t}`, graph: buildDecoder(decoder), contextLength: decoder.contextLength }
-    })
+    if (!isHfModelType(t)) return unsupported("model_type", t, hfModelTypes)
+    return Result.map(decodeWith(hfSchemas[t], json), (c) => ({ format: `hf/${t}`, decoder: fromHf(c, name) }))
   }
+  const k = json["kind"]
+  if (typeof k !== "string" || !(modelKinds as ReadonlyArray<string>).includes(k)) return unsupported("kind", k, configKinds)
+  return Result.map(decodeWith(ModelConfig, json), (c) => ({ format: `conceptmoe/${c.kind}`, decoder: toDecoder(c, name) }))
 }
 
 /**
@@ -84,42 +90,69 @@ export const GraphConfig = Schema.Struct({
   graph: Schema.Unknown
 })
 
-const configKinds = [...modelKinds, "graph"] as const
+const isRecord = (u: unknown): u is Record<string, unknown> => typeof u === "object" && u !== null && !Array.isArray(u)
 
-/** conceptmoe's own configs. */
-export const conceptmoe: ConfigFormat = {
-  name: "conceptmoe config",
-  key: "kind",
-  values: configKinds,
-  build: (json, name, registry) => {
-    const k = json["kind"]
-    if (typeof k !== "string" || !(configKinds as ReadonlyArray<string>).includes(k)) {
-      return Result.fail({
-        reason: "unsupported",
-        problems: [{ field: "kind", message: `unsupported kind ${JSON.stringify(k)}; expected one of ${configKinds.join(", ")}` }]
-      })
-    }
-    if (k === "graph") {
-      return Result.flatMap(decodeWith(GraphConfig, json), (c) =>
-        Result.mapBoth(graphFromJson(c.graph, registry), {
-          onFailure: (problems): ConfigFormatFailure => ({ reason: "invalid", problems }),
-          onSuccess: (graph) => ({ format: "conceptmoe/graph", graph: c.name === undefined ? graph : { ...graph, name: c.name }, contextLength: c.contextLength })
-        }))
-    }
-    return Result.map(decodeWith(ModelConfig, json), (c) => {
-      const decoder = toDecoder(c, name)
-      return { format: `conceptmoe/${c.kind}`, graph: buildDecoder(decoder), contextLength: decoder.contextLength }
+const prefixed = (prefix: string, f: Failure): Failure => ({
+  reason: f.reason,
+  problems: f.problems.map((p) => ({ field: p.field === "" ? prefix : `${prefix}.${p.field}`, message: p.message }))
+})
+
+const build = (json: Record<string, unknown>, name: string, registry: Registry): Result.Result<Built, Failure> => {
+  if (!("model_type" in json) && !("kind" in json)) {
+    return Result.fail({
+      reason: "invalid",
+      problems: [{ field: "", message: `cannot tell the config format: expected a key "model_type" (Hugging Face config.json) or "kind" (conceptmoe config)` }]
     })
   }
+  const kind = json["kind"]
+  if (!("model_type" in json) && kind === "graph") {
+    return Result.flatMap(decodeWith(GraphConfig, json), (c) =>
+      Result.mapBoth(graphFromJson(c.graph, registry), {
+        onFailure: (problems): Failure => ({ reason: "invalid", problems }),
+        onSuccess: (graph): Built => ({
+          name: c.name ?? name,
+          format: "conceptmoe/graph",
+          graph: c.name === undefined ? graph : { ...graph, name: c.name },
+          contextLength: c.contextLength
+        })
+      }))
+  }
+  if (!("model_type" in json) && kind === "conceptmoe") {
+    return Result.flatMap(decodeWith(ConceptMoEConfig, json), (c) => {
+      if (!isRecord(c.baseline)) {
+        return Result.fail<Failure>({ reason: "invalid", problems: [{ field: "baseline", message: "expected a config object, or a path to one" }] })
+      }
+      const modelName = c.name ?? name
+      return Result.flatMap(
+        Result.mapError(decoderFromJson(c.baseline, `${modelName}-baseline`), (f) => prefixed("baseline", f)),
+        ({ decoder, format }) =>
+          Result.mapBoth(buildConceptMoE(decoder, c, modelName), {
+            onFailure: (p): Failure => ({ reason: "invalid", problems: [p] }),
+            onSuccess: ({ graph, layout }): Built => ({
+              name: modelName,
+              format: "conceptmoe/conceptmoe",
+              graph,
+              contextLength: decoder.contextLength,
+              concept: { baseline: decoder, baselineFormat: format, spec: c, layout }
+            })
+          })
+      )
+    })
+  }
+  return Result.map(decoderFromJson(json, name), ({ decoder, format }) => ({
+    name: decoder.name,
+    format,
+    graph: buildDecoder(decoder),
+    contextLength: decoder.contextLength,
+    decoder
+  }))
 }
-
-/** The formats {@link loadModel} tries, in order. */
-export const formats: ReadonlyArray<ConfigFormat> = [huggingFace, conceptmoe]
 
 const baseName = (file: string) => file.replace(/^.*[\\/]/, "").replace(/\.json$/i, "")
 
 /**
- * Builds and analyses a model from parsed JSON. `file` is only used in messages.
+ * Builds and analyses a model from parsed JSON. `file` is only used in messages (and for the
+ * default name). Block kinds of `graph` configs are resolved in the {@link BlockRegistry}.
  *
  * @category loading
  */
@@ -127,25 +160,15 @@ export const modelFromJson = (json: unknown, file: string): Effect.Effect<Loaded
   Effect.flatMap(Effect.service(BlockRegistry), (registry) => {
     const fail = (reason: ConfigError["reason"], problems: ConfigError["problems"]) =>
       Effect.fail(new ConfigError({ file, reason, problems }))
-    if (typeof json !== "object" || json === null || Array.isArray(json)) {
-      return fail("invalid", [{ field: "", message: "expected a JSON object" }])
-    }
-    const record = json as Record<string, unknown>
-    const format = formats.find((f) => f.key in record)
-    if (format === undefined) {
-      return fail("invalid", [{
-        field: "",
-        message: `cannot tell the config format: expected a key ${formats.map((f) => `"${f.key}" (${f.name})`).join(" or ")}`
-      }])
-    }
-    const name = typeof record["name"] === "string" ? record["name"] : baseName(file)
-    const built = format.build(record, name, registry)
+    if (!isRecord(json)) return fail("invalid", [{ field: "", message: "expected a JSON object" }])
+    const name = typeof json["name"] === "string" ? json["name"] : baseName(file)
+    const built = build(json, name, registry)
     if (Result.isFailure(built)) return fail(built.failure.reason, built.failure.problems)
     const analysis = analyzeResult(built.success.graph, { input: "ids" })
     if (Result.isFailure(analysis)) {
       return fail("invalid", analysis.failure.problems.map((p) => ({ field: `(graph) ${p.path}${p.field ? ` ${p.field}` : ""}`, message: p.message })))
     }
-    return Effect.succeed({ file, name, ...built.success, analysis: analysis.success })
+    return Effect.succeed({ file, ...built.success, analysis: analysis.success })
   })
 
 /** Parses JSON text, failing with a {@link ConfigError} that gives the parser's message. */
@@ -155,12 +178,8 @@ export const parseJson = (text: string, file: string): Effect.Effect<unknown, Co
     catch: (e) => new ConfigError({ file, reason: "json", problems: [{ field: "", message: `not valid JSON: ${(e as Error).message}` }] })
   })
 
-/**
- * Reads, decodes, builds and analyses the model config at `file`.
- *
- * @category loading
- */
-export const loadModel = Effect.fnUntraced(function*(file: string) {
+/** Reads and parses a JSON file. */
+export const readJson = Effect.fnUntraced(function*(file: string) {
   const fs = yield* FileSystem.FileSystem
   const text = yield* fs.readFileString(file).pipe(
     Effect.mapError((e) =>
@@ -171,6 +190,23 @@ export const loadModel = Effect.fnUntraced(function*(file: string) {
       })
     )
   )
-  const json = yield* parseJson(text, file)
+  return yield* parseJson(text, file)
+})
+
+/**
+ * Reads, decodes, builds and analyses the model config at `file`. A ConceptMoE config's `baseline`
+ * may be a path, relative to the config's directory.
+ *
+ * @category loading
+ */
+export const loadModel = Effect.fnUntraced(function*(file: string) {
+  let json = yield* readJson(file)
+  if (isRecord(json) && json["kind"] === "conceptmoe" && typeof json["baseline"] === "string") {
+    const baselineFile = nodePath.resolve(nodePath.dirname(file), json["baseline"])
+    const baseline = yield* readJson(baselineFile).pipe(
+      Effect.mapError((e) => new ConfigError({ file, reason: e.reason, problems: e.problems.map((p) => ({ field: "baseline", message: `${baselineFile}: ${p.message}` })) }))
+    )
+    json = { ...json, baseline }
+  }
   return yield* modelFromJson(json, file)
 })

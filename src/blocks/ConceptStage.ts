@@ -1,0 +1,60 @@
+/**
+ * The concept stage of ConceptMoE: chunk → merge → concept model at rate 1/R → dechunk.
+ * `[batch, seq, d] → [batch, seq, d]`.
+ *
+ * Children, in order: a {@link Chunker} (token rate), the concept model (any block mapping `d → d`,
+ * e.g. `[projector d→d_c, layers…, projector d_c→d]`, run on the ~N/R merged positions), a
+ * {@link Dechunk} (token rate). Merge (`sum` of each chunk's tokens, or its `last` token) has no
+ * parameters and no matmul.
+ *
+ * Cost: chunk + atRate(concept model, 1/R) + dechunk: the concept model's per-token FLOPs are divided
+ * by R, its attention map sees N/R positions (R² less) and its KV cache holds N/R (R less).
+ * R is the target ratio; the runtime checks it against the ratio it measures.
+ *
+ * @since 0.1.0
+ */
+import { Schema } from "effect"
+import * as Cost from "../cost/Cost.ts"
+import { type AnyBlock, type Block, type BlockKind, make, type Named } from "../graph/Block.ts"
+import { crossCheck, PositiveNumber } from "../graph/Spec.ts"
+import { Chunker } from "./Chunker.ts"
+import { Dechunk } from "./Dechunk.ts"
+
+export const ConceptStageSpec = Schema.Struct({
+  ratio: PositiveNumber,
+  merge: Schema.Literals(["sum", "last"])
+}).pipe(Schema.check(crossCheck((s) => s.ratio <= 1 ? ["ratio", `the compression ratio must exceed 1, got ${s.ratio}`] : undefined)))
+export type ConceptStageSpec = typeof ConceptStageSpec.Type
+
+export const ConceptStage: BlockKind<ConceptStageSpec> = {
+  name: "concept-stage",
+  summary: "chunk, merge, concept model at rate 1/R, dechunk",
+  spec: ConceptStageSpec,
+  io: (_, children) => ({ in: children[0]?.in ?? 0, out: children[children.length - 1]?.out ?? 0 }),
+  connect: (spec, children) => {
+    const [chunk, body, de] = children
+    if (children.length !== 3 || chunk === undefined || body === undefined || de === undefined) {
+      return [`expects 3 children (chunk, concept model, dechunk), got ${children.length}`]
+    }
+    const out: Array<string> = []
+    if (chunk.kind !== Chunker) out.push(`child 0 must be a "chunk" block, got "${chunk.kind.name}"`)
+    if (de.kind !== Dechunk) out.push(`child 2 must be a "dechunk" block, got "${de.kind.name}"`)
+    if (chunk.kind === Chunker && (chunk.spec as { ratio?: number }).ratio !== spec.ratio) {
+      out.push(`the chunk module's ratio ${(chunk.spec as { ratio?: number }).ratio} differs from the stage's ${spec.ratio}`)
+    }
+    if (body.in !== chunk.out || body.out !== chunk.out) {
+      out.push(`the concept model maps ${body.in} → ${body.out}, but the token stream has size ${chunk.out}`)
+    }
+    if (de.in !== chunk.out) out.push(`the dechunk has size ${de.in}, the token stream ${chunk.out}`)
+    return out
+  },
+  childRate: (spec, i) => (i === 1 ? 1 / spec.ratio : 1),
+  cost: (spec, { children }) =>
+    Cost.add(Cost.add(children[0] ?? Cost.zero, Cost.atRate(children[1] ?? Cost.zero, 1 / spec.ratio)), children[2] ?? Cost.zero)
+}
+
+/** @category constructors */
+export const conceptStage = <D extends number>(
+  spec: ConceptStageSpec & Named,
+  children: readonly [chunk: Block<D, D>, conceptModel: Block<D, D>, dechunk: Block<D, D>]
+): Block<D, D> => make(ConceptStage, { ratio: spec.ratio, merge: spec.merge }, { name: spec.name, children: children as ReadonlyArray<AnyBlock> })

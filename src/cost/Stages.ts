@@ -1,0 +1,84 @@
+/**
+ * Per-stage breakdowns: the cost of the parts of a graph under given node paths.
+ *
+ * A ConceptMoE graph has stages `embedding`, `encoder`, `chunk`, `conceptModel`, `dechunk`,
+ * `decoder` and `head`; its baseline, split the same way by layer index, has `embedding`, `encoder`,
+ * `conceptModel` (the layers the concept model replaces), `decoder` and `head`, so the two can be
+ * compared stage by stage (paper Table 1 compares the concept model's attention and KV cache).
+ *
+ * @since 0.1.0
+ */
+import type { Analysis } from "../graph/Analyze.ts"
+import * as Cost from "./Cost.ts"
+
+/** A stage: the nodes at these paths (and everything under them). */
+export interface StageDef {
+  readonly name: string
+  readonly paths: ReadonlyArray<string>
+}
+
+export interface StageCost {
+  readonly params: number
+  /** Forward matmul FLOPs per input token. */
+  readonly matmulPerToken: number
+  /** Forward attention-map FLOPs (full) over one sequence of `seqLen` tokens. */
+  readonly attentionMap: number
+  readonly attentionMapCausal: number
+  /** KV-cache elements and bytes after `seqLen` tokens. */
+  readonly kvElements: number
+  readonly kvBytes: number
+}
+
+const under = (path: string, prefixes: ReadonlyArray<string>) => prefixes.some((p) => path === p || path.startsWith(`${p}/`))
+
+/** The cost of each stage at a sequence length. */
+export const stageCosts = (
+  a: Analysis,
+  stages: ReadonlyArray<StageDef>,
+  options: { readonly seqLen: number; readonly bytesPerElement?: number }
+): Record<string, StageCost> => {
+  const out: Record<string, StageCost> = {}
+  const bytes = options.bytesPerElement ?? 2
+  for (const s of stages) {
+    const sub: Cost.Cost = Cost.make({
+      attention: a.cost.attention.filter((t) => under(t.path, s.paths)),
+      kv: a.cost.kv.filter((t) => under(t.path, s.paths))
+    })
+    const kvElements = Cost.kvElements(sub, options.seqLen)
+    out[s.name] = {
+      params: a.params.filter((p) => p.tiedTo === undefined && under(p.path, s.paths)).reduce((n, p) => n + p.numel, 0),
+      matmulPerToken: a.rows.filter((r) => s.paths.includes(r.path)).reduce((n, r) => n + r.flops, 0),
+      attentionMap: Cost.attentionMapFlops(sub, options.seqLen),
+      attentionMapCausal: Cost.attentionMapFlops(sub, options.seqLen, true),
+      kvElements,
+      kvBytes: kvElements * bytes
+    }
+  }
+  return out
+}
+
+const range = (prefix: string, from: number, to: number) => Array.from({ length: to - from }, (_, i) => `${prefix}/${from + i}`)
+
+/** Stages of a ConceptMoE graph built by `buildConceptMoE`. */
+export const conceptStages: ReadonlyArray<StageDef> = [
+  { name: "embedding", paths: ["embed"] },
+  { name: "encoder", paths: ["encoder"] },
+  { name: "chunk", paths: ["concept/chunk"] },
+  { name: "conceptModel", paths: ["concept/model"] },
+  { name: "dechunk", paths: ["concept/dechunk"] },
+  { name: "decoder", paths: ["decoder"] },
+  { name: "head", paths: ["norm", "lmHead"] }
+]
+
+/** The same stages on a baseline decoder graph whose layers [encoder, concept, decoder) are split. */
+export const baselineStages = (layout: {
+  readonly encoder: readonly [number, number]
+  readonly concept: readonly [number, number]
+  readonly decoder: readonly [number, number]
+}): ReadonlyArray<StageDef> => [
+  { name: "embedding", paths: ["embed"] },
+  { name: "encoder", paths: range("layers", ...layout.encoder) },
+  { name: "conceptModel", paths: range("layers", ...layout.concept) },
+  { name: "decoder", paths: range("layers", ...layout.decoder) },
+  { name: "head", paths: ["norm", "lmHead"] }
+]

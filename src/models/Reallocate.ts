@@ -1,0 +1,255 @@
+/**
+ * The reallocation solver: given an MoE baseline, a target compression ratio R and one of the
+ * paper's three strategies (§3.5, method spec §10), search integer ConceptMoE configurations whose
+ * total parameters and activated FLOPs per token (attention map excluded) match the baseline.
+ *
+ * 1. `topk`: more activated experts in the concept model (params unchanged).
+ * 2. `loop`: more activated experts and looped concept-model layers (params unchanged).
+ * 3. `width`: a wider concept model (more heads of the same size) with fewer, wider experts, and the
+ *    two width projectors.
+ *
+ * Budgets are compared as the paper compares them: by default the chunk module and joint decoding
+ * (the `chunk` and `jointDecoding` parts) are left out of both sides ("overheads": "exclude"), and
+ * each candidate also reports its residual with them included. `overheads: "include"` matches on
+ * everything.
+ *
+ * Flops are monotone in top-k and parameters in the expert count, so each free integer is found by
+ * bisection and its neighbours are evaluated exactly by building and analysing the graph.
+ *
+ * @since 0.1.0
+ */
+import { Effect, Result, Schema } from "effect"
+import { analyzeResult, type Analysis } from "../graph/Analyze.ts"
+import { budgetOf, type Matched, match, relative } from "../cost/Budget.ts"
+import { buildConceptMoE, type ConceptLayout, type ConceptSpec, conceptLayout, shortName } from "./ConceptMoE.ts"
+import type { DecoderConfig, DecoderLayer } from "./Decoder.ts"
+
+export type Strategy = "topk" | "loop" | "width"
+export const strategies: ReadonlyArray<Strategy> = ["topk", "loop", "width"]
+
+/** The parts ConceptMoE adds that the paper leaves out of its budget comparison. */
+export const overheadParts = ["chunk", "jointDecoding"] as const
+
+export interface ReallocateOptions {
+  readonly ratio: number
+  readonly strategy: Strategy
+  readonly tolerance?: number
+  readonly overheads?: "exclude" | "include"
+  readonly encoderLayers?: number
+  readonly decoderLayers?: number
+  readonly merge?: "sum" | "last"
+  readonly jointDecoding?: boolean
+  /** Strategy 2: fix the number of looped layers (default: try 1..L_C). */
+  readonly loopLayers?: number
+  readonly loopTimes?: number
+  /** How many candidates to return at most (default 10). */
+  readonly limit?: number
+  /** Sequence length the concept count is checked against (R may not exceed it). */
+  readonly seqLen?: number
+}
+
+export interface Candidate {
+  readonly name: string
+  readonly spec: ConceptSpec
+  readonly layout: ConceptLayout
+  readonly analysis: Analysis
+  /** Proof of the match, under the chosen overhead convention. */
+  readonly matched: Matched
+  /** Relative errors against the baseline with every part included. */
+  readonly residualAll: { readonly params: number; readonly flops: number }
+}
+
+/** Bad solver input: the field and why, with the nearest valid value where one exists. */
+export class InvalidReallocation extends Schema.TaggedError<InvalidReallocation>()("InvalidReallocation", {
+  field: Schema.String,
+  message: Schema.String
+}) {}
+
+/** No configuration met the budget: which constraint failed and the nearest miss. */
+export class NoReallocation extends Schema.TaggedError<NoReallocation>()("NoReallocation", {
+  strategy: Schema.String,
+  ratio: Schema.Number,
+  tolerance: Schema.Number,
+  reason: Schema.String,
+  nearest: Schema.NullOr(Schema.Struct({
+    name: Schema.String,
+    params: Schema.Number,
+    flops: Schema.Number
+  }))
+}) {
+  override get message(): string {
+    const n = this.nearest
+    return `no ${this.strategy} configuration at R=${this.ratio} matches the baseline within ±${this.tolerance * 100}%: ${this.reason}` +
+      (n === null ? "" : `; nearest: ${n.name} (params ${(n.params * 100).toFixed(2)}%, FLOPs/token ${(n.flops * 100).toFixed(2)}%)`)
+  }
+}
+
+interface Evaluated {
+  readonly spec: ConceptSpec
+  readonly layout: ConceptLayout
+  readonly analysis: Analysis
+  readonly params: number
+  readonly flops: number
+}
+
+const score = (e: { readonly params: number; readonly flops: number }) => Math.max(Math.abs(e.params), Math.abs(e.flops))
+
+/** Largest integer in [lo, hi] with f(x) ≤ 0 for a non-decreasing f (lo − 1 if none). */
+const lastNonPositive = (lo: number, hi: number, f: (x: number) => number): number => {
+  let a = lo - 1
+  let b = hi
+  while (a < b) {
+    const mid = Math.ceil((a + b) / 2)
+    if (f(mid) <= 0) a = mid
+    else b = mid - 1
+  }
+  return a
+}
+
+/**
+ * Searches ConceptMoE configurations for a baseline. Succeeds with the candidates within tolerance,
+ * best first; fails with {@link InvalidReallocation} for bad input or {@link NoReallocation} when
+ * nothing matches.
+ *
+ * @category solver
+ */
+export const reallocate = (
+  baseline: DecoderConfig,
+  baselineAnalysis: Analysis,
+  options: ReallocateOptions
+): Effect.Effect<ReadonlyArray<Candidate>, InvalidReallocation | NoReallocation> =>
+  Effect.gen(function*() {
+    const R = options.ratio
+    const tolerance = options.tolerance ?? 0.01
+    const exclude = options.overheads === "include" ? [] : [...overheadParts]
+    if (!(R > 1) || !Number.isFinite(R)) {
+      return yield* new InvalidReallocation({ field: "ratio", message: `the compression ratio R must be a finite number above 1, got ${R}` })
+    }
+    if (options.seqLen !== undefined && R > options.seqLen) {
+      return yield* new InvalidReallocation({
+        field: "ratio",
+        message: `R=${R} leaves less than one concept in a sequence of ${options.seqLen} tokens; at most ${options.seqLen}`
+      })
+    }
+    const base: ConceptSpec = {
+      ratio: R,
+      encoderLayers: options.encoderLayers ?? 4,
+      decoderLayers: options.decoderLayers ?? 4,
+      merge: options.merge ?? "sum",
+      tau: 6,
+      lambda: 0.03,
+      jointDecoding: options.jointDecoding ?? true,
+      loopLayers: 0,
+      loopTimes: options.loopTimes ?? 2
+    }
+    const layout = conceptLayout(baseline, base)
+    if (Result.isFailure(layout)) return yield* new InvalidReallocation(layout.failure)
+    const conceptLayers = baseline.layers.slice(...layout.success.concept)
+    const moeLayer = conceptLayers.find((l) => l.ffn.kind === "moe") as (DecoderLayer & { ffn: { kind: "moe" } }) | undefined
+    if (moeLayer === undefined) {
+      return yield* new InvalidReallocation({ field: "baseline", message: "the baseline's concept-model layers have no MoE FFN: there are no experts to reallocate" })
+    }
+    const E = moeLayer.ffn.spec.experts
+    const k0 = moeLayer.ffn.spec.topK
+    const lc = conceptLayers.length
+
+    const target = budgetOf(baselineAnalysis, exclude)
+    const targetAll = budgetOf(baselineAnalysis)
+    const cache = new Map<string, Evaluated | null>()
+    const evaluate = (spec: ConceptSpec): Evaluated | null => {
+      const key = JSON.stringify(spec)
+      if (cache.has(key)) return cache.get(key)!
+      const built = buildConceptMoE(baseline, spec)
+      let out: Evaluated | null = null
+      if (Result.isSuccess(built)) {
+        const a = analyzeResult(built.success.graph, { input: "ids" })
+        if (Result.isSuccess(a)) {
+          const b = budgetOf(a.success, exclude)
+          out = {
+            spec,
+            layout: built.success.layout,
+            analysis: a.success,
+            params: relative(target.params, b.params),
+            flops: relative(target.matmulPerToken, b.matmulPerToken)
+          }
+        }
+      }
+      cache.set(key, out)
+      return out
+    }
+    /** Evaluates the top-k values around where FLOPs cross the target, for fixed other fields. */
+    const aroundTopK = (spec: ConceptSpec, experts: number): Array<Evaluated> => {
+      const at = (k: number) => evaluate({ ...spec, topK: k })
+      const k = lastNonPositive(1, experts, (x) => at(x)?.flops ?? Infinity)
+      return [k - 1, k, k + 1, k + 2].filter((x) => x >= 1 && x <= experts).map(at).filter((e): e is Evaluated => e !== null)
+    }
+
+    const tried: Array<Evaluated> = []
+    let reason = ""
+    if (options.strategy === "topk") {
+      tried.push(...aroundTopK(base, E))
+      reason = `the concept model's top-k is between 1 and ${E} experts`
+    } else if (options.strategy === "loop") {
+      if (options.loopLayers !== undefined && (options.loopLayers < 1 || options.loopLayers > lc)) {
+        return yield* new InvalidReallocation({
+          field: "loopLayers",
+          message: `loopLayers must be between 1 and the ${lc} concept-model layers, got ${options.loopLayers}; the nearest valid value is ${Math.min(Math.max(options.loopLayers, 1), lc)}`
+        })
+      }
+      const counts = options.loopLayers !== undefined ? [options.loopLayers] : Array.from({ length: lc }, (_, i) => i + 1)
+      for (const n of counts) tried.push(...aroundTopK({ ...base, loopLayers: n }, E))
+      reason = `looping ${options.loopLayers ?? `1..${lc}`} of ${lc} layers with top-k in 1..${E}`
+    } else {
+      const m = moeLayer.mixer
+      if (m.kind !== "attention") {
+        return yield* new InvalidReallocation({ field: "strategy", message: "the width strategy needs an MHA/GQA attention baseline" })
+      }
+      const hd = m.spec.headDim
+      const group = m.spec.heads / m.spec.kvHeads
+      const h0 = moeLayer.ffn.spec.expertHidden
+      const maxHeads = Math.ceil(m.spec.heads * Math.sqrt(R) * 1.5)
+      for (let heads = m.spec.heads + group; heads <= maxHeads; heads += group) {
+        const w = heads / m.spec.heads
+        const hiddens = [...new Set([h0, Math.round((h0 * Math.sqrt(w)) / 8) * 8, Math.round((h0 * w) / 8) * 8])].filter((h) => h > 0)
+        for (const expertHidden of hiddens) {
+          const spec: ConceptSpec = { ...base, hidden: heads * hd, heads, kvHeads: heads / group, expertHidden }
+          const params = (e: number) => evaluate({ ...spec, experts: e, topK: Math.min(k0, e) })?.params ?? Infinity
+          const e = lastNonPositive(1, 4 * E, params)
+          for (const experts of [e, e + 1].filter((x) => x >= 1)) tried.push(...aroundTopK({ ...spec, experts }, experts))
+        }
+      }
+      reason = "wider concept models (more heads of the same size) with the expert count set by the parameter budget"
+    }
+
+    const within = tried
+      .filter((e) => score(e) <= tolerance)
+      .sort((a, b) => score(a) - score(b))
+      .filter((e, i, all) => all.findIndex((x) => JSON.stringify(x.spec) === JSON.stringify(e.spec)) === i)
+      .slice(0, options.limit ?? 10)
+    if (within.length === 0) {
+      const nearest = [...tried].sort((a, b) => score(a) - score(b))[0]
+      return yield* new NoReallocation({
+        strategy: options.strategy,
+        ratio: R,
+        tolerance,
+        reason: tried.length === 0 ? `no buildable configuration (${reason})` : `nothing within tolerance (${reason})`,
+        nearest: nearest === undefined
+          ? null
+          : { name: shortName(nearest.spec, nearest.layout, k0, baseline.d), params: nearest.params, flops: nearest.flops }
+      })
+    }
+    const out: Array<Candidate> = []
+    for (const e of within) {
+      const matched = yield* match(baselineAnalysis, e.analysis, { tolerance, exclude }).pipe(Effect.orDie)
+      const all = budgetOf(e.analysis)
+      out.push({
+        name: shortName(e.spec, e.layout, k0, baseline.d),
+        spec: e.spec,
+        layout: e.layout,
+        analysis: e.analysis,
+        matched,
+        residualAll: { params: relative(targetAll.params, all.params), flops: relative(targetAll.matmulPerToken, all.matmulPerToken) }
+      })
+    }
+    return out
+  })

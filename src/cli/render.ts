@@ -73,6 +73,16 @@ export const renderBudget = (r: BudgetReport, analysis: Analysis, depth: number)
     ["embedding", formatNumber(r.params.embedding)],
     [`LM head${r.params.lmHeadTied ? " (tied to the embedding)" : ""}`, formatNumber(r.params.lmHead)]
   ], [1])
+  const stages = r.stages === undefined ? [] : [
+    renderTable(["stage", "params", "FLOPs/token", `attention map @ ${T}`, `KV bytes @ ${T}`], Object.entries(r.stages).map(([name, s]) => [
+      name,
+      formatNumber(s.params),
+      formatNumber(s.matmulPerToken),
+      formatNumber(s.attentionMap),
+      formatNumber(s.kvBytes)
+    ]), [1, 2, 3, 4]),
+    ""
+  ]
   return [
     `${r.model.name}  (${r.model.format}, ${r.model.file})  seq-len ${T}`,
     "",
@@ -86,6 +96,7 @@ export const renderBudget = (r: BudgetReport, analysis: Analysis, depth: number)
     "",
     kv,
     "",
+    ...stages,
     pathTable(analysis, depth),
     "",
     `FLOPs: 2 per multiply-add, forward. FLOPs/token are matmuls only (attention map excluded, embedding lookup 0).`,

@@ -5,6 +5,7 @@
  */
 import type { Analysis } from "../graph/Analyze.ts"
 import * as Cost from "./Cost.ts"
+import { type StageCost, stageCosts, type StageDef } from "./Stages.ts"
 
 /** How every number in a report is counted. Printed with every report. */
 export const conventions = {
@@ -74,6 +75,8 @@ export interface BudgetReport {
     readonly bytesPerToken: number
     readonly bytes: number
   }
+  /** Per-stage costs, for graphs with stages (ConceptMoE). */
+  readonly stages?: Record<string, StageCost>
   readonly conventions: typeof conventions
 }
 
@@ -107,7 +110,7 @@ export const paramSummary = (a: Analysis) => {
  */
 export const budgetReport = (
   model: { readonly name: string; readonly format: string; readonly file: string; readonly analysis: Analysis },
-  options: { readonly seqLen: number; readonly bytesPerElement?: number }
+  options: { readonly seqLen: number; readonly bytesPerElement?: number; readonly stages?: ReadonlyArray<StageDef> }
 ): BudgetReport => {
   const c = model.analysis.cost
   const T = options.seqLen
@@ -150,6 +153,7 @@ export const budgetReport = (
       bytesPerToken: elementsPerToken * bytesPerElement,
       bytes: Cost.kvElements(c, T) * bytesPerElement
     },
+    ...(options.stages === undefined ? {} : { stages: stageCosts(model.analysis, options.stages, { seqLen: T, bytesPerElement }) }),
     conventions
   }
 }

@@ -21,6 +21,7 @@
 import { Effect, Result, Schema } from "effect"
 import { analyzeResult, type Analysis } from "../graph/Analyze.ts"
 import { budgetOf, type Matched, match, relative } from "../cost/Budget.ts"
+import { baselineStages, conceptStages, type StageCost, stageCosts } from "../cost/Stages.ts"
 import { buildConceptMoE, type ConceptLayout, type ConceptSpec, conceptLayout, shortName } from "./ConceptMoE.ts"
 import type { DecoderConfig, DecoderLayer } from "./Decoder.ts"
 
@@ -253,3 +254,51 @@ export const reallocate = (
     }
     return out
   })
+
+/** What `conceptmoe reallocate --format json` prints for each candidate. */
+export interface CandidateReport {
+  readonly name: string
+  /** A complete ConceptMoE config (baseline inline): `conceptmoe budget` reads it back. */
+  readonly config: Record<string, unknown>
+  readonly params: { readonly total: number; readonly baseline: number }
+  readonly flops: { readonly matmulPerToken: number; readonly baseline: number }
+  /** (candidate − baseline) / baseline under the matching convention, and with every part. */
+  readonly relative: { readonly params: number; readonly flops: number }
+  readonly relativeAllParts: { readonly params: number; readonly flops: number }
+  readonly excludedParts: ReadonlyArray<string>
+  readonly seqLen: number
+  /** Per stage at `seqLen`, for both models (the baseline split by the same layer ranges). */
+  readonly stages: { readonly baseline: Record<string, StageCost>; readonly conceptmoe: Record<string, StageCost> }
+  /** Baseline ÷ ConceptMoE for the concept model's attention map (full) and KV cache at `seqLen`. */
+  readonly conceptModelReduction: { readonly attentionMap: number; readonly kvCache: number }
+}
+
+/** The JSON report of a candidate. `baselineJson` is the baseline config as read. */
+export const candidateReport = (
+  c: Candidate,
+  baselineJson: unknown,
+  options: { readonly seqLen: number; readonly bytesPerElement?: number }
+): CandidateReport => {
+  const b = budgetOf(c.matched.baseline)
+  const m = budgetOf(c.analysis)
+  const stages = {
+    baseline: stageCosts(c.matched.baseline, baselineStages(c.layout), options),
+    conceptmoe: stageCosts(c.analysis, conceptStages, options)
+  }
+  const { ratio, ...rest } = c.spec
+  return {
+    name: c.name,
+    config: { kind: "conceptmoe", name: c.name, baseline: baselineJson, ratio, ...rest },
+    params: { total: m.params, baseline: b.params },
+    flops: { matmulPerToken: m.matmulPerToken, baseline: b.matmulPerToken },
+    relative: c.matched.residual,
+    relativeAllParts: c.residualAll,
+    excludedParts: c.matched.excluded,
+    seqLen: options.seqLen,
+    stages,
+    conceptModelReduction: {
+      attentionMap: stages.baseline["conceptModel"]!.attentionMap / stages.conceptmoe["conceptModel"]!.attentionMap,
+      kvCache: stages.baseline["conceptModel"]!.kvElements / stages.conceptmoe["conceptModel"]!.kvElements
+    }
+  }
+}

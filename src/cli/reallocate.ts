@@ -1,0 +1,102 @@
+/**
+ * `conceptmoe reallocate`: ConceptMoE configurations that match an MoE baseline's budget.
+ *
+ * @since 0.1.0
+ */
+import { Console, Effect, Option } from "effect"
+import { Argument, Command, Flag } from "effect/cli"
+import { formatNumber, formatPercent, renderTable } from "../internal/Table.ts"
+import { modelFromJson, readJson } from "../models/Load.ts"
+import { candidateReport, reallocate as solve, strategies } from "../models/Reallocate.ts"
+import { format, handled, kvBytes, positive, seqLen, tolerance, UsageError } from "./shared.ts"
+
+export const reallocate = Command.make(
+  "reallocate",
+  {
+    baseline: Argument.String("baseline").pipe(Argument.withDescription("the MoE baseline: a conceptmoe \"moe\" config or a Hugging Face MoE config.json")),
+    ratio: Flag.Finite("ratio").pipe(Flag.withDescription("target compression ratio R > 1")),
+    strategy: Flag.Literals("strategy", strategies).pipe(
+      Flag.withDescription("topk: more experts; loop: more experts + looped layers; width: wider concept model, fewer experts")
+    ),
+    seqLen,
+    format,
+    tolerance,
+    kvBytes,
+    overheads: Flag.Literals("overheads", ["exclude", "include"]).pipe(
+      Flag.withDescription("exclude (the paper's convention) or include the chunk module and joint decoding when matching"),
+      Flag.withDefault("exclude")
+    ),
+    encoderLayers: Flag.Int("encoder-layers").pipe(Flag.withDescription("baseline layers that become the encoder"), Flag.withDefault(4)),
+    decoderLayers: Flag.Int("decoder-layers").pipe(Flag.withDescription("baseline layers that become the decoder"), Flag.withDefault(4)),
+    loopLayers: Flag.Int("loop-layers").pipe(Flag.withDescription("strategy loop: fix how many concept-model layers loop"), Flag.optional),
+    merge: Flag.Literals("merge", ["sum", "last"]).pipe(Flag.withDescription("how a chunk becomes a concept"), Flag.withDefault("sum")),
+    limit: Flag.Int("limit").pipe(Flag.withDescription("at most this many candidates"), Flag.withDefault(10))
+  },
+  Effect.fn("reallocate")(function*(f) {
+    yield* positive("seq-len", f.seqLen)
+    yield* positive("limit", Option.some(f.limit))
+    if (f.encoderLayers < 0 || f.decoderLayers < 0) {
+      return yield* new UsageError({ message: "--encoder-layers and --decoder-layers must be 0 or more" })
+    }
+    const json = yield* readJson(f.baseline)
+    const model = yield* modelFromJson(json, f.baseline)
+    if (model.decoder === undefined) {
+      return yield* new UsageError({ message: `${f.baseline}: the baseline must be a decoder config (moe, or a Hugging Face MoE), not ${model.format}` })
+    }
+    const T = Option.getOrElse(f.seqLen, () => model.contextLength)
+    const candidates = yield* solve(model.decoder, model.analysis, {
+      ratio: f.ratio,
+      strategy: f.strategy,
+      tolerance: f.tolerance,
+      overheads: f.overheads,
+      encoderLayers: f.encoderLayers,
+      decoderLayers: f.decoderLayers,
+      merge: f.merge,
+      limit: f.limit,
+      seqLen: T,
+      ...(Option.isSome(f.loopLayers) ? { loopLayers: f.loopLayers.value } : {})
+    })
+    const reports = candidates.map((c) => candidateReport(c, json, { seqLen: T, bytesPerElement: f.kvBytes }))
+    if (f.format === "json") {
+      yield* Console.log(JSON.stringify(reports, null, 2))
+      return
+    }
+    const x = (n: number) => `${n.toFixed(2)}×`
+    yield* Console.log(
+      `${model.name}: ${candidates.length} ${f.strategy} candidate${candidates.length === 1 ? "" : "s"} at R=${f.ratio} within ±${f.tolerance * 100}%` +
+        ` (${f.overheads === "exclude" ? "chunk and joint-decoding parts excluded, as the paper matches" : "all parts included"}); seq-len ${formatNumber(T)}\n`
+    )
+    yield* Console.log(renderTable(
+      ["candidate", "top-k", "loop", "width", "experts", "Δparams", "ΔFLOPs/token", "Δparams all parts", "ΔFLOPs all parts", "concept attn ÷", "concept KV ÷"],
+      reports.map((r, i) => {
+        const c = candidates[i]!
+        return [
+          r.name,
+          `${c.spec.topK ?? ""}`,
+          c.layout.loop === null ? "-" : `${c.layout.loop.layers}×${c.layout.loop.times}`,
+          `${c.layout.width}`,
+          `${c.spec.experts ?? "="}`,
+          formatPercent(r.relative.params),
+          formatPercent(r.relative.flops),
+          formatPercent(r.relativeAllParts.params),
+          formatPercent(r.relativeAllParts.flops),
+          x(r.conceptModelReduction.attentionMap),
+          x(r.conceptModelReduction.kvCache)
+        ]
+      }),
+      [1, 4, 5, 6, 7, 8, 9, 10]
+    ))
+    yield* Console.log(
+      `\nbaseline: ${formatNumber(reports[0]!.params.baseline)} params, ${formatNumber(reports[0]!.flops.baseline)} FLOPs/token (matmul, forward). ` +
+        `attn ÷ and KV ÷: the concept model's attention map and KV cache at seq-len, baseline over ConceptMoE.`
+    )
+    yield* Console.log("Each candidate's full config: --format json → [i].config (conceptmoe budget reads it).")
+  }, handled)
+).pipe(
+  Command.withDescription("Search ConceptMoE configurations whose total params and activated FLOPs/token match an MoE baseline."),
+  Command.withExamples([
+    { command: "conceptmoe reallocate examples/latency/baseline-attn8.json --ratio 2 --strategy topk", description: "more experts at R=2 (finds 1L-top24-R2)" },
+    { command: "conceptmoe reallocate examples/latency/baseline-attn8.json --ratio 2 --strategy loop --format json", description: "looped layers, as JSON" },
+    { command: "conceptmoe reallocate examples/moe-base.json --ratio 2 --strategy width", description: "a wider concept model with fewer experts" }
+  ])
+)

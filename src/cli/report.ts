@@ -1,0 +1,63 @@
+/**
+ * `conceptmoe report`: the best matched ConceptMoE for each strategy and ratio, as SVG plots and a
+ * Markdown summary.
+ *
+ * @since 0.1.0
+ */
+import { Console, Effect, Option } from "effect"
+import { Argument, Command, Flag } from "effect/cli"
+import { modelFromJson, readJson } from "../models/Load.ts"
+import { reallocate as solve, type Strategy, strategies } from "../models/Reallocate.ts"
+import { type ReportEntry, reportFiles, writeFiles } from "../report/Reallocation.ts"
+import { handled, kvBytes, positive, seqLen, tolerance, UsageError } from "./shared.ts"
+
+const list = (name: string, raw: string) => raw.split(",").map((s) => s.trim()).filter((s) => s !== "").map((s) => ({ name, s }))
+
+export const report = Command.make(
+  "report",
+  {
+    baseline: Argument.String("baseline").pipe(Argument.withDescription("the MoE baseline config")),
+    ratios: Flag.String("ratio").pipe(Flag.withDescription("comma-separated target ratios, e.g. 1.5,2"), Flag.withDefault("1.5,2")),
+    strategies: Flag.String("strategy").pipe(Flag.withDescription(`comma-separated strategies among ${strategies.join(", ")}`), Flag.withDefault("topk,loop,width")),
+    out: Flag.String("out").pipe(Flag.withDescription("directory to write the report into"), Flag.withDefault("report")),
+    seqLen,
+    tolerance,
+    kvBytes
+  },
+  Effect.fn("report")(function*(f) {
+    yield* positive("seq-len", f.seqLen)
+    const ratios = list("ratio", f.ratios).map(({ s }) => Number(s))
+    if (ratios.length === 0 || ratios.some((r) => !(r > 1))) {
+      return yield* new UsageError({ message: `--ratio must list ratios above 1, got "${f.ratios}"` })
+    }
+    const chosen = list("strategy", f.strategies).map(({ s }) => s)
+    const unknown = chosen.filter((s) => !(strategies as ReadonlyArray<string>).includes(s))
+    if (chosen.length === 0 || unknown.length > 0) {
+      return yield* new UsageError({ message: `--strategy: unknown ${unknown.join(", ") || "(none given)"}; expected ${strategies.join(", ")}` })
+    }
+    const json = yield* readJson(f.baseline)
+    const model = yield* modelFromJson(json, f.baseline)
+    if (model.decoder === undefined) {
+      return yield* new UsageError({ message: `${f.baseline}: the baseline must be a decoder config (moe, or a Hugging Face MoE), not ${model.format}` })
+    }
+    const T = Option.getOrElse(f.seqLen, () => model.contextLength)
+    const entries: Array<ReportEntry> = []
+    for (const strategy of chosen as ReadonlyArray<Strategy>) {
+      for (const ratio of ratios) {
+        const r = yield* Effect.result(solve(model.decoder, model.analysis, { ratio, strategy, tolerance: f.tolerance, seqLen: T, limit: 1 }))
+        if (r._tag === "Success") entries.push({ strategy, ratio, result: { _tag: "found", candidate: r.success[0]! } })
+        else if (r.failure._tag === "NoReallocation") entries.push({ strategy, ratio, result: { _tag: "none", error: r.failure } })
+        else return yield* r.failure
+        yield* Console.log(`${strategy} R=${ratio}: ${r._tag === "Success" ? r.success[0]!.name : "no match"}`)
+      }
+    }
+    const files = yield* reportFiles(model, json, entries, { seqLen: T, bytesPerElement: f.kvBytes })
+    const written = yield* writeFiles(f.out, files)
+    yield* Console.log(`wrote ${written.join(", ")}`)
+  }, handled)
+).pipe(
+  Command.withDescription("Write SVG plots and a Markdown summary of the matched ConceptMoE variants of an MoE baseline."),
+  Command.withExamples([
+    { command: "conceptmoe report examples/moe-base.json --ratio 1.5,2 --out report/", description: "all three strategies at R=1.5 and 2" }
+  ])
+)

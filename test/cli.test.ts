@@ -80,3 +80,75 @@ describe("conceptmoe budget", () => {
     })
   }
 })
+
+describe("conceptmoe budget on a ConceptMoE config", () => {
+  it("its JSON gains a per-stage breakdown", () => {
+    const r = run("budget", "examples/conceptmoe-base-top.json", "--seq-len", "4096", "--format", "json")
+    assert.strictEqual(r.code, 0, r.err)
+    const j = JSON.parse(r.out)
+    assert.deepStrictEqual(Object.keys(j.stages), ["embedding", "encoder", "chunk", "conceptModel", "dechunk", "decoder", "head"])
+    // the concept model sees 2048 positions: a quarter of the encoder's map per layer, 8 layers vs 4
+    assert.strictEqual(j.stages.conceptModel.attentionMap * 2, j.stages.encoder.attentionMap)
+    assert.strictEqual(j.stages.chunk.params, 2 * 256 * 256)
+  })
+
+  it("--against with the paper's excluded parts matches the baseline", () => {
+    const r = run("budget", "examples/moe-base.json", "--against", "examples/conceptmoe-base-top.json", "--exclude-parts", "chunk,jointDecoding")
+    assert.strictEqual(r.code, 0, r.err)
+    assert.include(r.out, "matched within ±1%")
+  })
+})
+
+describe("conceptmoe reallocate", () => {
+  it("--format json lists candidates with config, params, FLOPs, relative errors and per-stage figures", () => {
+    const r = run("reallocate", "examples/latency/baseline-attn8.json", "--ratio", "2", "--strategy", "topk", "--seq-len", "32768", "--format", "json")
+    assert.strictEqual(r.code, 0, r.err)
+    const [c] = JSON.parse(r.out)
+    assert.strictEqual(c.name, "1L-top24-R2")
+    assert.strictEqual(c.config.kind, "conceptmoe")
+    assert.strictEqual(c.config.topK, 24)
+    assert.strictEqual(c.params.total > 0 && c.flops.matmulPerToken > 0, true)
+    assert.isBelow(Math.abs(c.relative.flops), 0.01)
+    assert.strictEqual(c.conceptModelReduction.attentionMap, 4)
+    assert.strictEqual(c.conceptModelReduction.kvCache, 2)
+    assert.includeMembers(Object.keys(c.stages.baseline), ["encoder", "conceptModel", "decoder"])
+  })
+
+  it("a candidate's config reads back with conceptmoe budget", () => {
+    const r = run("reallocate", "examples/moe-base.json", "--ratio", "2", "--strategy", "loop", "--limit", "1", "--format", "json")
+    assert.strictEqual(r.code, 0, r.err)
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "conceptmoe-cli-"))
+    const file = path.join(dir, "c.json")
+    fs.writeFileSync(file, JSON.stringify(JSON.parse(r.out)[0].config))
+    const b = run("budget", file, "--format", "json")
+    assert.strictEqual(b.code, 0, b.err)
+    assert.strictEqual(JSON.parse(b.out).params.total, JSON.parse(r.out)[0].params.total)
+  })
+
+  it("bad input: R ≤ 1 and a depth that leaves no concept model fail with one line", () => {
+    const low = run("reallocate", "examples/moe-base.json", "--ratio", "1", "--strategy", "topk")
+    assert.strictEqual(low.code, 1)
+    assert.match(low.err, /^error: the compression ratio R must be a finite number above 1, got 1\n$/)
+    const deep = run("reallocate", "examples/moe-base.json", "--ratio", "2", "--strategy", "topk", "--encoder-layers", "9", "--decoder-layers", "9")
+    assert.strictEqual(deep.code, 1)
+    assert.include(deep.err, "at most 15 in total")
+  })
+})
+
+describe("conceptmoe report", () => {
+  it("writes SVG plots, a Markdown summary and the candidates", () => {
+    const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "conceptmoe-report-")), "r")
+    const r = run("report", "examples/moe-base.json", "--ratio", "2", "--strategy", "topk,loop", "--out", out)
+    assert.strictEqual(r.code, 0, r.err)
+    assert.sameMembers(fs.readdirSync(out), ["attention-map.svg", "kv-cache.svg", "flops-breakdown.svg", "summary.md", "candidates.json"])
+    for (const svg of ["attention-map.svg", "kv-cache.svg", "flops-breakdown.svg"]) {
+      const text = fs.readFileSync(path.join(out, svg), "utf8")
+      assert.match(text, /^<svg /)
+      assert.include(text, "baseline (moe-base)")
+    }
+    const md = fs.readFileSync(path.join(out, "summary.md"), "utf8")
+    assert.include(md, "| topk | 2 | 1L-top22-R2 |")
+    assert.include(md, "| loop | 2 | 2L-top8-R2 |")
+    assert.strictEqual(JSON.parse(fs.readFileSync(path.join(out, "candidates.json"), "utf8")).length, 2)
+  })
+})

@@ -16,6 +16,8 @@ import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf, type Named, type ParamDecl } from "../graph/Block.ts"
 import { crossCheck, Dim, withDefault } from "../graph/Spec.ts"
+import type { ForwardContext, Tensor } from "../graph/Apply.ts"
+import * as ops from "./ops.ts"
 import { RopeSpec } from "./Rotary.ts"
 
 export const AttentionSpec = Schema.Struct({
@@ -50,18 +52,60 @@ const params = (s: AttentionSpec): Array<ParamDecl> => {
   ]
   if (s.qkvBias) {
     out.push(
-      { name: "q.bias", shape: [q], part: "attention" },
-      { name: "k.bias", shape: [kv], part: "attention" },
-      { name: "v.bias", shape: [kv], part: "attention" }
+      { name: "q.bias", shape: [q], part: "attention", init: "zeros" },
+      { name: "k.bias", shape: [kv], part: "attention", init: "zeros" },
+      { name: "v.bias", shape: [kv], part: "attention", init: "zeros" }
     )
   }
-  if (s.outBias) out.push({ name: "o.bias", shape: [s.d], part: "attention" })
+  if (s.outBias) out.push({ name: "o.bias", shape: [s.d], part: "attention", init: "zeros" })
   if (s.qkNorm === "head") {
-    out.push({ name: "qNorm.weight", shape: [s.headDim], part: "norm" }, { name: "kNorm.weight", shape: [s.headDim], part: "norm" })
+    out.push({ name: "qNorm.weight", shape: [s.headDim], part: "norm", init: "ones" }, { name: "kNorm.weight", shape: [s.headDim], part: "norm", init: "ones" })
   } else if (s.qkNorm === "full") {
-    out.push({ name: "qNorm.weight", shape: [q], part: "norm" }, { name: "kNorm.weight", shape: [kv], part: "norm" })
+    out.push({ name: "qNorm.weight", shape: [q], part: "norm", init: "ones" }, { name: "kNorm.weight", shape: [kv], part: "norm", init: "ones" })
   }
   return out
+}
+
+/**
+ * Runs attention; with `joint`, the concept side input of the context is projected by `qc`, `kc`,
+ * `vc` and added to q, k, v (ConceptMoE joint decoding).
+ */
+export const applyAttention = (
+  ctx: ForwardContext,
+  s: AttentionSpec,
+  x: Tensor,
+  p: Readonly<Record<string, Tensor>>,
+  joint: boolean
+): Tensor => {
+  const { tf } = ctx
+  const n = x.shape[0]!
+  let q: Tensor = ops.linear(ctx, x, p["q.weight"]!, p["q.bias"])
+  let k: Tensor = ops.linear(ctx, x, p["k.weight"]!, p["k.bias"])
+  let v: Tensor = ops.linear(ctx, x, p["v.weight"]!, p["v.bias"])
+  if (joint) {
+    const c = ctx.concept
+    if (c === undefined) throw new Error("joint-decoding attention runs after a concept stage, which sets the concept side input")
+    q = tf.add(q, ops.linear(ctx, c, p["qc.weight"]!))
+    k = tf.add(k, ops.linear(ctx, c, p["kc.weight"]!))
+    v = tf.add(v, ops.linear(ctx, c, p["vc.weight"]!))
+  }
+  if (s.qkNorm === "full") {
+    q = ops.rmsNorm(ctx, q, p["qNorm.weight"]!, 1e-6)
+    k = ops.rmsNorm(ctx, k, p["kNorm.weight"]!, 1e-6)
+  }
+  let q3 = tf.reshape(q, [n, s.heads, s.headDim])
+  let k3 = tf.reshape(k, [n, s.kvHeads, s.headDim])
+  if (s.qkNorm === "head") {
+    q3 = ops.rmsNorm(ctx, q3, p["qNorm.weight"]!, 1e-6)
+    k3 = ops.rmsNorm(ctx, k3, p["kNorm.weight"]!, 1e-6)
+  }
+  if (s.rope !== null) {
+    const tables = ops.ropeTables(ctx, s.rope.dim, s.rope.base)
+    q3 = ops.applyRope(ctx, q3, s.rope.dim, tables)
+    k3 = ops.applyRope(ctx, k3, s.rope.dim, tables)
+  }
+  const out = ops.attend(ctx, q3, k3, tf.reshape(v, [n, s.kvHeads, s.headDim]), { causal: s.causal, window: s.window })
+  return ops.linear(ctx, out, p["o.weight"]!, p["o.bias"])
 }
 
 export const Attention: BlockKind<AttentionSpec> = {
@@ -84,7 +128,8 @@ export const Attention: BlockKind<AttentionSpec> = {
         rate: 1
       }],
       kv: [{ path, elements: 2 * s.kvHeads * s.headDim, window: s.window, passes: 1, rate: 1 }]
-    })
+    }),
+  apply: (ctx, s, x, p) => applyAttention(ctx, s, x, p, false)
 }
 
 /** Constructor argument: `kvHeads` defaults to `heads`, `headDim` to `d / heads`. */

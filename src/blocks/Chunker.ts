@@ -14,7 +14,9 @@
 import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf, type Named } from "../graph/Block.ts"
+import type { ForwardContext, Tensor, Tensor2D } from "../graph/Apply.ts"
 import { crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
+import * as ops from "./ops.ts"
 
 export const ChunkerSpec = Schema.Struct({
   d: Dim,
@@ -27,6 +29,85 @@ export const ChunkerSpec = Schema.Struct({
 }).pipe(Schema.check(crossCheck((s) => s.ratio <= 1 ? ["ratio", `the compression ratio must exceed 1, got ${s.ratio}`] : undefined)))
 export type ChunkerSpec = typeof ChunkerSpec.Type
 
+/** sharpen_τ(p) = p^(1/τ) above ½, 1 − (1 − p)^(1/τ) below (method spec §3, §17). */
+export const sharpen = (p: number, tau: number): number => (p > 0.5 ? p ** (1 / tau) : 1 - (1 - p) ** (1 / tau))
+
+/** A small seeded PRNG (mulberry32) for boundary sampling. */
+export const prng = (seed: number) => {
+  let a = seed >>> 0
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0
+    let t = a
+    t = Math.imul(t ^ (t >>> 15), t | 1)
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+  }
+}
+
+/**
+ * Boundary probabilities and boundaries of the token stream. Row starts and document starts are
+ * forced boundaries with p = 1. Training samples b ~ Bernoulli(sharpen_τ(p)); evaluation takes
+ * p ≥ ½. Adds λ·L_ratio to the auxiliary losses and records the state for the dechunk.
+ */
+const applyChunker = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, p: Readonly<Record<string, Tensor>>): Tensor => {
+  const { tf } = ctx
+  const n = x.shape[0]!
+  const rows = ctx.layout
+  const forced = new Float32Array(n)
+  const prev = new Int32Array(n)
+  let start = 0
+  for (const L of rows) {
+    for (let i = 0; i < L; i++) {
+      prev[start + i] = i === 0 ? start : start + i - 1
+      if (i === 0 || ctx.documentStarts.has(start + i)) forced[start + i] = 1
+    }
+    start += L
+  }
+  const unit = (t: Tensor) => tf.div(t, tf.add(tf.norm(t, "euclidean", -1, true), 1e-12))
+  const q = unit(ops.linear(ctx, x, p["q.weight"]!))
+  const k = unit(ops.linear(ctx, x, p["k.weight"]!))
+  const cos = tf.sum(tf.mul(q, tf.gather(k, tf.tensor1d(prev, "int32"))), -1)
+  const raw = tf.clipByValue(tf.mul(tf.sub(1, cos), 0.5), 0, 1)
+  const f = tf.tensor1d(forced)
+  const probs = tf.add(f, tf.mul(tf.sub(1, f), raw))
+  const host = probs.dataSync() as Float32Array
+  const boundaries = new Uint8Array(n)
+  const random = prng(ctx.nextSeed())
+  let count = 0
+  for (let i = 0; i < n; i++) {
+    const b = forced[i] === 1 || (ctx.training ? random() < sharpen(host[i]!, s.tau) : host[i]! >= 0.5)
+    boundaries[i] = b ? 1 : 0
+    count += boundaries[i]!
+  }
+  const concepts: Array<number> = []
+  const receive = new Int32Array(n)
+  let offset = 0
+  start = 0
+  for (const L of rows) {
+    let m = 0
+    for (let i = 0; i < L; i++) {
+      m += boundaries[start + i]!
+      receive[start + i] = offset + m - 1
+    }
+    concepts.push(m)
+    offset += m
+    start += L
+  }
+  const F = count / n
+  const G = tf.mean(probs)
+  const R = s.ratio
+  // L = R/(R−1)·((R−1)·F·G + (1−F)(1−G)), weight λ
+  const ratioLoss = tf.mul(tf.add(tf.mul(G, (R - 1) * F), tf.mul(tf.sub(1, G), 1 - F)), (R / (R - 1)) * s.lambda)
+  if (ctx.training && s.lambda > 0) ctx.auxLosses.push(ratioLoss)
+  ctx.chunk = { h: x as Tensor2D, p: probs, boundaries, receive, concepts }
+  ctx.compression.tokens += n
+  ctx.compression.concepts += count
+  let sum = 0
+  for (let i = 0; i < n; i++) sum += host[i]!
+  ctx.compression.boundaryProbSum += sum
+  return x
+}
+
 export const Chunker: BlockKind<ChunkerSpec> = {
   name: "chunk",
   summary: "boundary router: cosine of adjacent query/key projections",
@@ -36,7 +117,8 @@ export const Chunker: BlockKind<ChunkerSpec> = {
     { name: "q.weight", shape: [s.d, s.d], part: "chunk" },
     { name: "k.weight", shape: [s.d, s.d], part: "chunk" }
   ],
-  cost: (s) => Cost.make({ flops: { chunk: 2 * 2 * s.d * s.d } })
+  cost: (s) => Cost.make({ flops: { chunk: 2 * 2 * s.d * s.d } }),
+  apply: applyChunker
 }
 
 /** @category constructors */

@@ -16,6 +16,7 @@
 import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type AnyBlock, type Block, type BlockKind, make, type Named } from "../graph/Block.ts"
+import type { ChildApply, ForwardContext, Tensor } from "../graph/Apply.ts"
 import { crossCheck, PositiveNumber } from "../graph/Spec.ts"
 import { Chunker } from "./Chunker.ts"
 import { Dechunk } from "./Dechunk.ts"
@@ -25,6 +26,59 @@ export const ConceptStageSpec = Schema.Struct({
   merge: Schema.Literals(["sum", "last"])
 }).pipe(Schema.check(crossCheck((s) => s.ratio <= 1 ? ["ratio", `the compression ratio must exceed 1, got ${s.ratio}`] : undefined)))
 export type ConceptStageSpec = typeof ConceptStageSpec.Type
+
+/**
+ * Chunk, merge, run the concept model on each row's concepts, dechunk. Merge `sum` adds the tokens
+ * (φ(m−1), φ(m)] of each chunk (a chunk closed by a document start keeps only that token, so no
+ * document leaks into the next); `last` takes the boundary token. Tokens after a row's last
+ * boundary close no chunk and merge into nothing.
+ */
+const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: unknown, children: ReadonlyArray<ChildApply>): Tensor => {
+  const { tf } = ctx
+  const [chunk, body, de] = children as [ChildApply, ChildApply, ChildApply]
+  chunk(x)
+  const ch = ctx.chunk!
+  const n = ch.boundaries.length
+  const total = ch.concepts.reduce((a, b) => a + b, 0)
+  let merged: Tensor
+  if (spec.merge === "last") {
+    const bounds: Array<number> = []
+    for (let i = 0; i < n; i++) if (ch.boundaries[i] === 1) bounds.push(i)
+    merged = tf.gather(x, tf.tensor1d(bounds, "int32"))
+  } else {
+    // each token goes to the chunk closed by the first boundary at or after it (same row)
+    const seg = new Int32Array(n).fill(total)
+    let start = 0
+    let offset = 0
+    ctx.layout.forEach((L, r) => {
+      let k = offset + ch.concepts[r]! // one past this row's last concept
+      let next = -1
+      for (let i = L - 1; i >= 0; i--) {
+        const t = start + i
+        if (ch.boundaries[t] === 1) {
+          k--
+          next = t
+        }
+        // a chunk closed by a document start holds only that token
+        if (next !== -1) seg[t] = ctx.documentStarts.has(next) && t !== next ? total : k
+      }
+      offset += ch.concepts[r]!
+      start += L
+    })
+    merged = tf.slice(tf.unsortedSegmentSum(x, tf.tensor1d(seg, "int32"), total + 1), [0, 0], [total, -1])
+  }
+  const saved = { layout: ctx.layout, positions: ctx.positions }
+  const positions = new Int32Array(total)
+  let o = 0
+  for (const M of ch.concepts) for (let i = 0; i < M; i++) positions[o++] = i
+  ctx.layout = ch.concepts
+  ctx.positions = positions
+  const y = body(merged)
+  ctx.layout = saved.layout
+  ctx.positions = saved.positions
+  ctx.chunk = ch
+  return de(y)
+}
 
 export const ConceptStage: BlockKind<ConceptStageSpec> = {
   name: "concept-stage",
@@ -50,7 +104,8 @@ export const ConceptStage: BlockKind<ConceptStageSpec> = {
   },
   childRate: (spec, i) => (i === 1 ? 1 / spec.ratio : 1),
   cost: (spec, { children }) =>
-    Cost.add(Cost.add(children[0] ?? Cost.zero, Cost.atRate(children[1] ?? Cost.zero, 1 / spec.ratio)), children[2] ?? Cost.zero)
+    Cost.add(Cost.add(children[0] ?? Cost.zero, Cost.atRate(children[1] ?? Cost.zero, 1 / spec.ratio)), children[2] ?? Cost.zero),
+  apply: applyStage
 }
 
 /** @category constructors */

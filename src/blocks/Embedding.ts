@@ -29,7 +29,12 @@ export const Embedding: BlockKind<EmbeddingSpec> = {
     { name: "weight", shape: [s.vocab, s.d], part: "embedding" },
     ...(s.positions === null ? [] : [{ name: "positions", shape: [s.positions, s.d], part: "embedding" }])
   ],
-  cost: () => Cost.zero
+  cost: () => Cost.zero,
+  apply: (ctx, _s, ids, p) => {
+    const { tf } = ctx
+    const x = tf.gather(p["weight"]!, ids)
+    return p["positions"] === undefined ? x : tf.add(x, tf.gather(p["positions"], tf.tensor1d(ctx.positions, "int32")))
+  }
 }
 
 /** @category constructors */

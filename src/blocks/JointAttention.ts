@@ -13,7 +13,7 @@
  */
 import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf } from "../graph/Block.ts"
-import { Attention, type AttentionArgs, AttentionSpec } from "./Attention.ts"
+import { applyAttention, Attention, type AttentionArgs, AttentionSpec } from "./Attention.ts"
 
 export const JointAttention: BlockKind<AttentionSpec> = {
   name: "joint-attention",
@@ -22,15 +22,16 @@ export const JointAttention: BlockKind<AttentionSpec> = {
   io: Attention.io,
   params: (s) => [
     ...Attention.params!(s),
-    { name: "qc.weight", shape: [s.d, s.heads * s.headDim], part: "jointDecoding" },
-    { name: "kc.weight", shape: [s.d, s.kvHeads * s.headDim], part: "jointDecoding" },
-    { name: "vc.weight", shape: [s.d, s.kvHeads * s.headDim], part: "jointDecoding" }
+    { name: "qc.weight", shape: [s.d, s.heads * s.headDim], part: "jointDecoding", init: "zeros" },
+    { name: "kc.weight", shape: [s.d, s.kvHeads * s.headDim], part: "jointDecoding", init: "zeros" },
+    { name: "vc.weight", shape: [s.d, s.kvHeads * s.headDim], part: "jointDecoding", init: "zeros" }
   ],
   cost: (s, ctx) =>
     Cost.add(
       Attention.cost(s, ctx),
       Cost.make({ flops: { jointDecoding: 2 * s.d * s.headDim * (s.heads + 2 * s.kvHeads) } })
-    )
+    ),
+  apply: (ctx, s, x, p) => applyAttention(ctx, s, x, p, true)
 }
 
 /** @category constructors */

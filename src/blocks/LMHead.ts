@@ -29,9 +29,14 @@ export const LMHead: BlockKind<LMHeadSpec> = {
     s.tiedTo === null
       ? { name: "weight", shape: [s.d, s.vocab], part: "lmHead" }
       : { name: "weight", shape: [s.vocab, s.d], part: "lmHead", tiedTo: s.tiedTo },
-    ...(s.bias ? [{ name: "bias", shape: [s.vocab], part: "lmHead" }] : [])
+    ...(s.bias ? [{ name: "bias", shape: [s.vocab], part: "lmHead", init: "zeros" as const }] : [])
   ],
-  cost: (s) => Cost.make({ flops: { lmHead: 2 * s.d * s.vocab } })
+  cost: (s) => Cost.make({ flops: { lmHead: 2 * s.d * s.vocab } }),
+  apply: (ctx, s, x, p) => {
+    const w = s.tiedTo === null ? p["weight"]! : ctx.tf.transpose(p["weight"]!)
+    const y = ctx.matMul(x, w, "weights")
+    return p["bias"] === undefined ? y : ctx.tf.add(y, p["bias"])
+  }
 }
 
 /** @category constructors */

@@ -9,6 +9,7 @@ import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf, type Named } from "../graph/Block.ts"
 import { Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
+import * as ops from "./ops.ts"
 
 export const LayerNormSpec = Schema.Struct({
   d: Dim,
@@ -23,10 +24,11 @@ export const LayerNorm: BlockKind<LayerNormSpec> = {
   spec: LayerNormSpec,
   io: (s) => ({ in: s?.d, out: s?.d }),
   params: (s) => [
-    { name: "weight", shape: [s.d], part: "norm" },
-    ...(s.bias ? [{ name: "bias", shape: [s.d], part: "norm" }] : [])
+    { name: "weight", shape: [s.d], part: "norm", init: "ones" },
+    ...(s.bias ? [{ name: "bias", shape: [s.d], part: "norm", init: "zeros" as const }] : [])
   ],
-  cost: () => Cost.zero
+  cost: () => Cost.zero,
+  apply: (ctx, s, x, p) => ops.layerNorm(ctx, x, p["weight"]!, p["bias"], s.eps)
 }
 
 /** @category constructors */

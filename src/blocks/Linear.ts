@@ -9,6 +9,7 @@ import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf, type Named } from "../graph/Block.ts"
 import { Dim, PartName, withDefault } from "../graph/Spec.ts"
+import * as ops from "./ops.ts"
 
 export const LinearSpec = Schema.Struct({
   dIn: Dim,
@@ -28,7 +29,8 @@ export const Linear: BlockKind<LinearSpec> = {
     { name: "weight", shape: [s.dIn, s.dOut], part: s.part },
     ...(s.bias ? [{ name: "bias", shape: [s.dOut], part: s.part }] : [])
   ],
-  cost: (s) => Cost.make({ flops: { [s.part]: 2 * s.dIn * s.dOut } })
+  cost: (s) => Cost.make({ flops: { [s.part]: 2 * s.dIn * s.dOut } }),
+  apply: (ctx, _s, x, p) => ops.linear(ctx, x, p["weight"]!, p["bias"])
 }
 
 /** @category constructors */

@@ -16,6 +16,7 @@ import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf, type Named, type ParamDecl } from "../graph/Block.ts"
 import { Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
+import * as ops from "./ops.ts"
 
 export const MLASpec = Schema.Struct({
   d: Dim,
@@ -34,20 +35,20 @@ export type MLASpec = typeof MLASpec.Type
 
 const params = (s: MLASpec): Array<ParamDecl> => {
   const qk = s.qkNopeHeadDim + s.qkRopeHeadDim
-  const bias = (name: string, n: number): Array<ParamDecl> => s.bias ? [{ name, shape: [n], part: "attention" }] : []
+  const bias = (name: string, n: number): Array<ParamDecl> => s.bias ? [{ name, shape: [n], part: "attention", init: "zeros" }] : []
   const q: Array<ParamDecl> = s.qLoraRank === null
     ? [{ name: "q.weight", shape: [s.d, s.heads * qk], part: "attention" }, ...bias("q.bias", s.heads * qk)]
     : [
       { name: "qA.weight", shape: [s.d, s.qLoraRank], part: "attention" },
       ...bias("qA.bias", s.qLoraRank),
-      { name: "qANorm.weight", shape: [s.qLoraRank], part: "norm" },
+      { name: "qANorm.weight", shape: [s.qLoraRank], part: "norm", init: "ones" },
       { name: "qB.weight", shape: [s.qLoraRank, s.heads * qk], part: "attention" }
     ]
   return [
     ...q,
     { name: "kvA.weight", shape: [s.d, s.kvLoraRank + s.qkRopeHeadDim], part: "attention" },
     ...bias("kvA.bias", s.kvLoraRank + s.qkRopeHeadDim),
-    { name: "kvANorm.weight", shape: [s.kvLoraRank], part: "norm" },
+    { name: "kvANorm.weight", shape: [s.kvLoraRank], part: "norm", init: "ones" },
     { name: "kvB.weight", shape: [s.kvLoraRank, s.heads * (s.qkNopeHeadDim + s.vHeadDim)], part: "attention" },
     { name: "o.weight", shape: [s.heads * s.vHeadDim, s.d], part: "attention" },
     ...bias("o.bias", s.d)
@@ -77,6 +78,29 @@ export const MLA: BlockKind<MLASpec> = {
       }],
       kv: [{ path, elements: s.kvLoraRank + s.qkRopeHeadDim, window: s.window, passes: 1, rate: 1 }]
     })
+  },
+  apply: (ctx, s, x, p) => {
+    const { tf } = ctx
+    const n = x.shape[0]!
+    const H = s.heads
+    const nope = s.qkNopeHeadDim
+    const rope = s.qkRopeHeadDim
+    const q = s.qLoraRank === null
+      ? ops.linear(ctx, x, p["q.weight"]!, p["q.bias"])
+      : ops.linear(ctx, ops.rmsNorm(ctx, ops.linear(ctx, x, p["qA.weight"]!, p["qA.bias"]), p["qANorm.weight"]!, 1e-6), p["qB.weight"]!)
+    const q3 = tf.reshape(q, [n, H, nope + rope])
+    const kvA = ops.linear(ctx, x, p["kvA.weight"]!, p["kvA.bias"])
+    const latent = ops.rmsNorm(ctx, tf.slice(kvA, [0, 0], [n, s.kvLoraRank]), p["kvANorm.weight"]!, 1e-6)
+    const kRope = tf.reshape(tf.slice(kvA, [0, s.kvLoraRank], [n, rope]), [n, 1, rope])
+    const kv = tf.reshape(ops.linear(ctx, latent, p["kvB.weight"]!), [n, H, nope + s.vHeadDim])
+    const tables = ops.ropeTables(ctx, rope, s.ropeBase)
+    const qRot = ops.applyRope(ctx, tf.slice(q3, [0, 0, nope], [n, H, rope]), rope, tables)
+    const kRot = ops.applyRope(ctx, kRope, rope, tables)
+    const qFull = tf.concat([tf.slice(q3, [0, 0, 0], [n, H, nope]), qRot], 2)
+    const kFull = tf.concat([tf.slice(kv, [0, 0, 0], [n, H, nope]), tf.tile(kRot, [1, H, 1])], 2)
+    const v = tf.slice(kv, [0, 0, nope], [n, H, s.vHeadDim])
+    const out = ops.attend(ctx, qFull, kFull, v, { causal: s.causal, window: s.window })
+    return ops.linear(ctx, out, p["o.weight"]!, p["o.bias"])
   }
 }
 

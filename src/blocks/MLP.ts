@@ -14,6 +14,7 @@ import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf, type Named, type ParamDecl } from "../graph/Block.ts"
 import { Dim, PartName, withDefault } from "../graph/Spec.ts"
+import { ffn } from "./ops.ts"
 
 export const Activation = Schema.Literals(["swiglu", "geglu", "gelu", "gelu_tanh", "relu", "silu"])
 export type Activation = typeof Activation.Type
@@ -47,6 +48,7 @@ export const ffnParams = (options: {
     p("down.weight", [hidden, d]),
     ...(bias
       ? [...(isGated(options.activation) ? [p("gate.bias", [hidden])] : []), p("up.bias", [hidden]), p("down.bias", [d])]
+        .map((b): ParamDecl => ({ ...b, init: "zeros" }))
       : [])
   ]
 }
@@ -66,7 +68,8 @@ export const MLP: BlockKind<MLPSpec> = {
   spec: MLPSpec,
   io: (s) => ({ in: s?.d, out: s?.d }),
   params: (s) => ffnParams({ prefix: "", ...s }),
-  cost: (s) => Cost.make({ flops: { [s.part]: 2 * ffnMatrices(s.activation) * s.d * s.hidden } })
+  cost: (s) => Cost.make({ flops: { [s.part]: 2 * ffnMatrices(s.activation) * s.d * s.hidden } }),
+  apply: (ctx, s, x, p) => ffn(ctx, x, (name) => p[name], s.activation)
 }
 
 /** @category constructors */

@@ -17,7 +17,9 @@ import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf, type Named } from "../graph/Block.ts"
 import { crossCheck, Dim, withDefault } from "../graph/Spec.ts"
+import type { ForwardContext, Tensor } from "../graph/Apply.ts"
 import { Activation, ffnMatrices, ffnParams } from "./MLP.ts"
+import * as ops from "./ops.ts"
 
 export const SharedExperts = Schema.Struct({
   /** Neurons of the shared FFN (DeepSeek: n_shared · moe_intermediate_size). */
@@ -42,6 +44,69 @@ export const MoESpec = Schema.Struct({
 )))
 export type MoESpec = typeof MoESpec.Type
 
+/**
+ * Sparse dispatch: route, group the tokens of each expert, run each expert on its tokens only, and
+ * scatter the gated outputs back. Executed expert FLOPs are exactly the activated ones (N·k
+ * token-expert pairs). Adds the Switch-style load-balancing loss E·Σ_e f_e·P_e, weighted by
+ * `ctx.lossWeights.balance`.
+ */
+const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record<string, Tensor>>): Tensor => {
+  const { tf } = ctx
+  const n = x.shape[0]!
+  const E = s.experts
+  const logits = ops.linear(ctx, x, p["router.weight"]!, p["router.bias"])
+  const probs = s.scoring === "softmax" ? tf.softmax(logits) : tf.sigmoid(logits)
+  const { indices } = tf.topk(ctx.detach(probs), s.topK)
+  const chosen = indices.dataSync() as Int32Array
+  indices.dispose()
+  // gate of each (token, slot): probs[n, e], gathered from the flat probabilities (differentiable)
+  const flat = new Int32Array(n * s.topK)
+  for (let i = 0; i < n * s.topK; i++) flat[i] = Math.floor(i / s.topK) * E + chosen[i]!
+  let gates = tf.reshape(tf.gather(tf.reshape(probs, [n * E]), tf.tensor1d(flat, "int32")), [n, s.topK])
+  if (s.normalizeTopK) gates = tf.div(gates, tf.sum(gates, 1, true))
+  const gateFlat = tf.reshape(gates, [n * s.topK])
+  // group (token, slot) pairs by expert
+  const byExpert: Array<Array<number>> = Array.from({ length: E }, () => [])
+  for (let i = 0; i < n * s.topK; i++) byExpert[chosen[i]!]!.push(i)
+  const outs: Array<Tensor> = []
+  const targets: Array<number> = []
+  const expertWeight = (name: string, e: number) => {
+    const w = p[`experts.${name}`]
+    if (w === undefined) return undefined
+    const [, a, b] = w.shape as [number, number, number]
+    return tf.reshape(tf.slice(w, [e, 0, 0], [1, a, b]), [a, b])
+  }
+  const expertBias = (name: string, e: number) => {
+    const b = p[`experts.${name}`]
+    if (b === undefined) return undefined
+    const [, a] = b.shape as [number, number]
+    return tf.reshape(tf.slice(b, [e, 0], [1, a]), [a])
+  }
+  for (let e = 0; e < E; e++) {
+    const pairs = byExpert[e]!
+    if (pairs.length === 0) continue
+    const tokens = tf.tensor1d(pairs.map((i) => Math.floor(i / s.topK)), "int32")
+    const xe = tf.gather(x, tokens)
+    const ye = ops.ffn(ctx, xe, (name) => (name.endsWith(".bias") ? expertBias(name, e) : expertWeight(name, e)), s.activation)
+    const ge = tf.gather(gateFlat, tf.tensor1d(pairs, "int32"))
+    outs.push(tf.mul(ye, tf.reshape(ge, [pairs.length, 1])))
+    for (const i of pairs) targets.push(Math.floor(i / s.topK))
+  }
+  let y: Tensor = tf.unsortedSegmentSum(tf.concat(outs, 0), tf.tensor1d(targets, "int32"), n)
+  if (s.shared !== null) {
+    let shared: Tensor = ops.ffn(ctx, x, (name) => p[`shared.${name}`], s.activation)
+    if (s.shared.gate) shared = tf.mul(shared, tf.sigmoid(ops.linear(ctx, x, p["sharedGate.weight"]!)))
+    y = tf.add(y, shared)
+  }
+  if (ctx.training && ctx.lossWeights.balance > 0) {
+    const counts = new Float32Array(E)
+    for (let i = 0; i < n * s.topK; i++) counts[chosen[i]!]! += 1 / (n * s.topK)
+    const meanProb = tf.mean(probs, 0)
+    ctx.auxLosses.push(tf.mul(tf.sum(tf.mul(meanProb, tf.tensor1d(counts))), E * ctx.lossWeights.balance))
+  }
+  return y
+}
+
 export const MoE: BlockKind<MoESpec> = {
   name: "moe",
   summary: "mixture of experts: router, top-k routed experts, optional shared experts",
@@ -49,7 +114,7 @@ export const MoE: BlockKind<MoESpec> = {
   io: (s) => ({ in: s?.d, out: s?.d }),
   params: (s) => [
     { name: "router.weight", shape: [s.d, s.experts], part: "router" },
-    ...(s.routerBias ? [{ name: "router.bias", shape: [s.experts], part: "router" }] : []),
+    ...(s.routerBias ? [{ name: "router.bias", shape: [s.experts], part: "router", init: "zeros" as const }] : []),
     ...ffnParams({
       prefix: "experts.",
       d: s.d,
@@ -73,7 +138,8 @@ export const MoE: BlockKind<MoESpec> = {
         ...(s.shared === null ? {} : { sharedExperts: 2 * m * s.d * s.shared.hidden })
       }
     })
-  }
+  },
+  apply: applyMoE
 }
 
 /** @category constructors */

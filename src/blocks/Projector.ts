@@ -10,6 +10,7 @@ import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf, type Named } from "../graph/Block.ts"
 import { Dim, withDefault } from "../graph/Spec.ts"
+import * as ops from "./ops.ts"
 
 export const ProjectorSpec = Schema.Struct({ dIn: Dim, dOut: Dim, bias: withDefault(Schema.Boolean, false) })
 export type ProjectorSpec = typeof ProjectorSpec.Type
@@ -23,7 +24,8 @@ export const Projector: BlockKind<ProjectorSpec> = {
     { name: "weight", shape: [s.dIn, s.dOut], part: "projector" },
     ...(s.bias ? [{ name: "bias", shape: [s.dOut], part: "projector" }] : [])
   ],
-  cost: (s) => Cost.make({ flops: { projector: 2 * s.dIn * s.dOut } })
+  cost: (s) => Cost.make({ flops: { projector: 2 * s.dIn * s.dOut } }),
+  apply: (ctx, _s, x, p) => ops.linear(ctx, x, p["weight"]!, p["bias"])
 }
 
 /** @category constructors */

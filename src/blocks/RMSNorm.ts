@@ -9,6 +9,7 @@ import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf, type Named } from "../graph/Block.ts"
 import { Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
+import * as ops from "./ops.ts"
 
 export const RMSNormSpec = Schema.Struct({ d: Dim, eps: withDefault(PositiveNumber, 1e-6) })
 export type RMSNormSpec = typeof RMSNormSpec.Type
@@ -18,8 +19,9 @@ export const RMSNorm: BlockKind<RMSNormSpec> = {
   summary: "root-mean-square norm with a gain",
   spec: RMSNormSpec,
   io: (s) => ({ in: s?.d, out: s?.d }),
-  params: (s) => [{ name: "weight", shape: [s.d], part: "norm" }],
-  cost: () => Cost.zero
+  params: (s) => [{ name: "weight", shape: [s.d], part: "norm", init: "ones" }],
+  cost: () => Cost.zero,
+  apply: (ctx, s, x, p) => ops.rmsNorm(ctx, x, p["weight"]!, s.eps)
 }
 
 /** @category constructors */

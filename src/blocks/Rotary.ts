@@ -13,6 +13,7 @@ import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf, type Named } from "../graph/Block.ts"
 import { crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
+import { applyRope, ropeTables } from "./ops.ts"
 
 /** Rotary settings of an attention layer: rotated features per head, and the base. */
 export const RopeSpec = Schema.Struct({
@@ -34,7 +35,12 @@ export const Rotary: BlockKind<RotarySpec> = {
   summary: "rotary position embedding",
   spec: RotarySpec,
   io: (s) => ({ in: s?.heads * s?.headDim, out: s?.heads * s?.headDim }),
-  cost: () => Cost.zero
+  cost: () => Cost.zero,
+  apply: (ctx, s, x) => {
+    const n = x.shape[0]!
+    const y = applyRope(ctx, ctx.tf.reshape(x, [n, s.heads, s.headDim]), s.dim, ropeTables(ctx, s.dim, s.base))
+    return ctx.tf.reshape(y, [n, s.heads * s.headDim])
+  }
 }
 
 /** @category constructors */

@@ -36,6 +36,8 @@ export interface Analysis {
   readonly params: ReadonlyArray<ParamEntry>
   /** One row per node, in pre-order. */
   readonly rows: ReadonlyArray<Row>
+  /** The decoded spec of every node, by path (for lowering). */
+  readonly specs: ReadonlyMap<string, unknown>
 }
 
 /** Joins path segments. */
@@ -65,6 +67,7 @@ export const analyzeResult = (
   const problems: Array<GraphProblem> = []
   const params: Array<ParamEntry> = []
   const rows: Array<Row> = []
+  const specs = new Map<string, unknown>()
 
   if (options?.input !== undefined && root.in !== options.input) {
     problems.push({ path: "", kind: root.kind.name, message: `expects input ${root.in}, but the model input is ${options.input}` })
@@ -80,6 +83,7 @@ export const analyzeResult = (
       return Cost.zero
     }
     const spec = decoded.success
+    specs.set(path, spec)
     for (const message of kind.connect?.(spec, block.children) ?? []) {
       problems.push({ path, kind: kind.name, message })
     }
@@ -135,7 +139,7 @@ export const analyzeResult = (
   }
 
   if (problems.length > 0) return Result.fail(new InvalidGraph({ problems }))
-  return Result.succeed({ root, cost, params, rows })
+  return Result.succeed({ root, cost, params, rows, specs })
 }
 
 /** The parameter counts a leaf's own parameters contribute (tied ones count zero). */

@@ -19,6 +19,7 @@
  */
 import type { Schema } from "effect"
 import type { Cost } from "../cost/Cost.ts"
+import type { ApplyFn } from "./Apply.ts"
 
 /** A feature size, or `"ids"` for integer token ids. */
 export type Width = number | "ids"
@@ -40,6 +41,8 @@ export interface ParamDecl {
    * parameter is counted once, at its owner.
    */
   readonly tiedTo?: string
+  /** Initialisation: normal(0, std) (default std 0.02), zeros or ones. */
+  readonly init?: "zeros" | "ones" | { readonly normal: number }
 }
 
 /** A parameter with its absolute path, as listed by analysis. */
@@ -84,6 +87,8 @@ export interface BlockKind<S = any> {
    * so a leaf returns only its FLOPs and terms; a combinator returns its children's combined cost.
    */
   readonly cost: (spec: S, ctx: CostContext) => Cost
+  /** How the block runs on tensors (see `Apply.ts`). Kinds without one cannot be lowered. */
+  readonly apply?: ApplyFn<S>
 }
 
 declare const WidthIn: unique symbol

@@ -74,7 +74,8 @@ export const Sequence: BlockKind<{}> = {
   spec: EmptySpec,
   io: (_, children) => chainIo(children),
   connect: (_, children) => chainProblems(children),
-  cost: (_, { children }) => Cost.sum(children)
+  cost: (_, { children }) => Cost.sum(children),
+  apply: (_ctx, _s, x, _p, children) => children.reduce((y, f) => f(y), x)
 }
 
 /** @category kinds */
@@ -91,7 +92,8 @@ export const Residual: BlockKind<{}> = {
     }
     return problems
   },
-  cost: (_, { children }) => Cost.sum(children)
+  cost: (_, { children }) => Cost.sum(children),
+  apply: (ctx, _s, x, _p, children) => ctx.tf.add(x, children.reduce((y, f) => f(y), x))
 }
 
 const LoopSpec = Schema.Struct({ times: Dim })
@@ -110,7 +112,12 @@ export const Loop: BlockKind<typeof LoopSpec.Type> = {
     }
     return problems
   },
-  cost: (spec, { children }) => Cost.loop(Cost.sum(children), spec.times)
+  cost: (spec, { children }) => Cost.loop(Cost.sum(children), spec.times),
+  apply: (_ctx, spec, x, _p, children) => {
+    let y = x
+    for (let i = 0; i < spec.times; i++) y = children.reduce((z, f) => f(z), y)
+    return y
+  }
 }
 
 const BranchSpec = Schema.Struct({ merge: Schema.Literals(["sum", "concat"]) })
@@ -139,7 +146,11 @@ export const Branch: BlockKind<typeof BranchSpec.Type> = {
     })
     return out
   },
-  cost: (_, { children }) => Cost.sum(children)
+  cost: (_, { children }) => Cost.sum(children),
+  apply: (ctx, spec, x, _p, children) => {
+    const outs = children.map((f) => f(x))
+    return spec.merge === "sum" ? ctx.tf.addN(outs) : ctx.tf.concat(outs, -1)
+  }
 }
 
 interface Opts {

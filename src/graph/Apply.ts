@@ -1,0 +1,88 @@
+/**
+ * The lowering contract: how a block kind runs on tensors.
+ *
+ * A kind's optional `apply` receives a {@link ForwardContext} (the tfjs namespace, the mode, the
+ * batch layout, side inputs, and collectors for auxiliary losses and executed FLOPs), its decoded
+ * spec, its input, its own parameters by name, and its children as callables. Only *types* come
+ * from tfjs here, so the graph and cost rooms never load a tensor library.
+ *
+ * Layout: the token stream is `[rows · T, d]` (rows of equal length T). Inside a concept stage the
+ * concept model sees the packed concepts of every row, `[Σ M_b, d]`, with `layout.rows = [M_0, …]`;
+ * attention runs per row.
+ *
+ * @since 0.1.0
+ */
+import type * as TF from "@tensorflow/tfjs"
+
+export type Tf = typeof TF
+export type Tensor = TF.Tensor
+export type Tensor2D = TF.Tensor2D
+
+/** Matmul FLOPs executed in a forward pass, by category. */
+export interface FlopCounter {
+  /** Products with weight matrices (what the static `flops` count). */
+  weights: number
+  /** QKᵀ and AV (the static attention map). */
+  attentionMap: number
+  /** Anything else done with a matmul (the dechunk EMA as a matrix, one-hot tricks). */
+  other: number
+}
+
+/** State a ConceptMoE stage hands from its chunk module to its dechunk and the decoder. */
+export interface ChunkState {
+  /** Token-stream input of the stage `[N, d]`. */
+  readonly h: Tensor2D
+  /** Boundary probabilities `[N]`. */
+  readonly p: Tensor
+  /** Boundaries per token (host copy), row-major. */
+  readonly boundaries: Uint8Array
+  /** Concept index each token receives after dechunking (ψ), global over rows. */
+  readonly receive: Int32Array
+  /** Concepts per row. */
+  readonly concepts: ReadonlyArray<number>
+}
+
+export interface ForwardContext {
+  readonly tf: Tf
+  readonly training: boolean
+  /** Row lengths of the current stream (all T at token level). */
+  layout: ReadonlyArray<number>
+  /** Positions of each element of the current stream within its row (for rotary). */
+  positions: Int32Array
+  /** Row starts that begin a new document (forced boundaries), as flat token indices. */
+  readonly documentStarts: ReadonlySet<number>
+  /** The dechunked concept per token, for joint-decoding attention (set by a concept stage). */
+  concept: Tensor2D | undefined
+  /** Chunk state of the innermost concept stage. */
+  chunk: ChunkState | undefined
+  /** Auxiliary losses, already weighted, summed into the training loss. */
+  readonly auxLosses: Array<Tensor>
+  /** Executed matmul FLOPs, when counting. */
+  readonly flops: FlopCounter
+  /** Measured compression: tokens and concepts seen by concept stages. */
+  readonly compression: { tokens: number; concepts: number; boundaryProbSum: number }
+  /** A deterministic seed source for sampling. */
+  readonly nextSeed: () => number
+  /** Matmul with explicit-transpose gradients, counted under `category`. */
+  readonly matMul: (a: Tensor, b: Tensor, category: keyof FlopCounter) => Tensor
+  /** Forward: the value; backward: no gradient. */
+  readonly detach: (x: Tensor) => Tensor
+  /** Straight-through estimator: forward 1, backward identity. */
+  readonly ste: (x: Tensor) => Tensor
+  /** A float32 one-hot that is correct on every backend. */
+  readonly oneHot: (indices: Tensor, depth: number) => Tensor
+  /** Weights of auxiliary losses. */
+  readonly lossWeights: { readonly balance: number }
+}
+
+/** A child as a callable. */
+export type ChildApply = (x: Tensor) => Tensor
+
+/** The apply function a block kind may provide. */
+export type ApplyFn<S> = (
+  ctx: ForwardContext,
+  spec: S,
+  x: Tensor,
+  params: Readonly<Record<string, Tensor>>,
+  children: ReadonlyArray<ChildApply>
+) => Tensor

@@ -1,0 +1,105 @@
+/**
+ * Tensor backends as an Effect service.
+ *
+ * - `wasm` (default on CPU): XNNPACK SIMD, tfjs-backend-wasm;
+ * - `cpu`: the plain JavaScript reference;
+ * - `webgpu`: tfjs-backend-webgpu on the npm package `webgpu` (Dawn), loaded only when both are
+ *   installed and an adapter exists;
+ * - `tensorflow`: tfjs-node-gpu or tfjs-node, loaded only when installed. They cannot be installed
+ *   on this project's machines (their install script downloads libtensorflow), so this path is
+ *   untested here.
+ *
+ * The choice comes from a flag or `CONCEPTMOE_BACKEND`. Loading a backend installs our fixes
+ * (`Fixes.ts`) once.
+ *
+ * @since 0.1.0
+ */
+import { Context, Effect, Layer, Schema } from "effect"
+import type { Tf } from "../graph/Apply.ts"
+import { install } from "./Fixes.ts"
+
+export const backendNames = ["wasm", "cpu", "webgpu", "tensorflow"] as const
+export type BackendName = typeof backendNames[number]
+
+/** A backend could not be loaded: which, and why. */
+export class BackendError extends Schema.TaggedError<BackendError>()("BackendError", {
+  backend: Schema.String,
+  message: Schema.String
+}) {}
+
+export interface Runtime {
+  readonly tf: Tf
+  readonly name: BackendName
+  /** e.g. `wasm (tfjs 4.22.0, SIMD)`. */
+  readonly description: string
+}
+
+export class Tensors extends Context.Service<Tensors, Runtime>()("conceptmoe/Tensors") {}
+
+const dynamicImport = (specifier: string): Promise<unknown> => import(specifier)
+
+/** Loads tfjs and a backend, and installs the fixes. */
+export const load = (name: BackendName): Effect.Effect<Runtime, BackendError> =>
+  Effect.tryPromise({
+    try: async () => {
+      const tf = (await import("@tensorflow/tfjs")) as unknown as Tf
+      tf.env().set("PROD", true)
+      let detail = ""
+      if (name === "wasm") {
+        await import("@tensorflow/tfjs-backend-wasm")
+      } else if (name === "webgpu") {
+        let webgpu: { create: (flags: Array<string>) => unknown; globals: Record<string, unknown> }
+        try {
+          webgpu = (await dynamicImport("webgpu")) as typeof webgpu
+        } catch {
+          throw new Error("the npm packages `webgpu` and `@tensorflow/tfjs-backend-webgpu` are not installed")
+        }
+        Object.assign(globalThis, webgpu.globals)
+        Object.defineProperty(globalThis, "navigator", {
+          value: { gpu: webgpu.create((process.env["DAWN_FLAGS"] ?? "").split(",").filter((s) => s !== "")) },
+          configurable: true
+        })
+        await dynamicImport("@tensorflow/tfjs-backend-webgpu")
+      } else if (name === "tensorflow") {
+        let loaded = ""
+        for (const pkg of ["@tensorflow/tfjs-node-gpu", "@tensorflow/tfjs-node"]) {
+          try {
+            await dynamicImport(pkg)
+            loaded = pkg
+            break
+          } catch {
+            // try the next
+          }
+        }
+        if (loaded === "") {
+          throw new Error(
+            "neither @tensorflow/tfjs-node-gpu nor @tensorflow/tfjs-node is installed (their install script downloads libtensorflow, which these machines cannot reach; untested here)"
+          )
+        }
+        detail = `, ${loaded}`
+      }
+      const backendName = name === "tensorflow" ? "tensorflow" : name
+      const ok = await tf.setBackend(backendName)
+      if (!ok) throw new Error(name === "webgpu" ? "no WebGPU adapter was found" : "setBackend returned false")
+      await tf.ready()
+      install(tf, backendName)
+      if (name === "wasm") {
+        const simd = tf.env().getBool("WASM_HAS_SIMD_SUPPORT")
+        detail = simd ? ", SIMD" : ", no SIMD"
+      }
+      return { tf, name, description: `${name} (tfjs ${tf.version.tfjs}${detail})` } satisfies Runtime
+    },
+    catch: (e) => new BackendError({ backend: name, message: `cannot load backend ${name}: ${(e as Error).message}` })
+  })
+
+/** The backend named by `name`, else by `CONCEPTMOE_BACKEND`, else wasm. */
+export const resolveName = (name: string | undefined): Effect.Effect<BackendName, BackendError> => {
+  const chosen = name ?? process.env["CONCEPTMOE_BACKEND"] ?? "wasm"
+  return (backendNames as ReadonlyArray<string>).includes(chosen)
+    ? Effect.succeed(chosen as BackendName)
+    : Effect.fail(new BackendError({ backend: chosen, message: `unknown backend "${chosen}"; expected one of ${backendNames.join(", ")}` }))
+}
+
+/** A layer providing {@link Tensors} for a backend. */
+export const layer = (name?: string): Layer.Layer<Tensors, BackendError> =>
+  Layer.effect(Tensors, Effect.flatMap(resolveName(name), load))

@@ -1,0 +1,117 @@
+/**
+ * Our fixes for tfjs 4.22, in one place. Each has a test that fails without it
+ * (test/runtime-fixes.test.ts); ../shared/docs/tfjs-runtime-notes.md §3 has the measurements.
+ *
+ * 1. `matMul` with explicit-transpose gradients: wasm's fast path covers only un-transposed 2-D
+ *    products, and the stock gradient uses transpose flags (a training step 1038 → 353 ms).
+ * 2. Zero gradients for comparison and logical kernels, which tfjs leaves without one, so a mask
+ *    computed on the tape does not break backprop.
+ * 3. An `UnsortedSegmentSum` kernel for wasm (absent there), which `gather`'s gradient and the MoE
+ *    combine need.
+ * 4. `detach` and `ste`: tfjs has no stopGradient.
+ * 5. `oneHot` as a float32 comparison: wasm's float oneHot writes int bit patterns, webgpu's int→float
+ *    cast only relabels the buffer.
+ *
+ * @since 0.1.0
+ */
+import type { FlopCounter, Tensor, Tf } from "../graph/Apply.ts"
+
+const zeroGradKernels = ["Equal", "NotEqual", "Greater", "GreaterEqual", "Less", "LessEqual", "LogicalAnd", "LogicalOr", "LogicalNot"]
+
+const installed = new Set<string>()
+
+/** Registers the missing gradients (once) and, on wasm, the missing kernel. */
+export const install = (tf: Tf, backend: string): void => {
+  if (!installed.has("grads")) {
+    for (const kernelName of zeroGradKernels) {
+      if (tf.getGradient(kernelName) === undefined) {
+        tf.registerGradient({
+          kernelName,
+          inputsToSave: ["a", "b"].slice(0, kernelName === "LogicalNot" ? 0 : 2),
+          gradFunc: (dy: Tensor | Array<Tensor>, saved: Array<Tensor>) => {
+            const d = Array.isArray(dy) ? dy[0]! : dy
+            return kernelName === "LogicalNot"
+              ? { x: () => tf.zerosLike(d) }
+              : { a: () => tf.zerosLike(saved[0] ?? d), b: () => tf.zerosLike(saved[1] ?? d) }
+          }
+        })
+      }
+    }
+    installed.add("grads")
+  }
+  if (backend === "wasm" && !installed.has("wasm") && tf.getKernel("UnsortedSegmentSum", "wasm") === undefined) {
+    tf.registerKernel({
+      kernelName: "UnsortedSegmentSum",
+      backendName: "wasm",
+      kernelFunc: ({ attrs, backend: b, inputs }) => {
+        const wasm = b as unknown as {
+          readSync: (id: unknown) => ArrayLike<number>
+          makeOutput: (shape: Array<number>, dtype: string) => { dataId: unknown; shape: Array<number>; dtype: string }
+          typedArrayFromHeap: (t: unknown) => Float32Array
+        }
+        const x = inputs["x"] as unknown as { dataId: unknown; shape: Array<number> }
+        const ids = inputs["segmentIds"] as unknown as { dataId: unknown }
+        const numSegments = (attrs as { numSegments: number }).numSegments
+        const xs = wasm.readSync(x.dataId)
+        const seg = wasm.readSync(ids.dataId)
+        const inner = x.shape.slice(1).reduce((a, c) => a * c, 1)
+        const out = wasm.makeOutput([numSegments, ...x.shape.slice(1)], "float32")
+        const o = wasm.typedArrayFromHeap(out)
+        o.fill(0)
+        for (let i = 0; i < seg.length; i++) {
+          const s = seg[i]!
+          if (s < 0 || s >= numSegments) continue
+          for (let j = 0; j < inner; j++) o[s * inner + j]! += xs[i * inner + j]!
+        }
+        return out as never
+      }
+    })
+    installed.add("wasm")
+  }
+}
+
+/** Matmul FLOPs of `a·b` (batched over leading dims). */
+export const matMulFlops = (a: Tensor, b: Tensor): number => {
+  const [m, k] = a.shape.slice(-2) as [number, number]
+  const n = b.shape[b.shape.length - 1]!
+  const batch = a.shape.slice(0, -2).reduce((x, y) => x * y, 1)
+  return 2 * batch * m * n * k
+}
+
+/** A matmul whose gradient transposes explicitly; counts executed FLOPs into `counter`. */
+export const makeMatMul = (tf: Tf, counter: FlopCounter) => {
+  const swap = (t: Tensor) => {
+    const r = t.rank
+    const perm = [...Array(r).keys()]
+    perm[r - 1] = r - 2
+    perm[r - 2] = r - 1
+    return tf.transpose(t, perm)
+  }
+  const f = tf.customGrad(((a: Tensor, b: Tensor, save: (ts: Array<Tensor>) => void) => {
+    save([a, b])
+    return {
+      value: tf.matMul(a, b),
+      gradFunc: (dy: Tensor, [sa, sb]: Array<Tensor>) => [tf.matMul(dy, swap(sb!)), tf.matMul(swap(sa!), dy)]
+    }
+  }) as unknown as Parameters<Tf["customGrad"]>[0])
+  return (a: Tensor, b: Tensor, category: keyof FlopCounter): Tensor => {
+    counter[category] += matMulFlops(a, b)
+    return f(a, b) as Tensor
+  }
+}
+
+/** Forward: the value; backward: nothing flows. */
+export const makeDetach = (tf: Tf) => {
+  const f = tf.customGrad(((x: Tensor) => ({ value: tf.clone(x), gradFunc: (dy: Tensor) => [tf.zerosLike(dy)] })) as unknown as Parameters<Tf["customGrad"]>[0])
+  return (x: Tensor): Tensor => f(x) as Tensor
+}
+
+/** Straight-through estimator: forward 1, backward identity (method spec §6.1). */
+export const makeSte = (tf: Tf) => {
+  const f = tf.customGrad(((x: Tensor) => ({ value: tf.onesLike(x), gradFunc: (dy: Tensor) => [dy] })) as unknown as Parameters<Tf["customGrad"]>[0])
+  return (x: Tensor): Tensor => f(x) as Tensor
+}
+
+/** A float32 one-hot built from a comparison, correct on every backend. */
+export const makeOneHot = (tf: Tf) => (indices: Tensor, depth: number): Tensor =>
+  tf.mul(tf.cast(tf.equal(tf.expandDims(indices, -1), tf.range(0, depth, 1, "int32")), "float32"), tf.scalar(1))

@@ -1,0 +1,165 @@
+/**
+ * Lowering: a checked graph becomes tfjs variables and a forward function.
+ *
+ * Parameters are created from the analysis' parameter list, so the runtime's parameter count is the
+ * static count by construction (a tied parameter is the owner's variable). Each node runs its kind's
+ * `apply` with its decoded spec, its parameters and its children as callables.
+ *
+ * @since 0.1.0
+ */
+import type * as TF from "@tensorflow/tfjs"
+import type { Analysis } from "../graph/Analyze.ts"
+import { joinPath } from "../graph/Analyze.ts"
+import type { ChildApply, FlopCounter, ForwardContext, Tensor, Tensor2D, Tf } from "../graph/Apply.ts"
+import type { AnyBlock } from "../graph/Block.ts"
+import { makeDetach, makeMatMul, makeOneHot, makeSte } from "./Fixes.ts"
+
+export interface Lowered {
+  readonly tf: Tf
+  readonly analysis: Analysis
+  /** The trainable variables, one per owned parameter, by path. */
+  readonly variables: ReadonlyMap<string, TF.Variable>
+  /** Parameters by node path and name (tied ones resolve to their owner's variable). */
+  readonly nodeParams: ReadonlyMap<string, Readonly<Record<string, TF.Variable>>>
+}
+
+/** A kind in the graph that has no `apply`. */
+export class NotLowerable extends Error {
+  readonly path: string
+  readonly kind: string
+  constructor(path: string, kind: string) {
+    super(`block kind "${kind}" at ${path === "" ? "(root)" : path} has no tensor implementation (apply)`)
+    this.path = path
+    this.kind = kind
+  }
+}
+
+/** Mixes a seed and an index into a new 31-bit seed. */
+export const mixSeed = (seed: number, i: number): number => {
+  let h = (seed ^ Math.imul(i + 1, 0x9e3779b1)) >>> 0
+  h = Math.imul(h ^ (h >>> 16), 0x85ebca6b) >>> 0
+  h = Math.imul(h ^ (h >>> 13), 0xc2b2ae35) >>> 0
+  return (h ^ (h >>> 16)) & 0x7fffffff
+}
+
+/**
+ * Creates the variables of an analysed graph: normal(0, 0.02) unless the parameter asks for zeros,
+ * ones or another standard deviation; deterministic in `seed`.
+ */
+export const materialize = (tf: Tf, analysis: Analysis, seed: number): Lowered => {
+  const check = (block: AnyBlock, path: string) => {
+    if (block.kind.apply === undefined) throw new NotLowerable(path, block.kind.name)
+    block.children.forEach((c, i) => check(c, joinPath(path, c.name ?? `${i}`)))
+  }
+  check(analysis.root, "")
+  const variables = new Map<string, TF.Variable>()
+  analysis.params.forEach((p, i) => {
+    if (p.tiedTo !== undefined) return
+    const init = p.init ?? { normal: 0.02 }
+    const value = init === "zeros"
+      ? tf.zeros([...p.shape])
+      : init === "ones"
+      ? tf.ones([...p.shape])
+      : tf.randomNormal([...p.shape], 0, init.normal, "float32", mixSeed(seed, i))
+    variables.set(p.path, tf.variable(value, true))
+    value.dispose()
+  })
+  const nodeParams = new Map<string, Record<string, TF.Variable>>()
+  for (const p of analysis.params) {
+    const node = p.path.slice(0, p.path.length - p.name.length - 1)
+    const v = variables.get(p.tiedTo ?? p.path)!
+    const entry = nodeParams.get(node) ?? {}
+    entry[p.name] = v
+    nodeParams.set(node, entry)
+  }
+  return { tf, analysis, variables, nodeParams }
+}
+
+/** Total elements of the runtime's variables. */
+export const runtimeParamCount = (m: Lowered): number => {
+  let n = 0
+  for (const v of m.variables.values()) n += v.size
+  return n
+}
+
+/** A batch of token rows: `ids` is `[rows · T]`, row-major. */
+export interface Batch {
+  readonly rows: number
+  readonly length: number
+  readonly ids: Int32Array
+  /** Next-token targets, same layout; −1 where there is none. */
+  readonly targets?: Int32Array
+  /** Flat token indices where a new document starts inside a row (packed rows). */
+  readonly documentStarts?: ReadonlySet<number>
+}
+
+export interface ForwardOptions {
+  readonly training: boolean
+  readonly seed: number
+  readonly balanceWeight?: number
+}
+
+/** Runs the graph on a batch; returns the logits `[rows · T, vocab]` and the context. */
+export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { readonly logits: Tensor2D; readonly ctx: ForwardContext } => {
+  const { tf } = m
+  const n = batch.rows * batch.length
+  const starts = batch.documentStarts ?? new Set<number>()
+  const positions = new Int32Array(n)
+  for (let r = 0; r < batch.rows; r++) {
+    let pos = 0
+    for (let i = 0; i < batch.length; i++) {
+      const t = r * batch.length + i
+      if (starts.has(t)) pos = 0
+      positions[t] = pos++
+    }
+  }
+  const flops: FlopCounter = { weights: 0, attentionMap: 0, other: 0 }
+  let seedCounter = 0
+  const ctx: ForwardContext = {
+    tf,
+    training: options.training,
+    layout: Array.from({ length: batch.rows }, () => batch.length),
+    positions,
+    documentStarts: starts,
+    concept: undefined,
+    chunk: undefined,
+    auxLosses: [],
+    flops,
+    compression: { tokens: 0, concepts: 0, boundaryProbSum: 0 },
+    nextSeed: () => mixSeed(options.seed, seedCounter++),
+    matMul: makeMatMul(tf, flops),
+    detach: makeDetach(tf),
+    ste: makeSte(tf),
+    oneHot: makeOneHot(tf),
+    lossWeights: { balance: options.balanceWeight ?? 0.01 }
+  }
+  const run = (block: AnyBlock, path: string, x: Tensor): Tensor => {
+    const children: Array<ChildApply> = block.children.map((c, i) => (y: Tensor) => run(c, joinPath(path, c.name ?? `${i}`), y))
+    return block.kind.apply!(ctx, m.analysis.specs.get(path), x, m.nodeParams.get(path) ?? {}, children)
+  }
+  const logits = run(m.analysis.root, "", tf.tensor1d(batch.ids, "int32")) as Tensor2D
+  return { logits, ctx }
+}
+
+/**
+ * Mean next-token cross-entropy over positions with a target (≥ 0), plus the auxiliary losses.
+ * Call inside `tf.tidy` / an optimizer's `minimize`.
+ */
+export const loss = (m: Lowered, batch: Batch, options: ForwardOptions) => {
+  const { tf } = m
+  const { ctx, logits } = forward(m, batch, options)
+  const targets = batch.targets ?? new Int32Array(batch.ids.length).fill(-1)
+  const keep: Array<number> = []
+  const labels: Array<number> = []
+  targets.forEach((t, i) => {
+    if (t >= 0) {
+      keep.push(i)
+      labels.push(t)
+    }
+  })
+  const vocab = logits.shape[1]
+  const logp = tf.logSoftmax(tf.gather(logits, tf.tensor1d(keep, "int32")))
+  const ce = tf.neg(tf.mean(tf.sum(tf.mul(logp, ctx.oneHot(tf.tensor1d(labels, "int32"), vocab)), -1)))
+  const aux = ctx.auxLosses.length === 0 ? tf.scalar(0) : tf.addN(ctx.auxLosses)
+  return { total: tf.add(ce, aux) as TF.Scalar, ce: ce as TF.Scalar, aux: aux as TF.Scalar, ctx, tokens: keep.length }
+}

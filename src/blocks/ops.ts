@@ -128,7 +128,8 @@ export const attend = (
     const q4 = tf.transpose(tf.reshape(qs, [R, L, H, dqk]), [0, 2, 1, 3])
     const expand = (t: Tensor, d: number) => {
       const t4 = tf.transpose(tf.reshape(t, [R, L, KV, d]), [0, 2, 1, 3])
-      return group === 1 ? t4 : tf.reshape(tf.tile(tf.reshape(t4, [R, KV, 1, L, d]), [1, 1, group, 1, 1]), [R, H, L, d])
+      // repeat each KV head for its group of query heads (rank-4 tile: tfjs has no rank-5 tile gradient)
+      return group === 1 ? t4 : tf.reshape(tf.tile(tf.reshape(t4, [R, KV, 1, L * d]), [1, 1, group, 1]), [R, H, L, d])
     }
     const k4 = expand(ks, dqk)
     const v4 = expand(vs, dv)

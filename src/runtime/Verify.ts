@@ -19,6 +19,8 @@ export interface VerifyReport {
     /** Weight-matmul FLOPs the kernels executed. */
     readonly executed: number
     readonly attentionMapStatic: number
+    /** The static map without sliding windows: what a runtime that masks (rather than skips) executes. */
+    readonly attentionMapDense: number
     readonly attentionMapExecuted: number
     /** Other matmuls executed (the dechunk EMA as a matrix product): not model FLOPs. */
     readonly otherExecuted: number
@@ -52,16 +54,22 @@ export const staticFlopsAt = (a: Analysis, tokens: number, concepts: number | un
 }
 
 /** Static attention-map FLOPs of a batch whose concept stages made `conceptsPerRow` concepts per row. */
-export const staticAttentionAt = (a: Analysis, rows: number, length: number, conceptsPerRow: ReadonlyArray<number> | undefined): number => {
+export const staticAttentionAt = (
+  a: Analysis,
+  rows: number,
+  length: number,
+  conceptsPerRow: ReadonlyArray<number> | undefined,
+  dense = false
+): number => {
   const stages = stagesOf(a).map((s) => s.path)
   let total = 0
   for (const t of a.cost.attention) {
     const inStage = stages.some((p) => t.path.startsWith(`${p}/`))
     const perPair = t.passes * 2 * t.heads * (t.dQK + t.dV)
     if (inStage && conceptsPerRow !== undefined) {
-      for (const m of conceptsPerRow) total += perPair * Cost.attendedPairs(m, t.window, false)
+      for (const m of conceptsPerRow) total += perPair * Cost.attendedPairs(m, dense ? null : t.window, false)
     } else {
-      total += rows * perPair * Cost.attendedPairs(t.rate * length, t.window, false)
+      total += rows * perPair * Cost.attendedPairs(t.rate * length, dense ? null : t.window, false)
     }
   }
   return total
@@ -90,6 +98,7 @@ export const verify = (m: Lowered, batch: Batch, seed = 0): VerifyReport => {
       staticAtMeasured: staticFlopsAt(a, tokens, concepts),
       executed: flops.weights,
       attentionMapStatic: staticAttentionAt(a, batch.rows, batch.length, stages.length > 0 ? perRow : undefined),
+      attentionMapDense: staticAttentionAt(a, batch.rows, batch.length, stages.length > 0 ? perRow : undefined, true),
       attentionMapExecuted: flops.attentionMap,
       otherExecuted: flops.other
     },

@@ -25,16 +25,22 @@ export const lineChart = (options: {
   readonly x: string
   readonly y: string
   readonly rows: ReadonlyArray<{ readonly series: string; readonly x: number; readonly y: number }>
+  /** Linear axes (default: log-log). */
+  readonly linear?: boolean
 }): TopLevelSpec => ({
   $schema: schema,
   title: options.title,
   width: 520,
   height: 320,
   data: { values: options.rows.map((r) => ({ ...r })) },
-  mark: { type: "line", point: true },
+  mark: { type: "line", point: options.linear !== true },
   encoding: {
-    x: { field: "x", type: "quantitative", title: options.x, scale: { type: "log", base: 2 }, axis: { format: "~s" } },
-    y: { field: "y", type: "quantitative", title: options.y, scale: { type: "log" }, axis: { format: "~s" } },
+    x: options.linear === true
+      ? { field: "x", type: "quantitative", title: options.x }
+      : { field: "x", type: "quantitative", title: options.x, scale: { type: "log", base: 2 }, axis: { format: "~s" } },
+    y: options.linear === true
+      ? { field: "y", type: "quantitative", title: options.y, scale: { zero: false } }
+      : { field: "y", type: "quantitative", title: options.y, scale: { type: "log" }, axis: { format: "~s" } },
     color: { field: "series", type: "nominal", title: "model", legend: { labelLimit: 400 } }
   }
 })

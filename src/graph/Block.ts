@@ -41,8 +41,8 @@ export interface ParamDecl {
    * parameter is counted once, at its owner.
    */
   readonly tiedTo?: string
-  /** Initialisation: normal(0, std) (default std 0.02), zeros or ones. */
-  readonly init?: "zeros" | "ones" | { readonly normal: number }
+  /** Initialisation: normal(0, std) (default std 0.02), zeros, ones, or the identity (square matrices). */
+  readonly init?: "zeros" | "ones" | "identity" | { readonly normal: number }
 }
 
 /** A parameter with its absolute path, as listed by analysis. */

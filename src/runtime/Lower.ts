@@ -60,6 +60,8 @@ export const materialize = (tf: Tf, analysis: Analysis, seed: number): Lowered =
       ? tf.zeros([...p.shape])
       : init === "ones"
       ? tf.ones([...p.shape])
+      : init === "identity"
+      ? tf.eye(p.shape[0]!, p.shape[1])
       : tf.randomNormal([...p.shape], 0, init.normal, "float32", mixSeed(seed, i))
     variables.set(p.path, tf.variable(value, true))
     value.dispose()

@@ -1,0 +1,114 @@
+/**
+ * `conceptmoe train` and `conceptmoe verify`.
+ *
+ * @since 0.1.0
+ */
+import { Console, Effect, Option, Path, Schema } from "effect"
+import { Argument, Command, Flag } from "effect/cli"
+import { formatNumber, renderTable } from "../internal/Table.ts"
+import { type LoadedModel, loadModel, modelFromJson, readJson } from "../models/Load.ts"
+import { ConfigError } from "../models/Errors.ts"
+import { layer as backendLayer, Tensors } from "../runtime/Backend.ts"
+import { materialize } from "../runtime/Lower.ts"
+import { verify as verifyModel } from "../runtime/Verify.ts"
+import { byteTokenizer, sotuSplits, validationBatches } from "../train/Data.ts"
+import { train as trainModel, TrainSettings } from "../train/Train.ts"
+import { problemsOf, formatPath } from "../graph/Spec.ts"
+import { format, handled, positive } from "./shared.ts"
+
+export const backend = Flag.String("backend").pipe(
+  Flag.withDescription("wasm (default), cpu, webgpu or tensorflow; or set CONCEPTMOE_BACKEND"),
+  Flag.optional
+)
+
+const withBackend = <A, E, R>(name: Option.Option<string>, self: Effect.Effect<A, E, R>) =>
+  self.pipe(Effect.provide(backendLayer(Option.getOrUndefined(name))))
+
+/** A training config file: the model (inline or a path relative to the file) and the settings. */
+const TrainFile = Schema.Struct({ model: Schema.Unknown })
+
+/** Reads a training config: its model, loaded, and its settings, decoded. */
+export const loadTrainConfig = Effect.fnUntraced(function*(file: string) {
+  const path = yield* Path.Path
+  const json = yield* readJson(file)
+  const top = yield* Schema.decodeUnknownEffect(TrainFile)(json).pipe(
+    Effect.mapError(() => new ConfigError({ file, reason: "invalid", problems: [{ field: "model", message: "is required: a model config object or a path to one" }] }))
+  )
+  const { model: _m, ...rest } = json as Record<string, unknown>
+  const settings = yield* Schema.decodeUnknownEffect(TrainSettings, { errors: "all" })(rest).pipe(
+    Effect.mapError((e) => new ConfigError({ file, reason: "invalid", problems: problemsOf(e.issue).map((p) => ({ field: formatPath(p.path), message: p.message })) }))
+  )
+  const model: LoadedModel = typeof top.model === "string"
+    ? yield* loadModel(path.resolve(path.dirname(file), top.model))
+    : yield* modelFromJson(top.model, file)
+  return { model, settings }
+})
+
+export const train = Command.make(
+  "train",
+  {
+    config: Flag.String("config").pipe(Flag.withDescription("training config: { model, seqLen, batchSize, steps, seed, optimizer, ... }")),
+    backend,
+    out: Flag.String("out").pipe(Flag.withDescription("run directory (default runs/<model name>)"), Flag.optional),
+    resume: Flag.Boolean("resume").pipe(Flag.withDescription("continue from the checkpoint in the run directory"), Flag.withDefault(false)),
+    steps: Flag.Int("steps").pipe(Flag.withDescription("override the number of steps"), Flag.optional)
+  },
+  Effect.fn("train")(function*(f) {
+    yield* positive("steps", f.steps)
+    const { model, settings: base } = yield* loadTrainConfig(f.config)
+    const settings = Option.isSome(f.steps) ? { ...base, steps: f.steps.value } : base
+    const out = Option.getOrElse(f.out, () => `runs/${model.name}`)
+    const r = yield* withBackend(f.backend, trainModel(model, settings, { out, resume: f.resume }))
+    yield* Console.log(`final validation ${r.finalValBitsPerByte.toFixed(4)} bits/byte; ${r.tokensPerSecond.toFixed(0)} tokens/s; wrote ${out}/{checkpoint.safetensors,metrics.jsonl,loss.svg}`)
+  }, handled)
+).pipe(Command.withDescription("Train a model on the State of the Union corpus (byte-level), with checkpoints, metrics and a loss plot."))
+
+export const verify = Command.make(
+  "verify",
+  {
+    config: Argument.String("config").pipe(Argument.withDescription("a model config")),
+    backend,
+    format,
+    seqLen: Flag.Int("seq-len").pipe(Flag.withDescription("tokens per row"), Flag.withDefault(128)),
+    batch: Flag.Int("batch").pipe(Flag.withDescription("rows"), Flag.withDefault(4)),
+    seed: Flag.Int("seed").pipe(Flag.withDescription("parameter seed"), Flag.withDefault(0))
+  },
+  Effect.fn("verify")(function*(f) {
+    yield* positive("seq-len", Option.some(f.seqLen))
+    yield* positive("batch", Option.some(f.batch))
+    const model = yield* loadModel(f.config)
+    const report = yield* withBackend(
+      f.backend,
+      Effect.gen(function*() {
+        const { description, tf } = yield* Tensors
+        const low = materialize(tf, model.analysis, f.seed)
+        const data = sotuSplits(byteTokenizer, 0)
+        const b = validationBatches(data.validation, f.batch, f.seqLen, 1)[0]!
+        const r = verifyModel(low, b)
+        for (const v of low.variables.values()) v.dispose()
+        return { backend: description, ...r }
+      })
+    )
+    if (f.format === "json") {
+      yield* Console.log(JSON.stringify(report, null, 2))
+      return
+    }
+    const eq = (a: number, b: number) => (a === b ? "equal" : `differ by ${formatNumber(b - a)}`)
+    yield* Console.log(`${model.name} on ${report.backend}: one forward pass of ${f.batch}×${f.seqLen} SOTU validation bytes\n`)
+    yield* Console.log(renderTable(["quantity", "static", "runtime / executed", ""], [
+      ["parameters", formatNumber(report.params.static), formatNumber(report.params.runtime), eq(report.params.static, report.params.runtime)],
+      [
+        report.compression === undefined ? "weight-matmul FLOPs" : "weight-matmul FLOPs (at measured R)",
+        formatNumber(report.flops.staticAtMeasured),
+        formatNumber(report.flops.executed),
+        eq(report.flops.staticAtMeasured, report.flops.executed)
+      ],
+      ["attention-map FLOPs (no window)", formatNumber(report.flops.attentionMapDense), formatNumber(report.flops.attentionMapExecuted), eq(report.flops.attentionMapDense, report.flops.attentionMapExecuted)]
+    ], [1, 2]))
+    if (report.compression !== undefined) {
+      yield* Console.log(`\ncompression: target R ${report.compression.target}, measured ${report.compression.actual.toFixed(3)} (${report.compression.concepts} concepts from ${report.compression.tokens} tokens; untrained boundaries)`)
+      yield* Console.log(`static FLOPs at the target R: ${formatNumber(report.flops.static)}; dechunk EMA as a matrix product: ${formatNumber(report.flops.otherExecuted)} (not a model FLOP)`)
+    }
+  }, handled)
+).pipe(Command.withDescription("Run one forward pass and compare executed matmul FLOPs and runtime parameters with the static cost."))
+

@@ -197,7 +197,18 @@ export interface TrainResult {
  * Trains a model on the SOTU corpus, writing into `out`: `metrics.jsonl`, `checkpoint.safetensors`,
  * `loss.svg`. With `resume`, continues from the checkpoint in `out`.
  */
-export const train = (model: LoadedModel, settings: TrainSettings, options: { readonly out: string; readonly resume: boolean; readonly quiet?: boolean; readonly data?: { readonly train: Stream; readonly validation: Stream } }) =>
+export const train = (
+  model: LoadedModel,
+  settings: TrainSettings,
+  options: {
+    readonly out: string
+    readonly resume: boolean
+    readonly quiet?: boolean
+    readonly data?: { readonly train: Stream; readonly validation: Stream }
+    /** Stop (with a checkpoint) after this many steps, keeping the schedule of `settings.steps`. */
+    readonly until?: number
+  }
+) =>
   Effect.gen(function*() {
     const { description, tf } = yield* Tensors
     const fs = yield* FileSystem.FileSystem
@@ -236,7 +247,8 @@ export const train = (model: LoadedModel, settings: TrainSettings, options: { re
     let windowStart = performance.now()
     let totalTokens = 0
     let totalTime = 0
-    for (let step = start; step < settings.steps; step++) {
+    const end = Math.min(settings.steps, options.until ?? settings.steps)
+    for (let step = start; step < end; step++) {
       const batch = trainBatch(data.train, settings.batchSize, settings.seqLen, settings.seed, step)
       const t0 = performance.now()
       const r = trainStep(low, opt, batch, settings, step)
@@ -245,7 +257,7 @@ export const train = (model: LoadedModel, settings: TrainSettings, options: { re
       totalTokens += batch.rows * batch.length
       windowTokens += batch.rows * batch.length
       if (!Number.isFinite(r.loss)) return yield* new DivergedError({ step, loss: r.loss, checkpoint: lastCheckpoint })
-      const last = step === settings.steps - 1
+      const last = step === end - 1
       const doEval = (step + 1) % settings.evalEvery === 0 || last
       const val = doEval ? evaluate(low, validation) : undefined
       const m: StepMetrics = {

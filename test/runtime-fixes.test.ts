@@ -120,3 +120,13 @@ describe("gradient checks against finite differences (cpu, float32)", () => {
     }, 60_000)
   }
 })
+
+describe("cpu UnsortedSegmentSum", () => {
+  it("our linear-time kernel replaces the stock one and sums rows into segments (out-of-range ids dropped)", async () => {
+    const { tf } = await runtime("cpu")
+    const x = tf.tensor2d([[1, 2], [3, 4], [5, 6], [7, 8]])
+    const y = tf.unsortedSegmentSum(x, tf.tensor1d([2, 0, 2, 5], "int32"), 3)
+    close(y.dataSync(), [3, 4, 0, 0, 6, 8], 0)
+    assert.include(String(tf.getKernel("UnsortedSegmentSum", "cpu")!.kernelFunc), "numSegments * inner")
+  })
+})

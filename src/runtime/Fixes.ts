@@ -7,7 +7,8 @@
  * 2. Zero gradients for comparison and logical kernels, which tfjs leaves without one, so a mask
  *    computed on the tape does not break backprop.
  * 3. An `UnsortedSegmentSum` kernel for wasm (absent there), which `gather`'s gradient and the MoE
- *    combine need.
+ *    combine need; and a linear-time one for cpu, whose stock kernel loops over every segment for
+ *    every row (2.4 s of a 4.3 s training step of the compare model, measured with tf.profile).
  * 4. `detach` and `ste`: tfjs has no stopGradient.
  * 5. `oneHot` as a float32 comparison: wasm's float oneHot writes int bit patterns, webgpu's int→float
  *    cast only relabels the buffer.
@@ -67,6 +68,33 @@ export const install = (tf: Tf, backend: string): void => {
       }
     })
     installed.add("wasm")
+  }
+  if (backend === "cpu" && !installed.has("cpu")) {
+    tf.unregisterKernel("UnsortedSegmentSum", "cpu")
+    tf.registerKernel({
+      kernelName: "UnsortedSegmentSum",
+      backendName: "cpu",
+      kernelFunc: ({ attrs, backend: b, inputs }) => {
+        const cpu = b as unknown as {
+          data: { get: (id: unknown) => { values: ArrayLike<number> } }
+          makeTensorInfo: (shape: Array<number>, dtype: string, values: Float32Array) => unknown
+        }
+        const x = inputs["x"] as unknown as { dataId: unknown; shape: Array<number> }
+        const ids = inputs["segmentIds"] as unknown as { dataId: unknown }
+        const numSegments = (attrs as { numSegments: number }).numSegments
+        const xs = cpu.data.get(x.dataId).values
+        const seg = cpu.data.get(ids.dataId).values
+        const inner = x.shape.slice(1).reduce((a, c) => a * c, 1)
+        const o = new Float32Array(numSegments * inner)
+        for (let i = 0; i < seg.length; i++) {
+          const s = seg[i]!
+          if (s < 0 || s >= numSegments) continue
+          for (let j = 0; j < inner; j++) o[s * inner + j]! += xs[i * inner + j]!
+        }
+        return cpu.makeTensorInfo([numSegments, ...x.shape.slice(1)], "float32", o) as never
+      }
+    })
+    installed.add("cpu")
   }
 }
 

@@ -6,9 +6,9 @@
  * b_n = 1[p_n ≥ 0.5] at evaluation (method spec §2–§3). The ratio loss
  * L = R/(R−1)·((R−1)·F·G + (1−F)(1−G)), weight λ, steers the boundary rate F towards 1/R (§4).
  *
- * Params: `q [d, d]`, `k [d, d]`, no bias (part "chunk"), initialised to the identity as H-Net does
- * (the paper and its demo use a random init, which puts every p near ½ and made the boundary rate
- * swing between 0.05 and 0.9 from step to step in our small runs; see docs/training.md). FLOPs/token: 2·2·d² (part "chunk"); the
+ * Params: `q [d, d]`, `k [d, d]`, no bias (part "chunk"), initialised to the identity as H-Net does,
+ * so p starts from the similarity of adjacent encoder outputs (the paper's random init puts every p
+ * near ½); see docs/training.md. FLOPs/token: 2·2·d² (part "chunk"); the
  * cosine, the sampling and the loss are not matmuls.
  *
  * @since 0.1.0

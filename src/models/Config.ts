@@ -14,7 +14,7 @@
 import { Schema } from "effect"
 import { Activation } from "../blocks/MLP.ts"
 import { Count, crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
-import type { DecoderConfig, FFN, Mixer } from "./Decoder.ts"
+import { attentionMixer, type DecoderConfig, type FFN, type Mixer } from "./Decoder.ts"
 
 const common = {
   /** Defaults to the file's base name. */
@@ -92,22 +92,13 @@ export type ModelConfig = typeof ModelConfig.Type
 /** The `kind`s of model config this module reads. */
 export const modelKinds = ["dense", "moe"] as const
 
-const mixer = (c: ModelConfig): Mixer => {
-  const headDim = c.headDim ?? c.hidden / c.heads
-  return {
-    kind: "attention",
-    spec: {
-      heads: c.heads,
-      kvHeads: c.kvHeads ?? c.heads,
-      headDim,
-      qkvBias: c.attentionBias,
-      outBias: c.attentionBias,
-      qkNorm: c.qkNorm,
-      window: c.window,
-      rope: c.positions === "rope" ? { dim: headDim, base: c.ropeBase } : null
-    }
-  }
-}
+const mixer = (c: ModelConfig): Mixer =>
+  attentionMixer({ ...c, ropeBase: c.positions === "rope" ? c.ropeBase : null }, {
+    qkvBias: c.attentionBias,
+    outBias: c.attentionBias,
+    qkNorm: c.qkNorm,
+    window: c.window
+  })
 
 /**
  * The normalised decoder of a conceptmoe config.

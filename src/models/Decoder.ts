@@ -34,6 +34,32 @@ export type FFN =
   | { readonly kind: "mlp"; readonly spec: Spec<MLPSpec> & Pick<MLPSpec, "hidden"> }
   | { readonly kind: "moe"; readonly spec: Spec<Omit<MoESpec, "shared">> & Pick<MoESpec, "experts" | "topK" | "expertHidden"> & { readonly shared?: { readonly hidden: number; readonly gate?: boolean } | null } }
 
+type AttentionMixerSpec = Extract<Mixer, { kind: "attention" }>["spec"]
+
+/**
+ * An MHA/GQA mixer: `kvHeads` defaults to `heads`, `headDim` to `hidden / heads`; rotary over the
+ * whole head unless `ropeBase` is null.
+ */
+export const attentionMixer = (o: {
+  readonly hidden: number
+  readonly heads: number
+  readonly kvHeads?: number | null | undefined
+  readonly headDim?: number | null | undefined
+  readonly ropeBase: number | null
+}, extra: Partial<AttentionMixerSpec> = {}): Mixer => {
+  const headDim = o.headDim ?? o.hidden / o.heads
+  return {
+    kind: "attention",
+    spec: {
+      heads: o.heads,
+      kvHeads: o.kvHeads ?? o.heads,
+      headDim,
+      rope: o.ropeBase === null ? null : { dim: headDim, base: o.ropeBase },
+      ...extra
+    }
+  }
+}
+
 export interface DecoderLayer {
   readonly mixer: Mixer
   readonly ffn: FFN

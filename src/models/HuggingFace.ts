@@ -18,7 +18,7 @@
 import { Schema } from "effect"
 import type { Activation } from "../blocks/MLP.ts"
 import { Count, crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
-import type { DecoderConfig, DecoderLayer, FFN, Mixer } from "./Decoder.ts"
+import { attentionMixer, type DecoderConfig, type DecoderLayer, type FFN, type Mixer } from "./Decoder.ts"
 
 const optionalDim = Schema.optionalKey(Schema.NullOr(Dim))
 const bool = (v: boolean) => withDefault(Schema.Boolean, v)
@@ -269,19 +269,14 @@ const gqa = (c: {
   readonly num_key_value_heads?: number | null | undefined
   readonly head_dim?: number | null | undefined
   readonly rope_theta: number
-}, extra: Partial<Extract<Mixer, { kind: "attention" }>["spec"]> = {}): Mixer => {
-  const headDim = c.head_dim ?? c.hidden_size / c.num_attention_heads
-  return {
-    kind: "attention",
-    spec: {
-      heads: c.num_attention_heads,
-      kvHeads: c.num_key_value_heads ?? c.num_attention_heads,
-      headDim,
-      rope: { dim: headDim, base: c.rope_theta },
-      ...extra
-    }
-  }
-}
+}, extra: Parameters<typeof attentionMixer>[1] = {}): Mixer =>
+  attentionMixer({
+    hidden: c.hidden_size,
+    heads: c.num_attention_heads,
+    kvHeads: c.num_key_value_heads,
+    headDim: c.head_dim,
+    ropeBase: c.rope_theta
+  }, extra)
 
 const layers = (n: number, f: (i: number) => DecoderLayer): ReadonlyArray<DecoderLayer> => Array.from({ length: n }, (_, i) => f(i))
 

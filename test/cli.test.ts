@@ -152,3 +152,18 @@ describe("conceptmoe report", () => {
     assert.strictEqual(JSON.parse(fs.readFileSync(path.join(out, "candidates.json"), "utf8")).length, 2)
   })
 })
+
+describe("conceptmoe train and verify: bad input", () => {
+  it("a training config with bad settings names each field; an unknown backend is refused", () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "conceptmoe-cli-"))
+    const file = path.join(dir, "train.json")
+    fs.writeFileSync(file, JSON.stringify({ model: path.join(root, "examples/compare/moe-tiny.json"), steps: -1, optimizer: { lr: "x" } }))
+    const r = run("train", "--config", file)
+    assert.strictEqual(r.code, 1)
+    assert.include(r.err, "steps: Expected a value greater than 0")
+    assert.include(r.err, "optimizer.lr: Expected number")
+    const b = run("verify", "examples/moe-small.json", "--backend", "tpu")
+    assert.strictEqual(b.code, 1)
+    assert.strictEqual(b.err, `error: unknown backend "tpu"; expected one of wasm, cpu, webgpu, tensorflow\n`)
+  })
+})

@@ -26,7 +26,9 @@ export const OptimizerConfig = Schema.Struct({
   beta1: withDefault(Fraction, 0.9),
   beta2: withDefault(Fraction, 0.95),
   eps: withDefault(PositiveNumber, 1e-8),
-  clip: withDefault(PositiveNumber, 1)
+  clip: withDefault(PositiveNumber, 1),
+  /** Learning-rate multipliers by parameter part (e.g. `{ "chunk": 0.1 }`). */
+  partLr: withDefault(Schema.Record(Schema.String, Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0)))), {})
 })
 
 export const TrainSettings = Schema.Struct({
@@ -104,6 +106,7 @@ export const trainStep = (low: Lowered, opt: Optimizer, batch: Batch, settings: 
   const lr = learningRate(o, settings.steps, step)
   const names = [...low.variables.keys()]
   const vars = names.map((n) => low.variables.get(n)!)
+  const partOf = new Map(low.analysis.params.map((p) => [p.path, p.part]))
   let stats = { ce: 0, aux: 0, tokens: 0, concepts: 0, boundaryProbSum: 0 }
   const value = tf.tidy(() => {
     const { grads, value } = tf.variableGrads(() => {
@@ -132,7 +135,7 @@ export const trainStep = (low: Lowered, opt: Optimizer, batch: Batch, settings: 
       const w = vars[i]!
       const update = tf.div(tf.div(m, c1), tf.add(tf.sqrt(tf.div(v, c2)), o.eps))
       const decay = w.rank >= 2 ? tf.mul(w, o.weightDecay) : tf.zerosLike(w)
-      w.assign(tf.sub(w, tf.mul(tf.add(update, decay), lr)))
+      w.assign(tf.sub(w, tf.mul(tf.add(update, decay), lr * (o.partLr[partOf.get(n) ?? ""] ?? 1))))
     })
     return value.dataSync()[0]!
   })

@@ -114,6 +114,27 @@ describe("training", () => {
       assert.deepStrictEqual(fs.readdirSync(out).filter((f) => f.includes(".tmp-")), [])
     }).pipe(run("cpu")), 120_000)
 
+  it.effect("partLr scales a part's learning rate: at 0 the chunk module does not move, the rest does", () =>
+    Effect.gen(function*() {
+      const { Tensors } = yield* Effect.promise(() => import("../src/runtime/Backend.ts"))
+      const { materialize } = yield* Effect.promise(() => import("../src/runtime/Lower.ts"))
+      const { trainStep } = yield* Effect.promise(() => import("../src/train/Train.ts"))
+      const { tf } = yield* Tensors
+      const m = yield* load(tinyConcept)
+      const low = materialize(tf, m.analysis, 1)
+      const opt = { m: new Map(), v: new Map(), step: 0 }
+      for (const [p, w] of low.variables) {
+        opt.m.set(p, tf.variable(tf.zerosLike(w), false))
+        opt.v.set(p, tf.variable(tf.zerosLike(w), false))
+      }
+      const before = new Map([...low.variables].map(([p, w]) => [p, w.dataSync().slice()]))
+      trainStep(low, opt as never, trainBatch(data.train, 2, 16, 0, 0), settings({ optimizer: { partLr: { chunk: 0 }, warmup: 0 } }), 0)
+      const moved = (p: string) => low.variables.get(p)!.dataSync().some((x, i) => x !== before.get(p)![i])
+      assert.isFalse(moved("concept/chunk/q.weight"))
+      assert.isFalse(moved("concept/chunk/k.weight"))
+      assert.isTrue(moved("encoder/0/mixer/attn/q.weight"))
+    }).pipe(run("cpu")), 120_000)
+
   it.effect("a checkpoint of another model is refused", () =>
     Effect.gen(function*() {
       const out = tmp()

@@ -316,7 +316,7 @@ export const fromHf = (c: HfConfig, name: string): DecoderConfig => {
       const bias = c.model_type === "llama" ? c.attention_bias : false
       const mixer = gqa(c, { qkvBias: bias, outBias: bias, window: c.model_type === "llama" ? null : window(c) })
       const ffn: FFN = c.model_type === "mixtral"
-        ? { kind: "moe", spec: { experts: c.num_local_experts, topK: c.num_experts_per_tok, expertHidden: c.intermediate_size } }
+        ? { kind: "moe", spec: { experts: c.num_local_experts, topK: c.num_experts_per_tok, expertHidden: c.intermediate_size, normalizeTopK: true } }
         : { kind: "mlp", spec: { hidden: c.intermediate_size, bias: c.model_type === "llama" ? c.mlp_bias : false } }
       return decoder(name, c, layers(c.num_hidden_layers, () => ({ mixer, ffn })))
     }

@@ -7,25 +7,24 @@
  * @since 0.1.0
  */
 import { Schema } from "effect"
-import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf, type Named } from "../graph/Block.ts"
 import { Dim, withDefault } from "../graph/Spec.ts"
-import * as ops from "./ops.ts"
+import { Linear } from "./Linear.ts"
 
 export const ProjectorSpec = Schema.Struct({ dIn: Dim, dOut: Dim, bias: withDefault(Schema.Boolean, false) })
 export type ProjectorSpec = typeof ProjectorSpec.Type
+
+/** A linear map reported under part "projector": Linear's parameters, cost and apply. */
+const asLinear = (s: ProjectorSpec) => ({ ...s, part: "projector" })
 
 export const Projector: BlockKind<ProjectorSpec> = {
   name: "projector",
   summary: "width projector of a wider concept model",
   spec: ProjectorSpec,
   io: (s) => ({ in: s?.dIn, out: s?.dOut }),
-  params: (s) => [
-    { name: "weight", shape: [s.dIn, s.dOut], part: "projector" },
-    ...(s.bias ? [{ name: "bias", shape: [s.dOut], part: "projector" }] : [])
-  ],
-  cost: (s) => Cost.make({ flops: { projector: 2 * s.dIn * s.dOut } }),
-  apply: (ctx, _s, x, p) => ops.linear(ctx, x, p["weight"]!, p["bias"])
+  params: (s) => Linear.params!(asLinear(s)),
+  cost: (s, ctx) => Linear.cost(asLinear(s), ctx),
+  apply: (ctx, s, x, p, children) => Linear.apply!(ctx, asLinear(s), x, p, children)
 }
 
 /** @category constructors */

@@ -129,6 +129,7 @@ export const Attention: BlockKind<AttentionSpec> = {
       }],
       kv: [{ path, elements: 2 * s.kvHeads * s.headDim, window: s.window, passes: 1, rate: 1 }]
     }),
+  stream: "stateful",
   apply: (ctx, s, x, p) => applyAttention(ctx, s, x, p, false)
 }
 

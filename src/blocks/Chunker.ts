@@ -50,50 +50,81 @@ export const prng = (seed: number) => {
  * Boundary probabilities and boundaries of the token stream. Row starts and document starts are
  * forced boundaries with p = 1. Training samples b ~ Bernoulli(sharpen_τ(p)); evaluation takes
  * p ≥ ½. Adds λ·L_ratio to the auxiliary losses and records the state for the dechunk.
+ *
+ * Decoding incrementally, the first new token of a row compares with the row's previous token,
+ * whose key the chunk module keeps; `receive` then indexes `[carried concept of each row; new
+ * concepts]` (a token with no new boundary before it in this piece receives its row's carried one).
  */
 const applyChunker = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, p: Readonly<Record<string, Tensor>>): Tensor => {
-  const { tf } = ctx
+  const { tf, cache } = ctx
   const n = x.shape[0]!
   const rows = ctx.layout
+  const d = x.shape[1]!
+  if (cache !== undefined && ctx.training) throw new Error("incremental decoding runs in evaluation mode")
+  // decoding: the previous token's unit key of each row, and the tokens seen per row
+  const state = cache?.state(ctx.scope, () => ({ prevK: tf.keep(tf.zeros([rows.length, d])) as Tensor, seen: new Array<number>(rows.length).fill(0) }))
+  const carried = state === undefined ? 0 : rows.length
   const forced = new Float32Array(n)
   const prev = new Int32Array(n)
   let start = 0
-  for (const L of rows) {
+  rows.forEach((L, r) => {
+    const seen = state?.seen[r] ?? 0
     for (let i = 0; i < L; i++) {
-      prev[start + i] = i === 0 ? start : start + i - 1
-      if (i === 0 || ctx.documentStarts.has(start + i)) forced[start + i] = 1
+      prev[start + i] = i === 0 ? (state === undefined ? start : r) : carried + start + i - 1
+      if (seen + i === 0 || ctx.documentStarts.has(start + i)) forced[start + i] = 1
     }
     start += L
-  }
+  })
   const unit = (t: Tensor) => tf.div(t, tf.add(tf.norm(t, "euclidean", -1, true), 1e-12))
   const q = unit(ops.linear(ctx, x, p["q.weight"]!))
   const k = unit(ops.linear(ctx, x, p["k.weight"]!))
-  const cos = tf.sum(tf.mul(q, tf.gather(k, tf.tensor1d(prev, "int32"))), -1)
+  const keys = state === undefined ? k : tf.concat([state.prevK, k], 0)
+  const cos = tf.sum(tf.mul(q, tf.gather(keys, tf.tensor1d(prev, "int32"))), -1)
   const raw = tf.clipByValue(tf.mul(tf.sub(1, cos), 0.5), 0, 1)
   const f = tf.tensor1d(forced)
   const probs = tf.add(f, tf.mul(tf.sub(1, f), raw))
   const host = probs.dataSync() as Float32Array
   const boundaries = new Uint8Array(n)
   const random = prng(ctx.nextSeed())
+  const imposed = cache?.forcedBoundary
   let count = 0
-  for (let i = 0; i < n; i++) {
-    const b = forced[i] === 1 || (ctx.training ? random() < sharpen(host[i]!, s.tau) : host[i]! >= 0.5)
-    boundaries[i] = b ? 1 : 0
-    count += boundaries[i]!
-  }
+  start = 0
+  rows.forEach((L, r) => {
+    const seen = state?.seen[r] ?? 0
+    for (let i = 0; i < L; i++) {
+      const t = start + i
+      const b = forced[t] === 1 ||
+        (imposed !== undefined ? imposed(r, seen + i) : ctx.training ? random() < sharpen(host[t]!, s.tau) : host[t]! >= 0.5)
+      boundaries[t] = b ? 1 : 0
+      count += boundaries[t]!
+    }
+    start += L
+  })
   const concepts: Array<number> = []
   const receive = new Int32Array(n)
-  let offset = 0
+  let offset = carried
   start = 0
-  for (const L of rows) {
+  rows.forEach((L, r) => {
     let m = 0
     for (let i = 0; i < L; i++) {
       m += boundaries[start + i]!
-      receive[start + i] = offset + m - 1
+      receive[start + i] = m === 0 ? r : offset + m - 1
     }
     concepts.push(m)
     offset += m
     start += L
+  })
+  if (state !== undefined) {
+    // keep each row's last key for the next piece
+    let end = 0
+    const last = rows.map((L, r) => {
+      end += L
+      return L > 0 ? carried + end - 1 : r
+    })
+    const next = tf.keep(tf.gather(keys, tf.tensor1d(last, "int32")))
+    state.prevK.dispose()
+    state.prevK = next
+    rows.forEach((L, r) => (state.seen[r]! += L))
   }
   const F = count / n
   const G = tf.mean(probs)
@@ -120,6 +151,7 @@ export const Chunker: BlockKind<ChunkerSpec> = {
     { name: "k.weight", shape: [s.d, s.d], part: "chunk", init: "identity" }
   ],
   cost: (s) => Cost.make({ flops: { chunk: 2 * 2 * s.d * s.d } }),
+  stream: "stateful",
   apply: applyChunker
 }
 

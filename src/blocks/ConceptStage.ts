@@ -34,8 +34,16 @@ export type ConceptStageSpec = typeof ConceptStageSpec.Type
  * boundary close no chunk and merge into nothing.
  */
 const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: unknown, children: ReadonlyArray<ChildApply>): Tensor => {
-  const { tf } = ctx
+  const { tf, cache } = ctx
   const [chunk, body, de] = children as [ChildApply, ChildApply, ChildApply]
+  const rows = ctx.layout
+  const d = x.shape[1]!
+  // decoding: concepts emitted so far per row, and (sum) each row's tokens since its last boundary
+  const state = cache?.state(ctx.scope, () => ({
+    concepts: new Array<number>(rows.length).fill(0),
+    pending: spec.merge === "sum" ? tf.keep(tf.zeros([rows.length, d])) as Tensor : undefined
+  }))
+  if (state !== undefined && ctx.documentStarts.size > 0) throw new Error("incremental decoding does not take document starts inside a row")
   chunk(x)
   const ch = ctx.chunk!
   const n = ch.boundaries.length
@@ -46,11 +54,12 @@ const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: 
     for (let i = 0; i < n; i++) if (ch.boundaries[i] === 1) bounds.push(i)
     merged = tf.gather(x, tf.tensor1d(bounds, "int32"))
   } else {
-    // each token goes to the chunk closed by the first boundary at or after it (same row)
-    const seg = new Int32Array(n).fill(total)
+    // each token goes to the chunk closed by the first boundary at or after it (same row); tokens
+    // after a row's last boundary go to segment total + row (pending, kept when decoding)
+    const seg = new Int32Array(n).fill(total + rows.length)
     let start = 0
     let offset = 0
-    ctx.layout.forEach((L, r) => {
+    rows.forEach((L, r) => {
       let k = offset + ch.concepts[r]! // one past this row's last concept
       let next = -1
       for (let i = L - 1; i >= 0; i--) {
@@ -60,23 +69,45 @@ const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: 
           next = t
         }
         // a chunk closed by a document start holds only that token
-        if (next !== -1) seg[t] = ctx.documentStarts.has(next) && t !== next ? total : k
+        if (next === -1) seg[t] = total + r
+        else seg[t] = ctx.documentStarts.has(next) && t !== next ? total + rows.length : k
       }
       offset += ch.concepts[r]!
       start += L
     })
-    merged = tf.slice(tf.unsortedSegmentSum(x, tf.tensor1d(seg, "int32"), total + 1), [0, 0], [total, -1])
+    const sums = tf.unsortedSegmentSum(x, tf.tensor1d(seg, "int32"), total + rows.length + 1)
+    merged = tf.slice(sums, [0, 0], [total, -1])
+    if (state?.pending !== undefined) {
+      // a row's first new concept also holds the tokens pending from earlier pieces
+      const first = new Int32Array(total).fill(rows.length)
+      let o = 0
+      ch.concepts.forEach((m, r) => {
+        if (m > 0) first[o] = r
+        o += m
+      })
+      const padded = tf.concat([state.pending, tf.zeros([1, d])], 0)
+      merged = tf.add(merged, tf.gather(padded, tf.tensor1d(first, "int32")))
+      const keepOld = tf.tensor2d(ch.concepts.map((m) => (m === 0 ? 1 : 0)), [rows.length, 1])
+      const next = tf.keep(tf.add(tf.slice(sums, [total, 0], [rows.length, -1]), tf.mul(state.pending, keepOld)))
+      state.pending.dispose()
+      state.pending = next
+    }
   }
   const saved = { layout: ctx.layout, positions: ctx.positions }
   const positions = new Int32Array(total)
   let o = 0
-  for (const M of ch.concepts) for (let i = 0; i < M; i++) positions[o++] = i
+  ch.concepts.forEach((M, r) => {
+    const before = state?.concepts[r] ?? 0
+    for (let i = 0; i < M; i++) positions[o++] = before + i
+  })
   ctx.layout = ch.concepts
   ctx.positions = positions
-  const y = body(merged)
+  // decoding a piece in which no row closed a chunk: the concept model has nothing to run on
+  const y = total === 0 ? tf.zeros([0, d]) : body(merged)
   ctx.layout = saved.layout
   ctx.positions = saved.positions
   ctx.chunk = ch
+  if (state !== undefined) ch.concepts.forEach((M, r) => (state.concepts[r]! += M))
   return de(y)
 }
 
@@ -105,6 +136,7 @@ export const ConceptStage: BlockKind<ConceptStageSpec> = {
   childRate: (spec, i) => (i === 1 ? 1 / spec.ratio : 1),
   cost: (spec, { children }) =>
     Cost.add(Cost.add(children[0] ?? Cost.zero, Cost.atRate(children[1] ?? Cost.zero, 1 / spec.ratio)), children[2] ?? Cost.zero),
+  stream: "stateful",
   apply: applyStage
 }
 

@@ -22,37 +22,67 @@ export type DechunkSpec = typeof DechunkSpec.Type
 export const emaFloor = 1e-6
 
 /**
- * EMA over each row's concepts as a lower-triangular matrix, ĉ^ema = (L ⊙ P) ĉ with
- * L_mj = Π_{i=j+1..m} (1 − P_i), then plug-back to tokens and the STE-weighted residual.
+ * The EMA of one row's `M` concepts `y [M, d]` with probabilities `P [M]`, P_0 taken as 1:
+ * (L ⊙ P) y with L_mj = Π_{i=j+1..m} (1 − P_i), a lower-triangular matrix.
+ */
+const emaOfRow = (ctx: ForwardContext, P: Tensor, y: Tensor, M: number): Tensor => {
+  const { tf } = ctx
+  const first = new Float32Array(M)
+  first[0] = 1
+  // a_i = log(1 − P_i) for i ≥ 1; a_0 = 0 (never used: L only multiplies (1 − P_i) for i > j ≥ 0)
+  const a = tf.mul(tf.log(tf.maximum(tf.sub(1, P), emaFloor)), tf.sub(1, tf.tensor1d(first)))
+  const cs = tf.cumsum(a)
+  const diff = tf.minimum(tf.sub(tf.reshape(cs, [M, 1]), tf.reshape(cs, [1, M])), 0)
+  const tril = new Float32Array(M * M)
+  for (let i = 0; i < M; i++) for (let j = 0; j <= i; j++) tril[i * M + j] = 1
+  const weights = tf.mul(tf.mul(tf.exp(diff), tf.tensor2d(tril, [M, M])), tf.reshape(P, [1, M]))
+  return ctx.matMul(weights, y, "other")
+}
+
+/**
+ * EMA over each row's concepts, then plug-back to tokens and the STE-weighted residual. Decoding
+ * incrementally, each row's last EMA value is carried: the new concepts continue it (it enters the
+ * row's matrix as a concept with P = 1), and tokens before the row's first new boundary receive it.
  */
 const applyDechunk = (ctx: ForwardContext, _s: DechunkSpec, y: Tensor): Tensor => {
-  const { tf } = ctx
+  const { tf, cache } = ctx
   const ch = ctx.chunk
   if (ch === undefined) throw new Error("a dechunk runs inside a concept stage, after its chunk module")
   const n = ch.boundaries.length
+  const rows = ch.concepts.length
+  const d = ch.h.shape[1]!
+  const state = cache?.state(ctx.scope, () => ({ ema: tf.keep(tf.zeros([rows, d])) as Tensor, seen: new Array<number>(rows).fill(0) }))
   const bounds: Array<number> = []
   for (let i = 0; i < n; i++) if (ch.boundaries[i] === 1) bounds.push(i)
   const P = tf.gather(ch.p, tf.tensor1d(bounds, "int32"))
-  const parts: Array<Tensor> = []
+  const parts: Array<Tensor> = state === undefined ? [] : [state.ema]
   let offset = 0
-  for (const M of ch.concepts) {
-    if (M === 0) continue
+  ch.concepts.forEach((M, r) => {
+    if (M === 0) return
     const Pr = tf.slice(P, [offset], [M])
     const yr = tf.slice(y, [offset, 0], [M, -1])
-    const first = new Float32Array(M)
-    first[0] = 1
-    // a_i = log(1 − P_i) for i ≥ 1; a_0 = 0 (never used: L only multiplies (1 − P_i) for i > j ≥ 0)
-    const a = tf.mul(tf.log(tf.maximum(tf.sub(1, Pr), emaFloor)), tf.sub(1, tf.tensor1d(first)))
-    const cs = tf.cumsum(a)
-    const diff = tf.minimum(tf.sub(tf.reshape(cs, [M, 1]), tf.reshape(cs, [1, M])), 0)
-    const tril = new Float32Array(M * M)
-    for (let i = 0; i < M; i++) for (let j = 0; j <= i; j++) tril[i * M + j] = 1
-    const weights = tf.mul(tf.mul(tf.exp(diff), tf.tensor2d(tril, [M, M])), tf.reshape(Pr, [1, M]))
-    parts.push(ctx.matMul(weights, yr, "other"))
+    if (state !== undefined && state.seen[r]! > 0) {
+      const carried = tf.slice(state.ema, [r, 0], [1, -1])
+      const ema = emaOfRow(ctx, tf.concat([tf.ones([1]), Pr]), tf.concat([carried, yr], 0), M + 1)
+      parts.push(tf.slice(ema, [1, 0], [M, -1]))
+    } else {
+      parts.push(emaOfRow(ctx, Pr, yr, M))
+    }
     offset += M
+  })
+  const table = parts.length === 1 ? parts[0]! : tf.concat(parts, 0)
+  const cz = tf.gather(table, tf.tensor1d(ch.receive, "int32")) as Tensor2D
+  if (state !== undefined) {
+    let end = rows
+    const last = ch.concepts.map((M, r) => {
+      end += M
+      return M > 0 ? end - 1 : r
+    })
+    const next = tf.keep(tf.gather(table, tf.tensor1d(last, "int32")))
+    state.ema.dispose()
+    state.ema = next
+    ch.concepts.forEach((M, r) => (state.seen[r]! += M))
   }
-  const ema = tf.concat(parts, 0)
-  const cz = tf.gather(ema, tf.tensor1d(ch.receive, "int32")) as Tensor2D
   const B = tf.tensor1d(Float32Array.from(ch.boundaries))
   const confidence = tf.add(tf.mul(B, ch.p), tf.mul(tf.sub(1, B), tf.sub(1, ch.p)))
   ctx.concept = cz
@@ -65,6 +95,7 @@ export const Dechunk: BlockKind<DechunkSpec> = {
   spec: DechunkSpec,
   io: (s) => ({ in: s?.d, out: s?.d }),
   cost: () => Cost.zero,
+  stream: "stateful",
   apply: applyDechunk
 }
 

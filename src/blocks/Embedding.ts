@@ -30,6 +30,7 @@ export const Embedding: BlockKind<EmbeddingSpec> = {
     ...(s.positions === null ? [] : [{ name: "positions", shape: [s.positions, s.d], part: "embedding" }])
   ],
   cost: () => Cost.zero,
+  stream: "local",
   apply: (ctx, _s, ids, p) => {
     const { tf } = ctx
     const x = tf.gather(p["weight"]!, ids)

@@ -31,6 +31,7 @@ export const JointAttention: BlockKind<AttentionSpec> = {
       Attention.cost(s, ctx),
       Cost.make({ flops: { jointDecoding: 2 * s.d * s.headDim * (s.heads + 2 * s.kvHeads) } })
     ),
+  stream: "stateful",
   apply: (ctx, s, x, p) => applyAttention(ctx, s, x, p, true)
 }
 

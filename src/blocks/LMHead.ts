@@ -32,6 +32,7 @@ export const LMHead: BlockKind<LMHeadSpec> = {
     ...(s.bias ? [{ name: "bias", shape: [s.vocab], part: "lmHead", init: "zeros" as const }] : [])
   ],
   cost: (s) => Cost.make({ flops: { lmHead: 2 * s.d * s.vocab } }),
+  stream: "local",
   apply: (ctx, s, x, p) => {
     const w = s.tiedTo === null ? p["weight"]! : ctx.tf.transpose(p["weight"]!)
     const y = ctx.matMul(x, w, "weights")

@@ -28,6 +28,7 @@ export const LayerNorm: BlockKind<LayerNormSpec> = {
     ...(s.bias ? [{ name: "bias", shape: [s.d], part: "norm", init: "zeros" as const }] : [])
   ],
   cost: () => Cost.zero,
+  stream: "local",
   apply: (ctx, s, x, p) => ops.layerNorm(ctx, x, p["weight"]!, p["bias"], s.eps)
 }
 

@@ -30,6 +30,7 @@ export const Linear: BlockKind<LinearSpec> = {
     ...(s.bias ? [{ name: "bias", shape: [s.dOut], part: s.part }] : [])
   ],
   cost: (s) => Cost.make({ flops: { [s.part]: 2 * s.dIn * s.dOut } }),
+  stream: "local",
   apply: (ctx, _s, x, p) => ops.linear(ctx, x, p["weight"]!, p["bias"])
 }
 

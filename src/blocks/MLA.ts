@@ -79,6 +79,7 @@ export const MLA: BlockKind<MLASpec> = {
       kv: [{ path, elements: s.kvLoraRank + s.qkRopeHeadDim, window: s.window, passes: 1, rate: 1 }]
     })
   },
+  stream: "stateful",
   apply: (ctx, s, x, p) => {
     const { tf } = ctx
     const n = x.shape[0]!

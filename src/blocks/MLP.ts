@@ -69,6 +69,7 @@ export const MLP: BlockKind<MLPSpec> = {
   io: (s) => ({ in: s?.d, out: s?.d }),
   params: (s) => ffnParams({ prefix: "", ...s }),
   cost: (s) => Cost.make({ flops: { [s.part]: 2 * ffnMatrices(s.activation) * s.d * s.hidden } }),
+  stream: "local",
   apply: (ctx, s, x, p) => ffn(ctx, x, (name) => p[name], s.activation)
 }
 

@@ -139,6 +139,7 @@ export const MoE: BlockKind<MoESpec> = {
       }
     })
   },
+  stream: "local",
   apply: applyMoE
 }
 

@@ -24,6 +24,7 @@ export const Projector: BlockKind<ProjectorSpec> = {
   io: (s) => ({ in: s?.dIn, out: s?.dOut }),
   params: (s) => Linear.params!(asLinear(s)),
   cost: (s, ctx) => Linear.cost(asLinear(s), ctx),
+  stream: "local",
   apply: (ctx, s, x, p, children) => Linear.apply!(ctx, asLinear(s), x, p, children)
 }
 

@@ -21,6 +21,7 @@ export const RMSNorm: BlockKind<RMSNormSpec> = {
   io: (s) => ({ in: s?.d, out: s?.d }),
   params: (s) => [{ name: "weight", shape: [s.d], part: "norm", init: "ones" }],
   cost: () => Cost.zero,
+  stream: "local",
   apply: (ctx, s, x, p) => ops.rmsNorm(ctx, x, p["weight"]!, s.eps)
 }
 

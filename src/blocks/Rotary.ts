@@ -36,6 +36,7 @@ export const Rotary: BlockKind<RotarySpec> = {
   spec: RotarySpec,
   io: (s) => ({ in: s?.heads * s?.headDim, out: s?.heads * s?.headDim }),
   cost: () => Cost.zero,
+  stream: "local",
   apply: (ctx, s, x) => {
     const n = x.shape[0]!
     const y = applyRope(ctx, ctx.tf.reshape(x, [n, s.heads, s.headDim]), s.dim, ropeTables(ctx, s.dim, s.base))

@@ -3,7 +3,7 @@
  *
  * @since 0.1.0
  */
-import type { ForwardContext, Tensor, Tensor2D } from "../graph/Apply.ts"
+import type { DecodeCache, ForwardContext, Tensor, Tensor2D } from "../graph/Apply.ts"
 import type { Activation } from "./MLP.ts"
 
 /** x·W (+ b), counted as a weight product. */
@@ -88,28 +88,81 @@ export const applyRope = (ctx: ForwardContext, x: Tensor, dim: number, tables: {
   return dim === hd ? tf.concat([r1, r2], 2) : tf.concat([r1, r2, tf.slice(x, [0, 0, dim], [n, heads, hd - dim])], 2)
 }
 
-const maskCache = new Map<string, Float32Array>()
+const maskCache = new Map<string, Tensor>()
+let maskElements = 0
+/** At most this many mask elements are kept (64 MB). */
+const maskBudget = 16 * 1024 * 1024
 
-/** Additive causal (and sliding-window) mask `[L, L]`: 0 where a query may attend, −1e9 elsewhere. */
-const mask = (L: number, causal: boolean, window: number | null): Float32Array => {
-  const key = `${L}/${causal}/${window}`
+/**
+ * Additive mask `[n, len]` for `n` queries at positions `past … past+n−1` over keys `0 … len−1`:
+ * 0 where a query may attend, −1e9 elsewhere (causal and sliding window). Full passes use
+ * `past = 0`, `n = len`. Kept across calls (at most 64 shapes and 64 MB; the oldest is dropped first).
+ */
+const mask = (ctx: ForwardContext, n: number, len: number, past: number, causal: boolean, window: number | null): Tensor => {
+  const key = `${n}/${len}/${past}/${causal}/${window}`
   let m = maskCache.get(key)
-  if (m === undefined) {
-    m = new Float32Array(L * L)
-    for (let i = 0; i < L; i++) {
-      for (let j = 0; j < L; j++) {
-        const ok = (!causal || j <= i) && (window === null || (causal ? i - j < window : Math.abs(i - j) < window))
-        m[i * L + j] = ok ? 0 : -1e9
+  if (m === undefined || m.isDisposed) {
+    const a = new Float32Array(n * len)
+    for (let i = 0; i < n; i++) {
+      const q = past + i
+      for (let j = 0; j < len; j++) {
+        const ok = (!causal || j <= q) && (window === null || (causal ? q - j < window : Math.abs(q - j) < window))
+        a[i * len + j] = ok ? 0 : -1e9
       }
     }
+    m = ctx.tf.keep(ctx.tf.tensor2d(a, [n, len]))
     maskCache.set(key, m)
+    maskElements += n * len
+    while (maskCache.size > 1 && (maskCache.size > 64 || maskElements > maskBudget)) {
+      const [oldest, t] = maskCache.entries().next().value!
+      maskCache.delete(oldest)
+      maskElements -= t.size
+      t.dispose()
+    }
   }
   return m
 }
 
 /**
+ * Attention of `R` rows at once: queries `q [R·n, H, dqk]`, keys `k [R·len, KV, dqk]`, values
+ * `v [R·len, KV, dv]`; the queries sit at positions `past …` of each row. Returns `[R·n, H·dv]`.
+ */
+const attendRows = (
+  ctx: ForwardContext,
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  R: number,
+  n: number,
+  len: number,
+  past: number,
+  options: { readonly causal: boolean; readonly window: number | null }
+): Tensor => {
+  const { tf } = ctx
+  const [, H, dqk] = q.shape as [number, number, number]
+  const [, KV, dv] = v.shape as [number, number, number]
+  const group = H / KV
+  // [R·L, heads, d] → [R, heads, L, d]
+  const q4 = tf.transpose(tf.reshape(q, [R, n, H, dqk]), [0, 2, 1, 3])
+  const expand = (t: Tensor, d: number) => {
+    const t4 = tf.transpose(tf.reshape(t, [R, len, KV, d]), [0, 2, 1, 3])
+    // repeat each KV head for its group of query heads (rank-4 tile: tfjs has no rank-5 tile gradient)
+    return group === 1 ? t4 : tf.reshape(tf.tile(tf.reshape(t4, [R, KV, 1, len * d]), [1, 1, group, 1]), [R, H, len, d])
+  }
+  const k4 = expand(k, dqk)
+  const v4 = expand(v, dv)
+  const scores = tf.mul(ctx.matMul(tf.reshape(q4, [R * H, n, dqk]), tf.transpose(tf.reshape(k4, [R * H, len, dqk]), [0, 2, 1]), "attentionMap"), 1 / Math.sqrt(dqk))
+  const masked = tf.add(scores, mask(ctx, n, len, past, options.causal, options.window))
+  const out = ctx.matMul(tf.softmax(masked), tf.reshape(v4, [R * H, len, dv]), "attentionMap")
+  return tf.reshape(tf.transpose(tf.reshape(out, [R, H, n, dv]), [0, 2, 1, 3]), [R * n, H * dv])
+}
+
+/**
  * Scaled dot-product attention of `q [N, H, dqk]`, `k [N, KV, dqk]`, `v [N, KV, dv]` over the rows of
  * the context's layout (each row attends within itself). Returns `[N, H·dv]`.
+ *
+ * While decoding incrementally (`ctx.cache`), the inputs are each row's new positions: their keys
+ * and values are appended to the node's KV cache and the queries attend over the whole cache.
  */
 export const attend = (
   ctx: ForwardContext,
@@ -119,35 +172,56 @@ export const attend = (
   options: { readonly causal: boolean; readonly window: number | null }
 ): Tensor2D => {
   const { tf } = ctx
-  const [, H, dqk] = q.shape as [number, number, number]
-  const [, KV, dv] = v.shape as [number, number, number]
-  const group = H / KV
   const rows = ctx.layout
-  const block = (qs: Tensor, ks: Tensor, vs: Tensor, R: number, L: number): Tensor => {
-    // [R·L, heads, d] → [R, heads, L, d]
-    const q4 = tf.transpose(tf.reshape(qs, [R, L, H, dqk]), [0, 2, 1, 3])
-    const expand = (t: Tensor, d: number) => {
-      const t4 = tf.transpose(tf.reshape(t, [R, L, KV, d]), [0, 2, 1, 3])
-      // repeat each KV head for its group of query heads (rank-4 tile: tfjs has no rank-5 tile gradient)
-      return group === 1 ? t4 : tf.reshape(tf.tile(tf.reshape(t4, [R, KV, 1, L * d]), [1, 1, group, 1]), [R, H, L, d])
-    }
-    const k4 = expand(ks, dqk)
-    const v4 = expand(vs, dv)
-    const scores = tf.mul(ctx.matMul(tf.reshape(q4, [R * H, L, dqk]), tf.transpose(tf.reshape(k4, [R * H, L, dqk]), [0, 2, 1]), "attentionMap"), 1 / Math.sqrt(dqk))
-    const masked = tf.add(scores, tf.tensor2d(mask(L, options.causal, options.window), [L, L]))
-    const out = ctx.matMul(tf.softmax(masked), tf.reshape(v4, [R * H, L, dv]), "attentionMap")
-    return tf.reshape(tf.transpose(tf.reshape(out, [R, H, L, dv]), [0, 2, 1, 3]), [R * L, H * dv])
-  }
+  if (ctx.cache !== undefined) return attendCached(ctx, ctx.cache, q, k, v, options)
   const L0 = rows[0] ?? 0
-  if (rows.every((r) => r === L0)) return block(q, k, v, rows.length, L0) as Tensor2D
+  if (rows.every((r) => r === L0)) return attendRows(ctx, q, k, v, rows.length, L0, L0, 0, options) as Tensor2D
   const parts: Array<Tensor> = []
   let start = 0
   for (const L of rows) {
     if (L > 0) {
       const s = (t: Tensor) => tf.slice(t, [start, 0, 0], [L, -1, -1])
-      parts.push(block(s(q), s(k), s(v), 1, L))
+      parts.push(attendRows(ctx, s(q), s(k), s(v), 1, L, L, 0, options))
     }
     start += L
   }
+  return tf.concat(parts, 0) as Tensor2D
+}
+
+const attendCached = (
+  ctx: ForwardContext,
+  cache: DecodeCache,
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  options: { readonly causal: boolean; readonly window: number | null }
+): Tensor2D => {
+  const { tf } = ctx
+  if (!options.causal) throw new Error(`attention at ${ctx.scope} is not causal: it cannot be decoded incrementally`)
+  const [N, KV, dqk] = k.shape as [number, number, number]
+  const dv = v.shape[2]!
+  const counts = ctx.layout
+  const state = cache.state(ctx.scope, () => ({ k: cache.buffer(counts.length, KV * dqk), v: cache.buffer(counts.length, KV * dv) }))
+  const past = [...state.k.lengths]
+  state.k.append(tf.reshape(k, [N, KV * dqk]), counts)
+  state.v.append(tf.reshape(v, [N, KV * dv]), counts)
+  const n0 = counts[0] ?? 0
+  if (counts.every((c) => c === n0) && past.every((p) => p === past[0])) {
+    const len = past[0]! + n0
+    const kk = tf.reshape(state.k.all(), [counts.length * len, KV, dqk])
+    const vv = tf.reshape(state.v.all(), [counts.length * len, KV, dv])
+    return attendRows(ctx, q, kk, vv, counts.length, n0, len, past[0]!, options) as Tensor2D
+  }
+  const parts: Array<Tensor> = []
+  let start = 0
+  counts.forEach((n, b) => {
+    if (n === 0) return
+    const len = past[b]! + n
+    const qs = tf.slice(q, [start, 0, 0], [n, -1, -1])
+    const kk = tf.reshape(state.k.row(b), [len, KV, dqk])
+    const vv = tf.reshape(state.v.row(b), [len, KV, dv])
+    parts.push(attendRows(ctx, qs, kk, vv, 1, n, len, past[b]!, options))
+    start += n
+  })
   return tf.concat(parts, 0) as Tensor2D
 }

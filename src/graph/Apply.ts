@@ -10,6 +10,12 @@
  * concept model sees the packed concepts of every row, `[Σ M_b, d]`, with `layout.rows = [M_0, …]`;
  * attention runs per row.
  *
+ * Incremental decoding (prefill, then one token at a time) runs the same applies on the new
+ * positions only, with `ctx.cache` set: a block whose output at a position depends on earlier
+ * positions keeps what it needs in `ctx.cache.state(ctx.scope, …)` (attention its KV cache, the
+ * chunk module the previous token, the dechunk its EMA). A kind declares which it is with
+ * `stream` (see `Block.ts`).
+ *
  * @since 0.1.0
  */
 import type * as TF from "@tensorflow/tfjs"
@@ -36,15 +42,54 @@ export interface ChunkState {
   readonly p: Tensor
   /** Boundaries per token (host copy), row-major. */
   readonly boundaries: Uint8Array
-  /** Concept index each token receives after dechunking (ψ), global over rows. */
+  /**
+   * Concept index each token receives after dechunking (ψ), global over rows. Decoding
+   * incrementally, it indexes `[carried concept of each row; this piece's new concepts]`.
+   */
   readonly receive: Int32Array
-  /** Concepts per row. */
+  /** Concepts per row (new concepts of this piece, when decoding). */
   readonly concepts: ReadonlyArray<number>
+}
+
+/**
+ * A per-row buffer that grows by appending: `rows` rows of `width` floats each, with per-row
+ * lengths. Storage is preallocated and doubled when full, never re-concatenated per append.
+ */
+export interface RowBuffer {
+  readonly rows: number
+  readonly width: number
+  /** Elements held per row. */
+  readonly lengths: ReadonlyArray<number>
+  /** Allocated capacity in elements per row. */
+  readonly capacity: number
+  /** Appends `counts[b]` new elements to row b, taken in row order from `x [Σ counts, width]`. */
+  append(x: Tensor, counts: ReadonlyArray<number>): void
+  /** Row b's elements `[lengths[b], width]`. */
+  row(b: number): Tensor2D
+  /** Every row's elements `[rows, length, width]`; the rows' lengths must be equal. */
+  all(): Tensor
+  dispose(): void
+}
+
+/** State kept across the pieces of an incrementally decoded stream. */
+export interface DecodeCache {
+  /** Rows of the token stream. */
+  readonly rows: number
+  /** The state of the node at `scope`, created by `init` on first use. */
+  state<A>(scope: string, init: () => A): A
+  /** A new growable per-row buffer on the runtime's backend (its bytes count as cache). */
+  buffer(rows: number, width: number): RowBuffer
+  /** Boundaries imposed on concept stages instead of the chunk module's (benchmarks), or undefined. */
+  readonly forcedBoundary: ((row: number, position: number) => boolean) | undefined
 }
 
 export interface ForwardContext {
   readonly tf: Tf
   readonly training: boolean
+  /** Set while decoding incrementally: the input holds only the new positions of each row. */
+  readonly cache: DecodeCache | undefined
+  /** Where the running node is: its path, with `#pass` after a loop's path for each pass. */
+  scope: string
   /** Row lengths of the current stream (all T at token level). */
   layout: ReadonlyArray<number>
   /** Positions of each element of the current stream within its row (for rotary). */

@@ -89,6 +89,13 @@ export interface BlockKind<S = any> {
   readonly cost: (spec: S, ctx: CostContext) => Cost
   /** How the block runs on tensors (see `Apply.ts`). Kinds without one cannot be lowered. */
   readonly apply?: ApplyFn<S>
+  /**
+   * How `apply` behaves when a sequence arrives in pieces (prefill, then decode with caches):
+   * `"local"` — the kind itself mixes no positions (each output position reads only its own input
+   * position, `ctx.positions` and its children); `"stateful"` — it mixes positions and keeps what
+   * it needs across pieces through `ctx.cache`. Kinds without it cannot be decoded incrementally.
+   */
+  readonly stream?: "local" | "stateful"
 }
 
 declare const WidthIn: unique symbol

@@ -75,6 +75,7 @@ export const Sequence: BlockKind<{}> = {
   io: (_, children) => chainIo(children),
   connect: (_, children) => chainProblems(children),
   cost: (_, { children }) => Cost.sum(children),
+  stream: "local",
   apply: (_ctx, _s, x, _p, children) => children.reduce((y, f) => f(y), x)
 }
 
@@ -93,6 +94,7 @@ export const Residual: BlockKind<{}> = {
     return problems
   },
   cost: (_, { children }) => Cost.sum(children),
+  stream: "local",
   apply: (ctx, _s, x, _p, children) => ctx.tf.add(x, children.reduce((y, f) => f(y), x))
 }
 
@@ -113,9 +115,16 @@ export const Loop: BlockKind<typeof LoopSpec.Type> = {
     return problems
   },
   cost: (spec, { children }) => Cost.loop(Cost.sum(children), spec.times),
-  apply: (_ctx, spec, x, _p, children) => {
+  stream: "local",
+  apply: (ctx, spec, x, _p, children) => {
+    // each pass has its own scope, so stateful children (KV caches) keep one state per pass
+    const scope = ctx.scope
     let y = x
-    for (let i = 0; i < spec.times; i++) y = children.reduce((z, f) => f(z), y)
+    for (let i = 0; i < spec.times; i++) {
+      ctx.scope = `${scope}#${i}`
+      y = children.reduce((z, f) => f(z), y)
+    }
+    ctx.scope = scope
     return y
   }
 }
@@ -147,6 +156,7 @@ export const Branch: BlockKind<typeof BranchSpec.Type> = {
     return out
   },
   cost: (_, { children }) => Cost.sum(children),
+  stream: "local",
   apply: (ctx, spec, x, _p, children) => {
     const outs = children.map((f) => f(x))
     return spec.merge === "sum" ? ctx.tf.addN(outs) : ctx.tf.concat(outs, -1)

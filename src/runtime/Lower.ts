@@ -10,7 +10,7 @@
 import type * as TF from "@tensorflow/tfjs"
 import type { Analysis } from "../graph/Analyze.ts"
 import { joinPath } from "../graph/Analyze.ts"
-import type { ChildApply, FlopCounter, ForwardContext, Tensor, Tensor2D, Tf } from "../graph/Apply.ts"
+import type { ChildApply, DecodeCache, FlopCounter, ForwardContext, Tensor, Tensor2D, Tf } from "../graph/Apply.ts"
 import type { AnyBlock } from "../graph/Block.ts"
 import { makeDetach, makeMatMul, makeOneHot, makeSte } from "./Fixes.ts"
 
@@ -99,6 +99,10 @@ export interface ForwardOptions {
   readonly training: boolean
   readonly seed: number
   readonly balanceWeight?: number
+  /** Incremental decoding: the batch holds the next positions of each row (see `Decode.ts`). */
+  readonly cache?: DecodeCache
+  /** Position of each token within its row; by default 0, 1, … restarting at document starts. */
+  readonly positions?: Int32Array
 }
 
 /** Runs the graph on a batch; returns the logits `[rows · T, vocab]` and the context. */
@@ -106,8 +110,8 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
   const { tf } = m
   const n = batch.rows * batch.length
   const starts = batch.documentStarts ?? new Set<number>()
-  const positions = new Int32Array(n)
-  for (let r = 0; r < batch.rows; r++) {
+  const positions = options.positions ?? new Int32Array(n)
+  for (let r = 0; r < batch.rows && options.positions === undefined; r++) {
     let pos = 0
     for (let i = 0; i < batch.length; i++) {
       const t = r * batch.length + i
@@ -120,6 +124,8 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
   const ctx: ForwardContext = {
     tf,
     training: options.training,
+    cache: options.cache,
+    scope: "",
     layout: Array.from({ length: batch.rows }, () => batch.length),
     positions,
     documentStarts: starts,
@@ -135,11 +141,21 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     oneHot: makeOneHot(tf),
     lossWeights: { balance: options.balanceWeight ?? 0.01 }
   }
-  const run = (block: AnyBlock, path: string, x: Tensor): Tensor => {
-    const children: Array<ChildApply> = block.children.map((c, i) => (y: Tensor) => run(c, joinPath(path, c.name ?? `${i}`), y))
-    return block.kind.apply!(ctx, m.analysis.specs.get(path), x, m.nodeParams.get(path) ?? {}, children)
+  // a child's scope extends its parent's scope at call time (a loop adds `#pass` to its own)
+  const run = (block: AnyBlock, path: string, scope: string, x: Tensor): Tensor => {
+    const children: Array<ChildApply> = block.children.map((c, i) => {
+      const name = c.name ?? `${i}`
+      return (y: Tensor) => run(c, joinPath(path, name), joinPath(ctx.scope, name), y)
+    })
+    const outer = ctx.scope
+    ctx.scope = scope
+    try {
+      return block.kind.apply!(ctx, m.analysis.specs.get(path), x, m.nodeParams.get(path) ?? {}, children)
+    } finally {
+      ctx.scope = outer
+    }
   }
-  const logits = run(m.analysis.root, "", tf.tensor1d(batch.ids, "int32")) as Tensor2D
+  const logits = run(m.analysis.root, "", "", tf.tensor1d(batch.ids, "int32")) as Tensor2D
   return { logits, ctx }
 }
 

@@ -1,0 +1,110 @@
+/**
+ * Growable per-row buffers for KV caches and other decode state.
+ *
+ * A buffer is one float32 tensor `[rows, capacity, width]`, preallocated and doubled when a row
+ * outgrows it. On the cpu and wasm backends new elements are written in place into the tensor's
+ * storage (the backend's typed array, or its view of the wasm heap), so an append costs only the
+ * new elements. Other backends (webgpu, tensorflow) keep a host copy and upload the whole buffer
+ * again after an append: correct, but O(capacity) per append (see docs/inference.md).
+ *
+ * @since 0.2.0
+ */
+import type { RowBuffer, Tensor, Tensor2D, Tf } from "../graph/Apply.ts"
+
+/** A writable view of a float32 tensor's storage, where the backend allows one. */
+const storageOf = (tf: Tf, t: Tensor): Float32Array | undefined => {
+  const name = tf.getBackend()
+  const backend = tf.backend() as unknown as {
+    data?: { get: (id: unknown) => { values?: unknown } }
+    typedArrayFromHeap?: (t: Tensor) => Float32Array
+  }
+  if (name === "cpu") {
+    const values = backend.data?.get(t.dataId).values
+    return values instanceof Float32Array && values.length === t.size ? values : undefined
+  }
+  if (name === "wasm" && backend.typedArrayFromHeap !== undefined) return backend.typedArrayFromHeap(t)
+  return undefined
+}
+
+/** Creates an empty buffer of `rows` rows of `width` floats, with room for `initial` per row. */
+export const rowBuffer = (tf: Tf, rows: number, width: number, initial = 16): RowBuffer => {
+  let capacity = Math.max(1, initial)
+  const lengths = new Array<number>(rows).fill(0)
+  const allocate = (cap: number, from?: Float32Array) => tf.keep(tf.tensor3d(from ?? new Float32Array(rows * cap * width), [rows, cap, width]))
+  let store = allocate(capacity)
+  const inPlace = storageOf(tf, store) !== undefined
+  // the host copy for backends without writable storage
+  let host: Float32Array | undefined = inPlace ? undefined : new Float32Array(rows * capacity * width)
+  let stale = false
+  const view = (): Float32Array => (host ?? storageOf(tf, store)!)
+  const grow = (needed: number) => {
+    let cap = capacity
+    while (cap < needed) cap *= 2
+    const old = view()
+    const next = new Float32Array(rows * cap * width)
+    for (let b = 0; b < rows; b++) {
+      next.set(old.subarray(b * capacity * width, (b * capacity + lengths[b]!) * width), b * cap * width)
+    }
+    store.dispose()
+    capacity = cap
+    if (host !== undefined) {
+      host = next
+      store = allocate(cap, next)
+    } else {
+      store = allocate(cap)
+      storageOf(tf, store)!.set(next)
+    }
+  }
+  const current = () => {
+    if (stale) {
+      store.dispose()
+      store = allocate(capacity, host)
+      stale = false
+    }
+    return store
+  }
+  return {
+    rows,
+    width,
+    get lengths() {
+      return lengths
+    },
+    get capacity() {
+      return capacity
+    },
+    append(x, counts) {
+      if (counts.length !== rows) throw new Error(`append: ${counts.length} row counts for a buffer of ${rows} rows`)
+      const total = counts.reduce((a, c) => a + c, 0)
+      if (total === 0) return
+      const data = x.dataSync() as Float32Array
+      if (data.length !== total * width) throw new Error(`append: expected ${total}×${width} values, got ${data.length}`)
+      const needed = Math.max(...lengths.map((l, b) => l + counts[b]!))
+      if (needed > capacity) grow(needed)
+      const out = view()
+      let offset = 0
+      for (let b = 0; b < rows; b++) {
+        const n = counts[b]!
+        if (n === 0) continue
+        out.set(data.subarray(offset * width, (offset + n) * width), (b * capacity + lengths[b]!) * width)
+        lengths[b]! += n
+        offset += n
+      }
+      if (host !== undefined) stale = true
+    },
+    row(b) {
+      const len = lengths[b]!
+      return tf.reshape(tf.slice(current(), [b, 0, 0], [1, len, width]), [len, width]) as Tensor2D
+    },
+    all() {
+      const len = lengths[0] ?? 0
+      if (lengths.some((l) => l !== len)) throw new Error(`all: rows hold different lengths (${lengths.join(", ")})`)
+      return tf.slice(current(), [0, 0, 0], [rows, len, width])
+    },
+    dispose() {
+      store.dispose()
+    }
+  }
+}
+
+/** Bytes a buffer holds allocated (float32). */
+export const bufferBytes = (b: RowBuffer): number => b.rows * b.capacity * b.width * 4

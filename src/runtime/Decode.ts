@@ -1,0 +1,169 @@
+/**
+ * Incremental decoding: prefill a batch of prompts, then decode one token at a time, with caches.
+ *
+ * A session runs the lowered graph on each new piece of every row (`feed`), with a
+ * {@link DecodeCache} in the forward context: attention layers append to their KV caches (one per
+ * loop pass), the chunk module keeps each row's previous token, a concept stage keeps its pending
+ * merge and runs the concept model only on the concepts the piece closed (per row: rows close
+ * concepts at different steps), and the dechunk carries its EMA. In evaluation mode the logits equal
+ * a full forward pass over the same tokens (tested to 1e-4).
+ *
+ * @since 0.2.0
+ */
+import type { DecodeCache, RowBuffer, Tensor2D } from "../graph/Apply.ts"
+import type { AnyBlock } from "../graph/Block.ts"
+import { joinPath } from "../graph/Analyze.ts"
+import { bufferBytes, rowBuffer } from "./Cache.ts"
+import { forward, type Lowered } from "./Lower.ts"
+
+/** A kind in the graph that does not declare how it runs on a stream cut into pieces. */
+export class NotDecodable extends Error {
+  readonly path: string
+  readonly kind: string
+  constructor(path: string, kind: string) {
+    super(`block kind "${kind}" at ${path === "" ? "(root)" : path} does not declare \`stream\`: it cannot be decoded incrementally`)
+    this.path = path
+    this.kind = kind
+  }
+}
+
+/** A piece that would take a row past the session's maximum length. */
+export class ContextOverflow extends Error {
+  readonly length: number
+  readonly maxLength: number
+  constructor(length: number, maxLength: number) {
+    super(`${length} tokens exceed the model's context of ${maxLength}`)
+    this.length = length
+    this.maxLength = maxLength
+  }
+}
+
+export interface SessionOptions {
+  /** Rows decoded together. */
+  readonly rows: number
+  /** Longest row the session accepts (the model's context length); unbounded by default. */
+  readonly maxLength?: number
+  /**
+   * Boundaries imposed on concept stages instead of the chunk module's decisions (benchmarks that
+   * need an exact ratio); position 0 is always a boundary.
+   */
+  readonly forcedBoundary?: (row: number, position: number) => boolean
+  /** Initial cache capacity per row, in positions (grown by doubling). */
+  readonly initialCapacity?: number
+}
+
+export interface Session {
+  readonly rows: number
+  /** Tokens consumed per row. */
+  readonly length: number
+  /**
+   * Runs the next `n` tokens of every row (`ids` row-major, `rows·n`); returns their logits
+   * `[rows·n, vocab]`, which the caller disposes.
+   */
+  feed(ids: Int32Array, n: number): Tensor2D
+  /** Feeds `n` tokens per row in pieces of at most `chunk`; returns the last position's logits `[rows, vocab]`. */
+  prefill(ids: Int32Array, n: number, chunk?: number): Tensor2D
+  /** Bytes allocated by caches, by node scope (KV caches and decode state). */
+  cacheBytes(): { readonly total: number; readonly byScope: ReadonlyMap<string, number> }
+  /** Tokens and concepts seen by concept stages so far. */
+  readonly compression: { readonly tokens: number; readonly concepts: number }
+  dispose(): void
+}
+
+/** Checks that every kind of the graph declares how it runs on a stream. */
+export const checkDecodable = (root: AnyBlock): void => {
+  const walk = (b: AnyBlock, path: string) => {
+    if (b.kind.stream === undefined) throw new NotDecodable(path, b.kind.name)
+    b.children.forEach((c, i) => walk(c, joinPath(path, c.name ?? `${i}`)))
+  }
+  walk(root, "")
+}
+
+/** Opens a decoding session on a lowered model (evaluation mode). */
+export const session = (m: Lowered, options: SessionOptions): Session => {
+  checkDecodable(m.analysis.root)
+  const { tf } = m
+  const rows = options.rows
+  const states = new Map<string, unknown>()
+  const buffers = new Map<string, Array<RowBuffer>>()
+  let scope = ""
+  const cache: DecodeCache = {
+    rows,
+    state: <A>(s: string, init: () => A): A => {
+      if (!states.has(s)) {
+        scope = s
+        states.set(s, init())
+      }
+      return states.get(s) as A
+    },
+    buffer: (r, width) => {
+      const b = rowBuffer(tf, r, width, options.initialCapacity ?? 64)
+      const list = buffers.get(scope) ?? []
+      list.push(b)
+      buffers.set(scope, list)
+      return b
+    },
+    forcedBoundary: options.forcedBoundary === undefined
+      ? undefined
+      : (row, position) => position === 0 || options.forcedBoundary!(row, position)
+  }
+  let length = 0
+  const compression = { tokens: 0, concepts: 0 }
+  const feed = (ids: Int32Array, n: number): Tensor2D => {
+    if (ids.length !== rows * n) throw new Error(`feed: expected ${rows}×${n} ids, got ${ids.length}`)
+    if (n <= 0) throw new Error("feed: a piece has at least one token per row")
+    if (options.maxLength !== undefined && length + n > options.maxLength) throw new ContextOverflow(length + n, options.maxLength)
+    const positions = new Int32Array(rows * n)
+    for (let r = 0; r < rows; r++) for (let i = 0; i < n; i++) positions[r * n + i] = length + i
+    const logits = tf.tidy(() => {
+      const { ctx, logits } = forward(m, { rows, length: n, ids }, { training: false, seed: 0, cache, positions })
+      compression.tokens += ctx.compression.tokens
+      compression.concepts += ctx.compression.concepts
+      return logits
+    })
+    length += n
+    return logits
+  }
+  return {
+    rows,
+    get length() {
+      return length
+    },
+    feed,
+    prefill: (ids, n, chunk = 512) => {
+      if (ids.length !== rows * n) throw new Error(`prefill: expected ${rows}×${n} ids, got ${ids.length}`)
+      let last: Tensor2D | undefined
+      for (let s = 0; s < n; s += chunk) {
+        const len = Math.min(chunk, n - s)
+        const piece = new Int32Array(rows * len)
+        for (let r = 0; r < rows; r++) piece.set(ids.subarray(r * n + s, r * n + s + len), r * len)
+        last?.dispose()
+        const logits = feed(piece, len)
+        last = tf.tidy(() => tf.gather(logits, tf.tensor1d(Array.from({ length: rows }, (_, r) => r * len + len - 1), "int32")) as Tensor2D)
+        logits.dispose()
+      }
+      return last!
+    },
+    cacheBytes: () => {
+      const byScope = new Map<string, number>()
+      let total = 0
+      for (const [s, list] of buffers) {
+        const bytes = list.reduce((a, b) => a + bufferBytes(b), 0)
+        byScope.set(s, bytes)
+        total += bytes
+      }
+      return { total, byScope }
+    },
+    compression,
+    dispose: () => {
+      for (const list of buffers.values()) for (const b of list) b.dispose()
+      for (const st of states.values()) {
+        for (const v of Object.values(st as Record<string, unknown>)) {
+          if (v !== null && typeof v === "object" && "dispose" in v && "dataId" in v) (v as { dispose: () => void }).dispose()
+        }
+      }
+      buffers.clear()
+      states.clear()
+    }
+  }
+}

@@ -68,4 +68,8 @@ export const reportFailure = (message: string) =>
 
 /** Every typed failure of a command becomes one `error:` line and exit code 1. */
 export const handled = <A, E extends { readonly message: string }, R>(self: Effect.Effect<A, E, R>) =>
-  self.pipe(Effect.catch((e) => reportFailure(e.message)))
+  self.pipe(Effect.catch((e) => reportFailure(withFile(e))))
+
+/** An error's message, led by the file it is about when it has one the message does not name. */
+const withFile = (e: { readonly message: string; readonly file?: unknown }): string =>
+  typeof e.file === "string" && !e.message.includes(e.file) ? `${e.file}: ${e.message}` : e.message

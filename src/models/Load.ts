@@ -43,11 +43,13 @@ export interface LoadedModel {
   readonly decoder?: DecoderConfig
   /** For ConceptMoE configs. */
   readonly concept?: ConceptInfo
+  /** The config as read, self-contained (a ConceptMoE's baseline path replaced by its content). */
+  readonly config: unknown
 }
 
 type Problem = { readonly field: string; readonly message: string }
 type Failure = { readonly reason: "unsupported" | "invalid"; readonly problems: ReadonlyArray<Problem> }
-type Built = Omit<LoadedModel, "file" | "analysis" | "name"> & { readonly name: string }
+type Built = Omit<LoadedModel, "file" | "analysis" | "name" | "config"> & { readonly name: string }
 
 const decodeWith = <S extends Schema.Decoder<unknown>>(schema: S, json: unknown) =>
   Result.mapError(
@@ -168,7 +170,7 @@ export const modelFromJson = (json: unknown, file: string): Effect.Effect<Loaded
     if (Result.isFailure(analysis)) {
       return fail("invalid", analysis.failure.problems.map((p) => ({ field: `(graph) ${p.path}${p.field ? ` ${p.field}` : ""}`, message: p.message })))
     }
-    return Effect.succeed({ file, ...built.success, analysis: analysis.success })
+    return Effect.succeed({ file, ...built.success, analysis: analysis.success, config: json })
   })
 
 /** Parses JSON text, failing with a {@link ConfigError} that gives the parser's message. */

@@ -172,22 +172,39 @@ const checkpointTensors = (low: Lowered, opt: Optimizer): Map<string, TensorData
   return out
 }
 
-const restore = (low: Lowered, opt: Optimizer, file: string, tensors: Map<string, TensorData>) =>
+/**
+ * Checks a checkpoint's tensors against the model's variables (every `prefix/path` present with the
+ * variable's shape, no parameter the model lacks) and assigns them; `targets` gives, per prefix, the
+ * tensor each variable's entry goes to.
+ */
+const assignChecked = (
+  low: Lowered,
+  file: string,
+  tensors: ReadonlyMap<string, TensorData>,
+  prefixes: ReadonlyArray<readonly [string, (path: string, w: TF.Variable) => TF.Variable]>
+) =>
   Effect.gen(function*() {
     const { tf } = low
     for (const [p, w] of low.variables) {
-      for (const [prefix, target] of [["param", w], ["adam.m", opt.m.get(p)!], ["adam.v", opt.v.get(p)!]] as const) {
+      for (const [prefix, target] of prefixes) {
         const t = tensors.get(`${prefix}/${p}`)
         if (t === undefined) return yield* new CheckpointMismatch({ file, message: `has no tensor ${prefix}/${p}: it was written for another model` })
         if (t.shape.join(",") !== w.shape.join(",")) {
           return yield* new CheckpointMismatch({ file, message: `${prefix}/${p} has shape [${t.shape}], the model's is [${w.shape}]` })
         }
-        target.assign(tf.tensor(t.data, [...t.shape]))
+        target(p, w).assign(tf.tensor(t.data, [...t.shape]))
       }
     }
-    const extra = [...tensors.keys()].filter((k) => !low.variables.has(k.replace(/^(param|adam\.m|adam\.v)\//, "")))
+    const extra = [...tensors.keys()].filter((k) => /^(param|adam\.m|adam\.v)\//.test(k) && !low.variables.has(k.replace(/^(param|adam\.m|adam\.v)\//, "")))
     if (extra.length > 0) return yield* new CheckpointMismatch({ file, message: `has tensors the model lacks, e.g. ${extra[0]}` })
   })
+
+const restore = (low: Lowered, opt: Optimizer, file: string, tensors: Map<string, TensorData>) =>
+  assignChecked(low, file, tensors, [["param", (_, w) => w], ["adam.m", (p) => opt.m.get(p)!], ["adam.v", (p) => opt.v.get(p)!]])
+
+/** Loads a checkpoint's parameters into a lowered model (no optimizer state), checking names and shapes. */
+export const loadParams = (low: Lowered, file: string, tensors: ReadonlyMap<string, TensorData>) =>
+  assignChecked(low, file, tensors, [["param", (_, w) => w]])
 
 export interface TrainResult {
   readonly metrics: ReadonlyArray<StepMetrics>
@@ -239,7 +256,12 @@ export const train = (
     let lastCheckpoint: string | null = options.resume ? checkpointFile : null
     const save = (step: number) =>
       Effect.gen(function*() {
-        yield* writeCheckpoint(checkpointFile, checkpointTensors(low, opt), { step: String(step), model: model.name, format: "conceptmoe/v1" })
+        yield* writeCheckpoint(checkpointFile, checkpointTensors(low, opt), {
+          step: String(step),
+          model: model.name,
+          format: "conceptmoe/v1",
+          config: JSON.stringify(model.config)
+        })
         const lines = metrics.map((m) => JSON.stringify(m)).join("\n") + "\n"
         const tmp = `${metricsFile}.tmp-${process.pid}`
         yield* fs.writeFileString(tmp, lines)

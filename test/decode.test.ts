@@ -133,7 +133,11 @@ layer(backendLayer("cpu"))("decode sessions", (it) => {
       assert.isDefined(encoder, scopes.join(", "))
       assert.isDefined(concept, scopes.join(", "))
       // k and v, rows × capacity × width × 4 bytes: 32 token slots against 8 concept slots
-      assert.strictEqual(bytes.get(encoder)! / bytes.get(concept)!, 4)
+      assert.strictEqual(bytes.get(encoder)!.allocated / bytes.get(concept)!.allocated, 4)
+      // held: 20 tokens against 5 concepts
+      assert.strictEqual(bytes.get(encoder)!.used / bytes.get(concept)!.used, 4)
+      // rows × tokens × (k and v: 2 KV heads × head dim 8) × 4 bytes
+      assert.strictEqual(bytes.get(encoder)!.used, 2 * 20 * (2 * 2 * 8) * 4)
       s.dispose()
       for (const v of low.variables.values()) v.dispose()
     }))

@@ -19,31 +19,41 @@ export const toSvg = async (spec: TopLevelSpec): Promise<string> => {
 
 const schema = "https://vega.github.io/schema/vega-lite/v6.json"
 
-/** A log-log line chart of `y` against `x`, one line per `series`. */
+/**
+ * A line chart of `y` against `x`, one line per `series` (log-log by default). Rows with a `style`
+ * are dashed by style (e.g. measured vs predicted).
+ */
 export const lineChart = (options: {
   readonly title: string
   readonly x: string
   readonly y: string
-  readonly rows: ReadonlyArray<{ readonly series: string; readonly x: number; readonly y: number }>
+  readonly rows: ReadonlyArray<{ readonly series: string; readonly x: number; readonly y: number; readonly style?: string }>
   /** Linear axes (default: log-log). */
   readonly linear?: boolean
-}): TopLevelSpec => ({
-  $schema: schema,
-  title: options.title,
-  width: 520,
-  height: 320,
-  data: { values: options.rows.map((r) => ({ ...r })) },
-  mark: { type: "line", point: options.linear !== true },
-  encoding: {
-    x: options.linear === true
-      ? { field: "x", type: "quantitative", title: options.x }
-      : { field: "x", type: "quantitative", title: options.x, scale: { type: "log", base: 2 }, axis: { format: "~s" } },
-    y: options.linear === true
-      ? { field: "y", type: "quantitative", title: options.y, scale: { zero: false } }
-      : { field: "y", type: "quantitative", title: options.y, scale: { type: "log" }, axis: { format: "~s" } },
-    color: { field: "series", type: "nominal", title: "model", legend: { labelLimit: 400 } }
+  /** Per-axis scales, overriding `linear`. */
+  readonly scales?: { readonly x: "log" | "linear"; readonly y: "log" | "linear" }
+}): TopLevelSpec => {
+  const scales = options.scales ?? (options.linear === true ? { x: "linear", y: "linear" } : { x: "log", y: "log" })
+  const styled = options.rows.some((r) => r.style !== undefined)
+  return {
+    $schema: schema,
+    title: options.title,
+    width: 520,
+    height: 320,
+    data: { values: options.rows.map((r) => ({ ...r })) },
+    mark: { type: "line", point: options.linear !== true },
+    encoding: {
+      x: scales.x === "linear"
+        ? { field: "x", type: "quantitative", title: options.x }
+        : { field: "x", type: "quantitative", title: options.x, scale: { type: "log", base: 2 }, axis: { format: "~s" } },
+      y: scales.y === "linear"
+        ? { field: "y", type: "quantitative", title: options.y, scale: { zero: false } }
+        : { field: "y", type: "quantitative", title: options.y, scale: { type: "log" }, axis: { format: "~s" } },
+      color: { field: "series", type: "nominal", title: "model", legend: { labelLimit: 400 } },
+      ...(styled ? { strokeDash: { field: "style", type: "nominal", title: "" } } : {})
+    }
   }
-})
+}
 
 /** A horizontal stacked bar per `bar`, stacked by `part`. */
 export const stackedBars = (options: {

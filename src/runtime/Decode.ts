@@ -52,6 +52,12 @@ export interface SessionOptions {
   readonly initialCapacity?: number
 }
 
+export interface CacheBytes {
+  readonly total: number
+  readonly used: number
+  readonly byScope: ReadonlyMap<string, { readonly allocated: number; readonly used: number }>
+}
+
 export interface Session {
   readonly rows: number
   /** Tokens consumed per row. */
@@ -63,8 +69,11 @@ export interface Session {
   feed(ids: Int32Array, n: number): Tensor2D
   /** Feeds `n` tokens per row in pieces of at most `chunk`; returns the last position's logits `[rows, vocab]`. */
   prefill(ids: Int32Array, n: number, chunk?: number): Tensor2D
-  /** Bytes allocated by caches, by node scope (KV caches and decode state). */
-  cacheBytes(): { readonly total: number; readonly byScope: ReadonlyMap<string, number> }
+  /**
+   * Bytes of the KV caches: `total` allocated (capacity), `used` holding entries, and both by node
+   * scope (a looped layer has one scope per pass).
+   */
+  cacheBytes(): CacheBytes
   /** Tokens and concepts seen by concept stages so far. */
   readonly compression: { readonly tokens: number; readonly concepts: number }
   dispose(): void
@@ -145,14 +154,17 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
       return last!
     },
     cacheBytes: () => {
-      const byScope = new Map<string, number>()
+      const byScope = new Map<string, { allocated: number; used: number }>()
       let total = 0
+      let used = 0
       for (const [s, list] of buffers) {
-        const bytes = list.reduce((a, b) => a + bufferBytes(b), 0)
-        byScope.set(s, bytes)
-        total += bytes
+        const allocated = list.reduce((a, b) => a + bufferBytes(b), 0)
+        const held = list.reduce((a, b) => a + b.lengths.reduce((x, l) => x + l, 0) * b.width * 4, 0)
+        byScope.set(s, { allocated, used: held })
+        total += allocated
+        used += held
       }
-      return { total, byScope }
+      return { total, used, byScope }
     },
     compression,
     dispose: () => {

@@ -106,8 +106,23 @@ export const matMulFlops = (a: Tensor, b: Tensor): number => {
   return 2 * batch * m * n * k
 }
 
-/** A matmul whose gradient transposes explicitly; counts executed FLOPs into `counter`. */
+/** Batched products whose matrices have at least this many multiply-adds run as 2-D products on wasm. */
+export const unstackAbove = 1 << 18
+
+/**
+ * A matmul whose gradient transposes explicitly; counts executed FLOPs into `counter`. On wasm a
+ * batched product of large matrices runs as one 2-D product per matrix: tfjs-backend-wasm's XNNPACK
+ * path takes only rank-2 products, and its batched fallback runs at about 3 GFLOP/s
+ * (docs/inference.md has the measurement).
+ */
 export const makeMatMul = (tf: Tf, counter: FlopCounter) => {
+  const product = (a: Tensor, b: Tensor): Tensor => {
+    if (a.rank !== 3 || b.rank !== 3 || a.shape[0] === 1 || tf.getBackend() !== "wasm") return tf.matMul(a, b)
+    const [, m, k] = a.shape as [number, number, number]
+    if (m * k * b.shape[2]! < unstackAbove) return tf.matMul(a, b)
+    const bs = tf.unstack(b)
+    return tf.stack(tf.unstack(a).map((x, i) => tf.matMul(x, bs[i]!)))
+  }
   const swap = (t: Tensor) => {
     const r = t.rank
     const perm = [...Array(r).keys()]
@@ -118,8 +133,8 @@ export const makeMatMul = (tf: Tf, counter: FlopCounter) => {
   const f = tf.customGrad(((a: Tensor, b: Tensor, save: (ts: Array<Tensor>) => void) => {
     save([a, b])
     return {
-      value: tf.matMul(a, b),
-      gradFunc: (dy: Tensor, [sa, sb]: Array<Tensor>) => [tf.matMul(dy, swap(sb!)), tf.matMul(swap(sa!), dy)]
+      value: product(a, b),
+      gradFunc: (dy: Tensor, [sa, sb]: Array<Tensor>) => [product(dy, swap(sb!)), product(swap(sa!), dy)]
     }
   }) as unknown as Parameters<Tf["customGrad"]>[0])
   return (a: Tensor, b: Tensor, category: keyof FlopCounter): Tensor => {

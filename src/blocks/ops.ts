@@ -139,6 +139,23 @@ const attendRows = (
   options: { readonly causal: boolean; readonly window: number | null }
 ): Tensor => {
   const { tf } = ctx
+  // decoding keeps no tape: free the score matrices now, not at the end of the whole pass
+  if (ctx.cache !== undefined) return tf.tidy(() => attendRowsOnce(ctx, q, k, v, R, n, len, past, options))
+  return attendRowsOnce(ctx, q, k, v, R, n, len, past, options)
+}
+
+const attendRowsOnce = (
+  ctx: ForwardContext,
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  R: number,
+  n: number,
+  len: number,
+  past: number,
+  options: { readonly causal: boolean; readonly window: number | null }
+): Tensor => {
+  const { tf } = ctx
   const [, H, dqk] = q.shape as [number, number, number]
   const [, KV, dv] = v.shape as [number, number, number]
   const group = H / KV

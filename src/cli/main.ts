@@ -19,4 +19,17 @@ const cli = Command.make("conceptmoe").pipe(
   Command.withSubcommands([budget, reallocate, report, train, verify, compare, generate, bench])
 )
 
-NodeRuntime.runMain(Command.run(cli, { version: "0.1.0" }).pipe(Effect.provide(NodeServices.layer)), { disableErrorReporting: true })
+// typed failures are reported by each command; anything unexpected still gets one line, not silence
+const program = Command.run(cli, { version: "0.1.0" }).pipe(
+  Effect.catchDefect((defect) =>
+    Effect.sync(() => {
+      const message = defect instanceof Error ? defect.message : String(defect)
+      process.stderr.write(`error: internal: ${message}\n`)
+      if (process.env["CONCEPTMOE_DEBUG"] !== undefined && defect instanceof Error) process.stderr.write(`${defect.stack}\n`)
+      process.exitCode = 1
+    })
+  ),
+  Effect.provide(NodeServices.layer)
+)
+
+NodeRuntime.runMain(program, { disableErrorReporting: true })

@@ -46,17 +46,17 @@ export const install = (tf: Tf, backend: string): void => {
       backendName: "wasm",
       kernelFunc: ({ attrs, backend: b, inputs }) => {
         const wasm = b as unknown as {
-          readSync: (id: unknown) => ArrayLike<number>
           makeOutput: (shape: Array<number>, dtype: string) => { dataId: unknown; shape: Array<number>; dtype: string }
           typedArrayFromHeap: (t: unknown) => Float32Array
         }
         const x = inputs["x"] as unknown as { dataId: unknown; shape: Array<number> }
         const ids = inputs["segmentIds"] as unknown as { dataId: unknown }
         const numSegments = (attrs as { numSegments: number }).numSegments
-        const xs = wasm.readSync(x.dataId)
-        const seg = wasm.readSync(ids.dataId)
-        const inner = x.shape.slice(1).reduce((a, c) => a * c, 1)
         const out = wasm.makeOutput([numSegments, ...x.shape.slice(1)], "float32")
+        // views of the heap, taken after the output's allocation (which may grow the heap)
+        const xs = wasm.typedArrayFromHeap(x)
+        const seg = wasm.typedArrayFromHeap(ids)
+        const inner = x.shape.slice(1).reduce((a, c) => a * c, 1)
         const o = wasm.typedArrayFromHeap(out)
         o.fill(0)
         for (let i = 0; i < seg.length; i++) {
@@ -68,6 +68,30 @@ export const install = (tf: Tf, backend: string): void => {
       }
     })
     installed.add("wasm")
+  }
+  if (backend === "wasm" && !installed.has("wasm-slice")) {
+    // tfjs-backend-wasm 4.22's Slice copies its whole input out of the heap (readSync) before taking
+    // the slice: slicing one expert out of a stacked [E, d, h] parameter, or a prefix out of a KV
+    // cache, costs the whole tensor. This one reads the heap in place.
+    tf.unregisterKernel("Slice", "wasm")
+    tf.registerKernel({
+      kernelName: "Slice",
+      backendName: "wasm",
+      kernelFunc: ({ attrs, backend: b, inputs }) => {
+        const wasm = b as unknown as {
+          makeOutput: (shape: Array<number>, dtype: string) => { dataId: unknown; shape: Array<number>; dtype: string }
+          typedArrayFromHeap: (t: unknown) => Float32Array | Int32Array
+        }
+        const x = inputs["x"] as unknown as { dataId: unknown; shape: Array<number>; dtype: string }
+        const [begin, size] = tf.slice_util.parseSliceParams(x as never, (attrs as { begin: Array<number> }).begin, (attrs as { size: Array<number> }).size)
+        const out = wasm.makeOutput(size!, x.dtype)
+        const src = wasm.typedArrayFromHeap(x)
+        const dst = wasm.typedArrayFromHeap(out)
+        stridedCopy(src, x.shape, begin!, size!, dst)
+        return out as never
+      }
+    })
+    installed.add("wasm-slice")
   }
   if (backend === "cpu" && !installed.has("cpu")) {
     tf.unregisterKernel("UnsortedSegmentSum", "cpu")
@@ -95,6 +119,38 @@ export const install = (tf: Tf, backend: string): void => {
       }
     })
     installed.add("cpu")
+  }
+}
+
+/**
+ * Copies the box `begin … begin+size` of a row-major array of `shape` into `dst`, one contiguous
+ * run of the innermost dimensions at a time.
+ */
+export const stridedCopy = (
+  src: Float32Array | Int32Array,
+  shape: ReadonlyArray<number>,
+  begin: ReadonlyArray<number>,
+  size: ReadonlyArray<number>,
+  dst: Float32Array | Int32Array
+): void => {
+  const rank = shape.length
+  const strides = new Array<number>(rank).fill(1)
+  for (let i = rank - 2; i >= 0; i--) strides[i] = strides[i + 1]! * shape[i + 1]!
+  // the innermost dimensions taken whole (after the first partial one) form one run
+  let inner = rank
+  while (inner > 0 && (inner === rank || (begin[inner]! === 0 && size[inner]! === shape[inner]!))) inner--
+  const run = size.slice(inner).reduce((a, c) => a * c, 1)
+  const outer = size.slice(0, inner)
+  const total = outer.reduce((a, c) => a * c, 1)
+  const index = new Array<number>(inner).fill(0)
+  for (let k = 0; k < total; k++) {
+    let offset = begin[inner] === undefined ? 0 : begin[inner]! * strides[inner]!
+    for (let i = 0; i < inner; i++) offset += (begin[i]! + index[i]!) * strides[i]!
+    dst.set(src.subarray(offset, offset + run), k * run)
+    for (let i = inner - 1; i >= 0; i--) {
+      if (++index[i]! < outer[i]!) break
+      index[i] = 0
+    }
   }
 }
 

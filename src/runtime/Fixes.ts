@@ -164,6 +164,8 @@ export const matMulFlops = (a: Tensor, b: Tensor): number => {
 
 /** Batched products whose matrices have at least this many multiply-adds run as 2-D products on wasm. */
 export const unstackAbove = 1 << 18
+/** …and at least this many rows (measured in docs/inference.md). */
+export const unstackMinRows = 64
 
 /**
  * A matmul whose gradient transposes explicitly; counts executed FLOPs into `counter`. On wasm a
@@ -175,7 +177,9 @@ export const makeMatMul = (tf: Tf, counter: FlopCounter) => {
   const product = (a: Tensor, b: Tensor): Tensor => {
     if (a.rank !== 3 || b.rank !== 3 || a.shape[0] === 1 || tf.getBackend() !== "wasm") return tf.matMul(a, b)
     const [, m, k] = a.shape as [number, number, number]
-    if (m * k * b.shape[2]! < unstackAbove) return tf.matMul(a, b)
+    // XNNPACK repacks the right operand on every call: a 2-D product with few rows (a decode step's
+    // single query) runs at 0.1–0.2 GFLOP/s, ten times slower than the batched kernel
+    if (m < unstackMinRows || m * k * b.shape[2]! < unstackAbove) return tf.matMul(a, b)
     const bs = tf.unstack(b)
     return tf.stack(tf.unstack(a).map((x, i) => tf.matMul(x, bs[i]!)))
   }

@@ -127,23 +127,6 @@ const mask = (ctx: ForwardContext, n: number, len: number, past: number, causal:
  * Attention of `R` rows at once: queries `q [R·n, H, dqk]`, keys `k [R·len, KV, dqk]`, values
  * `v [R·len, KV, dv]`; the queries sit at positions `past …` of each row. Returns `[R·n, H·dv]`.
  */
-const attendRows = (
-  ctx: ForwardContext,
-  q: Tensor,
-  k: Tensor,
-  v: Tensor,
-  R: number,
-  n: number,
-  len: number,
-  past: number,
-  options: { readonly causal: boolean; readonly window: number | null }
-): Tensor => {
-  const { tf } = ctx
-  // decoding keeps no tape: free the score matrices now, not at the end of the whole pass
-  if (ctx.cache !== undefined) return tf.tidy(() => attendRowsOnce(ctx, q, k, v, R, n, len, past, options))
-  return attendRowsOnce(ctx, q, k, v, R, n, len, past, options)
-}
-
 const attendRowsOnce = (
   ctx: ForwardContext,
   q: Tensor,
@@ -172,6 +155,12 @@ const attendRowsOnce = (
   const masked = tf.add(scores, mask(ctx, n, len, past, options.causal, options.window))
   const out = ctx.matMul(tf.softmax(masked), tf.reshape(v4, [R * H, len, dv]), "attentionMap")
   return tf.reshape(tf.transpose(tf.reshape(out, [R, H, n, dv]), [0, 2, 1, 3]), [R * n, H * dv])
+}
+
+const attendRows = (...args: Parameters<typeof attendRowsOnce>): Tensor => {
+  const ctx = args[0]
+  // decoding keeps no tape: free the score matrices now, not at the end of the whole pass
+  return ctx.cache !== undefined ? ctx.tf.tidy(() => attendRowsOnce(...args)) : attendRowsOnce(...args)
 }
 
 /**

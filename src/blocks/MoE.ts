@@ -56,8 +56,9 @@ const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record
   const E = s.experts
   const logits = ops.linear(ctx, x, p["router.weight"]!, p["router.bias"])
   const probs = s.scoring === "softmax" ? tf.softmax(logits) : tf.sigmoid(logits)
+  if (ctx.dispatch === "dense") return denseDispatch(ctx, s, x, p, probs)
   const { indices } = tf.topk(ctx.detach(probs), s.topK)
-  const chosen = indices.dataSync() as Int32Array
+  const chosen = ctx.read(indices) as Int32Array
   indices.dispose()
   // gate of each (token, slot): probs[n, e], gathered from the flat probabilities (differentiable)
   const flat = new Int32Array(n * s.topK)
@@ -92,19 +93,70 @@ const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record
     outs.push(tf.mul(ye, tf.reshape(ge, [pairs.length, 1])))
     for (const i of pairs) targets.push(Math.floor(i / s.topK))
   }
-  let y: Tensor = tf.unsortedSegmentSum(tf.concat(outs, 0), tf.tensor1d(targets, "int32"), n)
+  const routed = tf.unsortedSegmentSum(tf.concat(outs, 0), tf.tensor1d(targets, "int32"), n)
+  const counts = new Float32Array(E)
+  for (let i = 0; i < n * s.topK; i++) counts[chosen[i]!]! += 1 / (n * s.topK)
+  return withShared(ctx, s, x, p, probs, routed, () => tf.tensor1d(counts))
+}
+
+/**
+ * Adds the shared experts to the routed output and, in training, the Switch-style load-balancing
+ * loss E·Σ_e f_e·P_e (f: the fraction of token-slot pairs routed to e; P: the mean probability).
+ */
+const withShared = (
+  ctx: ForwardContext,
+  s: MoESpec,
+  x: Tensor,
+  p: Readonly<Record<string, Tensor>>,
+  probs: Tensor,
+  routed: Tensor,
+  fraction: () => Tensor
+): Tensor => {
+  const { tf } = ctx
+  let y = routed
   if (s.shared !== null) {
     let shared: Tensor = ops.ffn(ctx, x, (name) => p[`shared.${name}`], s.activation)
     if (s.shared.gate) shared = tf.mul(shared, tf.sigmoid(ops.linear(ctx, x, p["sharedGate.weight"]!)))
     y = tf.add(y, shared)
   }
   if (ctx.training && ctx.lossWeights.balance > 0) {
-    const counts = new Float32Array(E)
-    for (let i = 0; i < n * s.topK; i++) counts[chosen[i]!]! += 1 / (n * s.topK)
-    const meanProb = tf.mean(probs, 0)
-    ctx.auxLosses.push(tf.mul(tf.sum(tf.mul(meanProb, tf.tensor1d(counts))), E * ctx.lossWeights.balance))
+    ctx.auxLosses.push(tf.mul(tf.sum(tf.mul(tf.mean(probs, 0), fraction())), s.experts * ctx.lossWeights.balance))
   }
   return y
+}
+
+/**
+ * Dense dispatch, without reading the routing back: every expert runs on every token as one batched
+ * product per matrix (`[E, N, d] × [E, d, h]`), and the outputs are combined with gates that are the
+ * router's probabilities on each token's top-k and zero elsewhere. Same values and gradients as the
+ * sparse path; E/k times its expert FLOPs.
+ */
+const denseDispatch = (
+  ctx: ForwardContext,
+  s: MoESpec,
+  x: Tensor,
+  p: Readonly<Record<string, Tensor>>,
+  probs: Tensor
+): Tensor => {
+  const { tf } = ctx
+  const [n, d] = x.shape as [number, number]
+  const E = s.experts
+  // 1 where expert e is among token n's top-k; off the tape (top-k has no gradient)
+  const selection = tf.customGrad(((pr: Tensor) => ({
+    value: tf.sum(tf.reshape(ctx.oneHot(tf.reshape(tf.topk(pr, s.topK).indices, [n * s.topK]), E), [n, s.topK, E]), 1),
+    gradFunc: (dy: Tensor) => [tf.zerosLike(dy)]
+  })) as unknown as Parameters<typeof tf.customGrad>[0])
+  const chosen = selection(probs) as Tensor
+  let gates = tf.mul(probs, chosen)
+  if (s.normalizeTopK) gates = tf.div(gates, tf.sum(gates, 1, true))
+  const xs = tf.tile(tf.reshape(x, [1, n, d]), [E, 1, 1])
+  const ys = ops.ffn(ctx, xs, (name) => {
+    const w = p[`experts.${name}`]
+    // biases [E, h] broadcast over the tokens as [E, 1, h]
+    return w === undefined || w.rank === 3 ? w : tf.reshape(w, [E, 1, w.shape[1]!])
+  }, s.activation)
+  const routed = tf.sum(tf.mul(ys, tf.reshape(tf.transpose(gates), [E, n, 1])), 0)
+  return withShared(ctx, s, x, p, probs, routed, () => tf.div(tf.sum(chosen, 0), n * s.topK))
 }
 
 export const MoE: BlockKind<MoESpec> = {

@@ -114,6 +114,18 @@ export interface ForwardContext {
   readonly detach: (x: Tensor) => Tensor
   /** Straight-through estimator: forward 1, backward identity. */
   readonly ste: (x: Tensor) => Tensor
+  /**
+   * Host values of a tensor, for the decisions a block takes on the host (MoE routing, chunk
+   * boundaries). Sync backends read at once; on a backend that can only read asynchronously (webgpu
+   * in Node) the runtime replays values read in an earlier pass (`Lower.recordReads`).
+   */
+  readonly read: (t: Tensor) => Float32Array | Int32Array
+  /**
+   * How MoE layers dispatch: `sparse` reads the routing back and runs each expert on its tokens
+   * (executed FLOPs = activated FLOPs); `dense` stays on the device: every expert runs on every
+   * token, weighted by a gate that is zero outside the top-k (E/k times the expert FLOPs, no read).
+   */
+  readonly dispatch: "sparse" | "dense"
   /** A float32 one-hot that is correct on every backend. */
   readonly oneHot: (indices: Tensor, depth: number) => Tensor
   /** Weights of auxiliary losses. */

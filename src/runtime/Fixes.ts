@@ -31,9 +31,11 @@ export const install = (tf: Tf, backend: string): void => {
           inputsToSave: ["a", "b"].slice(0, kernelName === "LogicalNot" ? 0 : 2),
           gradFunc: (dy: Tensor | Array<Tensor>, saved: Array<Tensor>) => {
             const d = Array.isArray(dy) ? dy[0]! : dy
+            // float zeros whatever the inputs' dtype (tfjs requires float gradients, even for int inputs)
+            const zeros = (t: Tensor) => tf.zeros(t.shape, "float32")
             return kernelName === "LogicalNot"
-              ? { x: () => tf.zerosLike(d) }
-              : { a: () => tf.zerosLike(saved[0] ?? d), b: () => tf.zerosLike(saved[1] ?? d) }
+              ? { x: () => zeros(d) }
+              : { a: () => zeros(saved[0] ?? d), b: () => zeros(saved[1] ?? d) }
           }
         })
       }

@@ -103,6 +103,10 @@ export interface ForwardOptions {
   readonly cache?: DecodeCache
   /** Position of each token within its row; by default 0, 1, … restarting at document starts. */
   readonly positions?: Int32Array
+  /** Host reads (default: `dataSync`); see {@link recordReads}. */
+  readonly read?: (t: Tensor) => Float32Array | Int32Array
+  /** MoE dispatch (default `sparse`, `dense` on webgpu); see `ForwardContext.dispatch`. */
+  readonly dispatch?: "sparse" | "dense"
 }
 
 /** Runs the graph on a batch; returns the logits `[rows · T, vocab]` and the context. */
@@ -139,6 +143,8 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     detach: makeDetach(tf),
     ste: makeSte(tf),
     oneHot: makeOneHot(tf),
+    read: options.read ?? ((t) => t.dataSync() as Float32Array | Int32Array),
+    dispatch: options.dispatch ?? (tf.getBackend() === "webgpu" ? "dense" : "sparse"),
     lossWeights: { balance: options.balanceWeight ?? 0.01 }
   }
   // a child's scope extends its parent's scope at call time (a loop adds `#pass` to its own)
@@ -180,4 +186,55 @@ export const loss = (m: Lowered, batch: Batch, options: ForwardOptions) => {
   const ce = tf.neg(tf.mean(tf.sum(tf.mul(logp, ctx.oneHot(tf.tensor1d(labels, "int32"), vocab)), -1)))
   const aux = ctx.auxLosses.length === 0 ? tf.scalar(0) : tf.addN(ctx.auxLosses)
   return { total: tf.add(ce, aux) as TF.Scalar, ce: ce as TF.Scalar, aux: aux as TF.Scalar, ctx, tokens: keep.length }
+}
+
+/** Thrown by a recording pass at the first read it has no value for. */
+class PendingRead {
+  readonly tensor: Tensor
+  constructor(tensor: Tensor) {
+    this.tensor = tensor
+  }
+}
+
+/**
+ * The host values a forward pass reads, obtained asynchronously (for backends without synchronous
+ * reads, such as webgpu in Node): the pass runs untaped until its first unknown read, that tensor
+ * is read with `await data()`, and the pass runs again, until it completes. With dense MoE dispatch
+ * a ConceptMoE reads once per concept stage (its boundaries), so this is two passes. A later
+ * `forward` / `loss` with `read: replay(values)` then runs taped without reading.
+ */
+export const recordReads = async (m: Lowered, batch: Batch, options: ForwardOptions): Promise<Array<Float32Array | Int32Array>> => {
+  const { tf } = m
+  const values: Array<Float32Array | Int32Array> = []
+  for (;;) {
+    let i = 0
+    let pending: Tensor | undefined
+    tf.tidy(() => {
+      try {
+        forward(m, batch, {
+          ...options,
+          read: (t) => {
+            if (i < values.length) return values[i++]!
+            throw new PendingRead(t)
+          }
+        })
+      } catch (e) {
+        if (!(e instanceof PendingRead)) throw e
+        pending = tf.keep(e.tensor)
+      }
+    })
+    if (pending === undefined) return values
+    values.push(await pending.data() as Float32Array | Int32Array)
+    pending.dispose()
+  }
+}
+
+/** A reader that hands out recorded values in order, and fails if the pass reads more. */
+export const replay = (values: ReadonlyArray<Float32Array | Int32Array>) => {
+  let i = 0
+  return (t: Tensor): Float32Array | Int32Array => {
+    const v = values[i++]
+    if (v === undefined || v.length !== t.size) throw new Error(`replayed read ${i - 1} does not match the pass (recorded ${values.length} reads)`)
+    return v
+  }
 }

@@ -12,7 +12,7 @@ import { Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import type { LoadedModel } from "../models/Load.ts"
 import { lineChart, toSvg } from "../report/Plots.ts"
 import { Tensors } from "../runtime/Backend.ts"
-import { type Batch, loss, type Lowered, materialize, mixSeed } from "../runtime/Lower.ts"
+import { type Batch, loss, type Lowered, materialize, mixSeed, recordReads, replay } from "../runtime/Lower.ts"
 import { CheckpointError, read as readCheckpoint, type TensorData, write as writeCheckpoint } from "./Checkpoint.ts"
 import { byteTokenizer, type Stream, sotuSplits, trainBatch, validationBatches } from "./Data.ts"
 
@@ -82,13 +82,14 @@ export const learningRate = (o: typeof OptimizerConfig.Type, steps: number, step
   return o.lr * (o.minLrRatio + (1 - o.minLrRatio) * 0.5 * (1 + Math.cos(Math.PI * progress)))
 }
 
-interface Optimizer {
+export interface Optimizer {
   readonly m: Map<string, TF.Variable>
   readonly v: Map<string, TF.Variable>
   step: number
 }
 
-const newOptimizer = (low: Lowered): Optimizer => {
+/** Adam moments, zero, for every variable. */
+export const newOptimizer = (low: Lowered): Optimizer => {
   const { tf } = low
   const m = new Map<string, TF.Variable>()
   const v = new Map<string, TF.Variable>()
@@ -99,30 +100,37 @@ const newOptimizer = (low: Lowered): Optimizer => {
   return { m, v, step: 0 }
 }
 
-/** One optimisation step; returns the loss parts and the stage statistics. */
-export const trainStep = (low: Lowered, opt: Optimizer, batch: Batch, settings: TrainSettings, step: number) => {
+/**
+ * One optimisation step on the device, with host reads through `read` (see `Lower.recordReads`):
+ * gradients, global-norm clipping (the norm stays a tensor), AdamW. Returns the loss tensors, kept,
+ * for the caller to read, and the stage statistics.
+ */
+const stepOnDevice = (
+  low: Lowered,
+  opt: Optimizer,
+  batch: Batch,
+  settings: TrainSettings,
+  step: number,
+  read: ((t: TF.Tensor) => Float32Array | Int32Array) | undefined
+) => {
   const { tf } = low
   const o = settings.optimizer
   const lr = learningRate(o, settings.steps, step)
   const names = [...low.variables.keys()]
   const vars = names.map((n) => low.variables.get(n)!)
   const partOf = new Map(low.analysis.params.map((p) => [p.path, p.part]))
-  let stats = { ce: 0, aux: 0, tokens: 0, concepts: 0, boundaryProbSum: 0 }
-  const value = tf.tidy(() => {
+  let stats = { tokens: 0, concepts: 0, boundaryProbSum: 0 }
+  let parts: { ce: TF.Scalar; aux: TF.Scalar } | undefined
+  const total = tf.tidy(() => {
     const { grads, value } = tf.variableGrads(() => {
-      const parts = loss(low, batch, { training: true, seed: mixSeed(settings.seed, step), balanceWeight: settings.balanceWeight })
-      stats = {
-        ce: parts.ce.dataSync()[0]!,
-        aux: parts.aux.dataSync()[0]!,
-        tokens: parts.ctx.compression.tokens,
-        concepts: parts.ctx.compression.concepts,
-        boundaryProbSum: parts.ctx.compression.boundaryProbSum
-      }
-      return parts.total
+      const r = loss(low, batch, { ...stepOptions(settings, step), ...(read === undefined ? {} : { read }) })
+      stats = { tokens: r.ctx.compression.tokens, concepts: r.ctx.compression.concepts, boundaryProbSum: r.ctx.compression.boundaryProbSum }
+      parts = { ce: tf.keep(r.ce), aux: tf.keep(r.aux) }
+      return r.total
     }, vars)
     const gs = vars.map((w) => grads[w.name] ?? tf.zerosLike(w))
-    const norm = Math.sqrt(gs.reduce((s, g) => s + tf.sum(tf.square(g)).dataSync()[0]!, 0))
-    const scale = norm > o.clip ? o.clip / norm : 1
+    const norm = tf.sqrt(tf.addN(gs.map((g) => tf.sum(tf.square(g)))))
+    const scale = tf.minimum(tf.div(o.clip, norm), 1)
     const t = step + 1
     const c1 = 1 - o.beta1 ** t
     const c2 = 1 - o.beta2 ** t
@@ -137,11 +145,42 @@ export const trainStep = (low: Lowered, opt: Optimizer, batch: Batch, settings: 
       const decay = w.rank >= 2 ? tf.mul(w, o.weightDecay) : tf.zerosLike(w)
       w.assign(tf.sub(w, tf.mul(tf.add(update, decay), lr * (o.partLr[partOf.get(n) ?? ""] ?? 1))))
     })
-    return value.dataSync()[0]!
+    return value
   })
   opt.step = step + 1
-  return { loss: value, lr, ...stats }
+  return { total, ce: parts!.ce, aux: parts!.aux, lr, stats }
 }
+
+const stepOptions = (settings: TrainSettings, step: number) =>
+  ({ training: true, seed: mixSeed(settings.seed, step), balanceWeight: settings.balanceWeight }) as const
+
+/** Reads and frees a step's loss tensors. */
+const stepResult = (r: ReturnType<typeof stepOnDevice>, values: readonly [number, number, number]) => {
+  r.total.dispose()
+  r.ce.dispose()
+  r.aux.dispose()
+  return { loss: values[0], ce: values[1], aux: values[2], lr: r.lr, ...r.stats }
+}
+
+/** One optimisation step; returns the loss parts and the stage statistics. */
+export const trainStep = (low: Lowered, opt: Optimizer, batch: Batch, settings: TrainSettings, step: number) => {
+  const r = stepOnDevice(low, opt, batch, settings, step, undefined)
+  return stepResult(r, [r.total.dataSync()[0]!, r.ce.dataSync()[0]!, r.aux.dataSync()[0]!])
+}
+
+/**
+ * The same step for backends that read only asynchronously (webgpu in Node): the host decisions
+ * (boundaries; MoE routing unless dispatch is dense) are read in an untaped recording pass first.
+ */
+export const trainStepAsync = async (low: Lowered, opt: Optimizer, batch: Batch, settings: TrainSettings, step: number) => {
+  const reads = await recordReads(low, batch, stepOptions(settings, step))
+  const r = stepOnDevice(low, opt, batch, settings, step, replay(reads))
+  const [total, ce, aux] = await Promise.all([r.total.data(), r.ce.data(), r.aux.data()])
+  return stepResult(r, [total[0]!, ce[0]!, aux[0]!])
+}
+
+/** Whether the current backend reads tensors synchronously (not webgpu in Node). */
+export const syncReads = (tf: Lowered["tf"]): boolean => tf.getBackend() !== "webgpu"
 
 /** Mean validation bits per byte (cross-entropy in bits per token of the byte tokenizer). */
 export const evaluate = (low: Lowered, batches: ReadonlyArray<Batch>): { readonly bitsPerByte: number; readonly compression: number | undefined } => {
@@ -162,12 +201,36 @@ export const evaluate = (low: Lowered, batches: ReadonlyArray<Batch>): { readonl
   return { bitsPerByte: ce / tokens / Math.LN2, compression: concepts > 0 ? seen / concepts : undefined }
 }
 
-const checkpointTensors = (low: Lowered, opt: Optimizer): Map<string, TensorData> => {
+/** {@link evaluate} for backends that read only asynchronously. */
+export const evaluateAsync = async (low: Lowered, batches: ReadonlyArray<Batch>) => {
+  const { tf } = low
+  let ce = 0
+  let tokens = 0
+  let concepts = 0
+  let seen = 0
+  for (const b of batches) {
+    const options = { training: false, seed: 0 } as const
+    const reads = await recordReads(low, b, options)
+    const r = tf.tidy(() => {
+      const x = loss(low, b, { ...options, read: replay(reads) })
+      concepts += x.ctx.compression.concepts
+      seen += x.ctx.compression.tokens
+      return { ce: x.ce, tokens: x.tokens }
+    })
+    ce += (await r.ce.data())[0]! * r.tokens
+    tokens += r.tokens
+    r.ce.dispose()
+  }
+  return { bitsPerByte: ce / tokens / Math.LN2, compression: concepts > 0 ? seen / concepts : undefined }
+}
+
+/** The parameters and Adam's moments, read back (asynchronously, so on every backend). */
+const checkpointTensors = async (low: Lowered, opt: Optimizer): Promise<Map<string, TensorData>> => {
   const out = new Map<string, TensorData>()
   for (const [p, w] of low.variables) {
-    out.set(`param/${p}`, { shape: w.shape, data: w.dataSync() as Float32Array })
-    out.set(`adam.m/${p}`, { shape: w.shape, data: opt.m.get(p)!.dataSync() as Float32Array })
-    out.set(`adam.v/${p}`, { shape: w.shape, data: opt.v.get(p)!.dataSync() as Float32Array })
+    for (const [prefix, t] of [["param", w], ["adam.m", opt.m.get(p)!], ["adam.v", opt.v.get(p)!]] as const) {
+      out.set(`${prefix}/${p}`, { shape: t.shape, data: (await t.data()) as Float32Array })
+    }
   }
   return out
 }
@@ -241,6 +304,7 @@ export const train = (
     const validation = validationBatches(data.validation, settings.batchSize, settings.seqLen, settings.evalBatches)
     const low = materialize(tf, model.analysis, settings.seed)
     const opt = newOptimizer(low)
+    const sync = syncReads(tf)
     let start = 0
     let metrics: Array<StepMetrics> = []
     if (options.resume) {
@@ -256,7 +320,7 @@ export const train = (
     let lastCheckpoint: string | null = options.resume ? checkpointFile : null
     const save = (step: number) =>
       Effect.gen(function*() {
-        yield* writeCheckpoint(checkpointFile, checkpointTensors(low, opt), {
+        yield* writeCheckpoint(checkpointFile, yield* Effect.promise(() => checkpointTensors(low, opt)), {
           step: String(step),
           model: model.name,
           format: "conceptmoe/v1",
@@ -276,7 +340,7 @@ export const train = (
     for (let step = start; step < end; step++) {
       const batch = trainBatch(data.train, settings.batchSize, settings.seqLen, settings.seed, step)
       const t0 = performance.now()
-      const r = trainStep(low, opt, batch, settings, step)
+      const r = sync ? trainStep(low, opt, batch, settings, step) : yield* Effect.promise(() => trainStepAsync(low, opt, batch, settings, step))
       const dt = performance.now() - t0
       totalTime += dt
       totalTokens += batch.rows * batch.length
@@ -284,7 +348,7 @@ export const train = (
       if (!Number.isFinite(r.loss)) return yield* new DivergedError({ step, loss: r.loss, checkpoint: lastCheckpoint })
       const last = step === end - 1
       const doEval = (step + 1) % settings.evalEvery === 0 || last
-      const val = doEval ? evaluate(low, validation) : undefined
+      const val = !doEval ? undefined : sync ? evaluate(low, validation) : yield* Effect.promise(() => evaluateAsync(low, validation))
       const m: StepMetrics = {
         step,
         loss: r.loss,

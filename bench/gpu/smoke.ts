@@ -2,18 +2,21 @@
  * The webgpu backend on a GPU machine: correctness against cpu and first timings. Imports only the
  * runtime and the models (no data, no plots), so a trimmed node_modules suffices on the device.
  *
- * Run: node bench/gpu/smoke.ts   (set VK_DRIVER_FILES to the NVIDIA ICD where needed)
+ * Run: node bench/gpu/smoke.ts   (set VK_DRIVER_FILES to the NVIDIA ICD where needed; `cpu` as an
+ * argument dry-runs it without a GPU)
  * Prints, for a dense 2-layer d128 LM and the compare pair (MoE and matched ConceptMoE):
- * runtime params and executed FLOPs against the static ones, the loss on webgpu and on cpu with the
- * same seeded parameters, and the median forward+backward time over 5 steps after 2 warm-ups.
+ * runtime params against the static count, the host reads per pass, executed against static weight
+ * FLOPs (MoE dispatch is dense on webgpu), the loss on webgpu and on cpu with the same seeded
+ * parameters, and the median forward+backward time (reads recorded first) over 5 steps after 2
+ * warm-ups. Not run since the readback-free path was added (no GPU in that session).
  */
 import { Effect } from "effect"
 import * as fs from "node:fs"
 import * as path from "node:path"
 import { modelFromJson } from "../../src/models/Load.ts"
 import { load } from "../../src/runtime/Backend.ts"
-import { type Batch, loss, materialize } from "../../src/runtime/Lower.ts"
-import { verify } from "../../src/runtime/Verify.ts"
+import * as Cost from "../../src/cost/Cost.ts"
+import { type Batch, loss, materialize, recordReads, replay, runtimeParamCount } from "../../src/runtime/Lower.ts"
 
 const here = import.meta.dirname
 const moe = JSON.parse(fs.readFileSync(path.join(here, "..", "..", "examples", "compare", "moe-tiny.json"), "utf8"))
@@ -32,29 +35,43 @@ const batch: Batch = {
 }
 
 const main = async () => {
-  const gpu = await Effect.runPromise(load("webgpu"))
+  // `node bench/gpu/smoke.ts cpu` dry-runs the script without a GPU
+  const backend = process.argv[2] === "cpu" ? "cpu" : "webgpu"
+  const gpu = await Effect.runPromise(load(backend))
   console.log(`backend: ${gpu.description}`)
-  const adapter = await (globalThis as unknown as { navigator: { gpu: { requestAdapter: () => Promise<{ info?: Record<string, string> } | null> } } }).navigator.gpu.requestAdapter()
-  console.log(`adapter: ${JSON.stringify(adapter?.info ?? {})}`)
+  if (backend === "webgpu") {
+    const adapter = await (globalThis as unknown as { navigator: { gpu: { requestAdapter: () => Promise<{ info?: Record<string, string> } | null> } } }).navigator.gpu.requestAdapter()
+    console.log(`adapter: ${JSON.stringify(adapter?.info ?? {})}`)
+  }
   const results: Array<Record<string, unknown>> = []
   for (const [name, cfg] of configs) {
     try {
       const m = await Effect.runPromise(modelFromJson(cfg, `${name}.json`))
-      await gpu.tf.setBackend("webgpu")
+      await gpu.tf.setBackend(backend)
       const tf = gpu.tf
       const low = materialize(tf, m.analysis, 1)
-      const v = verify(low, batch)
       const vars = [...low.variables.values()]
+      const options = { training: false, seed: 1 } as const
       const times: Array<number> = []
       let gpuLoss = NaN
+      let reads = 0
+      let executed = { weights: 0, attentionMap: 0, other: 0 }
       for (let s = 0; s < 7; s++) {
         const t0 = performance.now()
+        // webgpu in Node has no synchronous read-back: record the host decisions first (MoE
+        // dispatch is dense on webgpu, so only a concept stage's boundaries are read)
+        const recorded = await recordReads(low, batch, options)
+        reads = recorded.length
         const value = tf.tidy(() => {
-          const { grads, value } = tf.variableGrads(() => loss(low, batch, { training: false, seed: 1 }).total, vars)
+          const { grads, value } = tf.variableGrads(() => {
+            const r = loss(low, batch, { ...options, read: replay(recorded) })
+            executed = { ...r.ctx.flops }
+            return r.total
+          }, vars)
           for (const g of Object.values(grads)) g.dispose()
           return value
         })
-        gpuLoss = (await value.data())[0]! // webgpu in Node has no synchronous read-back
+        gpuLoss = (await value.data())[0]!
         value.dispose()
         if (s >= 2) times.push(performance.now() - t0)
       }
@@ -64,8 +81,11 @@ const main = async () => {
       const cpuLoss = tf.tidy(() => loss(cpuLow, batch, { training: false, seed: 1 }).total.dataSync()[0]!)
       const r = {
         model: name,
-        paramsEqual: v.params.runtime === v.params.static,
-        flopsEqual: v.flops.executed === v.flops.staticAtMeasured,
+        paramsEqual: runtimeParamCount(low) === m.analysis.rows[0]!.params,
+        reads,
+        // dense dispatch runs every expert: executed weight FLOPs exceed the static activated ones
+        executedWeightFlops: executed.weights,
+        staticWeightFlops: Cost.matmulPerToken(m.analysis.cost) * rows * length,
         gpuLoss,
         cpuLoss,
         fwdBwdMsMedian: Number(times[2]!.toFixed(1))

@@ -50,6 +50,8 @@ export interface SessionOptions {
   readonly forcedBoundary?: (row: number, position: number) => boolean
   /** Initial cache capacity per row, in positions (grown by doubling). */
   readonly initialCapacity?: number
+  /** MoE dispatch (see `ForwardContext.dispatch`); by default the runtime's. */
+  readonly dispatch?: "sparse" | "dense"
 }
 
 export interface CacheBytes {
@@ -125,7 +127,13 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
     const positions = new Int32Array(rows * n)
     for (let r = 0; r < rows; r++) for (let i = 0; i < n; i++) positions[r * n + i] = length + i
     const logits = tf.tidy(() => {
-      const { ctx, logits } = forward(m, { rows, length: n, ids }, { training: false, seed: 0, cache, positions })
+      const { ctx, logits } = forward(m, { rows, length: n, ids }, {
+        training: false,
+        seed: 0,
+        cache,
+        positions,
+        ...(options.dispatch === undefined ? {} : { dispatch: options.dispatch })
+      })
       compression.tokens += ctx.compression.tokens
       compression.concepts += ctx.compression.concepts
       return logits

@@ -8,7 +8,7 @@ import { Effect, Schema } from "effect"
 import type { Tensor } from "../src/graph/Apply.ts"
 import { Tensors, layer as backendLayer } from "../src/runtime/Backend.ts"
 import { type Batch, loss, materialize, recordReads, replay } from "../src/runtime/Lower.ts"
-import { newOptimizer, trainStep, trainStepAsync, TrainSettings } from "../src/train/Train.ts"
+import { evaluate, evaluateAsync, newOptimizer, trainStep, trainStepAsync, TrainSettings } from "../src/train/Train.ts"
 import { load } from "./support/models.ts"
 
 const moe = { kind: "moe", vocab: 64, hidden: 32, layers: 4, heads: 4, kvHeads: 2, experts: 6, topK: 2, expertHidden: 16, tiedEmbeddings: true }
@@ -62,7 +62,7 @@ layer(backendLayer("cpu"))("without synchronous reads", (it) => {
       }), 60_000)
   }
 
-  it.effect("a training step with reads recorded asynchronously (the webgpu path) equals the ordinary step, step after step", () =>
+  it.effect("a training step with reads recorded asynchronously (the webgpu path) equals the ordinary step, step after step; so does evaluation", () =>
     Effect.gen(function*() {
       const { tf } = yield* Tensors
       const m = yield* load(configs[2]![1])
@@ -75,6 +75,8 @@ layer(backendLayer("cpu"))("without synchronous reads", (it) => {
         assert.deepStrictEqual(b, a)
         assert.isAbove(a.concepts, 0)
       }
+      const other: Batch = { ...batch, ids: batch.ids.map((x) => (x * 5 + 1) % 64) }
+      assert.deepStrictEqual(yield* Effect.promise(() => evaluateAsync(runs[1]!, [batch, other])), evaluate(runs[0]!, [batch, other]))
       for (const [p, w] of runs[0]!.variables) assert.deepStrictEqual(Array.from(runs[1]!.variables.get(p)!.dataSync()), Array.from(w.dataSync()), p)
       for (const low of runs) for (const v of low.variables.values()) v.dispose()
     }), 60_000)

@@ -182,46 +182,44 @@ export const trainStepAsync = async (low: Lowered, opt: Optimizer, batch: Batch,
 /** Whether the current backend reads tensors synchronously (not webgpu in Node). */
 export const syncReads = (tf: Lowered["tf"]): boolean => tf.getBackend() !== "webgpu"
 
-/** Mean validation bits per byte (cross-entropy in bits per token of the byte tokenizer). */
-export const evaluate = (low: Lowered, batches: ReadonlyArray<Batch>): { readonly bitsPerByte: number; readonly compression: number | undefined } => {
-  const { tf } = low
-  let ce = 0
-  let tokens = 0
-  let concepts = 0
-  let seen = 0
-  for (const b of batches) {
-    tf.tidy(() => {
-      const r = loss(low, b, { training: false, seed: 0 })
-      ce += r.ce.dataSync()[0]! * r.tokens
-      tokens += r.tokens
-      concepts += r.ctx.compression.concepts
-      seen += r.ctx.compression.tokens
-    })
+/** One validation batch: its mean cross-entropy (a tensor, kept), tokens and compression counts. */
+const evalBatch = (low: Lowered, b: Batch, read?: (t: TF.Tensor) => Float32Array | Int32Array) =>
+  low.tf.tidy(() => {
+    const x = loss(low, b, { training: false, seed: 0, ...(read === undefined ? {} : { read }) })
+    return { ce: x.ce, tokens: x.tokens, concepts: x.ctx.compression.concepts, seen: x.ctx.compression.tokens }
+  })
+
+type EvalPart = { readonly ce: number; readonly tokens: number; readonly concepts: number; readonly seen: number }
+
+const summarize = (parts: ReadonlyArray<EvalPart>) => {
+  const sum = (f: (p: EvalPart) => number) => parts.reduce((a, p) => a + f(p), 0)
+  const concepts = sum((p) => p.concepts)
+  return {
+    bitsPerByte: sum((p) => p.ce * p.tokens) / sum((p) => p.tokens) / Math.LN2,
+    compression: concepts > 0 ? sum((p) => p.seen) / concepts : undefined
   }
-  return { bitsPerByte: ce / tokens / Math.LN2, compression: concepts > 0 ? seen / concepts : undefined }
 }
 
-/** {@link evaluate} for backends that read only asynchronously. */
-export const evaluateAsync = async (low: Lowered, batches: ReadonlyArray<Batch>) => {
-  const { tf } = low
-  let ce = 0
-  let tokens = 0
-  let concepts = 0
-  let seen = 0
-  for (const b of batches) {
-    const options = { training: false, seed: 0 } as const
-    const reads = await recordReads(low, b, options)
-    const r = tf.tidy(() => {
-      const x = loss(low, b, { ...options, read: replay(reads) })
-      concepts += x.ctx.compression.concepts
-      seen += x.ctx.compression.tokens
-      return { ce: x.ce, tokens: x.tokens }
-    })
-    ce += (await r.ce.data())[0]! * r.tokens
-    tokens += r.tokens
+/** Mean validation bits per byte (cross-entropy in bits per token of the byte tokenizer). */
+export const evaluate = (low: Lowered, batches: ReadonlyArray<Batch>): { readonly bitsPerByte: number; readonly compression: number | undefined } =>
+  summarize(batches.map((b) => {
+    const r = evalBatch(low, b)
+    const ce = r.ce.dataSync()[0]!
     r.ce.dispose()
+    return { ...r, ce }
+  }))
+
+/** {@link evaluate} for backends that read only asynchronously (reads recorded first). */
+export const evaluateAsync = async (low: Lowered, batches: ReadonlyArray<Batch>) => {
+  const parts: Array<EvalPart> = []
+  for (const b of batches) {
+    const reads = await recordReads(low, b, { training: false, seed: 0 })
+    const r = evalBatch(low, b, replay(reads))
+    const ce = (await r.ce.data())[0]!
+    r.ce.dispose()
+    parts.push({ ...r, ce })
   }
-  return { bitsPerByte: ce / tokens / Math.LN2, compression: concepts > 0 ? seen / concepts : undefined }
+  return summarize(parts)
 }
 
 /** The parameters and Adam's moments, read back (asynchronously, so on every backend). */

@@ -1,0 +1,63 @@
+/**
+ * Our training step (forward, backward, clipping, AdamW) on the webgpu backend, for the models that
+ * bench/peers/torch_lm.py builds in PyTorch: the 2-layer d128 and 4-layer d512 dense LMs and the
+ * compare MoE, plus the matched ConceptMoE (no PyTorch peer yet). Prints one JSON line per model:
+ * params, the median step time over 10 steps after 3 warm-ups, and the first loss.
+ *
+ * Run on the GPU machine (see make-carry.sh): node bench/gpu/train-step.ts [webgpu|cpu|wasm] [name,…]
+ * Not yet run on a GPU (written in a session without one); `cpu` dry-runs it.
+ */
+import { Effect, Schema } from "effect"
+import * as fs from "node:fs"
+import * as path from "node:path"
+import { modelFromJson } from "../../src/models/Load.ts"
+import { type BackendName, load } from "../../src/runtime/Backend.ts"
+import { type Batch, materialize } from "../../src/runtime/Lower.ts"
+import { newOptimizer, syncReads, trainStep, trainStepAsync, TrainSettings } from "../../src/train/Step.ts"
+
+const here = import.meta.dirname
+const moe = JSON.parse(fs.readFileSync(path.join(here, "..", "..", "examples", "compare", "moe-tiny.json"), "utf8"))
+const dense = (layers: number, d: number, heads: number) => ({ kind: "dense", vocab: 256, hidden: d, layers, heads, ffnHidden: 4 * d, activation: "gelu", contextLength: 256 })
+export const workloads = [
+  { name: "dense-2L-d128", config: dense(2, 128, 4), rows: 8, length: 128 },
+  { name: "dense-4L-d512", config: dense(4, 512, 8), rows: 16, length: 256 },
+  { name: "moe-tiny", config: moe, rows: 8, length: 128 },
+  { name: "conceptmoe-1L-top7-R2", config: { kind: "conceptmoe", baseline: moe, ratio: 2, encoderLayers: 2, decoderLayers: 2, topK: 7 }, rows: 8, length: 128 }
+] as const
+
+const batchOf = (rows: number, length: number): Batch => ({
+  rows,
+  length,
+  ids: new Int32Array(rows * length).map((_, i) => (i * 7 + (i % 13) * 5) % 256),
+  targets: new Int32Array(rows * length).map((_, i) => (i * 11 + 3) % 256)
+})
+
+const main = async () => {
+  const backend = (process.argv[2] ?? "webgpu") as BackendName
+  const { tf, description } = await Effect.runPromise(load(backend))
+  console.log(JSON.stringify({ backend: description }))
+  const only = process.argv[3]?.split(",")
+  for (const w of workloads.filter((x) => only === undefined || only.includes(x.name))) {
+    const m = await Effect.runPromise(modelFromJson(w.config, `${w.name}.json`))
+    const low = materialize(tf, m.analysis, 1)
+    const opt = newOptimizer(low)
+    const settings = Schema.decodeUnknownSync(TrainSettings)({ steps: 100, batchSize: w.rows, seqLen: w.length, seed: 0 })
+    const batch = batchOf(w.rows, w.length)
+    const times: Array<number> = []
+    let first = NaN
+    for (let s = 0; s < 13; s++) {
+      const t0 = performance.now()
+      const r = syncReads(tf) ? trainStep(low, opt, batch, settings, s) : await trainStepAsync(low, opt, batch, settings, s)
+      if (s === 0) first = r.loss
+      if (s >= 3) times.push(performance.now() - t0)
+    }
+    times.sort((a, b) => a - b)
+    console.log(JSON.stringify({ model: w.name, params: m.analysis.rows[0]!.params, stepMsMedian: Number(times[5]!.toFixed(2)), firstLoss: first }))
+    for (const v of [...low.variables.values(), ...opt.m.values(), ...opt.v.values()]) v.dispose()
+  }
+}
+
+main().then(() => process.exit(0), (e) => {
+  console.error(e)
+  process.exit(1)
+})

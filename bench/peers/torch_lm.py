@@ -1,0 +1,172 @@
+"""PyTorch eager peers of our training-step benchmark (bench/gpu/train-step.ts).
+
+The same decoder-only LMs as our graphs: pre-norm layers (RMSNorm eps 1e-6 with a weight), multi-head
+attention without biases and with rotary embeddings on the whole head (base 10000, rotate-half),
+a causal softmax, an MLP (GELU: up, down; SwiGLU: gate, up, down) or a MoE (softmax router, top-k,
+stacked SwiGLU experts, sparse dispatch by index, load-balancing loss 0.01), a final RMSNorm and an LM
+head (tied to the embedding when the config says so). AdamW (lr 3e-3, betas 0.9/0.95, eps 1e-8,
+weight decay 0.1 on matrices), global-norm clipping at 1.0. fp32, TF32 off.
+
+Prints one JSON line per model: params (compare with ours), the median step over 10 steps after 3
+warm-ups, and the first loss. Run on the GPU machine: python3 bench/peers/torch_lm.py [cuda|cpu] [name,...]
+There is no ConceptMoE peer yet. Written in a session without PyTorch or a GPU: not yet run.
+"""
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+WORKLOADS = [
+    {"name": "dense-2L-d128", "vocab": 256, "d": 128, "layers": 2, "heads": 4, "ffn": ("gelu", 512), "tied": False, "rows": 8, "length": 128},
+    {"name": "dense-4L-d512", "vocab": 256, "d": 512, "layers": 4, "heads": 8, "ffn": ("gelu", 2048), "tied": False, "rows": 16, "length": 256},
+    # examples/compare/moe-tiny.json
+    {"name": "moe-tiny", "vocab": 256, "d": 64, "layers": 6, "heads": 4, "ffn": ("moe", 16, 2, 32), "tied": True, "rows": 8, "length": 128},
+]
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def normal(*shape):
+    return torch.nn.Parameter(torch.randn(*shape) * 0.02)
+
+
+def rope(x, positions):
+    # x [B, H, T, hd]; rotate-half convention
+    hd = x.shape[-1]
+    half = hd // 2
+    freqs = 10000.0 ** (-torch.arange(0, half, device=x.device, dtype=torch.float32) * 2 / hd)
+    angles = positions[:, None].float() * freqs[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = normal(d, d), normal(d, d), normal(d, d), normal(d, d)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        hd = d // self.heads
+        split = lambda t: t.view(B, T, self.heads, hd).transpose(1, 2)
+        positions = torch.arange(T, device=x.device)
+        q, k, v = rope(split(x @ self.q), positions), rope(split(x @ self.k), positions), split(x @ self.v)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        mask = torch.full((T, T), float("-inf"), device=x.device).triu(1)
+        out = torch.softmax(scores + mask, dim=-1) @ v
+        return out.transpose(1, 2).reshape(B, T, d) @ self.o
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.up, self.down = normal(d, hidden), normal(hidden, d)
+
+    def forward(self, x):
+        return F.gelu(x @ self.up) @ self.down
+
+
+class MoE(torch.nn.Module):
+    def __init__(self, d, experts, top_k, hidden):
+        super().__init__()
+        self.top_k = top_k
+        self.router = normal(d, experts)
+        self.gate, self.up, self.down = normal(experts, d, hidden), normal(experts, d, hidden), normal(experts, hidden, d)
+        self.aux = torch.zeros(())
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = torch.softmax(x @ self.router, dim=-1)
+        gates, chosen = probs.topk(self.top_k, dim=-1)
+        out = torch.zeros_like(x)
+        flat = chosen.reshape(-1)
+        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
+        for e in range(self.router.shape[1]):
+            pick = (flat == e).nonzero(as_tuple=True)[0]
+            if pick.numel() == 0:
+                continue
+            xe = x[token[pick]]
+            ye = (F.silu(xe @ self.gate[e]) * (xe @ self.up[e])) @ self.down[e]
+            out.index_add_(0, token[pick], ye * gates.reshape(-1)[pick, None])
+        fraction = torch.bincount(flat, minlength=self.router.shape[1]).float() / flat.numel()
+        self.aux = (probs.mean(0) * fraction).sum() * self.router.shape[1] * 0.01
+        return out.reshape(shape)
+
+
+class LM(torch.nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        d = w["d"]
+        self.embed = normal(w["vocab"], d)
+        self.layers = torch.nn.ModuleList()
+        for _ in range(w["layers"]):
+            ffn = MLP(d, w["ffn"][1]) if w["ffn"][0] == "gelu" else MoE(d, *w["ffn"][1:])
+            self.layers.append(torch.nn.ModuleList([RMSNorm(d), Attention(d, w["heads"]), RMSNorm(d), ffn]))
+        self.norm = RMSNorm(d)
+        self.head = None if w["tied"] else normal(d, w["vocab"])
+
+    def forward(self, ids, targets):
+        x = self.embed[ids]
+        aux = torch.zeros((), device=ids.device)
+        for n1, attn, n2, ffn in self.layers:
+            x = x + attn(n1(x))
+            x = x + ffn(n2(x))
+            if isinstance(ffn, MoE):
+                aux = aux + ffn.aux
+        x = self.norm(x)
+        logits = x @ (self.embed.t() if self.head is None else self.head)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)) + aux
+
+
+def main():
+    device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+    only = sys.argv[2].split(",") if len(sys.argv) > 2 else None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    for w in WORKLOADS:
+        if only is not None and w["name"] not in only:
+            continue
+        model = LM(w).to(device)
+        matrices = [p for p in model.parameters() if p.dim() >= 2]
+        vectors = [p for p in model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}], lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+        n = w["rows"] * w["length"]
+        ids = torch.tensor([(i * 7 + (i % 13) * 5) % 256 for i in range(n)], device=device).view(w["rows"], w["length"])
+        targets = torch.tensor([(i * 11 + 3) % 256 for i in range(n)], device=device).view(w["rows"], w["length"])
+        times, first = [], None
+        for s in range(13):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = model(ids, targets)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if s == 0:
+                first = loss.item()
+            if s >= 3:
+                times.append((time.perf_counter() - t0) * 1000)
+        params = sum(p.numel() for p in model.parameters())
+        print(json.dumps({"model": w["name"], "params": params, "stepMsMedian": round(statistics.median(times), 2), "firstLoss": first}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

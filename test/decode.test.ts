@@ -142,7 +142,7 @@ layer(backendLayer("cpu"))("decode sessions", (it) => {
       for (const v of low.variables.values()) v.dispose()
     }))
 
-  it.effect("a row buffer doubles its capacity and keeps what it held", () =>
+  it.effect("a row buffer doubles its capacity and keeps what it held, in both layouts", () =>
     Effect.gen(function*() {
       const { tf } = yield* Tensors
       const b = rowBuffer(tf, 2, 3, 1)
@@ -156,6 +156,18 @@ layer(backendLayer("cpu"))("decode sessions", (it) => {
       assert.strictEqual(b.capacity, 4)
       assert.deepStrictEqual(Array.from(b.all().dataSync()), [1, 2, 3, 10, 11, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 16, 17, 18])
       b.dispose()
+      // feature-major: each row stores [width, capacity]
+      const c = rowBuffer(tf, 2, 3, 1, "columns")
+      c.append(tf.tensor2d([[1, 2, 3], [4, 5, 6], [7, 8, 9]]), [1, 2])
+      c.append(tf.tensor2d([[10, 11, 12]]), [1, 0])
+      assert.strictEqual(c.capacity, 2)
+      assert.deepStrictEqual(Array.from(c.row(0).dataSync()), [1, 10, 2, 11, 3, 12])
+      assert.deepStrictEqual(Array.from(c.row(1).dataSync()), [4, 7, 5, 8, 6, 9])
+      c.append(tf.tensor2d([[13, 14, 15], [16, 17, 18]]), [1, 1])
+      assert.strictEqual(c.capacity, 4)
+      assert.deepStrictEqual(Array.from(c.all().dataSync()), [1, 10, 13, 2, 11, 14, 3, 12, 15, 4, 7, 16, 5, 8, 17, 6, 9, 18])
+      assert.deepStrictEqual(c.store().shape, [2, 3, 4])
+      c.dispose()
     }))
 
   it.effect("a session refuses a piece past the context, and a graph with an undeclared kind", () =>

@@ -127,7 +127,7 @@ const mask = (ctx: ForwardContext, n: number, len: number, past: number, causal:
  * Attention of `R` rows at once: queries `q [R·n, H, dqk]`, keys `k [R·len, KV, dqk]`, values
  * `v [R·len, KV, dv]`; the queries sit at positions `past …` of each row. Returns `[R·n, H·dv]`.
  */
-const attendRowsOnce = (
+const attendRows = (
   ctx: ForwardContext,
   q: Tensor,
   k: Tensor,
@@ -157,11 +157,6 @@ const attendRowsOnce = (
   return tf.reshape(tf.transpose(tf.reshape(out, [R, H, n, dv]), [0, 2, 1, 3]), [R * n, H * dv])
 }
 
-const attendRows = (...args: Parameters<typeof attendRowsOnce>): Tensor => {
-  const ctx = args[0]
-  // decoding keeps no tape: free the score matrices now, not at the end of the whole pass
-  return ctx.cache !== undefined ? ctx.tf.tidy(() => attendRowsOnce(...args)) : attendRowsOnce(...args)
-}
 
 /**
  * Scaled dot-product attention of `q [N, H, dqk]`, `k [N, KV, dqk]`, `v [N, KV, dv]` over the rows of
@@ -207,27 +202,66 @@ const attendCached = (
   const [N, KV, dqk] = k.shape as [number, number, number]
   const dv = v.shape[2]!
   const counts = ctx.layout
-  const state = cache.state(ctx.scope, () => ({ k: cache.buffer(counts.length, KV * dqk), v: cache.buffer(counts.length, KV * dv) }))
+  const R = counts.length
+  // keys and values are stored feature-major ([rows, KV·d, capacity]): Kᵀ and Vᵀ need no transpose
+  const state = cache.state(ctx.scope, () => ({ k: cache.buffer(R, KV * dqk, "columns"), v: cache.buffer(R, KV * dv, "columns") }))
   const past = [...state.k.lengths]
   state.k.append(tf.reshape(k, [N, KV * dqk]), counts)
   state.v.append(tf.reshape(v, [N, KV * dv]), counts)
+  // rows [from, from + count) of the stores, positions [0, len): the whole store when it is exactly that
+  const stored = (from: number, count: number, len: number) => {
+    const take = (buffer: typeof state.k, d: number) => {
+      const all = buffer.store()
+      const t = count === R && len === buffer.capacity ? all : tf.slice(all, [from, 0, 0], [count, -1, len])
+      return tf.reshape(t, [count * KV, d, len])
+    }
+    return { kt: take(state.k, dqk), vt: take(state.v, dv) }
+  }
   const n0 = counts[0] ?? 0
   if (counts.every((c) => c === n0) && past.every((p) => p === past[0])) {
-    const len = past[0]! + n0
-    const kk = tf.reshape(state.k.all(), [counts.length * len, KV, dqk])
-    const vv = tf.reshape(state.v.all(), [counts.length * len, KV, dv])
-    return attendRows(ctx, q, kk, vv, counts.length, n0, len, past[0]!, options) as Tensor2D
+    const { kt, vt } = stored(0, R, past[0]! + n0)
+    return attendStored(ctx, q, kt, vt, R, n0, past[0]! + n0, past[0]!, options) as Tensor2D
   }
   const parts: Array<Tensor> = []
   let start = 0
   counts.forEach((n, b) => {
     if (n === 0) return
-    const len = past[b]! + n
-    const qs = tf.slice(q, [start, 0, 0], [n, -1, -1])
-    const kk = tf.reshape(state.k.row(b), [len, KV, dqk])
-    const vv = tf.reshape(state.v.row(b), [len, KV, dv])
-    parts.push(attendRows(ctx, qs, kk, vv, 1, n, len, past[b]!, options))
+    const { kt, vt } = stored(b, 1, past[b]! + n)
+    parts.push(attendStored(ctx, tf.slice(q, [start, 0, 0], [n, -1, -1]), kt, vt, 1, n, past[b]! + n, past[b]!, options))
     start += n
   })
   return tf.concat(parts, 0) as Tensor2D
 }
+
+/**
+ * Attention of `R` rows' `n` new queries `q [R·n, H, dqk]` (at positions `past …`) over stored
+ * keys and values `kt [R·KV, dqk, len]`, `vt [R·KV, dv, len]`. Returns `[R·n, H·dv]`.
+ */
+const attendStored = (
+  ctx: ForwardContext,
+  q: Tensor,
+  kt: Tensor,
+  vt: Tensor,
+  R: number,
+  n: number,
+  len: number,
+  past: number,
+  options: { readonly causal: boolean; readonly window: number | null }
+): Tensor =>
+  ctx.tf.tidy(() => {
+    const { tf } = ctx
+    const [, H, dqk] = q.shape as [number, number, number]
+    const KV = kt.shape[0]! / R
+    const dv = vt.shape[1]!
+    const group = H / KV
+    const expand = (t: Tensor, d: number) =>
+      group === 1 ? t : tf.reshape(tf.tile(tf.reshape(t, [R, KV, 1, d * len]), [1, 1, group, 1]), [R * H, d, len])
+    const q3 = tf.reshape(tf.transpose(tf.reshape(q, [R, n, H, dqk]), [0, 2, 1, 3]), [R * H, n, dqk])
+    const scores = tf.mul(ctx.matMul(q3, expand(kt, dqk), "attentionMap"), 1 / Math.sqrt(dqk))
+    const p = tf.softmax(tf.add(scores, mask(ctx, n, len, past, options.causal, options.window)))
+    // Vᵀ·Pᵀ = (P·V)ᵀ: with one query Pᵀ is a reshape
+    const pt = n === 1 ? tf.reshape(p, [R * H, len, 1]) : tf.transpose(p, [0, 2, 1])
+    const outT = ctx.matMul(expand(vt, dv), pt, "attentionMap")
+    const out = n === 1 ? tf.reshape(outT, [R, H, 1, dv]) : tf.reshape(tf.transpose(outT, [0, 2, 1]), [R, H, n, dv])
+    return tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [R * n, H * dv])
+  })

@@ -58,15 +58,19 @@ export interface ChunkState {
 export interface RowBuffer {
   readonly rows: number
   readonly width: number
+  /** `rows`: stored `[rows, capacity, width]`; `columns`: `[rows, width, capacity]`. */
+  readonly layout: "rows" | "columns"
+  /** The whole storage, capacity included (owned by the buffer: valid until the next append). */
+  store(): Tensor
   /** Elements held per row. */
   readonly lengths: ReadonlyArray<number>
   /** Allocated capacity in elements per row. */
   readonly capacity: number
   /** Appends `counts[b]` new elements to row b, taken in row order from `x [Σ counts, width]`. */
   append(x: Tensor, counts: ReadonlyArray<number>): void
-  /** Row b's elements `[lengths[b], width]`. */
+  /** Row b's elements `[lengths[b], width]` (`[width, lengths[b]]` in the columns layout). */
   row(b: number): Tensor2D
-  /** Every row's elements `[rows, length, width]`; the rows' lengths must be equal. */
+  /** Every row's elements `[rows, length, width]` (columns: `[rows, width, length]`); lengths must be equal. */
   all(): Tensor
   dispose(): void
 }
@@ -78,7 +82,7 @@ export interface DecodeCache {
   /** The state of the node at `scope`, created by `init` on first use. */
   state<A>(scope: string, init: () => A): A
   /** A new growable per-row buffer on the runtime's backend (its bytes count as cache). */
-  buffer(rows: number, width: number): RowBuffer
+  buffer(rows: number, width: number, layout?: "rows" | "columns"): RowBuffer
   /** Boundaries imposed on concept stages instead of the chunk module's (benchmarks), or undefined. */
   readonly forcedBoundary: ((row: number, position: number) => boolean) | undefined
 }

@@ -26,24 +26,34 @@ const storageOf = (tf: Tf, t: Tensor): Float32Array | undefined => {
   return undefined
 }
 
-/** Creates an empty buffer of `rows` rows of `width` floats, with room for `initial` per row. */
-export const rowBuffer = (tf: Tf, rows: number, width: number, initial = 16): RowBuffer => {
+/**
+ * Creates an empty buffer of `rows` rows of `width` floats, with room for `initial` per row.
+ * Layout `rows` stores `[rows, capacity, width]`; `columns` stores `[rows, width, capacity]` (each
+ * feature's positions contiguous: keys ready as Kᵀ for a product, with no transpose per step).
+ */
+export const rowBuffer = (tf: Tf, rows: number, width: number, initial = 16, layout: "rows" | "columns" = "rows"): RowBuffer => {
   let capacity = Math.max(1, initial)
   const lengths = new Array<number>(rows).fill(0)
-  const allocate = (cap: number, from?: Float32Array) => tf.keep(tf.tensor3d(from ?? new Float32Array(rows * cap * width), [rows, cap, width]))
+  const shape = (cap: number): [number, number, number] => (layout === "rows" ? [rows, cap, width] : [rows, width, cap])
+  const allocate = (cap: number, from?: Float32Array) => tf.keep(tf.tensor3d(from ?? new Float32Array(rows * cap * width), shape(cap)))
   let store = allocate(capacity)
   const inPlace = storageOf(tf, store) !== undefined
   // the host copy for backends without writable storage
   let host: Float32Array | undefined = inPlace ? undefined : new Float32Array(rows * capacity * width)
   let stale = false
   const view = (): Float32Array => (host ?? storageOf(tf, store)!)
+  // contiguous runs of stored values: one per row (rows layout) or per row and feature (columns)
+  const runs = layout === "rows" ? rows : rows * width
   const grow = (needed: number) => {
     let cap = capacity
     while (cap < needed) cap *= 2
     const old = view()
     const next = new Float32Array(rows * cap * width)
-    for (let b = 0; b < rows; b++) {
-      next.set(old.subarray(b * capacity * width, (b * capacity + lengths[b]!) * width), b * cap * width)
+    for (let r = 0; r < runs; r++) {
+      const b = layout === "rows" ? r : Math.floor(r / width)
+      const held = layout === "rows" ? lengths[b]! * width : lengths[b]!
+      const stride = layout === "rows" ? width : 1
+      next.set(old.subarray(r * capacity * stride, r * capacity * stride + held), r * cap * stride)
     }
     store.dispose()
     capacity = cap
@@ -66,6 +76,7 @@ export const rowBuffer = (tf: Tf, rows: number, width: number, initial = 16): Ro
   return {
     rows,
     width,
+    layout,
     get lengths() {
       return lengths
     },
@@ -85,20 +96,30 @@ export const rowBuffer = (tf: Tf, rows: number, width: number, initial = 16): Ro
       for (let b = 0; b < rows; b++) {
         const n = counts[b]!
         if (n === 0) continue
-        out.set(data.subarray(offset * width, (offset + n) * width), (b * capacity + lengths[b]!) * width)
+        if (layout === "rows") {
+          out.set(data.subarray(offset * width, (offset + n) * width), (b * capacity + lengths[b]!) * width)
+        } else {
+          for (let i = 0; i < n; i++) {
+            const pos = lengths[b]! + i
+            for (let w = 0; w < width; w++) out[(b * width + w) * capacity + pos] = data[(offset + i) * width + w]!
+          }
+        }
         lengths[b]! += n
         offset += n
       }
       if (host !== undefined) stale = true
     },
+    store: current,
     row(b) {
       const len = lengths[b]!
-      return tf.reshape(tf.slice(current(), [b, 0, 0], [1, len, width]), [len, width]) as Tensor2D
+      return (layout === "rows"
+        ? tf.reshape(tf.slice(current(), [b, 0, 0], [1, len, width]), [len, width])
+        : tf.reshape(tf.slice(current(), [b, 0, 0], [1, width, len]), [width, len])) as Tensor2D
     },
     all() {
       const len = lengths[0] ?? 0
       if (lengths.some((l) => l !== len)) throw new Error(`all: rows hold different lengths (${lengths.join(", ")})`)
-      return tf.slice(current(), [0, 0, 0], [rows, len, width])
+      return tf.slice(current(), [0, 0, 0], layout === "rows" ? [rows, len, width] : [rows, width, len])
     },
     dispose() {
       store.dispose()

@@ -107,8 +107,8 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
       }
       return states.get(s) as A
     },
-    buffer: (r, width) => {
-      const b = rowBuffer(tf, r, width, options.initialCapacity ?? 64)
+    buffer: (r, width, layout) => {
+      const b = rowBuffer(tf, r, width, options.initialCapacity ?? 64, layout)
       const list = buffers.get(scope) ?? []
       list.push(b)
       buffers.set(scope, list)

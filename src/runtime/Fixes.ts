@@ -166,8 +166,9 @@ export const matMulFlops = (a: Tensor, b: Tensor): number => {
 
 /** Batched products whose matrices have at least this many multiply-adds run as 2-D products on wasm. */
 export const unstackAbove = 1 << 18
-/** …and at least this many rows (measured in docs/inference.md). */
+/** …and at least this many rows and columns (measured in docs/inference.md). */
 export const unstackMinRows = 64
+export const unstackMinCols = 1024
 
 /**
  * A matmul whose gradient transposes explicitly; counts executed FLOPs into `counter`. On wasm a
@@ -181,7 +182,9 @@ export const makeMatMul = (tf: Tf, counter: FlopCounter) => {
     const [, m, k] = a.shape as [number, number, number]
     // XNNPACK repacks the right operand on every call: a 2-D product with few rows (a decode step's
     // single query) runs at 0.1–0.2 GFLOP/s, ten times slower than the batched kernel
-    if (m < unstackMinRows || m * k * b.shape[2]! < unstackAbove) return tf.matMul(a, b)
+    // …and with narrow outputs (training's attention products, [128, 16]·[16, 128]) it is slower too:
+    // only wide products (a prefill's scores against thousands of keys) gain
+    if (m < unstackMinRows || b.shape[2]! < unstackMinCols || m * k * b.shape[2]! < unstackAbove) return tf.matMul(a, b)
     const bs = tf.unstack(b)
     return tf.stack(tf.unstack(a).map((x, i) => tf.matMul(x, bs[i]!)))
   }

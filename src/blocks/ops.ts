@@ -259,9 +259,10 @@ const attendStored = (
     const q3 = tf.reshape(tf.transpose(tf.reshape(q, [R, n, H, dqk]), [0, 2, 1, 3]), [R * H, n, dqk])
     const scores = tf.mul(ctx.matMul(q3, expand(kt, dqk), "attentionMap"), 1 / Math.sqrt(dqk))
     const p = tf.softmax(tf.add(scores, mask(ctx, n, len, past, options.causal, options.window)))
-    // Vᵀ·Pᵀ = (P·V)ᵀ: with one query Pᵀ is a reshape
-    const pt = n === 1 ? tf.reshape(p, [R * H, len, 1]) : tf.transpose(p, [0, 2, 1])
-    const outT = ctx.matMul(expand(vt, dv), pt, "attentionMap")
-    const out = n === 1 ? tf.reshape(outT, [R, H, 1, dv]) : tf.reshape(tf.transpose(outT, [0, 2, 1]), [R, H, n, dv])
+    // one query: (P·V)ᵀ = Vᵀ·Pᵀ, where Pᵀ is a reshape; a block of queries: P·V, transposing the
+    // stored Vᵀ (len·dv, smaller than P's n·len) for wasm's faster tall-by-narrow product
+    const out = n === 1
+      ? tf.reshape(ctx.matMul(expand(vt, dv), tf.reshape(p, [R * H, len, 1]), "attentionMap"), [R, H, 1, dv])
+      : tf.reshape(ctx.matMul(p, tf.transpose(expand(vt, dv), [0, 2, 1]), "attentionMap"), [R, H, n, dv])
     return tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [R * n, H * dv])
   })

@@ -166,9 +166,8 @@ export const matMulFlops = (a: Tensor, b: Tensor): number => {
 
 /** Batched products whose matrices have at least this many multiply-adds run as 2-D products on wasm. */
 export const unstackAbove = 1 << 18
-/** …and at least this many rows and columns (measured in docs/inference.md). */
+/** …and at least this many rows (`node bench/wasm-matmul.ts`, docs/inference.md). */
 export const unstackMinRows = 64
-export const unstackMinCols = 1024
 
 /**
  * A matmul whose gradient transposes explicitly; counts executed FLOPs into `counter`. On wasm a
@@ -180,13 +179,12 @@ export const makeMatMul = (tf: Tf, counter: FlopCounter) => {
   const product = (a: Tensor, b: Tensor): Tensor => {
     if (a.rank !== 3 || b.rank !== 3 || a.shape[0] === 1 || tf.getBackend() !== "wasm") return tf.matMul(a, b)
     const [, m, k] = a.shape as [number, number, number]
-    // XNNPACK repacks the right operand on every call: a 2-D product with few rows (a decode step's
-    // single query) runs at 0.1–0.2 GFLOP/s, ten times slower than the batched kernel
-    // …and with narrow outputs (training's attention products, [128, 16]·[16, 128]) it is slower too:
-    // only wide products (a prefill's scores against thousands of keys) gain
-    if (m < unstackMinRows || b.shape[2]! < unstackMinCols || m * k * b.shape[2]! < unstackAbove) return tf.matMul(a, b)
-    const bs = tf.unstack(b)
-    return tf.stack(tf.unstack(a).map((x, i) => tf.matMul(x, bs[i]!)))
+    // with one row (a decode step's query) a 2-D product runs at ~0.4 GFLOP/s, slower than the batched
+    // kernel's ~2; from 128 rows on it runs at 4–20 (`node bench/wasm-matmul.ts`)
+    if (m < unstackMinRows || m * k * b.shape[2]! < unstackAbove) return tf.matMul(a, b)
+    // slices, not tf.unstack: wasm's Unpack calls the stock Slice directly, which copies the whole input per matrix
+    const at = (t: Tensor, i: number) => tf.reshape(tf.slice(t, [i, 0, 0], [1, -1, -1]), t.shape.slice(1))
+    return tf.stack(Array.from({ length: a.shape[0]! }, (_, i) => tf.matMul(at(a, i), at(b, i))))
   }
   const swap = (t: Tensor) => {
     const r = t.rank

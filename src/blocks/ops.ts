@@ -88,6 +88,9 @@ export const applyRope = (ctx: ForwardContext, x: Tensor, dim: number, tables: {
   return dim === hd ? tf.concat([r1, r2], 2) : tf.concat([r1, r2, tf.slice(x, [0, 0, dim], [n, heads, hd - dim])], 2)
 }
 
+/** Which keys a query sees: causal or not, within a sliding window or not. */
+type Masking = { readonly causal: boolean; readonly window: number | null }
+
 const maskCache = new Map<string, Tensor>()
 let maskElements = 0
 /** At most this many mask elements are kept (64 MB). */
@@ -124,39 +127,55 @@ const mask = (ctx: ForwardContext, n: number, len: number, past: number, causal:
 }
 
 /**
- * Attention of `R` rows at once: queries `q [R·n, H, dqk]`, keys `k [R·len, KV, dqk]`, values
- * `v [R·len, KV, dv]`; the queries sit at positions `past …` of each row. Returns `[R·n, H·dv]`.
+ * Attention of `R` rows at once, the keys given transposed: queries `q [R·n, H, dqk]` at positions
+ * `past …` of each row, keys `kt [R·KV, dqk, len]`, values `v [R·KV, len, dv]` or transposed
+ * `vt [R·KV, dv, len]` (as a KV cache stores them). Returns `[R·n, H·dv]`.
  */
-const attendRows = (
+const attendCore = (
   ctx: ForwardContext,
   q: Tensor,
-  k: Tensor,
-  v: Tensor,
+  kt: Tensor,
+  values: { readonly v: Tensor } | { readonly vt: Tensor },
   R: number,
   n: number,
   len: number,
   past: number,
-  options: { readonly causal: boolean; readonly window: number | null }
+  options: Masking
 ): Tensor => {
   const { tf } = ctx
   const [, H, dqk] = q.shape as [number, number, number]
-  const [, KV, dv] = v.shape as [number, number, number]
+  const KV = kt.shape[0]! / R
+  const dv = "v" in values ? values.v.shape[2]! : values.vt.shape[1]!
   const group = H / KV
-  // [R·L, heads, d] → [R, heads, L, d]
-  const q4 = tf.transpose(tf.reshape(q, [R, n, H, dqk]), [0, 2, 1, 3])
-  const expand = (t: Tensor, d: number) => {
-    const t4 = tf.transpose(tf.reshape(t, [R, len, KV, d]), [0, 2, 1, 3])
-    // repeat each KV head for its group of query heads (rank-4 tile: tfjs has no rank-5 tile gradient)
-    return group === 1 ? t4 : tf.reshape(tf.tile(tf.reshape(t4, [R, KV, 1, len * d]), [1, 1, group, 1]), [R, H, len, d])
+  // repeat each KV head of `[R·KV, a, b]` for its group of query heads (rank-4 tile: tfjs has no
+  // rank-5 tile gradient)
+  const expand = (t: Tensor) => {
+    const [, a, b] = t.shape as [number, number, number]
+    return group === 1 ? t : tf.reshape(tf.tile(tf.reshape(t, [R, KV, 1, a * b]), [1, 1, group, 1]), [R * H, a, b])
   }
-  const k4 = expand(k, dqk)
-  const v4 = expand(v, dv)
-  const scores = tf.mul(ctx.matMul(tf.reshape(q4, [R * H, n, dqk]), tf.transpose(tf.reshape(k4, [R * H, len, dqk]), [0, 2, 1]), "attentionMap"), 1 / Math.sqrt(dqk))
-  const masked = tf.add(scores, mask(ctx, n, len, past, options.causal, options.window))
-  const out = ctx.matMul(tf.softmax(masked), tf.reshape(v4, [R * H, len, dv]), "attentionMap")
+  // [R·n, heads, d] → [R·heads, n, d]
+  const q3 = tf.reshape(tf.transpose(tf.reshape(q, [R, n, H, dqk]), [0, 2, 1, 3]), [R * H, n, dqk])
+  const scores = tf.mul(ctx.matMul(q3, expand(kt), "attentionMap"), 1 / Math.sqrt(dqk))
+  const p = tf.softmax(tf.add(scores, mask(ctx, n, len, past, options.causal, options.window)))
+  // stored values: with one query (P·V)ᵀ = Vᵀ·Pᵀ, where Pᵀ is a reshape; with a block of queries
+  // P·V, transposing Vᵀ (len·dv, smaller than P's n·len)
+  const out = "v" in values
+    ? ctx.matMul(p, expand(values.v), "attentionMap")
+    : n === 1
+    ? ctx.matMul(expand(values.vt), tf.reshape(p, [R * H, len, 1]), "attentionMap")
+    : ctx.matMul(p, tf.transpose(expand(values.vt), [0, 2, 1]), "attentionMap")
   return tf.reshape(tf.transpose(tf.reshape(out, [R, H, n, dv]), [0, 2, 1, 3]), [R * n, H * dv])
 }
 
+/** Attention of `R` rows of `L` positions each: `q [R·L, H, dqk]`, `k [R·L, KV, dqk]`, `v [R·L, KV, dv]`. */
+const attendRows = (ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor, R: number, L: number, options: Masking): Tensor => {
+  const { tf } = ctx
+  const [, KV, dqk] = k.shape as [number, number, number]
+  const dv = v.shape[2]!
+  const kt = tf.reshape(tf.transpose(tf.reshape(k, [R, L, KV, dqk]), [0, 2, 3, 1]), [R * KV, dqk, L])
+  const v3 = tf.reshape(tf.transpose(tf.reshape(v, [R, L, KV, dv]), [0, 2, 1, 3]), [R * KV, L, dv])
+  return attendCore(ctx, q, kt, { v: v3 }, R, L, L, 0, options)
+}
 
 /**
  * Scaled dot-product attention of `q [N, H, dqk]`, `k [N, KV, dqk]`, `v [N, KV, dv]` over the rows of
@@ -170,19 +189,19 @@ export const attend = (
   q: Tensor,
   k: Tensor,
   v: Tensor,
-  options: { readonly causal: boolean; readonly window: number | null }
+  options: Masking
 ): Tensor2D => {
   const { tf } = ctx
   const rows = ctx.layout
   if (ctx.cache !== undefined) return attendCached(ctx, ctx.cache, q, k, v, options)
   const L0 = rows[0] ?? 0
-  if (rows.every((r) => r === L0)) return attendRows(ctx, q, k, v, rows.length, L0, L0, 0, options) as Tensor2D
+  if (rows.every((r) => r === L0)) return attendRows(ctx, q, k, v, rows.length, L0, options) as Tensor2D
   const parts: Array<Tensor> = []
   let start = 0
   for (const L of rows) {
     if (L > 0) {
       const s = (t: Tensor) => tf.slice(t, [start, 0, 0], [L, -1, -1])
-      parts.push(attendRows(ctx, s(q), s(k), s(v), 1, L, L, 0, options))
+      parts.push(attendRows(ctx, s(q), s(k), s(v), 1, L, options))
     }
     start += L
   }
@@ -195,7 +214,7 @@ const attendCached = (
   q: Tensor,
   k: Tensor,
   v: Tensor,
-  options: { readonly causal: boolean; readonly window: number | null }
+  options: Masking
 ): Tensor2D => {
   const { tf } = ctx
   if (!options.causal) throw new Error(`attention at ${ctx.scope} is not causal: it cannot be decoded incrementally`)
@@ -233,10 +252,7 @@ const attendCached = (
   return tf.concat(parts, 0) as Tensor2D
 }
 
-/**
- * Attention of `R` rows' `n` new queries `q [R·n, H, dqk]` (at positions `past …`) over stored
- * keys and values `kt [R·KV, dqk, len]`, `vt [R·KV, dv, len]`. Returns `[R·n, H·dv]`.
- */
+/** Attention over stored (feature-major) keys and values; frees its intermediates at once. */
 const attendStored = (
   ctx: ForwardContext,
   q: Tensor,
@@ -246,23 +262,5 @@ const attendStored = (
   n: number,
   len: number,
   past: number,
-  options: { readonly causal: boolean; readonly window: number | null }
-): Tensor =>
-  ctx.tf.tidy(() => {
-    const { tf } = ctx
-    const [, H, dqk] = q.shape as [number, number, number]
-    const KV = kt.shape[0]! / R
-    const dv = vt.shape[1]!
-    const group = H / KV
-    const expand = (t: Tensor, d: number) =>
-      group === 1 ? t : tf.reshape(tf.tile(tf.reshape(t, [R, KV, 1, d * len]), [1, 1, group, 1]), [R * H, d, len])
-    const q3 = tf.reshape(tf.transpose(tf.reshape(q, [R, n, H, dqk]), [0, 2, 1, 3]), [R * H, n, dqk])
-    const scores = tf.mul(ctx.matMul(q3, expand(kt, dqk), "attentionMap"), 1 / Math.sqrt(dqk))
-    const p = tf.softmax(tf.add(scores, mask(ctx, n, len, past, options.causal, options.window)))
-    // one query: (P·V)ᵀ = Vᵀ·Pᵀ, where Pᵀ is a reshape; a block of queries: P·V, transposing the
-    // stored Vᵀ (len·dv, smaller than P's n·len) for wasm's faster tall-by-narrow product
-    const out = n === 1
-      ? tf.reshape(ctx.matMul(expand(vt, dv), tf.reshape(p, [R * H, len, 1]), "attentionMap"), [R, H, 1, dv])
-      : tf.reshape(ctx.matMul(p, tf.transpose(expand(vt, dv), [0, 2, 1]), "attentionMap"), [R, H, n, dv])
-    return tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [R * n, H * dv])
-  })
+  options: Masking
+): Tensor => ctx.tf.tidy(() => attendCore(ctx, q, kt, { vt }, R, n, len, past, options))

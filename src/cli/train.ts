@@ -8,13 +8,13 @@ import { Argument, Command, Flag } from "effect/cli"
 import { formatNumber, renderTable } from "../internal/Table.ts"
 import { type LoadedModel, loadModel, modelFromJson, readJson } from "../models/Load.ts"
 import { ConfigError } from "../models/Errors.ts"
-import { layer as backendLayer, Tensors } from "../runtime/Backend.ts"
+import { layer as backendLayer, syncReads, Tensors } from "../runtime/Backend.ts"
 import { materialize } from "../runtime/Lower.ts"
 import { verify as verifyModel } from "../runtime/Verify.ts"
 import { byteTokenizer, sotuSplits, validationBatches } from "../train/Data.ts"
 import { train as trainModel, TrainSettings } from "../train/Train.ts"
 import { problemsOf, formatPath } from "../graph/Spec.ts"
-import { format, handled, positive } from "./shared.ts"
+import { format, handled, positive, UsageError } from "./shared.ts"
 
 export const backend = Flag.String("backend").pipe(
   Flag.withDescription("wasm (default), cpu, webgpu or tensorflow; or set CONCEPTMOE_BACKEND"),
@@ -81,6 +81,7 @@ export const verify = Command.make(
       f.backend,
       Effect.gen(function*() {
         const { description, tf } = yield* Tensors
+        if (!syncReads(tf)) return yield* new UsageError({ message: `--backend ${tf.getBackend()}: verify reads the pass back synchronously, which this backend cannot in Node; use wasm or cpu` })
         const low = materialize(tf, model.analysis, f.seed)
         const data = sotuSplits(byteTokenizer, 0)
         const b = validationBatches(data.validation, f.batch, f.seqLen, 1)[0]!

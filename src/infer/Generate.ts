@@ -7,7 +7,7 @@
 import { Effect, FileSystem, Path, Schema } from "effect"
 import { prng } from "../blocks/Chunker.ts"
 import { type LoadedModel, loadModel, modelFromJson, parseJson } from "../models/Load.ts"
-import { Tensors } from "../runtime/Backend.ts"
+import { syncReads, Tensors } from "../runtime/Backend.ts"
 import { session } from "../runtime/Decode.ts"
 import { type Lowered, materialize } from "../runtime/Lower.ts"
 import { read as readCheckpoint } from "../train/Checkpoint.ts"
@@ -124,6 +124,9 @@ export const generate = (
 ): Effect.Effect<GenerateStats, GenerateError> =>
   Effect.gen(function*() {
     const ids = yield* promptIds(model, tokenizer, prompt)
+    if (!syncReads(low.tf)) {
+      return yield* new GenerateError({ field: "--backend", problem: `${low.tf.getBackend()} cannot decode yet (it reads only asynchronously in Node): use wasm or cpu` })
+    }
     return yield* Effect.sync(() => {
       const s = session(low, { rows: 1, maxLength: model.contextLength })
       const random = prng(settings.seed)

@@ -34,6 +34,13 @@ export interface Runtime {
   readonly description: string
 }
 
+/**
+ * Whether the current backend reads tensors synchronously (`dataSync`). tfjs-backend-webgpu does it
+ * through OffscreenCanvas, which Node lacks; training then records its reads asynchronously
+ * (`Lower.recordReads`), and decoding is not available.
+ */
+export const syncReads = (tf: Tf): boolean => tf.getBackend() !== "webgpu"
+
 export class Tensors extends Context.Service<Tensors, Runtime>()("conceptmoe/Tensors") {}
 
 const dynamicImport = (specifier: string): Promise<unknown> => import(specifier)

@@ -13,6 +13,7 @@
 import type { DecodeCache, RowBuffer, Tensor2D } from "../graph/Apply.ts"
 import type { AnyBlock } from "../graph/Block.ts"
 import { joinPath } from "../graph/Analyze.ts"
+import { syncReads } from "./Backend.ts"
 import { bufferBytes, rowBuffer } from "./Cache.ts"
 import { forward, type Lowered } from "./Lower.ts"
 
@@ -93,6 +94,7 @@ export const checkDecodable = (root: AnyBlock): void => {
 /** Opens a decoding session on a lowered model (evaluation mode). */
 export const session = (m: Lowered, options: SessionOptions): Session => {
   checkDecodable(m.analysis.root)
+  if (!syncReads(m.tf)) throw new Error(`decoding reads boundaries and cache appends synchronously, which the ${m.tf.getBackend()} backend cannot in Node; use wasm or cpu`)
   const { tf } = m
   const rows = options.rows
   const states = new Map<string, unknown>()

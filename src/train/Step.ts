@@ -143,8 +143,7 @@ export const trainStepAsync = async (low: Lowered, opt: Optimizer, batch: Batch,
   return stepResult(r, [total[0]!, ce[0]!, aux[0]!])
 }
 
-/** Whether the current backend reads tensors synchronously (not webgpu in Node). */
-export const syncReads = (tf: Lowered["tf"]): boolean => tf.getBackend() !== "webgpu"
+export { syncReads } from "../runtime/Backend.ts"
 
 /** One validation batch: its mean cross-entropy (a tensor, kept), tokens and compression counts. */
 const evalBatch = (low: Lowered, b: Batch, read?: (t: TF.Tensor) => Float32Array | Int32Array) =>

@@ -81,29 +81,6 @@ layer(backendLayer("cpu"))("without synchronous reads", (it) => {
       for (const low of runs) for (const v of low.variables.values()) v.dispose()
     }), 60_000)
 
-  it.effect("few token-expert pairs (a decode step) take the pair path: the same loss and gradients as dense dispatch", () =>
-    Effect.gen(function*() {
-      const { tf } = yield* Tensors
-      // 4 tokens × top-2 = 8 pairs ≤ 16 experts
-      const m = yield* load({ ...moe, experts: 16, sharedHidden: 24, sharedGate: true })
-      const low = materialize(tf, m.analysis, 5)
-      const vars = [...low.variables.values()]
-      const tiny: Batch = { rows: 1, length: 4, ids: Int32Array.of(3, 9, 27, 17), targets: Int32Array.of(9, 27, 17, 51) }
-      const run = (dispatch: "sparse" | "dense") =>
-        tf.tidy(() => {
-          const { grads, value } = tf.variableGrads(() => loss(low, tiny, { training: true, seed: 1, dispatch }).total, vars)
-          return { loss: value.dataSync()[0]!, grads: vars.map((v) => (grads[v.name] as Tensor | undefined)?.dataSync() ?? new Float32Array(v.size)) }
-        })
-      const pairs = run("sparse")
-      const dense = run("dense")
-      assert.closeTo(pairs.loss, dense.loss, 1e-5)
-      pairs.grads.forEach((g, i) => assert.isAtMost(maxDiff(g, dense.grads[i]!), 1e-5, [...low.variables.keys()][i]))
-      // the pair path runs exactly the activated expert FLOPs (dense runs all 16 experts)
-      const flops = (dispatch: "sparse" | "dense") => tf.tidy(() => loss(low, tiny, { training: false, seed: 1, dispatch }).ctx.flops.weights)
-      assert.isBelow(flops("sparse"), flops("dense"))
-      for (const v of vars) v.dispose()
-    }))
-
   it.effect("a replay that runs out of recorded values fails instead of inventing them", () =>
     Effect.gen(function*() {
       const { tf } = yield* Tensors

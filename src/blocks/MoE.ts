@@ -66,10 +66,6 @@ const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record
   let gates = tf.reshape(tf.gather(tf.reshape(probs, [n * E]), tf.tensor1d(flat, "int32")), [n, s.topK])
   if (s.normalizeTopK) gates = tf.div(gates, tf.sum(gates, 1, true))
   const gateFlat = tf.reshape(gates, [n * s.topK])
-  const counts = new Float32Array(E)
-  for (let i = 0; i < n * s.topK; i++) counts[chosen[i]!]! += 1 / (n * s.topK)
-  const fraction = () => tf.tensor1d(counts)
-  if (n * s.topK <= E) return withShared(ctx, s, x, p, probs, pairDispatch(ctx, s, x, p, chosen, gateFlat), fraction)
   // group (token, slot) pairs by expert
   const byExpert: Array<Array<number>> = Array.from({ length: E }, () => [])
   for (let i = 0; i < n * s.topK; i++) byExpert[chosen[i]!]!.push(i)
@@ -98,35 +94,9 @@ const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record
     for (const i of pairs) targets.push(Math.floor(i / s.topK))
   }
   const routed = tf.unsortedSegmentSum(tf.concat(outs, 0), tf.tensor1d(targets, "int32"), n)
-  return withShared(ctx, s, x, p, probs, routed, fraction)
-}
-
-/**
- * Few (token, slot) pairs — a decode step — run as one batched product per matrix over the pairs,
- * each with its expert's gathered weights (`[P, d, h]`), instead of a dispatch per expert: the same
- * values and FLOPs with a dozen kernels instead of a dozen per expert.
- */
-const pairDispatch = (
-  ctx: ForwardContext,
-  s: MoESpec,
-  x: Tensor,
-  p: Readonly<Record<string, Tensor>>,
-  chosen: Int32Array,
-  gateFlat: Tensor
-): Tensor => {
-  const { tf } = ctx
-  const [n, d] = x.shape as [number, number]
-  const P = n * s.topK
-  const experts = tf.tensor1d(chosen, "int32")
-  const tokens = tf.tensor1d(Int32Array.from({ length: P }, (_, i) => Math.floor(i / s.topK)), "int32")
-  const ys = ops.ffn(ctx, tf.reshape(tf.gather(x, tokens), [P, 1, d]), (name) => {
-    const w = p[`experts.${name}`]
-    if (w === undefined) return undefined
-    const picked = tf.gather(w, experts)
-    // biases [E, h] → [P, 1, h]
-    return w.rank === 3 ? picked : tf.reshape(picked, [P, 1, w.shape[1]!])
-  }, s.activation)
-  return tf.sum(tf.reshape(tf.mul(tf.reshape(ys, [P, d]), tf.reshape(gateFlat, [P, 1])), [n, s.topK, d]), 1)
+  const counts = new Float32Array(E)
+  for (let i = 0; i < n * s.topK; i++) counts[chosen[i]!]! += 1 / (n * s.topK)
+  return withShared(ctx, s, x, p, probs, routed, () => tf.tensor1d(counts))
 }
 
 /**

@@ -6,8 +6,9 @@
 import { Console, Effect, Option, Schema } from "effect"
 import { Command, Flag } from "effect/cli"
 import { formatNumber } from "../internal/Table.ts"
-import { dispose, generate as run, GenerateError, loadTrained, promptIds, SamplingSettings } from "../infer/Generate.ts"
+import { generate as run, GenerateError, loadTrained, promptIds, SamplingSettings } from "../infer/Generate.ts"
 import { layer as backendLayer } from "../runtime/Backend.ts"
+import { release } from "../runtime/Lower.ts"
 import { byteTokenizer } from "../train/Data.ts"
 import { handled } from "./shared.ts"
 import { backend } from "./train.ts"
@@ -32,11 +33,11 @@ export const generate = Command.make(
     )
     const stats = yield* Effect.gen(function*() {
       const { model, low, file, step } = yield* loadTrained(f.checkpoint, Option.getOrUndefined(f.config))
-      const ids = yield* promptIds(model, byteTokenizer, f.prompt).pipe(Effect.tapError(() => Effect.sync(() => dispose(low))))
+      const ids = yield* promptIds(model, byteTokenizer, f.prompt).pipe(Effect.tapError(() => Effect.sync(() => release(low))))
       yield* Console.error(`${model.name} from ${file} (step ${step}); prompt ${ids.length} bytes`)
       yield* Effect.sync(() => process.stdout.write(f.prompt))
       const r = yield* run(model, low, byteTokenizer, f.prompt, settings, (text) => process.stdout.write(text)).pipe(
-        Effect.ensuring(Effect.sync(() => dispose(low)))
+        Effect.ensuring(Effect.sync(() => release(low)))
       )
       return r
     }).pipe(Effect.provide(backendLayer(Option.getOrUndefined(f.backend))))

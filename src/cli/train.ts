@@ -9,7 +9,7 @@ import { formatNumber, renderTable } from "../internal/Table.ts"
 import { type LoadedModel, loadModel, modelFromJson, readJson } from "../models/Load.ts"
 import { ConfigError } from "../models/Errors.ts"
 import { layer as backendLayer, syncReads, Tensors } from "../runtime/Backend.ts"
-import { materialize } from "../runtime/Lower.ts"
+import { materialize, release } from "../runtime/Lower.ts"
 import { verify as verifyModel } from "../runtime/Verify.ts"
 import { byteTokenizer, sotuSplits, validationBatches } from "../train/Data.ts"
 import { train as trainModel, TrainSettings } from "../train/Train.ts"
@@ -86,7 +86,7 @@ export const verify = Command.make(
         const data = sotuSplits(byteTokenizer, 0)
         const b = validationBatches(data.validation, f.batch, f.seqLen, 1)[0]!
         const r = verifyModel(low, b)
-        for (const v of low.variables.values()) v.dispose()
+        release(low)
         return { backend: description, ...r }
       })
     )

@@ -24,7 +24,7 @@ import { modelFromJson } from "../models/Load.ts"
 import { reallocate, type Strategy } from "../models/Reallocate.ts"
 import { Tensors } from "../runtime/Backend.ts"
 import { session } from "../runtime/Decode.ts"
-import { type Lowered, materialize } from "../runtime/Lower.ts"
+import { type Lowered, materialize, release } from "../runtime/Lower.ts"
 
 export interface BenchSettings {
   readonly ratios: ReadonlyArray<number>
@@ -250,6 +250,6 @@ export const run = (baseline: LoadedModel, baselineJson: unknown, settings: Benc
       params: c.model.analysis.rows[0]!.params,
       flopsPerToken: Cost.matmulPerToken(c.model.analysis.cost)
     }))
-    for (const c of contenders) for (const v of c.low.variables.values()) v.dispose()
+    for (const c of contenders) release(c.low)
     return { backend: description, settings, models, rows, caches } satisfies BenchResult
   })

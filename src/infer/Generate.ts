@@ -9,7 +9,7 @@ import { prng } from "../blocks/Chunker.ts"
 import { type LoadedModel, loadModel, modelFromJson, parseJson } from "../models/Load.ts"
 import { syncReads, Tensors } from "../runtime/Backend.ts"
 import { session } from "../runtime/Decode.ts"
-import { type Lowered, materialize } from "../runtime/Lower.ts"
+import { type Lowered, materialize, release } from "../runtime/Lower.ts"
 import { read as readCheckpoint } from "../train/Checkpoint.ts"
 import type { Tokenizer } from "../train/Data.ts"
 import { CheckpointMismatch, loadParams } from "../train/Train.ts"
@@ -60,14 +60,9 @@ export const loadTrained = (checkpoint: string, configFile?: string) =>
       model = yield* modelFromJson(json, `${file} (metadata "config")`)
     }
     const low = materialize(tf, model.analysis, 0)
-    yield* loadParams(low, file, ck.tensors).pipe(Effect.tapError(() => Effect.sync(() => dispose(low))))
+    yield* loadParams(low, file, ck.tensors).pipe(Effect.tapError(() => Effect.sync(() => release(low))))
     return { model, low, file, step: Number(ck.metadata["step"] ?? "0") }
   })
-
-/** Frees a lowered model's variables. */
-export const dispose = (low: Lowered) => {
-  for (const v of low.variables.values()) v.dispose()
-}
 
 export const SamplingSettings = Schema.Struct({
   maxTokens: Schema.Int.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(1))),

@@ -77,6 +77,11 @@ export const materialize = (tf: Tf, analysis: Analysis, seed: number): Lowered =
   return { tf, analysis, variables, nodeParams }
 }
 
+/** Frees the variables of a lowered model. */
+export const release = (m: Lowered): void => {
+  for (const v of m.variables.values()) v.dispose()
+}
+
 /** Total elements of the runtime's variables. */
 export const runtimeParamCount = (m: Lowered): number => {
   let n = 0

@@ -11,7 +11,7 @@ import type * as TF from "@tensorflow/tfjs"
 import type { LoadedModel } from "../models/Load.ts"
 import { lineChart, toSvg } from "../report/Plots.ts"
 import { Tensors } from "../runtime/Backend.ts"
-import { type Lowered, materialize } from "../runtime/Lower.ts"
+import { type Lowered, materialize, release } from "../runtime/Lower.ts"
 import { CheckpointError, read as readCheckpoint, type TensorData, write as writeCheckpoint } from "./Checkpoint.ts"
 import { byteTokenizer, type Stream, sotuSplits, trainBatch, validationBatches } from "./Data.ts"
 import { evaluate, evaluateAsync, newOptimizer, type Optimizer, syncReads, trainStep, trainStepAsync, type TrainSettings } from "./Step.ts"
@@ -213,7 +213,7 @@ export const train = (
     yield* fs.writeFileString(svgTmp, svg)
     yield* fs.rename(svgTmp, path.join(options.out, "loss.svg"))
     const finalVal = [...metrics].reverse().find((m) => m.valBitsPerByte !== undefined)?.valBitsPerByte ?? NaN
-    for (const v of low.variables.values()) v.dispose()
+    release(low)
     for (const v of [...opt.m.values(), ...opt.v.values()]) v.dispose()
     return { metrics, finalValBitsPerByte: finalVal, checkpoint: checkpointFile, tokensPerSecond: totalTime > 0 ? totalTokens / (totalTime / 1000) : 0 } satisfies TrainResult
   })

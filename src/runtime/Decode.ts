@@ -179,10 +179,9 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
     compression,
     dispose: () => {
       for (const list of buffers.values()) for (const b of list) b.dispose()
+      // block state holds kept tensors (the chunk module's key, the pending sum, the EMA); buffers are freed above
       for (const st of states.values()) {
-        for (const v of Object.values(st as Record<string, unknown>)) {
-          if (v !== null && typeof v === "object" && "dispose" in v && "dataId" in v) (v as { dispose: () => void }).dispose()
-        }
+        for (const v of Object.values(st as Record<string, unknown>)) if (v instanceof tf.Tensor) v.dispose()
       }
       buffers.clear()
       states.clear()

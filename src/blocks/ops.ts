@@ -99,10 +99,11 @@ const maskBudget = 16 * 1024 * 1024
 /**
  * Additive mask `[n, len]` for `n` queries at positions `past … past+n−1` over keys `0 … len−1`:
  * 0 where a query may attend, −1e9 elsewhere (causal and sliding window). Full passes use
- * `past = 0`, `n = len`. Kept across calls (at most 64 shapes and 64 MB; the oldest is dropped first).
+ * `past = 0`, `n = len`. Kept across calls per backend (at most 64 shapes and 64 MB; the oldest is dropped first): a mask
+ * made on one backend and used on another would be copied through a synchronous read.
  */
 const mask = (ctx: ForwardContext, n: number, len: number, past: number, causal: boolean, window: number | null): Tensor => {
-  const key = `${n}/${len}/${past}/${causal}/${window}`
+  const key = `${ctx.tf.getBackend()}/${n}/${len}/${past}/${causal}/${window}`
   let m = maskCache.get(key)
   if (m === undefined || m.isDisposed) {
     const a = new Float32Array(n * len)

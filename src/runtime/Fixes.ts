@@ -12,6 +12,15 @@
  * 4. `detach` and `ste`: tfjs has no stopGradient.
  * 5. `oneHot` as a float32 comparison: wasm's float oneHot writes int bit patterns, webgpu's int→float
  *    cast only relabels the buffer.
+ * 6. webgpu: `addN` of more inputs than a shader stage may bind (`maxStorageBuffersPerShaderStage` − 1,
+ *    7 on lavapipe) fails pipeline validation, and Dawn then drops the whole submitted command buffer
+ *    without an exception: the gradient-norm `addN` of a 20-parameter model left every Adam moment at
+ *    zero. It now sums in groups. Validation errors are also collected (`gpuErrors`), so the steps
+ *    can fail loudly instead of training on garbage.
+ * 7. webgpu: a reverse `cumsum` (the gradient of every cumsum) compiles the row length into its shader
+ *    but leaves it out of the pipeline-cache key, so after the first length every other length reuses
+ *    a stale shader and sums the wrong elements (the dechunk EMA's gradient was off by 30%). It now
+ *    runs as reverse → forward cumsum → reverse, whose shaders depend on no length.
  *
  * @since 0.1.0
  */
@@ -122,7 +131,79 @@ export const install = (tf: Tf, backend: string): void => {
     })
     installed.add("cpu")
   }
+  if (backend === "webgpu" && !installed.has("webgpu")) {
+    const gpu = tf.backend() as unknown as WebGpuBackend
+    const stock = tf.getKernel("AddN", "webgpu")!.kernelFunc
+    const most = Math.max(2, gpu.device.limits.maxStorageBuffersPerShaderStage - 1)
+    tf.unregisterKernel("AddN", "webgpu")
+    tf.registerKernel({
+      kernelName: "AddN",
+      backendName: "webgpu",
+      kernelFunc: (args) => {
+        let xs = args.inputs as unknown as Array<{ dataId: unknown }>
+        const made: Array<{ dataId: unknown }> = []
+        while (xs.length > most) {
+          const next: Array<{ dataId: unknown }> = []
+          for (let i = 0; i < xs.length; i += most) {
+            const group = xs.slice(i, i + most)
+            if (group.length === 1) next.push(group[0]!)
+            else {
+              const part = stock({ ...args, inputs: group as never }) as unknown as { dataId: unknown }
+              made.push(part)
+              next.push(part)
+            }
+          }
+          xs = next
+        }
+        const out = stock({ ...args, inputs: xs as never })
+        for (const t of made) gpu.disposeData(t.dataId)
+        return out
+      }
+    })
+    const cumsum = tf.getKernel("Cumsum", "webgpu")!.kernelFunc
+    const reverse = tf.getKernel("Reverse", "webgpu")!.kernelFunc
+    tf.unregisterKernel("Cumsum", "webgpu")
+    tf.registerKernel({
+      kernelName: "Cumsum",
+      backendName: "webgpu",
+      kernelFunc: (args) => {
+        const a = args.attrs as { axis: number; exclusive: boolean; reverse: boolean }
+        if (!a.reverse) return cumsum(args)
+        const x = args.inputs["x"] as unknown as { shape: Array<number> }
+        const axis = a.axis < 0 ? a.axis + x.shape.length : a.axis
+        const flip = (t: unknown) => reverse({ ...args, inputs: { x: t } as never, attrs: { dims: [axis] } }) as unknown as { dataId: unknown }
+        const flipped = flip(x)
+        const summed = cumsum({ ...args, inputs: { x: flipped } as never, attrs: { ...a, axis, reverse: false } }) as unknown as { dataId: unknown }
+        const out = flip(summed)
+        gpu.disposeData(flipped.dataId)
+        gpu.disposeData(summed.dataId)
+        return out as never
+      }
+    })
+    gpu.device.addEventListener("uncapturederror", (event: unknown) => {
+      const e = event as { error?: { message?: string } }
+      if (gpuErrorLog.length < 16) gpuErrorLog.push(String(e.error?.message ?? e).split("\n")[0]!)
+    })
+    installed.add("webgpu")
+  }
 }
+
+/** The parts of tfjs-backend-webgpu's backend that the fixes use. */
+interface WebGpuBackend {
+  readonly device: {
+    readonly limits: { readonly maxStorageBuffersPerShaderStage: number }
+    addEventListener: (type: string, listener: (event: unknown) => void) => void
+  }
+  disposeData: (dataId: unknown) => boolean
+}
+
+const gpuErrorLog: Array<string> = []
+
+/**
+ * Validation and out-of-memory errors that the WebGPU device reported since the last call (Dawn
+ * reports them asynchronously and drops the failing command buffer); empty elsewhere. Clears them.
+ */
+export const gpuErrors = (): ReadonlyArray<string> => gpuErrorLog.splice(0, gpuErrorLog.length)
 
 /**
  * Copies the box `begin … begin+size` of a row-major array of `shape` into `dst`, one contiguous

@@ -8,6 +8,7 @@
 import { Schema } from "effect"
 import type * as TF from "@tensorflow/tfjs"
 import { Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
+import { gpuErrors } from "../runtime/Fixes.ts"
 import { type Batch, loss, type Lowered, mixSeed, recordReads, replay } from "../runtime/Lower.ts"
 
 const Fraction = Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0), Schema.isLessThan(1)))
@@ -140,7 +141,17 @@ export const trainStepAsync = async (low: Lowered, opt: Optimizer, batch: Batch,
   const reads = await recordReads(low, batch, stepOptions(settings, step))
   const r = stepOnDevice(low, opt, batch, settings, step, replay(reads))
   const [total, ce, aux] = await Promise.all([r.total.data(), r.ce.data(), r.aux.data()])
+  failOnGpuErrors()
   return stepResult(r, [total[0]!, ce[0]!, aux[0]!])
+}
+
+/**
+ * Throws if the GPU device reported errors since the last check: Dawn drops a command buffer that
+ * fails validation without an exception, so the values read back would be silently wrong.
+ */
+export const failOnGpuErrors = (): void => {
+  const errors = gpuErrors()
+  if (errors.length > 0) throw new Error(`the GPU device reported ${errors.length} error(s); the results are invalid: ${errors.join("; ")}`)
 }
 
 export { syncReads } from "../runtime/Backend.ts"
@@ -182,6 +193,7 @@ export const evaluateAsync = async (low: Lowered, batches: ReadonlyArray<Batch>)
     r.ce.dispose()
     parts.push({ ...r, ce })
   }
+  failOnGpuErrors()
   return summarize(parts)
 }
 

@@ -1,0 +1,112 @@
+/**
+ * The webgpu backend against the cpu reference: training steps (dense, MoE with dense dispatch,
+ * ConceptMoE through recorded reads) and evaluation give the cpu values. Runs wherever a WebGPU
+ * adapter exists (an NVIDIA GPU through Vulkan, or lavapipe: `bash bench/gpu/lavapipe.sh &&
+ * . .lavapipe/env.sh`) and skips, saying why, where none does (CI).
+ */
+import { assert, describe, it } from "@effect/vitest"
+import { Effect, Schema } from "effect"
+import type { Tensor, Tf } from "../src/graph/Apply.ts"
+import { load as loadBackend } from "../src/runtime/Backend.ts"
+import { gpuErrors } from "../src/runtime/Fixes.ts"
+import { type Batch, type Lowered, materialize, release } from "../src/runtime/Lower.ts"
+import { evaluate, evaluateAsync, newOptimizer, trainStep, trainStepAsync, TrainSettings } from "../src/train/Step.ts"
+import { load } from "./support/models.ts"
+
+const gpu = await Effect.runPromise(Effect.result(loadBackend("webgpu")))
+const available = gpu._tag === "Success"
+const why = gpu._tag === "Failure" ? gpu.failure.message : ""
+if (!available) console.log(`webgpu tests skipped: ${why}`)
+
+const moe = { kind: "moe", vocab: 64, hidden: 32, layers: 3, heads: 4, kvHeads: 2, experts: 4, topK: 2, expertHidden: 16, sharedHidden: 16, tiedEmbeddings: true, contextLength: 16 }
+export const webgpuModels: ReadonlyArray<readonly [string, Record<string, unknown>]> = [
+  ["dense LM", { kind: "dense", vocab: 64, hidden: 32, layers: 2, heads: 4, ffnHidden: 64, activation: "gelu", contextLength: 16 }],
+  ["MoE (dense dispatch)", moe],
+  ["ConceptMoE (recorded reads)", { kind: "conceptmoe", baseline: moe, ratio: 2, encoderLayers: 1, decoderLayers: 1, topK: 3 }]
+]
+
+const batch: Batch = {
+  rows: 2,
+  length: 16,
+  ids: new Int32Array(32).map((_, i) => (i * 7 + (i % 3) * 5) % 64),
+  targets: new Int32Array(32).map((_, i) => (i * 11 + 3) % 64)
+}
+const settings = Schema.decodeUnknownSync(TrainSettings)({ seqLen: 16, batchSize: 2, steps: 10, optimizer: { warmup: 1 } })
+
+const values = async (low: Lowered) => Promise.all([...low.variables.values()].map((v) => v.data()))
+const maxDiff = (a: ArrayLike<number>, b: ArrayLike<number>) => {
+  let m = 0
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]! - b[i]!))
+  return m
+}
+
+describe.skipIf(!available)("webgpu against cpu", () => {
+  const tf: Tf = gpu._tag === "Success" ? gpu.success.tf : (undefined as never)
+
+  const onBoth = async (f: () => Tensor) => {
+    const out: Array<Float32Array> = []
+    for (const b of ["cpu", "webgpu"]) {
+      await tf.setBackend(b)
+      const t = f()
+      out.push((await t.data()) as Float32Array)
+      t.dispose()
+    }
+    return out as [Float32Array, Float32Array]
+  }
+
+  it("addN of more tensors than a shader may bind sums them (fix 6)", async () => {
+    const [cpu, web] = await onBoth(() => tf.tidy(() => tf.addN(Array.from({ length: 20 }, (_, i) => tf.fill([5], i + 0.5)))))
+    assert.deepStrictEqual(Array.from(web), Array.from(cpu))
+    assert.strictEqual(web[0], 200)
+    assert.deepStrictEqual(gpuErrors(), [])
+  })
+
+  it("a reverse cumsum is right for every length, not only the first one compiled (fix 7)", async () => {
+    for (const n of [2, 5, 3, 9, 16]) {
+      const xs = Array.from({ length: 2 * n }, (_, i) => Math.sin(i) + 1)
+      for (const exclusive of [false, true]) {
+        const [cpu, web] = await onBoth(() => tf.tidy(() => tf.cumsum(tf.tensor2d(xs, [2, n]), 1, exclusive, true)))
+        assert.isAtMost(maxDiff(web, cpu), 1e-5, `length ${n}, exclusive ${exclusive}`)
+      }
+      const [cpu, web] = await onBoth(() => tf.tidy(() => tf.grad((x: Tensor) => tf.sum(tf.mul(tf.cumsum(x), tf.range(1, n + 1))))(tf.tensor1d(xs.slice(0, n)))))
+      assert.isAtMost(maxDiff(web, cpu), 1e-5, `gradient, length ${n}`)
+    }
+  })
+
+  it("device validation errors are reported, not silently dropped", async () => {
+    await tf.setBackend("webgpu")
+    const device = (tf.backend() as unknown as { device: { createBuffer: (d: { size: number; usage: number }) => unknown } }).device
+    device.createBuffer({ size: 4, usage: 0 })
+    await tf.scalar(1).data()
+    const errors = gpuErrors()
+    assert.strictEqual(errors.length, 1)
+    assert.match(errors[0]!, /usage/i)
+  })
+  for (const [name, cfg] of webgpuModels) {
+    it(`${name}: three training steps and an evaluation give the cpu values`, async () => {
+      const m = await Effect.runPromise(load(cfg))
+      const run = async (backend: "cpu" | "webgpu") => {
+        await tf.setBackend(backend)
+        const low = materialize(tf, m.analysis, 5)
+        const opt = newOptimizer(low)
+        const losses: Array<number> = []
+        for (let s = 0; s < 3; s++) {
+          const r = backend === "cpu" ? trainStep(low, opt, batch, settings, s) : await trainStepAsync(low, opt, batch, settings, s)
+          losses.push(r.loss)
+        }
+        const evaluation = backend === "cpu" ? evaluate(low, [batch]) : await evaluateAsync(low, [batch])
+        const params = await values(low)
+        release(low)
+        for (const v of [...opt.m.values(), ...opt.v.values()]) v.dispose()
+        return { losses, evaluation, params }
+      }
+      const cpu = await run("cpu")
+      const web = await run("webgpu")
+      assert.strictEqual(tf.getBackend(), "webgpu")
+      web.losses.forEach((l, i) => assert.closeTo(l, cpu.losses[i]!, 1e-4, `step ${i}`))
+      assert.closeTo(web.evaluation.bitsPerByte, cpu.evaluation.bitsPerByte, 1e-4)
+      assert.strictEqual(web.evaluation.compression, cpu.evaluation.compression)
+      web.params.forEach((p, i) => assert.isAtMost(maxDiff(p, cpu.params[i]!), 1e-4, `parameter ${i}`))
+    })
+  }
+})

@@ -9,6 +9,7 @@ import { Schema } from "effect"
 import type * as TF from "@tensorflow/tfjs"
 import { Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import { gpuErrors } from "../runtime/Fixes.ts"
+import { adamw } from "../runtime/Fused.ts"
 import { type Batch, loss, type Lowered, mixSeed, recordReads, replay } from "../runtime/Lower.ts"
 
 const Fraction = Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0), Schema.isLessThan(1)))
@@ -100,15 +101,21 @@ const stepOnDevice = (
     const c1 = 1 - o.beta1 ** t
     const c2 = 1 - o.beta2 ** t
     names.forEach((n, i) => {
-      const g = tf.mul(gs[i]!, scale)
       const m = opt.m.get(n)!
       const v = opt.v.get(n)!
-      m.assign(tf.add(tf.mul(m, o.beta1), tf.mul(g, 1 - o.beta1)))
-      v.assign(tf.add(tf.mul(v, o.beta2), tf.mul(tf.square(g), 1 - o.beta2)))
       const w = vars[i]!
-      const update = tf.div(tf.div(m, c1), tf.add(tf.sqrt(tf.div(v, c2)), o.eps))
-      const decay = w.rank >= 2 ? tf.mul(w, o.weightDecay) : tf.zerosLike(w)
-      w.assign(tf.sub(w, tf.mul(tf.add(update, decay), lr * (o.partLr[partOf.get(n) ?? ""] ?? 1))))
+      const next = adamw(tf, w, gs[i]!, m, v, scale, {
+        beta1: o.beta1,
+        beta2: o.beta2,
+        eps: o.eps,
+        c1,
+        c2,
+        lr: lr * (o.partLr[partOf.get(n) ?? ""] ?? 1),
+        decay: w.rank >= 2 ? o.weightDecay : 0
+      })
+      m.assign(next.m as TF.Tensor)
+      v.assign(next.v as TF.Tensor)
+      w.assign(next.w as TF.Tensor)
     })
     return value
   })

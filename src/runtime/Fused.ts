@@ -1,0 +1,120 @@
+/**
+ * Fused kernels: hot chains of elementwise ops written as one WGSL program each and registered with
+ * tfjs for the webgpu backend, where every op is one dispatch (tens of µs of host time) and every JS
+ * number operand one buffer upload. Other backends run the same maths op by op. Each kernel is tested
+ * against the cpu backend (test/webgpu.test.ts).
+ *
+ * - `adamw`: the AdamW update of one parameter, three dispatches (first moment, second moment,
+ *   weights) instead of about fifteen plus nine scalar uploads; the clipping scale stays a tensor.
+ *
+ * @since 0.3.0
+ */
+import type * as TF from "@tensorflow/tfjs"
+import type { Tensor, Tf } from "../graph/Apply.ts"
+
+export interface AdamHyper {
+  readonly beta1: number
+  readonly beta2: number
+  readonly eps: number
+  /** Bias corrections 1 − β₁ᵗ and 1 − β₂ᵗ. */
+  readonly c1: number
+  readonly c2: number
+  /** Learning rate of this parameter (part multiplier applied). */
+  readonly lr: number
+  /** Decoupled weight decay (0 for vectors). */
+  readonly decay: number
+}
+
+/**
+ * One AdamW step of parameter `w` with gradient `g`, scaled by `scale` (a one-element tensor, the
+ * clipping factor): m' = β₁m + (1−β₁)·g·s, v' = β₂v + (1−β₂)·(g·s)², w' = w − lr·(m'/c₁ / (√(v'/c₂) + ε) + decay·w).
+ * Returns the new tensors; the caller assigns them.
+ */
+export const adamw = (tf: Tf, w: Tensor, g: Tensor, m: Tensor, v: Tensor, scale: Tensor, h: AdamHyper): { w: Tensor; m: Tensor; v: Tensor } => {
+  if (tf.getBackend() === "webgpu" && registerWebGpu(tf)) {
+    const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, number>) =>
+      tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, attrs as unknown as TF.NamedAttrMap) as Tensor
+    const m2 = run(kernels.m, { x: m, g, s: scale }, { beta: h.beta1 })
+    const v2 = run(kernels.v, { x: v, g, s: scale }, { beta: h.beta2 })
+    const w2 = run(kernels.w, { w, m: m2, v: v2 }, { lr: h.lr, c1: h.c1, c2: h.c2, eps: h.eps, decay: h.decay })
+    return { w: w2, m: m2, v: v2 }
+  }
+  const gs = tf.mul(g, scale)
+  const m2 = tf.add(tf.mul(m, h.beta1), tf.mul(gs, 1 - h.beta1))
+  const v2 = tf.add(tf.mul(v, h.beta2), tf.mul(tf.square(gs), 1 - h.beta2))
+  const update = tf.div(tf.div(m2, h.c1), tf.add(tf.sqrt(tf.div(v2, h.c2)), h.eps))
+  const step = h.decay > 0 ? tf.add(update, tf.mul(w, h.decay)) : update
+  return { w: tf.sub(w, tf.mul(step, h.lr)), m: m2, v: v2 }
+}
+
+const kernels = { m: "ConceptmoeAdamFirstMoment", v: "ConceptmoeAdamSecondMoment", w: "ConceptmoeAdamWeights" } as const
+
+/** tfjs-backend-webgpu's program interface (the fields a flat elementwise program needs). */
+interface Program {
+  readonly variableNames: Array<string>
+  readonly outputShape: Array<number>
+  readonly shaderKey: string
+  readonly dispatchLayout: { x: Array<number> }
+  readonly dispatch: [number, number, number]
+  readonly workgroupSize: [number, number, number]
+  readonly size: boolean
+  readonly uniforms: string
+  getUserCode: () => string
+}
+
+interface WebGpuBackend {
+  runWebGPUProgram: (p: Program, inputs: Array<TF.TensorInfo>, dtype: string, uniforms: Array<{ type: string; data: Array<number> }>) => TF.TensorInfo
+}
+
+/** A flat elementwise program over `shape`: `body` computes `value` from `index`. */
+const flatProgram = (name: string, shape: Array<number>, inputs: Array<string>, uniforms: Array<string>, body: string): Program => {
+  const size = shape.reduce((a, b) => a * b, 1)
+  return {
+    variableNames: inputs,
+    outputShape: shape,
+    shaderKey: name,
+    dispatchLayout: { x: shape.map((_, i) => i) },
+    dispatch: [Math.ceil(size / 64), 1, 1],
+    workgroupSize: [64, 1, 1],
+    size: true,
+    uniforms: uniforms.map((u) => `${u} : f32,`).join(" "),
+    getUserCode: () => `
+      fn main(index : i32) {
+        if (index < uniforms.size) {
+          ${body}
+          setOutputAtIndex(index, value);
+        }
+      }`
+  }
+}
+
+let registered: boolean | undefined
+
+/** Registers the webgpu kernels once; false if the backend's program interface is not there. */
+const registerWebGpu = (tf: Tf): boolean => {
+  if (registered !== undefined) return registered
+  const backend = tf.backend() as unknown as Partial<WebGpuBackend>
+  registered = typeof backend.runWebGPUProgram === "function"
+  if (!registered) return false
+  const define = (kernelName: string, inputs: Array<string>, uniforms: Array<string>, body: string) =>
+    tf.registerKernel({
+      kernelName,
+      backendName: "webgpu",
+      kernelFunc: ({ inputs: given, backend: b, attrs }) => {
+        const xs = inputs.map((n) => given[n.toLowerCase()] as TF.TensorInfo)
+        const a = attrs as unknown as Record<string, number>
+        const program = flatProgram(kernelName, [...xs[0]!.shape], inputs, uniforms, body)
+        return (b as unknown as WebGpuBackend).runWebGPUProgram(program, xs, "float32", uniforms.map((u) => ({ type: "float32", data: [a[u]!] })))
+      }
+    })
+  const moment = (square: boolean) => `
+          let gs = G[index] * S[0];
+          let value = uniforms.beta * X[index] + (1.0 - uniforms.beta) * ${square ? "gs * gs" : "gs"};`
+  define(kernels.m, ["X", "G", "S"], ["beta"], moment(false))
+  define(kernels.v, ["X", "G", "S"], ["beta"], moment(true))
+  define(kernels.w, ["W", "M", "V"], ["lr", "c1", "c2", "eps", "decay"], `
+          let w = W[index];
+          let update = (M[index] / uniforms.c1) / (sqrt(V[index] / uniforms.c2) + uniforms.eps);
+          let value = w - uniforms.lr * (update + uniforms.decay * w);`)
+  return true
+}

@@ -10,6 +10,7 @@ import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
 import { adamw } from "../src/runtime/Fused.ts"
+import { verify, verifyAsync } from "../src/runtime/Verify.ts"
 import { type Batch, type Lowered, materialize, release } from "../src/runtime/Lower.ts"
 import { evaluate, evaluateAsync, newOptimizer, trainStep, trainStepAsync, TrainSettings } from "../src/train/Step.ts"
 import { load } from "./support/models.ts"
@@ -53,6 +54,23 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       t.dispose()
     }
     return out as [Float32Array, Float32Array]
+  }
+
+  for (const [name, cfg] of webgpuModels) {
+    it(`${name}: verify on webgpu (reads recorded, sparse dispatch) reports the cpu's executed costs`, async () => {
+      const m = await Effect.runPromise(load(cfg))
+      const reports = []
+      for (const b of ["cpu", "webgpu"] as const) {
+        await tf.setBackend(b)
+        const low = materialize(tf, m.analysis, 2)
+        reports.push(b === "cpu" ? verify(low, batch) : await verifyAsync(low, batch))
+        release(low)
+      }
+      const [cpu, web] = reports
+      assert.deepStrictEqual(web!.flops, cpu!.flops)
+      assert.deepStrictEqual(web!.compression, cpu!.compression)
+      assert.strictEqual(web!.flops.executed, web!.flops.staticAtMeasured)
+    })
   }
 
   it("addN of more tensors than a shader may bind sums them (fix 6)", async () => {

@@ -3,14 +3,18 @@
 # which has no Node and no network: the pinned Node binary, a trimmed node_modules (tfjs node bundles,
 # tfjs-backend-webgpu, webgpu's Dawn for linux-x64, effect's dist) and the Vulkan/GL loader packages.
 # About 37 MB. Run from the repository root after `npm ci`. Then, with the device tool:
-#   carry [".carry"], command:
-#   for f in .carry/*.deb; do dpkg -x $f /; done; ldconfig; mkdir -p /tmp/n && xz -dc .carry/node.xz > /tmp/n/node &&
-#   chmod +x /tmp/n/node && tar -xJf .carry/nm.tar.xz -C . && export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-#   __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json && /tmp/n/node bench/gpu/smoke.ts
+#   carry [".carry"], command: bash bench/gpu/run.sh
 set -euo pipefail
 root=$(pwd)
 work=$(mktemp -d)
-(cd "$work" && echo '{"name":"gpu-deps","version":"1.0.0"}' > package.json && npm install --no-audit --no-fund webgpu @tensorflow/tfjs-backend-webgpu@4.22.0 >/dev/null)
+# the optional dependencies, from our node_modules when npm installed them, else fetched here
+if [ -d "$root/node_modules/webgpu" ] && [ -d "$root/node_modules/@tensorflow/tfjs-backend-webgpu" ]; then
+  mkdir -p "$work/node_modules/@tensorflow"
+  cp -r "$root/node_modules/webgpu" "$work/node_modules/"
+  cp -r "$root/node_modules/@tensorflow/tfjs-backend-webgpu" "$work/node_modules/@tensorflow/"
+else
+  (cd "$work" && echo '{"name":"gpu-deps","version":"1.0.0"}' > package.json && npm install --no-audit --no-fund webgpu@0.6.2 @tensorflow/tfjs-backend-webgpu@4.22.0 >/dev/null)
+fi
 nm="$work/carry/node_modules"
 mkdir -p "$nm/@tensorflow"
 for p in tfjs tfjs-core tfjs-backend-cpu tfjs-backend-webgl tfjs-converter tfjs-data tfjs-layers; do

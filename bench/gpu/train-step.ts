@@ -14,6 +14,7 @@ import { modelFromJson } from "../../src/models/Load.ts"
 import { type BackendName, load } from "../../src/runtime/Backend.ts"
 import { type Batch, materialize } from "../../src/runtime/Lower.ts"
 import { newOptimizer, syncReads, trainStep, trainStepAsync, TrainSettings } from "../../src/train/Step.ts"
+import { countDispatches, type Counts } from "./dispatches.ts"
 
 const here = import.meta.dirname
 const moe = JSON.parse(fs.readFileSync(path.join(here, "..", "..", "examples", "compare", "moe-tiny.json"), "utf8"))
@@ -36,7 +37,7 @@ const main = async () => {
   const backend = (process.argv[2] ?? "webgpu") as BackendName
   const { tf, description } = await Effect.runPromise(load(backend))
   console.log(JSON.stringify({ backend: description }))
-  const only = process.argv[3]?.split(",")
+  const only = process.argv[3] === undefined || process.argv[3] === "" ? undefined : process.argv[3].split(",")
   for (const w of workloads.filter((x) => only === undefined || only.includes(x.name))) {
     const m = await Effect.runPromise(modelFromJson(w.config, `${w.name}.json`))
     const low = materialize(tf, m.analysis, 1)
@@ -45,14 +46,26 @@ const main = async () => {
     const batch = batchOf(w.rows, w.length)
     const times: Array<number> = []
     let first = NaN
-    for (let s = 0; s < 13; s++) {
+    let counted: Counts | undefined
+    const timed = Number(process.argv[4] ?? 10)
+    for (let s = 0; s < 3 + timed; s++) {
+      // the second warm-up step is counted (and not timed)
+      const counter = s === 1 && backend === "webgpu" ? countDispatches(tf) : undefined
       const t0 = performance.now()
       const r = syncReads(tf) ? trainStep(low, opt, batch, settings, s) : await trainStepAsync(low, opt, batch, settings, s)
+      if (counter !== undefined) counted = counter.stop()
       if (s === 0) first = r.loss
       if (s >= 3) times.push(performance.now() - t0)
     }
     times.sort((a, b) => a - b)
-    console.log(JSON.stringify({ model: w.name, params: m.analysis.rows[0]!.params, stepMsMedian: Number(times[5]!.toFixed(2)), firstLoss: first }))
+    const top = counted === undefined ? undefined : Object.fromEntries([...counted.byProgram].sort((a, b) => b[1] - a[1]).slice(0, 6))
+    console.log(JSON.stringify({
+      model: w.name,
+      params: m.analysis.rows[0]!.params,
+      stepMsMedian: Number(times[Math.floor(times.length / 2)]!.toFixed(2)),
+      firstLoss: first,
+      ...(counted === undefined ? {} : { dispatchesPerStep: counted.dispatches, uploadsPerStep: counted.uploads, top })
+    }))
     for (const v of [...low.variables.values(), ...opt.m.values(), ...opt.v.values()]) v.dispose()
   }
 }

@@ -7,6 +7,8 @@
  * - `adamw`: the AdamW update of one parameter, three dispatches (first moment, second moment,
  *   weights) instead of about fifteen plus nine scalar uploads; the clipping scale stays a tensor.
  *
+ * `CONCEPTMOE_FUSED=off` turns them off (op by op everywhere), to compare or to rule them out.
+ *
  * @since 0.3.0
  */
 import type * as TF from "@tensorflow/tfjs"
@@ -31,7 +33,7 @@ export interface AdamHyper {
  * Returns the new tensors; the caller assigns them.
  */
 export const adamw = (tf: Tf, w: Tensor, g: Tensor, m: Tensor, v: Tensor, scale: Tensor, h: AdamHyper): { w: Tensor; m: Tensor; v: Tensor } => {
-  if (tf.getBackend() === "webgpu" && registerWebGpu(tf)) {
+  if (tf.getBackend() === "webgpu" && process.env["CONCEPTMOE_FUSED"] !== "off" && registerWebGpu(tf)) {
     const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, number>) =>
       tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, attrs as unknown as TF.NamedAttrMap) as Tensor
     const m2 = run(kernels.m, { x: m, g, s: scale }, { beta: h.beta1 })

@@ -7,7 +7,7 @@
 import * as Cost from "../cost/Cost.ts"
 import type { Analysis } from "../graph/Analyze.ts"
 import type { FlopCounter } from "../graph/Apply.ts"
-import { forward, type Batch, type Lowered, runtimeParamCount } from "./Lower.ts"
+import { forward, type Batch, type ForwardOptions, type Lowered, recordReads, replay, runtimeParamCount } from "./Lower.ts"
 
 export interface VerifyReport {
   readonly params: { readonly static: number; readonly runtime: number }
@@ -75,14 +75,17 @@ export const staticAttentionAt = (
   return total
 }
 
-/** Runs one forward pass (evaluation mode) and compares executed with static costs. */
-export const verify = (m: Lowered, batch: Batch, seed = 0): VerifyReport => {
+/**
+ * Runs one forward pass (evaluation mode, MoE dispatch sparse: the activated experts only) and
+ * compares executed with static costs. `read` supplies host reads (see {@link verifyAsync}).
+ */
+export const verify = (m: Lowered, batch: Batch, seed = 0, read?: ForwardOptions["read"]): VerifyReport => {
   const { tf } = m
   let flops: FlopCounter = { weights: 0, attentionMap: 0, other: 0 }
   let compression = { tokens: 0, concepts: 0 }
   let perRow: ReadonlyArray<number> | undefined
   tf.tidy(() => {
-    const { ctx } = forward(m, batch, { training: false, seed })
+    const { ctx } = forward(m, batch, { training: false, seed, dispatch: "sparse", ...(read === undefined ? {} : { read }) })
     flops = { ...ctx.flops }
     compression = { tokens: ctx.compression.tokens, concepts: ctx.compression.concepts }
     perRow = ctx.chunk?.concepts
@@ -114,4 +117,10 @@ export const verify = (m: Lowered, batch: Batch, seed = 0): VerifyReport => {
       : {}),
     tokens
   }
+}
+
+/** {@link verify} for backends that read only asynchronously (webgpu in Node): reads recorded first. */
+export const verifyAsync = async (m: Lowered, batch: Batch, seed = 0): Promise<VerifyReport> => {
+  const reads = await recordReads(m, batch, { training: false, seed, dispatch: "sparse" })
+  return verify(m, batch, seed, replay(reads))
 }

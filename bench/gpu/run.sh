@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Issue 6's GPU benchmark in one `device` call: unpacks the carry (bench/gpu/make-carry.sh), then runs
+# the webgpu smoke test (params, FLOPs, loss against cpu), our training step on webgpu for the four
+# workloads, the same models in PyTorch eager (bench/peers/torch_lm.py), and prints the ratios.
+#   here:   bash bench/gpu/make-carry.sh
+#   device: carry [".carry"], command: bash bench/gpu/run.sh [steps]
+# Results land in $OUT (smoke.json, ours.jsonl, torch.jsonl, ratios.json) when OUT is set.
+set -uo pipefail
+out=${OUT:-$(mktemp -d)}
+steps=${1:-10}
+for f in .carry/*.deb; do dpkg -x "$f" /; done
+ldconfig
+mkdir -p /tmp/n && xz -dc .carry/node.xz > /tmp/n/node && chmod +x /tmp/n/node
+tar -xJf .carry/nm.tar.xz -C .
+export VK_DRIVER_FILES=${VK_DRIVER_FILES:-/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json}
+export __EGL_VENDOR_LIBRARY_FILENAMES=${__EGL_VENDOR_LIBRARY_FILENAMES:-/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
+echo "== smoke"
+OUT=$out timeout 240 /tmp/n/node bench/gpu/smoke.ts 2>&1 | grep -v "maxDynamic"
+echo "== ours (webgpu)"
+timeout 300 /tmp/n/node bench/gpu/train-step.ts webgpu "" "$steps" 2>&1 | grep -v "maxDynamic" | tee "$out/ours.jsonl"
+echo "== PyTorch eager"
+PYTHONUNBUFFERED=1 timeout 120 python3 bench/peers/torch_lm.py cuda 2>&1 | tee "$out/torch.jsonl"
+echo "== ratios"
+/tmp/n/node bench/gpu/ratio.ts "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/ratios.json"

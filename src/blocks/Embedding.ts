@@ -34,7 +34,7 @@ export const Embedding: BlockKind<EmbeddingSpec> = {
   apply: (ctx, _s, ids, p) => {
     const { tf } = ctx
     const x = tf.gather(p["weight"]!, ids)
-    return p["positions"] === undefined ? x : tf.add(x, tf.gather(p["positions"], tf.tensor1d(ctx.positions, "int32")))
+    return p["positions"] === undefined ? x : tf.add(x, tf.gather(p["positions"], ctx.positionIds()))
   }
 }
 

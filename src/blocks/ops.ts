@@ -60,21 +60,18 @@ export const ffn = (
   return linear(ctx, hidden, p("down.weight")!, p("down.bias"))
 }
 
-/** cos and sin tables `[N, 1, dim/2]` for the context's positions (HF `rotate_half` convention). */
-export const ropeTables = (ctx: ForwardContext, dim: number, base: number) => {
-  const half = dim / 2
-  const n = ctx.positions.length
-  const cos = new Float32Array(n * half)
-  const sin = new Float32Array(n * half)
-  for (let i = 0; i < n; i++) {
-    for (let j = 0; j < half; j++) {
-      const angle = ctx.positions[i]! * base ** (-(2 * j) / dim)
-      cos[i * half + j] = Math.cos(angle)
-      sin[i * half + j] = Math.sin(angle)
-    }
-  }
-  return { cos: ctx.tf.tensor3d(cos, [n, 1, half]), sin: ctx.tf.tensor3d(sin, [n, 1, half]) }
-}
+/**
+ * cos and sin tables `[N, 1, dim/2]` for the context's positions (HF `rotate_half` convention),
+ * computed on the device from `ctx.positionIds()` in float32 as transformers does, once per pass.
+ */
+export const ropeTables = (ctx: ForwardContext, dim: number, base: number) =>
+  ctx.memo(`rope/${dim}/${base}`, () => {
+    const { tf } = ctx
+    const half = dim / 2
+    const inverse = Float32Array.from({ length: half }, (_, j) => base ** (-(2 * j) / dim))
+    const angles = tf.mul(tf.reshape(tf.cast(ctx.positionIds(), "float32"), [-1, 1, 1]), tf.tensor3d(inverse, [1, 1, half]))
+    return { cos: tf.cos(angles), sin: tf.sin(angles) }
+  })
 
 /** Rotates the first `dim` features of each head of `x [N, heads, hd]`. */
 export const applyRope = (ctx: ForwardContext, x: Tensor, dim: number, tables: { cos: Tensor; sin: Tensor }): Tensor => {

@@ -98,6 +98,13 @@ export interface ForwardContext {
   layout: ReadonlyArray<number>
   /** Positions of each element of the current stream within its row (for rotary). */
   positions: Int32Array
+  /**
+   * `positions` as an int32 tensor, made once per positions array (or fed: a captured step's input)
+   * and shared by every block that needs it.
+   */
+  readonly positionIds: () => Tensor
+  /** Values derived once per forward pass and positions array (rotary tables), by key. */
+  readonly memo: <T>(key: string, make: () => T) => T
   /** Row starts that begin a new document (forced boundaries), as flat token indices. */
   readonly documentStarts: ReadonlySet<number>
   /** The dechunked concept per token, for joint-decoding attention (set by a concept stage). */

@@ -112,15 +112,38 @@ export interface ForwardOptions {
   readonly read?: (t: Tensor) => Float32Array | Int32Array
   /** MoE dispatch (default `sparse`, `dense` on webgpu); see `ForwardContext.dispatch`. */
   readonly dispatch?: "sparse" | "dense"
+  /**
+   * Device tensors to use instead of uploading the batch's host arrays: token ids `[n]` int32,
+   * positions `[n]` int32, labels `[n]` int32 (targets with −1 as 0) and mask `[n]` float32 (1 where
+   * there is a target). A captured step (`Capture.ts`) feeds new values into them each step.
+   */
+  readonly feeds?: Feeds
 }
 
-/** Runs the graph on a batch; returns the logits `[rows · T, vocab]` and the context. */
-export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { readonly logits: Tensor2D; readonly ctx: ForwardContext } => {
-  const { tf } = m
+export interface Feeds {
+  readonly ids: Tensor
+  readonly positions: Tensor
+  readonly labels: Tensor
+  readonly mask: Tensor
+}
+
+/** The host arrays behind {@link Feeds} for a batch: positions restart at document starts. */
+export const feedValues = (batch: Batch) => {
   const n = batch.rows * batch.length
+  const targets = batch.targets ?? new Int32Array(n).fill(-1)
+  return {
+    ids: batch.ids,
+    positions: positionsOf(batch),
+    labels: targets.map((t) => Math.max(t, 0)),
+    mask: Float32Array.from(targets, (t) => (t >= 0 ? 1 : 0))
+  }
+}
+
+/** Position of each token within its row, restarting at document starts. */
+const positionsOf = (batch: Batch): Int32Array => {
   const starts = batch.documentStarts ?? new Set<number>()
-  const positions = options.positions ?? new Int32Array(n)
-  for (let r = 0; r < batch.rows && options.positions === undefined; r++) {
+  const positions = new Int32Array(batch.rows * batch.length)
+  for (let r = 0; r < batch.rows; r++) {
     let pos = 0
     for (let i = 0; i < batch.length; i++) {
       const t = r * batch.length + i
@@ -128,8 +151,19 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
       positions[t] = pos++
     }
   }
+  return positions
+}
+
+/** Runs the graph on a batch; returns the logits `[rows · T, vocab]` and the context. */
+export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { readonly logits: Tensor2D; readonly ctx: ForwardContext } => {
+  const { tf } = m
+  const starts = batch.documentStarts ?? new Set<number>()
+  const positions = options.positions ?? positionsOf(batch)
   const flops: FlopCounter = { weights: 0, attentionMap: 0, other: 0 }
   let seedCounter = 0
+  const positionTensors = new WeakMap<Int32Array, Tensor>()
+  if (options.feeds !== undefined) positionTensors.set(positions, options.feeds.positions)
+  const memos = new WeakMap<Int32Array, Map<string, unknown>>()
   const ctx: ForwardContext = {
     tf,
     training: options.training,
@@ -137,6 +171,17 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     scope: "",
     layout: Array.from({ length: batch.rows }, () => batch.length),
     positions,
+    positionIds: () => {
+      let t = positionTensors.get(ctx.positions)
+      if (t === undefined) positionTensors.set(ctx.positions, t = tf.tensor1d(ctx.positions, "int32"))
+      return t
+    },
+    memo: <T>(key: string, make: () => T): T => {
+      let byKey = memos.get(ctx.positions)
+      if (byKey === undefined) memos.set(ctx.positions, byKey = new Map())
+      if (!byKey.has(key)) byKey.set(key, make())
+      return byKey.get(key) as T
+    },
     documentStarts: starts,
     concept: undefined,
     chunk: undefined,
@@ -166,7 +211,7 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
       ctx.scope = outer
     }
   }
-  const logits = run(m.analysis.root, "", "", tf.tensor1d(batch.ids, "int32")) as Tensor2D
+  const logits = run(m.analysis.root, "", "", options.feeds?.ids ?? tf.tensor1d(batch.ids, "int32")) as Tensor2D
   return { logits, ctx }
 }
 
@@ -177,20 +222,17 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
 export const loss = (m: Lowered, batch: Batch, options: ForwardOptions) => {
   const { tf } = m
   const { ctx, logits } = forward(m, batch, options)
-  const targets = batch.targets ?? new Int32Array(batch.ids.length).fill(-1)
-  const keep: Array<number> = []
-  const labels: Array<number> = []
-  targets.forEach((t, i) => {
-    if (t >= 0) {
-      keep.push(i)
-      labels.push(t)
-    }
-  })
+  const host = options.feeds === undefined ? feedValues(batch) : undefined
+  const labels = options.feeds?.labels ?? tf.tensor1d(host!.labels, "int32")
+  const mask = options.feeds?.mask ?? tf.tensor1d(host!.mask)
+  let tokens = 0
+  for (const t of batch.targets ?? []) if (t >= 0) tokens++
+  // mean over the positions with a target, as a masked sum: the shapes do not depend on the targets
   const vocab = logits.shape[1]
-  const logp = tf.logSoftmax(tf.gather(logits, tf.tensor1d(keep, "int32")))
-  const ce = tf.neg(tf.mean(tf.sum(tf.mul(logp, ctx.oneHot(tf.tensor1d(labels, "int32"), vocab)), -1)))
+  const picked = tf.sum(tf.mul(tf.logSoftmax(logits), ctx.oneHot(labels, vocab)), -1)
+  const ce = tf.div(tf.neg(tf.sum(tf.mul(picked, mask))), tf.maximum(tf.sum(mask), 1))
   const aux = ctx.auxLosses.length === 0 ? tf.scalar(0) : tf.addN(ctx.auxLosses)
-  return { total: tf.add(ce, aux) as TF.Scalar, ce: ce as TF.Scalar, aux: aux as TF.Scalar, ctx, tokens: keep.length }
+  return { total: tf.add(ce, aux) as TF.Scalar, ce: ce as TF.Scalar, aux: aux as TF.Scalar, ctx, tokens }
 }
 
 /** Thrown by a recording pass at the first read it has no value for. */

@@ -9,7 +9,7 @@ import { Effect, Schema } from "effect"
 import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
-import { adamw } from "../src/runtime/Fused.ts"
+import { adamStepValues, adamw } from "../src/runtime/Fused.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
 import { type Batch, type Lowered, materialize, release } from "../src/runtime/Lower.ts"
 import { evaluate, evaluateAsync, newOptimizer, trainStep, trainStepAsync, TrainSettings } from "../src/train/Step.ts"
@@ -96,14 +96,14 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     const n = 1000
     const val = (k: number) => Array.from({ length: n }, (_, i) => Math.sin(i * k) * (k % 2 === 0 ? 0.01 : 1))
     for (const decay of [0, 0.1]) {
-      const h = { beta1: 0.9, beta2: 0.95, eps: 1e-8, c1: 1 - 0.9 ** 3, c2: 1 - 0.95 ** 3, lr: 3e-3, decay }
+      const h = { beta1: 0.9, beta2: 0.95, eps: 1e-8, c1: 1 - 0.9 ** 3, c2: 1 - 0.95 ** 3, lr: 3e-3, lrScale: 0.5, decay }
       const outputs: Array<Array<Float32Array>> = []
       for (const b of ["cpu", "webgpu"]) {
         await tf.setBackend(b)
         const r = tf.tidy(() => {
           const [w, g, m] = [1, 3, 4].map((k) => tf.tensor2d(val(k), [25, 40]))
           const sq = tf.square(tf.tensor2d(val(2), [25, 40]))
-          return adamw(tf, w!, g!, m!, sq, tf.tensor1d([0.5]), h)
+          return adamw(tf, w!, g!, m!, sq, tf.tensor1d([0.5]), h, adamStepValues(tf, h))
         })
         outputs.push(await Promise.all([r.w.data(), r.m.data(), r.v.data()]) as Array<Float32Array>)
         tf.dispose([r.w, r.m, r.v])

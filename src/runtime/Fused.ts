@@ -21,24 +21,44 @@ export interface AdamHyper {
   /** Bias corrections 1 − β₁ᵗ and 1 − β₂ᵗ. */
   readonly c1: number
   readonly c2: number
-  /** Learning rate of this parameter (part multiplier applied). */
+  /** The step's learning rate. */
   readonly lr: number
+  /** This parameter's multiplier of it (its part's). */
+  readonly lrScale: number
   /** Decoupled weight decay (0 for vectors). */
   readonly decay: number
 }
 
 /**
+ * The values of {@link AdamHyper} that change every step, `[lr, c1, c2]`, as one tensor made once
+ * per step: the fused kernels read them from it, so a captured step (`Capture.ts`) takes them as a
+ * feed instead of compiling them in.
+ */
+export const adamStepValues = (tf: Tf, h: Pick<AdamHyper, "lr" | "c1" | "c2">): Tensor => tf.tensor1d([h.lr, h.c1, h.c2])
+
+/**
  * One AdamW step of parameter `w` with gradient `g`, scaled by `scale` (a one-element tensor, the
- * clipping factor): m' = β₁m + (1−β₁)·g·s, v' = β₂v + (1−β₂)·(g·s)², w' = w − lr·(m'/c₁ / (√(v'/c₂) + ε) + decay·w).
+ * clipping factor): m' = β₁m + (1−β₁)·g·s, v' = β₂v + (1−β₂)·(g·s)²,
+ * w' = w − lr·lrScale·(m'/c₁ / (√(v'/c₂) + ε) + decay·w). `stepValues` is {@link adamStepValues}
+ * (the fused kernels read lr, c1, c2 from it; the op-by-op path uses the numbers in `h`).
  * Returns the new tensors; the caller assigns them.
  */
-export const adamw = (tf: Tf, w: Tensor, g: Tensor, m: Tensor, v: Tensor, scale: Tensor, h: AdamHyper): { w: Tensor; m: Tensor; v: Tensor } => {
+export const adamw = (
+  tf: Tf,
+  w: Tensor,
+  g: Tensor,
+  m: Tensor,
+  v: Tensor,
+  scale: Tensor,
+  h: AdamHyper,
+  stepValues: Tensor
+): { w: Tensor; m: Tensor; v: Tensor } => {
   if (tf.getBackend() === "webgpu" && process.env["CONCEPTMOE_FUSED"] !== "off" && registerWebGpu(tf)) {
     const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, number>) =>
       tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, attrs as unknown as TF.NamedAttrMap) as Tensor
     const m2 = run(kernels.m, { x: m, g, s: scale }, { beta: h.beta1 })
     const v2 = run(kernels.v, { x: v, g, s: scale }, { beta: h.beta2 })
-    const w2 = run(kernels.w, { w, m: m2, v: v2 }, { lr: h.lr, c1: h.c1, c2: h.c2, eps: h.eps, decay: h.decay })
+    const w2 = run(kernels.w, { w, m: m2, v: v2, h: stepValues }, { lrScale: h.lrScale, eps: h.eps, decay: h.decay })
     return { w: w2, m: m2, v: v2 }
   }
   const gs = tf.mul(g, scale)
@@ -46,7 +66,7 @@ export const adamw = (tf: Tf, w: Tensor, g: Tensor, m: Tensor, v: Tensor, scale:
   const v2 = tf.add(tf.mul(v, h.beta2), tf.mul(tf.square(gs), 1 - h.beta2))
   const update = tf.div(tf.div(m2, h.c1), tf.add(tf.sqrt(tf.div(v2, h.c2)), h.eps))
   const step = h.decay > 0 ? tf.add(update, tf.mul(w, h.decay)) : update
-  return { w: tf.sub(w, tf.mul(step, h.lr)), m: m2, v: v2 }
+  return { w: tf.sub(w, tf.mul(step, h.lr * h.lrScale)), m: m2, v: v2 }
 }
 
 const kernels = { m: "ConceptmoeAdamFirstMoment", v: "ConceptmoeAdamSecondMoment", w: "ConceptmoeAdamWeights" } as const
@@ -114,9 +134,9 @@ const registerWebGpu = (tf: Tf): boolean => {
           let value = uniforms.beta * X[index] + (1.0 - uniforms.beta) * ${square ? "gs * gs" : "gs"};`
   define(kernels.m, ["X", "G", "S"], ["beta"], moment(false))
   define(kernels.v, ["X", "G", "S"], ["beta"], moment(true))
-  define(kernels.w, ["W", "M", "V"], ["lr", "c1", "c2", "eps", "decay"], `
+  define(kernels.w, ["W", "M", "V", "H"], ["lrScale", "eps", "decay"], `
           let w = W[index];
-          let update = (M[index] / uniforms.c1) / (sqrt(V[index] / uniforms.c2) + uniforms.eps);
-          let value = w - uniforms.lr * (update + uniforms.decay * w);`)
+          let update = (M[index] / H[1]) / (sqrt(V[index] / H[2]) + uniforms.eps);
+          let value = w - H[0] * uniforms.lrScale * (update + uniforms.decay * w);`)
   return true
 }

@@ -9,7 +9,7 @@ import { Schema } from "effect"
 import type * as TF from "@tensorflow/tfjs"
 import { Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import { gpuErrors } from "../runtime/Fixes.ts"
-import { adamw } from "../runtime/Fused.ts"
+import { adamStepValues, adamw } from "../runtime/Fused.ts"
 import { type Batch, loss, type Lowered, mixSeed, recordReads, replay } from "../runtime/Lower.ts"
 
 const Fraction = Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0), Schema.isLessThan(1)))
@@ -100,6 +100,7 @@ const stepOnDevice = (
     const t = step + 1
     const c1 = 1 - o.beta1 ** t
     const c2 = 1 - o.beta2 ** t
+    const stepValues = adamStepValues(tf, { lr, c1, c2 })
     names.forEach((n, i) => {
       const m = opt.m.get(n)!
       const v = opt.v.get(n)!
@@ -110,9 +111,10 @@ const stepOnDevice = (
         eps: o.eps,
         c1,
         c2,
-        lr: lr * (o.partLr[partOf.get(n) ?? ""] ?? 1),
+        lr,
+        lrScale: o.partLr[partOf.get(n) ?? ""] ?? 1,
         decay: w.rank >= 2 ? o.weightDecay : 0
-      })
+      }, stepValues)
       m.assign(next.m as TF.Tensor)
       v.assign(next.v as TF.Tensor)
       w.assign(next.w as TF.Tensor)

@@ -11,6 +11,8 @@ import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
 import { adamStepValues, adamw } from "../src/runtime/Fused.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
+import { capture, NotCapturable, writeFeeds } from "../src/runtime/Capture.ts"
+import { capturedTrainer } from "../src/train/Captured.ts"
 import { type Batch, type Lowered, materialize, release } from "../src/runtime/Lower.ts"
 import { evaluate, evaluateAsync, newOptimizer, trainStep, trainStepAsync, TrainSettings } from "../src/train/Step.ts"
 import { load } from "./support/models.ts"
@@ -72,6 +74,81 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       assert.strictEqual(web!.flops.executed, web!.flops.staticAtMeasured)
     })
   }
+
+  const batchAt = (s: number): Batch => ({
+    rows: 2,
+    length: 16,
+    ids: new Int32Array(32).map((_, i) => (i * 7 + s * 3) % 64),
+    targets: new Int32Array(32).map((_, i) => (i === 5 + s ? -1 : (i * 11 + s) % 64)),
+    documentStarts: new Set([3 + s])
+  })
+  const trainBoth = async (cfg: Record<string, unknown>, steps: number) => {
+    const m = await Effect.runPromise(load(cfg))
+    await tf.setBackend("webgpu")
+    const run = async (recorded: boolean) => {
+      const low = materialize(tf, m.analysis, 5)
+      const opt = newOptimizer(low)
+      const trainer = recorded ? capturedTrainer(low, opt, settings, 2, 16) : undefined
+      const losses: Array<number> = []
+      for (let s = 0; s < steps; s++) losses.push((trainer === undefined ? await trainStepAsync(low, opt, batchAt(s), settings, s) : await trainer.step(batchAt(s), s)).loss)
+      const params = await values(low)
+      const mode = trainer?.mode()
+      trainer?.dispose()
+      release(low)
+      tf.dispose([...opt.m.values(), ...opt.v.values()])
+      return { losses, params, mode }
+    }
+    return { eager: await run(false), recorded: await run(true) }
+  }
+
+  for (const [name, cfg] of webgpuModels.slice(0, 2)) {
+    it(`${name}: recorded and replayed training steps equal tfjs's steps exactly`, async () => {
+      const { eager, recorded } = await trainBoth(cfg, 7)
+      assert.strictEqual(recorded.mode?.mode, "replay")
+      // steps 3–6 were replays; batches, document starts and missing targets change every step
+      assert.deepStrictEqual(recorded.losses, eager.losses)
+      recorded.params.forEach((p, i) => assert.deepStrictEqual(Array.from(p), Array.from(eager.params[i]!), `parameter ${i}`))
+    })
+  }
+
+  it("a ConceptMoE (boundaries read back) and a step with an undeclared changing upload are not replayed, and train as before", async () => {
+    const concept = await trainBoth(webgpuModels[2]![1], 4)
+    assert.deepInclude(concept.recorded.mode, { mode: "eager" })
+    assert.match((concept.recorded.mode as { reason: string }).reason, /host value/)
+    assert.deepStrictEqual(concept.recorded.losses, concept.eager.losses)
+    // op-by-op AdamW uploads the learning rate as a scalar each step: the two recordings differ
+    process.env["CONCEPTMOE_FUSED"] = "off"
+    try {
+      const dense = await trainBoth(webgpuModels[0]![1], 4)
+      assert.match((dense.recorded.mode as { reason: string }).reason, /changes between steps/)
+      assert.deepStrictEqual(dense.recorded.losses, dense.eager.losses)
+    } finally {
+      delete process.env["CONCEPTMOE_FUSED"]
+    }
+  })
+
+  it("capture replays a step with feeds and state, refuses read-backs, and notices outside assignments", async () => {
+    await tf.setBackend("webgpu")
+    const x = tf.keep(tf.zeros([300]))
+    const v = tf.variable(tf.ones([300]))
+    const step = () => [tf.tidy(() => {
+      v.assign(tf.add(v, tf.mul(x, 2)))
+      return tf.sum(v)
+    })]
+    writeFeeds(tf, [[x, new Float32Array(300).fill(1)]])
+    tf.dispose(step())
+    const c = capture(tf, [x], step)
+    assert.strictEqual((await c.outputs[0]!.data())[0], 300 * 5)
+    c.run([[x, new Float32Array(300).fill(0.5)]])
+    assert.strictEqual((await c.outputs[0]!.data())[0], 300 * 6)
+    assert.strictEqual((await v.data())[0], 6)
+    v.assign(tf.zeros([300]))
+    assert.throws(() => c.run([[x, new Float32Array(300)]]), /assigned outside/)
+    c.dispose()
+    assert.throws(() => capture(tf, [x], () => [tf.tensor1d(tf.add(x, 1).dataSync())]), NotCapturable)
+    tf.dispose([x, v])
+    assert.deepStrictEqual(gpuErrors(), [])
+  })
 
   it("addN of more tensors than a shader may bind sums them (fix 6)", async () => {
     const [cpu, web] = await onBoth(() => tf.tidy(() => tf.addN(Array.from({ length: 20 }, (_, i) => tf.fill([5], i + 0.5)))))

@@ -10,7 +10,8 @@ import type * as TF from "@tensorflow/tfjs"
 import { Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import { gpuErrors } from "../runtime/Fixes.ts"
 import { adamStepValues, adamw } from "../runtime/Fused.ts"
-import { type Batch, loss, type Lowered, mixSeed, recordReads, replay } from "../runtime/Lower.ts"
+import type { Tensor } from "../graph/Apply.ts"
+import { type Batch, type Feeds, loss, type Lowered, mixSeed, recordReads, replay } from "../runtime/Lower.ts"
 
 const Fraction = Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0), Schema.isLessThan(1)))
 
@@ -66,18 +67,27 @@ export const newOptimizer = (low: Lowered): Optimizer => {
   return { m, v, step: 0 }
 }
 
+/** A step's device inputs, for a step that is recorded and replayed (`Captured.ts`). */
+export interface StepInputs {
+  readonly feeds: Feeds
+  /** `[lr, c1, c2]` (see `Fused.adamStepValues`). */
+  readonly stepValues: Tensor
+}
+
 /**
  * One optimisation step on the device, with host reads through `read` (see `Lower.recordReads`):
  * gradients, global-norm clipping (the norm stays a tensor), AdamW. Returns the loss tensors, kept,
- * for the caller to read, and the stage statistics.
+ * for the caller to read, and the stage statistics. With `inputs`, the batch and the step's
+ * learning rate come from those tensors (the batch's host arrays are not uploaded).
  */
-const stepOnDevice = (
+export const stepOnDevice = (
   low: Lowered,
   opt: Optimizer,
   batch: Batch,
   settings: TrainSettings,
   step: number,
-  read: ((t: TF.Tensor) => Float32Array | Int32Array) | undefined
+  read: ((t: TF.Tensor) => Float32Array | Int32Array) | undefined,
+  inputs?: StepInputs
 ) => {
   const { tf } = low
   const o = settings.optimizer
@@ -89,7 +99,11 @@ const stepOnDevice = (
   let parts: { ce: TF.Scalar; aux: TF.Scalar } | undefined
   const total = tf.tidy(() => {
     const { grads, value } = tf.variableGrads(() => {
-      const r = loss(low, batch, { ...stepOptions(settings, step), ...(read === undefined ? {} : { read }) })
+      const r = loss(low, batch, {
+        ...stepOptions(settings, step),
+        ...(read === undefined ? {} : { read }),
+        ...(inputs === undefined ? {} : { feeds: inputs.feeds })
+      })
       stats = { tokens: r.ctx.compression.tokens, concepts: r.ctx.compression.concepts, boundaryProbSum: r.ctx.compression.boundaryProbSum }
       parts = { ce: tf.keep(r.ce), aux: tf.keep(r.aux) }
       return r.total
@@ -100,7 +114,7 @@ const stepOnDevice = (
     const t = step + 1
     const c1 = 1 - o.beta1 ** t
     const c2 = 1 - o.beta2 ** t
-    const stepValues = adamStepValues(tf, { lr, c1, c2 })
+    const stepValues = inputs?.stepValues ?? adamStepValues(tf, { lr, c1, c2 })
     names.forEach((n, i) => {
       const m = opt.m.get(n)!
       const v = opt.v.get(n)!
@@ -127,6 +141,12 @@ const stepOnDevice = (
 
 const stepOptions = (settings: TrainSettings, step: number) =>
   ({ training: true, seed: mixSeed(settings.seed, step), balanceWeight: settings.balanceWeight }) as const
+
+/** The host values of a step's inputs: `Lower.feedValues` and `[lr, c1, c2]`. */
+export const stepInputValues = (settings: TrainSettings, step: number) => {
+  const o = settings.optimizer
+  return Float32Array.from([learningRate(o, settings.steps, step), 1 - o.beta1 ** (step + 1), 1 - o.beta2 ** (step + 1)])
+}
 
 /** Reads and frees a step's loss tensors. */
 const stepResult = (r: ReturnType<typeof stepOnDevice>, values: readonly [number, number, number]) => {

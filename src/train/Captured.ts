@@ -1,0 +1,127 @@
+/**
+ * Training steps that are recorded once and replayed (`runtime/Capture.ts`) on webgpu, for models
+ * whose step reads nothing back to the host (dense and MoE models: routing stays on the device;
+ * a ConceptMoE reads its boundaries, so it trains step by step through tfjs).
+ *
+ * Step 0 runs through tfjs (shaders compile); steps 1 and 2 run through tfjs while being recorded;
+ * if the two recordings did the same work and uploaded the same bytes, the second replaces tfjs from
+ * step 3 on: each step writes the batch and `[lr, c1, c2]` into the feed tensors and re-encodes the
+ * recorded dispatches in one command buffer. Otherwise every step stays a tfjs step, and `mode`
+ * says why. Results equal the eager steps' (test/webgpu.test.ts).
+ *
+ * @since 0.3.0
+ */
+import type { Tensor } from "../graph/Apply.ts"
+import { type Captured, capture, difference, NotCapturable, writeFeeds } from "../runtime/Capture.ts"
+import { type Batch, type Feeds, feedValues, type Lowered, recordReads } from "../runtime/Lower.ts"
+import { failOnGpuErrors, type Optimizer, stepInputValues, stepOnDevice, trainStepAsync, type TrainSettings } from "./Step.ts"
+
+export type Mode =
+  | { readonly mode: "warming" }
+  | { readonly mode: "replay"; readonly dispatches: number }
+  | { readonly mode: "eager"; readonly reason: string }
+
+export interface CapturedTrainer {
+  /** One step: loss parts, learning rate and stage statistics, as `trainStepAsync`. */
+  readonly step: (batch: Batch, step: number) => Promise<{ loss: number; ce: number; aux: number; lr: number; tokens: number; concepts: number; boundaryProbSum: number }>
+  /** Whether steps are replayed, and if not why. */
+  readonly mode: () => Mode
+  /** Frees the recording and the feed tensors. */
+  readonly dispose: () => void
+}
+
+/** A trainer for batches of `rows × length` tokens on the webgpu backend. */
+export const capturedTrainer = (low: Lowered, opt: Optimizer, settings: TrainSettings, rows: number, length: number): CapturedTrainer => {
+  const { tf } = low
+  const n = rows * length
+  const feeds: Feeds = {
+    ids: tf.keep(tf.zeros([n], "int32")),
+    positions: tf.keep(tf.zeros([n], "int32")),
+    labels: tf.keep(tf.zeros([n], "int32")),
+    mask: tf.keep(tf.zeros([n], "float32"))
+  }
+  const stepValues = tf.keep(tf.zeros([3], "float32"))
+  const feedList: ReadonlyArray<Tensor> = [feeds.ids, feeds.positions, feeds.labels, feeds.mask, stepValues]
+  const valuesOf = (batch: Batch, step: number): ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]> => {
+    if (batch.rows * batch.length !== n) throw new Error(`a captured trainer for ${rows}×${length} tokens got a batch of ${batch.rows}×${batch.length}`)
+    const v = feedValues(batch)
+    return [[feeds.ids, v.ids], [feeds.positions, v.positions], [feeds.labels, v.labels], [feeds.mask, v.mask], [stepValues, stepInputValues(settings, step)]]
+  }
+  let mode: Mode = process.env["CONCEPTMOE_CAPTURE"] === "off" ? { mode: "eager", reason: "CONCEPTMOE_CAPTURE=off" } : { mode: "warming" }
+  let first: Captured | undefined
+  let recording: Captured | undefined
+  let calls = 0
+  let readsHost = false
+
+  const read = async (outputs: ReadonlyArray<Tensor>) => {
+    const [total, ce, aux] = await Promise.all(outputs.map((t) => t.data()))
+    failOnGpuErrors()
+    return { loss: total![0]!, ce: ce![0]!, aux: aux![0]!, concepts: 0, boundaryProbSum: 0 }
+  }
+  const eagerStep = (batch: Batch, step: number) => {
+    const r = stepOnDevice(low, opt, batch, settings, step, undefined, { feeds, stepValues })
+    return { outputs: [r.total, r.ce, r.aux] as ReadonlyArray<Tensor>, lr: r.lr, tokens: r.stats.tokens }
+  }
+  const meta = (step: number) => ({ lr: stepInputValues(settings, step)[0]!, tokens: 0 })
+
+  const step = async (batch: Batch, s: number) => {
+    const call = calls++
+    if (call === 0 && mode.mode === "warming") {
+      // only a step without host reads can be recorded
+      const reads = await recordReads(low, batch, { training: true, seed: 0 })
+      if (reads.length > 0) {
+        readsHost = true
+        mode = { mode: "eager", reason: `the model reads ${reads.length} host value(s) per step (concept boundaries)` }
+      }
+    }
+    if (readsHost) return trainStepAsync(low, opt, batch, settings, s)
+    if (recording !== undefined) {
+      recording.run(valuesOf(batch, s))
+      opt.step = s + 1
+      return { ...(await read(recording.outputs)), ...meta(s) }
+    }
+    writeFeeds(tf, valuesOf(batch, s))
+    // the first step runs through tfjs alone: it compiles the shaders and fills tfjs's caches, which
+    // a recording would otherwise see as uploads that the next step does not repeat
+    if (mode.mode === "eager" || call === 0) {
+      const r = eagerStep(batch, s)
+      const values = await read(r.outputs)
+      tf.dispose([...r.outputs])
+      return { ...values, lr: r.lr, tokens: r.tokens }
+    }
+    try {
+      const c = capture(tf, feedList, () => eagerStep(batch, s).outputs)
+      const values = { ...(await read(c.outputs)), ...meta(s) }
+      if (first === undefined) first = c
+      else {
+        const why = difference(first, c)
+        first.dispose()
+        first = undefined
+        if (why === undefined) {
+          recording = c
+          mode = { mode: "replay", dispatches: c.dispatches }
+        } else {
+          c.dispose()
+          mode = { mode: "eager", reason: why }
+        }
+      }
+      return values
+    } catch (e) {
+      first?.dispose()
+      first = undefined
+      if (!(e instanceof NotCapturable)) throw e
+      // the step may have stopped half-way: do not run it again
+      throw new Error(`recording training step ${s} failed: ${e.message}; set CONCEPTMOE_CAPTURE=off to train without recording`)
+    }
+  }
+
+  return {
+    step,
+    mode: () => mode,
+    dispose: () => {
+      first?.dispose()
+      recording?.dispose()
+      tf.dispose([...feedList])
+    }
+  }
+}

@@ -21,12 +21,15 @@ if (oursFile === undefined || torchFile === undefined) {
 }
 const torch = new Map(rows(torchFile).map((r) => [r["model"], r]))
 const out = rows(oursFile).map((o) => {
+  // ours has a "tfjs" and a "replay" line per model on webgpu
   const t = torch.get(o["model"])
   const ours = o["stepMsMedian"] as number | undefined
   const theirs = t?.["stepMsMedian"] as number | undefined
   return {
     model: o["model"],
+    mode: o["mode"],
     oursMs: ours,
+    issueMs: o["issueMsMedian"],
     torchMs: theirs,
     ratio: ours !== undefined && theirs !== undefined ? Number((ours / theirs).toFixed(2)) : null,
     paramsEqual: t === undefined ? null : t["params"] === o["params"],

@@ -12,7 +12,9 @@ import * as fs from "node:fs"
 import * as path from "node:path"
 import { modelFromJson } from "../../src/models/Load.ts"
 import { type BackendName, load } from "../../src/runtime/Backend.ts"
-import { type Batch, materialize } from "../../src/runtime/Lower.ts"
+import type { Tf } from "../../src/graph/Apply.ts"
+import { type Batch, materialize, release } from "../../src/runtime/Lower.ts"
+import { capturedTrainer } from "../../src/train/Captured.ts"
 import { newOptimizer, syncReads, trainStep, trainStepAsync, TrainSettings } from "../../src/train/Step.ts"
 import { countDispatches, type Counts } from "./dispatches.ts"
 
@@ -33,40 +35,67 @@ const batchOf = (rows: number, length: number): Batch => ({
   targets: new Int32Array(rows * length).map((_, i) => (i * 11 + 3) % 256)
 })
 
+const median = (xs: ReadonlyArray<number>) => {
+  const v = [...xs].sort((a, b) => a - b)
+  return v.length === 0 ? NaN : Number(v[Math.floor(v.length / 2)]!.toFixed(2))
+}
+
+/** Times `timed` steps after 3 untimed ones; on webgpu in one of the captured trainer's modes. */
+const measure = async (tf: Tf, backend: BackendName, w: typeof workloads[number], timed: number, replay: boolean) => {
+  const m = await Effect.runPromise(modelFromJson(w.config, `${w.name}.json`))
+  const low = materialize(tf, m.analysis, 1)
+  const opt = newOptimizer(low)
+  const settings = Schema.decodeUnknownSync(TrainSettings)({ steps: 100, batchSize: w.rows, seqLen: w.length, seed: 0 })
+  const batch = batchOf(w.rows, w.length)
+  if (backend === "webgpu" && !replay) process.env["CONCEPTMOE_CAPTURE"] = "off"
+  const trainer = backend === "webgpu" ? capturedTrainer(low, opt, settings, w.rows, w.length) : undefined
+  delete process.env["CONCEPTMOE_CAPTURE"]
+  const times: Array<number> = []
+  const issue: Array<number> = []
+  let first = NaN
+  let counted: Counts | undefined
+  for (let s = 0; s < 3 + timed; s++) {
+    // the second warm-up step of a tfjs run is counted (and not timed)
+    const counter = s === 1 && trainer !== undefined && !replay ? countDispatches(tf) : undefined
+    const t0 = performance.now()
+    const r = trainer !== undefined ? await trainer.step(batch, s) : syncReads(tf) ? trainStep(low, opt, batch, settings, s) : await trainStepAsync(low, opt, batch, settings, s)
+    if (counter !== undefined) counted = counter.stop()
+    if (s === 0) first = r.loss
+    if (s >= 3) {
+      times.push(performance.now() - t0)
+      if (trainer !== undefined) issue.push(trainer.issueMs())
+    }
+  }
+  const mode = trainer?.mode()
+  trainer?.dispose()
+  release(low)
+  tf.dispose([...opt.m.values(), ...opt.v.values()])
+  return {
+    model: w.name,
+    ...(trainer === undefined ? {} : { mode: mode?.mode === "replay" ? "replay" : "tfjs" }),
+    params: m.analysis.rows[0]!.params,
+    stepMsMedian: median(times),
+    ...(issue.length > 0 && Number.isFinite(issue[0]) ? { issueMsMedian: median(issue) } : {}),
+    firstLoss: first,
+    ...(mode?.mode === "replay" ? { dispatchesPerStep: mode.dispatches } : {}),
+    ...(mode?.mode === "eager" && replay ? { notReplayed: mode.reason } : {}),
+    ...(counted === undefined ? {} : {
+      dispatchesPerStep: counted.dispatches,
+      uploadsPerStep: counted.uploads,
+      top: Object.fromEntries([...counted.byProgram].sort((a, b) => b[1] - a[1]).slice(0, 6))
+    })
+  }
+}
+
 const main = async () => {
   const backend = (process.argv[2] ?? "webgpu") as BackendName
   const { tf, description } = await Effect.runPromise(load(backend))
   console.log(JSON.stringify({ backend: description }))
   const only = process.argv[3] === undefined || process.argv[3] === "" ? undefined : process.argv[3].split(",")
+  const timed = Number(process.argv[4] ?? 10)
   for (const w of workloads.filter((x) => only === undefined || only.includes(x.name))) {
-    const m = await Effect.runPromise(modelFromJson(w.config, `${w.name}.json`))
-    const low = materialize(tf, m.analysis, 1)
-    const opt = newOptimizer(low)
-    const settings = Schema.decodeUnknownSync(TrainSettings)({ steps: 100, batchSize: w.rows, seqLen: w.length, seed: 0 })
-    const batch = batchOf(w.rows, w.length)
-    const times: Array<number> = []
-    let first = NaN
-    let counted: Counts | undefined
-    const timed = Number(process.argv[4] ?? 10)
-    for (let s = 0; s < 3 + timed; s++) {
-      // the second warm-up step is counted (and not timed)
-      const counter = s === 1 && backend === "webgpu" ? countDispatches(tf) : undefined
-      const t0 = performance.now()
-      const r = syncReads(tf) ? trainStep(low, opt, batch, settings, s) : await trainStepAsync(low, opt, batch, settings, s)
-      if (counter !== undefined) counted = counter.stop()
-      if (s === 0) first = r.loss
-      if (s >= 3) times.push(performance.now() - t0)
-    }
-    times.sort((a, b) => a - b)
-    const top = counted === undefined ? undefined : Object.fromEntries([...counted.byProgram].sort((a, b) => b[1] - a[1]).slice(0, 6))
-    console.log(JSON.stringify({
-      model: w.name,
-      params: m.analysis.rows[0]!.params,
-      stepMsMedian: Number(times[Math.floor(times.length / 2)]!.toFixed(2)),
-      firstLoss: first,
-      ...(counted === undefined ? {} : { dispatchesPerStep: counted.dispatches, uploadsPerStep: counted.uploads, top })
-    }))
-    for (const v of [...low.variables.values(), ...opt.m.values(), ...opt.v.values()]) v.dispose()
+    // on webgpu: each step through tfjs, then recorded and replayed (where the model allows it)
+    for (const replay of backend === "webgpu" ? [false, true] : [false]) console.log(JSON.stringify(await measure(tf, backend, w, timed, replay)))
   }
 }
 

@@ -26,6 +26,11 @@ export interface CapturedTrainer {
   readonly step: (batch: Batch, step: number) => Promise<{ loss: number; ce: number; aux: number; lr: number; tokens: number; concepts: number; boundaryProbSum: number }>
   /** Whether steps are replayed, and if not why. */
   readonly mode: () => Mode
+  /**
+   * Host time of the last step until its work was handed to the GPU (tfjs's ops, or the replay's
+   * encoding and submit), in ms: the part of a step that the recording removes.
+   */
+  readonly issueMs: () => number
   /** Frees the recording and the feed tensors. */
   readonly dispose: () => void
 }
@@ -51,6 +56,7 @@ export const capturedTrainer = (low: Lowered, opt: Optimizer, settings: TrainSet
   let first: Captured | undefined
   let recording: Captured | undefined
   let calls = 0
+  let issued = NaN
   let readsHost = false
 
   const read = async (outputs: ReadonlyArray<Tensor>) => {
@@ -76,7 +82,9 @@ export const capturedTrainer = (low: Lowered, opt: Optimizer, settings: TrainSet
     }
     if (readsHost) return trainStepAsync(low, opt, batch, settings, s)
     if (recording !== undefined) {
+      const t0 = performance.now()
       recording.run(valuesOf(batch, s))
+      issued = performance.now() - t0
       opt.step = s + 1
       return { ...(await read(recording.outputs)), ...meta(s) }
     }
@@ -84,7 +92,9 @@ export const capturedTrainer = (low: Lowered, opt: Optimizer, settings: TrainSet
     // the first step runs through tfjs alone: it compiles the shaders and fills tfjs's caches, which
     // a recording would otherwise see as uploads that the next step does not repeat
     if (mode.mode === "eager" || call === 0) {
+      const t0 = performance.now()
       const r = eagerStep(batch, s)
+      issued = performance.now() - t0
       const values = await read(r.outputs)
       tf.dispose([...r.outputs])
       return { ...values, lr: r.lr, tokens: r.tokens }
@@ -118,6 +128,7 @@ export const capturedTrainer = (low: Lowered, opt: Optimizer, settings: TrainSet
   return {
     step,
     mode: () => mode,
+    issueMs: () => issued,
     dispose: () => {
       first?.dispose()
       recording?.dispose()

@@ -14,7 +14,8 @@ import { Tensors } from "../runtime/Backend.ts"
 import { type Lowered, materialize, release } from "../runtime/Lower.ts"
 import { CheckpointError, read as readCheckpoint, type TensorData, write as writeCheckpoint } from "./Checkpoint.ts"
 import { byteTokenizer, type Stream, sotuSplits, trainBatch, validationBatches } from "./Data.ts"
-import { evaluate, evaluateAsync, newOptimizer, type Optimizer, syncReads, trainStep, trainStepAsync, type TrainSettings } from "./Step.ts"
+import { capturedTrainer } from "./Captured.ts"
+import { evaluate, evaluateAsync, newOptimizer, type Optimizer, syncReads, trainStep, type TrainSettings } from "./Step.ts"
 
 export * from "./Step.ts"
 
@@ -161,15 +162,26 @@ export const train = (
     let totalTokens = 0
     let totalTime = 0
     const end = Math.min(settings.steps, options.until ?? settings.steps)
+    // webgpu: steps are recorded once and replayed where the model allows it (Captured.ts)
+    const trainer = sync ? undefined : capturedTrainer(low, opt, settings, settings.batchSize, settings.seqLen)
+    let mode = trainer?.mode().mode
     for (let step = start; step < end; step++) {
       const batch = trainBatch(data.train, settings.batchSize, settings.seqLen, settings.seed, step)
       const t0 = performance.now()
-      const r = sync ? trainStep(low, opt, batch, settings, step) : yield* Effect.promise(() => trainStepAsync(low, opt, batch, settings, step))
+      const r = trainer === undefined ? trainStep(low, opt, batch, settings, step) : yield* Effect.promise(() => trainer.step(batch, step))
+      const now = trainer?.mode()
+      if (now !== undefined && now.mode !== mode) {
+        mode = now.mode
+        yield* log(now.mode === "replay" ? `steps from ${step + 2} on replay a recorded step (${now.dispatches} GPU dispatches)` : now.mode === "eager" ? `steps run through tfjs: ${now.reason}` : "")
+      }
       const dt = performance.now() - t0
       totalTime += dt
       totalTokens += batch.rows * batch.length
       windowTokens += batch.rows * batch.length
-      if (!Number.isFinite(r.loss)) return yield* new DivergedError({ step, loss: r.loss, checkpoint: lastCheckpoint })
+      if (!Number.isFinite(r.loss)) {
+        trainer?.dispose()
+        return yield* new DivergedError({ step, loss: r.loss, checkpoint: lastCheckpoint })
+      }
       const last = step === end - 1
       const doEval = (step + 1) % settings.evalEvery === 0 || last
       const val = !doEval ? undefined : sync ? evaluate(low, validation) : yield* Effect.promise(() => evaluateAsync(low, validation))
@@ -197,6 +209,7 @@ export const train = (
       }
       if ((step + 1) % settings.checkpointEvery === 0 || last) yield* save(step + 1)
     }
+    trainer?.dispose()
     const svg = yield* Effect.promise(() =>
       toSvg(lineChart({
         title: `${model.name}: training loss and validation bits per byte`,

@@ -116,6 +116,14 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     assert.deepInclude(concept.recorded.mode, { mode: "eager" })
     assert.match((concept.recorded.mode as { reason: string }).reason, /host value/)
     assert.deepStrictEqual(concept.recorded.losses, concept.eager.losses)
+    process.env["CONCEPTMOE_CAPTURE"] = "off"
+    try {
+      const off = await trainBoth(webgpuModels[2]![1], 2)
+      assert.deepStrictEqual(off.recorded.mode, { mode: "eager", reason: "CONCEPTMOE_CAPTURE=off" })
+      assert.deepStrictEqual(off.recorded.losses, off.eager.losses)
+    } finally {
+      delete process.env["CONCEPTMOE_CAPTURE"]
+    }
     // op-by-op AdamW uploads the learning rate as a scalar each step: the two recordings differ
     process.env["CONCEPTMOE_FUSED"] = "off"
     try {

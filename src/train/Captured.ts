@@ -72,12 +72,12 @@ export const capturedTrainer = (low: Lowered, opt: Optimizer, settings: TrainSet
 
   const step = async (batch: Batch, s: number) => {
     const call = calls++
-    if (call === 0 && mode.mode === "warming") {
+    if (call === 0) {
       // only a step without host reads can be recorded
       const reads = await recordReads(low, batch, { training: true, seed: 0 })
       if (reads.length > 0) {
         readsHost = true
-        mode = { mode: "eager", reason: `the model reads ${reads.length} host value(s) per step (concept boundaries)` }
+        if (mode.mode === "warming") mode = { mode: "eager", reason: `the model reads ${reads.length} host value(s) per step (concept boundaries)` }
       }
     }
     if (readsHost) return trainStepAsync(low, opt, batch, settings, s)

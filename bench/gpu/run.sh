@@ -4,7 +4,7 @@
 # workloads, the same models in PyTorch eager (bench/peers/torch_lm.py), and prints the ratios.
 #   here:   bash bench/gpu/make-carry.sh
 #   device: carry [".carry"], command: bash bench/gpu/run.sh [steps]
-# Results land in $OUT (smoke.json, ours.jsonl, torch.jsonl, ratios.json) when OUT is set.
+# Results land in $OUT (smoke.json, ops.jsonl, ours.jsonl, torch.jsonl, ratios.json) when OUT is set.
 set -uo pipefail
 out=${OUT:-$(mktemp -d)}
 steps=${1:-10}
@@ -17,9 +17,13 @@ export __EGL_VENDOR_LIBRARY_FILENAMES=${__EGL_VENDOR_LIBRARY_FILENAMES:-/usr/loc
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 echo "== smoke"
 OUT=$out timeout 240 /tmp/n/node bench/gpu/smoke.ts 2>&1 | grep -v "maxDynamic"
+echo "== per-op costs (host issue, total, GPU kernel time)"
+timeout 120 /tmp/n/node bench/gpu/ops.ts 128 2>&1 | grep -v "maxDynamic" | tee "$out/ops.jsonl"
+timeout 120 /tmp/n/node bench/gpu/ops.ts 1024 2>&1 | grep -v "maxDynamic" | tee -a "$out/ops.jsonl"
 echo "== ours (webgpu)"
 timeout 300 /tmp/n/node bench/gpu/train-step.ts webgpu "" "$steps" 2>&1 | grep -v "maxDynamic" | tee "$out/ours.jsonl"
 echo "== PyTorch eager"
 PYTHONUNBUFFERED=1 timeout 120 python3 bench/peers/torch_lm.py cuda 2>&1 | tee "$out/torch.jsonl"
 echo "== ratios"
 /tmp/n/node bench/gpu/ratio.ts "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/ratios.json"
+# the plot needs vega, which the carry leaves out: here, node bench/gpu/plot.ts <files>/ours.jsonl <files>/torch.jsonl out.svg

@@ -72,6 +72,8 @@ export interface RowBuffer {
   row(b: number): Tensor2D
   /** Every row's elements `[rows, length, width]` (columns: `[rows, width, length]`); lengths must be equal. */
   all(): Tensor
+  /** Forgets the elements past `lengths[b]` in each row (a piece that is run again). */
+  truncate(lengths: ReadonlyArray<number>): void
   dispose(): void
 }
 

@@ -19,6 +19,7 @@
 import { Effect } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import type { Analysis } from "../graph/Analyze.ts"
+import type { Tensor } from "../graph/Apply.ts"
 import type { LoadedModel } from "../models/Load.ts"
 import { modelFromJson } from "../models/Load.ts"
 import { reallocate, type Strategy } from "../models/Reallocate.ts"
@@ -131,19 +132,33 @@ const partOf = (scope: string, baseline: boolean, encoderLayers: number, layers:
   return layer < encoderLayers ? "encoder" : layer >= layers - decoderLayers ? "decoder" : "conceptModel"
 }
 
-/** One measurement: a prefill of `length` tokens per row, then `decodeSteps` timed single-token steps. */
-const measure = (c: Contender, settings: BenchSettings, length: number, vocab: number) => {
+/**
+ * One measurement: a prefill of `length` tokens per row, then `decodeSteps` timed single-token steps.
+ * Each phase ends with a read of its last logits, so the time includes the device's work (webgpu
+ * runs asynchronously; on cpu and wasm the read is immediate).
+ */
+const measure = async (c: Contender, settings: BenchSettings, length: number, vocab: number) => {
   const rows = settings.rows
   const s = session(c.low, { rows, ...(c.ratio === null ? {} : { forcedBoundary: forcedEvery(c.ratio) }) })
   const ids = tokens(rows, length, vocab, 1)
+  // with imposed boundaries nothing is read back while decoding: feed runs on every backend
+  const done = async (t: Tensor) => {
+    await t.data()
+    t.dispose()
+  }
   const t0 = performance.now()
-  s.prefill(ids, length, settings.chunk).dispose()
+  await done(s.prefill(ids, length, settings.chunk))
   const prefillMs = performance.now() - t0
   const afterPrefill = { ...s.compression }
-  s.feed(tokens(rows, 1, vocab, 2), 1).dispose()
+  await done(s.feed(tokens(rows, 1, vocab, 2), 1))
   const before = { ...s.compression }
   const t1 = performance.now()
-  for (let i = 0; i < settings.decodeSteps; i++) s.feed(tokens(rows, 1, vocab, 3 + i), 1).dispose()
+  let last: Tensor | undefined
+  for (let i = 0; i < settings.decodeSteps; i++) {
+    last?.dispose()
+    last = s.feed(tokens(rows, 1, vocab, 3 + i), 1)
+  }
+  if (last !== undefined) await done(last)
   const decodeMs = (performance.now() - t1) / settings.decodeSteps
   const ratio = (tokens: number, concepts: number) => (concepts > 0 ? tokens / concepts : 1)
   const out = {
@@ -188,7 +203,7 @@ export const run = (baseline: LoadedModel, baselineJson: unknown, settings: Benc
     }
     // warm-up: every model once at the shortest length (kernel setup, JIT), untimed
     const shortest = Math.min(...settings.lengths)
-    for (const c of contenders) measure(c, { ...settings, decodeSteps: 2 }, shortest, vocab)
+    for (const c of contenders) yield* Effect.promise(() => measure(c, { ...settings, decodeSteps: 2 }, shortest, vocab))
     const rows: Array<BenchRow> = []
     const caches: Array<CacheRow> = []
     const layers = baseline.decoder.layers.length
@@ -201,7 +216,7 @@ export const run = (baseline: LoadedModel, baselineJson: unknown, settings: Benc
         for (let j = 0; j < contenders.length; j++) {
           const i = (j + rep) % contenders.length
           const c = contenders[i]!
-          const m = measure(c, settings, length, vocab)
+          const m = yield* Effect.promise(() => measure(c, settings, length, vocab))
           for (const phase of ["prefill", "decode"] as const) {
             times[phase][i]!.push(m[phase].ms)
             compression[phase][i] = m[phase].compression

@@ -119,16 +119,16 @@ export const generate = (
 ): Effect.Effect<GenerateStats, GenerateError> =>
   Effect.gen(function*() {
     const ids = yield* promptIds(model, tokenizer, prompt)
-    if (!syncReads(low.tf)) {
-      return yield* new GenerateError({ field: "--backend", problem: `${low.tf.getBackend()} cannot decode yet (it reads only asynchronously in Node): use wasm or cpu` })
-    }
-    return yield* Effect.sync(() => {
+    return yield* Effect.promise(async () => {
       const s = session(low, { rows: 1, maxLength: model.contextLength })
+      // webgpu in Node reads only asynchronously: pieces that need host values go through feedAsync
+      const sync = syncReads(low.tf)
+      const feed = (next: Int32Array, n: number) => (sync ? s.feed(next, n) : s.feedAsync(next, n))
       const random = prng(settings.seed)
       const decoder = new TextDecoder("utf-8")
       const t0 = performance.now()
-      let logits = s.prefill(ids, ids.length)
-      let row = logits.dataSync() as Float32Array
+      let logits = sync ? s.prefill(ids, ids.length) : await s.prefillAsync(ids, ids.length)
+      let row = (await logits.data()) as Float32Array
       const prefillSeconds = (performance.now() - t0) / 1000
       const promptCompression = s.compression.concepts > 0 ? s.compression.tokens / s.compression.concepts : undefined
       const t1 = performance.now()
@@ -146,8 +146,8 @@ export const generate = (
             break
           }
           logits.dispose()
-          logits = s.feed(Int32Array.of(next), 1)
-          row = logits.dataSync() as Float32Array
+          logits = await feed(Int32Array.of(next), 1)
+          row = (await logits.data()) as Float32Array
         }
         if (tokenizer.name === "bytes") emit(decoder.decode())
       } finally {

@@ -10,12 +10,12 @@
  *
  * @since 0.2.0
  */
-import type { DecodeCache, RowBuffer, Tensor2D } from "../graph/Apply.ts"
+import type { DecodeCache, RowBuffer, Tensor, Tensor2D } from "../graph/Apply.ts"
 import type { AnyBlock } from "../graph/Block.ts"
 import { joinPath } from "../graph/Analyze.ts"
 import { syncReads } from "./Backend.ts"
 import { bufferBytes, rowBuffer } from "./Cache.ts"
-import { forward, type Lowered } from "./Lower.ts"
+import { forward, type Lowered, PendingRead } from "./Lower.ts"
 
 /** A kind in the graph that does not declare how it runs on a stream cut into pieces. */
 export class NotDecodable extends Error {
@@ -70,8 +70,16 @@ export interface Session {
    * `[rows·n, vocab]`, which the caller disposes.
    */
   feed(ids: Int32Array, n: number): Tensor2D
+  /**
+   * {@link feed} for backends that read only asynchronously (webgpu in Node): a piece that needs a
+   * host value (a concept stage's boundaries) stops at that read, the caches forget what it
+   * appended, the value is read with `await`, and the piece runs again with it. Same logits.
+   */
+  feedAsync(ids: Int32Array, n: number): Promise<Tensor2D>
   /** Feeds `n` tokens per row in pieces of at most `chunk`; returns the last position's logits `[rows, vocab]`. */
   prefill(ids: Int32Array, n: number, chunk?: number): Tensor2D
+  /** {@link prefill} through {@link feedAsync}. */
+  prefillAsync(ids: Int32Array, n: number, chunk?: number): Promise<Tensor2D>
   /**
    * Bytes of the KV caches: `total` allocated (capacity), `used` holding entries, and both by node
    * scope (a looped layer has one scope per pass).
@@ -94,8 +102,8 @@ export const checkDecodable = (root: AnyBlock): void => {
 /** Opens a decoding session on a lowered model (evaluation mode). */
 export const session = (m: Lowered, options: SessionOptions): Session => {
   checkDecodable(m.analysis.root)
-  if (!syncReads(m.tf)) throw new Error(`decoding reads boundaries and cache appends synchronously, which the ${m.tf.getBackend()} backend cannot in Node; use wasm or cpu`)
   const { tf } = m
+  const sync = syncReads(tf)
   const rows = options.rows
   const states = new Map<string, unknown>()
   const buffers = new Map<string, Array<RowBuffer>>()
@@ -122,26 +130,93 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
   }
   let length = 0
   const compression = { tokens: 0, concepts: 0 }
-  const feed = (ids: Int32Array, n: number): Tensor2D => {
+  const check = (ids: Int32Array, n: number) => {
     if (ids.length !== rows * n) throw new Error(`feed: expected ${rows}×${n} ids, got ${ids.length}`)
     if (n <= 0) throw new Error("feed: a piece has at least one token per row")
     if (options.maxLength !== undefined && length + n > options.maxLength) throw new ContextOverflow(length + n, options.maxLength)
+  }
+  /** Runs a piece with host reads through `read`; commits the session's counters when it completes. */
+  const run = (ids: Int32Array, n: number, read: ((t: Tensor) => Float32Array | Int32Array) | undefined): Tensor2D => {
     const positions = new Int32Array(rows * n)
     for (let r = 0; r < rows; r++) for (let i = 0; i < n; i++) positions[r * n + i] = length + i
     const logits = tf.tidy(() => {
-      const { ctx, logits } = forward(m, { rows, length: n, ids }, {
-        training: false,
-        seed: 0,
-        cache,
-        positions,
-        ...(options.dispatch === undefined ? {} : { dispatch: options.dispatch })
-      })
-      compression.tokens += ctx.compression.tokens
-      compression.concepts += ctx.compression.concepts
-      return logits
+      try {
+        const { ctx, logits } = forward(m, { rows, length: n, ids }, {
+          training: false,
+          seed: 0,
+          cache,
+          positions,
+          ...(read === undefined ? {} : { read }),
+          ...(options.dispatch === undefined ? {} : { dispatch: options.dispatch })
+        })
+        compression.tokens += ctx.compression.tokens
+        compression.concepts += ctx.compression.concepts
+        return logits
+      } catch (e) {
+        // the tensor to read must outlive this scope
+        if (e instanceof PendingRead) throw new PendingRead(tf.keep(e.tensor))
+        throw e
+      }
     })
     length += n
     return logits
+  }
+  /** {@link run}; if the piece stops half-way, the caches forget what it appended (see feedAsync). */
+  const attempt = (ids: Int32Array, n: number, read: ((t: Tensor) => Float32Array | Int32Array) | undefined): Tensor2D => {
+    const lengths = new Map([...buffers.values()].flat().map((b) => [b, [...b.lengths]] as const))
+    try {
+      return run(ids, n, read)
+    } catch (e) {
+      // caches made during the stopped run (its first piece) start empty again
+      for (const b of [...buffers.values()].flat()) b.truncate(lengths.get(b) ?? b.lengths.map(() => 0))
+      throw e
+    }
+  }
+  const feed = (ids: Int32Array, n: number): Tensor2D => {
+    check(ids, n)
+    return attempt(ids, n, sync ? undefined : () => {
+      throw new Error(`this model reads host values while decoding (concept boundaries), which the ${tf.getBackend()} backend does only asynchronously: use feedAsync / prefillAsync`)
+    })
+  }
+  const feedAsync = async (ids: Int32Array, n: number): Promise<Tensor2D> => {
+    check(ids, n)
+    const values: Array<Float32Array | Int32Array> = []
+    for (;;) {
+      let pending: Tensor
+      try {
+        let i = 0
+        return attempt(ids, n, (t) => {
+          if (i < values.length) return values[i++]!
+          // before its first read a piece has only appended to caches, which attempt undoes; a
+          // later read could follow changes to block state that a second run would repeat
+          if (i > 0) throw new Error("decoding asynchronously takes at most one host read per piece (use dense MoE dispatch)")
+          throw new PendingRead(t)
+        })
+      } catch (e) {
+        if (!(e instanceof PendingRead)) throw e
+        pending = e.tensor
+      }
+      values.push((await pending.data()) as Float32Array | Int32Array)
+      pending.dispose()
+    }
+  }
+  /** The pieces of at most `chunk` tokens per row of a prompt `ids [rows, n]`. */
+  const piecesOf = (ids: Int32Array, n: number, chunk: number) => {
+    if (ids.length !== rows * n) throw new Error(`prefill: expected ${rows}×${n} ids, got ${ids.length}`)
+    const out: Array<readonly [Int32Array, number]> = []
+    for (let s = 0; s < n; s += chunk) {
+      const len = Math.min(chunk, n - s)
+      const piece = new Int32Array(rows * len)
+      for (let r = 0; r < rows; r++) piece.set(ids.subarray(r * n + s, r * n + s + len), r * len)
+      out.push([piece, len])
+    }
+    return out
+  }
+  /** Each row's last position of a piece's logits `[rows, vocab]`; frees the piece's logits. */
+  const lastOf = (logits: Tensor2D, len: number): Tensor2D => {
+    const last = tf.tidy(() => tf.gather(logits, tf.tensor1d(Array.from({ length: rows }, (_, r) => r * len + len - 1), "int32")) as Tensor2D)
+    logits.dispose()
+    return last
   }
   return {
     rows,
@@ -149,17 +224,20 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
       return length
     },
     feed,
+    feedAsync,
     prefill: (ids, n, chunk = 512) => {
-      if (ids.length !== rows * n) throw new Error(`prefill: expected ${rows}×${n} ids, got ${ids.length}`)
       let last: Tensor2D | undefined
-      for (let s = 0; s < n; s += chunk) {
-        const len = Math.min(chunk, n - s)
-        const piece = new Int32Array(rows * len)
-        for (let r = 0; r < rows; r++) piece.set(ids.subarray(r * n + s, r * n + s + len), r * len)
+      for (const [piece, len] of piecesOf(ids, n, chunk)) {
         last?.dispose()
-        const logits = feed(piece, len)
-        last = tf.tidy(() => tf.gather(logits, tf.tensor1d(Array.from({ length: rows }, (_, r) => r * len + len - 1), "int32")) as Tensor2D)
-        logits.dispose()
+        last = lastOf(feed(piece, len), len)
+      }
+      return last!
+    },
+    prefillAsync: async (ids, n, chunk = 512) => {
+      let last: Tensor2D | undefined
+      for (const [piece, len] of piecesOf(ids, n, chunk)) {
+        last?.dispose()
+        last = lastOf(await feedAsync(piece, len), len)
       }
       return last!
     },

@@ -235,8 +235,8 @@ export const loss = (m: Lowered, batch: Batch, options: ForwardOptions) => {
   return { total: tf.add(ce, aux) as TF.Scalar, ce: ce as TF.Scalar, aux: aux as TF.Scalar, ctx, tokens }
 }
 
-/** Thrown by a recording pass at the first read it has no value for. */
-class PendingRead {
+/** Thrown by a recording pass at the first read it has no value for (see `Decode.feedAsync`). */
+export class PendingRead {
   readonly tensor: Tensor
   constructor(tensor: Tensor) {
     this.tensor = tensor

@@ -156,7 +156,33 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     assert.throws(() => c.run([[x, new Float32Array(300)]]), /assigned outside/)
     c.dispose()
     assert.throws(() => capture(tf, [x], () => [tf.tensor1d(tf.add(x, 1).dataSync())]), NotCapturable)
-    tf.dispose([x, v])
+    // after a stopped capture tfjs works as before (its pending encoder is an ordinary one again)
+    assert.strictEqual((await tf.sum(tf.add(x, 1)).data())[0], 300 * 1.5)
+    // buffer sizes never seen before the capture (tfjs's pool has no free list for them yet)
+    const odd = 1237
+    const y = tf.keep(tf.zeros([odd]))
+    const fresh = capture(tf, [y], () => [tf.concat(Array.from({ length: 7 }, (_, i) => tf.mul(y, i)))])
+    fresh.run([[y, new Float32Array(odd).fill(1)]])
+    assert.deepStrictEqual(Array.from(await fresh.outputs[0]!.data()).filter((_, i) => i % odd === 0), [0, 1, 2, 3, 4, 5, 6])
+    fresh.dispose()
+    // two variables made from one tensor share storage: refused, with the finished step's outputs
+    const shared = tf.ones([4])
+    const a = tf.variable(shared)
+    const b = tf.variable(shared)
+    try {
+      capture(tf, [], () => {
+        a.assign(tf.add(a, 1))
+        b.assign(tf.add(b, 2))
+        return [tf.sum(a)]
+      })
+      assert.fail("expected NotCapturable")
+    } catch (e) {
+      assert.instanceOf(e, NotCapturable)
+      assert.match((e as Error).message, /share their storage/)
+      assert.strictEqual((await (e as NotCapturable).outputs![0]!.data())[0], 8)
+      tf.dispose([...(e as NotCapturable).outputs!])
+    }
+    tf.dispose([x, v, y, a, b, shared])
     assert.deepStrictEqual(gpuErrors(), [])
   })
 

@@ -37,7 +37,7 @@ export interface Runtime {
 /**
  * Whether the current backend reads tensors synchronously (`dataSync`). tfjs-backend-webgpu does it
  * through OffscreenCanvas, which Node lacks; training then records its reads asynchronously
- * (`Lower.recordReads`), and decoding is not available.
+ * (`Lower.recordReads`), and decoding goes through `Session.feedAsync`.
  */
 export const syncReads = (tf: Tf): boolean => tf.getBackend() !== "webgpu"
 

@@ -43,6 +43,7 @@ interface WebGpuBackend {
   }
   commandEncoder: { beginComputePass: () => { setPipeline: (p: unknown) => void; setBindGroup: (i: number, g: unknown) => void; dispatchWorkgroups: (x: number, y?: number) => void; end: () => void } }
   tensorMap: { get: (dataId: unknown) => { resource: unknown; values: unknown } }
+  commandQueueOwnedIds: { add: (dataId: unknown) => void }
   uploadToGPU: (dataId: unknown) => void
   ensureCommandEncoderReady: () => void
   endComputePassEncoder: () => void
@@ -92,6 +93,8 @@ const scatterOnGpu = (tf: Tf, store: Tensor, x: Tensor, rowOf: Int32Array, posOf
     be.uploadToGPU(t.dataId)
     const d = be.tensorMap.get(t.dataId)
     d.values = null
+    // as tfjs does for a program's tensors: a disposal waits for the submit
+    be.commandQueueOwnedIds.add(t.dataId)
     return d.resource as GpuBuffer
   }
   const meta = Int32Array.from([total, width, capacity, columns ? 1 : 0, ...rowOf, ...posOf])
@@ -123,9 +126,10 @@ export const rowBuffer = (tf: Tf, rows: number, width: number, initial = 16, lay
   let capacity = Math.max(1, initial)
   const lengths = new Array<number>(rows).fill(0)
   const shape = (cap: number): [number, number, number] => (layout === "rows" ? [rows, cap, width] : [rows, width, cap])
-  const allocate = (cap: number, from?: Float32Array) => tf.keep(tf.tensor3d(from ?? new Float32Array(rows * cap * width), shape(cap)))
-  let store = allocate(capacity)
   const onGpu = tf.getBackend() === "webgpu"
+  const allocate = (cap: number, from?: Float32Array) =>
+    tf.keep(from === undefined && onGpu ? tf.zeros(shape(cap)) : tf.tensor3d(from ?? new Float32Array(rows * cap * width), shape(cap)))
+  let store = allocate(capacity)
   const inPlace = onGpu || storageOf(tf, store) !== undefined
   // the host copy for backends without writable storage
   let host: Float32Array | undefined = inPlace ? undefined : new Float32Array(rows * capacity * width)

@@ -10,23 +10,32 @@
  *
  * - the step's host values must come through **feeds**, tensors made before the capture whose
  *   buffers `run` overwrites (`queue.writeBuffer`); everything else the step uploads is taken to
- *   be constant. `captureStatic` checks that by capturing twice and comparing every upload and
- *   every dispatch, and refuses (`NotCapturable`) a step whose uploads change;
+ *   be constant. `difference` checks that on two recordings of consecutive steps (every upload,
+ *   every dispatch and the buffers each binds) and names the first difference;
  * - during a capture, buffers are not reused within the step (no aliasing, so the recording can
  *   run as one command buffer, and the constants uploaded during the capture stay in place); the
  *   recording keeps them out of tfjs's pool until `dispose` (more memory, as a CUDA graph's pool);
  * - **state** (every tfjs variable the step assigns: parameters, Adam moments) reads from the
  *   buffers it had before the capture and writes to new ones; `run` copies the new values back, so
  *   the variables keep pointing at their latest values, readable as usual;
- * - a read-back, a timestamp query or a new variable inside the step cannot be captured.
+ * - a read-back, a timestamp query, a new variable, or a kernel that writes into an existing tensor
+ *   in place (the KV-cache scatter of decoding) inside the step cannot be captured.
  *
  * @since 0.3.0
  */
 import type { Tensor, Tf } from "../graph/Apply.ts"
 
-/** Why a step cannot be recorded or replayed. */
+/**
+ * Why a step cannot be recorded or replayed. `outputs` is set when the step itself ran to the end
+ * (it was refused afterwards): its results, for the caller to read and free.
+ */
 export class NotCapturable extends Error {
   readonly _tag = "NotCapturable"
+  readonly outputs: ReadonlyArray<Tensor> | undefined
+  constructor(message: string, outputs?: ReadonlyArray<Tensor>) {
+    super(message)
+    this.outputs = outputs
+  }
 }
 
 /* The parts of WebGPU and of tfjs-backend-webgpu that capture touches. */
@@ -90,11 +99,11 @@ const MAP_WRITE = 0x0002
 
 type PassCommand =
   | { readonly op: "pipeline"; readonly pipeline: unknown }
-  | { readonly op: "bind"; readonly index: number; readonly group: unknown; readonly offsets: Array<number> | undefined }
+  | { readonly op: "bind"; readonly index: number; readonly group: unknown; readonly offsets: Array<number> | undefined; readonly buffers: ReadonlyArray<string> }
   | { readonly op: "dispatch"; readonly x: number; readonly y: number; readonly z: number }
 type Command =
   | { readonly op: "pass"; readonly commands: Array<PassCommand> }
-  | { readonly op: "copy"; readonly src: GpuBuffer; readonly srcOffset: number; readonly dst: GpuBuffer; readonly dstOffset: number; readonly size: number }
+  | { readonly op: "copy"; readonly src: GpuBuffer; readonly srcOffset: number; readonly dst: GpuBuffer; readonly dstOffset: number; readonly size: number; readonly names: readonly [string, string] }
   | { readonly op: "clear"; readonly buffer: GpuBuffer; readonly offset: number | undefined; readonly size: number | undefined }
 
 /** A recorded step. */
@@ -111,6 +120,21 @@ export interface Captured {
   dispose: () => void
 }
 
+/** A feed takes values of its own dtype and size. */
+const checkFeed = (t: Tensor, data: Float32Array | Int32Array) => {
+  const dtype = data instanceof Int32Array ? "int32" : "float32"
+  if (data.length !== t.size || dtype !== t.dtype) throw new NotCapturable(`a ${t.dtype} feed of ${t.size} elements got ${data.length} ${dtype} values`)
+}
+
+/** A process-wide name for a buffer made before a recording (the same object in both recordings). */
+const globalNames = new WeakMap<object, number>()
+let nextGlobal = 0
+const globalName = (b: object) => {
+  let n = globalNames.get(b)
+  if (n === undefined) globalNames.set(b, n = nextGlobal++)
+  return n
+}
+
 /**
  * Writes host values into feed tensors on webgpu (their buffers, in queue order before anything
  * submitted later), as `Captured.run` does, for the steps that run through tfjs.
@@ -121,7 +145,7 @@ export const writeFeeds = (tf: Tf, values: ReadonlyArray<readonly [Tensor, Float
   const buffers = values.map(([t]) => bufferOf(be, t))
   flush(be)
   values.forEach(([t, data], i) => {
-    if (data.length !== t.size) throw new NotCapturable(`a feed of ${t.size} elements got ${data.length}`)
+    checkFeed(t, data)
     be.queue.writeBuffer(buffers[i]!, 0, data)
     const d = be.tensorMap.get((t as unknown as { dataId: unknown }).dataId)
     if (d !== undefined) d.values = null
@@ -189,7 +213,22 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
   const before = new Map(variables.map((v) => [v, bufferOf(be, v)] as const))
   flush(be)
 
-  const held = new Set<GpuBuffer>([...feedBuffers.values(), ...before.values()])
+  // buffers the recording uses, pinned as soon as they are seen (tfjs may release them mid-step)
+  const held = new Set<GpuBuffer>()
+  const hold = (b: GpuBuffer) => {
+    if (held.has(b)) return
+    held.add(b)
+    pins.set(b, (pins.get(b) ?? 0) + 1)
+  }
+  for (const b of [...feedBuffers.values(), ...before.values()]) hold(b)
+  // stable names for buffers, to compare two recordings: feed i, variable i, new i (in creation order)
+  const names = new Map<GpuBuffer, string>()
+  ;[...feedBuffers.values()].forEach((b, i) => names.set(b, `feed ${i}`))
+  variables.forEach((v, i) => names.set(before.get(v)!, `variable ${i}`))
+  let created = 0
+  const nameOf = (b: GpuBuffer) => names.get(b) ?? `existing ${globalName(b)}`
+  const groups = new Map<unknown, Array<string>>()
+  let active = true
   const uploads: Array<Uint8Array> = []
   const staged = new Map<GpuBuffer, Uint8Array>()
   const encoded = new Map<unknown, Array<Command>>()
@@ -214,6 +253,7 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     cpuForward: tf.env().getBool("WEBGPU_CPU_FORWARD")
   }
   const readBack = function(this: Backend, dataId: unknown) {
+    if (!active) return (saved.read as (this: Backend, id: unknown) => unknown).call(this, dataId)
     const d = this.tensorMap.get(dataId)
     // values already on the host are not a read-back
     if (d?.values !== null && d?.values !== undefined) return d.values
@@ -223,7 +263,10 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
   be.readSync = readBack
   device.createBuffer = function(desc) {
     const b = saved.createBuffer.call(this, desc)
-    if ((desc.usage & (MAP_READ | MAP_WRITE)) === 0) held.add(b)
+    if ((desc.usage & (MAP_READ | MAP_WRITE)) === 0) {
+      hold(b)
+      names.set(b, `new ${created++}`)
+    }
     if (desc.mappedAtCreation === true) {
       const ranges: Array<ArrayBuffer> = []
       const getMappedRange = b.getMappedRange.bind(b)
@@ -248,8 +291,16 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     return b
   }
   device.createBindGroup = function(desc) {
-    for (const e of desc.entries) if (e.resource.buffer !== undefined) held.add(e.resource.buffer)
-    return saved.createBindGroup.call(this, desc)
+    const bound: Array<GpuBuffer> = []
+    for (const e of desc.entries) {
+      if (e.resource.buffer !== undefined) {
+        hold(e.resource.buffer)
+        bound.push(e.resource.buffer)
+      }
+    }
+    const group = saved.createBindGroup.call(this, desc)
+    groups.set(group, bound.map(nameOf))
+    return group
   }
   device.createCommandEncoder = function() {
     const enc = saved.createCommandEncoder.call(this)
@@ -258,7 +309,9 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     const copy = enc.copyBufferToBuffer.bind(enc)
     const clear = enc.clearBuffer.bind(enc)
     const finish = enc.finish.bind(enc)
+    // once the capture is over, the encoder tfjs may still hold behaves as an ordinary one
     enc.beginComputePass = (desc) => {
+      if (!active) return begin(desc)
       if (desc?.timestampWrites !== undefined) fail("the step is being profiled (timestamp queries)")
       const pass = begin(desc)
       const recorded: Array<PassCommand> = []
@@ -267,38 +320,40 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
       const setBindGroup = pass.setBindGroup.bind(pass)
       const dispatch = pass.dispatchWorkgroups.bind(pass)
       pass.setPipeline = (pipeline) => {
-        recorded.push({ op: "pipeline", pipeline })
+        if (active) recorded.push({ op: "pipeline", pipeline })
         setPipeline(pipeline)
       }
       pass.setBindGroup = (index, group, offsets) => {
         const o = offsets === undefined ? undefined : [...offsets]
-        recorded.push({ op: "bind", index, group, offsets: o })
+        if (active) recorded.push({ op: "bind", index, group, offsets: o, buffers: groups.get(group) ?? [] })
         if (o === undefined) setBindGroup(index, group)
         else setBindGroup(index, group, o)
       }
       pass.dispatchWorkgroups = (x, y = 1, z = 1) => {
-        recorded.push({ op: "dispatch", x, y, z })
+        if (active) recorded.push({ op: "dispatch", x, y, z })
         dispatch(x, y, z)
       }
       pass.dispatchWorkgroupsIndirect = () => fail("an indirect dispatch")
       return pass
     }
     enc.copyBufferToBuffer = (src, srcOffset, dst, dstOffset, size) => {
+      if (!active) return copy(src, srcOffset, dst, dstOffset, size)
       const data = staged.get(src)
       if (data !== undefined) uploads.push(data.slice(srcOffset, srcOffset + size))
       else if ((dst.usage & MAP_READ) !== 0) fail("the step reads a tensor back to the host")
       else {
-        mine.push({ op: "copy", src, srcOffset, dst, dstOffset, size })
-        held.add(src)
+        mine.push({ op: "copy", src, srcOffset, dst, dstOffset, size, names: [nameOf(src), nameOf(dst)] })
+        hold(src)
       }
-      held.add(dst)
+      hold(dst)
       copy(src, srcOffset, dst, dstOffset, size)
     }
     enc.clearBuffer = (buffer, offset, size) => {
-      mine.push({ op: "clear", buffer, offset, size })
+      if (active) mine.push({ op: "clear", buffer, offset, size })
       clear(buffer, offset, size)
     }
-    enc.resolveQuerySet = () => fail("the step is being profiled (query sets)")
+    const resolve = enc.resolveQuerySet.bind(enc)
+    enc.resolveQuerySet = (...a) => (active ? fail("the step is being profiled (query sets)") : resolve(...a))
     enc.finish = () => {
       const done = finish()
       encoded.set(done, mine)
@@ -310,25 +365,46 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     const view = ArrayBuffer.isView(data) ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength) : new Uint8Array(data)
     const start = dataOffset ?? 0
     uploads.push(view.slice(start, size === undefined ? undefined : start + size))
-    held.add(buffer)
+    hold(buffer)
     if (dataOffset === undefined) saved.writeBuffer.call(this, buffer, offset, data)
     else saved.writeBuffer.call(this, buffer, offset, data, dataOffset, size)
   }
   queue.submit = function(buffers) {
-    for (const b of buffers) commands.push(...(encoded.get(b) ?? []))
+    for (const b of buffers) {
+      const recordedCommands = encoded.get(b)
+      if (recordedCommands === undefined) fail("a command buffer encoded outside the capture was submitted inside it")
+      commands.push(...recordedCommands!)
+    }
     saved.submit.call(this, buffers)
   }
-  // no buffer reuse within the step: no aliasing, constants stay where they were uploaded
+  // no buffer reuse within the step: no aliasing, constants stay where they were uploaded. tfjs's
+  // pool keeps a free list per size and usage, made on a first acquisition that may reuse: make it
   bm.acquireBuffer = function(size, usage, mappedAtCreation, _reuse) {
+    const key = `${size}_${usage}`
+    if (!this.freeBuffers.has(key)) this.freeBuffers.set(key, [])
     return saved.acquire.call(this, size, usage, mappedAtCreation, false)
   }
   tf.env().set("WEBGPU_CPU_FORWARD", false)
 
   let outputs: ReadonlyArray<Tensor> = []
+  const release = () => {
+    for (const b of held) {
+      const n = (pins.get(b) ?? 1) - 1
+      if (n > 0) pins.set(b, n)
+      else pins.delete(b)
+    }
+  }
   try {
     outputs = step().map((t) => tf.keep(t))
     flush(be)
+  } catch (e) {
+    // what tfjs encoded for the stopped step goes out as it is; the recording is dropped
+    active = false
+    flush(be)
+    release()
+    throw e
   } finally {
+    active = false
     device.createCommandEncoder = saved.createCommandEncoder
     device.createBuffer = saved.createBuffer
     device.createBindGroup = saved.createBindGroup
@@ -339,19 +415,26 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     be.readSync = saved.readSync
     tf.env().set("WEBGPU_CPU_FORWARD", saved.cpuForward)
   }
-  if (failure !== undefined) throw new NotCapturable(failure)
-  if (variablesOf(tf).length !== variables.length) throw new NotCapturable("the step created or disposed variables")
+  const refuse = (why: string): never => {
+    release()
+    throw new NotCapturable(why, outputs)
+  }
+  if (failure !== undefined) refuse(failure)
+  const now = variablesOf(tf)
+  if (now.length !== variables.length || now.some((v) => !before.has(v))) refuse("the step created or disposed variables")
   const state: Array<readonly [GpuBuffer, GpuBuffer]> = []
   const after = new Map<Tensor, GpuBuffer>()
+  const targets = new Set<GpuBuffer>()
   for (const v of variables) {
     const b = bufferOf(be, v)
     after.set(v, b)
-    if (b !== before.get(v)) state.push([b, before.get(v)!])
+    if (b === before.get(v)) continue
+    // two variables made from one tensor share a buffer: copying both back into it cannot work
+    if (targets.has(before.get(v)!)) refuse("two variables the step assigns share their storage")
+    targets.add(before.get(v)!)
+    state.push([b, before.get(v)!])
   }
-  for (const b of held) {
-    pins.set(b, (pins.get(b) ?? 0) + 1)
-    unpool(bm, b)
-  }
+  for (const b of held) unpool(bm, b)
   // the recording reads the state from the buffers it had before: bring them up to date
   if (state.length > 0) {
     const enc = device.createCommandEncoder()
@@ -370,7 +453,7 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     for (const [t, data] of values) {
       const b = feedBuffers.get(t)
       if (b === undefined) throw new NotCapturable("a feed that was not given to capture")
-      if (data.byteLength !== t.size * 4) throw new NotCapturable(`a feed of ${t.size} elements got ${data.length}`)
+      checkFeed(t, data)
       queue.writeBuffer(b, 0, data)
     }
     const enc = device.createCommandEncoder()
@@ -391,7 +474,7 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     for (const [from, to] of state) enc.copyBufferToBuffer(from, 0, to, 0, from.size)
     queue.submit([enc.finish()])
     // values tfjs cached on the host are stale now
-    for (const t of [...outputs, ...after.keys()]) {
+    for (const t of [...outputs, ...after.keys(), ...feedBuffers.keys()]) {
       const d = be.tensorMap.get((t as unknown as { dataId: unknown }).dataId)
       if (d !== undefined && d.resource !== null) d.values = null
     }
@@ -402,17 +485,11 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     disposed = true
     for (const t of outputs) t.dispose()
     const owned = new Set([...bm.usedBuffers.values()].flat())
+    release()
     for (const b of held) {
-      const n = (pins.get(b) ?? 1) - 1
-      if (n > 0) {
-        pins.set(b, n)
-        continue
-      }
-      pins.delete(b)
-      if (!owned.has(b)) {
-        b.destroy()
-        bm.numBytesAllocated -= b.size
-      }
+      if (pins.has(b) || owned.has(b)) continue
+      b.destroy()
+      bm.numBytesAllocated -= b.size
     }
   }
 
@@ -426,12 +503,14 @@ const recorded = new WeakMap<Captured, { readonly uploads: ReadonlyArray<Uint8Ar
 const sameBytes = (a: Uint8Array, b: Uint8Array) => a.length === b.length && a.every((x, i) => x === b[i])
 
 /** The work of a recording: each dispatch's pipeline and size, in order. */
-const workOf = (commands: ReadonlyArray<Command>): Array<PassCommand | "copy" | "clear"> =>
-  commands.flatMap((c): Array<PassCommand | "copy" | "clear"> => (c.op === "pass" ? c.commands.filter((p) => p.op !== "bind") : [c.op]))
+const workOf = (commands: ReadonlyArray<Command>): Array<PassCommand | string> =>
+  commands.flatMap((c): Array<PassCommand | string> =>
+    c.op === "pass" ? c.commands : c.op === "copy" ? [`copy ${c.names.join(" → ")} ${c.srcOffset} ${c.dstOffset} ${c.size}`] : ["clear"]
+  )
 
 /**
- * Whether two recordings of the same step (two consecutive steps) did the same work and uploaded
- * the same bytes: `undefined` if so, else the first difference. A step that passes is static: the
+ * Whether two recordings of the same step (two consecutive steps) did the same work on the same
+ * buffers and uploaded the same bytes: `undefined` if so, else the first difference. A step that passes is static: the
  * only host values it depends on are its feeds, and its recording can replace it.
  */
 export const difference = (a: Captured, b: Captured): string | undefined => {
@@ -446,6 +525,8 @@ export const difference = (a: Captured, b: Captured): string | undefined => {
     if (typeof c === "string" || typeof d === "string") return c !== d
     if (c.op === "pipeline" && d.op === "pipeline") return c.pipeline !== d.pipeline
     if (c.op === "dispatch" && d.op === "dispatch") return c.x !== d.x || c.y !== d.y || c.z !== d.z
+    // the same buffers (by role: feed, variable, made in the step in the same order, or made before)
+    if (c.op === "bind" && d.op === "bind") return c.index !== d.index || c.buffers.join(",") !== d.buffers.join(",")
     return true
   })
   if (k >= 0) return `the two steps differ at command ${k} of ${wx.length}`

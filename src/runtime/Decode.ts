@@ -39,6 +39,9 @@ export class ContextOverflow extends Error {
   }
 }
 
+/** `feed` on a backend that reads only asynchronously met a piece that needs a host value. */
+export class NeedsFeedAsync extends Error {}
+
 export interface SessionOptions {
   /** Rows decoded together. */
   readonly rows: number
@@ -162,20 +165,25 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
     return logits
   }
   /** {@link run}; if the piece stops half-way, the caches forget what it appended (see feedAsync). */
+  let broken: string | undefined
   const attempt = (ids: Int32Array, n: number, read: ((t: Tensor) => Float32Array | Int32Array) | undefined): Tensor2D => {
+    if (broken !== undefined) throw new Error(`this decoding session stopped in the middle of a piece (${broken}); open a new one`)
     const lengths = new Map([...buffers.values()].flat().map((b) => [b, [...b.lengths]] as const))
     try {
       return run(ids, n, read)
     } catch (e) {
       // caches made during the stopped run (its first piece) start empty again
       for (const b of [...buffers.values()].flat()) b.truncate(lengths.get(b) ?? b.lengths.map(() => 0))
+      // a piece stopped at its first read has changed nothing else; any other stop may have moved
+      // block state (the chunk module's last key, a pending merge, the EMA) that cannot be undone
+      if (!(e instanceof PendingRead || e instanceof NeedsFeedAsync)) broken = (e as Error).message ?? String(e)
       throw e
     }
   }
   const feed = (ids: Int32Array, n: number): Tensor2D => {
     check(ids, n)
     return attempt(ids, n, sync ? undefined : () => {
-      throw new Error(`this model reads host values while decoding (concept boundaries), which the ${tf.getBackend()} backend does only asynchronously: use feedAsync / prefillAsync`)
+      throw new NeedsFeedAsync(`this model reads host values while decoding (concept boundaries), which the ${tf.getBackend()} backend does only asynchronously: use feedAsync / prefillAsync`)
     })
   }
   const feedAsync = async (ids: Int32Array, n: number): Promise<Tensor2D> => {
@@ -186,7 +194,11 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
       try {
         let i = 0
         return attempt(ids, n, (t) => {
-          if (i < values.length) return values[i++]!
+          if (i < values.length) {
+            const v = values[i++]!
+            if (v.length !== t.size) throw new Error(`a replayed read of ${v.length} values for a tensor of ${t.size}`)
+            return v
+          }
           // before its first read a piece has only appended to caches, which attempt undoes; a
           // later read could follow changes to block state that a second run would repeat
           if (i > 0) throw new Error("decoding asynchronously takes at most one host read per piece (use dense MoE dispatch)")
@@ -196,8 +208,11 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
         if (!(e instanceof PendingRead)) throw e
         pending = e.tensor
       }
-      values.push((await pending.data()) as Float32Array | Int32Array)
-      pending.dispose()
+      try {
+        values.push((await pending.data()) as Float32Array | Int32Array)
+      } finally {
+        pending.dispose()
+      }
     }
   }
   /** The pieces of at most `chunk` tokens per row of a prompt `ids [rows, n]`. */

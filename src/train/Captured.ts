@@ -56,6 +56,8 @@ export const capturedTrainer = (low: Lowered, opt: Optimizer, settings: TrainSet
   let first: Captured | undefined
   let recording: Captured | undefined
   let calls = 0
+  // static steps since the last (re)start: the first runs through tfjs, the next two are recorded
+  let phase = 0
   let issued = NaN
   let readsHost = false
 
@@ -65,8 +67,15 @@ export const capturedTrainer = (low: Lowered, opt: Optimizer, settings: TrainSet
     return { loss: total![0]!, ce: ce![0]!, aux: aux![0]!, concepts: 0, boundaryProbSum: 0 }
   }
   const eagerStep = (batch: Batch, step: number) => {
-    const r = stepOnDevice(low, opt, batch, settings, step, undefined, { feeds, stepValues })
-    return { outputs: [r.total, r.ce, r.aux] as ReadonlyArray<Tensor>, lr: r.lr, tokens: r.stats.tokens }
+    // every op on the GPU, as in a recording (tfjs otherwise runs small ops on the CPU)
+    const cpuForward = tf.env().getBool("WEBGPU_CPU_FORWARD")
+    tf.env().set("WEBGPU_CPU_FORWARD", false)
+    try {
+      const r = stepOnDevice(low, opt, batch, settings, step, undefined, { feeds, stepValues })
+      return { outputs: [r.total, r.ce, r.aux] as ReadonlyArray<Tensor>, lr: r.lr, tokens: r.stats.tokens }
+    } finally {
+      tf.env().set("WEBGPU_CPU_FORWARD", cpuForward)
+    }
   }
   const meta = (step: number) => ({ lr: stepInputValues(settings, step)[0]!, tokens: 0 })
 
@@ -83,7 +92,17 @@ export const capturedTrainer = (low: Lowered, opt: Optimizer, settings: TrainSet
     if (readsHost) return trainStepAsync(low, opt, batch, settings, s)
     if (recording !== undefined) {
       const t0 = performance.now()
-      recording.run(valuesOf(batch, s))
+      try {
+        recording.run(valuesOf(batch, s))
+      } catch (e) {
+        if (!(e instanceof NotCapturable)) throw e
+        // e.g. a checkpoint was loaded into the variables: nothing ran; record again
+        recording.dispose()
+        recording = undefined
+        mode = { mode: "warming" }
+        phase = 0
+        return step(batch, s)
+      }
       issued = performance.now() - t0
       opt.step = s + 1
       return { ...(await read(recording.outputs)), ...meta(s) }
@@ -91,7 +110,7 @@ export const capturedTrainer = (low: Lowered, opt: Optimizer, settings: TrainSet
     writeFeeds(tf, valuesOf(batch, s))
     // the first step runs through tfjs alone: it compiles the shaders and fills tfjs's caches, which
     // a recording would otherwise see as uploads that the next step does not repeat
-    if (mode.mode === "eager" || call === 0) {
+    if (mode.mode === "eager" || phase++ === 0) {
       const t0 = performance.now()
       const r = eagerStep(batch, s)
       issued = performance.now() - t0
@@ -99,30 +118,38 @@ export const capturedTrainer = (low: Lowered, opt: Optimizer, settings: TrainSet
       tf.dispose([...r.outputs])
       return { ...values, lr: r.lr, tokens: r.tokens }
     }
+    let c: Captured
     try {
-      const c = capture(tf, feedList, () => eagerStep(batch, s).outputs)
-      const values = { ...(await read(c.outputs)), ...meta(s) }
-      if (first === undefined) first = c
-      else {
-        const why = difference(first, c)
-        first.dispose()
-        first = undefined
-        if (why === undefined) {
-          recording = c
-          mode = { mode: "replay", dispatches: c.dispatches }
-        } else {
-          c.dispose()
-          mode = { mode: "eager", reason: why }
-        }
-      }
-      return values
+      c = capture(tf, feedList, () => eagerStep(batch, s).outputs)
     } catch (e) {
       first?.dispose()
       first = undefined
       if (!(e instanceof NotCapturable)) throw e
-      // the step may have stopped half-way: do not run it again
-      throw new Error(`recording training step ${s} failed: ${e.message}; set CONCEPTMOE_CAPTURE=off to train without recording`)
+      if (e.outputs === undefined) {
+        // the step may have stopped half-way: do not run it again
+        throw new Error(`recording training step ${s} failed: ${e.message}; set CONCEPTMOE_CAPTURE=off to train without recording`)
+      }
+      // the step ran to the end, it just cannot be replayed
+      mode = { mode: "eager", reason: e.message }
+      const values = await read(e.outputs)
+      tf.dispose([...e.outputs])
+      return { ...values, ...meta(s) }
     }
+    const values = { ...(await read(c.outputs)), ...meta(s) }
+    if (first === undefined) first = c
+    else {
+      const why = difference(first, c)
+      first.dispose()
+      first = undefined
+      if (why === undefined) {
+        recording = c
+        mode = { mode: "replay", dispatches: c.dispatches }
+      } else {
+        c.dispose()
+        mode = { mode: "eager", reason: why }
+      }
+    }
+    return values
   }
 
   return {

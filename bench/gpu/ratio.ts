@@ -1,6 +1,8 @@
 /**
- * Ratios of our step time to PyTorch eager's, per model, from the JSON lines of
- * bench/gpu/train-step.ts and bench/peers/torch_lm.py: node bench/gpu/ratio.ts ours.jsonl torch.jsonl
+ * Ratios of ours to PyTorch eager's, from the JSON lines of the benchmark pairs:
+ * - training steps (bench/gpu/train-step.ts and bench/peers/torch_lm.py), per model: our ms / theirs;
+ * - fp32 matmul (bench/gpu/matmul.ts and bench/peers/torch_matmul.py), per size: our GFLOP/s / theirs.
+ * Run: node bench/gpu/ratio.ts ours.jsonl torch.jsonl
  */
 import * as fs from "node:fs"
 
@@ -8,7 +10,7 @@ const rows = (file: string): Array<Record<string, unknown>> =>
   fs.readFileSync(file, "utf8").split("\n").flatMap((line) => {
     try {
       const v = JSON.parse(line) as unknown
-      return typeof v === "object" && v !== null && "model" in v ? [v as Record<string, unknown>] : []
+      return typeof v === "object" && v !== null && ("model" in v || "n" in v) ? [v as Record<string, unknown>] : []
     } catch {
       return []
     }
@@ -19,19 +21,23 @@ if (oursFile === undefined || torchFile === undefined) {
   console.error("usage: node bench/gpu/ratio.ts ours.jsonl torch.jsonl")
   process.exit(2)
 }
-const torch = new Map(rows(torchFile).map((r) => [r["model"], r]))
+const keyOf = (r: Record<string, unknown>) => String(r["model"] ?? `n=${String(r["n"])}`)
+const torch = new Map(rows(torchFile).map((r) => [keyOf(r), r]))
+const ratio = (a: unknown, b: unknown) => (typeof a === "number" && typeof b === "number" ? Number((a / b).toFixed(2)) : null)
 const out = rows(oursFile).map((o) => {
-  // ours has a "tfjs" and a "replay" line per model on webgpu
-  const t = torch.get(o["model"])
-  const ours = o["stepMsMedian"] as number | undefined
-  const theirs = t?.["stepMsMedian"] as number | undefined
+  const t = torch.get(keyOf(o))
+  if ("n" in o) {
+    // matmul: a fraction of PyTorch's throughput (the target is ≥ 0.8)
+    return { n: o["n"], oursGflops: o["kernelGflops"] ?? o["wallGflops"], torchGflops: t?.["torchGflops"], ofTorch: ratio(o["kernelGflops"] ?? o["wallGflops"], t?.["torchGflops"]) }
+  }
+  // a training step: how many times PyTorch's time (ours has a "tfjs" and a "replay" line on webgpu)
   return {
     model: o["model"],
     mode: o["mode"],
-    oursMs: ours,
+    oursMs: o["stepMsMedian"],
     issueMs: o["issueMsMedian"],
-    torchMs: theirs,
-    ratio: ours !== undefined && theirs !== undefined ? Number((ours / theirs).toFixed(2)) : null,
+    torchMs: t?.["stepMsMedian"],
+    ratio: ratio(o["stepMsMedian"], t?.["stepMsMedian"]),
     paramsEqual: t === undefined ? null : t["params"] === o["params"],
     firstLoss: [o["firstLoss"], t?.["firstLoss"]],
     dispatchesPerStep: o["dispatchesPerStep"]

@@ -3,8 +3,8 @@
 # the webgpu smoke test (params, FLOPs, loss against cpu), our training step on webgpu for the four
 # workloads, the same models in PyTorch eager (bench/peers/torch_lm.py), and prints the ratios.
 #   here:   bash bench/gpu/make-carry.sh
-#   device: carry [".carry"], command: bash bench/gpu/run.sh [steps]
-# Results land in $OUT (smoke.json, ops.jsonl, ours.jsonl, torch.jsonl, ratios.json) when OUT is set.
+#   device: carry [".carry"], timeout_s 600, command: bash bench/gpu/run.sh [steps]   (the timeouts below sum to 570 s)
+# Results land in $OUT (smoke.json, ops.jsonl, matmul-*.jsonl, ours.jsonl, torch.jsonl, ratios.json) when OUT is set.
 set -uo pipefail
 out=${OUT:-$(mktemp -d)}
 steps=${1:-10}
@@ -16,14 +16,18 @@ export VK_DRIVER_FILES=${VK_DRIVER_FILES:-/usr/local/nvidia/share/vulkan/icd.d/n
 export __EGL_VENDOR_LIBRARY_FILENAMES=${__EGL_VENDOR_LIBRARY_FILENAMES:-/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 echo "== smoke"
-OUT=$out timeout 240 /tmp/n/node bench/gpu/smoke.ts 2>&1 | grep -v "maxDynamic"
+OUT=$out timeout 90 /tmp/n/node bench/gpu/smoke.ts 2>&1 | grep -v "maxDynamic"
 echo "== per-op costs (host issue, total, GPU kernel time)"
-timeout 120 /tmp/n/node bench/gpu/ops.ts 128 2>&1 | grep -v "maxDynamic" | tee "$out/ops.jsonl"
-timeout 120 /tmp/n/node bench/gpu/ops.ts 1024 2>&1 | grep -v "maxDynamic" | tee -a "$out/ops.jsonl"
+timeout 45 /tmp/n/node bench/gpu/ops.ts 128 2>&1 | grep -v "maxDynamic" | tee "$out/ops.jsonl"
+timeout 45 /tmp/n/node bench/gpu/ops.ts 1024 2>&1 | grep -v "maxDynamic" | tee -a "$out/ops.jsonl"
+echo "== fp32 matmul: ours (webgpu) and PyTorch (TF32 off)"
+timeout 60 /tmp/n/node bench/gpu/matmul.ts 1024,2048,4096 2>&1 | grep -v "maxDynamic" | tee "$out/matmul-ours.jsonl"
+timeout 30 python3 bench/peers/torch_matmul.py cuda 1024,2048,4096 2>&1 | tee "$out/matmul-torch.jsonl"
+/tmp/n/node bench/gpu/ratio.ts "$out/matmul-ours.jsonl" "$out/matmul-torch.jsonl"
 echo "== ours (webgpu)"
-timeout 300 /tmp/n/node bench/gpu/train-step.ts webgpu "" "$steps" 2>&1 | grep -v "maxDynamic" | tee "$out/ours.jsonl"
+timeout 240 /tmp/n/node bench/gpu/train-step.ts webgpu "" "$steps" 2>&1 | grep -v "maxDynamic" | tee "$out/ours.jsonl"
 echo "== PyTorch eager"
-PYTHONUNBUFFERED=1 timeout 120 python3 bench/peers/torch_lm.py cuda 2>&1 | tee "$out/torch.jsonl"
+PYTHONUNBUFFERED=1 timeout 60 python3 bench/peers/torch_lm.py cuda 2>&1 | tee "$out/torch.jsonl"
 echo "== ratios"
 /tmp/n/node bench/gpu/ratio.ts "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/ratios.json"
 # the plot needs vega, which the carry leaves out: here, node bench/gpu/plot.ts <files>/ours.jsonl <files>/torch.jsonl out.svg

@@ -1,0 +1,44 @@
+/**
+ * fp32 matmul throughput of the webgpu backend (issue 6's third target: ≥ 0.8× cuBLAS), for square
+ * sizes: GFLOP/s from wall time over `reps` chained products ended by one read-back, and from the
+ * GPU's kernel time (timestamp queries, where the adapter has them). bench/peers/torch_matmul.py
+ * measures PyTorch on the same sizes. Run: node bench/gpu/matmul.ts [sizes, e.g. 1024,4096] [reps]
+ */
+import { Effect } from "effect"
+import type { Tensor } from "../../src/graph/Apply.ts"
+import { load } from "../../src/runtime/Backend.ts"
+
+const { tf } = await Effect.runPromise(load("webgpu"))
+const sizes = (process.argv[2] ?? "1024,2048,4096").split(",").map(Number)
+const reps = Number(process.argv[3] ?? 10)
+for (const n of sizes) {
+  const a = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n))
+  const b = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n))
+  await a.data()
+  await b.data()
+  const chain = () => {
+    let x: Tensor = a
+    const made: Array<Tensor> = []
+    for (let i = 0; i < reps; i++) made.push(x = tf.matMul(x, b))
+    return made
+  }
+  // warm-up (shader compile)
+  const warm = chain()
+  await warm[warm.length - 1]!.data()
+  tf.dispose(warm)
+  const t0 = performance.now()
+  const made = chain()
+  await made[made.length - 1]!.data()
+  const wallMs = (performance.now() - t0) / reps
+  tf.dispose(made)
+  const timing = await tf.time(() => tf.dispose(chain()))
+  const kernel = (timing as unknown as { kernelMs: number | { error: string } }).kernelMs
+  const flops = 2 * n ** 3
+  console.log(JSON.stringify({
+    n,
+    wallGflops: Number((flops / (wallMs * 1e6)).toFixed(1)),
+    kernelGflops: typeof kernel === "number" ? Number((flops / ((kernel / reps) * 1e6)).toFixed(1)) : null
+  }))
+  tf.dispose([a, b])
+}
+process.exit(0)

@@ -251,7 +251,8 @@ export const unstackAbove = 1 << 18
 export const unstackMinRows = 64
 
 /**
- * A matmul whose gradient transposes explicitly; counts executed FLOPs into `counter`. On wasm a
+ * A matmul whose gradient transposes explicitly (on webgpu through the product's transpose flags);
+ * counts executed FLOPs into `counter`. On wasm a
  * batched product of large matrices runs as one 2-D product per matrix: tfjs-backend-wasm's XNNPACK
  * path takes only rank-2 products, and its batched fallback runs at about 3 GFLOP/s
  * (docs/inference.md has the measurement).
@@ -274,11 +275,14 @@ export const makeMatMul = (tf: Tf, counter: FlopCounter) => {
     perm[r - 2] = r - 1
     return tf.transpose(t, perm)
   }
+  // webgpu's matmul programs read transposed operands themselves: no transpose dispatches
+  const flags = tf.getBackend() === "webgpu"
   const f = tf.customGrad(((a: Tensor, b: Tensor, save: (ts: Array<Tensor>) => void) => {
     save([a, b])
     return {
       value: product(a, b),
-      gradFunc: (dy: Tensor, [sa, sb]: Array<Tensor>) => [product(dy, swap(sb!)), product(swap(sa!), dy)]
+      gradFunc: (dy: Tensor, [sa, sb]: Array<Tensor>) =>
+        flags ? [tf.matMul(dy, sb!, false, true), tf.matMul(sa!, dy, true, false)] : [product(dy, swap(sb!)), product(swap(sa!), dy)]
     }
   }) as unknown as Parameters<Tf["customGrad"]>[0])
   return (a: Tensor, b: Tensor, category: keyof FlopCounter): Tensor => {

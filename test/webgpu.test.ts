@@ -10,6 +10,7 @@ import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
 import { adamStepValues, adamw } from "../src/runtime/Fused.ts"
+import { parseTiles, tileShapes, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
 import { capture, NotCapturable, writeFeeds } from "../src/runtime/Capture.ts"
 import { capturedTrainer } from "../src/train/Captured.ts"
@@ -227,6 +228,51 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       assert.deepStrictEqual(gpuErrors(), [])
     })
   }
+
+  it("our tiled matmul equals the cpu's for every tile shape, transposes, batches and edges", async () => {
+    const cases: ReadonlyArray<readonly [Array<number>, Array<number>, boolean, boolean]> = [
+      [[37, 53], [53, 29], false, false], [[53, 37], [53, 29], true, false], [[37, 53], [29, 53], false, true],
+      [[53, 37], [29, 53], true, true], [[3, 17, 65], [3, 65, 130], false, false], [[3, 65, 17], [1, 130, 65], true, true],
+      [[1, 8, 40], [4, 40, 9], false, false], [[2, 2, 5, 7], [2, 2, 7, 3], false, false], [[1, 1], [1, 1], false, false],
+      [[129, 200], [200, 1], false, false]
+    ]
+    const operands = (c: typeof cases[number], i: number) =>
+      [tf.randomNormal(c[0], 0, 1, "float32", i + 1), tf.randomNormal(c[1], 0, 1, "float32", i + 50)] as const
+    try {
+      for (const shape of tileShapes) {
+        for (const [i, c] of cases.entries()) {
+          await tf.setBackend("cpu")
+          const expected = tf.tidy(() => tf.matMul(...operands(c, i), c[2], c[3]))
+          await tf.setBackend("webgpu")
+          useMatMul(tf, parseTiles(shape))
+          const got = tf.tidy(() => tf.matMul(...operands(c, i), c[2], c[3]))
+          assert.deepStrictEqual(got.shape, expected.shape)
+          assert.isAtMost(maxDiff(await got.data(), await expected.data()), 5e-5, `${shape}, case ${i}`)
+          tf.dispose([got, expected])
+        }
+      }
+      // a training step with it gives the cpu's loss
+      useMatMul(tf, parseTiles("64x64x16/4x4"))
+      const m = await Effect.runPromise(load(webgpuModels[1]![1]))
+      const losses: Array<number> = []
+      for (const b of ["cpu", "webgpu"] as const) {
+        await tf.setBackend(b)
+        const low = materialize(tf, m.analysis, 5)
+        const opt = newOptimizer(low)
+        losses.push((b === "cpu" ? trainStep(low, opt, batch, settings, 0) : await trainStepAsync(low, opt, batch, settings, 0)).loss)
+        losses.push((b === "cpu" ? trainStep(low, opt, batch, settings, 1) : await trainStepAsync(low, opt, batch, settings, 1)).loss)
+        release(low)
+        tf.dispose([...opt.m.values(), ...opt.v.values()])
+      }
+      assert.closeTo(losses[2]!, losses[0]!, 1e-4)
+      assert.closeTo(losses[3]!, losses[1]!, 1e-4)
+    } finally {
+      useMatMul(tf, undefined)
+    }
+    assert.isUndefined(parseTiles("64x64x16/3x4"))
+    assert.isUndefined(parseTiles("256x256x16/4x4"))
+    assert.deepStrictEqual(gpuErrors(), [])
+  })
 
   it("addN of more tensors than a shader may bind sums them (fix 6)", async () => {
     const [cpu, web] = await onBoth(() => tf.tidy(() => tf.addN(Array.from({ length: 20 }, (_, i) => tf.fill([5], i + 0.5)))))

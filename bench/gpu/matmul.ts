@@ -1,16 +1,22 @@
 /**
  * fp32 matmul throughput of the webgpu backend (issue 6's third target: ≥ 0.8× cuBLAS), for square
- * sizes: GFLOP/s from wall time over `reps` chained products ended by one read-back, and from the
- * GPU's kernel time (timestamp queries, where the adapter has them). bench/peers/torch_matmul.py
- * measures PyTorch on the same sizes. Run: node bench/gpu/matmul.ts [sizes, e.g. 1024,4096] [reps]
+ * sizes, with tfjs's kernel and with ours at each tile shape (`src/runtime/MatMul.ts`): GFLOP/s from
+ * wall time over `reps` chained products ended by one read-back, and from the GPU's kernel time
+ * (timestamp queries, where the adapter has them). bench/peers/torch_matmul.py measures PyTorch on
+ * the same sizes. Run: node bench/gpu/matmul.ts [sizes, e.g. 1024,4096] [reps] [kernels, e.g. tfjs,64x64x16/4x4]
  */
 import { Effect } from "effect"
 import type { Tensor } from "../../src/graph/Apply.ts"
 import { load } from "../../src/runtime/Backend.ts"
+import { parseTiles, tileShapes, useMatMul } from "../../src/runtime/MatMul.ts"
 
 const { tf } = await Effect.runPromise(load("webgpu"))
 const sizes = (process.argv[2] ?? "1024,2048,4096").split(",").map(Number)
 const reps = Number(process.argv[3] ?? 10)
+const kernels = process.argv[4]?.split(",") ?? ["tfjs", ...tileShapes]
+for (const kernel of kernels) {
+  useMatMul(tf, kernel === "tfjs" ? undefined : parseTiles(kernel))
+  if (kernel !== "tfjs" && parseTiles(kernel) === undefined) throw new Error(`not a tile shape: ${kernel}`)
 for (const n of sizes) {
   const a = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n))
   const b = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n))
@@ -32,13 +38,15 @@ for (const n of sizes) {
   const wallMs = (performance.now() - t0) / reps
   tf.dispose(made)
   const timing = await tf.time(() => tf.dispose(chain()))
-  const kernel = (timing as unknown as { kernelMs: number | { error: string } }).kernelMs
+  const kernelMs = (timing as unknown as { kernelMs: number | { error: string } }).kernelMs
   const flops = 2 * n ** 3
   console.log(JSON.stringify({
+    kernel,
     n,
     wallGflops: Number((flops / (wallMs * 1e6)).toFixed(1)),
-    kernelGflops: typeof kernel === "number" ? Number((flops / ((kernel / reps) * 1e6)).toFixed(1)) : null
+    kernelGflops: typeof kernelMs === "number" ? Number((flops / ((kernelMs / reps) * 1e6)).toFixed(1)) : null
   }))
   tf.dispose([a, b])
+}
 }
 process.exit(0)

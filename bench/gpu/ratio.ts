@@ -28,7 +28,7 @@ const out = rows(oursFile).map((o) => {
   const t = torch.get(keyOf(o))
   if ("n" in o) {
     // matmul: a fraction of PyTorch's throughput (the target is ≥ 0.8)
-    return { n: o["n"], oursGflops: o["kernelGflops"] ?? o["wallGflops"], torchGflops: t?.["torchGflops"], ofTorch: ratio(o["kernelGflops"] ?? o["wallGflops"], t?.["torchGflops"]) }
+    return { kernel: o["kernel"], n: o["n"], oursGflops: o["kernelGflops"] ?? o["wallGflops"], torchGflops: t?.["torchGflops"], ofTorch: ratio(o["kernelGflops"] ?? o["wallGflops"], t?.["torchGflops"]) }
   }
   // a training step: how many times PyTorch's time (ours has a "tfjs" and a "replay" line on webgpu)
   return {

@@ -17,6 +17,7 @@
 import { Context, Effect, Layer, Schema } from "effect"
 import type { Tf } from "../graph/Apply.ts"
 import { install } from "./Fixes.ts"
+import { parseTiles, useMatMul } from "./MatMul.ts"
 
 export const backendNames = ["wasm", "cpu", "webgpu", "tensorflow"] as const
 export type BackendName = typeof backendNames[number]
@@ -90,6 +91,12 @@ export const load = (name: BackendName): Effect.Effect<Runtime, BackendError> =>
       if (!ok) throw new Error(name === "webgpu" ? "no WebGPU adapter was found" : "setBackend returned false")
       await tf.ready()
       install(tf, backendName)
+      if (name === "webgpu" && process.env["CONCEPTMOE_MATMUL"] !== undefined && process.env["CONCEPTMOE_MATMUL"] !== "") {
+        const tiles = parseTiles(process.env["CONCEPTMOE_MATMUL"])
+        if (tiles === undefined) throw new Error(`CONCEPTMOE_MATMUL="${process.env["CONCEPTMOE_MATMUL"]}": expected TMxTNxTK/RMxRN, e.g. 64x64x16/4x4 (≤ 256 threads, ≤ 16 KiB of workgroup memory)`)
+        useMatMul(tf, tiles)
+        detail = `, matmul ${process.env["CONCEPTMOE_MATMUL"]}`
+      }
       if (name === "wasm") {
         const simd = tf.env().getBool("WASM_HAS_SIMD_SUPPORT")
         detail = simd ? ", SIMD" : ", no SIMD"

@@ -9,7 +9,7 @@ import { Effect, Schema } from "effect"
 import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
-import { adamStepValues, adamw } from "../src/runtime/Fused.ts"
+import { adamStepValues, adamw, makeRmsNorm } from "../src/runtime/Fused.ts"
 import { parseTiles, tileShapes, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
 import { capture, NotCapturable, writeFeeds } from "../src/runtime/Capture.ts"
@@ -310,6 +310,27 @@ describe.skipIf(!available)("webgpu against cpu", () => {
         tf.dispose([r.w, r.m, r.v])
       }
       outputs[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(outputs[1]![i]!, cpu), 2e-6, `output ${i}, decay ${decay}`))
+    }
+    assert.deepStrictEqual(gpuErrors(), [])
+  })
+
+  it("the fused RMSNorm gives the op-by-op values and gradients of the cpu backend", async () => {
+    for (const shape of [[7, 33], [5, 4, 16], [3, 200], [130, 8]]) {
+      const d = shape[shape.length - 1]!
+      const size = shape.reduce((a, b) => a * b, 1)
+      const results: Array<Array<Float32Array>> = []
+      for (const b of ["cpu", "webgpu"]) {
+        await tf.setBackend(b)
+        const norm = makeRmsNorm(tf)
+        const x = tf.tensor(Array.from({ length: size }, (_, i) => Math.sin(i * 0.37) * 2), shape)
+        const g = tf.tensor1d(Array.from({ length: d }, (_, i) => 1 + 0.1 * Math.cos(i)))
+        const w = tf.tensor(Array.from({ length: size }, (_, i) => Math.cos(i * 0.11)), shape)
+        const y = norm(x, g, 1e-6)
+        const [dx, dg] = tf.grads((a: Tensor, c: Tensor) => tf.sum(tf.mul(norm(a, c, 1e-6), w)))([x, g])
+        results.push(await Promise.all([y.data(), dx!.data(), dg!.data()]) as Array<Float32Array>)
+        tf.dispose([x, g, w, y, dx!, dg!])
+      }
+      results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 5e-5, `${shape.join("×")}, output ${i}`))
     }
     assert.deepStrictEqual(gpuErrors(), [])
   })

@@ -12,11 +12,7 @@ export const linear = (ctx: ForwardContext, x: Tensor, w: Tensor, b?: Tensor): T
   return (b === undefined ? y : ctx.tf.add(y, b)) as Tensor2D
 }
 
-export const rmsNorm = (ctx: ForwardContext, x: Tensor, g: Tensor, eps: number): Tensor2D => {
-  const { tf } = ctx
-  const ms = tf.mean(tf.mul(x, x), -1, true)
-  return tf.mul(tf.mul(x, tf.rsqrt(tf.add(ms, eps))), g) as Tensor2D
-}
+export const rmsNorm = (ctx: ForwardContext, x: Tensor, g: Tensor, eps: number): Tensor2D => ctx.rmsNorm(x, g, eps) as Tensor2D
 
 export const layerNorm = (ctx: ForwardContext, x: Tensor, g: Tensor, b: Tensor | undefined, eps: number): Tensor2D => {
   const { tf } = ctx

@@ -127,6 +127,8 @@ export interface ForwardContext {
   readonly detach: (x: Tensor) => Tensor
   /** Straight-through estimator: forward 1, backward identity. */
   readonly ste: (x: Tensor) => Tensor
+  /** RMSNorm over the last axis, `x·g / √(mean(x²) + eps)` (fused kernels where the runtime has them). */
+  readonly rmsNorm: (x: Tensor, g: Tensor, eps: number) => Tensor
   /**
    * Host values of a tensor, for the decisions a block takes on the host (MoE routing, chunk
    * boundaries). Sync backends read at once; on a backend that can only read asynchronously (webgpu

@@ -7,6 +7,10 @@
  * - `adamw`: the AdamW update of one parameter, three dispatches (first moment, second moment,
  *   weights) instead of about fifteen plus nine scalar uploads; the clipping scale stays a tensor.
  *
+ * - `makeRmsNorm`: RMSNorm over the last axis, one dispatch forward (a workgroup per row reduces
+ *   Σx² in workgroup memory) and three backward (dx with both row sums in one pass; dg as the row
+ *   products, then tfjs's column sum) instead of about 6 and 12.
+ *
  * `CONCEPTMOE_FUSED=off` turns them off (op by op everywhere), to compare or to rule them out.
  *
  * @since 0.3.0
@@ -69,7 +73,42 @@ export const adamw = (
   return { w: tf.sub(w, tf.mul(step, h.lr * h.lrScale)), m: m2, v: v2 }
 }
 
-const kernels = { m: "ConceptmoeAdamFirstMoment", v: "ConceptmoeAdamSecondMoment", w: "ConceptmoeAdamWeights" } as const
+const kernels = {
+  m: "ConceptmoeAdamFirstMoment",
+  v: "ConceptmoeAdamSecondMoment",
+  w: "ConceptmoeAdamWeights",
+  norm: "ConceptmoeRmsNorm",
+  normDx: "ConceptmoeRmsNormGradX",
+  normDg: "ConceptmoeRmsNormGradRows"
+} as const
+
+const fusedOn = (tf: Tf) => tf.getBackend() === "webgpu" && process.env["CONCEPTMOE_FUSED"] !== "off" && registerWebGpu(tf)
+
+/**
+ * RMSNorm of `x [..., d]` with weight `g [d]`: x·g / √(mean(x²) + eps) over the last axis. On webgpu
+ * fused (see the module doc), elsewhere op by op.
+ */
+export const makeRmsNorm = (tf: Tf) => {
+  const ops = (x: Tensor, g: Tensor, eps: number) => tf.mul(tf.mul(x, tf.rsqrt(tf.add(tf.mean(tf.mul(x, x), -1, true), eps))), g)
+  if (!fusedOn(tf)) return ops
+  const run = (name: string, inputs: Record<string, Tensor>, eps: number) =>
+    tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, { eps } as unknown as TF.NamedAttrMap) as Tensor
+  return (x: Tensor, g: Tensor, eps: number): Tensor => {
+    const d = x.shape[x.rank - 1]!
+    const rows = x.size / d
+    const f = tf.customGrad(((x2: Tensor, g1: Tensor, save: (ts: Array<Tensor>) => void) => {
+      save([x2, g1])
+      return {
+        value: run(kernels.norm, { x: x2, g: g1 }, eps),
+        gradFunc: (dy: Tensor, [sx, sg]: Array<Tensor>) => [
+          run(kernels.normDx, { x: sx!, g: sg!, dy }, eps),
+          tf.sum(run(kernels.normDg, { x: sx!, dy }, eps), 0)
+        ]
+      }
+    }) as unknown as Parameters<Tf["customGrad"]>[0])
+    return tf.reshape(f(tf.reshape(x, [rows, d]), g) as Tensor, x.shape)
+  }
+}
 
 /** tfjs-backend-webgpu's program interface (the fields a flat elementwise program needs). */
 interface Program {
@@ -110,6 +149,59 @@ const flatProgram = (name: string, shape: Array<number>, inputs: Array<string>, 
   }
 }
 
+/**
+ * A program with one workgroup of 64 threads per row of `[rows, d]`: `accumulate` adds to `sa`
+ * and `sb` for element `base` (column `c`); after the workgroup sums them, `write` sets
+ * `result[base]` from `r = 1/√(sa/d + eps)` and `s = sb`.
+ */
+const rowProgram = (name: string, rows: number, d: number, inputs: Array<string>, accumulate: string, write: string) => ({
+  variableNames: inputs,
+  outputShape: [rows, d],
+  shaderKey: name,
+  // not flat: main() reads the workgroup and thread ids itself
+  dispatchLayout: { x: [1], y: [0] },
+  dispatch: [Math.min(rows, 65535), Math.ceil(rows / 65535), 1] as [number, number, number],
+  workgroupSize: [64, 1, 1] as [number, number, number],
+  size: false,
+  uniforms: "eps : f32,",
+  getUserCode: () => `
+    var<workgroup> partA : array<f32, 64>;
+    var<workgroup> partB : array<f32, 64>;
+    fn main() {
+      let rows = uniforms.outShape.x;
+      let d = uniforms.outShape.y;
+      let row = i32(workgroupId.x) + i32(workgroupId.y) * i32(numWorkgroups.x);
+      let valid = row < rows;
+      let t = i32(localId.x);
+      var sa = 0.0;
+      var sb = 0.0;
+      if (valid) {
+        for (var c = t; c < d; c = c + 64) {
+          let base = row * d + c;
+          ${accumulate}
+        }
+      }
+      partA[t] = sa;
+      partB[t] = sb;
+      workgroupBarrier();
+      for (var k = 32; k > 0; k = k / 2) {
+        if (t < k) {
+          partA[t] = partA[t] + partA[t + k];
+          partB[t] = partB[t] + partB[t + k];
+        }
+        workgroupBarrier();
+      }
+      let r = inverseSqrt(partA[0] / f32(d) + uniforms.eps);
+      let s = partB[0];
+      if (valid) {
+        for (var c = t; c < d; c = c + 64) {
+          let base = row * d + c;
+          ${write}
+        }
+      }
+    }`
+})
+
 let registered: boolean | undefined
 
 /** Registers the webgpu kernels once; false if the backend's program interface is not there. */
@@ -138,5 +230,24 @@ const registerWebGpu = (tf: Tf): boolean => {
           let w = W[index];
           let update = (M[index] / H[1]) / (sqrt(V[index] / H[2]) + uniforms.eps);
           let value = w - H[0] * uniforms.lrScale * (update + uniforms.decay * w);`)
+  const defineRows = (kernelName: string, inputs: Array<string>, accumulate: string, write: string) =>
+    tf.registerKernel({
+      kernelName,
+      backendName: "webgpu",
+      kernelFunc: ({ inputs: given, backend: b, attrs }) => {
+        const xs = inputs.map((n) => given[n.toLowerCase()] as TF.TensorInfo)
+        const [rows, d] = xs[0]!.shape as [number, number]
+        const program = rowProgram(kernelName, rows, d, inputs, accumulate, write)
+        return (b as unknown as { runWebGPUProgram: (p: unknown, i: Array<TF.TensorInfo>, t: string, u: Array<unknown>) => TF.TensorInfo })
+          .runWebGPUProgram(program, xs, "float32", [{ type: "float32", data: [(attrs as unknown as { eps: number }).eps] }])
+      }
+    })
+  const squares = "let v = X[base]; sa = sa + v * v;"
+  defineRows(kernels.norm, ["X", "G"], squares, "result[base] = X[base] * r * G[c];")
+  // dx = r·g·dy − x·r³·Σ(dy·g·x)/d
+  defineRows(kernels.normDx, ["X", "G", "DY"], "let v = X[base]; sa = sa + v * v; sb = sb + DY[base] * G[c] * v;",
+    "result[base] = r * G[c] * DY[base] - X[base] * r * r * r * s / f32(d);")
+  // per row: dy·x·r, summed over rows into dg by tfjs
+  defineRows(kernels.normDg, ["X", "DY"], squares, "result[base] = DY[base] * X[base] * r;")
   return true
 }

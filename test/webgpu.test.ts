@@ -9,7 +9,7 @@ import { Effect, Schema } from "effect"
 import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
-import { adamStepValues, adamw, makeRmsNorm } from "../src/runtime/Fused.ts"
+import { adamStepValues, adamw, makeRmsNorm, makeRotate } from "../src/runtime/Fused.ts"
 import { parseTiles, tileShapes, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
 import { capture, NotCapturable, writeFeeds } from "../src/runtime/Capture.ts"
@@ -331,6 +331,28 @@ describe.skipIf(!available)("webgpu against cpu", () => {
         tf.dispose([x, g, w, y, dx!, dg!])
       }
       results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 5e-5, `${shape.join("×")}, output ${i}`))
+    }
+    assert.deepStrictEqual(gpuErrors(), [])
+  })
+
+  it("the fused rotary embedding gives the op-by-op values and gradients of the cpu backend", async () => {
+    for (const [n, heads, hd, dim] of [[6, 3, 8, 8], [5, 2, 12, 8], [9, 4, 16, 4]] as const) {
+      const half = dim / 2
+      const results: Array<Array<Float32Array>> = []
+      for (const b of ["cpu", "webgpu"]) {
+        await tf.setBackend(b)
+        const rotate = makeRotate(tf)
+        const x = tf.tensor3d(Array.from({ length: n * heads * hd }, (_, i) => Math.sin(i * 0.29)), [n, heads, hd])
+        const angles = Array.from({ length: n * half }, (_, i) => Math.floor(i / half) * 10000 ** (-(2 * (i % half)) / dim))
+        const cos = tf.tensor3d(angles.map(Math.cos), [n, 1, half])
+        const sin = tf.tensor3d(angles.map(Math.sin), [n, 1, half])
+        const w = tf.tensor3d(Array.from({ length: n * heads * hd }, (_, i) => Math.cos(i * 0.13)), [n, heads, hd])
+        const y = rotate(x, dim, cos, sin)
+        const dx = tf.grad((a: Tensor) => tf.sum(tf.mul(rotate(a, dim, cos, sin), w)))(x)
+        results.push(await Promise.all([y.data(), dx.data()]) as Array<Float32Array>)
+        tf.dispose([x, cos, sin, w, y, dx])
+      }
+      results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 1e-5, `${n}×${heads}×${hd}, dim ${dim}, output ${i}`))
     }
     assert.deepStrictEqual(gpuErrors(), [])
   })

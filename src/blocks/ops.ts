@@ -70,16 +70,8 @@ export const ropeTables = (ctx: ForwardContext, dim: number, base: number) =>
   })
 
 /** Rotates the first `dim` features of each head of `x [N, heads, hd]`. */
-export const applyRope = (ctx: ForwardContext, x: Tensor, dim: number, tables: { cos: Tensor; sin: Tensor }): Tensor => {
-  const { tf } = ctx
-  const [n, heads, hd] = x.shape as [number, number, number]
-  const half = dim / 2
-  const x1 = tf.slice(x, [0, 0, 0], [n, heads, half])
-  const x2 = tf.slice(x, [0, 0, half], [n, heads, half])
-  const r1 = tf.sub(tf.mul(x1, tables.cos), tf.mul(x2, tables.sin))
-  const r2 = tf.add(tf.mul(x2, tables.cos), tf.mul(x1, tables.sin))
-  return dim === hd ? tf.concat([r1, r2], 2) : tf.concat([r1, r2, tf.slice(x, [0, 0, dim], [n, heads, hd - dim])], 2)
-}
+export const applyRope = (ctx: ForwardContext, x: Tensor, dim: number, tables: { cos: Tensor; sin: Tensor }): Tensor =>
+  ctx.rotate(x, dim, tables.cos, tables.sin)
 
 /** Which keys a query sees: causal or not, within a sliding window or not. */
 type Masking = { readonly causal: boolean; readonly window: number | null }

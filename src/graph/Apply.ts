@@ -129,6 +129,8 @@ export interface ForwardContext {
   readonly ste: (x: Tensor) => Tensor
   /** RMSNorm over the last axis, `x·g / √(mean(x²) + eps)` (fused kernels where the runtime has them). */
   readonly rmsNorm: (x: Tensor, g: Tensor, eps: number) => Tensor
+  /** Rotary embedding of the first `dim` features of `x [n, heads, hd]` with tables `cos`, `sin [n, 1, dim/2]`. */
+  readonly rotate: (x: Tensor, dim: number, cos: Tensor, sin: Tensor) => Tensor
   /**
    * Host values of a tensor, for the decisions a block takes on the host (MoE routing, chunk
    * boundaries). Sync backends read at once; on a backend that can only read asynchronously (webgpu

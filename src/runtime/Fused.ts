@@ -11,6 +11,9 @@
  *   Σx² in workgroup memory) and three backward (dx with both row sums in one pass; dg as the row
  *   products, then tfjs's column sum) instead of about 6 and 12.
  *
+ * - `makeRotate`: rotary embedding of `[n, heads, hd]` (rotate-half), one dispatch forward and one
+ *   backward (the inverse rotation) instead of 4 slices, 6 products and a concat, and their gradients.
+ *
  * `CONCEPTMOE_FUSED=off` turns them off (op by op everywhere), to compare or to rule them out.
  *
  * @since 0.3.0
@@ -79,8 +82,42 @@ const kernels = {
   w: "ConceptmoeAdamWeights",
   norm: "ConceptmoeRmsNorm",
   normDx: "ConceptmoeRmsNormGradX",
-  normDg: "ConceptmoeRmsNormGradRows"
+  normDg: "ConceptmoeRmsNormGradRows",
+  rotate: "ConceptmoeRotate",
+  unrotate: "ConceptmoeRotateBack"
 } as const
+
+/**
+ * Rotates the first `dim` features of each head of `x [n, heads, hd]` by the angles whose cos and sin
+ * are `cos`, `sin [n, 1, dim/2]` (HF's rotate_half convention); features past `dim` pass through. On
+ * webgpu fused (see the module doc), elsewhere op by op.
+ */
+export const makeRotate = (tf: Tf) => {
+  const ops = (x: Tensor, dim: number, cos: Tensor, sin: Tensor): Tensor => {
+    const [n, heads, hd] = x.shape as [number, number, number]
+    const half = dim / 2
+    const x1 = tf.slice(x, [0, 0, 0], [n, heads, half])
+    const x2 = tf.slice(x, [0, 0, half], [n, heads, half])
+    const r1 = tf.sub(tf.mul(x1, cos), tf.mul(x2, sin))
+    const r2 = tf.add(tf.mul(x2, cos), tf.mul(x1, sin))
+    return dim === hd ? tf.concat([r1, r2], 2) : tf.concat([r1, r2, tf.slice(x, [0, 0, dim], [n, heads, hd - dim])], 2)
+  }
+  if (!fusedOn(tf)) return ops
+  const run = (name: string, x: Tensor, cos: Tensor, sin: Tensor, dim: number) =>
+    tf.engine().runKernel(name, { x, c: cos, s: sin } as unknown as TF.NamedTensorMap, { dim } as unknown as TF.NamedAttrMap) as Tensor
+  return (x: Tensor, dim: number, cos: Tensor, sin: Tensor): Tensor => {
+    // the tables are constants of the positions: no gradient flows into them; saved, so that the
+    // backward pass still has them after the forward pass's tensors are freed
+    const f = tf.customGrad(((x3: Tensor, save: (ts: Array<Tensor>) => void) => {
+      save([cos, sin])
+      return {
+        value: run(kernels.rotate, x3, cos, sin, dim),
+        gradFunc: (dy: Tensor, [c, sn]: Array<Tensor>) => [run(kernels.unrotate, dy, c!, sn!, dim)]
+      }
+    }) as unknown as Parameters<Tf["customGrad"]>[0])
+    return f(x) as Tensor
+  }
+}
 
 const fusedOn = (tf: Tf) => tf.getBackend() === "webgpu" && process.env["CONCEPTMOE_FUSED"] !== "off" && registerWebGpu(tf)
 
@@ -249,5 +286,22 @@ const registerWebGpu = (tf: Tf): boolean => {
     "result[base] = r * G[c] * DY[base] - X[base] * r * r * r * s / f32(d);")
   // per row: dy·x·r, summed over rows into dg by tfjs
   defineRows(kernels.normDg, ["X", "DY"], squares, "result[base] = DY[base] * X[base] * r;")
+  // rotate-half: out1 = x1·cos ∓ x2·sin, out2 = x2·cos ± x1·sin (the lower signs undo the rotation)
+  const rotation = (back: boolean) => `
+          let hd = uniforms.xShape.z;
+          let dim = i32(uniforms.dim);
+          let half = dim / 2;
+          let j = index % hd;
+          let t = index / (uniforms.xShape.y * hd);
+          var value = X[index];
+          if (j < dim) {
+            let f = j % half;
+            let c = C[t * half + f];
+            let sn = ${back ? "-" : ""}S[t * half + f];
+            if (j < half) { value = X[index] * c - X[index + half] * sn; }
+            else { value = X[index] * c + X[index - half] * sn; }
+          }`
+  define(kernels.rotate, ["X", "C", "S"], ["dim"], rotation(false))
+  define(kernels.unrotate, ["X", "C", "S"], ["dim"], rotation(true))
   return true
 }

@@ -9,7 +9,7 @@ import { Effect, Schema } from "effect"
 import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
-import { adamStepValues, adamw, makeRmsNorm, makeRotate } from "../src/runtime/Fused.ts"
+import { adamStepValues, adamw, makeActivate, makeRmsNorm, makeRotate } from "../src/runtime/Fused.ts"
 import { parseTiles, tileShapes, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
 import { capture, NotCapturable, writeFeeds } from "../src/runtime/Capture.ts"
@@ -353,6 +353,24 @@ describe.skipIf(!available)("webgpu against cpu", () => {
         tf.dispose([x, cos, sin, w, y, dx])
       }
       results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 1e-5, `${n}×${heads}×${hd}, dim ${dim}, output ${i}`))
+    }
+    assert.deepStrictEqual(gpuErrors(), [])
+  })
+
+  it("the fused GELU and SiLU give the op-by-op values and gradients of the cpu backend", async () => {
+    for (const a of ["gelu", "silu", "swiglu", "geglu"] as const) {
+      const results: Array<Array<Float32Array>> = []
+      for (const b of ["cpu", "webgpu"]) {
+        await tf.setBackend(b)
+        const activate = makeActivate(tf)
+        const x = tf.tensor2d(Array.from({ length: 300 }, (_, i) => (i - 150) / 25), [20, 15])
+        const w = tf.tensor2d(Array.from({ length: 300 }, (_, i) => Math.cos(i * 0.3)), [20, 15])
+        const y = activate(x, a)
+        const dx = tf.grad((t: Tensor) => tf.sum(tf.mul(activate(t, a), w)))(x)
+        results.push(await Promise.all([y.data(), dx.data()]) as Array<Float32Array>)
+        tf.dispose([x, w, y, dx])
+      }
+      results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 2e-6, `${a}, output ${i}`))
     }
     assert.deepStrictEqual(gpuErrors(), [])
   })

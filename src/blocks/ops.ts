@@ -21,24 +21,7 @@ export const layerNorm = (ctx: ForwardContext, x: Tensor, g: Tensor, b: Tensor |
   return (b === undefined ? y : tf.add(y, b)) as Tensor2D
 }
 
-export const activate = (ctx: ForwardContext, x: Tensor, a: Activation): Tensor => {
-  const { tf } = ctx
-  switch (a) {
-    case "swiglu":
-    case "silu":
-      return tf.mul(x, tf.sigmoid(x))
-    case "geglu":
-    case "gelu":
-      // exact GELU: x·Φ(x)
-      return tf.mul(tf.mul(x, 0.5), tf.add(tf.erf(tf.mul(x, Math.SQRT1_2)), 1))
-    case "gelu_tanh": {
-      const inner = tf.mul(tf.add(x, tf.mul(tf.mul(tf.mul(x, x), x), 0.044715)), Math.sqrt(2 / Math.PI))
-      return tf.mul(tf.mul(x, 0.5), tf.add(tf.tanh(inner), 1))
-    }
-    case "relu":
-      return tf.relu(x)
-  }
-}
+export const activate = (ctx: ForwardContext, x: Tensor, a: Activation): Tensor => ctx.activate(x, a)
 
 /** A feed-forward network with the parameter names of `ffnParams`. */
 export const ffn = (

@@ -129,6 +129,8 @@ export interface ForwardContext {
   readonly ste: (x: Tensor) => Tensor
   /** RMSNorm over the last axis, `x·g / √(mean(x²) + eps)` (fused kernels where the runtime has them). */
   readonly rmsNorm: (x: Tensor, g: Tensor, eps: number) => Tensor
+  /** An activation function (of the gate, for GLU kinds), fused where the runtime can. */
+  readonly activate: (x: Tensor, activation: "swiglu" | "silu" | "geglu" | "gelu" | "gelu_tanh" | "relu") => Tensor
   /** Rotary embedding of the first `dim` features of `x [n, heads, hd]` with tables `cos`, `sin [n, 1, dim/2]`. */
   readonly rotate: (x: Tensor, dim: number, cos: Tensor, sin: Tensor) => Tensor
   /**

@@ -12,7 +12,7 @@ import type { Analysis } from "../graph/Analyze.ts"
 import { joinPath } from "../graph/Analyze.ts"
 import type { ChildApply, DecodeCache, FlopCounter, ForwardContext, Tensor, Tensor2D, Tf } from "../graph/Apply.ts"
 import type { AnyBlock } from "../graph/Block.ts"
-import { makeRmsNorm, makeRotate } from "./Fused.ts"
+import { makeActivate, makeRmsNorm, makeRotate } from "./Fused.ts"
 import { makeDetach, makeMatMul, makeOneHot, makeSte } from "./Fixes.ts"
 
 export interface Lowered {
@@ -195,6 +195,7 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     ste: makeSte(tf),
     rmsNorm: makeRmsNorm(tf),
     rotate: makeRotate(tf),
+    activate: makeActivate(tf),
     oneHot: makeOneHot(tf),
     read: options.read ?? ((t) => t.dataSync() as Float32Array | Int32Array),
     dispatch: options.dispatch ?? (tf.getBackend() === "webgpu" ? "dense" : "sparse"),

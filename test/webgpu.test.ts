@@ -19,6 +19,14 @@ import { forward, recordReads, replay } from "../src/runtime/Lower.ts"
 import { type Batch, type Lowered, materialize, release } from "../src/runtime/Lower.ts"
 import { evaluate, evaluateAsync, newOptimizer, trainStep, trainStepAsync, TrainSettings } from "../src/train/Step.ts"
 import { load } from "./support/models.ts"
+import { NodeServices } from "@effect/platform-node"
+import { Layer } from "effect"
+import * as fs from "node:fs"
+import * as os from "node:os"
+import * as path from "node:path"
+import { layer as backendLayer } from "../src/runtime/Backend.ts"
+import { byteTokenizer, sotuSplits } from "../src/train/Data.ts"
+import { train } from "../src/train/Train.ts"
 
 const gpu = await Effect.runPromise(Effect.result(loadBackend("webgpu")))
 const available = gpu._tag === "Success"
@@ -372,6 +380,24 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       }
       results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 2e-6, `${a}, output ${i}`))
     }
+    assert.deepStrictEqual(gpuErrors(), [])
+  })
+
+  it("train on webgpu (steps replayed) resumed from a checkpoint repeats the uninterrupted run exactly", async () => {
+    const m = await Effect.runPromise(load({ kind: "dense", name: "tiny", vocab: 256, hidden: 32, layers: 2, heads: 4, ffnHidden: 64, activation: "gelu", contextLength: 32 }))
+    const data = sotuSplits(byteTokenizer, 0)
+    const eight = Schema.decodeUnknownSync(TrainSettings)({ seqLen: 32, batchSize: 2, steps: 8, logEvery: 100, evalEvery: 100, evalBatches: 1, checkpointEvery: 100 })
+    const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), "conceptmoe-webgpu-"))
+    const run = <A, E>(e: Effect.Effect<A, E, never>) => Effect.runPromise(e)
+    const layers = Layer.merge(backendLayer("webgpu"), NodeServices.layer)
+    const go = (out: string, resume: boolean, until?: number) =>
+      run(train(m, eight, { out, resume, quiet: true, data, ...(until === undefined ? {} : { until }) }).pipe(Effect.provide(layers)))
+    const whole = await go(tmp(), false)
+    const out = tmp()
+    const half = await go(out, false, 5)
+    assert.strictEqual(half.metrics.length, 5)
+    const resumed = await go(out, true)
+    assert.deepStrictEqual(resumed.metrics.map((x) => x.loss), whole.metrics.map((x) => x.loss))
     assert.deepStrictEqual(gpuErrors(), [])
   })
 

@@ -9,7 +9,8 @@ import { Effect, Schema } from "effect"
 import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
-import { adamStepValues, adamw, makeActivate, makeRmsNorm, makeRotate } from "../src/runtime/Fused.ts"
+import { adamStepValues, adamw, makeActivate, makeMaskedNll, makeRmsNorm, makeRotate } from "../src/runtime/Fused.ts"
+import { makeOneHot } from "../src/runtime/Fixes.ts"
 import { parseTiles, tileShapes, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
 import { capture, NotCapturable, writeFeeds } from "../src/runtime/Capture.ts"
@@ -398,6 +399,26 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     assert.strictEqual(half.metrics.length, 5)
     const resumed = await go(out, true)
     assert.deepStrictEqual(resumed.metrics.map((x) => x.loss), whole.metrics.map((x) => x.loss))
+    assert.deepStrictEqual(gpuErrors(), [])
+  })
+
+  it("the fused masked cross-entropy gives the op-by-op value and gradient of the cpu backend", async () => {
+    for (const [n, v] of [[10, 7], [33, 256], [5, 300]] as const) {
+      const results: Array<Array<Float32Array>> = []
+      for (const b of ["cpu", "webgpu"]) {
+        await tf.setBackend(b)
+        const nll = makeMaskedNll(tf, makeOneHot(tf))
+        const logits = tf.tensor2d(Array.from({ length: n * v }, (_, i) => Math.sin(i * 0.7) * 4), [n, v])
+        const labels = tf.tensor1d(Array.from({ length: n }, (_, i) => (i * 37) % v), "int32")
+        const mask = tf.tensor1d(Array.from({ length: n }, (_, i) => (i % 4 === 1 ? 0 : 1)))
+        const y = nll(logits, labels, mask)
+        const dl = tf.grad((l: Tensor) => tf.mul(nll(l, labels, mask), 0.37))(logits)
+        results.push(await Promise.all([y.data(), dl.data()]) as Array<Float32Array>)
+        tf.dispose([logits, labels, mask, y, dl])
+      }
+      assert.closeTo(results[1]![0]![0]!, results[0]![0]![0]!, 1e-4 * n)
+      assert.isAtMost(maxDiff(results[1]![1]!, results[0]![1]!), 1e-6, `${n}×${v} gradient`)
+    }
     assert.deepStrictEqual(gpuErrors(), [])
   })
 

@@ -17,6 +17,9 @@
  * - `makeActivate`: exact GELU and SiLU (SwiGLU's gate), one dispatch forward and one backward
  *   instead of 5 and about 10 (GELU) or 2 and 5 (SiLU); other activations op by op.
  *
+ * - `makeMaskedNll`: the loss's Σ mask·(logsumexp − picked logit) over rows, one row kernel and a sum
+ *   forward, one row kernel backward (softmax − one-hot), instead of about 16 and 20.
+ *
  * `CONCEPTMOE_FUSED=off` turns them off (op by op everywhere), to compare or to rule them out.
  *
  * @since 0.3.0
@@ -91,8 +94,82 @@ const kernels = {
   gelu: "ConceptmoeGelu",
   geluGrad: "ConceptmoeGeluGrad",
   silu: "ConceptmoeSilu",
-  siluGrad: "ConceptmoeSiluGrad"
+  siluGrad: "ConceptmoeSiluGrad",
+  nll: "ConceptmoeMaskedNll",
+  nllGrad: "ConceptmoeMaskedNllGrad"
 } as const
+
+/**
+ * Σ_rows mask·(−log softmax(logits)[label]) of `logits [n, V]`, `labels [n]` int32 and `mask [n]`
+ * (a scalar; the gradient flows into the logits only). On webgpu fused (see the module doc),
+ * elsewhere op by op through `oneHot`.
+ */
+export const makeMaskedNll = (tf: Tf, oneHot: (indices: Tensor, depth: number) => Tensor) => {
+  const ops = (logits: Tensor, labels: Tensor, mask: Tensor): Tensor => {
+    const picked = tf.sum(tf.mul(tf.logSoftmax(logits), oneHot(labels, logits.shape[1]!)), -1)
+    return tf.neg(tf.sum(tf.mul(picked, mask)))
+  }
+  if (!fusedOn(tf)) return ops
+  const run = (name: string, inputs: Record<string, Tensor>) =>
+    tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, {} as TF.NamedAttrMap) as Tensor
+  return (logits: Tensor, labels: Tensor, mask: Tensor): Tensor => {
+    const f = tf.customGrad(((l: Tensor, save: (ts: Array<Tensor>) => void) => {
+      save([l, labels, mask])
+      return {
+        value: tf.sum(run(kernels.nll, { l, y: labels, m: mask })),
+        gradFunc: (dy: Tensor, [sl, sy, sm]: Array<Tensor>) => [run(kernels.nllGrad, { l: sl!, y: sy!, m: sm!, dy: tf.reshape(dy, [1]) })]
+      }
+    }) as unknown as Parameters<Tf["customGrad"]>[0])
+    return f(logits) as Tensor
+  }
+}
+
+/**
+ * One workgroup of 64 threads per row of `L [rows, V]`: the row's max and Σ exp(l − max) in
+ * workgroup memory, then `write` (run by thread 0 with `lse` for the per-row kernel, or by every
+ * thread over the row's columns `c`, with `lse`, for the gradient).
+ */
+const softmaxRowProgram = (name: string, rows: number, v: number, inputs: Array<string>, perRow: boolean, write: string) => ({
+  variableNames: inputs,
+  outputShape: perRow ? [rows, 1] : [rows, v],
+  shaderKey: name,
+  dispatchLayout: { x: [0], y: [1] },
+  dispatch: [Math.min(rows, 65535), Math.ceil(rows / 65535), 1] as [number, number, number],
+  workgroupSize: [64, 1, 1] as [number, number, number],
+  size: false,
+  uniforms: "",
+  getUserCode: () => `
+    var<workgroup> part : array<f32, 64>;
+    fn main() {
+      let rows = uniforms.lShape.x;
+      let v = uniforms.lShape.y;
+      let row = i32(workgroupId.x) + i32(workgroupId.y) * i32(numWorkgroups.x);
+      let valid = row < rows;
+      let t = i32(localId.x);
+      var mx = -3.402823e38;
+      if (valid) { for (var c = t; c < v; c = c + 64) { mx = max(mx, L[row * v + c]); } }
+      part[t] = mx;
+      workgroupBarrier();
+      for (var k = 32; k > 0; k = k / 2) {
+        if (t < k) { part[t] = max(part[t], part[t + k]); }
+        workgroupBarrier();
+      }
+      let top = part[0];
+      workgroupBarrier();
+      var se = 0.0;
+      if (valid) { for (var c = t; c < v; c = c + 64) { se = se + exp(L[row * v + c] - top); } }
+      part[t] = se;
+      workgroupBarrier();
+      for (var k = 32; k > 0; k = k / 2) {
+        if (t < k) { part[t] = part[t] + part[t + k]; }
+        workgroupBarrier();
+      }
+      let lse = top + log(part[0]);
+      if (valid) {
+        ${write}
+      }
+    }`
+})
 
 export type Activation = "swiglu" | "silu" | "geglu" | "gelu" | "gelu_tanh" | "relu"
 
@@ -364,6 +441,26 @@ const registerWebGpu = (tf: Tf): boolean => {
           let x = X[index];
           let sg = 1.0 / (1.0 + exp(-x));
           let value = DY[index] * sg * (1.0 + x * (1.0 - sg));`)
+  const defineSoftmaxRows = (kernelName: string, inputs: Array<string>, perRow: boolean, write: string) =>
+    tf.registerKernel({
+      kernelName,
+      backendName: "webgpu",
+      kernelFunc: ({ inputs: given, backend: b }) => {
+        const xs = inputs.map((n) => given[n.toLowerCase()] as TF.TensorInfo)
+        const [rows, v] = xs[0]!.shape as [number, number]
+        const program = softmaxRowProgram(kernelName, rows, v, inputs, perRow, write)
+        return (b as unknown as { runWebGPUProgram: (p: unknown, i: Array<TF.TensorInfo>, t: string, u: Array<unknown>) => TF.TensorInfo })
+          .runWebGPUProgram(program, xs, "float32", [])
+      }
+    })
+  defineSoftmaxRows(kernels.nll, ["L", "Y", "M"], true, "if (t == 0) { result[row] = M[row] * (lse - L[row * v + Y[row]]); }")
+  defineSoftmaxRows(kernels.nllGrad, ["L", "Y", "M", "DY"], false, `
+        let scale = M[row] * DY[0];
+        for (var c = t; c < v; c = c + 64) {
+          var g = exp(L[row * v + c] - lse);
+          if (c == Y[row]) { g = g - 1.0; }
+          result[row * v + c] = g * scale;
+        }`)
   define(kernels.rotate, ["X", "C", "S"], ["dim"], rotation(false))
   define(kernels.unrotate, ["X", "C", "S"], ["dim"], rotation(true))
   return true

@@ -12,7 +12,7 @@ import type { Analysis } from "../graph/Analyze.ts"
 import { joinPath } from "../graph/Analyze.ts"
 import type { ChildApply, DecodeCache, FlopCounter, ForwardContext, Tensor, Tensor2D, Tf } from "../graph/Apply.ts"
 import type { AnyBlock } from "../graph/Block.ts"
-import { makeActivate, makeRmsNorm, makeRotate } from "./Fused.ts"
+import { makeActivate, makeMaskedNll, makeRmsNorm, makeRotate } from "./Fused.ts"
 import { makeDetach, makeMatMul, makeOneHot, makeSte } from "./Fixes.ts"
 
 export interface Lowered {
@@ -232,9 +232,7 @@ export const loss = (m: Lowered, batch: Batch, options: ForwardOptions) => {
   let tokens = 0
   for (const t of batch.targets ?? []) if (t >= 0) tokens++
   // mean over the positions with a target, as a masked sum: the shapes do not depend on the targets
-  const vocab = logits.shape[1]
-  const picked = tf.sum(tf.mul(tf.logSoftmax(logits), ctx.oneHot(labels, vocab)), -1)
-  const ce = tf.div(tf.neg(tf.sum(tf.mul(picked, mask))), tf.maximum(tf.sum(mask), 1))
+  const ce = tf.div(makeMaskedNll(tf, ctx.oneHot)(logits, labels, mask), tf.maximum(tf.sum(mask), 1))
   const aux = ctx.auxLosses.length === 0 ? tf.scalar(0) : tf.addN(ctx.auxLosses)
   return { total: tf.add(ce, aux) as TF.Scalar, ce: ce as TF.Scalar, aux: aux as TF.Scalar, ctx, tokens }
 }

@@ -243,7 +243,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       [[37, 53], [53, 29], false, false], [[53, 37], [53, 29], true, false], [[37, 53], [29, 53], false, true],
       [[53, 37], [29, 53], true, true], [[3, 17, 65], [3, 65, 130], false, false], [[3, 65, 17], [1, 130, 65], true, true],
       [[1, 8, 40], [4, 40, 9], false, false], [[2, 2, 5, 7], [2, 2, 7, 3], false, false], [[1, 1], [1, 1], false, false],
-      [[129, 200], [200, 1], false, false]
+      [[129, 200], [200, 1], false, false], [[3, 5], [1, 5, 2], false, false], [[1, 1, 3, 5], [4, 5, 2], false, false]
     ]
     const operands = (c: typeof cases[number], i: number) =>
       [tf.randomNormal(c[0], 0, 1, "float32", i + 1), tf.randomNormal(c[1], 0, 1, "float32", i + 50)] as const
@@ -279,6 +279,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       useMatMul(tf, undefined)
     }
     assert.isUndefined(parseTiles("64x64x16/3x4"))
+    assert.isUndefined(parseTiles("64x64x0/4x4"))
     assert.isUndefined(parseTiles("256x256x16/4x4"))
     assert.deepStrictEqual(gpuErrors(), [])
   })
@@ -345,16 +346,17 @@ describe.skipIf(!available)("webgpu against cpu", () => {
   })
 
   it("the fused rotary embedding gives the op-by-op values and gradients of the cpu backend", async () => {
-    for (const [n, heads, hd, dim] of [[6, 3, 8, 8], [5, 2, 12, 8], [9, 4, 16, 4]] as const) {
+    for (const [n, heads, hd, dim, tableRows] of [[6, 3, 8, 8, 6], [5, 2, 12, 8, 5], [9, 4, 16, 4, 9], [4, 2, 8, 8, 1]] as const) {
       const half = dim / 2
       const results: Array<Array<Float32Array>> = []
       for (const b of ["cpu", "webgpu"]) {
         await tf.setBackend(b)
         const rotate = makeRotate(tf)
         const x = tf.tensor3d(Array.from({ length: n * heads * hd }, (_, i) => Math.sin(i * 0.29)), [n, heads, hd])
-        const angles = Array.from({ length: n * half }, (_, i) => Math.floor(i / half) * 10000 ** (-(2 * (i % half)) / dim))
-        const cos = tf.tensor3d(angles.map(Math.cos), [n, 1, half])
-        const sin = tf.tensor3d(angles.map(Math.sin), [n, 1, half])
+        // tables of one row broadcast over the positions (op by op on every backend)
+        const angles = Array.from({ length: tableRows * half }, (_, i) => (Math.floor(i / half) + 1) * 10000 ** (-(2 * (i % half)) / dim))
+        const cos = tf.tensor3d(angles.map(Math.cos), [tableRows, 1, half])
+        const sin = tf.tensor3d(angles.map(Math.sin), [tableRows, 1, half])
         const w = tf.tensor3d(Array.from({ length: n * heads * hd }, (_, i) => Math.cos(i * 0.13)), [n, heads, hd])
         const y = rotate(x, dim, cos, sin)
         const dx = tf.grad((a: Tensor) => tf.sum(tf.mul(rotate(a, dim, cos, sin), w)))(x)
@@ -409,7 +411,8 @@ describe.skipIf(!available)("webgpu against cpu", () => {
         await tf.setBackend(b)
         const nll = makeMaskedNll(tf, makeOneHot(tf))
         const logits = tf.tensor2d(Array.from({ length: n * v }, (_, i) => Math.sin(i * 0.7) * 4), [n, v])
-        const labels = tf.tensor1d(Array.from({ length: n }, (_, i) => (i * 37) % v), "int32")
+        // one label past the vocabulary: it contributes nothing on either path
+        const labels = tf.tensor1d(Array.from({ length: n }, (_, i) => (i === 2 ? v + 3 : (i * 37) % v)), "int32")
         const mask = tf.tensor1d(Array.from({ length: n }, (_, i) => (i % 4 === 1 ? 0 : 1)))
         const y = nll(logits, labels, mask)
         const dl = tf.grad((l: Tensor) => tf.mul(nll(l, labels, mask), 0.37))(logits)

@@ -225,6 +225,9 @@ export const makeRotate = (tf: Tf) => {
   const run = (name: string, x: Tensor, cos: Tensor, sin: Tensor, dim: number) =>
     tf.engine().runKernel(name, { x, c: cos, s: sin } as unknown as TF.NamedTensorMap, { dim } as unknown as TF.NamedAttrMap) as Tensor
   return (x: Tensor, dim: number, cos: Tensor, sin: Tensor): Tensor => {
+    // the kernel reads one table row per position: tables that would broadcast go op by op
+    const full = (t: Tensor) => t.rank === 3 && t.shape[0] === x.shape[0] && t.shape[1] === 1 && t.shape[2] === dim / 2
+    if (x.rank !== 3 || !full(cos) || !full(sin)) return ops(x, dim, cos, sin)
     // the tables are constants of the positions: no gradient flows into them; saved, so that the
     // backward pass still has them after the forward pass's tensors are freed
     const f = tf.customGrad(((x3: Tensor, save: (ts: Array<Tensor>) => void) => {
@@ -453,9 +456,12 @@ const registerWebGpu = (tf: Tf): boolean => {
           .runWebGPUProgram(program, xs, "float32", [])
       }
     })
-  defineSoftmaxRows(kernels.nll, ["L", "Y", "M"], true, "if (t == 0) { result[row] = M[row] * (lse - L[row * v + Y[row]]); }")
+  // a label outside [0, V) contributes nothing, as with the one-hot of the op-by-op path
+  defineSoftmaxRows(kernels.nll, ["L", "Y", "M"], true, `
+        let y = Y[row];
+        if (t == 0) { result[row] = select(0.0, M[row] * (lse - L[row * v + clamp(y, 0, v - 1)]), y >= 0 && y < v); }`)
   defineSoftmaxRows(kernels.nllGrad, ["L", "Y", "M", "DY"], false, `
-        let scale = M[row] * DY[0];
+        let scale = select(0.0, M[row] * DY[0], Y[row] >= 0 && Y[row] < v);
         for (var c = t; c < v; c = c + 64) {
           var g = exp(L[row * v + c] - lse);
           if (c == Y[row]) { g = g - 1.0; }

@@ -37,7 +37,7 @@ export const parseTiles = (s: string): Tiles | undefined => {
   if (m === null) return undefined
   const [tm, tn, tk, rm, rn] = m.slice(1).map(Number) as [number, number, number, number, number]
   const threads = (tm / rm) * (tn / rn)
-  const ok = tm % rm === 0 && tn % rn === 0 && threads >= 1 && threads <= 256 && (tm + tn) * tk * 4 <= 16384
+  const ok = [tm, tn, tk, rm, rn].every((x) => x >= 1) && tm % rm === 0 && tn % rn === 0 && threads >= 1 && threads <= 256 && (tm + tn) * tk * 4 <= 16384
   return ok ? { tm, tn, tk, rm, rn } : undefined
 }
 
@@ -169,7 +169,8 @@ export const useMatMul = (tf: Tf, tiles: Tiles | undefined): void => {
       const m = transposeA ? ca : ra
       const k = transposeA ? ra : ca
       const n = transposeB ? rb : cb
-      if ((transposeB ? cb : rb) !== k) return fallback(args)
+      // a batch past 65535 matrices does not fit one dispatch dimension (tfjs's kernel cannot either)
+      if ((transposeB ? cb : rb) !== k || Math.max(batchA, batchB) > 65535) return fallback(args)
       const backend = args.backend as WebGpuBackend
       const batch = Math.max(batchA, batchB)
       // rank-3 views of the operands (tfjs programs take a tensor's shape from the info they are given)
@@ -179,7 +180,8 @@ export const useMatMul = (tf: Tf, tiles: Tiles | undefined): void => {
         [view(a, [batchA, ra, ca]), view(b, [batchB, rb, cb])],
         "float32"
       )
-      const outBatch = (batchA >= batchB ? a : b).shape.slice(0, -2)
+      // the batch dimensions broadcast as tfjs's own kernel does (e.g. [3, 5] × [1, 5, 2] → [1, 3, 2])
+      const outBatch = tf.backend_util.assertAndGetBroadcastShape(a.shape.slice(0, -2), b.shape.slice(0, -2))
       return { ...out, shape: [...outBatch, m, n] }
     }) as never
   })

@@ -441,6 +441,26 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     for (const [from, to] of state) enc.copyBufferToBuffer(from, 0, to, 0, from.size)
     queue.submit([enc.finish()])
   }
+  // what run encodes: consecutive passes as one (dispatches in a pass are ordered as across passes),
+  // a pipeline set only when it changes
+  const plan: Array<Command> = []
+  for (const c of commands) {
+    const last = plan[plan.length - 1]
+    if (c.op !== "pass") plan.push(c)
+    else if (last?.op === "pass") last.commands.push(...c.commands)
+    else plan.push({ op: "pass", commands: [...c.commands] })
+  }
+  for (const c of plan) {
+    if (c.op !== "pass") continue
+    let current: unknown
+    const kept = c.commands.filter((p) => {
+      if (p.op !== "pipeline") return true
+      if (p.pipeline === current) return false
+      current = p.pipeline
+      return true
+    })
+    c.commands.splice(0, c.commands.length, ...kept)
+  }
   const dispatches = commands.reduce((n, c) => n + (c.op === "pass" ? c.commands.filter((p) => p.op === "dispatch").length : 0), 0)
   let disposed = false
 
@@ -457,7 +477,7 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
       queue.writeBuffer(b, 0, data)
     }
     const enc = device.createCommandEncoder()
-    for (const c of commands) {
+    for (const c of plan) {
       if (c.op === "pass") {
         const pass = enc.beginComputePass()
         for (const p of c.commands) {

@@ -124,53 +124,6 @@ export const makeMaskedNll = (tf: Tf, oneHot: (indices: Tensor, depth: number) =
   }
 }
 
-/**
- * One workgroup of 64 threads per row of `L [rows, V]`: the row's max and Σ exp(l − max) in
- * workgroup memory, then `write` (run by thread 0 with `lse` for the per-row kernel, or by every
- * thread over the row's columns `c`, with `lse`, for the gradient).
- */
-const softmaxRowProgram = (name: string, rows: number, v: number, inputs: Array<string>, perRow: boolean, write: string) => ({
-  variableNames: inputs,
-  outputShape: perRow ? [rows, 1] : [rows, v],
-  shaderKey: name,
-  dispatchLayout: { x: [0], y: [1] },
-  dispatch: [Math.min(rows, 65535), Math.ceil(rows / 65535), 1] as [number, number, number],
-  workgroupSize: [64, 1, 1] as [number, number, number],
-  size: false,
-  uniforms: "",
-  getUserCode: () => `
-    var<workgroup> part : array<f32, 64>;
-    fn main() {
-      let rows = uniforms.lShape.x;
-      let v = uniforms.lShape.y;
-      let row = i32(workgroupId.x) + i32(workgroupId.y) * i32(numWorkgroups.x);
-      let valid = row < rows;
-      let t = i32(localId.x);
-      var mx = -3.402823e38;
-      if (valid) { for (var c = t; c < v; c = c + 64) { mx = max(mx, L[row * v + c]); } }
-      part[t] = mx;
-      workgroupBarrier();
-      for (var k = 32; k > 0; k = k / 2) {
-        if (t < k) { part[t] = max(part[t], part[t + k]); }
-        workgroupBarrier();
-      }
-      let top = part[0];
-      workgroupBarrier();
-      var se = 0.0;
-      if (valid) { for (var c = t; c < v; c = c + 64) { se = se + exp(L[row * v + c] - top); } }
-      part[t] = se;
-      workgroupBarrier();
-      for (var k = 32; k > 0; k = k / 2) {
-        if (t < k) { part[t] = part[t] + part[t + k]; }
-        workgroupBarrier();
-      }
-      let lse = top + log(part[0]);
-      if (valid) {
-        ${write}
-      }
-    }`
-})
-
 export type Activation = "swiglu" | "silu" | "geglu" | "gelu" | "gelu_tanh" | "relu"
 
 /** An activation (GLU kinds: of the gate). On webgpu GELU and SiLU are fused (see the module doc). */
@@ -309,57 +262,83 @@ const flatProgram = (name: string, shape: Array<number>, inputs: Array<string>, 
 }
 
 /**
- * A program with one workgroup of 64 threads per row of `[rows, d]`: `accumulate` adds to `sa`
- * and `sb` for element `base` (column `c`); after the workgroup sums them, `write` sets
- * `result[base]` from `r = 1/√(sa/d + eps)` and `s = sb`.
+ * A program with one workgroup of 64 threads per row of its first input `[rows, width]`, whose
+ * output is `[rows, width]` or, with `perRow`, `[rows, 1]`. `code` runs in every thread with `rows`,
+ * `width`, `row`, `valid` (row < rows) and `t` (the thread, 0–63) defined; its barriers must stay
+ * outside `if (valid)`.
  */
-const rowProgram = (name: string, rows: number, d: number, inputs: Array<string>, accumulate: string, write: string) => ({
+const rowWise = (name: string, first: string, rows: number, width: number, inputs: Array<string>, uniforms: Array<string>, perRow: boolean, code: string) => ({
   variableNames: inputs,
-  outputShape: [rows, d],
+  outputShape: perRow ? [rows, 1] : [rows, width],
   shaderKey: name,
-  // not flat: main() reads the workgroup and thread ids itself
-  dispatchLayout: { x: [1], y: [0] },
+  // not flat: main() reads the workgroup and thread ids itself; rows past 65535 go to y
+  dispatchLayout: { x: [0], y: [1] },
   dispatch: [Math.min(rows, 65535), Math.ceil(rows / 65535), 1] as [number, number, number],
   workgroupSize: [64, 1, 1] as [number, number, number],
   size: false,
-  uniforms: "eps : f32,",
+  uniforms: uniforms.map((u) => `${u} : f32,`).join(" "),
   getUserCode: () => `
     var<workgroup> partA : array<f32, 64>;
     var<workgroup> partB : array<f32, 64>;
     fn main() {
-      let rows = uniforms.outShape.x;
-      let d = uniforms.outShape.y;
+      let rows = uniforms.${first.toLowerCase()}Shape.x;
+      let width = uniforms.${first.toLowerCase()}Shape.y;
       let row = i32(workgroupId.x) + i32(workgroupId.y) * i32(numWorkgroups.x);
       let valid = row < rows;
       let t = i32(localId.x);
+      ${code}
+    }`
+})
+
+/** Sums `a` (and `b`) over the workgroup into `partA[0]` (and `partB[0]`), or takes their max. */
+const reduceRow = (op: "sum" | "max", both: boolean) => {
+  const combine = (part: string) => (op === "sum" ? `${part}[t] = ${part}[t] + ${part}[t + k];` : `${part}[t] = max(${part}[t], ${part}[t + k]);`)
+  return `
+      workgroupBarrier();
+      for (var k = 32; k > 0; k = k / 2) {
+        if (t < k) { ${combine("partA")} ${both ? combine("partB") : ""} }
+        workgroupBarrier();
+      }`
+}
+
+/**
+ * RMSNorm's row kernels: `accumulate` adds to `sa` and `sb` for element `base` (column `c`); then
+ * `write` sets `result[base]` with `r = 1/√(sa/width + eps)` and `s = sb`.
+ */
+const normCode = (accumulate: string, write: string) => `
       var sa = 0.0;
       var sb = 0.0;
       if (valid) {
-        for (var c = t; c < d; c = c + 64) {
-          let base = row * d + c;
+        for (var c = t; c < width; c = c + 64) {
+          let base = row * width + c;
           ${accumulate}
         }
       }
       partA[t] = sa;
-      partB[t] = sb;
-      workgroupBarrier();
-      for (var k = 32; k > 0; k = k / 2) {
-        if (t < k) {
-          partA[t] = partA[t] + partA[t + k];
-          partB[t] = partB[t] + partB[t + k];
-        }
-        workgroupBarrier();
-      }
-      let r = inverseSqrt(partA[0] / f32(d) + uniforms.eps);
+      partB[t] = sb;${reduceRow("sum", true)}
+      let r = inverseSqrt(partA[0] / f32(width) + uniforms.eps);
       let s = partB[0];
       if (valid) {
-        for (var c = t; c < d; c = c + 64) {
-          let base = row * d + c;
+        for (var c = t; c < width; c = c + 64) {
+          let base = row * width + c;
           ${write}
         }
-      }
-    }`
-})
+      }`
+
+/** The cross-entropy's row kernels: the row's `lse` = log Σ exp over `L`, then `write`. */
+const softmaxCode = (write: string) => `
+      var mx = -3.402823e38;
+      if (valid) { for (var c = t; c < width; c = c + 64) { mx = max(mx, L[row * width + c]); } }
+      partA[t] = mx;${reduceRow("max", false)}
+      let top = partA[0];
+      workgroupBarrier();
+      var se = 0.0;
+      if (valid) { for (var c = t; c < width; c = c + 64) { se = se + exp(L[row * width + c] - top); } }
+      partA[t] = se;${reduceRow("sum", false)}
+      let lse = top + log(partA[0]);
+      if (valid) {
+        ${write}
+      }`
 
 let registered: boolean | undefined
 
@@ -389,25 +368,28 @@ const registerWebGpu = (tf: Tf): boolean => {
           let w = W[index];
           let update = (M[index] / H[1]) / (sqrt(V[index] / H[2]) + uniforms.eps);
           let value = w - H[0] * uniforms.lrScale * (update + uniforms.decay * w);`)
-  const defineRows = (kernelName: string, inputs: Array<string>, accumulate: string, write: string) =>
+  const defineRows = (kernelName: string, inputs: Array<string>, uniforms: Array<string>, perRow: boolean, code: string) =>
     tf.registerKernel({
       kernelName,
       backendName: "webgpu",
       kernelFunc: ({ inputs: given, backend: b, attrs }) => {
         const xs = inputs.map((n) => given[n.toLowerCase()] as TF.TensorInfo)
-        const [rows, d] = xs[0]!.shape as [number, number]
-        const program = rowProgram(kernelName, rows, d, inputs, accumulate, write)
+        const [rows, width] = xs[0]!.shape as [number, number]
+        const a = attrs as unknown as Record<string, number>
+        const program = rowWise(kernelName, inputs[0]!, rows, width, inputs, uniforms, perRow, code)
         return (b as unknown as { runWebGPUProgram: (p: unknown, i: Array<TF.TensorInfo>, t: string, u: Array<unknown>) => TF.TensorInfo })
-          .runWebGPUProgram(program, xs, "float32", [{ type: "float32", data: [(attrs as unknown as { eps: number }).eps] }])
+          .runWebGPUProgram(program, xs, "float32", uniforms.map((u) => ({ type: "float32", data: [a[u]!] })))
       }
     })
   const squares = "let v = X[base]; sa = sa + v * v;"
-  defineRows(kernels.norm, ["X", "G"], squares, "result[base] = X[base] * r * G[c];")
+  defineRows(kernels.norm, ["X", "G"], ["eps"], false, normCode(squares, "result[base] = X[base] * r * G[c];"))
   // dx = r·g·dy − x·r³·Σ(dy·g·x)/d
-  defineRows(kernels.normDx, ["X", "G", "DY"], "let v = X[base]; sa = sa + v * v; sb = sb + DY[base] * G[c] * v;",
-    "result[base] = r * G[c] * DY[base] - X[base] * r * r * r * s / f32(d);")
+  defineRows(kernels.normDx, ["X", "G", "DY"], ["eps"], false, normCode(
+    "let v = X[base]; sa = sa + v * v; sb = sb + DY[base] * G[c] * v;",
+    "result[base] = r * G[c] * DY[base] - X[base] * r * r * r * s / f32(width);"
+  ))
   // per row: dy·x·r, summed over rows into dg by tfjs
-  defineRows(kernels.normDg, ["X", "DY"], squares, "result[base] = DY[base] * X[base] * r;")
+  defineRows(kernels.normDg, ["X", "DY"], ["eps"], false, normCode(squares, "result[base] = DY[base] * X[base] * r;"))
   // rotate-half: out1 = x1·cos ∓ x2·sin, out2 = x2·cos ± x1·sin (the lower signs undo the rotation)
   const rotation = (back: boolean) => `
           let hd = uniforms.xShape.z;
@@ -444,29 +426,17 @@ const registerWebGpu = (tf: Tf): boolean => {
           let x = X[index];
           let sg = 1.0 / (1.0 + exp(-x));
           let value = DY[index] * sg * (1.0 + x * (1.0 - sg));`)
-  const defineSoftmaxRows = (kernelName: string, inputs: Array<string>, perRow: boolean, write: string) =>
-    tf.registerKernel({
-      kernelName,
-      backendName: "webgpu",
-      kernelFunc: ({ inputs: given, backend: b }) => {
-        const xs = inputs.map((n) => given[n.toLowerCase()] as TF.TensorInfo)
-        const [rows, v] = xs[0]!.shape as [number, number]
-        const program = softmaxRowProgram(kernelName, rows, v, inputs, perRow, write)
-        return (b as unknown as { runWebGPUProgram: (p: unknown, i: Array<TF.TensorInfo>, t: string, u: Array<unknown>) => TF.TensorInfo })
-          .runWebGPUProgram(program, xs, "float32", [])
-      }
-    })
   // a label outside [0, V) contributes nothing, as with the one-hot of the op-by-op path
-  defineSoftmaxRows(kernels.nll, ["L", "Y", "M"], true, `
+  defineRows(kernels.nll, ["L", "Y", "M"], [], true, softmaxCode(`
         let y = Y[row];
-        if (t == 0) { result[row] = select(0.0, M[row] * (lse - L[row * v + clamp(y, 0, v - 1)]), y >= 0 && y < v); }`)
-  defineSoftmaxRows(kernels.nllGrad, ["L", "Y", "M", "DY"], false, `
-        let scale = select(0.0, M[row] * DY[0], Y[row] >= 0 && Y[row] < v);
-        for (var c = t; c < v; c = c + 64) {
-          var g = exp(L[row * v + c] - lse);
+        if (t == 0) { result[row] = select(0.0, M[row] * (lse - L[row * width + clamp(y, 0, width - 1)]), y >= 0 && y < width); }`))
+  defineRows(kernels.nllGrad, ["L", "Y", "M", "DY"], [], false, softmaxCode(`
+        let scale = select(0.0, M[row] * DY[0], Y[row] >= 0 && Y[row] < width);
+        for (var c = t; c < width; c = c + 64) {
+          var g = exp(L[row * width + c] - lse);
           if (c == Y[row]) { g = g - 1.0; }
-          result[row * v + c] = g * scale;
-        }`)
+          result[row * width + c] = g * scale;
+        }`))
   define(kernels.rotate, ["X", "C", "S"], ["dim"], rotation(false))
   define(kernels.unrotate, ["X", "C", "S"], ["dim"], rotation(true))
   return true

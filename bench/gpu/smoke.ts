@@ -8,7 +8,8 @@
  * runtime params against the static count, the host reads per pass, executed against static weight
  * FLOPs (MoE dispatch is dense on webgpu), the loss on webgpu and on cpu with the same seeded
  * parameters, and the median forward+backward time (reads recorded first) over 5 steps after 2
- * warm-ups. Not run since the readback-free path was added (no GPU in that session).
+ * warm-ups. Runs on lavapipe (bench/gpu/lavapipe.sh; all three models, losses equal cpu's); not yet
+ * run on a GPU since the readback-free path was added.
  */
 import { Effect } from "effect"
 import * as fs from "node:fs"

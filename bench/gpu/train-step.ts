@@ -1,11 +1,14 @@
 /**
- * Our training step (forward, backward, clipping, AdamW) on the webgpu backend, for the models that
- * bench/peers/torch_lm.py builds in PyTorch: the 2-layer d128 and 4-layer d512 dense LMs and the
- * compare MoE, plus the matched ConceptMoE (no PyTorch peer yet). Prints one JSON line per model:
- * params, the median step time over 10 steps after 3 warm-ups, and the first loss.
+ * Our training step (forward, backward, clipping, AdamW) for the models that bench/peers/torch_lm.py
+ * builds in PyTorch: the 2-layer d128 and 4-layer d512 dense LMs, the compare MoE and its matched
+ * ConceptMoE. Prints one JSON line per model (on webgpu two: each step through tfjs, and recorded
+ * once and replayed, `src/train/Captured.ts`): params, the median step time over the timed steps
+ * after 3 warm-ups, the median host time until the step's work is handed to the GPU
+ * (`issueMsMedian`), the first loss, and the compute dispatches per step (for tfjs steps also the
+ * host uploads and the programs dispatched most).
  *
- * Run on the GPU machine (see make-carry.sh): node bench/gpu/train-step.ts [webgpu|cpu|wasm] [name,…]
- * Not yet run on a GPU (written in a session without one); `cpu` dry-runs it.
+ * Run: node bench/gpu/train-step.ts [webgpu|cpu|wasm] [name,…] [timed steps, default 10]
+ * (on the GPU machine through bench/gpu/run.sh; here on lavapipe, bench/gpu/lavapipe.sh, or on wasm).
  */
 import { Effect, Schema } from "effect"
 import * as fs from "node:fs"

@@ -55,7 +55,8 @@ export const load = (name: BackendName): Effect.Effect<Runtime, BackendError> =>
       let detail = ""
       if (name === "wasm") {
         await import("@tensorflow/tfjs-backend-wasm")
-      } else if (name === "webgpu") {
+      } else if (name === "webgpu" && tf.findBackendFactory("webgpu") == null) {
+        // once per process: a second Dawn instance beside the first crashes it (seen on lavapipe)
         let webgpu: { create: (flags: Array<string>) => unknown; globals: Record<string, unknown> }
         try {
           webgpu = (await dynamicImport("webgpu")) as typeof webgpu

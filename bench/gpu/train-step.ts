@@ -50,9 +50,7 @@ const measure = async (tf: Tf, backend: BackendName, w: typeof workloads[number]
   const opt = newOptimizer(low)
   const settings = Schema.decodeUnknownSync(TrainSettings)({ steps: 100, batchSize: w.rows, seqLen: w.length, seed: 0 })
   const batch = batchOf(w.rows, w.length)
-  if (backend === "webgpu" && !replay) process.env["CONCEPTMOE_CAPTURE"] = "off"
-  const trainer = backend === "webgpu" ? capturedTrainer(low, opt, settings, w.rows, w.length) : undefined
-  delete process.env["CONCEPTMOE_CAPTURE"]
+  const trainer = backend === "webgpu" ? capturedTrainer(low, opt, settings, w.rows, w.length, { record: replay }) : undefined
   const times: Array<number> = []
   const issue: Array<number> = []
   let first = NaN

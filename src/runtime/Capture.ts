@@ -252,8 +252,8 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     readSync: be.readSync,
     cpuForward: tf.env().getBool("WEBGPU_CPU_FORWARD")
   }
+  // (restored as soon as the step ends)
   const readBack = function(this: Backend, dataId: unknown) {
-    if (!active) return (saved.read as (this: Backend, id: unknown) => unknown).call(this, dataId)
     const d = this.tensorMap.get(dataId)
     // values already on the host are not a read-back
     if (d?.values !== null && d?.values !== undefined) return d.values

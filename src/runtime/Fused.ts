@@ -67,8 +67,7 @@ export const adamw = (
   stepValues: Tensor
 ): { w: Tensor; m: Tensor; v: Tensor } => {
   if (tf.getBackend() === "webgpu" && process.env["CONCEPTMOE_FUSED"] !== "off" && registerWebGpu(tf)) {
-    const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, number>) =>
-      tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, attrs as unknown as TF.NamedAttrMap) as Tensor
+    const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, number>) => runKernel(tf, name, inputs, attrs)
     const m2 = run(kernels.m, { x: m, g, s: scale }, { beta: h.beta1 })
     const v2 = run(kernels.v, { x: v, g, s: scale }, { beta: h.beta2 })
     const w2 = run(kernels.w, { w, m: m2, v: v2, h: stepValues }, { lrScale: h.lrScale, eps: h.eps, decay: h.decay })
@@ -81,6 +80,10 @@ export const adamw = (
   const step = h.decay > 0 ? tf.add(update, tf.mul(w, h.decay)) : update
   return { w: tf.sub(w, tf.mul(step, h.lr * h.lrScale)), m: m2, v: v2 }
 }
+
+/** Runs one of our registered kernels through tfjs (taped, tracked like any op). */
+const runKernel = (tf: Tf, name: string, inputs: Record<string, Tensor>, attrs: Record<string, number> = {}): Tensor =>
+  tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, attrs as unknown as TF.NamedAttrMap) as Tensor
 
 const kernels = {
   m: "ConceptmoeAdamFirstMoment",
@@ -110,8 +113,7 @@ export const makeMaskedNll = (tf: Tf, oneHot: (indices: Tensor, depth: number) =
     return tf.neg(tf.sum(tf.mul(picked, mask)))
   }
   if (!fusedOn(tf)) return ops
-  const run = (name: string, inputs: Record<string, Tensor>) =>
-    tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, {} as TF.NamedAttrMap) as Tensor
+  const run = (name: string, inputs: Record<string, Tensor>) => runKernel(tf, name, inputs)
   return (logits: Tensor, labels: Tensor, mask: Tensor): Tensor => {
     const f = tf.customGrad(((l: Tensor, save: (ts: Array<Tensor>) => void) => {
       save([l, labels, mask])
@@ -146,8 +148,7 @@ export const makeActivate = (tf: Tf) => {
     }
   }
   if (!fusedOn(tf)) return ops
-  const run = (name: string, inputs: Record<string, Tensor>) =>
-    tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, {} as TF.NamedAttrMap) as Tensor
+  const run = (name: string, inputs: Record<string, Tensor>) => runKernel(tf, name, inputs)
   const fused = (forward: string, backward: string) =>
     tf.customGrad(((x: Tensor, save: (ts: Array<Tensor>) => void) => {
       save([x])
@@ -175,8 +176,7 @@ export const makeRotate = (tf: Tf) => {
     return dim === hd ? tf.concat([r1, r2], 2) : tf.concat([r1, r2, tf.slice(x, [0, 0, dim], [n, heads, hd - dim])], 2)
   }
   if (!fusedOn(tf)) return ops
-  const run = (name: string, x: Tensor, cos: Tensor, sin: Tensor, dim: number) =>
-    tf.engine().runKernel(name, { x, c: cos, s: sin } as unknown as TF.NamedTensorMap, { dim } as unknown as TF.NamedAttrMap) as Tensor
+  const run = (name: string, x: Tensor, cos: Tensor, sin: Tensor, dim: number) => runKernel(tf, name, { x, c: cos, s: sin }, { dim })
   return (x: Tensor, dim: number, cos: Tensor, sin: Tensor): Tensor => {
     // the kernel reads one table row per position: tables that would broadcast go op by op
     const full = (t: Tensor) => t.rank === 3 && t.shape[0] === x.shape[0] && t.shape[1] === 1 && t.shape[2] === dim / 2
@@ -203,8 +203,7 @@ const fusedOn = (tf: Tf) => tf.getBackend() === "webgpu" && process.env["CONCEPT
 export const makeRmsNorm = (tf: Tf) => {
   const ops = (x: Tensor, g: Tensor, eps: number) => tf.mul(tf.mul(x, tf.rsqrt(tf.add(tf.mean(tf.mul(x, x), -1, true), eps))), g)
   if (!fusedOn(tf)) return ops
-  const run = (name: string, inputs: Record<string, Tensor>, eps: number) =>
-    tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, { eps } as unknown as TF.NamedAttrMap) as Tensor
+  const run = (name: string, inputs: Record<string, Tensor>, eps: number) => runKernel(tf, name, inputs, { eps })
   return (x: Tensor, g: Tensor, eps: number): Tensor => {
     const d = x.shape[x.rank - 1]!
     const rows = x.size / d
@@ -227,7 +226,7 @@ interface Program {
   readonly variableNames: Array<string>
   readonly outputShape: Array<number>
   readonly shaderKey: string
-  readonly dispatchLayout: { x: Array<number> }
+  readonly dispatchLayout: { x: Array<number>; y?: Array<number> }
   readonly dispatch: [number, number, number]
   readonly workgroupSize: [number, number, number]
   readonly size: boolean
@@ -267,14 +266,14 @@ const flatProgram = (name: string, shape: Array<number>, inputs: Array<string>, 
  * `width`, `row`, `valid` (row < rows) and `t` (the thread, 0–63) defined; its barriers must stay
  * outside `if (valid)`.
  */
-const rowWise = (name: string, first: string, rows: number, width: number, inputs: Array<string>, uniforms: Array<string>, perRow: boolean, code: string) => ({
+const rowWise = (name: string, first: string, rows: number, width: number, inputs: Array<string>, uniforms: Array<string>, perRow: boolean, code: string): Program => ({
   variableNames: inputs,
   outputShape: perRow ? [rows, 1] : [rows, width],
   shaderKey: name,
   // not flat: main() reads the workgroup and thread ids itself; rows past 65535 go to y
   dispatchLayout: { x: [0], y: [1] },
-  dispatch: [Math.min(rows, 65535), Math.ceil(rows / 65535), 1] as [number, number, number],
-  workgroupSize: [64, 1, 1] as [number, number, number],
+  dispatch: [Math.min(rows, 65535), Math.ceil(rows / 65535), 1],
+  workgroupSize: [64, 1, 1],
   size: false,
   uniforms: uniforms.map((u) => `${u} : f32,`).join(" "),
   getUserCode: () => `
@@ -348,17 +347,19 @@ const registerWebGpu = (tf: Tf): boolean => {
   const backend = tf.backend() as unknown as Partial<WebGpuBackend>
   registered = typeof backend.runWebGPUProgram === "function"
   if (!registered) return false
-  const define = (kernelName: string, inputs: Array<string>, uniforms: Array<string>, body: string) =>
+  /** Registers `kernelName` for webgpu: its inputs by name, f32 uniforms from the attributes of the same names. */
+  const register = (kernelName: string, inputs: Array<string>, uniforms: Array<string>, program: (shapes: Array<Array<number>>) => Program) =>
     tf.registerKernel({
       kernelName,
       backendName: "webgpu",
       kernelFunc: ({ inputs: given, backend: b, attrs }) => {
         const xs = inputs.map((n) => given[n.toLowerCase()] as TF.TensorInfo)
         const a = attrs as unknown as Record<string, number>
-        const program = flatProgram(kernelName, [...xs[0]!.shape], inputs, uniforms, body)
-        return (b as unknown as WebGpuBackend).runWebGPUProgram(program, xs, "float32", uniforms.map((u) => ({ type: "float32", data: [a[u]!] })))
+        return (b as unknown as WebGpuBackend).runWebGPUProgram(program(xs.map((x) => [...x.shape])), xs, "float32", uniforms.map((u) => ({ type: "float32", data: [a[u]!] })))
       }
     })
+  const define = (kernelName: string, inputs: Array<string>, uniforms: Array<string>, body: string) =>
+    register(kernelName, inputs, uniforms, (shapes) => flatProgram(kernelName, shapes[0]!, inputs, uniforms, body))
   const moment = (square: boolean) => `
           let gs = G[index] * S[0];
           let value = uniforms.beta * X[index] + (1.0 - uniforms.beta) * ${square ? "gs * gs" : "gs"};`
@@ -369,18 +370,7 @@ const registerWebGpu = (tf: Tf): boolean => {
           let update = (M[index] / H[1]) / (sqrt(V[index] / H[2]) + uniforms.eps);
           let value = w - H[0] * uniforms.lrScale * (update + uniforms.decay * w);`)
   const defineRows = (kernelName: string, inputs: Array<string>, uniforms: Array<string>, perRow: boolean, code: string) =>
-    tf.registerKernel({
-      kernelName,
-      backendName: "webgpu",
-      kernelFunc: ({ inputs: given, backend: b, attrs }) => {
-        const xs = inputs.map((n) => given[n.toLowerCase()] as TF.TensorInfo)
-        const [rows, width] = xs[0]!.shape as [number, number]
-        const a = attrs as unknown as Record<string, number>
-        const program = rowWise(kernelName, inputs[0]!, rows, width, inputs, uniforms, perRow, code)
-        return (b as unknown as { runWebGPUProgram: (p: unknown, i: Array<TF.TensorInfo>, t: string, u: Array<unknown>) => TF.TensorInfo })
-          .runWebGPUProgram(program, xs, "float32", uniforms.map((u) => ({ type: "float32", data: [a[u]!] })))
-      }
-    })
+    register(kernelName, inputs, uniforms, (shapes) => rowWise(kernelName, inputs[0]!, shapes[0]![0]!, shapes[0]![1]!, inputs, uniforms, perRow, code))
   const squares = "let v = X[base]; sa = sa + v * v;"
   defineRows(kernels.norm, ["X", "G"], ["eps"], false, normCode(squares, "result[base] = X[base] * r * G[c];"))
   // dx = r·g·dy − x·r³·Σ(dy·g·x)/d

@@ -129,15 +129,12 @@ export interface Feeds {
 }
 
 /** The host arrays behind {@link Feeds} for a batch: positions restart at document starts. */
-export const feedValues = (batch: Batch) => {
-  const n = batch.rows * batch.length
-  const targets = batch.targets ?? new Int32Array(n).fill(-1)
-  return {
-    ids: batch.ids,
-    positions: positionsOf(batch),
-    labels: targets.map((t) => Math.max(t, 0)),
-    mask: Float32Array.from(targets, (t) => (t >= 0 ? 1 : 0))
-  }
+export const feedValues = (batch: Batch) => ({ ids: batch.ids, positions: positionsOf(batch), ...targetValues(batch) })
+
+/** Labels (targets with −1 as 0) and the mask of positions with a target. */
+const targetValues = (batch: Batch) => {
+  const targets = batch.targets ?? new Int32Array(batch.rows * batch.length).fill(-1)
+  return { labels: targets.map((t) => Math.max(t, 0)), mask: Float32Array.from(targets, (t) => (t >= 0 ? 1 : 0)) }
 }
 
 /** Position of each token within its row, restarting at document starts. */
@@ -226,7 +223,7 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
 export const loss = (m: Lowered, batch: Batch, options: ForwardOptions) => {
   const { tf } = m
   const { ctx, logits } = forward(m, batch, options)
-  const host = options.feeds === undefined ? feedValues(batch) : undefined
+  const host = options.feeds === undefined ? targetValues(batch) : undefined
   const labels = options.feeds?.labels ?? tf.tensor1d(host!.labels, "int32")
   const mask = options.feeds?.mask ?? tf.tensor1d(host!.mask)
   let tokens = 0

@@ -69,6 +69,16 @@ const source = (t: Tiles, transposeA: boolean, transposeB: boolean) => {
   const bLoad = transposeB
     ? `let kk = i % ${t.tk}; let nn = i / ${t.tk};`
     : `let nn = i % ${t.tn}; let kk = i / ${t.tn};`
+  // one operand's tile into workgroup memory, zero past the matrix edges
+  const load = (count: number, coords: string, name: string, at: string, bound: string, element: string, slot: string) => `
+      for (var i = tid; i < ${count}; i = i + ${wx * wy}) {
+        ${coords}
+        let ${name} = ${at};
+        let k = k0 + kk;
+        var v = 0.0;
+        if (${name} < ${bound} && k < K) { v = ${element}; }
+        ${slot} = v;
+      }`
   return `
   var<workgroup> As : array<f32, ${t.tk * t.tm}>;
   var<workgroup> Bs : array<f32, ${t.tk * t.tn}>;
@@ -88,22 +98,8 @@ const source = (t: Tiles, transposeA: boolean, transposeB: boolean) => {
     var ra : array<f32, ${t.rm}>;
     var rb : array<f32, ${t.rn}>;
     for (var k0 = 0; k0 < K; k0 = k0 + ${t.tk}) {
-      for (var i = tid; i < ${t.tm * t.tk}; i = i + ${wx * wy}) {
-        ${aLoad}
-        let m = row0 + mm;
-        let k = k0 + kk;
-        var v = 0.0;
-        if (m < M && k < K) { v = ${a}; }
-        As[kk * ${t.tm} + mm] = v;
-      }
-      for (var i = tid; i < ${t.tk * t.tn}; i = i + ${wx * wy}) {
-        ${bLoad}
-        let n = col0 + nn;
-        let k = k0 + kk;
-        var v = 0.0;
-        if (n < N && k < K) { v = ${b}; }
-        Bs[kk * ${t.tn} + nn] = v;
-      }
+${load(t.tm * t.tk, aLoad, "m", "row0 + mm", "M", a, `As[kk * ${t.tm} + mm]`)}
+${load(t.tk * t.tn, bLoad, "n", "col0 + nn", "N", b, `Bs[kk * ${t.tn} + nn]`)}
       workgroupBarrier();
       for (var kk = 0; kk < ${t.tk}; kk = kk + 1) {
         for (var i = 0; i < ${t.rm}; i = i + 1) { ra[i] = As[kk * ${t.tm} + ty * ${t.rm} + i]; }

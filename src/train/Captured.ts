@@ -35,8 +35,18 @@ export interface CapturedTrainer {
   readonly dispose: () => void
 }
 
-/** A trainer for batches of `rows × length` tokens on the webgpu backend. */
-export const capturedTrainer = (low: Lowered, opt: Optimizer, settings: TrainSettings, rows: number, length: number): CapturedTrainer => {
+/**
+ * A trainer for batches of `rows × length` tokens on the webgpu backend. `record: false` (or
+ * `CONCEPTMOE_CAPTURE=off`) runs every step through tfjs.
+ */
+export const capturedTrainer = (
+  low: Lowered,
+  opt: Optimizer,
+  settings: TrainSettings,
+  rows: number,
+  length: number,
+  options: { readonly record?: boolean } = {}
+): CapturedTrainer => {
   const { tf } = low
   const n = rows * length
   const feeds: Feeds = {
@@ -50,9 +60,13 @@ export const capturedTrainer = (low: Lowered, opt: Optimizer, settings: TrainSet
   const valuesOf = (batch: Batch, step: number): ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]> => {
     if (batch.rows * batch.length !== n) throw new Error(`a captured trainer for ${rows}×${length} tokens got a batch of ${batch.rows}×${batch.length}`)
     const v = feedValues(batch)
-    return [[feeds.ids, v.ids], [feeds.positions, v.positions], [feeds.labels, v.labels], [feeds.mask, v.mask], [stepValues, stepInputValues(settings, step)]]
+    return [[feeds.ids, v.ids], [feeds.positions, v.positions], [feeds.labels, v.labels], [feeds.mask, v.mask], [stepValues, Float32Array.from(stepInputValues(settings, step))]]
   }
-  let mode: Mode = process.env["CONCEPTMOE_CAPTURE"] === "off" ? { mode: "eager", reason: "CONCEPTMOE_CAPTURE=off" } : { mode: "warming" }
+  let mode: Mode = options.record === false
+    ? { mode: "eager", reason: "recording turned off" }
+    : process.env["CONCEPTMOE_CAPTURE"] === "off"
+    ? { mode: "eager", reason: "CONCEPTMOE_CAPTURE=off" }
+    : { mode: "warming" }
   let first: Captured | undefined
   let recording: Captured | undefined
   let calls = 0

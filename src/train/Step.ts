@@ -91,7 +91,7 @@ export const stepOnDevice = (
 ) => {
   const { tf } = low
   const o = settings.optimizer
-  const lr = learningRate(o, settings.steps, step)
+  const [lr, c1, c2] = stepInputValues(settings, step)
   const names = [...low.variables.keys()]
   const vars = names.map((n) => low.variables.get(n)!)
   const partOf = new Map(low.analysis.params.map((p) => [p.path, p.part]))
@@ -111,9 +111,6 @@ export const stepOnDevice = (
     const gs = vars.map((w) => grads[w.name] ?? tf.zerosLike(w))
     const norm = tf.sqrt(tf.addN(gs.map((g) => tf.sum(tf.square(g)))))
     const scale = tf.minimum(tf.div(o.clip, norm), 1)
-    const t = step + 1
-    const c1 = 1 - o.beta1 ** t
-    const c2 = 1 - o.beta2 ** t
     const stepValues = inputs?.stepValues ?? adamStepValues(tf, { lr, c1, c2 })
     names.forEach((n, i) => {
       const m = opt.m.get(n)!
@@ -142,10 +139,10 @@ export const stepOnDevice = (
 const stepOptions = (settings: TrainSettings, step: number) =>
   ({ training: true, seed: mixSeed(settings.seed, step), balanceWeight: settings.balanceWeight }) as const
 
-/** The host values of a step's inputs: `Lower.feedValues` and `[lr, c1, c2]`. */
-export const stepInputValues = (settings: TrainSettings, step: number) => {
+/** A step's learning rate and Adam bias corrections `[lr, 1 − β₁ᵗ, 1 − β₂ᵗ]` (t = step + 1). */
+export const stepInputValues = (settings: TrainSettings, step: number): readonly [number, number, number] => {
   const o = settings.optimizer
-  return Float32Array.from([learningRate(o, settings.steps, step), 1 - o.beta1 ** (step + 1), 1 - o.beta2 ** (step + 1)])
+  return [learningRate(o, settings.steps, step), 1 - o.beta1 ** (step + 1), 1 - o.beta2 ** (step + 1)]
 }
 
 /** Reads and frees a step's loss tensors. */

@@ -172,7 +172,8 @@ export const train = (
       const now = trainer?.mode()
       if (now !== undefined && now.mode !== mode) {
         mode = now.mode
-        yield* log(now.mode === "replay" ? `steps from ${step + 2} on replay a recorded step (${now.dispatches} GPU dispatches)` : now.mode === "eager" ? `steps run through tfjs: ${now.reason}` : "")
+        if (now.mode === "replay") yield* log(`steps from ${step + 2} on replay a recorded step (${now.dispatches} GPU dispatches)`)
+        if (now.mode === "eager") yield* log(`steps run through tfjs: ${now.reason}`)
       }
       const dt = performance.now() - t0
       totalTime += dt

@@ -4,14 +4,14 @@
  * adapter exists (an NVIDIA GPU through Vulkan, or lavapipe: `bash bench/gpu/lavapipe.sh &&
  * . .lavapipe/env.sh`) and skips, saying why, where none does (CI).
  */
-import { assert, describe, it } from "@effect/vitest"
+import { assert, beforeAll, describe, it } from "@effect/vitest"
 import { Effect, Schema } from "effect"
 import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
 import { adamStepValues, adamw, makeActivate, makeMaskedNll, makeRmsNorm, makeRotate } from "../src/runtime/Fused.ts"
 import { makeOneHot } from "../src/runtime/Fixes.ts"
-import { parseTiles, tileShapes, useMatMul } from "../src/runtime/MatMul.ts"
+import { kernelNames, matMulChoices, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
 import { capture, NotCapturable, writeFeeds } from "../src/runtime/Capture.ts"
 import { capturedTrainer } from "../src/train/Captured.ts"
@@ -58,6 +58,8 @@ const maxDiff = (a: ArrayLike<number>, b: ArrayLike<number>) => {
 
 describe.skipIf(!available)("webgpu against cpu", () => {
   const tf: Tf = gpu._tag === "Success" ? gpu.success.tf : (undefined as never)
+  // tfjs's matmul unless a test says otherwise (auto would tune every shape the tests run)
+  beforeAll(() => useMatMul(tf, "tfjs"))
 
   const onBoth = async (f: () => Tensor) => {
     const out: Array<Float32Array> = []
@@ -238,30 +240,40 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     })
   }
 
-  it("our tiled matmul equals the cpu's for every tile shape, transposes, batches and edges", async () => {
-    const cases: ReadonlyArray<readonly [Array<number>, Array<number>, boolean, boolean]> = [
-      [[37, 53], [53, 29], false, false], [[53, 37], [53, 29], true, false], [[37, 53], [29, 53], false, true],
-      [[53, 37], [29, 53], true, true], [[3, 17, 65], [3, 65, 130], false, false], [[3, 65, 17], [1, 130, 65], true, true],
-      [[1, 8, 40], [4, 40, 9], false, false], [[2, 2, 5, 7], [2, 2, 7, 3], false, false], [[1, 1], [1, 1], false, false],
-      [[129, 200], [200, 1], false, false], [[3, 5], [1, 5, 2], false, false], [[1, 1, 3, 5], [4, 5, 2], false, false]
-    ]
-    const operands = (c: typeof cases[number], i: number) =>
-      [tf.randomNormal(c[0], 0, 1, "float32", i + 1), tf.randomNormal(c[1], 0, 1, "float32", i + 50)] as const
+  const products: ReadonlyArray<readonly [Array<number>, Array<number>, boolean, boolean]> = [
+    [[37, 53], [53, 29], false, false], [[53, 37], [53, 29], true, false], [[37, 53], [29, 53], false, true],
+    [[53, 37], [29, 53], true, true], [[3, 17, 65], [3, 65, 130], false, false], [[3, 65, 17], [1, 130, 65], true, true],
+    [[1, 8, 40], [4, 40, 9], false, false], [[2, 2, 5, 7], [2, 2, 7, 3], false, false], [[1, 1], [1, 1], false, false],
+    [[129, 200], [200, 1], false, false], [[3, 5], [1, 5, 2], false, false], [[1, 1, 3, 5], [4, 5, 2], false, false],
+    // M, N, K divisible by 4 (the vec4 programs), K long enough to split, K not a multiple of the tiles
+    [[36, 132], [132, 20], false, false], [[132, 36], [132, 20], true, false], [[36, 132], [20, 132], false, true],
+    [[132, 36], [20, 132], true, true], [[3, 68, 260], [3, 260, 72], false, false], [[3, 260, 68], [1, 72, 260], true, true],
+    [[2, 2, 8, 12], [2, 2, 12, 4], false, false], [[4, 4], [4, 4], false, false], [[200, 300], [300, 164], false, false]
+  ]
+  const operands = (c: typeof products[number], i: number) =>
+    [tf.randomNormal(c[0], 0, 1, "float32", i + 1), tf.randomNormal(c[1], 0, 1, "float32", i + 50)] as const
+  /** The product `c` on cpu and on webgpu (as the matmul mode now has it): largest difference. */
+  const productDiff = async (c: typeof products[number], i: number) => {
+    await tf.setBackend("cpu")
+    const expected = tf.tidy(() => tf.matMul(...operands(c, i), c[2], c[3]))
+    await tf.setBackend("webgpu")
+    const got = tf.tidy(() => tf.matMul(...operands(c, i), c[2], c[3]))
+    assert.deepStrictEqual(got.shape, expected.shape)
+    const d = maxDiff(await got.data(), await expected.data())
+    tf.dispose([got, expected])
+    return d
+  }
+
+  it("our tiled matmuls equal the cpu's for every kernel, transposes, batches, edges and split K", async () => {
     try {
-      for (const shape of tileShapes) {
-        for (const [i, c] of cases.entries()) {
-          await tf.setBackend("cpu")
-          const expected = tf.tidy(() => tf.matMul(...operands(c, i), c[2], c[3]))
-          await tf.setBackend("webgpu")
-          useMatMul(tf, parseTiles(shape))
-          const got = tf.tidy(() => tf.matMul(...operands(c, i), c[2], c[3]))
-          assert.deepStrictEqual(got.shape, expected.shape)
-          assert.isAtMost(maxDiff(await got.data(), await expected.data()), 5e-5, `${shape}, case ${i}`)
-          tf.dispose([got, expected])
-        }
+      for (const name of kernelNames) {
+        useMatMul(tf, parseTiles(name)!)
+        for (const [i, c] of products.entries()) assert.isAtMost(await productDiff(c, i), 1e-4, `${name}, case ${i}`)
+        // the kernel ran (vec4 and split kernels on the products they cover), not tfjs's in its place
+        assert.isAbove(matMulChoices()[name] ?? 0, 0, name)
       }
-      // a training step with it gives the cpu's loss
-      useMatMul(tf, parseTiles("64x64x16/4x4"))
+      // a training step with one gives the cpu's loss
+      useMatMul(tf, parseTiles("64x64x16/4x4/v4/k4")!)
       const m = await Effect.runPromise(load(webgpuModels[1]![1]))
       const losses: Array<number> = []
       for (const b of ["cpu", "webgpu"] as const) {
@@ -276,11 +288,87 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       assert.closeTo(losses[2]!, losses[0]!, 1e-4)
       assert.closeTo(losses[3]!, losses[1]!, 1e-4)
     } finally {
-      useMatMul(tf, undefined)
+      useMatMul(tf, "tfjs")
     }
-    assert.isUndefined(parseTiles("64x64x16/3x4"))
-    assert.isUndefined(parseTiles("64x64x0/4x4"))
-    assert.isUndefined(parseTiles("256x256x16/4x4"))
+    for (const bad of ["64x64x16/3x4", "64x64x0/4x4", "256x256x16/4x4", "64x64x16/4x2/v4", "64x64x16/4x4/k0", "64x64x16/4x4/v2"]) assert.isUndefined(parseTiles(bad), bad)
+    assert.deepStrictEqual(parseTiles("128x64x16/8x4/v4/k2"), { tm: 128, tn: 64, tk: 16, rm: 8, rn: 4, vec4: true, split: 2 })
+    assert.deepStrictEqual([parseMode(undefined), parseMode("auto"), parseMode("tfjs"), parseMode("32x32")], ["auto", "auto", "tfjs", undefined])
+    assert.deepStrictEqual(gpuErrors(), [])
+  })
+
+  it("the matmul tuner times the candidates per product, refuses one that computes something else, and keeps the fastest", async () => {
+    const stock = stockKernel()!
+    // B·A for square operands: a kernel that runs and is wrong
+    const wrong: MatMulKernel = {
+      name: "wrong",
+      covers: (p) => p.k === p.n && !p.transposeB,
+      kernelFunc: (args) => stock.kernelFunc({ ...args, attrs: { ...args.attrs, transposeB: true } })
+    }
+    const candidates = [stock, wrong, tiledKernel(tf, parseTiles("64x64x16/4x4/v4")!), tiledKernel(tf, parseTiles("32x32x32/4x4")!)]
+    // products where B is square (and B·Aᵀ ≠ A·B: not 1×1)
+    const square = products.filter((c) => (c[1].at(-1) === c[1].at(-2) || c[3]) && c[1].at(-1)! > 1)
+    try {
+      useMatMul(tf, "auto", { candidates })
+      const before = matMulTuning().length
+      for (const [i, c] of square.entries()) await productDiff(c, i)
+      const rows = await tuneMatMuls(tf, { reps: 2 })
+      assert.isAtLeast(rows.length, 4)
+      assert.strictEqual(matMulTuning().length, before + rows.length)
+      for (const r of rows) {
+        assert.include(["tfjs", "64x64x16/4x4/v4", "32x32x32/4x4"], r.chosen, r.product)
+        assert.notProperty(r.us, "wrong")
+        // every candidate that ran was timed, and the chosen one is the fastest of them
+        assert.isAtLeast(Object.keys(r.us).length, 2)
+        assert.strictEqual(Math.min(...Object.values(r.us)), r.us[r.chosen])
+      }
+      // the wrong kernel covered some products and was refused on each of them
+      assert.isAbove(rows.filter((r) => "wrong" in r.rejected).length, 0)
+      for (const r of rows.filter((r) => "wrong" in r.rejected)) assert.isAbove(r.rejected["wrong"]!, 1e-2)
+      // the tuned choices compute the cpu's products; tuning again has nothing left to do
+      for (const [i, c] of square.entries()) assert.isAtMost(await productDiff(c, i), 1e-4, `case ${i}`)
+      assert.deepStrictEqual(await tuneMatMuls(tf), [])
+      // what tuning chose is what runs
+      const wins = new Map<string, number>()
+      for (const r of rows) wins.set(r.chosen, (wins.get(r.chosen) ?? 0) + 1)
+      for (const [k, n] of wins) assert.isAtLeast(matMulChoices()[k] ?? 0, n, k)
+    } finally {
+      useMatMul(tf, "tfjs")
+    }
+    assert.deepStrictEqual(gpuErrors(), [])
+  })
+
+  it("a captured trainer in auto mode tunes step 0's products, then replays with the chosen kernels and the cpu's losses", async () => {
+    const m = await Effect.runPromise(load(webgpuModels[0]![1]))
+    const cpuLosses: Array<number> = []
+    await tf.setBackend("cpu")
+    {
+      const low = materialize(tf, m.analysis, 5)
+      const opt = newOptimizer(low)
+      for (let s = 0; s < 5; s++) cpuLosses.push(trainStep(low, opt, batchAt(s), settings, s).loss)
+      release(low)
+      tf.dispose([...opt.m.values(), ...opt.v.values()])
+    }
+    await tf.setBackend("webgpu")
+    try {
+      useMatMul(tf, "auto", { candidates: [stockKernel()!, tiledKernel(tf, parseTiles("32x32x16/4x4/v4")!), tiledKernel(tf, parseTiles("32x32x32/4x4")!)] })
+      const low = materialize(tf, m.analysis, 5)
+      const opt = newOptimizer(low)
+      const trainer = capturedTrainer(low, opt, settings, 2, 16)
+      const losses: Array<number> = []
+      for (let s = 0; s < 5; s++) losses.push((await trainer.step(batchAt(s), s)).loss)
+      // forward and backward products of the step, each timed
+      assert.isAtLeast(trainer.tuned().length, 6)
+      for (const r of trainer.tuned()) assert.isAtLeast(Object.keys(r.us).length, 2, r.product)
+      // steps 1–4 ran no product that step 0 had not (nothing left to tune)
+      assert.deepStrictEqual(await tuneMatMuls(tf), [])
+      assert.strictEqual(trainer.mode().mode, "replay")
+      losses.forEach((l, s) => assert.closeTo(l, cpuLosses[s]!, 1e-4, `step ${s}`))
+      trainer.dispose()
+      release(low)
+      tf.dispose([...opt.m.values(), ...opt.v.values()])
+    } finally {
+      useMatMul(tf, "tfjs")
+    }
     assert.deepStrictEqual(gpuErrors(), [])
   })
 

@@ -1,52 +1,53 @@
 /**
  * fp32 matmul throughput of the webgpu backend (issue 6's third target: ≥ 0.8× cuBLAS), for square
- * sizes, with tfjs's kernel and with ours at each tile shape (`src/runtime/MatMul.ts`): GFLOP/s from
- * wall time over `reps` chained products ended by one read-back, and from the GPU's kernel time
- * (timestamp queries, where the adapter has them). bench/peers/torch_matmul.py measures PyTorch on
- * the same sizes. Run: node bench/gpu/matmul.ts [sizes, e.g. 1024,4096] [reps] [kernels, e.g. tfjs,64x64x16/4x4]
+ * sizes, with tfjs's kernel and each of ours (`src/runtime/MatMul.ts`): GFLOP/s from wall time over
+ * `reps` chained products ended by one read-back, and from the GPU's kernel time (timestamp queries,
+ * where the adapter has them). bench/peers/torch_matmul.py measures PyTorch on the same sizes.
+ * Run: node bench/gpu/matmul.ts [sizes, e.g. 1024,4096] [reps] [kernels, e.g. tfjs,128x128x8/8x8/v4]
  */
 import { Effect } from "effect"
 import type { Tensor } from "../../src/graph/Apply.ts"
 import { load } from "../../src/runtime/Backend.ts"
-import { parseTiles, tileShapes, useMatMul } from "../../src/runtime/MatMul.ts"
+import { kernelNames, parseTiles, useMatMul } from "../../src/runtime/MatMul.ts"
 
 const { tf } = await Effect.runPromise(load("webgpu"))
 const sizes = (process.argv[2] ?? "1024,2048,4096").split(",").map(Number)
 const reps = Number(process.argv[3] ?? 10)
-const kernels = process.argv[4]?.split(",") ?? ["tfjs", ...tileShapes]
+const kernels = process.argv[4]?.split(",") ?? ["tfjs", ...kernelNames]
 for (const kernel of kernels) {
-  useMatMul(tf, kernel === "tfjs" ? undefined : parseTiles(kernel))
-  if (kernel !== "tfjs" && parseTiles(kernel) === undefined) throw new Error(`not a tile shape: ${kernel}`)
-for (const n of sizes) {
-  const a = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n))
-  const b = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n))
-  await a.data()
-  await b.data()
-  const chain = () => {
-    let x: Tensor = a
-    const made: Array<Tensor> = []
-    for (let i = 0; i < reps; i++) made.push(x = tf.matMul(x, b))
-    return made
+  const tiles = parseTiles(kernel)
+  if (kernel !== "tfjs" && tiles === undefined) throw new Error(`not a kernel: ${kernel}`)
+  useMatMul(tf, tiles ?? "tfjs")
+  for (const n of sizes) {
+    const a = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n))
+    const b = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n))
+    await a.data()
+    await b.data()
+    const chain = () => {
+      let x: Tensor = a
+      const made: Array<Tensor> = []
+      for (let i = 0; i < reps; i++) made.push(x = tf.matMul(x, b))
+      return made
+    }
+    // warm-up (shader compile)
+    const warm = chain()
+    await warm[warm.length - 1]!.data()
+    tf.dispose(warm)
+    const t0 = performance.now()
+    const made = chain()
+    await made[made.length - 1]!.data()
+    const wallMs = (performance.now() - t0) / reps
+    tf.dispose(made)
+    const timing = await tf.time(() => tf.dispose(chain()))
+    const kernelMs = (timing as unknown as { kernelMs: number | { error: string } }).kernelMs
+    const flops = 2 * n ** 3
+    console.log(JSON.stringify({
+      kernel,
+      n,
+      wallGflops: Number((flops / (wallMs * 1e6)).toFixed(1)),
+      kernelGflops: typeof kernelMs === "number" ? Number((flops / ((kernelMs / reps) * 1e6)).toFixed(1)) : null
+    }))
+    tf.dispose([a, b])
   }
-  // warm-up (shader compile)
-  const warm = chain()
-  await warm[warm.length - 1]!.data()
-  tf.dispose(warm)
-  const t0 = performance.now()
-  const made = chain()
-  await made[made.length - 1]!.data()
-  const wallMs = (performance.now() - t0) / reps
-  tf.dispose(made)
-  const timing = await tf.time(() => tf.dispose(chain()))
-  const kernelMs = (timing as unknown as { kernelMs: number | { error: string } }).kernelMs
-  const flops = 2 * n ** 3
-  console.log(JSON.stringify({
-    kernel,
-    n,
-    wallGflops: Number((flops / (wallMs * 1e6)).toFixed(1)),
-    kernelGflops: typeof kernelMs === "number" ? Number((flops / ((kernelMs / reps) * 1e6)).toFixed(1)) : null
-  }))
-  tf.dispose([a, b])
-}
 }
 process.exit(0)

@@ -5,7 +5,9 @@
  * once and replayed, `src/train/Captured.ts`): params, the median step time over the timed steps
  * after 3 warm-ups, the median host time until the step's work is handed to the GPU
  * (`issueMsMedian`), the first loss, and the compute dispatches per step (for tfjs steps also the
- * host uploads and the programs dispatched most).
+ * host uploads and the programs dispatched most). With `CONCEPTMOE_MATMUL=auto` (the default) the
+ * first trainer of a model tunes its matmul products after step 0 (untimed): a `{ tune }` line per
+ * product shape (each candidate's µs) and a `matmul` summary on the model's line.
  *
  * Run: node bench/gpu/train-step.ts [webgpu|cpu|wasm] [name,…] [timed steps, default 10]
  * (on the GPU machine through bench/gpu/run.sh; here on lavapipe, bench/gpu/lavapipe.sh, or on wasm).
@@ -20,6 +22,7 @@ import { type Batch, materialize, release } from "../../src/runtime/Lower.ts"
 import { capturedTrainer } from "../../src/train/Captured.ts"
 import { newOptimizer, syncReads, trainStep, trainStepAsync, TrainSettings } from "../../src/train/Step.ts"
 import { countDispatches, type Counts } from "./dispatches.ts"
+import { describeTuning } from "../../src/runtime/MatMul.ts"
 
 const here = import.meta.dirname
 const moe = JSON.parse(fs.readFileSync(path.join(here, "..", "..", "examples", "compare", "moe-tiny.json"), "utf8"))
@@ -68,6 +71,8 @@ const measure = async (tf: Tf, backend: BackendName, w: typeof workloads[number]
     }
   }
   const mode = trainer?.mode()
+  const tuned = trainer?.tuned() ?? []
+  for (const row of tuned) console.log(JSON.stringify({ tune: row }))
   trainer?.dispose()
   release(low)
   tf.dispose([...opt.m.values(), ...opt.v.values()])
@@ -78,6 +83,7 @@ const measure = async (tf: Tf, backend: BackendName, w: typeof workloads[number]
     stepMsMedian: median(times),
     ...(issue.length > 0 && Number.isFinite(issue[0]) ? { issueMsMedian: median(issue) } : {}),
     firstLoss: first,
+    ...(tuned.length > 0 ? { matmul: describeTuning(tuned) } : {}),
     ...(mode?.mode === "replay" ? { dispatchesPerStep: mode.dispatches } : {}),
     ...(mode?.mode === "eager" && replay ? { notReplayed: mode.reason } : {}),
     ...(counted === undefined ? {} : {

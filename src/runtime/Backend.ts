@@ -4,7 +4,8 @@
  * - `wasm` (default on CPU): XNNPACK SIMD, tfjs-backend-wasm;
  * - `cpu`: the plain JavaScript reference;
  * - `webgpu`: tfjs-backend-webgpu on the npm package `webgpu` (Dawn), loaded only when both are
- *   installed and an adapter exists;
+ *   installed and an adapter exists; `DAWN_FLAGS` (space-separated) go to Dawn's `create`, e.g.
+ *   `enable-dawn-features=disable_robustness`; `CONCEPTMOE_MATMUL` chooses the matmul (`MatMul.ts`);
  * - `tensorflow`: tfjs-node-gpu or tfjs-node, loaded only when installed. They cannot be installed
  *   on this project's machines (their install script downloads libtensorflow), so this path is
  *   untested here.
@@ -17,7 +18,7 @@
 import { Context, Effect, Layer, Schema } from "effect"
 import type { Tf } from "../graph/Apply.ts"
 import { install } from "./Fixes.ts"
-import { parseTiles, useMatMul } from "./MatMul.ts"
+import { parseMode, tilesName, useMatMul } from "./MatMul.ts"
 
 export const backendNames = ["wasm", "cpu", "webgpu", "tensorflow"] as const
 export type BackendName = typeof backendNames[number]
@@ -65,7 +66,7 @@ export const load = (name: BackendName): Effect.Effect<Runtime, BackendError> =>
         }
         Object.assign(globalThis, webgpu.globals)
         Object.defineProperty(globalThis, "navigator", {
-          value: { gpu: webgpu.create((process.env["DAWN_FLAGS"] ?? "").split(",").filter((s) => s !== "")) },
+          value: { gpu: webgpu.create((process.env["DAWN_FLAGS"] ?? "").split(/\s+/).filter((s) => s !== "")) },
           configurable: true
         })
         await dynamicImport("@tensorflow/tfjs-backend-webgpu")
@@ -92,11 +93,14 @@ export const load = (name: BackendName): Effect.Effect<Runtime, BackendError> =>
       if (!ok) throw new Error(name === "webgpu" ? "no WebGPU adapter was found" : "setBackend returned false")
       await tf.ready()
       install(tf, backendName)
-      if (name === "webgpu" && process.env["CONCEPTMOE_MATMUL"] !== undefined && process.env["CONCEPTMOE_MATMUL"] !== "") {
-        const tiles = parseTiles(process.env["CONCEPTMOE_MATMUL"])
-        if (tiles === undefined) throw new Error(`CONCEPTMOE_MATMUL="${process.env["CONCEPTMOE_MATMUL"]}": expected TMxTNxTK/RMxRN, e.g. 64x64x16/4x4 (≤ 256 threads, ≤ 16 KiB of workgroup memory)`)
-        useMatMul(tf, tiles)
-        detail = `, matmul ${process.env["CONCEPTMOE_MATMUL"]}`
+      if (name === "webgpu") {
+        const given = process.env["CONCEPTMOE_MATMUL"]
+        const mode = parseMode(given)
+        if (mode === undefined) {
+          throw new Error(`CONCEPTMOE_MATMUL="${given}": expected auto, tfjs or a kernel TMxTNxTK/RMxRN[/v4][/kS], e.g. 128x128x8/8x8/v4 (≤ 256 threads, ≤ 16 KiB of workgroup memory; v4: RM, RN, TK divisible by 4)`)
+        }
+        useMatMul(tf, mode)
+        detail = `, matmul ${typeof mode === "object" ? tilesName(mode) : mode}`
       }
       if (name === "wasm") {
         const simd = tf.env().getBool("WASM_HAS_SIMD_SUPPORT")

@@ -1,22 +1,30 @@
 /**
- * Our fp32 matmul for the webgpu backend: a register-blocked tiled WGSL program registered as tfjs's
- * `BatchMatMul` kernel, with its tile shape as a parameter, so that a GPU session can sweep shapes
- * against tfjs's own kernel (`node bench/gpu/matmul.ts`) before one becomes the default.
+ * fp32 matmul for the webgpu backend: our register-blocked tiled WGSL programs, registered as tfjs's
+ * `BatchMatMul` kernel, and a tuner that picks, per product shape, the fastest of them and tfjs's
+ * own kernel on the GPU at hand (as `torch.backends.cudnn.benchmark` does for convolutions).
  *
- * A workgroup computes a `TM × TN` tile of the output with `(TM/RM)·(TN/RN)` threads, each holding
- * an `RM × RN` block of accumulators; the operands go through workgroup memory `TK` columns of A and
- * rows of B at a time (zero-padded at the edges), loaded with the fastest-varying index along each
- * operand's contiguous dimension (so transposed operands are read in order too). Batches broadcast
- * when one side has a single matrix.
+ * A kernel is named `TMxTNxTK/RMxRN[/v4][/kS]`:
+ * - a workgroup computes a `TM × TN` tile of the output with `(TM/RM)·(TN/RN)` threads, each holding
+ *   an `RM × RN` block of accumulators; the operands pass through workgroup memory `TK` deep;
+ * - `v4` reads the operands and writes the output as `vec4<f32>`, keeps a thread's accumulators as
+ *   named vec4 registers (no dynamic indexing) and gives a thread the column groups `tx + j·(TN/RN)`,
+ *   so neighbouring threads read neighbouring words of workgroup memory; it needs M, N and K
+ *   divisible by 4 (other products go to the scalar program of the same tiles);
+ * - `kS` splits K into S slices computed by separate workgroups (for products with a small output
+ *   and a long K, such as weight gradients) and sums them with a second dispatch.
+ * Operands are read in their stored layouts (transposed ones too); batches broadcast when one side
+ * has a single matrix; edges are zero-padded.
  *
- * Off by default (tfjs's kernel runs); `CONCEPTMOE_MATMUL=TMxTNxTK/RMxRN` (e.g. `64x64x16/4x4`)
- * turns it on when the webgpu backend loads. Tested against the cpu backend for every shape in
- * {@link tileShapes} (test/webgpu.test.ts).
+ * `CONCEPTMOE_MATMUL` chooses when the webgpu backend loads: `auto` (the default) runs tfjs's kernel
+ * until {@link tuneMatMuls} has timed the candidates on a shape, then the fastest one that agrees
+ * with tfjs's result; `tfjs` keeps tfjs's kernel; a kernel name uses that kernel for every product
+ * it covers. Training tunes the shapes of its first step before recording (`train/Captured.ts`).
+ * Tested against the cpu backend for every kernel in {@link kernelNames} (test/webgpu.test.ts).
  *
  * @since 0.3.0
  */
 import type * as TF from "@tensorflow/tfjs"
-import type { Tf } from "../graph/Apply.ts"
+import type { Tensor, Tf } from "../graph/Apply.ts"
 
 export interface Tiles {
   /** Output rows and columns per workgroup, and the depth of one pass through workgroup memory. */
@@ -26,78 +34,136 @@ export interface Tiles {
   /** Output rows and columns per thread. */
   readonly rm: number
   readonly rn: number
+  /** vec4 loads, stores and accumulators (M, N, K divisible by 4). */
+  readonly vec4: boolean
+  /** Slices of K, summed by a second dispatch (1: none). */
+  readonly split: number
 }
 
-/** The shapes a sweep tries (threads per workgroup ≤ 256, workgroup memory ≤ 16 KiB). */
-export const tileShapes: ReadonlyArray<string> = ["32x32x32/4x4", "64x64x16/4x4", "64x64x32/4x4", "128x64x16/8x4", "64x128x16/4x8", "128x128x8/8x8", "128x128x16/8x8"]
+/** The kernels a sweep and the tuner try (threads per workgroup ≤ 256, workgroup memory ≤ 16 KiB). */
+export const kernelNames: ReadonlyArray<string> = [
+  "32x32x32/4x4",
+  "64x64x16/4x4",
+  "128x128x8/8x8",
+  "32x32x16/4x4/v4",
+  "64x64x16/4x4/v4",
+  "64x64x32/4x4/v4",
+  "128x64x16/8x4/v4",
+  "64x128x16/4x8/v4",
+  "128x128x8/8x8/v4",
+  "128x128x16/8x8/v4",
+  "64x64x16/4x4/v4/k4",
+  "128x128x8/8x8/v4/k4"
+]
 
-/** Parses `TMxTNxTK/RMxRN`; undefined if it is not a valid shape. */
+/** The name of a kernel, as {@link parseTiles} reads it. */
+export const tilesName = (t: Tiles): string => `${t.tm}x${t.tn}x${t.tk}/${t.rm}x${t.rn}${t.vec4 ? "/v4" : ""}${t.split > 1 ? `/k${t.split}` : ""}`
+
+/** Parses `TMxTNxTK/RMxRN[/v4][/kS]`; undefined if it is not a valid kernel. */
 export const parseTiles = (s: string): Tiles | undefined => {
-  const m = /^(\d+)x(\d+)x(\d+)\/(\d+)x(\d+)$/.exec(s.trim())
+  const m = /^(\d+)x(\d+)x(\d+)\/(\d+)x(\d+)(\/v4)?(?:\/k(\d+))?$/.exec(s.trim())
   if (m === null) return undefined
-  const [tm, tn, tk, rm, rn] = m.slice(1).map(Number) as [number, number, number, number, number]
+  const [tm, tn, tk, rm, rn] = m.slice(1, 6).map(Number) as [number, number, number, number, number]
+  const vec4 = m[6] !== undefined
+  const split = m[7] === undefined ? 1 : Number(m[7])
   const threads = (tm / rm) * (tn / rn)
-  const ok = [tm, tn, tk, rm, rn].every((x) => x >= 1) && tm % rm === 0 && tn % rn === 0 && threads >= 1 && threads <= 256 && (tm + tn) * tk * 4 <= 16384
-  return ok ? { tm, tn, tk, rm, rn } : undefined
+  const ok = [tm, tn, tk, rm, rn].every((x) => x >= 1) && tm % rm === 0 && tn % rn === 0 && threads >= 1 && threads <= 256 &&
+    (tm + tn) * tk * 4 <= 16384 && split >= 1 && split <= 64 && (!vec4 || (rm % 4 === 0 && rn % 4 === 0 && tk % 4 === 0))
+  return ok ? { tm, tn, tk, rm, rn, vec4, split } : undefined
+}
+
+/** One product: `batch × (M × K) · (K × N)` with the operands' stored layouts. */
+export interface Product {
+  readonly batchA: number
+  readonly batchB: number
+  readonly m: number
+  readonly n: number
+  readonly k: number
+  readonly transposeA: boolean
+  readonly transposeB: boolean
+}
+
+/** e.g. `16x[256x64]·[64x256]ᵀ`: the key under which a product's choice is kept. */
+export const productKey = (p: Product): string =>
+  `${Math.max(p.batchA, p.batchB)}${p.batchA !== p.batchB ? "b" : ""}x[${p.m}x${p.k}]${p.transposeA ? "ᵀ" : ""}·[${p.k}x${p.n}]${p.transposeB ? "ᵀ" : ""}`
+
+type KernelArgs = { inputs: TF.NamedTensorInfoMap; backend: unknown; attrs?: TF.NamedAttrMap }
+type KernelFunc = (args: KernelArgs) => TF.TensorInfo | Array<TF.TensorInfo>
+
+/** A way to compute a product: tfjs's kernel, one of ours, or a caller's. */
+export interface MatMulKernel {
+  readonly name: string
+  readonly covers: (p: Product) => boolean
+  readonly kernelFunc: KernelFunc
 }
 
 interface Program {
   readonly variableNames: Array<string>
   readonly outputShape: Array<number>
   readonly shaderKey: string
-  readonly dispatchLayout: { x: Array<number>; y: Array<number>; z: Array<number> }
+  readonly dispatchLayout: { x: Array<number>; y?: Array<number>; z?: Array<number> }
   readonly dispatch: [number, number, number]
   readonly workgroupSize: [number, number, number]
+  readonly outputComponent?: number
+  readonly variableComponents?: Array<number>
+  readonly size?: boolean
   getUserCode: () => string
 }
 
 interface WebGpuBackend {
   runWebGPUProgram: (p: Program, inputs: Array<TF.TensorInfo>, dtype: string) => TF.TensorInfo
+  disposeData: (id: unknown) => void
 }
 
-/** The WGSL of one tile shape and pair of transpose flags (A is `[batch, M, K]`, or `[batch, K, M]` transposed). */
-const source = (t: Tiles, transposeA: boolean, transposeB: boolean) => {
-  const wx = t.tn / t.rn
-  const wy = t.tm / t.rm
+/** The slice of K that workgroup z works on (`kStart`, `kEnd`) and its batch, for `split` slices. */
+const sliceOfK = (t: Tiles) => `
+    let z = i32(workgroupId.z);
+    let batch = z / ${t.split};
+    let kChunk = ((K + ${t.split * t.tk - 1}) / ${t.split * t.tk}) * ${t.tk};
+    let kStart = (z % ${t.split}) * kChunk;
+    let kEnd = min(K, kStart + kChunk);`
+
+const header = (t: Tiles, transposeA: boolean) => `
+    let M = uniforms.outShape.y;
+    let N = uniforms.outShape.z;
+    let K = ${transposeA ? "uniforms.aShape.y" : "uniforms.aShape.z"};${sliceOfK(t)}
+    let aBase = select(batch, 0, uniforms.aShape.x == 1) * M * K;
+    let bBase = select(batch, 0, uniforms.bShape.x == 1) * K * N;
+    let tx = i32(localId.x);
+    let ty = i32(localId.y);
+    let tid = ty * ${t.tn / t.rn} + tx;
+    let row0 = i32(workgroupId.y) * ${t.tm};
+    let col0 = i32(workgroupId.x) * ${t.tn};`
+
+/** The WGSL of the scalar program (any M, N, K): A is `[batch, M, K]`, or `[batch, K, M]` transposed. */
+const scalarSource = (t: Tiles, transposeA: boolean, transposeB: boolean) => {
+  const threads = (t.tn / t.rn) * (t.tm / t.rm)
   // element (row m, depth k) of A and (depth k, column n) of B, in their stored layouts
   const a = transposeA ? "A[aBase + k * M + m]" : "A[aBase + m * K + k]"
   const b = transposeB ? "B[bBase + n * K + k]" : "B[bBase + k * N + n]"
   // which tile coordinate varies fastest over consecutive threads: the operand's contiguous one
-  const aLoad = transposeA
-    ? `let mm = i % ${t.tm}; let kk = i / ${t.tm};`
-    : `let kk = i % ${t.tk}; let mm = i / ${t.tk};`
-  const bLoad = transposeB
-    ? `let kk = i % ${t.tk}; let nn = i / ${t.tk};`
-    : `let nn = i % ${t.tn}; let kk = i / ${t.tn};`
-  // one operand's tile into workgroup memory, zero past the matrix edges
+  const aLoad = transposeA ? `let mm = i % ${t.tm}; let kk = i / ${t.tm};` : `let kk = i % ${t.tk}; let mm = i / ${t.tk};`
+  const bLoad = transposeB ? `let kk = i % ${t.tk}; let nn = i / ${t.tk};` : `let nn = i % ${t.tn}; let kk = i / ${t.tn};`
+  // one operand's tile into workgroup memory, zero past the matrix edges and the slice of K
   const load = (count: number, coords: string, name: string, at: string, bound: string, element: string, slot: string) => `
-      for (var i = tid; i < ${count}; i = i + ${wx * wy}) {
+      for (var i = tid; i < ${count}; i = i + ${threads}) {
         ${coords}
         let ${name} = ${at};
         let k = k0 + kk;
         var v = 0.0;
-        if (${name} < ${bound} && k < K) { v = ${element}; }
+        if (${name} < ${bound} && k < kEnd) { v = ${element}; }
         ${slot} = v;
       }`
   return `
   var<workgroup> As : array<f32, ${t.tk * t.tm}>;
   var<workgroup> Bs : array<f32, ${t.tk * t.tn}>;
-  fn main() {
-    let batch = i32(workgroupId.z);
-    let M = uniforms.outShape.y;
-    let N = uniforms.outShape.z;
-    let K = ${transposeA ? "uniforms.aShape.y" : "uniforms.aShape.z"};
-    let aBase = select(batch, 0, uniforms.aShape.x == 1) * M * K;
-    let bBase = select(batch, 0, uniforms.bShape.x == 1) * K * N;
-    let tx = i32(localId.x);
-    let ty = i32(localId.y);
-    let tid = ty * ${wx} + tx;
-    let row0 = i32(workgroupId.y) * ${t.tm};
-    let col0 = i32(workgroupId.x) * ${t.tn};
+  fn main() {${header(t, transposeA)}
     var acc : array<array<f32, ${t.rn}>, ${t.rm}>;
     var ra : array<f32, ${t.rm}>;
     var rb : array<f32, ${t.rn}>;
-    for (var k0 = 0; k0 < K; k0 = k0 + ${t.tk}) {
+    // bounds from uniforms only: workgroupBarrier needs uniform control flow
+    for (var kb = 0; kb < kChunk; kb = kb + ${t.tk}) {
+      let k0 = kStart + kb;
 ${load(t.tm * t.tk, aLoad, "m", "row0 + mm", "M", a, `As[kk * ${t.tm} + mm]`)}
 ${load(t.tk * t.tn, bLoad, "n", "col0 + nn", "N", b, `Bs[kk * ${t.tn} + nn]`)}
       workgroupBarrier();
@@ -115,70 +181,341 @@ ${load(t.tk * t.tn, bLoad, "n", "col0 + nn", "N", b, `Bs[kk * ${t.tn} + nn]`)}
       if (m >= M) { break; }
       for (var j = 0; j < ${t.rn}; j = j + 1) {
         let n = col0 + tx * ${t.rn} + j;
-        if (n < N) { result[(batch * M + m) * N + n] = acc[i][j]; }
+        if (n < N) { result[(z * M + m) * N + n] = acc[i][j]; }
       }
     }
   }`
 }
 
-const programOf = (t: Tiles, batch: number, m: number, n: number, transposeA: boolean, transposeB: boolean): Program => ({
-  variableNames: ["A", "B"],
-  outputShape: [batch, m, n],
-  shaderKey: `conceptmoeMatMul_${t.tm}x${t.tn}x${t.tk}_${t.rm}x${t.rn}_${transposeA}_${transposeB}`,
-  dispatchLayout: { x: [2], y: [1], z: [0] },
-  dispatch: [Math.ceil(n / t.tn), Math.ceil(m / t.tm), batch],
-  workgroupSize: [t.tn / t.rn, t.tm / t.rm, 1],
-  getUserCode: () => source(t, transposeA, transposeB)
-})
-
-type KernelFunc = (args: { inputs: TF.NamedTensorInfoMap; backend: unknown; attrs?: TF.NamedAttrMap }) => TF.TensorInfo | Array<TF.TensorInfo>
-
-let stock: KernelFunc | undefined
+const range = (n: number) => Array.from({ length: n }, (_, i) => i)
 
 /**
- * Makes tfjs's webgpu `BatchMatMul` ours with `tiles`, or tfjs's own again with `undefined`.
- * Products it does not cover (batch shapes that differ beyond broadcasting one matrix, non-float32,
- * bias or activation) go to tfjs's kernel.
+ * The WGSL of the vec4 program (M, N, K divisible by 4). Workgroup memory holds A's tile as
+ * `[TK][TM/4]` and B's as `[TK][TN/4]` vec4s; a thread owns rows `ty·RM + i` (contiguous, read as
+ * vec4) and column groups `tx + j·(TN/RN)` (neighbouring threads, neighbouring vec4s).
  */
-export const useMatMul = (tf: Tf, tiles: Tiles | undefined): void => {
-  stock ??= tf.getKernel("BatchMatMul", "webgpu")?.kernelFunc as KernelFunc | undefined
-  if (stock === undefined) return
-  const fallback = stock
-  tf.unregisterKernel("BatchMatMul", "webgpu")
-  if (tiles === undefined) {
-    tf.registerKernel({ kernelName: "BatchMatMul", backendName: "webgpu", kernelFunc: fallback as never })
-    return
+const vec4Source = (t: Tiles, transposeA: boolean, transposeB: boolean) => {
+  const wx = t.tn / t.rn
+  const threads = wx * (t.tm / t.rm)
+  const [tm4, tn4, tk4, rm4, rn4] = [t.tm / 4, t.tn / 4, t.tk / 4, t.rm / 4, t.rn / 4]
+  const components = ["x", "y", "z", "w"]
+  // a vec4 along the operand's contiguous axis; the tile coordinates of thread slot i
+  const scatter = (slot: (c: number) => string) => range(4).map((c) => `${slot(c)} = v[${c}];`).join(" ")
+  const loadA = transposeA
+    ? `
+      for (var i = tid; i < ${t.tk * tm4}; i = i + ${threads}) {
+        let mm4 = i % ${tm4}; let kk = i / ${tm4};
+        let m = row0 + mm4 * 4; let k = k0 + kk;
+        var v = vec4<f32>(0.0);
+        if (m < M && k < kEnd) { v = A[(aBase + k * M + m) / 4]; }
+        As[kk * ${tm4} + mm4] = v;
+      }`
+    : `
+      for (var i = tid; i < ${t.tm * tk4}; i = i + ${threads}) {
+        let kk4 = i % ${tk4}; let mm = i / ${tk4};
+        let m = row0 + mm; let k = k0 + kk4 * 4;
+        var v = vec4<f32>(0.0);
+        if (m < M && k < kEnd) { v = A[(aBase + m * K + k) / 4]; }
+        ${scatter((c) => `As[(kk4 * 4 + ${c}) * ${tm4} + mm / 4][mm % 4]`)}
+      }`
+  const loadB = transposeB
+    ? `
+      for (var i = tid; i < ${t.tn * tk4}; i = i + ${threads}) {
+        let kk4 = i % ${tk4}; let nn = i / ${tk4};
+        let n = col0 + nn; let k = k0 + kk4 * 4;
+        var v = vec4<f32>(0.0);
+        if (n < N && k < kEnd) { v = B[(bBase + n * K + k) / 4]; }
+        ${scatter((c) => `Bs[(kk4 * 4 + ${c}) * ${tn4} + nn / 4][nn % 4]`)}
+      }`
+    : `
+      for (var i = tid; i < ${t.tk * tn4}; i = i + ${threads}) {
+        let nn4 = i % ${tn4}; let kk = i / ${tn4};
+        let n = col0 + nn4 * 4; let k = k0 + kk;
+        var v = vec4<f32>(0.0);
+        if (n < N && k < kEnd) { v = B[(bBase + k * N + n) / 4]; }
+        Bs[kk * ${tn4} + nn4] = v;
+      }`
+  const acc = (r: number, j: number) => `acc_${r}_${j}`
+  const cells = range(t.rm).flatMap((r) => range(rn4).map((j) => [r, j] as const))
+  return `
+  var<workgroup> As : array<vec4<f32>, ${t.tk * tm4}>;
+  var<workgroup> Bs : array<vec4<f32>, ${t.tk * tn4}>;
+  fn main() {${header(t, transposeA)}
+    ${cells.map(([r, j]) => `var ${acc(r, j)} = vec4<f32>(0.0);`).join("\n    ")}
+    // bounds from uniforms only: workgroupBarrier needs uniform control flow
+    for (var kb = 0; kb < kChunk; kb = kb + ${t.tk}) {
+      let k0 = kStart + kb;${loadA}${loadB}
+      workgroupBarrier();
+      for (var kk = 0; kk < ${t.tk}; kk = kk + 1) {
+        ${range(rm4).map((i) => `let a${i} = As[kk * ${tm4} + ty * ${rm4} + ${i}];`).join("\n        ")}
+        ${range(rn4).map((j) => `let b${j} = Bs[kk * ${tn4} + tx + ${j * wx}];`).join("\n        ")}
+        ${cells.map(([r, j]) => `${acc(r, j)} = fma(vec4<f32>(a${Math.floor(r / 4)}.${components[r % 4]}), b${j}, ${acc(r, j)});`).join("\n        ")}
+      }
+      workgroupBarrier();
+    }
+    ${range(t.rm).map((r) => `
+    {
+      let m = row0 + ty * ${t.rm} + ${r};
+      if (m < M) {
+        ${range(rn4).map((j) => `{ let n = col0 + (tx + ${j * wx}) * 4; if (n < N) { result[((z * M + m) * N + n) / 4] = ${acc(r, j)}; } }`).join("\n        ")}
+      }
+    }`).join("")}
+  }`
+}
+
+const programOf = (t: Tiles, batch: number, m: number, n: number, transposeA: boolean, transposeB: boolean): Program => ({
+  variableNames: ["A", "B"],
+  outputShape: [batch * t.split, m, n],
+  shaderKey: `conceptmoeMatMul_${tilesName(t)}_${transposeA}_${transposeB}`,
+  dispatchLayout: { x: [2], y: [1], z: [0] },
+  dispatch: [Math.ceil(n / t.tn), Math.ceil(m / t.tm), batch * t.split],
+  workgroupSize: [t.tn / t.rn, t.tm / t.rm, 1],
+  ...(t.vec4 ? { outputComponent: 4, variableComponents: [4, 4] } : {}),
+  getUserCode: () => (t.vec4 ? vec4Source : scalarSource)(t, transposeA, transposeB)
+})
+
+/** Sums `[batch·split, M, N]` partial products over the split into `[batch, M, N]`. */
+const sumSlices = (split: number, batch: number, m: number, n: number): Program => {
+  const width = n % 4 === 0 ? 4 : 1
+  return {
+    variableNames: ["P"],
+    outputShape: [batch, m, n],
+    shaderKey: `conceptmoeMatMulSum_${split}_${width}`,
+    dispatchLayout: { x: [0, 1, 2] },
+    dispatch: [Math.ceil((batch * m * n) / width / 64), 1, 1],
+    workgroupSize: [64, 1, 1],
+    ...(width === 4 ? { outputComponent: 4, variableComponents: [4] } : {}),
+    size: true,
+    getUserCode: () => `
+      fn main(index : i32) {
+        let plane = uniforms.outShape.y * uniforms.outShape.z / ${width};
+        if (index < plane * uniforms.outShape.x) {
+          let b = index / plane;
+          let r = index % plane;
+          var s = P[b * ${split} * plane + r];
+          for (var i = 1; i < ${split}; i = i + 1) { s = s + P[(b * ${split} + i) * plane + r]; }
+          result[index] = s;
+        }
+      }`
   }
-  tf.registerKernel({
-    kernelName: "BatchMatMul",
-    backendName: "webgpu",
-    kernelFunc: ((args: Parameters<KernelFunc>[0]) => {
-      const a = args.inputs["a"] as TF.TensorInfo
-      const b = args.inputs["b"] as TF.TensorInfo
-      const { transposeA, transposeB } = args.attrs as unknown as { transposeA: boolean; transposeB: boolean }
-      const batchA = a.shape.slice(0, -2).reduce((x, y) => x * y, 1)
-      const batchB = b.shape.slice(0, -2).reduce((x, y) => x * y, 1)
-      const sameBatch = a.shape.length === b.shape.length && a.shape.slice(0, -2).every((d, i) => d === b.shape[i])
-      if (a.dtype !== "float32" || b.dtype !== "float32" || !(sameBatch || batchA === 1 || batchB === 1)) return fallback(args)
-      const [ra, ca] = a.shape.slice(-2) as [number, number]
-      const [rb, cb] = b.shape.slice(-2) as [number, number]
-      const m = transposeA ? ca : ra
-      const k = transposeA ? ra : ca
-      const n = transposeB ? rb : cb
-      // a batch past 65535 matrices does not fit one dispatch dimension (tfjs's kernel cannot either)
-      if ((transposeB ? cb : rb) !== k || Math.max(batchA, batchB) > 65535) return fallback(args)
-      const backend = args.backend as WebGpuBackend
-      const batch = Math.max(batchA, batchB)
-      // rank-3 views of the operands (tfjs programs take a tensor's shape from the info they are given)
-      const view = (t: TF.TensorInfo, n3: [number, number, number]) => ({ ...t, shape: n3 })
-      const out = backend.runWebGPUProgram(
-        programOf(tiles, batch, m, n, transposeA, transposeB),
-        [view(a, [batchA, ra, ca]), view(b, [batchB, rb, cb])],
-        "float32"
-      )
-      // the batch dimensions broadcast as tfjs's own kernel does (e.g. [3, 5] × [1, 5, 2] → [1, 3, 2])
-      const outBatch = tf.backend_util.assertAndGetBroadcastShape(a.shape.slice(0, -2), b.shape.slice(0, -2))
-      return { ...out, shape: [...outBatch, m, n] }
-    }) as never
-  })
+}
+
+/** The product computed by a `BatchMatMul` call; undefined for what our programs do not cover. */
+const productOf = (args: KernelArgs): Product | undefined => {
+  const a = args.inputs["a"] as TF.TensorInfo
+  const b = args.inputs["b"] as TF.TensorInfo
+  const { transposeA, transposeB } = args.attrs as unknown as { transposeA: boolean; transposeB: boolean }
+  const batchA = a.shape.slice(0, -2).reduce((x, y) => x * y, 1)
+  const batchB = b.shape.slice(0, -2).reduce((x, y) => x * y, 1)
+  const sameBatch = a.shape.length === b.shape.length && a.shape.slice(0, -2).every((d, i) => d === b.shape[i])
+  if (a.dtype !== "float32" || b.dtype !== "float32" || !(sameBatch || batchA === 1 || batchB === 1)) return undefined
+  const [ra, ca] = a.shape.slice(-2) as [number, number]
+  const [rb, cb] = b.shape.slice(-2) as [number, number]
+  const k = transposeA ? ra : ca
+  // a batch past 65535 matrices does not fit one dispatch dimension (tfjs's kernel cannot either)
+  if ((transposeB ? cb : rb) !== k || Math.max(batchA, batchB) > 65535) return undefined
+  return { batchA, batchB, m: transposeA ? ca : ra, n: transposeB ? rb : cb, k, transposeA, transposeB }
+}
+
+/** Our kernel with tile shape `t`, for the products it covers. */
+export const tiledKernel = (tf: Tf, t: Tiles): MatMulKernel => ({
+  name: tilesName(t),
+  covers: (p) =>
+    Math.max(p.batchA, p.batchB) * t.split <= 65535 && (!t.vec4 || (p.m % 4 === 0 && p.n % 4 === 0 && p.k % 4 === 0)) &&
+    (t.split === 1 || p.k >= t.split * t.tk),
+  kernelFunc: (args) => {
+    const p = productOf(args)!
+    const a = args.inputs["a"] as TF.TensorInfo
+    const b = args.inputs["b"] as TF.TensorInfo
+    const backend = args.backend as WebGpuBackend
+    const batch = Math.max(p.batchA, p.batchB)
+    // rank-3 views of the operands (tfjs programs take a tensor's shape from the info they are given)
+    const view = (x: TF.TensorInfo, rows: number, cols: number, n: number) => ({ ...x, shape: [n, rows, cols] })
+    let out = backend.runWebGPUProgram(
+      programOf(t, batch, p.m, p.n, p.transposeA, p.transposeB),
+      [view(a, a.shape.at(-2)!, a.shape.at(-1)!, p.batchA), view(b, b.shape.at(-2)!, b.shape.at(-1)!, p.batchB)],
+      "float32"
+    )
+    if (t.split > 1) {
+      const partial = out
+      out = backend.runWebGPUProgram(sumSlices(t.split, batch, p.m, p.n), [partial], "float32")
+      backend.disposeData(partial.dataId)
+    }
+    // the batch dimensions broadcast as tfjs's own kernel does (e.g. [3, 5] × [1, 5, 2] → [1, 3, 2])
+    const outBatch = tf.backend_util.assertAndGetBroadcastShape(a.shape.slice(0, -2), b.shape.slice(0, -2))
+    return { ...out, shape: [...outBatch, p.m, p.n] }
+  }
+})
+
+export type MatMulMode = "tfjs" | "auto" | Tiles
+
+interface State {
+  readonly stock: MatMulKernel
+  mode: MatMulMode
+  /** The kernel of a fixed mode. */
+  fixed: MatMulKernel | undefined
+  /** What `auto` tries. */
+  candidates: ReadonlyArray<MatMulKernel>
+  /** The tuner's choice per product key. */
+  readonly chosen: Map<string, MatMulKernel>
+  /** Products seen since the mode was set, by key. */
+  readonly seen: Map<string, Product>
+  /** A kernel every covered product uses while the tuner times it. */
+  forced: MatMulKernel | undefined
+  readonly report: Array<TuneRow>
+}
+
+let state: State | undefined
+
+/** The kernel a product runs with now. */
+const kernelFor = (s: State, p: Product): MatMulKernel => {
+  const k = s.forced ?? (s.mode === "tfjs" ? s.stock : s.mode === "auto" ? s.chosen.get(productKey(p)) : s.fixed)
+  return k !== undefined && k.covers(p) ? k : s.stock
+}
+
+/**
+ * Chooses how webgpu's `BatchMatMul` runs: `"tfjs"` (tfjs's kernel), a kernel for every product it
+ * covers, or `"auto"` (tfjs's until {@link tuneMatMuls} chose per shape); each call starts over (no
+ * product seen or tuned). `candidates` replaces what `auto` tries (default: tfjs's kernel and every one of {@link kernelNames}). Products our
+ * programs do not cover (non-float32, batch shapes that differ beyond broadcasting one matrix) always
+ * go to tfjs's kernel.
+ */
+export const useMatMul = (tf: Tf, mode: MatMulMode, options: { readonly candidates?: ReadonlyArray<MatMulKernel> } = {}): void => {
+  if (state === undefined) {
+    const original = tf.getKernel("BatchMatMul", "webgpu")?.kernelFunc as KernelFunc | undefined
+    if (original === undefined) return
+    const stock: MatMulKernel = { name: "tfjs", covers: () => true, kernelFunc: original }
+    const s: State = { stock, mode, fixed: undefined, candidates: [], chosen: new Map(), seen: new Map(), forced: undefined, report: [] }
+    state = s
+    tf.unregisterKernel("BatchMatMul", "webgpu")
+    tf.registerKernel({
+      kernelName: "BatchMatMul",
+      backendName: "webgpu",
+      kernelFunc: ((args: KernelArgs) => {
+        const p = productOf(args)
+        if (p === undefined) return stock.kernelFunc(args)
+        s.seen.set(productKey(p), p)
+        return kernelFor(s, p).kernelFunc(args)
+      }) as never
+    })
+  }
+  // a new mode starts over: choices made among other candidates, and the products seen before
+  state.chosen.clear()
+  state.seen.clear()
+  state.forced = undefined
+  state.mode = mode
+  state.fixed = typeof mode === "object" ? tiledKernel(tf, mode) : undefined
+  state.candidates = options.candidates ?? [state.stock, ...kernelNames.map((n) => tiledKernel(tf, parseTiles(n)!))]
+}
+
+/** The matmul mode now (`tfjs` before the webgpu backend loaded). */
+export const matMulMode = (): MatMulMode => state?.mode ?? "tfjs"
+
+/** tfjs's own `BatchMatMul` for webgpu, as a candidate (e.g. to build a candidate list around it). */
+export const stockKernel = (): MatMulKernel | undefined => state?.stock
+
+/** Parses `CONCEPTMOE_MATMUL`: `auto` (also when unset), `tfjs` or a kernel name. */
+export const parseMode = (value: string | undefined): MatMulMode | undefined => {
+  if (value === undefined || value === "" || value === "auto") return "auto"
+  if (value === "tfjs") return "tfjs"
+  return parseTiles(value)
+}
+
+/** What the tuner found for one product: each candidate's kernel time, or why it was left out. */
+export interface TuneRow {
+  readonly product: string
+  readonly chosen: string
+  /** Microseconds per product on the GPU (timestamp queries; wall time where the adapter has none). */
+  readonly us: Record<string, number>
+  /** Candidates whose result disagreed with tfjs's kernel, with the largest difference. */
+  readonly rejected: Record<string, number>
+}
+
+/** Every tuning result so far, and the choices per product. */
+export const matMulTuning = (): ReadonlyArray<TuneRow> => state?.report ?? []
+
+/**
+ * In `auto` mode, times every candidate on every product seen so far and not yet tuned, and keeps
+ * the fastest whose result agrees with tfjs's kernel (largest difference ≤ 1e-3 of the largest
+ * magnitude, on operands drawn from N(0, 1/K)). Each candidate runs once untimed (compiling its
+ * shader), then `reps` times under `tf.time`. Returns the new rows. Nothing to do (an empty list)
+ * in other modes or on other backends.
+ */
+export const tuneMatMuls = async (tf: Tf, options: { readonly reps?: number } = {}): Promise<ReadonlyArray<TuneRow>> => {
+  const s = state
+  if (s === undefined || s.mode !== "auto" || tf.getBackend() !== "webgpu") return []
+  const reps = options.reps ?? 5
+  const rows: Array<TuneRow> = []
+  for (const [key, p] of [...s.seen].filter(([key]) => !s.chosen.has(key))) {
+    const shapeOf = (batch: number, rows: number, cols: number, transpose: boolean) =>
+      [...(p.batchA === p.batchB || batch > 1 ? [batch] : []), ...(transpose ? [cols, rows] : [rows, cols])]
+    const a = tf.randomNormal(shapeOf(p.batchA, p.m, p.k, p.transposeA), 0, 1 / Math.sqrt(p.k), "float32", 1)
+    const b = tf.randomNormal(shapeOf(p.batchB, p.k, p.n, p.transposeB), 0, 1, "float32", 2)
+    const product = () => tf.matMul(a as Tensor, b as Tensor, p.transposeA, p.transposeB) as Tensor
+    const us: Record<string, number> = {}
+    const rejected: Record<string, number> = {}
+    let reference: Tensor | undefined
+    let scale = 0
+    try {
+      for (const c of s.candidates.filter((c) => c.covers(p))) {
+        s.forced = c
+        const out = product()
+        if (reference === undefined) {
+          // the first candidate that runs is compared with tfjs's kernel like the rest
+          s.forced = s.stock
+          reference = product()
+          const top = tf.tidy(() => tf.max(tf.abs(reference!)))
+          scale = (await top.data())[0]!
+          top.dispose()
+          s.forced = c
+        }
+        const diff = tf.tidy(() => tf.max(tf.abs(tf.sub(out, reference!))))
+        const worst = (await diff.data())[0]!
+        tf.dispose([out, diff])
+        if (!(worst <= 1e-3 * Math.max(scale, 1e-6))) {
+          rejected[c.name] = worst
+          continue
+        }
+        const timing = (await tf.time(() => {
+          for (let i = 0; i < reps; i++) tf.dispose(product())
+        })) as unknown as { kernelMs: number | { error: string }; wallMs: number }
+        us[c.name] = Number((((typeof timing.kernelMs === "number" ? timing.kernelMs : timing.wallMs) / reps) * 1000).toFixed(2))
+      }
+    } finally {
+      s.forced = undefined
+      tf.dispose([a, b, ...(reference === undefined ? [] : [reference])])
+    }
+    const best = Object.entries(us).sort((x, y) => x[1] - y[1])[0]?.[0]
+    const kernel = s.candidates.find((c) => c.name === best) ?? s.stock
+    s.chosen.set(key, kernel)
+    rows.push({ product: key, chosen: kernel.name, us, rejected })
+  }
+  s.report.push(...rows)
+  return rows
+}
+
+/** How many products use each kernel now, e.g. `{ "128x128x8/8x8/v4": 5, tfjs: 2 }`. */
+export const matMulChoices = (): Record<string, number> => {
+  const counts: Record<string, number> = {}
+  if (state === undefined) return counts
+  for (const p of state.seen.values()) {
+    const name = kernelFor(state, p).name
+    counts[name] = (counts[name] ?? 0) + 1
+  }
+  return counts
+}
+
+/** One line for a log: how many products each kernel won, and the time the tuned kernels save. */
+export const describeTuning = (rows: ReadonlyArray<TuneRow>): string => {
+  const wins = new Map<string, number>()
+  let stock = 0
+  let best = 0
+  for (const r of rows) {
+    wins.set(r.chosen, (wins.get(r.chosen) ?? 0) + 1)
+    stock += r.us["tfjs"] ?? 0
+    best += r.us[r.chosen] ?? 0
+  }
+  const kernels = [...wins].sort((a, b) => b[1] - a[1]).map(([k, n]) => `${k} ×${n}`).join(", ")
+  const gain = stock > 0 && best > 0 ? `; ${(stock / 1000).toFixed(2)} → ${(best / 1000).toFixed(2)} ms for one of each (tfjs's kernel → chosen)` : ""
+  return `tuned ${rows.length} product shape(s): ${kernels}${gain}`
 }

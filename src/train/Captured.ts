@@ -9,11 +9,15 @@
  * recorded dispatches in one command buffer. Otherwise every step stays a tfjs step, and `mode`
  * says why. Results equal the eager steps' (test/webgpu.test.ts).
  *
+ * With `CONCEPTMOE_MATMUL=auto` (the default), the matmul products of step 0 are tuned before step 1
+ * (`runtime/MatMul.ts`): step 0 runs tfjs's kernel, later steps the fastest that agrees with it.
+ *
  * @since 0.3.0
  */
 import type { Tensor } from "../graph/Apply.ts"
 import { type Captured, capture, difference, NotCapturable, writeFeeds } from "../runtime/Capture.ts"
 import { type Batch, type Feeds, feedValues, type Lowered, recordReads } from "../runtime/Lower.ts"
+import { type TuneRow, tuneMatMuls } from "../runtime/MatMul.ts"
 import { failOnGpuErrors, type Optimizer, stepInputValues, stepOnDevice, trainStepAsync, type TrainSettings } from "./Step.ts"
 
 export type Mode =
@@ -31,6 +35,8 @@ export interface CapturedTrainer {
    * encoding and submit), in ms: the part of a step that the recording removes.
    */
   readonly issueMs: () => number
+  /** What tuning the matmuls after step 0 found (empty when nothing was tuned). */
+  readonly tuned: () => ReadonlyArray<TuneRow>
   /** Frees the recording and the feed tensors. */
   readonly dispose: () => void
 }
@@ -74,6 +80,7 @@ export const capturedTrainer = (
   let phase = 0
   let issued = NaN
   let readsHost = false
+  let tuned: ReadonlyArray<TuneRow> = []
 
   const read = async (outputs: ReadonlyArray<Tensor>) => {
     const [total, ce, aux] = await Promise.all(outputs.map((t) => t.data()))
@@ -103,6 +110,8 @@ export const capturedTrainer = (
         if (mode.mode === "warming") mode = { mode: "eager", reason: `the model reads ${reads.length} host value(s) per step (concept boundaries)` }
       }
     }
+    // the products step 0 ran, before anything is recorded
+    if (call === 1) tuned = await tuneMatMuls(tf)
     if (readsHost) return trainStepAsync(low, opt, batch, settings, s)
     if (recording !== undefined) {
       const t0 = performance.now()
@@ -170,6 +179,7 @@ export const capturedTrainer = (
     step,
     mode: () => mode,
     issueMs: () => issued,
+    tuned: () => tuned,
     dispose: () => {
       first?.dispose()
       recording?.dispose()

@@ -15,6 +15,7 @@ import { type Lowered, materialize, release } from "../runtime/Lower.ts"
 import { CheckpointError, read as readCheckpoint, type TensorData, write as writeCheckpoint } from "./Checkpoint.ts"
 import { byteTokenizer, type Stream, sotuSplits, trainBatch, validationBatches } from "./Data.ts"
 import { capturedTrainer } from "./Captured.ts"
+import { describeTuning } from "../runtime/MatMul.ts"
 import { evaluate, evaluateAsync, newOptimizer, type Optimizer, syncReads, trainStep, type TrainSettings } from "./Step.ts"
 
 export * from "./Step.ts"
@@ -170,6 +171,7 @@ export const train = (
       const t0 = performance.now()
       const r = trainer === undefined ? trainStep(low, opt, batch, settings, step) : yield* Effect.promise(() => trainer.step(batch, step))
       const now = trainer?.mode()
+      if (step === start + 1 && trainer !== undefined && trainer.tuned().length > 0) yield* log(`matmul: ${describeTuning(trainer.tuned())}`)
       if (now !== undefined && now.mode !== mode) {
         mode = now.mode
         if (now.mode === "replay") yield* log(`steps from ${step + 2} on replay a recorded step (${now.dispatches} GPU dispatches)`)

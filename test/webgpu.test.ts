@@ -11,7 +11,7 @@ import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
 import { adamStepValues, adamw, makeActivate, makeMaskedNll, makeRmsNorm, makeRotate } from "../src/runtime/Fused.ts"
 import { makeOneHot } from "../src/runtime/Fixes.ts"
-import { kernelNames, matMulChoices, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
+import { kernelNames, matMulChoices, tilesName, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
 import { capture, NotCapturable, writeFeeds } from "../src/runtime/Capture.ts"
 import { capturedTrainer } from "../src/train/Captured.ts"
@@ -290,8 +290,11 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     } finally {
       useMatMul(tf, "tfjs")
     }
-    for (const bad of ["64x64x16/3x4", "64x64x0/4x4", "256x256x16/4x4", "64x64x16/4x2/v4", "64x64x16/4x4/k0", "64x64x16/4x4/v2"]) assert.isUndefined(parseTiles(bad), bad)
-    assert.deepStrictEqual(parseTiles("128x64x16/8x4/v4/k2"), { tm: 128, tn: 64, tk: 16, rm: 8, rn: 4, vec4: true, split: 2 })
+    for (const bad of ["64x64x16/3x4", "64x64x0/4x4", "256x256x16/4x4", "64x64x16/4x2/v4", "64x64x16/4x4/k0", "64x64x16/4x4/v2", "64x64x16/4x4/db", "64x64x8/4x4/v4/db"]) {
+      assert.isUndefined(parseTiles(bad), bad)
+    }
+    assert.deepStrictEqual(parseTiles("128x64x16/8x4/v4/db/k2"), { tm: 128, tn: 64, tk: 16, rm: 8, rn: 4, vec4: true, prefetch: true, split: 2 })
+    for (const name of kernelNames) assert.strictEqual(tilesName(parseTiles(name)!), name)
     assert.deepStrictEqual([parseMode(undefined), parseMode("auto"), parseMode("tfjs"), parseMode("32x32")], ["auto", "auto", "tfjs", undefined])
     assert.deepStrictEqual(gpuErrors(), [])
   })

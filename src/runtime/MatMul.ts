@@ -3,13 +3,15 @@
  * `BatchMatMul` kernel, and a tuner that picks, per product shape, the fastest of them and tfjs's
  * own kernel on the GPU at hand (as `torch.backends.cudnn.benchmark` does for convolutions).
  *
- * A kernel is named `TMxTNxTK/RMxRN[/v4][/kS]`:
+ * A kernel is named `TMxTNxTK/RMxRN[/v4[/db]][/kS]`:
  * - a workgroup computes a `TM × TN` tile of the output with `(TM/RM)·(TN/RN)` threads, each holding
  *   an `RM × RN` block of accumulators; the operands pass through workgroup memory `TK` deep;
  * - `v4` reads the operands and writes the output as `vec4<f32>`, keeps a thread's accumulators as
  *   named vec4 registers (no dynamic indexing) and gives a thread the column groups `tx + j·(TN/RN)`,
  *   so neighbouring threads read neighbouring words of workgroup memory; it needs M, N and K
- *   divisible by 4 (other products go to the scalar program of the same tiles);
+ *   divisible by 4 (other products go to tfjs's kernel);
+ * - `db` (with v4) issues the next tile's global reads into registers before the current tile is
+ *   used, so their latency hides behind its arithmetic (one tile of workgroup memory, two barriers);
  * - `kS` splits K into S slices computed by separate workgroups (for products with a small output
  *   and a long K, such as weight gradients) and sums them with a second dispatch.
  * Operands are read in their stored layouts (transposed ones too); batches broadcast when one side
@@ -36,6 +38,8 @@ export interface Tiles {
   readonly rn: number
   /** vec4 loads, stores and accumulators (M, N, K divisible by 4). */
   readonly vec4: boolean
+  /** vec4 only: the next tile's global reads are issued into registers before the current tile is used. */
+  readonly prefetch: boolean
   /** Slices of K, summed by a second dispatch (1: none). */
   readonly split: number
 }
@@ -52,24 +56,32 @@ export const kernelNames: ReadonlyArray<string> = [
   "64x128x16/4x8/v4",
   "128x128x8/8x8/v4",
   "128x128x16/8x8/v4",
+  "64x64x16/4x4/v4/db",
+  "128x64x16/8x4/v4/db",
+  "128x128x8/8x8/v4/db",
+  "128x128x16/8x8/v4/db",
   "64x64x16/4x4/v4/k4",
   "128x128x8/8x8/v4/k4"
 ]
 
 /** The name of a kernel, as {@link parseTiles} reads it. */
-export const tilesName = (t: Tiles): string => `${t.tm}x${t.tn}x${t.tk}/${t.rm}x${t.rn}${t.vec4 ? "/v4" : ""}${t.split > 1 ? `/k${t.split}` : ""}`
+export const tilesName = (t: Tiles): string =>
+  `${t.tm}x${t.tn}x${t.tk}/${t.rm}x${t.rn}${t.vec4 ? "/v4" : ""}${t.prefetch ? "/db" : ""}${t.split > 1 ? `/k${t.split}` : ""}`
 
-/** Parses `TMxTNxTK/RMxRN[/v4][/kS]`; undefined if it is not a valid kernel. */
+/** Parses `TMxTNxTK/RMxRN[/v4[/db]][/kS]`; undefined if it is not a valid kernel. */
 export const parseTiles = (s: string): Tiles | undefined => {
-  const m = /^(\d+)x(\d+)x(\d+)\/(\d+)x(\d+)(\/v4)?(?:\/k(\d+))?$/.exec(s.trim())
+  const m = /^(\d+)x(\d+)x(\d+)\/(\d+)x(\d+)(\/v4)?(\/db)?(?:\/k(\d+))?$/.exec(s.trim())
   if (m === null) return undefined
   const [tm, tn, tk, rm, rn] = m.slice(1, 6).map(Number) as [number, number, number, number, number]
   const vec4 = m[6] !== undefined
-  const split = m[7] === undefined ? 1 : Number(m[7])
+  const prefetch = m[7] !== undefined
+  const split = m[8] === undefined ? 1 : Number(m[8])
   const threads = (tm / rm) * (tn / rn)
   const ok = [tm, tn, tk, rm, rn].every((x) => x >= 1) && tm % rm === 0 && tn % rn === 0 && threads >= 1 && threads <= 256 &&
-    (tm + tn) * tk * 4 <= 16384 && split >= 1 && split <= 64 && (!vec4 || (rm % 4 === 0 && rn % 4 === 0 && tk % 4 === 0))
-  return ok ? { tm, tn, tk, rm, rn, vec4, split } : undefined
+    (tm + tn) * tk * 4 <= 16384 && split >= 1 && split <= 64 && (!vec4 || (rm % 4 === 0 && rn % 4 === 0 && tk % 4 === 0)) &&
+    // prefetching keeps a whole number of each tile's vec4s per thread in registers
+    (!prefetch || (vec4 && ((tm * tk) / 4) % threads === 0 && ((tn * tk) / 4) % threads === 0))
+  return ok ? { tm, tn, tk, rm, rn, vec4, prefetch, split } : undefined
 }
 
 /** One product: `batch × (M × K) · (K × N)` with the operands' stored layouts. */
@@ -189,6 +201,17 @@ ${load(t.tk * t.tn, bLoad, "n", "col0 + nn", "N", b, `Bs[kk * ${t.tn} + nn]`)}
 
 const range = (n: number) => Array.from({ length: n }, (_, i) => i)
 
+/** One operand's tile load in the vec4 program (see `vec4Source`). */
+interface Operand {
+  readonly count: number
+  /** The slot's place in the tile (from `i`), and in the matrix (from `row0`/`col0` and `k0`). */
+  readonly coords: string
+  readonly at: string
+  readonly inside: string
+  readonly read: string
+  readonly store: string
+}
+
 /**
  * The WGSL of the vec4 program (M, N, K divisible by 4). Workgroup memory holds A's tile as
  * `[TK][TM/4]` and B's as `[TK][TN/4]` vec4s; a thread owns rows `ty·RM + i` (contiguous, read as
@@ -199,42 +222,54 @@ const vec4Source = (t: Tiles, transposeA: boolean, transposeB: boolean) => {
   const threads = wx * (t.tm / t.rm)
   const [tm4, tn4, tk4, rm4, rn4] = [t.tm / 4, t.tn / 4, t.tk / 4, t.rm / 4, t.rn / 4]
   const components = ["x", "y", "z", "w"]
-  // a vec4 along the operand's contiguous axis; the tile coordinates of thread slot i
+  // each operand's tile as slots i of vec4s along its contiguous axis: the slot's coordinates, when
+  // it is inside the matrix and the slice of K, its global read, and its store into workgroup memory
   const scatter = (slot: (c: number) => string) => range(4).map((c) => `${slot(c)} = v[${c}];`).join(" ")
-  const loadA = transposeA
-    ? `
-      for (var i = tid; i < ${t.tk * tm4}; i = i + ${threads}) {
-        let mm4 = i % ${tm4}; let kk = i / ${tm4};
-        let m = row0 + mm4 * 4; let k = k0 + kk;
-        var v = vec4<f32>(0.0);
-        if (m < M && k < kEnd) { v = A[(aBase + k * M + m) / 4]; }
-        As[kk * ${tm4} + mm4] = v;
-      }`
-    : `
-      for (var i = tid; i < ${t.tm * tk4}; i = i + ${threads}) {
-        let kk4 = i % ${tk4}; let mm = i / ${tk4};
-        let m = row0 + mm; let k = k0 + kk4 * 4;
-        var v = vec4<f32>(0.0);
-        if (m < M && k < kEnd) { v = A[(aBase + m * K + k) / 4]; }
-        ${scatter((c) => `As[(kk4 * 4 + ${c}) * ${tm4} + mm / 4][mm % 4]`)}
-      }`
-  const loadB = transposeB
-    ? `
-      for (var i = tid; i < ${t.tn * tk4}; i = i + ${threads}) {
-        let kk4 = i % ${tk4}; let nn = i / ${tk4};
-        let n = col0 + nn; let k = k0 + kk4 * 4;
-        var v = vec4<f32>(0.0);
-        if (n < N && k < kEnd) { v = B[(bBase + n * K + k) / 4]; }
-        ${scatter((c) => `Bs[(kk4 * 4 + ${c}) * ${tn4} + nn / 4][nn % 4]`)}
-      }`
-    : `
-      for (var i = tid; i < ${t.tk * tn4}; i = i + ${threads}) {
-        let nn4 = i % ${tn4}; let kk = i / ${tn4};
-        let n = col0 + nn4 * 4; let k = k0 + kk;
-        var v = vec4<f32>(0.0);
-        if (n < N && k < kEnd) { v = B[(bBase + k * N + n) / 4]; }
-        Bs[kk * ${tn4} + nn4] = v;
-      }`
+  const a: Operand = transposeA
+    ? { count: t.tk * tm4, coords: `let mm4 = i % ${tm4}; let kk = i / ${tm4};`, at: "let m = row0 + mm4 * 4; let k = k0 + kk;", inside: "m < M && k < kEnd", read: "A[(aBase + k * M + m) / 4]", store: `As[kk * ${tm4} + mm4] = v;` }
+    : { count: t.tm * tk4, coords: `let kk4 = i % ${tk4}; let mm = i / ${tk4};`, at: "let m = row0 + mm; let k = k0 + kk4 * 4;", inside: "m < M && k < kEnd", read: "A[(aBase + m * K + k) / 4]", store: scatter((c) => `As[(kk4 * 4 + ${c}) * ${tm4} + mm / 4][mm % 4]`) }
+  const b: Operand = transposeB
+    ? { count: t.tn * tk4, coords: `let kk4 = i % ${tk4}; let nn = i / ${tk4};`, at: "let n = col0 + nn; let k = k0 + kk4 * 4;", inside: "n < N && k < kEnd", read: "B[(bBase + n * K + k) / 4]", store: scatter((c) => `Bs[(kk4 * 4 + ${c}) * ${tn4} + nn / 4][nn % 4]`) }
+    : { count: t.tk * tn4, coords: `let nn4 = i % ${tn4}; let kk = i / ${tn4};`, at: "let n = col0 + nn4 * 4; let k = k0 + kk;", inside: "n < N && k < kEnd", read: "B[(bBase + k * N + n) / 4]", store: `Bs[kk * ${tn4} + nn4] = v;` }
+  const fetch = (o: Operand) => `${o.at} var v = vec4<f32>(0.0); if (${o.inside}) { v = ${o.read}; }`
+  // straight: every tile loaded, then used; prefetched: the next tile's reads are issued into
+  // registers before the current tile is used, and stored after it
+  const load = (o: Operand) => `
+      for (var i = tid; i < ${o.count}; i = i + ${threads}) { ${o.coords} ${fetch(o)} ${o.store} }`
+  const slots = (o: Operand, name: string) => range(o.count / threads).map((r) => [`${name}${r}`, `let i = tid + ${r * threads};`] as const)
+  const prefetch = (o: Operand, name: string) =>
+    slots(o, name).map(([reg, at]) => `{ ${at} ${o.coords} ${fetch(o)} ${reg} = v; }`).join("\n        ")
+  const storeFetched = (o: Operand, name: string) =>
+    slots(o, name).map(([reg, at]) => `{ ${at} ${o.coords} let v = ${reg}; ${o.store} }`).join("\n      ")
+  const registers = [...slots(a, "pa"), ...slots(b, "pb")].map(([reg]) => `var ${reg} : vec4<f32>;`).join(" ")
+  const tileLoop = (compute: string) =>
+    t.prefetch
+      ? `
+    ${registers}
+    {
+      let k0 = kStart;
+      ${prefetch(a, "pa")}
+      ${prefetch(b, "pb")}
+    }
+    // bounds from uniforms only: workgroupBarrier needs uniform control flow
+    for (var kb = 0; kb < kChunk; kb = kb + ${t.tk}) {
+      ${storeFetched(a, "pa")}
+      ${storeFetched(b, "pb")}
+      workgroupBarrier();
+      if (kb + ${t.tk} < kChunk) {
+        let k0 = kStart + kb + ${t.tk};
+        ${prefetch(a, "pa")}
+        ${prefetch(b, "pb")}
+      }${compute}
+      workgroupBarrier();
+    }`
+      : `
+    // bounds from uniforms only: workgroupBarrier needs uniform control flow
+    for (var kb = 0; kb < kChunk; kb = kb + ${t.tk}) {
+      let k0 = kStart + kb;${load(a)}${load(b)}
+      workgroupBarrier();${compute}
+      workgroupBarrier();
+    }`
   const acc = (r: number, j: number) => `acc_${r}_${j}`
   const cells = range(t.rm).flatMap((r) => range(rn4).map((j) => [r, j] as const))
   return `
@@ -242,17 +277,12 @@ const vec4Source = (t: Tiles, transposeA: boolean, transposeB: boolean) => {
   var<workgroup> Bs : array<vec4<f32>, ${t.tk * tn4}>;
   fn main() {${header(t, transposeA)}
     ${cells.map(([r, j]) => `var ${acc(r, j)} = vec4<f32>(0.0);`).join("\n    ")}
-    // bounds from uniforms only: workgroupBarrier needs uniform control flow
-    for (var kb = 0; kb < kChunk; kb = kb + ${t.tk}) {
-      let k0 = kStart + kb;${loadA}${loadB}
-      workgroupBarrier();
+${tileLoop(`
       for (var kk = 0; kk < ${t.tk}; kk = kk + 1) {
         ${range(rm4).map((i) => `let a${i} = As[kk * ${tm4} + ty * ${rm4} + ${i}];`).join("\n        ")}
         ${range(rn4).map((j) => `let b${j} = Bs[kk * ${tn4} + tx + ${j * wx}];`).join("\n        ")}
         ${cells.map(([r, j]) => `${acc(r, j)} = fma(vec4<f32>(a${Math.floor(r / 4)}.${components[r % 4]}), b${j}, ${acc(r, j)});`).join("\n        ")}
-      }
-      workgroupBarrier();
-    }
+      }`)}
     ${range(t.rm).map((r) => `
     {
       let m = row0 + ty * ${t.rm} + ${r};

@@ -59,8 +59,8 @@ const measure = async (tf: Tf, backend: BackendName, w: typeof workloads[number]
   let first = NaN
   let counted: Counts | undefined
   for (let s = 0; s < 3 + timed; s++) {
-    // the second warm-up step of a tfjs run is counted (and not timed)
-    const counter = s === 1 && trainer !== undefined && !replay ? countDispatches(tf) : undefined
+    // the third warm-up step of a tfjs run is counted (and not timed; the second tunes the matmuls)
+    const counter = s === 2 && trainer !== undefined && !replay ? countDispatches(tf) : undefined
     const t0 = performance.now()
     const r = trainer !== undefined ? await trainer.step(batch, s) : syncReads(tf) ? trainStep(low, opt, batch, settings, s) : await trainStepAsync(low, opt, batch, settings, s)
     if (counter !== undefined) counted = counter.stop()

@@ -6,7 +6,7 @@ import { assert, describe, it, layer } from "@effect/vitest"
 import { Effect } from "effect"
 import * as fs from "node:fs"
 import * as path from "node:path"
-import { Tensors, layer as backendLayer, load } from "../src/runtime/Backend.ts"
+import { dawnFlags, Tensors, layer as backendLayer, load } from "../src/runtime/Backend.ts"
 import { loss, materialize } from "../src/runtime/Lower.ts"
 import { verify } from "../src/runtime/Verify.ts"
 import { load as loadJson, loadFile, root } from "./support/models.ts"
@@ -81,6 +81,19 @@ layer(backendLayer("cpu"))("runtime on cpu", (it) => {
       const { analysis } = yield* program
       assert.throws(() => materialize(tf, analysis, 1), /block kind "factorized-mlp" at layers\/0\/ffn\/mlp has no tensor implementation/)
     }))
+})
+
+describe("Dawn's flags", () => {
+  it("turn timestamp quantization off unless DAWN_FLAGS names it, merging with the user's disabled toggles", () => {
+    const off = "disable-dawn-features=timestamp_quantization"
+    assert.deepStrictEqual(dawnFlags(undefined), [off])
+    assert.deepStrictEqual(dawnFlags("  enable-dawn-features=disable_robustness,allow_unsafe_apis "), ["enable-dawn-features=disable_robustness,allow_unsafe_apis", off])
+    assert.deepStrictEqual(dawnFlags("disable-dawn-features=lazy_clear_resource_on_first_use backend=vulkan"), [
+      "disable-dawn-features=lazy_clear_resource_on_first_use,timestamp_quantization",
+      "backend=vulkan"
+    ])
+    assert.deepStrictEqual(dawnFlags("enable-dawn-features=timestamp_quantization"), ["enable-dawn-features=timestamp_quantization"])
+  })
 })
 
 describe("backends agree", () => {

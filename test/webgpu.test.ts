@@ -375,6 +375,19 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     assert.deepStrictEqual(gpuErrors(), [])
   })
 
+  it("GPU timestamps are not quantized (the tuner times kernels of a few µs)", async () => {
+    const a = tf.randomNormal([64, 64])
+    const times: Array<number> = []
+    for (let i = 0; i < 6; i++) {
+      const t = (await tf.time(() => tf.dispose(tf.add(a, a)))) as unknown as { kernelMs: number }
+      times.push(t.kernelMs)
+    }
+    a.dispose()
+    // Dawn's default rounds every timestamp to 32.768 µs: every time would be a multiple of it
+    const quantum = 0.032768
+    assert.isTrue(times.some((ms) => Math.abs(ms / quantum - Math.round(ms / quantum)) > 1e-3), times.join(", "))
+  })
+
   it("addN of more tensors than a shader may bind sums them (fix 6)", async () => {
     const [cpu, web] = await onBoth(() => tf.tidy(() => tf.addN(Array.from({ length: 20 }, (_, i) => tf.fill([5], i + 0.5)))))
     assert.deepStrictEqual(Array.from(web), Array.from(cpu))

@@ -4,8 +4,9 @@
  * - `wasm` (default on CPU): XNNPACK SIMD, tfjs-backend-wasm;
  * - `cpu`: the plain JavaScript reference;
  * - `webgpu`: tfjs-backend-webgpu on the npm package `webgpu` (Dawn), loaded only when both are
- *   installed and an adapter exists; `DAWN_FLAGS` (space-separated) go to Dawn's `create`, e.g.
- *   `enable-dawn-features=disable_robustness`; `CONCEPTMOE_MATMUL` chooses the matmul (`MatMul.ts`);
+ *   installed and an adapter exists; `DAWN_FLAGS` (space-separated) go to Dawn's `create`
+ *   ({@link dawnFlags}: timestamps unquantized unless they say otherwise); `CONCEPTMOE_MATMUL`
+ *   chooses the matmul (`MatMul.ts`);
  * - `tensorflow`: tfjs-node-gpu or tfjs-node, loaded only when installed. They cannot be installed
  *   on this project's machines (their install script downloads libtensorflow), so this path is
  *   untested here.
@@ -47,6 +48,21 @@ export class Tensors extends Context.Service<Tensors, Runtime>()("conceptmoe/Ten
 
 const dynamicImport = (specifier: string): Promise<unknown> => import(specifier)
 
+/**
+ * The flags for Dawn's `create`: `DAWN_FLAGS` (space-separated, e.g.
+ * `enable-dawn-features=disable_robustness`), with Dawn's timestamp quantization turned off unless
+ * they name it. Dawn rounds GPU timestamps to 32.768 µs by default (a browser's defence against
+ * timing attacks); kernels of a few µs then time as 0 or 32.8 µs, and the matmul tuner
+ * (`MatMul.ts`) and the step profile read garbage.
+ */
+export const dawnFlags = (given: string | undefined): Array<string> => {
+  const flags = (given ?? "").split(/\s+/).filter((s) => s !== "")
+  if (flags.some((f) => f.includes("timestamp_quantization"))) return flags
+  const i = flags.findIndex((f) => f.startsWith("disable-dawn-features="))
+  if (i < 0) return [...flags, "disable-dawn-features=timestamp_quantization"]
+  return flags.map((f, j) => (j === i ? `${f},timestamp_quantization` : f))
+}
+
 /** Loads tfjs and a backend, and installs the fixes. */
 export const load = (name: BackendName): Effect.Effect<Runtime, BackendError> =>
   Effect.tryPromise({
@@ -66,7 +82,7 @@ export const load = (name: BackendName): Effect.Effect<Runtime, BackendError> =>
         }
         Object.assign(globalThis, webgpu.globals)
         Object.defineProperty(globalThis, "navigator", {
-          value: { gpu: webgpu.create((process.env["DAWN_FLAGS"] ?? "").split(/\s+/).filter((s) => s !== "")) },
+          value: { gpu: webgpu.create(dawnFlags(process.env["DAWN_FLAGS"])) },
           configurable: true
         })
         await dynamicImport("@tensorflow/tfjs-backend-webgpu")

@@ -13,7 +13,7 @@ import { adamStepValues, adamw, makeActivate, makeMaskedNll, makeRmsNorm, makeRo
 import { makeOneHot } from "../src/runtime/Fixes.ts"
 import { kernelNames, matMulChoices, tilesName, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
-import { capture, NotCapturable, writeFeeds } from "../src/runtime/Capture.ts"
+import { capture, NotCapturable, type StepProfile, writeFeeds } from "../src/runtime/Capture.ts"
 import { capturedTrainer } from "../src/train/Captured.ts"
 import { session } from "../src/runtime/Decode.ts"
 import { forward, recordReads, replay } from "../src/runtime/Lower.ts"
@@ -104,13 +104,20 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       const opt = newOptimizer(low)
       const trainer = recorded ? capturedTrainer(low, opt, settings, 2, 16) : undefined
       const losses: Array<number> = []
-      for (let s = 0; s < steps; s++) losses.push((trainer === undefined ? await trainStepAsync(low, opt, batchAt(s), settings, s) : await trainer.step(batchAt(s), s)).loss)
+      const profiles: Array<StepProfile> = []
+      for (let s = 0; s < steps; s++) {
+        // the last two replays are timed on the GPU: they must compute what the others do
+        const profile = s === steps - 2 ? "dispatches" : s === steps - 1 ? "step" : undefined
+        const r = trainer === undefined ? await trainStepAsync(low, opt, batchAt(s), settings, s) : await trainer.step(batchAt(s), s, profile === undefined ? {} : { profile })
+        losses.push(r.loss)
+        if ("profile" in r && r.profile !== undefined) profiles.push(r.profile)
+      }
       const params = await values(low)
       const mode = trainer?.mode()
       trainer?.dispose()
       release(low)
       tf.dispose([...opt.m.values(), ...opt.v.values()])
-      return { losses, params, mode }
+      return { losses, params, mode, profiles }
     }
     return { eager: await run(false), recorded: await run(true) }
   }
@@ -119,9 +126,23 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     it(`${name}: recorded and replayed training steps equal tfjs's steps exactly`, async () => {
       const { eager, recorded } = await trainBoth(cfg, 7)
       assert.strictEqual(recorded.mode?.mode, "replay")
-      // steps 3–6 were replays; batches, document starts and missing targets change every step
+      // steps 3–6 were replays (5 and 6 timed on the GPU); batches, document starts and missing
+      // targets change every step
       assert.deepStrictEqual(recorded.losses, eager.losses)
       recorded.params.forEach((p, i) => assert.deepStrictEqual(Array.from(p), Array.from(eager.params[i]!), `parameter ${i}`))
+      // the profiles: every dispatch timed and named after its program, and the whole step's span
+      const [each, whole] = recorded.profiles as [StepProfile, StepProfile]
+      const mode = recorded.mode as { dispatches: number }
+      assert.strictEqual(each.dispatches!.length, mode.dispatches)
+      const programs = new Set(each.dispatches!.map((d) => d.program))
+      assert.isTrue([...programs].some((p) => /MatMul/i.test(p)), [...programs].join(", "))
+      assert.isTrue(programs.has("ConceptmoeAdamWeights"))
+      assert.isTrue(each.dispatches!.every((d) => d.us >= 0 && d.shape !== ""), JSON.stringify(each.dispatches!.filter((d) => !(d.us >= 0 && d.shape !== "")).slice(0, 3)))
+      const kernelMs = each.dispatches!.reduce((a, d) => a + d.us, 0) / 1000
+      assert.isAbove(kernelMs, 0)
+      assert.isAtLeast(each.gpuMs, kernelMs)
+      assert.isUndefined(whole.dispatches)
+      assert.isAbove(whole.gpuMs, 0)
     })
   }
 

@@ -5,7 +5,11 @@
  * once and replayed, `src/train/Captured.ts`): params, the median step time over the timed steps
  * after 3 warm-ups, the median host time until the step's work is handed to the GPU
  * (`issueMsMedian`), the first loss, and the compute dispatches per step (for tfjs steps also the
- * host uploads and the programs dispatched most). With `CONCEPTMOE_MATMUL=auto` (the default) the
+ * host uploads and the programs dispatched most). A replayed model then runs two more steps timed
+ * on the GPU with timestamp queries (`Captured.profile`): `gpuStepMs` (the replayed step's span on
+ * the GPU), `gpuKernelsMs` (its dispatches' kernel times summed, each timed in a pass of its own),
+ * `gpuMatMulMs` (the matmul programs' share) and `gpuTop` (the 10 costliest program/output-shape
+ * pairs, ms per step). With `CONCEPTMOE_MATMUL=auto` (the default) the
  * first trainer of a model tunes its matmul products after step 0 (untimed): a `{ tune }` line per
  * product shape (each candidate's µs) and a `matmul` summary on the model's line.
  *
@@ -41,6 +45,28 @@ const batchOf = (rows: number, length: number): Batch => ({
   targets: new Int32Array(rows * length).map((_, i) => (i * 11 + 3) % 256)
 })
 
+const gpuTimestamps = (tf: Tf) => (tf.backend() as unknown as { device?: { features: { has: (f: string) => boolean } } }).device?.features.has("timestamp-query") === true
+
+/**
+ * The GPU side of a replayed step: its span on the GPU, the sum of its kernels' times (each in a
+ * pass of its own), the share of matmul programs, and the programs (with output shape) that take most.
+ */
+const gpuSummary = (gpuMs: number, dispatches: ReadonlyArray<{ program: string; shape: string; us: number }>) => {
+  const total = (ds: ReadonlyArray<{ us: number }>) => Number((ds.reduce((a, d) => a + d.us, 0) / 1000).toFixed(3))
+  const byKernel = new Map<string, { n: number; us: number }>()
+  for (const d of dispatches) {
+    const key = `${d.program} → ${d.shape}`
+    const e = byKernel.get(key) ?? { n: 0, us: 0 }
+    byKernel.set(key, { n: e.n + 1, us: e.us + d.us })
+  }
+  return {
+    gpuStepMs: Number(gpuMs.toFixed(3)),
+    gpuKernelsMs: total(dispatches),
+    gpuMatMulMs: total(dispatches.filter((d) => /matmul/i.test(d.program))),
+    gpuTop: Object.fromEntries([...byKernel].sort((a, b) => b[1].us - a[1].us).slice(0, 10).map(([k, e]) => [`${k} ×${e.n}`, Number((e.us / 1000).toFixed(3))]))
+  }
+}
+
 const median = (xs: ReadonlyArray<number>) => {
   const v = [...xs].sort((a, b) => a - b)
   return v.length === 0 ? NaN : Number(v[Math.floor(v.length / 2)]!.toFixed(2))
@@ -70,6 +96,13 @@ const measure = async (tf: Tf, backend: BackendName, w: typeof workloads[number]
       if (trainer !== undefined) issue.push(trainer.issueMs())
     }
   }
+  // a replayed model: two more steps timed on the GPU, the step as it runs and dispatch by dispatch
+  let gpu: Record<string, unknown> = {}
+  if (trainer?.mode().mode === "replay" && gpuTimestamps(tf)) {
+    const whole = (await trainer.step(batch, 3 + timed, { profile: "step" })).profile
+    const each = (await trainer.step(batch, 4 + timed, { profile: "dispatches" })).profile
+    if (whole !== undefined && each?.dispatches !== undefined) gpu = gpuSummary(whole.gpuMs, each.dispatches)
+  }
   const mode = trainer?.mode()
   const tuned = trainer?.tuned() ?? []
   for (const row of tuned) console.log(JSON.stringify({ tune: row }))
@@ -85,6 +118,7 @@ const measure = async (tf: Tf, backend: BackendName, w: typeof workloads[number]
     firstLoss: first,
     ...(tuned.length > 0 ? { matmul: describeTuning(tuned) } : {}),
     ...(mode?.mode === "replay" ? { dispatchesPerStep: mode.dispatches } : {}),
+    ...gpu,
     ...(mode?.mode === "eager" && replay ? { notReplayed: mode.reason } : {}),
     ...(counted === undefined ? {} : {
       dispatchesPerStep: counted.dispatches,

@@ -42,6 +42,7 @@ export class NotCapturable extends Error {
 interface GpuBuffer {
   readonly size: number
   readonly usage: number
+  mapAsync: (mode: number) => Promise<void>
   getMappedRange: (offset?: number, size?: number) => ArrayBuffer
   unmap: () => void
   destroy: () => void
@@ -54,13 +55,17 @@ interface ComputePass {
   end: () => void
 }
 interface CommandEncoder {
-  beginComputePass: (desc?: { timestampWrites?: unknown }) => ComputePass
+  beginComputePass: (desc?: { timestampWrites?: { querySet: QuerySet; beginningOfPassWriteIndex?: number; endOfPassWriteIndex?: number } }) => ComputePass
   copyBufferToBuffer: (src: GpuBuffer, srcOffset: number, dst: GpuBuffer, dstOffset: number, size: number) => void
   clearBuffer: (buffer: GpuBuffer, offset?: number, size?: number) => void
   resolveQuerySet: (...a: Array<unknown>) => void
   finish: () => unknown
 }
+interface QuerySet {
+  destroy: () => void
+}
 interface Device {
+  createQuerySet: (desc: { type: "timestamp"; count: number }) => QuerySet
   createCommandEncoder: () => CommandEncoder
   createBuffer: (desc: { size: number; usage: number; mappedAtCreation?: boolean }) => GpuBuffer
   createBindGroup: (desc: { entries: Array<{ resource: { buffer?: GpuBuffer } }> }) => unknown
@@ -92,15 +97,21 @@ interface Backend {
   readSync: (dataId: unknown) => unknown
   endComputePassEncoder: () => void
   submitQueue: () => void
+  runWebGPUProgram: (program: { constructor: { name: string }; shaderKey?: string; outputShape?: Array<number> }, ...rest: Array<unknown>) => unknown
 }
 
 const MAP_READ = 0x0001
 const MAP_WRITE = 0x0002
+const COPY_DST = 0x0008
+const QUERY_RESOLVE = 0x0200
+const COPY_SRC = 0x0004
+/** Timestamps per query set (WebGPU's limit is 4096). */
+const QUERIES = 4096
 
 type PassCommand =
   | { readonly op: "pipeline"; readonly pipeline: unknown }
   | { readonly op: "bind"; readonly index: number; readonly group: unknown; readonly offsets: Array<number> | undefined; readonly buffers: ReadonlyArray<string> }
-  | { readonly op: "dispatch"; readonly x: number; readonly y: number; readonly z: number }
+  | { readonly op: "dispatch"; readonly x: number; readonly y: number; readonly z: number; readonly label: string }
 type Command =
   | { readonly op: "pass"; readonly commands: Array<PassCommand> }
   | { readonly op: "copy"; readonly src: GpuBuffer; readonly srcOffset: number; readonly dst: GpuBuffer; readonly dstOffset: number; readonly size: number; readonly names: readonly [string, string] }
@@ -116,8 +127,37 @@ export interface Captured {
   readonly outputs: ReadonlyArray<Tensor>
   /** Writes each feed's new values, replays the commands, copies the state back. */
   run: (feeds: ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]>) => void
+  /**
+   * `run`, timed on the GPU with timestamp queries (the adapter must have `timestamp-query`):
+   * `"step"` encodes as `run` does and times from the start of its first pass to the end of its
+   * last; `"dispatches"` gives every dispatch a pass of its own and times each (the passes add
+   * their own cost to the span). Resolves when the GPU is done.
+   */
+  profile: (feeds: ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]>, detail: "step" | "dispatches") => Promise<StepProfile>
   /** Frees the recording's buffers (those no live tensor owns) and the outputs. */
   dispose: () => void
+}
+
+/** GPU time of a replayed step (see {@link Captured.profile}). */
+export interface StepProfile {
+  /** From the start of the first timed pass to the end of the last, in ms. */
+  readonly gpuMs: number
+  /** With `"dispatches"`: each dispatch's program (tfjs's class, or our kernel's name), output shape and µs. */
+  readonly dispatches?: ReadonlyArray<{ readonly program: string; readonly shape: string; readonly us: number }>
+}
+
+/** The timestamp queries of one profiled replay. */
+interface Timing {
+  readonly detail: "step" | "dispatches"
+  readonly sets: ReadonlyArray<QuerySet>
+  readonly resolve: GpuBuffer
+  readonly read: GpuBuffer
+  readonly queries: number
+}
+
+const setBind = (pass: ComputePass, b: Extract<PassCommand, { op: "bind" }>) => {
+  if (b.offsets === undefined) pass.setBindGroup(b.index, b.group)
+  else pass.setBindGroup(b.index, b.group, b.offsets)
 }
 
 /** A feed takes values of its own dtype and size. */
@@ -250,7 +290,20 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     acquire: bm.acquireBuffer,
     read: be.read,
     readSync: be.readSync,
+    runProgram: be.runWebGPUProgram,
     cpuForward: tf.env().getBool("WEBGPU_CPU_FORWARD")
+  }
+  // the program behind each dispatch, for profiles: tfjs's class, or our kernels' own key (read
+  // before tfjs extends it with the shapes)
+  let label = "?"
+  be.runWebGPUProgram = function(program, ...rest) {
+    const outer = label
+    label = `${program.constructor.name !== "Object" ? program.constructor.name : String(program.shaderKey)}\u0000${(program.outputShape ?? []).join("×") || "scalar"}`
+    try {
+      return saved.runProgram.call(this, program, ...rest)
+    } finally {
+      label = outer
+    }
   }
   // (restored as soon as the step ends)
   const readBack = function(this: Backend, dataId: unknown) {
@@ -330,7 +383,7 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
         else setBindGroup(index, group, o)
       }
       pass.dispatchWorkgroups = (x, y = 1, z = 1) => {
-        if (active) recorded.push({ op: "dispatch", x, y, z })
+        if (active) recorded.push({ op: "dispatch", x, y, z, label })
         dispatch(x, y, z)
       }
       pass.dispatchWorkgroupsIndirect = () => fail("an indirect dispatch")
@@ -413,6 +466,7 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     bm.acquireBuffer = saved.acquire
     be.read = saved.read
     be.readSync = saved.readSync
+    be.runWebGPUProgram = saved.runProgram
     tf.env().set("WEBGPU_CPU_FORWARD", saved.cpuForward)
   }
   const refuse = (why: string): never => {
@@ -464,7 +518,8 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
   const dispatches = commands.reduce((n, c) => n + (c.op === "pass" ? c.commands.filter((p) => p.op === "dispatch").length : 0), 0)
   let disposed = false
 
-  const run = (values: ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]>) => {
+  /** Writes the feeds, encodes the replay (timestamps as `timing` asks), submits, marks host copies stale. */
+  const replay = (values: ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]>, timing?: Timing) => {
     if (disposed) throw new NotCapturable("the recording was disposed")
     for (const [v, b] of after) {
       if (v.isDisposed || bufferOf(be, v) !== b) throw new NotCapturable("a variable was assigned outside the recorded step; capture again")
@@ -477,26 +532,89 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
       queue.writeBuffer(b, 0, data)
     }
     const enc = device.createCommandEncoder()
+    const passes = plan.filter((c) => c.op === "pass").length
+    let pass = 0
+    let query = 0
+    // one pass per dispatch: the pipeline and bind groups in force are set again in each
+    let pipeline: unknown
+    const bound = new Map<number, Extract<PassCommand, { op: "bind" }>>()
     for (const c of plan) {
       if (c.op === "pass") {
-        const pass = enc.beginComputePass()
-        for (const p of c.commands) {
-          if (p.op === "pipeline") pass.setPipeline(p.pipeline)
-          else if (p.op === "bind") {
-            if (p.offsets === undefined) pass.setBindGroup(p.index, p.group)
-            else pass.setBindGroup(p.index, p.group, p.offsets)
-          } else pass.dispatchWorkgroups(p.x, p.y, p.z)
+        if (timing?.detail === "dispatches") {
+          for (const p of c.commands) {
+            if (p.op === "pipeline") pipeline = p.pipeline
+            else if (p.op === "bind") bound.set(p.index, p)
+            else {
+              const q = query++
+              const one = enc.beginComputePass({ timestampWrites: { querySet: timing.sets[Math.floor(q / (QUERIES / 2))]!, beginningOfPassWriteIndex: (2 * q) % QUERIES, endOfPassWriteIndex: (2 * q + 1) % QUERIES } })
+              one.setPipeline(pipeline)
+              for (const b of bound.values()) setBind(one, b)
+              one.dispatchWorkgroups(p.x, p.y, p.z)
+              one.end()
+            }
+          }
+          continue
         }
-        pass.end()
+        const first = pass === 0
+        const last = ++pass === passes
+        const writes = timing === undefined || !(first || last)
+          ? undefined
+          : { querySet: timing.sets[0]!, ...(first ? { beginningOfPassWriteIndex: 0 } : {}), ...(last ? { endOfPassWriteIndex: 1 } : {}) }
+        const one = enc.beginComputePass(writes === undefined ? undefined : { timestampWrites: writes })
+        for (const p of c.commands) {
+          if (p.op === "pipeline") one.setPipeline(p.pipeline)
+          else if (p.op === "bind") setBind(one, p)
+          else one.dispatchWorkgroups(p.x, p.y, p.z)
+        }
+        one.end()
       } else if (c.op === "copy") enc.copyBufferToBuffer(c.src, c.srcOffset, c.dst, c.dstOffset, c.size)
       else enc.clearBuffer(c.buffer, c.offset, c.size)
     }
     for (const [from, to] of state) enc.copyBufferToBuffer(from, 0, to, 0, from.size)
+    if (timing !== undefined) {
+      timing.sets.forEach((set, i) => {
+        const count = Math.min(QUERIES, timing.queries - i * QUERIES)
+        enc.resolveQuerySet(set, 0, count, timing.resolve, i * QUERIES * 8)
+      })
+      enc.copyBufferToBuffer(timing.resolve, 0, timing.read, 0, timing.queries * 8)
+    }
     queue.submit([enc.finish()])
     // values tfjs cached on the host are stale now
     for (const t of [...outputs, ...after.keys(), ...feedBuffers.keys()]) {
       const d = be.tensorMap.get((t as unknown as { dataId: unknown }).dataId)
       if (d !== undefined && d.resource !== null) d.values = null
+    }
+  }
+
+  const run = (values: ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]>) => replay(values)
+
+  const profile = async (values: ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]>, detail: "step" | "dispatches"): Promise<StepProfile> => {
+    if (!(device as unknown as { features: { has: (f: string) => boolean } }).features.has("timestamp-query")) {
+      throw new Error("the GPU device has no timestamp queries (the adapter lacks the timestamp-query feature)")
+    }
+    const queries = detail === "step" ? 2 : 2 * dispatches
+    const sets = Array.from({ length: Math.ceil(queries / QUERIES) }, (_, i) => device.createQuerySet({ type: "timestamp", count: Math.min(QUERIES, queries - i * QUERIES) }))
+    const resolve = device.createBuffer({ size: queries * 8, usage: QUERY_RESOLVE | COPY_SRC })
+    const read = device.createBuffer({ size: queries * 8, usage: MAP_READ | COPY_DST })
+    try {
+      replay(values, { detail, sets, resolve, read, queries })
+      await read.mapAsync(1)
+      const ns = new BigUint64Array(read.getMappedRange().slice(0))
+      read.unmap()
+      const gpuMs = Number(ns[queries - 1]! - ns[0]!) / 1e6
+      if (detail === "step") return { gpuMs }
+      const labels = plan.flatMap((c) => (c.op === "pass" ? c.commands.flatMap((p) => (p.op === "dispatch" ? [p.label] : [])) : []))
+      return {
+        gpuMs,
+        dispatches: labels.map((l, i) => {
+          const [program, shape] = l.split("\u0000") as [string, string | undefined]
+          return { program, shape: shape ?? "", us: Number(ns[2 * i + 1]! - ns[2 * i]!) / 1e3 }
+        })
+      }
+    } finally {
+      for (const set of sets) set.destroy()
+      resolve.destroy()
+      read.destroy()
     }
   }
 
@@ -513,7 +631,7 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     }
   }
 
-  const captured: Captured = { dispatches, uploads: uploads.length, outputs, run, dispose }
+  const captured: Captured = { dispatches, uploads: uploads.length, outputs, run, profile, dispose }
   recorded.set(captured, { uploads, commands })
   return captured
 }

@@ -15,7 +15,7 @@
  * @since 0.3.0
  */
 import type { Tensor } from "../graph/Apply.ts"
-import { type Captured, capture, difference, NotCapturable, writeFeeds } from "../runtime/Capture.ts"
+import { type Captured, capture, difference, NotCapturable, type StepProfile, writeFeeds } from "../runtime/Capture.ts"
 import { type Batch, type Feeds, feedValues, type Lowered, recordReads } from "../runtime/Lower.ts"
 import { type TuneRow, tuneMatMuls } from "../runtime/MatMul.ts"
 import { failOnGpuErrors, type Optimizer, stepInputValues, stepOnDevice, trainStepAsync, type TrainSettings } from "./Step.ts"
@@ -25,9 +25,24 @@ export type Mode =
   | { readonly mode: "replay"; readonly dispatches: number }
   | { readonly mode: "eager"; readonly reason: string }
 
+export interface StepResult {
+  readonly loss: number
+  readonly ce: number
+  readonly aux: number
+  readonly lr: number
+  readonly tokens: number
+  readonly concepts: number
+  readonly boundaryProbSum: number
+  readonly profile?: StepProfile
+}
+
 export interface CapturedTrainer {
-  /** One step: loss parts, learning rate and stage statistics, as `trainStepAsync`. */
-  readonly step: (batch: Batch, step: number) => Promise<{ loss: number; ce: number; aux: number; lr: number; tokens: number; concepts: number; boundaryProbSum: number }>
+  /**
+   * One step: loss parts, learning rate and stage statistics, as `trainStepAsync`. With `profile`,
+   * a replayed step is timed on the GPU (`Captured.profile`) and the result has `profile`; other
+   * steps run as usual.
+   */
+  readonly step: (batch: Batch, step: number, options?: { readonly profile?: "step" | "dispatches" }) => Promise<StepResult>
   /** Whether steps are replayed, and if not why. */
   readonly mode: () => Mode
   /**
@@ -100,7 +115,7 @@ export const capturedTrainer = (
   }
   const meta = (step: number) => ({ lr: stepInputValues(settings, step)[0]!, tokens: 0 })
 
-  const step = async (batch: Batch, s: number) => {
+  const step = async (batch: Batch, s: number, options: { readonly profile?: "step" | "dispatches" } = {}): Promise<StepResult> => {
     const call = calls++
     if (call === 0) {
       // only a step without host reads can be recorded
@@ -115,8 +130,15 @@ export const capturedTrainer = (
     if (readsHost) return trainStepAsync(low, opt, batch, settings, s)
     if (recording !== undefined) {
       const t0 = performance.now()
+      let profile: StepProfile | undefined
       try {
-        recording.run(valuesOf(batch, s))
+        if (options.profile === undefined) recording.run(valuesOf(batch, s))
+        else {
+          // the replay is encoded and submitted before profile's first await
+          const timed = recording.profile(valuesOf(batch, s), options.profile)
+          issued = performance.now() - t0
+          profile = await timed
+        }
       } catch (e) {
         if (!(e instanceof NotCapturable)) throw e
         // e.g. a checkpoint was loaded into the variables: nothing ran; record again
@@ -124,11 +146,11 @@ export const capturedTrainer = (
         recording = undefined
         mode = { mode: "warming" }
         phase = 0
-        return step(batch, s)
+        return step(batch, s, options)
       }
-      issued = performance.now() - t0
+      if (profile === undefined) issued = performance.now() - t0
       opt.step = s + 1
-      return { ...(await read(recording.outputs)), ...meta(s) }
+      return { ...(await read(recording.outputs)), ...meta(s), ...(profile === undefined ? {} : { profile }) }
     }
     writeFeeds(tf, valuesOf(batch, s))
     // the first step runs through tfjs alone: it compiles the shaders and fills tfjs's caches, which

@@ -28,6 +28,7 @@ import * as path from "node:path"
 import { layer as backendLayer } from "../src/runtime/Backend.ts"
 import { byteTokenizer, sotuSplits } from "../src/train/Data.ts"
 import { train } from "../src/train/Train.ts"
+import { read as readCheckpoint } from "../src/train/Checkpoint.ts"
 
 const gpu = await Effect.runPromise(Effect.result(loadBackend("webgpu")))
 const available = gpu._tag === "Success"
@@ -511,7 +512,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     assert.deepStrictEqual(gpuErrors(), [])
   })
 
-  it("train on webgpu (steps replayed) resumed from a checkpoint repeats the uninterrupted run exactly", async () => {
+  it("train on webgpu (steps replayed, matmuls tuned) resumed from a checkpoint repeats the uninterrupted run exactly", async () => {
     const m = await Effect.runPromise(load({ kind: "dense", name: "tiny", vocab: 256, hidden: 32, layers: 2, heads: 4, ffnHidden: 64, activation: "gelu", contextLength: 32 }))
     const data = sotuSplits(byteTokenizer, 0)
     const eight = Schema.decodeUnknownSync(TrainSettings)({ seqLen: 32, batchSize: 2, steps: 8, logEvery: 100, evalEvery: 100, evalBatches: 1, checkpointEvery: 100 })
@@ -520,12 +521,33 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     const layers = Layer.merge(backendLayer("webgpu"), NodeServices.layer)
     const go = (out: string, resume: boolean, until?: number) =>
       run(train(m, eight, { out, resume, quiet: true, data, ...(until === undefined ? {} : { until }) }).pipe(Effect.provide(layers)))
-    const whole = await go(tmp(), false)
-    const out = tmp()
-    const half = await go(out, false, 5)
-    assert.strictEqual(half.metrics.length, 5)
-    const resumed = await go(out, true)
-    assert.deepStrictEqual(resumed.metrics.map((x) => x.loss), whole.metrics.map((x) => x.loss))
+    // matmuls tuned per shape, each run starting with nothing tuned as a new process would; one
+    // candidate (a split-K kernel, whose sums round unlike tfjs's), so both runs choose alike
+    const fresh = () => useMatMul(tf, "auto", { candidates: [tiledKernel(tf, parseTiles("32x32x16/4x4/v4/k2")!)] })
+    try {
+      fresh()
+      const wholeOut = tmp()
+      const whole = await go(wholeOut, false)
+      const out = tmp()
+      fresh()
+      const half = await go(out, false, 5)
+      assert.strictEqual(half.metrics.length, 5)
+      // the checkpoint carries the run's choices, and the resumed run takes them instead of tuning
+      const checkpoint = (dir: string) => Effect.runPromise(readCheckpoint(path.join(dir, "checkpoint.safetensors")).pipe(Effect.provide(NodeServices.layer)))
+      const ck = await checkpoint(out)
+      const stored = JSON.parse(ck.metadata["matmul"]!) as Record<string, string>
+      assert.isAtLeast(Object.keys(stored).length, 6)
+      fresh()
+      const tunings = matMulTuning().length
+      const resumed = await go(out, true)
+      assert.strictEqual(matMulTuning().length, tunings)
+      assert.deepStrictEqual(resumed.metrics.map((x) => x.loss), whole.metrics.map((x) => x.loss))
+      // bit for bit: the parameters and Adam's moments at the end
+      const [a, b] = [await checkpoint(wholeOut), await checkpoint(out)]
+      for (const [name, t] of a.tensors) assert.deepStrictEqual(Array.from(b.tensors.get(name)!.data), Array.from(t.data), name)
+    } finally {
+      useMatMul(tf, "tfjs")
+    }
     assert.deepStrictEqual(gpuErrors(), [])
   })
 

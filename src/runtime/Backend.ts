@@ -19,7 +19,7 @@
 import { Context, Effect, Layer, Schema } from "effect"
 import type { Tf } from "../graph/Apply.ts"
 import { install } from "./Fixes.ts"
-import { parseMode, tilesName, useMatMul } from "./MatMul.ts"
+import { matMulMode, parseMode, tilesName, useMatMul } from "./MatMul.ts"
 
 export const backendNames = ["wasm", "cpu", "webgpu", "tensorflow"] as const
 export type BackendName = typeof backendNames[number]
@@ -110,12 +110,17 @@ export const load = (name: BackendName): Effect.Effect<Runtime, BackendError> =>
       await tf.ready()
       install(tf, backendName)
       if (name === "webgpu") {
-        const given = process.env["CONCEPTMOE_MATMUL"]
-        const mode = parseMode(given)
-        if (mode === undefined) {
-          throw new Error(`CONCEPTMOE_MATMUL="${given}": expected auto, tfjs or a kernel TMxTNxTK/RMxRN[/v4][/kS], e.g. 128x128x8/8x8/v4 (≤ 256 threads, ≤ 16 KiB of workgroup memory; v4: RM, RN, TK divisible by 4)`)
+        // the matmul mode is set once per process, when the backend first loads (loading it again,
+        // e.g. for another layer, keeps the kernels chosen so far)
+        if (matMulMode() === "unset") {
+          const given = process.env["CONCEPTMOE_MATMUL"]
+          const mode = parseMode(given)
+          if (mode === undefined) {
+            throw new Error(`CONCEPTMOE_MATMUL="${given}": expected auto, tfjs or a kernel TMxTNxTK/RMxRN[/v4[/db]][/kS], e.g. 128x128x8/8x8/v4 (≤ 256 threads, ≤ 16 KiB of workgroup memory; v4: RM, RN, TK divisible by 4)`)
+          }
+          useMatMul(tf, mode)
         }
-        useMatMul(tf, mode)
+        const mode = matMulMode()
         detail = `, matmul ${typeof mode === "object" ? tilesName(mode) : mode}`
       }
       if (name === "wasm") {

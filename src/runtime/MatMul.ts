@@ -424,7 +424,9 @@ export const useMatMul = (tf: Tf, mode: MatMulMode, options: { readonly candidat
       kernelFunc: ((args: KernelArgs) => {
         const p = productOf(args)
         if (p === undefined) return stock.kernelFunc(args)
-        s.seen.set(productKey(p), p)
+        const key = productKey(p)
+        s.seen.set(key, p)
+        for (const w of watchers) w.add(key)
         return kernelFor(s, p).kernelFunc(args)
       }) as never
     })
@@ -438,8 +440,8 @@ export const useMatMul = (tf: Tf, mode: MatMulMode, options: { readonly candidat
   state.candidates = options.candidates ?? [state.stock, ...kernelNames.map((n) => tiledKernel(tf, parseTiles(n)!))]
 }
 
-/** The matmul mode now (`tfjs` before the webgpu backend loaded). */
-export const matMulMode = (): MatMulMode => state?.mode ?? "tfjs"
+/** The matmul mode now (`unset` before the webgpu backend loaded). */
+export const matMulMode = (): MatMulMode | "unset" => state?.mode ?? "unset"
 
 /** tfjs's own `BatchMatMul` for webgpu, as a candidate (e.g. to build a candidate list around it). */
 export const stockKernel = (): MatMulKernel | undefined => state?.stock
@@ -465,18 +467,38 @@ export interface TuneRow {
 export const matMulTuning = (): ReadonlyArray<TuneRow> => state?.report ?? []
 
 /**
- * In `auto` mode, times every candidate on every product seen so far and not yet tuned, and keeps
+ * Starts noting the products that run; the function it returns stops and gives their keys (for
+ * {@link tuneMatMuls}'s `products`).
+ */
+export const watchProducts = (): (() => ReadonlySet<string>) => {
+  const keys = new Set<string>()
+  watchers.add(keys)
+  return () => {
+    watchers.delete(keys)
+    return keys
+  }
+}
+
+const watchers = new Set<Set<string>>()
+
+/**
+ * In `auto` mode, times every candidate on every product seen so far (or, with `products`, on those
+ * of them) and not yet tuned, and keeps
  * the fastest whose result agrees with tfjs's kernel (largest difference ≤ 1e-3 of the largest
  * magnitude, on operands drawn from N(0, 1/K)). Each candidate runs once untimed (compiling its
  * shader), then `reps` times under `tf.time`. Returns the new rows. Nothing to do (an empty list)
  * in other modes or on other backends.
  */
-export const tuneMatMuls = async (tf: Tf, options: { readonly reps?: number } = {}): Promise<ReadonlyArray<TuneRow>> => {
+export const tuneMatMuls = async (
+  tf: Tf,
+  options: { readonly reps?: number; readonly products?: ReadonlySet<string> } = {}
+): Promise<ReadonlyArray<TuneRow>> => {
   const s = state
   if (s === undefined || s.mode !== "auto" || tf.getBackend() !== "webgpu") return []
   const reps = options.reps ?? 5
   const rows: Array<TuneRow> = []
-  for (const [key, p] of [...s.seen].filter(([key]) => !s.chosen.has(key))) {
+  const wanted = [...s.seen].filter(([key]) => !s.chosen.has(key) && (options.products === undefined || options.products.has(key)))
+  for (const [key, p] of wanted) {
     const shapeOf = (batch: number, rows: number, cols: number, transpose: boolean) =>
       [...(p.batchA === p.batchB || batch > 1 ? [batch] : []), ...(transpose ? [cols, rows] : [rows, cols])]
     const a = tf.randomNormal(shapeOf(p.batchA, p.m, p.k, p.transposeA), 0, 1 / Math.sqrt(p.k), "float32", 1)
@@ -548,4 +570,31 @@ export const describeTuning = (rows: ReadonlyArray<TuneRow>): string => {
   const kernels = [...wins].sort((a, b) => b[1] - a[1]).map(([k, n]) => `${k} ×${n}`).join(", ")
   const gain = stock > 0 && best > 0 ? `; ${(stock / 1000).toFixed(2)} → ${(best / 1000).toFixed(2)} ms for one of each (tfjs's kernel → chosen)` : ""
   return `tuned ${rows.length} product shape(s): ${kernels}${gain}`
+}
+
+/** The tuner's choices now, product key → kernel name (`tfjs` for tfjs's kernel); empty unless `auto`. */
+export const tunedChoices = (): Record<string, string> =>
+  state === undefined || state.mode !== "auto" ? {} : Object.fromEntries([...state.chosen].map(([key, k]) => [key, k.name]))
+
+/**
+ * Takes choices that {@link tunedChoices} gave (e.g. stored with a checkpoint), so that a resumed run
+ * computes with the kernels the original run had from step 1 on, and does not tune them again.
+ * Only in `auto` mode (a fixed mode keeps its kernel). Returns how many were taken, and the kernel
+ * names it does not know (their products are tuned as usual).
+ */
+export const takeChoices = (tf: Tf, choices: Readonly<Record<string, string>>): { readonly taken: number; readonly unknown: ReadonlyArray<string> } => {
+  const s = state
+  if (s === undefined || s.mode !== "auto") return { taken: 0, unknown: [] }
+  let taken = 0
+  const unknown: Array<string> = []
+  for (const [key, name] of Object.entries(choices)) {
+    const tiles = name === "tfjs" ? undefined : parseTiles(name)
+    if (name !== "tfjs" && tiles === undefined) {
+      unknown.push(name)
+      continue
+    }
+    s.chosen.set(key, tiles === undefined ? s.stock : s.candidates.find((c) => c.name === name) ?? tiledKernel(tf, tiles))
+    taken++
+  }
+  return { taken, unknown }
 }

@@ -17,7 +17,7 @@
 import type { Tensor } from "../graph/Apply.ts"
 import { type Captured, capture, difference, NotCapturable, type StepProfile, writeFeeds } from "../runtime/Capture.ts"
 import { type Batch, type Feeds, feedValues, type Lowered, recordReads } from "../runtime/Lower.ts"
-import { type TuneRow, tuneMatMuls } from "../runtime/MatMul.ts"
+import { type TuneRow, tuneMatMuls, watchProducts } from "../runtime/MatMul.ts"
 import { failOnGpuErrors, type Optimizer, stepInputValues, stepOnDevice, trainStepAsync, type TrainSettings } from "./Step.ts"
 
 export type Mode =
@@ -96,6 +96,8 @@ export const capturedTrainer = (
   let issued = NaN
   let readsHost = false
   let tuned: ReadonlyArray<TuneRow> = []
+  // stops noting the products of step 0
+  let stepZero: (() => ReadonlySet<string>) | undefined
 
   const read = async (outputs: ReadonlyArray<Tensor>) => {
     const [total, ce, aux] = await Promise.all(outputs.map((t) => t.data()))
@@ -117,6 +119,7 @@ export const capturedTrainer = (
 
   const step = async (batch: Batch, s: number, options: { readonly profile?: "step" | "dispatches" } = {}): Promise<StepResult> => {
     const call = calls++
+    if (call === 0) stepZero = watchProducts()
     if (call === 0) {
       // only a step without host reads can be recorded
       const reads = await recordReads(low, batch, { training: true, seed: 0 })
@@ -125,8 +128,8 @@ export const capturedTrainer = (
         if (mode.mode === "warming") mode = { mode: "eager", reason: `the model reads ${reads.length} host value(s) per step (concept boundaries)` }
       }
     }
-    // the products step 0 ran, before anything is recorded
-    if (call === 1) tuned = await tuneMatMuls(tf)
+    // the products step 0 ran (not, e.g., an evaluation's), before anything is recorded
+    if (call === 1) tuned = await tuneMatMuls(tf, { products: stepZero?.() ?? new Set() })
     if (readsHost) return trainStepAsync(low, opt, batch, settings, s)
     if (recording !== undefined) {
       const t0 = performance.now()
@@ -203,6 +206,7 @@ export const capturedTrainer = (
     issueMs: () => issued,
     tuned: () => tuned,
     dispose: () => {
+      stepZero?.()
       first?.dispose()
       recording?.dispose()
       tf.dispose([...feedList])

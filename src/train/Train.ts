@@ -8,14 +8,14 @@
  */
 import { Console, Effect, FileSystem, Path, Schema } from "effect"
 import type * as TF from "@tensorflow/tfjs"
-import type { LoadedModel } from "../models/Load.ts"
+import { type LoadedModel, parseJson } from "../models/Load.ts"
 import { lineChart, toSvg } from "../report/Plots.ts"
 import { Tensors } from "../runtime/Backend.ts"
 import { type Lowered, materialize, release } from "../runtime/Lower.ts"
 import { CheckpointError, read as readCheckpoint, type TensorData, write as writeCheckpoint } from "./Checkpoint.ts"
 import { byteTokenizer, type Stream, sotuSplits, trainBatch, validationBatches } from "./Data.ts"
 import { capturedTrainer } from "./Captured.ts"
-import { describeTuning } from "../runtime/MatMul.ts"
+import { describeTuning, takeChoices, tunedChoices } from "../runtime/MatMul.ts"
 import { evaluate, evaluateAsync, newOptimizer, type Optimizer, syncReads, trainStep, type TrainSettings } from "./Step.ts"
 
 export * from "./Step.ts"
@@ -141,6 +141,18 @@ export const train = (
       const old = yield* fs.readFileString(metricsFile).pipe(Effect.orElseSucceed(() => ""))
       metrics = old.split("\n").filter((l) => l.trim() !== "").map((l) => JSON.parse(l) as StepMetrics).filter((m) => m.step < start)
       yield* log(`resumed ${model.name} from ${checkpointFile} at step ${start}`)
+      // the matmul kernels the run had chosen (webgpu, CONCEPTMOE_MATMUL=auto): the same ones again
+      const stored = ck.metadata["matmul"]
+      if (stored !== undefined) {
+        const where = `${checkpointFile} (metadata "matmul")`
+        const choices = yield* parseJson(stored, where).pipe(
+          Effect.flatMap(Schema.decodeUnknownEffect(Schema.Record(Schema.String, Schema.String))),
+          Effect.mapError((e) => new CheckpointError({ file: where, message: `expected an object of kernel names: ${e.message}` }))
+        )
+        const { taken, unknown } = takeChoices(tf, choices)
+        if (taken > 0) yield* log(`matmul: the run's kernels for ${taken} product shape(s) taken from the checkpoint`)
+        if (unknown.length > 0) yield* log(`matmul: unknown kernels in the checkpoint (${unknown.join(", ")}); those products are tuned again`)
+      }
     }
     yield* log(`training ${model.name} on ${description}: ${settings.steps} steps × ${settings.batchSize}×${settings.seqLen} tokens, SOTU train ${data.train.tokens.length.toLocaleString("en-US")} bytes`)
     let lastCheckpoint: string | null = options.resume ? checkpointFile : null
@@ -150,6 +162,7 @@ export const train = (
           step: String(step),
           model: model.name,
           format: "conceptmoe/v1",
+          ...(Object.keys(tunedChoices()).length > 0 ? { matmul: JSON.stringify(tunedChoices()) } : {}),
           config: JSON.stringify(model.config)
         })
         const lines = metrics.map((m) => JSON.stringify(m)).join("\n") + "\n"

@@ -11,7 +11,7 @@ import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
 import { adamStepValues, adamw, makeActivate, makeMaskedNll, makeRmsNorm, makeRotate } from "../src/runtime/Fused.ts"
 import { makeOneHot } from "../src/runtime/Fixes.ts"
-import { kernelNames, matMulChoices, tilesName, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
+import { kernelNames, matMulChoices, tilesName, tunedChoices, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
 import { capture, NotCapturable, type StepProfile, writeFeeds } from "../src/runtime/Capture.ts"
 import { capturedTrainer } from "../src/train/Captured.ts"
@@ -356,6 +356,13 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       const wins = new Map<string, number>()
       for (const r of rows) wins.set(r.chosen, (wins.get(r.chosen) ?? 0) + 1)
       for (const [k, n] of wins) assert.isAtLeast(matMulChoices()[k] ?? 0, n, k)
+      // a new mode set while a tuning awaits the GPU: the tuning stops and keeps nothing
+      useMatMul(tf, "auto", { candidates })
+      for (const [i, c] of square.entries()) await productDiff(c, i)
+      const pending = tuneMatMuls(tf, { reps: 1 })
+      useMatMul(tf, "auto", { candidates })
+      assert.deepStrictEqual(await pending, [])
+      assert.deepStrictEqual(tunedChoices(), {})
     } finally {
       useMatMul(tf, "tfjs")
     }

@@ -95,9 +95,9 @@ export interface Product {
   readonly transposeB: boolean
 }
 
-/** e.g. `16x[256x64]·[64x256]ᵀ`: the key under which a product's choice is kept. */
+/** e.g. `16x[256x64]·[64x256]ᵀ` (`1/16x…` when only B has 16 matrices): the key under which a product's choice is kept. */
 export const productKey = (p: Product): string =>
-  `${Math.max(p.batchA, p.batchB)}${p.batchA !== p.batchB ? "b" : ""}x[${p.m}x${p.k}]${p.transposeA ? "ᵀ" : ""}·[${p.k}x${p.n}]${p.transposeB ? "ᵀ" : ""}`
+  `${p.batchA === p.batchB ? p.batchA : `${p.batchA}/${p.batchB}`}x[${p.m}x${p.k}]${p.transposeA ? "ᵀ" : ""}·[${p.k}x${p.n}]${p.transposeB ? "ᵀ" : ""}`
 
 type KernelArgs = { inputs: TF.NamedTensorInfoMap; backend: unknown; attrs?: TF.NamedAttrMap }
 type KernelFunc = (args: KernelArgs) => TF.TensorInfo | Array<TF.TensorInfo>
@@ -393,6 +393,8 @@ interface State {
   /** A kernel every covered product uses while the tuner times it. */
   forced: MatMulKernel | undefined
   readonly report: Array<TuneRow>
+  /** Counts the calls to `useMatMul`: a tuning that sees it change stops and keeps nothing. */
+  generation: number
 }
 
 let state: State | undefined
@@ -415,7 +417,7 @@ export const useMatMul = (tf: Tf, mode: MatMulMode, options: { readonly candidat
     const original = tf.getKernel("BatchMatMul", "webgpu")?.kernelFunc as KernelFunc | undefined
     if (original === undefined) return
     const stock: MatMulKernel = { name: "tfjs", covers: () => true, kernelFunc: original }
-    const s: State = { stock, mode, fixed: undefined, candidates: [], chosen: new Map(), seen: new Map(), forced: undefined, report: [] }
+    const s: State = { stock, mode, fixed: undefined, candidates: [], chosen: new Map(), seen: new Map(), forced: undefined, report: [], generation: 0 }
     state = s
     tf.unregisterKernel("BatchMatMul", "webgpu")
     tf.registerKernel({
@@ -435,6 +437,7 @@ export const useMatMul = (tf: Tf, mode: MatMulMode, options: { readonly candidat
   state.chosen.clear()
   state.seen.clear()
   state.forced = undefined
+  state.generation++
   state.mode = mode
   state.fixed = typeof mode === "object" ? tiledKernel(tf, mode) : undefined
   state.candidates = options.candidates ?? [state.stock, ...kernelNames.map((n) => tiledKernel(tf, parseTiles(n)!))]
@@ -457,7 +460,7 @@ export const parseMode = (value: string | undefined): MatMulMode | undefined => 
 export interface TuneRow {
   readonly product: string
   readonly chosen: string
-  /** Microseconds per product on the GPU (timestamp queries; wall time where the adapter has none). */
+  /** Microseconds per product: GPU kernel time (timestamp queries), or wall time where the device has none. */
   readonly us: Record<string, number>
   /** Candidates whose result disagreed with tfjs's kernel, with the largest difference. */
   readonly rejected: Record<string, number>
@@ -486,8 +489,10 @@ const watchers = new Set<Set<string>>()
  * of them) and not yet tuned, and keeps
  * the fastest whose result agrees with tfjs's kernel (largest difference ≤ 1e-3 of the largest
  * magnitude, on operands drawn from N(0, 1/K)). Each candidate runs once untimed (compiling its
- * shader), then `reps` times under `tf.time`. Returns the new rows. Nothing to do (an empty list)
- * in other modes or on other backends.
+ * shader, checked), then `reps` times under `tf.time` (by the wall clock where the device has no
+ * timestamp queries). Returns the new rows. Nothing to do (an empty list) in other modes or on
+ * other backends. Matmuls issued by other work while it awaits run with the candidate under test:
+ * do not overlap it with other work; a `useMatMul` meanwhile makes it stop and keep nothing.
  */
 export const tuneMatMuls = async (
   tf: Tf,
@@ -495,6 +500,9 @@ export const tuneMatMuls = async (
 ): Promise<ReadonlyArray<TuneRow>> => {
   const s = state
   if (s === undefined || s.mode !== "auto" || tf.getBackend() !== "webgpu") return []
+  const generation = s.generation
+  // tfjs reports a kernel time of 0 without timestamp queries: time by the wall clock then
+  const timestamps = (tf.backend() as unknown as { device?: { features: { has: (f: string) => boolean } } }).device?.features.has("timestamp-query") === true
   const reps = options.reps ?? 5
   const rows: Array<TuneRow> = []
   const wanted = [...s.seen].filter(([key]) => !s.chosen.has(key) && (options.products === undefined || options.products.has(key)))
@@ -506,37 +514,43 @@ export const tuneMatMuls = async (
     const product = () => tf.matMul(a as Tensor, b as Tensor, p.transposeA, p.transposeB) as Tensor
     const us: Record<string, number> = {}
     const rejected: Record<string, number> = {}
-    let reference: Tensor | undefined
-    let scale = 0
+    const owned: Array<Tensor> = [a, b]
     try {
+      s.forced = s.stock
+      const reference = product()
+      owned.push(reference)
+      const scale = await valueOf(tf, () => tf.max(tf.abs(reference)))
       for (const c of s.candidates.filter((c) => c.covers(p))) {
+        if (s.generation !== generation) return []
         s.forced = c
         const out = product()
-        if (reference === undefined) {
-          // the first candidate that runs is compared with tfjs's kernel like the rest
-          s.forced = s.stock
-          reference = product()
-          const top = tf.tidy(() => tf.max(tf.abs(reference!)))
-          scale = (await top.data())[0]!
-          top.dispose()
-          s.forced = c
-        }
-        const diff = tf.tidy(() => tf.max(tf.abs(tf.sub(out, reference!))))
-        const worst = (await diff.data())[0]!
-        tf.dispose([out, diff])
+        owned.push(out)
+        const worst = await valueOf(tf, () => tf.max(tf.abs(tf.sub(out, reference))))
         if (!(worst <= 1e-3 * Math.max(scale, 1e-6))) {
           rejected[c.name] = worst
           continue
         }
-        const timing = (await tf.time(() => {
-          for (let i = 0; i < reps; i++) tf.dispose(product())
-        })) as unknown as { kernelMs: number | { error: string }; wallMs: number }
-        us[c.name] = Number((((typeof timing.kernelMs === "number" ? timing.kernelMs : timing.wallMs) / reps) * 1000).toFixed(2))
+        if (s.generation !== generation) return []
+        s.forced = c
+        if (timestamps) {
+          const timing = (await tf.time(() => {
+            for (let i = 0; i < reps; i++) tf.dispose(product())
+          })) as unknown as { kernelMs: number }
+          us[c.name] = Number(((timing.kernelMs / reps) * 1000).toFixed(2))
+        } else {
+          const t0 = performance.now()
+          const made = Array.from({ length: reps }, product)
+          await made[made.length - 1]!.data()
+          us[c.name] = Number((((performance.now() - t0) / reps) * 1000).toFixed(2))
+          tf.dispose(made)
+        }
       }
     } finally {
-      s.forced = undefined
-      tf.dispose([a, b, ...(reference === undefined ? [] : [reference])])
+      // (another mode set meanwhile has already cleared it)
+      if (s.generation === generation) s.forced = undefined
+      tf.dispose(owned)
     }
+    if (s.generation !== generation) return []
     const best = Object.entries(us).sort((x, y) => x[1] - y[1])[0]?.[0]
     const kernel = s.candidates.find((c) => c.name === best) ?? s.stock
     s.chosen.set(key, kernel)
@@ -544,6 +558,16 @@ export const tuneMatMuls = async (
   }
   s.report.push(...rows)
   return rows
+}
+
+/** The one number of a scalar made by `f`, read asynchronously. */
+const valueOf = async (tf: Tf, f: () => Tensor): Promise<number> => {
+  const t = tf.tidy(f)
+  try {
+    return (await t.data())[0]!
+  } finally {
+    t.dispose()
+  }
 }
 
 /** How many products use each kernel now, e.g. `{ "128x128x8/8x8/v4": 5, tfjs: 2 }`. */

@@ -81,8 +81,11 @@ const applyChunker = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, p: Readonl
   const keys = state === undefined ? k : tf.concat([state.prevK, k], 0)
   const cos = tf.sum(tf.mul(q, tf.gather(keys, tf.tensor1d(prev, "int32"))), -1)
   const raw = tf.clipByValue(tf.mul(tf.sub(1, cos), 0.5), 0, 1)
-  const f = tf.tensor1d(forced)
+  const feeds = ctx.training && state === undefined ? ctx.conceptFeeds : undefined
+  // static shapes: the forced boundaries are the row starts (constant) and the fed document starts
+  const f = feeds === undefined ? tf.tensor1d(forced) : tf.maximum(tf.tensor1d(forced.map((_, t) => (prev[t] === t ? 1 : 0))), feeds.documentStart)
   const probs = tf.add(f, tf.mul(tf.sub(1, f), raw))
+  if (feeds !== undefined) return staticBoundaries(ctx, s, x, probs, f, feeds)
   const imposed = cache?.forcedBoundary
   // imposed boundaries (benchmarks) need no probabilities on the host
   const host = imposed === undefined ? ctx.read(probs) : undefined
@@ -139,6 +142,56 @@ const applyChunker = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, p: Readonl
   let sum = 0
   for (let i = 0; i < n && host !== undefined; i++) sum += host[i]!
   ctx.compression.boundaryProbSum += sum
+  return x
+}
+
+/** Concept slots per row for rows of `length` tokens at ratio R: ceil(capacity·T/R), at most T. */
+export const conceptSlots = (length: number, ratio: number, capacity: number): number => Math.min(length, Math.max(1, Math.ceil((capacity * length) / ratio)))
+
+/**
+ * The boundaries of a training step on the device, with static shapes (`ConceptFeeds`): b = forced,
+ * or fed draw < sharpen_τ(p); each row keeps at most C = {@link conceptSlots} boundaries (a sampled
+ * one is dropped when the boundaries up to it plus the forced ones still to come would exceed C).
+ * The same ratio loss, with F measured on the device.
+ */
+const staticBoundaries = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, probs: Tensor, forced: Tensor, feeds: NonNullable<ForwardContext["conceptFeeds"]>): Tensor => {
+  const { tf } = ctx
+  const rows = ctx.layout
+  const n = x.shape[0]!
+  const L = rows[0] ?? 0
+  if (ctx.chunk !== undefined || !rows.every((r) => r === L)) {
+    throw new Error(`static-shape concept stages need one stage over rows of equal length (at ${ctx.scope})`)
+  }
+  const R = rows.length
+  const C = conceptSlots(L, s.ratio, feeds.capacity)
+  // the sampling and the capping have no gradient: computed off the tape, as the host path does
+  const pr = ctx.stop(probs)
+  const sharp = tf.where(tf.greater(pr, 0.5), tf.pow(pr, 1 / s.tau), tf.sub(1, tf.pow(tf.sub(1, pr), 1 / s.tau)))
+  const sampled2 = tf.reshape(tf.maximum(forced, tf.cast(tf.less(feeds.random, sharp), "float32")), [R, L])
+  const f2 = tf.reshape(ctx.stop(forced), [R, L])
+  const forcedAfter = tf.sub(tf.sum(f2, 1, true), tf.cumsum(f2, 1))
+  const fits = tf.cast(tf.lessEqual(tf.add(tf.cumsum(sampled2, 1), forcedAfter), C), "float32")
+  const b2 = tf.maximum(f2, tf.mul(sampled2, fits))
+  const b = tf.reshape(b2, [n])
+  // slot row·C + (boundaries up to the token) − 1: the concept each token receives
+  const rowBase = tf.reshape(tf.tensor1d(Array.from({ length: R }, (_, r) => r * C)), [R, 1])
+  const receive = tf.cast(tf.reshape(tf.add(tf.sub(tf.cumsum(b2, 1), 1), rowBase), [n]), "int32")
+  const sampled = tf.sum(sampled2)
+  const count = tf.sum(b)
+  const G = tf.mean(probs)
+  const ratio = s.ratio
+  const F = tf.div(count, n)
+  // L = R/(R−1)·((R−1)·F·G + (1−F)(1−G)), weight λ
+  const ratioLoss = tf.mul(tf.add(tf.mul(tf.mul(G, F), ratio - 1), tf.mul(tf.sub(1, G), tf.sub(1, F))), (ratio / (ratio - 1)) * s.lambda)
+  if (s.lambda > 0) ctx.auxLosses.push(ratioLoss)
+  ctx.chunk = { h: x as Tensor2D, p: probs, boundaries: new Uint8Array(0), receive: new Int32Array(0), concepts: [], slots: { b, receive, capacity: C, documentStart: feeds.documentStart } }
+  ctx.compression.tokens += n
+  const probSum = tf.sum(pr)
+  const dropped = tf.sub(sampled, count)
+  const before = ctx.deviceCompression
+  ctx.deviceCompression = before === undefined
+    ? { concepts: count, boundaryProbSum: probSum, dropped }
+    : { concepts: tf.add(before.concepts, count), boundaryProbSum: tf.add(before.boundaryProbSum, probSum), dropped: tf.add(before.dropped, dropped) }
   return x
 }
 

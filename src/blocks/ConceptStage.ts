@@ -17,6 +17,7 @@ import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type AnyBlock, type Block, type BlockKind, make, type Named } from "../graph/Block.ts"
 import type { ChildApply, ForwardContext, Tensor } from "../graph/Apply.ts"
+import type { Tensor1D } from "@tensorflow/tfjs"
 import { crossCheck, PositiveNumber } from "../graph/Spec.ts"
 import { Chunker } from "./Chunker.ts"
 import { Dechunk } from "./Dechunk.ts"
@@ -46,6 +47,7 @@ const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: 
   if (state !== undefined && ctx.documentStarts.size > 0) throw new Error("incremental decoding does not take document starts inside a row")
   chunk(x)
   const ch = ctx.chunk!
+  if (ch.slots !== undefined) return staticStage(ctx, spec, x, ch, body, de)
   const n = ch.boundaries.length
   const total = ch.concepts.reduce((a, b) => a + b, 0)
   let merged: Tensor
@@ -108,6 +110,61 @@ const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: 
   ctx.positions = saved.positions
   ctx.chunk = ch
   if (state !== undefined) ch.concepts.forEach((M, r) => (state.concepts[r]! += M))
+  return de(y)
+}
+
+/**
+ * The stage with static shapes (the chunk module ran with `ConceptFeeds`): every row's concepts in
+ * `C` slots, the unused ones zero, so the concept model runs on `[rows·C, d]` with uniform rows
+ * (its attention is causal, so real concepts, which come first, never see the padding; `ctx.valid`
+ * tells MoE balance losses which slots are real). Merges as `applyStage` does, with segment sums
+ * over device indices.
+ */
+const staticStage = (
+  ctx: ForwardContext,
+  spec: ConceptStageSpec,
+  x: Tensor,
+  ch: NonNullable<ForwardContext["chunk"]>,
+  body: ChildApply,
+  de: ChildApply
+): Tensor => {
+  const { tf } = ctx
+  const { b, receive, capacity: C, documentStart } = ch.slots!
+  const rows = ctx.layout
+  const R = rows.length
+  const L = rows[0]!
+  const n = R * L
+  const trash = R * C
+  const b2 = tf.reshape(b, [R, L])
+  const rowBase = tf.reshape(tf.tensor1d(Array.from({ length: R }, (_, r) => r * C), "int32"), [R, 1])
+  const count = tf.sum(b2, 1, true)
+  // the slot a boundary token closes (others: the trash slot)
+  const closes = tf.where(tf.greater(b, 0), receive, tf.fill([n], trash, "int32"))
+  let merged: Tensor
+  if (spec.merge === "last") {
+    merged = tf.unsortedSegmentSum(tf.mul(x, tf.reshape(b, [n, 1])), closes as Tensor1D, trash + 1)
+  } else {
+    // each token goes to the chunk closed by the first boundary at or after it: index = boundaries
+    // before it; after a row's last boundary, to the trash
+    const before = tf.cumsum(b2, 1, true)
+    const inRow = tf.reshape(tf.less(before, count), [n])
+    let seg = tf.where(inRow, tf.reshape(tf.add(tf.cast(before, "int32"), rowBase), [n]), tf.fill([n], trash, "int32"))
+    // a chunk closed by a document start holds only that token
+    const closedByDocument = tf.unsortedSegmentSum(tf.mul(b, documentStart), closes as Tensor1D, trash + 1)
+    const alone = tf.logicalAnd(tf.greater(tf.gather(closedByDocument, seg), 0), tf.equal(documentStart, 0))
+    seg = tf.where(alone, tf.fill([n], trash, "int32"), seg)
+    merged = tf.unsortedSegmentSum(x, seg as Tensor1D, trash + 1)
+  }
+  merged = tf.slice(merged, [0, 0], [trash, -1])
+  const saved = { layout: ctx.layout, positions: ctx.positions, valid: ctx.valid }
+  ctx.layout = rows.map(() => C)
+  ctx.positions = Int32Array.from({ length: trash }, (_, i) => i % C)
+  ctx.valid = tf.reshape(tf.cast(tf.less(tf.tensor2d(Array.from({ length: R }, () => Array.from({ length: C }, (_, k) => k))), count), "float32"), [trash])
+  const y = body(merged)
+  ctx.layout = saved.layout
+  ctx.positions = saved.positions
+  ctx.valid = saved.valid
+  ctx.chunk = ch
   return de(y)
 }
 

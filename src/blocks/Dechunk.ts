@@ -13,6 +13,7 @@ import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf, type Named } from "../graph/Block.ts"
 import type { ForwardContext, Tensor, Tensor2D } from "../graph/Apply.ts"
+import type * as TF from "@tensorflow/tfjs"
 import { Dim } from "../graph/Spec.ts"
 
 export const DechunkSpec = Schema.Struct({ d: Dim })
@@ -48,6 +49,7 @@ const applyDechunk = (ctx: ForwardContext, _s: DechunkSpec, y: Tensor): Tensor =
   const { tf, cache } = ctx
   const ch = ctx.chunk
   if (ch === undefined) throw new Error("a dechunk runs inside a concept stage, after its chunk module")
+  if (ch.slots !== undefined) return staticDechunk(ctx, ch, y)
   const n = ch.boundaries.length
   const rows = ch.concepts.length
   const d = ch.h.shape[1]!
@@ -85,6 +87,32 @@ const applyDechunk = (ctx: ForwardContext, _s: DechunkSpec, y: Tensor): Tensor =
   }
   const B = tf.tensor1d(Float32Array.from(ch.boundaries))
   const confidence = tf.add(tf.mul(B, ch.p), tf.mul(tf.sub(1, B), tf.sub(1, ch.p)))
+  ctx.concept = cz
+  return tf.add(ch.h, tf.mul(cz, tf.reshape(ctx.ste(confidence), [n, 1])))
+}
+
+/**
+ * The dechunk with static shapes (`ConceptStage`'s padded slots): the EMA of every row at once as
+ * `[rows, C, C]` matrices (a padded slot has P = 0, so it weighs nothing), then the same plug-back.
+ */
+const staticDechunk = (ctx: ForwardContext, ch: NonNullable<ForwardContext["chunk"]>, y: Tensor): Tensor => {
+  const { tf } = ctx
+  const { b, receive, capacity: C } = ch.slots!
+  const n = b.shape[0]!
+  const d = ch.h.shape[1]!
+  const R = y.shape[0]! / C
+  const closes = tf.where(tf.greater(b, 0), receive, tf.fill([n], R * C, "int32")) as TF.Tensor1D
+  const P = tf.reshape(tf.slice(tf.unsortedSegmentSum(tf.mul(ch.p, b), closes, R * C + 1), [0], [R * C]), [R, C])
+  // a_i = log(1 − P_i) for i ≥ 1, 0 for a row's first concept (P = 1 there)
+  const notFirst = tf.tensor2d([Array.from({ length: C }, (_, i) => (i === 0 ? 0 : 1))])
+  const cs = tf.cumsum(tf.mul(tf.log(tf.maximum(tf.sub(1, P), emaFloor)), notFirst), 1)
+  const diff = tf.minimum(tf.sub(tf.reshape(cs, [R, C, 1]), tf.reshape(cs, [R, 1, C])), 0)
+  const tril = new Float32Array(C * C)
+  for (let i = 0; i < C; i++) for (let j = 0; j <= i; j++) tril[i * C + j] = 1
+  const weights = tf.mul(tf.mul(tf.exp(diff), tf.tensor3d(tril, [1, C, C])), tf.reshape(P, [R, 1, C]))
+  const table = tf.reshape(ctx.matMul(weights, tf.reshape(y, [R, C, d]), "other"), [R * C, d])
+  const cz = tf.gather(table, receive) as Tensor2D
+  const confidence = tf.add(tf.mul(b, ch.p), tf.mul(tf.sub(1, b), tf.sub(1, ch.p)))
   ctx.concept = cz
   return tf.add(ch.h, tf.mul(cz, tf.reshape(ctx.ste(confidence), [n, 1])))
 }

@@ -57,6 +57,7 @@ const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record
   const logits = ops.linear(ctx, x, p["router.weight"]!, p["router.bias"])
   const probs = s.scoring === "softmax" ? tf.softmax(logits) : tf.sigmoid(logits)
   if (ctx.dispatch === "dense") return denseDispatch(ctx, s, x, p, probs)
+  if (ctx.valid !== undefined) throw new Error(`sparse MoE dispatch does not take padded positions (at ${ctx.scope}); use dense dispatch`)
   const { indices } = tf.topk(ctx.detach(probs), s.topK)
   const chosen = ctx.read(indices) as Int32Array
   indices.dispose()
@@ -120,7 +121,10 @@ const withShared = (
     y = tf.add(y, shared)
   }
   if (ctx.training && ctx.lossWeights.balance > 0) {
-    ctx.auxLosses.push(tf.mul(tf.sum(tf.mul(tf.mean(probs, 0), fraction())), s.experts * ctx.lossWeights.balance))
+    // over the real positions only (padded concept slots do not count)
+    const v = ctx.valid
+    const meanProbs = v === undefined ? tf.mean(probs, 0) : tf.div(tf.sum(tf.mul(probs, tf.reshape(v, [-1, 1])), 0), tf.maximum(tf.sum(v), 1))
+    ctx.auxLosses.push(tf.mul(tf.sum(tf.mul(meanProbs, fraction())), s.experts * ctx.lossWeights.balance))
   }
   return y
 }
@@ -156,7 +160,11 @@ const denseDispatch = (
     return w === undefined || w.rank === 3 ? w : tf.reshape(w, [E, 1, w.shape[1]!])
   }, s.activation)
   const routed = tf.sum(tf.mul(ys, tf.reshape(tf.transpose(gates), [E, n, 1])), 0)
-  return withShared(ctx, s, x, p, probs, routed, () => tf.div(tf.sum(chosen, 0), n * s.topK))
+  const v = ctx.valid
+  return withShared(ctx, s, x, p, probs, routed, () =>
+    v === undefined
+      ? tf.div(tf.sum(chosen, 0), n * s.topK)
+      : tf.div(tf.sum(tf.mul(chosen, tf.reshape(v, [n, 1])), 0), tf.mul(tf.maximum(tf.sum(v), 1), s.topK)))
 }
 
 export const MoE: BlockKind<MoESpec> = {

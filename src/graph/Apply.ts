@@ -49,6 +49,26 @@ export interface ChunkState {
   readonly receive: Int32Array
   /** Concepts per row (new concepts of this piece, when decoding). */
   readonly concepts: ReadonlyArray<number>
+  /**
+   * Set instead of the host arrays when the stage runs with static shapes ({@link ConceptFeeds}):
+   * boundaries `b [N]` (float 0/1), the slot each token receives `receive [N]` (int32, row·C + index
+   * of its concept), every row padded to `capacity` concept slots.
+   */
+  readonly slots?: { readonly b: Tensor; readonly receive: Tensor; readonly capacity: number; readonly documentStart: Tensor }
+}
+
+/**
+ * Device inputs that let a ConceptMoE training step run with static shapes, so that it can be
+ * recorded and replayed (`train/Captured.ts`): every row gets `ceil(capacity·T/R)` concept slots
+ * (at most T), the Bernoulli draws come in as `random [N]` (the host generator's values, in the
+ * order the host path would draw them, 0 at forced boundaries) and the document starts as
+ * `documentStart [N]` (1 where a new document starts inside a row). Sampled boundaries that would
+ * overflow a row's slots are dropped, keeping room for the forced ones still to come.
+ */
+export interface ConceptFeeds {
+  readonly random: Tensor
+  readonly documentStart: Tensor
+  readonly capacity: number
 }
 
 /**
@@ -119,12 +139,27 @@ export interface ForwardContext {
   readonly flops: FlopCounter
   /** Measured compression: tokens and concepts seen by concept stages. */
   readonly compression: { tokens: number; concepts: number; boundaryProbSum: number }
+  /**
+   * With {@link ConceptFeeds}: the same measures on the device (concepts, Σ boundary probability,
+   * sampled boundaries dropped for want of slots), summed over the stages.
+   */
+  deviceCompression: { readonly concepts: Tensor; readonly boundaryProbSum: Tensor; readonly dropped: Tensor } | undefined
+  /** Static-shape ConceptMoE training inputs, if the step runs with them. */
+  readonly conceptFeeds: ConceptFeeds | undefined
+  /**
+   * Which positions of the current stream are real (1) or padding (0), `[N]` float32; undefined
+   * when all are. Set by a static-shape concept stage for its concept model (MoE balance losses
+   * count the real positions only).
+   */
+  valid: Tensor | undefined
   /** A deterministic seed source for sampling. */
   readonly nextSeed: () => number
   /** Matmul with explicit-transpose gradients, counted under `category`. */
   readonly matMul: (a: Tensor, b: Tensor, category: keyof FlopCounter) => Tensor
   /** Forward: the value; backward: no gradient. */
   readonly detach: (x: Tensor) => Tensor
+  /** The same values off the tape: ops on the result are not differentiated at all (for indices). */
+  readonly stop: (x: Tensor) => Tensor
   /** Straight-through estimator: forward 1, backward identity. */
   readonly ste: (x: Tensor) => Tensor
   /** RMSNorm over the last axis, `x·g / √(mean(x²) + eps)` (fused kernels where the runtime has them). */

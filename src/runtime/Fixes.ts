@@ -297,6 +297,14 @@ export const makeDetach = (tf: Tf) => {
   return (x: Tensor): Tensor => f(x) as Tensor
 }
 
+/**
+ * The same values off the tape: a new tensor on `x`'s data that no recorded op made, so nothing
+ * computed from it is differentiated (integer indices derived from it can feed a gather without
+ * tfjs asking for their gradient). No copy, no dispatch.
+ */
+export const makeStop = (tf: Tf) => (x: Tensor): Tensor =>
+  tf.engine().makeTensorFromTensorInfo({ dataId: (x as unknown as { dataId: object }).dataId, shape: [...x.shape], dtype: x.dtype }) as Tensor
+
 /** Straight-through estimator: forward 1, backward identity (method spec §6.1). */
 export const makeSte = (tf: Tf) => {
   const f = tf.customGrad(((x: Tensor) => ({ value: tf.onesLike(x), gradFunc: (dy: Tensor) => [dy] })) as unknown as Parameters<Tf["customGrad"]>[0])

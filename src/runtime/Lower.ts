@@ -10,10 +10,11 @@
 import type * as TF from "@tensorflow/tfjs"
 import type { Analysis } from "../graph/Analyze.ts"
 import { joinPath } from "../graph/Analyze.ts"
-import type { ChildApply, DecodeCache, FlopCounter, ForwardContext, Tensor, Tensor2D, Tf } from "../graph/Apply.ts"
+import type { ChildApply, ConceptFeeds, DecodeCache, FlopCounter, ForwardContext, Tensor, Tensor2D, Tf } from "../graph/Apply.ts"
 import type { AnyBlock } from "../graph/Block.ts"
 import { makeActivate, makeMaskedNll, makeRmsNorm, makeRotate } from "./Fused.ts"
-import { makeDetach, makeMatMul, makeOneHot, makeSte } from "./Fixes.ts"
+import { makeDetach, makeMatMul, makeOneHot, makeSte, makeStop } from "./Fixes.ts"
+import { prng } from "../blocks/Chunker.ts"
 
 export interface Lowered {
   readonly tf: Tf
@@ -119,6 +120,8 @@ export interface ForwardOptions {
    * there is a target). A captured step (`Capture.ts`) feeds new values into them each step.
    */
   readonly feeds?: Feeds
+  /** Static-shape ConceptMoE training (see `ConceptFeeds`); MoE layers then dispatch densely. */
+  readonly concept?: ConceptFeeds
 }
 
 export interface Feeds {
@@ -135,6 +138,25 @@ export const feedValues = (batch: Batch) => ({ ids: batch.ids, positions: positi
 const targetValues = (batch: Batch) => {
   const targets = batch.targets ?? new Int32Array(batch.rows * batch.length).fill(-1)
   return { labels: targets.map((t) => Math.max(t, 0)), mask: Float32Array.from(targets, (t) => (t >= 0 ? 1 : 0)) }
+}
+
+/**
+ * The host values of `ConceptFeeds` for a batch and a pass's seed: the chunk module's Bernoulli
+ * draws (mulberry32 seeded with `mixSeed(seed, 0)`, drawn row by row for the tokens that are not
+ * forced boundaries, exactly as the host path draws them; 0 elsewhere) and 1 at document starts.
+ * One concept stage per model (the first `nextSeed` of a pass is its chunk module's).
+ */
+export const conceptFeedValues = (batch: Batch, seed: number): { readonly random: Float32Array; readonly documentStart: Float32Array } => {
+  const n = batch.rows * batch.length
+  const starts = batch.documentStarts ?? new Set<number>()
+  const random = new Float32Array(n)
+  const documentStart = new Float32Array(n)
+  const draw = prng(mixSeed(seed, 0))
+  for (let t = 0; t < n; t++) {
+    if (starts.has(t)) documentStart[t] = 1
+    else if (t % batch.length !== 0) random[t] = draw()
+  }
+  return { random, documentStart }
 }
 
 /** Position of each token within its row, restarting at document starts. */
@@ -186,16 +208,20 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     auxLosses: [],
     flops,
     compression: { tokens: 0, concepts: 0, boundaryProbSum: 0 },
+    deviceCompression: undefined,
+    conceptFeeds: options.concept,
+    valid: undefined,
     nextSeed: () => mixSeed(options.seed, seedCounter++),
     matMul: makeMatMul(tf, flops),
     detach: makeDetach(tf),
+    stop: makeStop(tf),
     ste: makeSte(tf),
     rmsNorm: makeRmsNorm(tf),
     rotate: makeRotate(tf),
     activate: makeActivate(tf),
     oneHot: makeOneHot(tf),
     read: options.read ?? ((t) => t.dataSync() as Float32Array | Int32Array),
-    dispatch: options.dispatch ?? (tf.getBackend() === "webgpu" ? "dense" : "sparse"),
+    dispatch: options.concept !== undefined ? "dense" : options.dispatch ?? (tf.getBackend() === "webgpu" ? "dense" : "sparse"),
     lossWeights: { balance: options.balanceWeight ?? 0.01 }
   }
   // a child's scope extends its parent's scope at call time (a loop adds `#pass` to its own)

@@ -10,7 +10,7 @@ import type * as TF from "@tensorflow/tfjs"
 import { Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import { gpuErrors } from "../runtime/Fixes.ts"
 import { adamStepValues, adamw } from "../runtime/Fused.ts"
-import type { Tensor } from "../graph/Apply.ts"
+import type { ConceptFeeds, Tensor } from "../graph/Apply.ts"
 import { type Batch, type Feeds, loss, type Lowered, mixSeed, recordReads, replay } from "../runtime/Lower.ts"
 
 const Fraction = Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0), Schema.isLessThan(1)))
@@ -72,6 +72,8 @@ export interface StepInputs {
   readonly feeds: Feeds
   /** `[lr, c1, c2]` (see `Fused.adamStepValues`). */
   readonly stepValues: Tensor
+  /** Static-shape ConceptMoE inputs (`Lower.conceptFeedValues` for this step's seed). */
+  readonly concept?: ConceptFeeds
 }
 
 /**
@@ -97,14 +99,18 @@ export const stepOnDevice = (
   const partOf = new Map(low.analysis.params.map((p) => [p.path, p.part]))
   let stats = { tokens: 0, concepts: 0, boundaryProbSum: 0 }
   let parts: { ce: TF.Scalar; aux: TF.Scalar } | undefined
+  let deviceStats: { concepts: Tensor; boundaryProbSum: Tensor; dropped: Tensor } | undefined
   const total = tf.tidy(() => {
     const { grads, value } = tf.variableGrads(() => {
       const r = loss(low, batch, {
         ...stepOptions(settings, step),
         ...(read === undefined ? {} : { read }),
-        ...(inputs === undefined ? {} : { feeds: inputs.feeds })
+        ...(inputs === undefined ? {} : { feeds: inputs.feeds }),
+        ...(inputs?.concept === undefined ? {} : { concept: inputs.concept })
       })
       stats = { tokens: r.ctx.compression.tokens, concepts: r.ctx.compression.concepts, boundaryProbSum: r.ctx.compression.boundaryProbSum }
+      const dc = r.ctx.deviceCompression
+      if (dc !== undefined) deviceStats = { concepts: tf.keep(dc.concepts), boundaryProbSum: tf.keep(dc.boundaryProbSum), dropped: tf.keep(dc.dropped) }
       parts = { ce: tf.keep(r.ce), aux: tf.keep(r.aux) }
       return r.total
     }, vars)
@@ -133,7 +139,7 @@ export const stepOnDevice = (
     return value
   })
   opt.step = step + 1
-  return { total, ce: parts!.ce, aux: parts!.aux, lr, stats }
+  return { total, ce: parts!.ce, aux: parts!.aux, lr, stats, deviceStats }
 }
 
 const stepOptions = (settings: TrainSettings, step: number) =>

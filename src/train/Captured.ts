@@ -16,7 +16,9 @@
  */
 import type { Tensor } from "../graph/Apply.ts"
 import { type Captured, capture, difference, NotCapturable, type StepProfile, writeFeeds } from "../runtime/Capture.ts"
-import { type Batch, type Feeds, feedValues, type Lowered, recordReads } from "../runtime/Lower.ts"
+import { type Batch, conceptFeedValues, type Feeds, feedValues, type Lowered, mixSeed, recordReads } from "../runtime/Lower.ts"
+import type { ConceptFeeds } from "../graph/Apply.ts"
+import { conceptSlots } from "../blocks/Chunker.ts"
 import { type TuneRow, tuneMatMuls, watchProducts } from "../runtime/MatMul.ts"
 import { failOnGpuErrors, type Optimizer, stepInputValues, stepOnDevice, trainStepAsync, type TrainSettings } from "./Step.ts"
 
@@ -33,6 +35,8 @@ export interface StepResult {
   readonly tokens: number
   readonly concepts: number
   readonly boundaryProbSum: number
+  /** Sampled boundaries dropped for want of concept slots (static-shape ConceptMoE steps). */
+  readonly dropped?: number
   readonly profile?: StepProfile
 }
 
@@ -77,11 +81,32 @@ export const capturedTrainer = (
     mask: tf.keep(tf.zeros([n], "float32"))
   }
   const stepValues = tf.keep(tf.zeros([3], "float32"))
-  const feedList: ReadonlyArray<Tensor> = [feeds.ids, feeds.positions, feeds.labels, feeds.mask, stepValues]
+  // a ConceptMoE (one concept stage) trains with static shapes: its draws and document starts are feeds
+  const stages = low.analysis.rows.filter((r) => r.kind === "chunk")
+  const ratio = stages.length === 1 ? (low.analysis.specs.get(stages[0]!.path) as { ratio: number }).ratio : undefined
+  const concept: ConceptFeeds | undefined = ratio === undefined
+    ? undefined
+    : { random: tf.keep(tf.zeros([n], "float32")), documentStart: tf.keep(tf.zeros([n], "float32")), capacity: settings.conceptCapacity }
+  const slots = ratio === undefined ? 0 : conceptSlots(length, ratio, settings.conceptCapacity)
+  const feedList: ReadonlyArray<Tensor> = [feeds.ids, feeds.positions, feeds.labels, feeds.mask, stepValues, ...(concept === undefined ? [] : [concept.random, concept.documentStart])]
   const valuesOf = (batch: Batch, step: number): ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]> => {
     if (batch.rows * batch.length !== n) throw new Error(`a captured trainer for ${rows}×${length} tokens got a batch of ${batch.rows}×${batch.length}`)
     const v = feedValues(batch)
-    return [[feeds.ids, v.ids], [feeds.positions, v.positions], [feeds.labels, v.labels], [feeds.mask, v.mask], [stepValues, Float32Array.from(stepInputValues(settings, step))]]
+    const c = concept === undefined ? undefined : conceptFeedValues(batch, mixSeed(settings.seed, step))
+    return [
+      [feeds.ids, v.ids],
+      [feeds.positions, v.positions],
+      [feeds.labels, v.labels],
+      [feeds.mask, v.mask],
+      [stepValues, Float32Array.from(stepInputValues(settings, step))],
+      ...(concept === undefined || c === undefined ? [] : [[concept.random, c.random], [concept.documentStart, c.documentStart]] as const)
+    ]
+  }
+  /** Whether every row's forced boundaries (its start, its documents' starts) fit the concept slots. */
+  const fitsSlots = (batch: Batch) => {
+    const forced = new Array<number>(batch.rows).fill(1)
+    for (const t of batch.documentStarts ?? []) if (t % batch.length !== 0) forced[Math.floor(t / batch.length)]! += 1
+    return forced.every((f) => f <= slots)
   }
   let mode: Mode = options.record === false
     ? { mode: "eager", reason: "recording turned off" }
@@ -100,17 +125,25 @@ export const capturedTrainer = (
   let stepZero: (() => ReadonlySet<string>) | undefined
 
   const read = async (outputs: ReadonlyArray<Tensor>) => {
-    const [total, ce, aux] = await Promise.all(outputs.map((t) => t.data()))
+    const [total, ce, aux, concepts, probSum, dropped] = await Promise.all(outputs.map((t) => t.data()))
     failOnGpuErrors()
-    return { loss: total![0]!, ce: ce![0]!, aux: aux![0]!, concepts: 0, boundaryProbSum: 0 }
+    return {
+      loss: total![0]!,
+      ce: ce![0]!,
+      aux: aux![0]!,
+      concepts: concepts?.[0] ?? 0,
+      boundaryProbSum: probSum?.[0] ?? 0,
+      ...(dropped === undefined ? {} : { dropped: dropped[0]!, tokens: n })
+    }
   }
   const eagerStep = (batch: Batch, step: number) => {
     // every op on the GPU, as in a recording (tfjs otherwise runs small ops on the CPU)
     const cpuForward = tf.env().getBool("WEBGPU_CPU_FORWARD")
     tf.env().set("WEBGPU_CPU_FORWARD", false)
     try {
-      const r = stepOnDevice(low, opt, batch, settings, step, undefined, { feeds, stepValues })
-      return { outputs: [r.total, r.ce, r.aux] as ReadonlyArray<Tensor>, lr: r.lr, tokens: r.stats.tokens }
+      const r = stepOnDevice(low, opt, batch, settings, step, undefined, { feeds, stepValues, ...(concept === undefined ? {} : { concept }) })
+      const stats = r.deviceStats === undefined ? [] : [r.deviceStats.concepts, r.deviceStats.boundaryProbSum, r.deviceStats.dropped]
+      return { outputs: [r.total, r.ce, r.aux, ...stats] as ReadonlyArray<Tensor>, lr: r.lr, tokens: r.stats.tokens }
     } finally {
       tf.env().set("WEBGPU_CPU_FORWARD", cpuForward)
     }
@@ -122,7 +155,8 @@ export const capturedTrainer = (
     if (call === 0) stepZero = watchProducts()
     if (call === 0) {
       // only a step without host reads can be recorded
-      const reads = await recordReads(low, batch, { training: true, seed: 0 })
+      if (concept !== undefined) writeFeeds(tf, valuesOf(batch, s))
+      const reads = await recordReads(low, batch, { training: true, seed: mixSeed(settings.seed, s), ...(concept === undefined ? {} : { feeds, concept }) })
       if (reads.length > 0) {
         readsHost = true
         if (mode.mode === "warming") mode = { mode: "eager", reason: `the model reads ${reads.length} host value(s) per step (concept boundaries)` }
@@ -131,6 +165,9 @@ export const capturedTrainer = (
     // the products step 0 ran (not, e.g., an evaluation's), before anything is recorded
     if (call === 1) tuned = await tuneMatMuls(tf, { products: stepZero?.() ?? new Set() })
     if (readsHost) return trainStepAsync(low, opt, batch, settings, s)
+    // a batch whose forced boundaries alone overflow the concept slots takes the host path (a
+    // replay after it records again: the variables changed outside the recording)
+    if (concept !== undefined && !fitsSlots(batch)) return trainStepAsync(low, opt, batch, settings, s)
     if (recording !== undefined) {
       const t0 = performance.now()
       let profile: StepProfile | undefined
@@ -153,7 +190,7 @@ export const capturedTrainer = (
       }
       if (profile === undefined) issued = performance.now() - t0
       opt.step = s + 1
-      return { ...(await read(recording.outputs)), ...meta(s), ...(profile === undefined ? {} : { profile }) }
+      return { ...meta(s), ...(await read(recording.outputs)), ...(profile === undefined ? {} : { profile }) }
     }
     writeFeeds(tf, valuesOf(batch, s))
     // the first step runs through tfjs alone: it compiles the shaders and fills tfjs's caches, which
@@ -164,7 +201,7 @@ export const capturedTrainer = (
       issued = performance.now() - t0
       const values = await read(r.outputs)
       tf.dispose([...r.outputs])
-      return { ...values, lr: r.lr, tokens: r.tokens }
+      return { lr: r.lr, tokens: r.tokens, ...values }
     }
     let c: Captured
     try {
@@ -181,9 +218,9 @@ export const capturedTrainer = (
       mode = { mode: "eager", reason: e.message }
       const values = await read(e.outputs)
       tf.dispose([...e.outputs])
-      return { ...values, ...meta(s) }
+      return { ...meta(s), ...values }
     }
-    const values = { ...(await read(c.outputs)), ...meta(s) }
+    const values = { ...meta(s), ...(await read(c.outputs)) }
     if (first === undefined) first = c
     else {
       const why = difference(first, c)

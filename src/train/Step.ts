@@ -38,6 +38,11 @@ export const TrainSettings = Schema.Struct({
   evalBatches: withDefault(Dim, 4),
   checkpointEvery: withDefault(Dim, 100),
   balanceWeight: withDefault(Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0))), 0.01),
+  /**
+   * Concept slots per row when a ConceptMoE trains with static shapes (webgpu, `train/Captured.ts`):
+   * ceil(conceptCapacity·T/R), at most T. Sampled boundaries beyond them are dropped (and counted).
+   */
+  conceptCapacity: withDefault(PositiveNumber, 1.5),
   optimizer: withDefault(OptimizerConfig, {})
 })
 export type TrainSettings = typeof TrainSettings.Type

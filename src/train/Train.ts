@@ -46,6 +46,8 @@ export interface StepMetrics {
   readonly lr: number
   readonly tokensPerSecond: number
   readonly compression?: number
+  /** Sampled boundaries dropped for want of concept slots (webgpu's static-shape ConceptMoE steps). */
+  readonly droppedBoundaries?: number
   readonly boundaryRate?: number
   readonly valBitsPerByte?: number
 }
@@ -172,6 +174,7 @@ export const train = (
         lastCheckpoint = checkpointFile
       })
     let windowTokens = 0
+    let windowDropped = 0
     let windowStart = performance.now()
     let totalTokens = 0
     let totalTime = 0
@@ -194,6 +197,7 @@ export const train = (
       totalTime += dt
       totalTokens += batch.rows * batch.length
       windowTokens += batch.rows * batch.length
+      windowDropped += "dropped" in r ? r.dropped ?? 0 : 0
       if (!Number.isFinite(r.loss)) {
         trainer?.dispose()
         return yield* new DivergedError({ step, loss: r.loss, checkpoint: lastCheckpoint })
@@ -209,6 +213,7 @@ export const train = (
         lr: r.lr,
         tokensPerSecond: (batch.rows * batch.length) / (dt / 1000),
         ...(r.concepts > 0 ? { compression: r.tokens / r.concepts, boundaryRate: r.concepts / r.tokens } : {}),
+        ...("dropped" in r && r.dropped !== undefined && r.dropped > 0 ? { droppedBoundaries: r.dropped } : {}),
         ...(val === undefined ? {} : { valBitsPerByte: val.bitsPerByte })
       }
       metrics.push(m)
@@ -220,8 +225,10 @@ export const train = (
         yield* log(
           `step ${String(step + 1).padStart(5)}/${settings.steps}  loss ${r.loss.toFixed(4)}  ${tps.toFixed(0)} tok/s  lr ${r.lr.toExponential(2)}` +
             (m.compression === undefined ? "" : `  R ${m.compression.toFixed(2)}  boundary rate ${m.boundaryRate!.toFixed(3)}`) +
+            (windowDropped === 0 ? "" : `  ${windowDropped} sampled boundaries dropped (concept slots full; conceptCapacity)`) +
             (val === undefined ? "" : `  val ${val.bitsPerByte.toFixed(4)} bits/byte`)
         )
+        windowDropped = 0
       }
       if ((step + 1) % settings.checkpointEvery === 0 || last) yield* save(step + 1)
     }

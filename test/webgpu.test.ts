@@ -157,6 +157,21 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     concept.recorded.losses.forEach((l, i) => assert.closeTo(l, concept.eager.losses[i]!, 1e-4, `step ${i}`))
   })
 
+  it("replays submitted in parts of any size (down to one dispatch per command buffer) equal tfjs's steps", async () => {
+    for (const every of ["1", "0"]) {
+      process.env["CONCEPTMOE_SUBMIT_EVERY"] = every
+      try {
+        // steps 3 and 4 replay plainly (5 and 6 are profiled, in one command buffer)
+        const { eager, recorded } = await trainBoth(webgpuModels[0]![1], 7)
+        assert.strictEqual(recorded.mode?.mode, "replay")
+        assert.deepStrictEqual(recorded.losses, eager.losses)
+        recorded.params.forEach((p, i) => assert.deepStrictEqual(Array.from(p), Array.from(eager.params[i]!), `parameter ${i}`))
+      } finally {
+        delete process.env["CONCEPTMOE_SUBMIT_EVERY"]
+      }
+    }
+  })
+
   it("steps with an undeclared changing upload are not replayed, and train as before", async () => {
     process.env["CONCEPTMOE_CAPTURE"] = "off"
     try {

@@ -4,9 +4,10 @@
 # (tfjs's kernel and each of ours) against PyTorch's, our training step on webgpu for the four
 # workloads (through tfjs and replayed; matmuls tuned per shape, CONCEPTMOE_MATMUL=auto), the same
 # models in PyTorch eager (bench/peers/torch_lm.py), the ratios, and the dense steps again with
-# tfjs's matmul only (what tuning gained) and with Dawn's robustness checks off.
+# tfjs's matmul only (what tuning gained), each replay as one command buffer, and with Dawn's
+# robustness checks off.
 #   here:   bash bench/gpu/make-carry.sh
-#   device: carry [".carry"], timeout_s 600, command: bash bench/gpu/run.sh [steps]   (the timeouts below sum to 520 s)
+#   device: carry [".carry"], timeout_s 600, command: bash bench/gpu/run.sh [steps]   (the timeouts below sum to 570 s)
 # Results land in $OUT (smoke.json, ops.jsonl, matmul-*.jsonl, ours*.jsonl, torch.jsonl, ratios*.json) when OUT is set.
 set -uo pipefail
 out=${OUT:-$(mktemp -d)}
@@ -36,6 +37,9 @@ dense=dense-2L-d128,dense-4L-d512
 echo "== ours, dense, tfjs's matmul kernel only"
 CONCEPTMOE_MATMUL=tfjs timeout 60 /tmp/n/node bench/gpu/train-step.ts webgpu $dense "$steps" 2>&1 | grep -v "maxDynamic" | tee "$out/ours-tfjs-matmul.jsonl"
 /tmp/n/node bench/gpu/ratio.ts "$out/ours-tfjs-matmul.jsonl" "$out/torch.jsonl" | tee "$out/ratios-tfjs-matmul.json"
+echo "== ours, dense, each replay in one command buffer (CONCEPTMOE_SUBMIT_EVERY=0; the default submits every 128 dispatches)"
+CONCEPTMOE_SUBMIT_EVERY=0 timeout 50 /tmp/n/node bench/gpu/train-step.ts webgpu $dense "$steps" 2>&1 | grep -v "maxDynamic" | tee "$out/ours-one-submit.jsonl"
+/tmp/n/node bench/gpu/ratio.ts "$out/ours-one-submit.jsonl" "$out/torch.jsonl" | tee "$out/ratios-one-submit.json"
 echo "== ours, dense, Dawn's robustness checks off"
 DAWN_FLAGS=enable-dawn-features=disable_robustness timeout 60 /tmp/n/node bench/gpu/train-step.ts webgpu $dense "$steps" 2>&1 | grep -v "maxDynamic" | tee "$out/ours-no-robustness.jsonl"
 /tmp/n/node bench/gpu/ratio.ts "$out/ours-no-robustness.jsonl" "$out/torch.jsonl" | tee "$out/ratios-no-robustness.json"

@@ -146,6 +146,17 @@ export interface StepProfile {
   readonly dispatches?: ReadonlyArray<{ readonly program: string; readonly shape: string; readonly us: number }>
 }
 
+/**
+ * Dispatches per command buffer of a replay (`CONCEPTMOE_SUBMIT_EVERY`, default 128; 0: the whole
+ * step in one): the GPU starts on the first part while the host encodes the next.
+ */
+const submitEvery = (): number => {
+  const v = process.env["CONCEPTMOE_SUBMIT_EVERY"]
+  const n = v === undefined || v === "" ? 128 : Number(v)
+  if (!Number.isInteger(n) || n < 0) throw new Error(`CONCEPTMOE_SUBMIT_EVERY="${v}": expected a whole number of dispatches ≥ 0 (0: one command buffer per step)`)
+  return n
+}
+
 /** The timestamp queries of one profiled replay. */
 interface Timing {
   readonly detail: "step" | "dispatches"
@@ -531,8 +542,11 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
       checkFeed(t, data)
       queue.writeBuffer(b, 0, data)
     }
-    const enc = device.createCommandEncoder()
+    let enc = device.createCommandEncoder()
     const passes = plan.filter((c) => c.op === "pass").length
+    // untimed: submitted in parts, so that the GPU starts on the first while the rest is encoded
+    const split = timing === undefined ? submitEvery() : 0
+    let sinceSubmit = 0
     let pass = 0
     let query = 0
     // one pass per dispatch: the pipeline and bind groups in force are set again in each
@@ -560,12 +574,26 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
         const writes = timing === undefined || !(first || last)
           ? undefined
           : { querySet: timing.sets[0]!, ...(first ? { beginningOfPassWriteIndex: 0 } : {}), ...(last ? { endOfPassWriteIndex: 1 } : {}) }
-        const one = enc.beginComputePass(writes === undefined ? undefined : { timestampWrites: writes })
-        for (const p of c.commands) {
-          if (p.op === "pipeline") one.setPipeline(p.pipeline)
-          else if (p.op === "bind") setBind(one, p)
-          else one.dispatchWorkgroups(p.x, p.y, p.z)
-        }
+        let one = enc.beginComputePass(writes === undefined ? undefined : { timestampWrites: writes })
+        bound.clear()
+        c.commands.forEach((p, i) => {
+          if (p.op === "pipeline") one.setPipeline(pipeline = p.pipeline)
+          else if (p.op === "bind") {
+            setBind(one, p)
+            bound.set(p.index, p)
+          } else {
+            one.dispatchWorkgroups(p.x, p.y, p.z)
+            if (split > 0 && ++sinceSubmit >= split && i < c.commands.length - 1) {
+              one.end()
+              queue.submit([enc.finish()])
+              enc = device.createCommandEncoder()
+              sinceSubmit = 0
+              one = enc.beginComputePass()
+              one.setPipeline(pipeline)
+              for (const b of bound.values()) setBind(one, b)
+            }
+          }
+        })
         one.end()
       } else if (c.op === "copy") enc.copyBufferToBuffer(c.src, c.srcOffset, c.dst, c.dstOffset, c.size)
       else enc.clearBuffer(c.buffer, c.offset, c.size)

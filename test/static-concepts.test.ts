@@ -71,7 +71,10 @@ describe("static-shape ConceptMoE training", () => {
       // every row padded to L slots, and to exactly the busiest row's count (the others padded)
       for (const capacity of [ratio, (Math.max(...perRow) * ratio) / L]) {
         assert.strictEqual(conceptSlots(L, ratio, capacity), capacity === ratio ? L : Math.max(...perRow))
+        const before = tf.memory()
         const fixed = pass(tf, low, capacity)
+        // nothing left behind (tensors off the tape share their data, and hold a reference to it)
+        assert.deepInclude(tf.memory(), { numTensors: before.numTensors, numBytes: before.numBytes })
         assert.deepStrictEqual(fixed.boundaries, host.boundaries)
         assert.strictEqual(fixed.concepts, host.concepts)
         assert.strictEqual(fixed.dropped, 0)
@@ -87,6 +90,31 @@ describe("static-shape ConceptMoE training", () => {
       release(low)
     })
   }
+
+  it("a concept model with bidirectional attention does not attend to the padded slots", async () => {
+    const m = await Effect.runPromise(load(variants[0]![1]))
+    // the concept model's attention made non-causal on the analysed graph (a graph config can say so)
+    const specs = m.analysis.specs as Map<string, Record<string, unknown>>
+    const concept = m.analysis.rows.filter((r) => r.kind === "attention" && r.path.includes("concept"))
+    assert.isAbove(concept.length, 0)
+    for (const r of concept) specs.set(r.path, { ...specs.get(r.path), causal: false })
+    const low = materialize(tf, m.analysis, 7)
+    const host = pass(tf, low)
+    const fixed = pass(tf, low, 2)
+    assert.closeTo(fixed.ce, host.ce, 1e-5)
+    fixed.grads.forEach((g, i) => assert.isAtMost(maxDiff(g, host.grads[i]!), 1e-5, `gradient ${i}`))
+    release(low)
+  })
+
+  it("a row with more forced boundaries than slots is refused, naming the row", async () => {
+    const m = await Effect.runPromise(load(variants[0]![1]))
+    const low = materialize(tf, m.analysis, 7)
+    // rows of 24 at R 2 and capacity 0.2: 3 slots; row 2 has its start and two document starts, row 0 two
+    assert.strictEqual(conceptSlots(L, 2, 0.2), 3)
+    assert.doesNotThrow(() => pass(tf, low, 0.2))
+    assert.throws(() => pass(tf, low, 0.15), /row 2 has 3 forced boundaries .* more than its 2 concept slots/)
+    release(low)
+  })
 
   it("with too few slots, sampled boundaries are dropped (forced ones kept) and counted", async () => {
     const m = await Effect.runPromise(load(variants[0]![1]))

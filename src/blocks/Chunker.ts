@@ -164,6 +164,12 @@ const staticBoundaries = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, probs:
   }
   const R = rows.length
   const C = conceptSlots(L, s.ratio, feeds.capacity)
+  // forced boundaries are always kept: a row with more of them than slots cannot run this way
+  for (let r = 0; r < R; r++) {
+    let count = 1
+    for (let i = 1; i < L; i++) if (ctx.documentStarts.has(r * L + i)) count++
+    if (count > C) throw new Error(`row ${r} has ${count} forced boundaries (its start and document starts), more than its ${C} concept slots; raise conceptCapacity or train it on the host path`)
+  }
   // the sampling and the capping have no gradient: computed off the tape, as the host path does
   const pr = ctx.stop(probs)
   const sharp = tf.where(tf.greater(pr, 0.5), tf.pow(pr, 1 / s.tau), tf.sub(1, tf.pow(tf.sub(1, pr), 1 / s.tau)))

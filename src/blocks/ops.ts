@@ -98,7 +98,8 @@ const mask = (ctx: ForwardContext, n: number, len: number, past: number, causal:
 /**
  * Attention of `R` rows at once, the keys given transposed: queries `q [R·n, H, dqk]` at positions
  * `past …` of each row, keys `kt [R·KV, dqk, len]`, values `v [R·KV, len, dv]` or transposed
- * `vt [R·KV, dv, len]` (as a KV cache stores them). Returns `[R·n, H·dv]`.
+ * `vt [R·KV, dv, len]` (as a KV cache stores them). Returns `[R·n, H·dv]`. `keyValid [R·len]`
+ * (1 real, 0 padding) masks padded keys.
  */
 const attendCore = (
   ctx: ForwardContext,
@@ -109,7 +110,8 @@ const attendCore = (
   n: number,
   len: number,
   past: number,
-  options: Masking
+  options: Masking,
+  keyValid?: Tensor
 ): Tensor => {
   const { tf } = ctx
   const [, H, dqk] = q.shape as [number, number, number]
@@ -125,7 +127,13 @@ const attendCore = (
   // [R·n, heads, d] → [R·heads, n, d]
   const q3 = tf.reshape(tf.transpose(tf.reshape(q, [R, n, H, dqk]), [0, 2, 1, 3]), [R * H, n, dqk])
   const scores = tf.mul(ctx.matMul(q3, expand(kt), "attentionMap"), 1 / Math.sqrt(dqk))
-  const p = tf.softmax(tf.add(scores, mask(ctx, n, len, past, options.causal, options.window)))
+  let logits = tf.add(scores, mask(ctx, n, len, past, options.causal, options.window))
+  if (keyValid !== undefined) {
+    // padded keys (static-shape concept slots) take no attention
+    const bias = tf.reshape(tf.mul(tf.sub(keyValid, 1), 1e9), [R, 1, 1, len])
+    logits = tf.reshape(tf.add(tf.reshape(logits, [R, H, n, len]), bias), [R * H, n, len])
+  }
+  const p = tf.softmax(logits)
   // stored values: with one query (P·V)ᵀ = Vᵀ·Pᵀ, where Pᵀ is a reshape; with a block of queries
   // P·V, transposing Vᵀ (len·dv, smaller than P's n·len)
   const out = "v" in values
@@ -143,7 +151,8 @@ const attendRows = (ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor, R: num
   const dv = v.shape[2]!
   const kt = tf.reshape(tf.transpose(tf.reshape(k, [R, L, KV, dqk]), [0, 2, 3, 1]), [R * KV, dqk, L])
   const v3 = tf.reshape(tf.transpose(tf.reshape(v, [R, L, KV, dv]), [0, 2, 1, 3]), [R * KV, L, dv])
-  return attendCore(ctx, q, kt, { v: v3 }, R, L, L, 0, options)
+  // causal attention never sees the padding (it follows the real positions of each row)
+  return attendCore(ctx, q, kt, { v: v3 }, R, L, L, 0, options, options.causal ? undefined : ctx.valid)
 }
 
 /**

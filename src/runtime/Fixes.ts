@@ -302,8 +302,12 @@ export const makeDetach = (tf: Tf) => {
  * computed from it is differentiated (integer indices derived from it can feed a gather without
  * tfjs asking for their gradient). No copy, no dispatch.
  */
-export const makeStop = (tf: Tf) => (x: Tensor): Tensor =>
-  tf.engine().makeTensorFromTensorInfo({ dataId: (x as unknown as { dataId: object }).dataId, shape: [...x.shape], dtype: x.dtype }) as Tensor
+export const makeStop = (tf: Tf) => (x: Tensor): Tensor => {
+  const dataId = (x as unknown as { dataId: object }).dataId
+  // the new tensor holds a reference of its own to the data (as tfjs's reshape does)
+  ;(tf.engine().backend as unknown as { incRef: (id: object) => void }).incRef(dataId)
+  return tf.engine().makeTensorFromTensorInfo({ dataId, shape: [...x.shape], dtype: x.dtype }) as Tensor
+}
 
 /** Straight-through estimator: forward 1, backward identity (method spec §6.1). */
 export const makeSte = (tf: Tf) => {

@@ -120,6 +120,8 @@ export const capturedTrainer = (
   let phase = 0
   let issued = NaN
   let readsHost = false
+  // whether the first static step looked for host reads
+  let checked = false
   let tuned: ReadonlyArray<TuneRow> = []
   // stops noting the products of step 0
   let stepZero: (() => ReadonlySet<string>) | undefined
@@ -153,7 +155,13 @@ export const capturedTrainer = (
   const step = async (batch: Batch, s: number, options: { readonly profile?: "step" | "dispatches" } = {}): Promise<StepResult> => {
     const call = calls++
     if (call === 0) stepZero = watchProducts()
-    if (call === 0) {
+    // the products step 0 ran (not, e.g., an evaluation's), before anything is recorded
+    if (call === 1) tuned = await tuneMatMuls(tf, { products: stepZero?.() ?? new Set() })
+    // a batch whose forced boundaries alone overflow the concept slots takes the host path (a
+    // replay after it records again: the variables changed outside the recording)
+    if (concept !== undefined && !fitsSlots(batch)) return trainStepAsync(low, opt, batch, settings, s)
+    if (!checked) {
+      checked = true
       // only a step without host reads can be recorded
       if (concept !== undefined) writeFeeds(tf, valuesOf(batch, s))
       const reads = await recordReads(low, batch, { training: true, seed: mixSeed(settings.seed, s), ...(concept === undefined ? {} : { feeds, concept }) })
@@ -162,12 +170,7 @@ export const capturedTrainer = (
         if (mode.mode === "warming") mode = { mode: "eager", reason: `the model reads ${reads.length} host value(s) per step (concept boundaries)` }
       }
     }
-    // the products step 0 ran (not, e.g., an evaluation's), before anything is recorded
-    if (call === 1) tuned = await tuneMatMuls(tf, { products: stepZero?.() ?? new Set() })
     if (readsHost) return trainStepAsync(low, opt, batch, settings, s)
-    // a batch whose forced boundaries alone overflow the concept slots takes the host path (a
-    // replay after it records again: the variables changed outside the recording)
-    if (concept !== undefined && !fitsSlots(batch)) return trainStepAsync(low, opt, batch, settings, s)
     if (recording !== undefined) {
       const t0 = performance.now()
       let profile: StepProfile | undefined

@@ -9,7 +9,7 @@ import { Effect, Schema } from "effect"
 import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
-import { adamStepValues, adamw, makeActivate, makeMaskedNll, makeRmsNorm, makeRotate } from "../src/runtime/Fused.ts"
+import { adamStepValues, adamw, makeActivate, makeExperts, makeMaskedNll, makeRmsNorm, makeRotate } from "../src/runtime/Fused.ts"
 import { makeOneHot } from "../src/runtime/Fixes.ts"
 import { kernelNames, matMulChoices, tilesName, tunedChoices, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
@@ -536,6 +536,28 @@ describe.skipIf(!available)("webgpu against cpu", () => {
         tf.dispose([x, w, y, dx])
       }
       results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 2e-6, `${a}, output ${i}`))
+    }
+    assert.deepStrictEqual(gpuErrors(), [])
+  })
+
+  it("the fused MoE repeat and combine give the op-by-op values and gradients of the cpu backend", async () => {
+    for (const [E, n, d] of [[4, 7, 5], [16, 33, 64], [3, 1, 130]] as const) {
+      const results: Array<Array<Float32Array>> = []
+      for (const b of ["cpu", "webgpu"]) {
+        await tf.setBackend(b)
+        const experts = makeExperts(tf)
+        const x = tf.tensor2d(Array.from({ length: n * d }, (_, i) => Math.sin(i * 0.37)), [n, d])
+        const g = tf.tensor2d(Array.from({ length: n * E }, (_, i) => Math.cos(i * 0.71)), [n, E])
+        const w = tf.tensor3d(Array.from({ length: E * n * d }, (_, i) => Math.cos(i * 0.13)), [E, n, d])
+        const v = tf.tensor2d(Array.from({ length: n * d }, (_, i) => Math.sin(i * 0.11) + 0.5), [n, d])
+        // ys depends on x through a product, so both combine gradients and the repeat's are exercised
+        const f = (xt: Tensor, gt: Tensor) => tf.sum(tf.mul(experts.combine(tf.mul(experts.repeat(xt, E), w), gt), v))
+        const y = experts.combine(tf.mul(experts.repeat(x, E), w), g)
+        const [dx, dg] = tf.grads(f)([x, g])
+        results.push(await Promise.all([y.data(), dx!.data(), dg!.data()]) as Array<Float32Array>)
+        tf.dispose([x, g, w, v, y, dx!, dg!])
+      }
+      results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 1e-5, `[${E}, ${n}, ${d}], output ${i}`))
     }
     assert.deepStrictEqual(gpuErrors(), [])
   })

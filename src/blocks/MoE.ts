@@ -143,7 +143,7 @@ const denseDispatch = (
   probs: Tensor
 ): Tensor => {
   const { tf } = ctx
-  const [n, d] = x.shape as [number, number]
+  const n = x.shape[0]!
   const E = s.experts
   // 1 where expert e is among token n's top-k; off the tape (top-k has no gradient)
   const selection = tf.customGrad(((pr: Tensor) => ({
@@ -153,13 +153,13 @@ const denseDispatch = (
   const chosen = selection(probs) as Tensor
   let gates = tf.mul(probs, chosen)
   if (s.normalizeTopK) gates = tf.div(gates, tf.sum(gates, 1, true))
-  const xs = tf.tile(tf.reshape(x, [1, n, d]), [E, 1, 1])
+  const xs = ctx.experts.repeat(x, E)
   const ys = ops.ffn(ctx, xs, (name) => {
     const w = p[`experts.${name}`]
     // biases [E, h] broadcast over the tokens as [E, 1, h]
     return w === undefined || w.rank === 3 ? w : tf.reshape(w, [E, 1, w.shape[1]!])
   }, s.activation)
-  const routed = tf.sum(tf.mul(ys, tf.reshape(tf.transpose(gates), [E, n, 1])), 0)
+  const routed = ctx.experts.combine(ys, gates)
   const v = ctx.valid
   return withShared(ctx, s, x, p, probs, routed, () =>
     v === undefined

@@ -20,6 +20,10 @@
  * - `makeMaskedNll`: the loss's Σ mask·(logsumexp − picked logit) over rows, one row kernel and a sum
  *   forward, one row kernel backward (softmax − one-hot), instead of about 16 and 20.
  *
+ * - `makeExperts`: the MoE dense dispatch's repeat of the tokens for every expert (backward: one sum
+ *   over the experts instead of E slices and E adds) and its gated combine (one dispatch each way,
+ *   two backward, instead of a transpose, a product and a strided reduce).
+ *
  * `CONCEPTMOE_FUSED=off` turns them off (op by op everywhere), to compare or to rule them out.
  *
  * @since 0.3.0
@@ -99,7 +103,11 @@ const kernels = {
   silu: "ConceptmoeSilu",
   siluGrad: "ConceptmoeSiluGrad",
   nll: "ConceptmoeMaskedNll",
-  nllGrad: "ConceptmoeMaskedNllGrad"
+  nllGrad: "ConceptmoeMaskedNllGrad",
+  sumFirst: "ConceptmoeSumFirst",
+  combine: "ConceptmoeCombine",
+  combineGradY: "ConceptmoeCombineGradY",
+  combineGradG: "ConceptmoeCombineGradG"
 } as const
 
 /**
@@ -191,6 +199,44 @@ export const makeRotate = (tf: Tf) => {
       }
     }) as unknown as Parameters<Tf["customGrad"]>[0])
     return f(x) as Tensor
+  }
+}
+
+/**
+ * The two ends of an MoE layer's dense dispatch: `repeat(x [n, d], E)` gives every expert all the
+ * tokens (`[E, n, d]`), and `combine(ys [E, n, d], gates [n, E])` is Σ_e gates[n, e]·ys[e, n, :].
+ * On webgpu each is one dispatch forward, and backward one (the repeat's, a sum over the experts;
+ * tfjs's tile gradient is E slices and E adds) or two (the combine's); elsewhere op by op.
+ */
+export const makeExperts = (tf: Tf) => {
+  const ops = {
+    repeat: (x: Tensor, E: number): Tensor => tf.tile(tf.reshape(x, [1, ...x.shape]), [E, 1, 1]),
+    combine: (ys: Tensor, gates: Tensor): Tensor => {
+      const [E, n] = ys.shape as [number, number, number]
+      return tf.sum(tf.mul(ys, tf.reshape(tf.transpose(gates), [E, n, 1])), 0)
+    }
+  }
+  if (!fusedOn(tf)) return ops
+  const run = (name: string, inputs: Record<string, Tensor>) => runKernel(tf, name, inputs)
+  return {
+    repeat: (x: Tensor, E: number): Tensor => {
+      const [n, d] = x.shape as [number, number]
+      const f = tf.customGrad(((x2: Tensor) => ({
+        value: ops.repeat(x2, E),
+        gradFunc: (dy: Tensor) => [tf.reshape(run(kernels.sumFirst, { x: tf.reshape(dy, [E, n * d]) }), [n, d])]
+      })) as unknown as Parameters<Tf["customGrad"]>[0])
+      return f(x) as Tensor
+    },
+    combine: (ys: Tensor, gates: Tensor): Tensor => {
+      const f = tf.customGrad(((y: Tensor, g: Tensor, save: (ts: Array<Tensor>) => void) => {
+        save([y, g])
+        return {
+          value: run(kernels.combine, { y, g }),
+          gradFunc: (dy: Tensor, [sy, sg]: Array<Tensor>) => [run(kernels.combineGradY, { g: sg!, dy }), run(kernels.combineGradG, { y: sy!, dy })]
+        }
+      }) as unknown as Parameters<Tf["customGrad"]>[0])
+      return f(ys, gates) as Tensor
+    }
   }
 }
 
@@ -427,6 +473,40 @@ const registerWebGpu = (tf: Tf): boolean => {
           if (c == Y[row]) { g = g - 1.0; }
           result[row * width + c] = g * scale;
         }`))
+  // the MoE dense dispatch's ends (makeExperts): Y [E, n, d], G [n, E], DY [n, d]
+  const flat = (kernelName: string, inputs: Array<string>, out: (shapes: Array<Array<number>>) => Array<number>, body: string) =>
+    register(kernelName, inputs, [], (shapes) => flatProgram(kernelName, out(shapes), inputs, [], body))
+  flat(kernels.sumFirst, ["X"], (sh) => [sh[0]![1]!], `
+          let E = uniforms.xShape.x;
+          let m = uniforms.xShape.y;
+          var s = 0.0;
+          for (var e = 0; e < E; e = e + 1) { s = s + X[e * m + index]; }
+          let value = s;`)
+  flat(kernels.combine, ["Y", "G"], (sh) => [sh[0]![1]!, sh[0]![2]!], `
+          let E = uniforms.yShape.x;
+          let n = uniforms.yShape.y;
+          let d = uniforms.yShape.z;
+          let i = index / d;
+          let j = index % d;
+          var s = 0.0;
+          for (var e = 0; e < E; e = e + 1) { s = s + G[i * E + e] * Y[(e * n + i) * d + j]; }
+          let value = s;`)
+  flat(kernels.combineGradY, ["G", "DY"], (sh) => [sh[0]![1]!, sh[0]![0]!, sh[1]![1]!], `
+          let E = uniforms.outShape.x;
+          let n = uniforms.outShape.y;
+          let d = uniforms.outShape.z;
+          let e = index / (n * d);
+          let r = index % (n * d);
+          let value = G[(r / d) * E + e] * DY[r];`)
+  flat(kernels.combineGradG, ["Y", "DY"], (sh) => [sh[0]![1]!, sh[0]![0]!], `
+          let E = uniforms.yShape.x;
+          let n = uniforms.yShape.y;
+          let d = uniforms.yShape.z;
+          let i = index / E;
+          let e = index % E;
+          var s = 0.0;
+          for (var j = 0; j < d; j = j + 1) { s = s + Y[(e * n + i) * d + j] * DY[i * d + j]; }
+          let value = s;`)
   define(kernels.rotate, ["X", "C", "S"], ["dim"], rotation(false))
   define(kernels.unrotate, ["X", "C", "S"], ["dim"], rotation(true))
   return true

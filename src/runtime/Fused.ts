@@ -476,37 +476,25 @@ const registerWebGpu = (tf: Tf): boolean => {
   // the MoE dense dispatch's ends (makeExperts): Y [E, n, d], G [n, E], DY [n, d]
   const flat = (kernelName: string, inputs: Array<string>, out: (shapes: Array<Array<number>>) => Array<number>, body: string) =>
     register(kernelName, inputs, [], (shapes) => flatProgram(kernelName, out(shapes), inputs, [], body))
+  // E, n, d from a rank-3 shape uniform; `value` as the sum of `term` over `v` < `count`
+  const dims = (shape: string) => `let E = uniforms.${shape}.x; let n = uniforms.${shape}.y; let d = uniforms.${shape}.z;`
+  const sum = (v: string, count: string, term: string) =>
+    `var s = 0.0; for (var ${v} = 0; ${v} < ${count}; ${v} = ${v} + 1) { s = s + ${term}; } let value = s;`
   flat(kernels.sumFirst, ["X"], (sh) => [sh[0]![1]!], `
-          let E = uniforms.xShape.x;
-          let m = uniforms.xShape.y;
-          var s = 0.0;
-          for (var e = 0; e < E; e = e + 1) { s = s + X[e * m + index]; }
-          let value = s;`)
+          let E = uniforms.xShape.x; let m = uniforms.xShape.y;
+          ${sum("e", "E", "X[e * m + index]")}`)
   flat(kernels.combine, ["Y", "G"], (sh) => [sh[0]![1]!, sh[0]![2]!], `
-          let E = uniforms.yShape.x;
-          let n = uniforms.yShape.y;
-          let d = uniforms.yShape.z;
-          let i = index / d;
-          let j = index % d;
-          var s = 0.0;
-          for (var e = 0; e < E; e = e + 1) { s = s + G[i * E + e] * Y[(e * n + i) * d + j]; }
-          let value = s;`)
+          ${dims("yShape")}
+          let i = index / d; let j = index % d;
+          ${sum("e", "E", "G[i * E + e] * Y[(e * n + i) * d + j]")}`)
   flat(kernels.combineGradY, ["G", "DY"], (sh) => [sh[0]![1]!, sh[0]![0]!, sh[1]![1]!], `
-          let E = uniforms.outShape.x;
-          let n = uniforms.outShape.y;
-          let d = uniforms.outShape.z;
-          let e = index / (n * d);
-          let r = index % (n * d);
+          ${dims("outShape")}
+          let e = index / (n * d); let r = index % (n * d);
           let value = G[(r / d) * E + e] * DY[r];`)
   flat(kernels.combineGradG, ["Y", "DY"], (sh) => [sh[0]![1]!, sh[0]![0]!], `
-          let E = uniforms.yShape.x;
-          let n = uniforms.yShape.y;
-          let d = uniforms.yShape.z;
-          let i = index / E;
-          let e = index % E;
-          var s = 0.0;
-          for (var j = 0; j < d; j = j + 1) { s = s + Y[(e * n + i) * d + j] * DY[i * d + j]; }
-          let value = s;`)
+          ${dims("yShape")}
+          let i = index / E; let e = index % E;
+          ${sum("j", "d", "Y[(e * n + i) * d + j] * DY[i * d + j]")}`)
   define(kernels.rotate, ["X", "C", "S"], ["dim"], rotation(false))
   define(kernels.unrotate, ["X", "C", "S"], ["dim"], rotation(true))
   return true

@@ -7,7 +7,7 @@
 # tfjs's matmul only (what tuning gained), each replay as one command buffer, and with Dawn's
 # robustness checks off.
 #   here:   bash bench/gpu/make-carry.sh
-#   device: carry [".carry"], timeout_s 600, command: bash bench/gpu/run.sh [steps]   (the timeouts below sum to 570 s)
+#   device: carry [".carry"], timeout_s 600, command: bash bench/gpu/run.sh [steps]   (the timeouts below sum to 590 s)
 # Results land in $OUT (smoke.json, ops.jsonl, matmul-*.jsonl, ours*.jsonl, torch.jsonl, ratios*.json) when OUT is set.
 set -uo pipefail
 out=${OUT:-$(mktemp -d)}
@@ -23,6 +23,8 @@ echo "== smoke"
 OUT=$out timeout 45 /tmp/n/node bench/gpu/smoke.ts 2>&1 | grep -v "maxDynamic"
 echo "== per-op costs (host issue, total, GPU kernel time)"
 timeout 25 /tmp/n/node bench/gpu/ops.ts 128 2>&1 | grep -v "maxDynamic" | tee "$out/ops.jsonl"
+echo "== where tfjs's matMul spends host time (CPU profile of 2,000 chained 128x128 products)"
+CONCEPTMOE_MATMUL=tfjs timeout 20 /tmp/n/node bench/gpu/host-profile.ts 128 2000 2>&1 | grep -v "maxDynamic" | tee "$out/host-profile.jsonl"
 echo "== fp32 matmul: ours (webgpu) and PyTorch (TF32 off)"
 timeout 60 /tmp/n/node bench/gpu/matmul.ts 1024,2048,4096 2>&1 | grep -v "maxDynamic" | tee "$out/matmul-ours.jsonl"
 timeout 30 python3 bench/peers/torch_matmul.py cuda 1024,2048,4096 2>&1 | tee "$out/matmul-torch.jsonl"

@@ -44,7 +44,11 @@ export interface Tiles {
   readonly split: number
 }
 
-/** The kernels a sweep and the tuner try (threads per workgroup ≤ 256, workgroup memory ≤ 16 KiB). */
+/**
+ * The kernels a sweep and the tuner try (threads per workgroup ≤ 256, workgroup memory ≤ 16 KiB):
+ * large tiles for large outputs, 8×8 per thread on 64-128 threads for outputs too small to fill a
+ * GPU with 128×128 tiles (a [4096, 512] output is 128 of them), split K for weight gradients.
+ */
 export const kernelNames: ReadonlyArray<string> = [
   "32x32x32/4x4",
   "64x64x16/4x4",
@@ -60,8 +64,13 @@ export const kernelNames: ReadonlyArray<string> = [
   "128x64x16/8x4/v4/db",
   "128x128x8/8x8/v4/db",
   "128x128x16/8x8/v4/db",
+  "64x64x16/8x8/v4",
+  "64x64x16/8x8/v4/db",
+  "128x64x16/8x8/v4/db",
   "64x64x16/4x4/v4/k4",
-  "128x128x8/8x8/v4/k4"
+  "64x64x16/8x8/v4/k4",
+  "128x128x8/8x8/v4/k4",
+  "128x128x16/8x8/v4/k2"
 ]
 
 /** The name of a kernel, as {@link parseTiles} reads it. */

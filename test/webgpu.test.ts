@@ -9,7 +9,7 @@ import { Effect, Schema } from "effect"
 import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
-import { adamStepValues, adamw, makeActivate, makeExperts, makeMaskedNll, makeRmsNorm, makeRotate } from "../src/runtime/Fused.ts"
+import { adamStepValues, adamw, makeActivate, makeCombine, makeMaskedNll, makeRepeat, makeRmsNorm, makeRotate } from "../src/runtime/Fused.ts"
 import { makeOneHot } from "../src/runtime/Fixes.ts"
 import { kernelNames, matMulChoices, tilesName, tunedChoices, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
@@ -540,12 +540,14 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     assert.deepStrictEqual(gpuErrors(), [])
   })
 
-  it("the fused MoE repeat and combine give the op-by-op values and gradients of the cpu backend", async () => {
+  it("the fused repeat (MoE experts, GQA heads) and MoE combine give the op-by-op values and gradients of the cpu backend", async () => {
     for (const [E, n, d] of [[4, 7, 5], [16, 33, 64], [3, 1, 130]] as const) {
       const results: Array<Array<Float32Array>> = []
       for (const b of ["cpu", "webgpu"]) {
         await tf.setBackend(b)
-        const experts = makeExperts(tf)
+        const repeat = makeRepeat(tf)
+        const combine = makeCombine(tf)
+        const experts = { combine, repeat: (t: Tensor, times: number) => tf.reshape(repeat(tf.reshape(t, [1, ...t.shape]), times), [times, ...t.shape]) }
         const x = tf.tensor2d(Array.from({ length: n * d }, (_, i) => Math.sin(i * 0.37)), [n, d])
         const g = tf.tensor2d(Array.from({ length: n * E }, (_, i) => Math.cos(i * 0.71)), [n, E])
         const w = tf.tensor3d(Array.from({ length: E * n * d }, (_, i) => Math.cos(i * 0.13)), [E, n, d])
@@ -554,8 +556,13 @@ describe.skipIf(!available)("webgpu against cpu", () => {
         const f = (xt: Tensor, gt: Tensor) => tf.sum(tf.mul(experts.combine(tf.mul(experts.repeat(xt, E), w), gt), v))
         const y = experts.combine(tf.mul(experts.repeat(x, E), w), g)
         const [dx, dg] = tf.grads(f)([x, g])
-        results.push(await Promise.all([y.data(), dx!.data(), dg!.data()]) as Array<Float32Array>)
-        tf.dispose([x, g, w, v, y, dx!, dg!])
+        // a GQA-like repeat: [o, a, b] → [o, times, a, b]
+        const t = tf.tensor3d(Array.from({ length: 3 * n * 5 }, (_, i) => Math.sin(i * 0.5)), [3, n, 5])
+        const wt = tf.tensor4d(Array.from({ length: 3 * E * n * 5 }, (_, i) => Math.cos(i * 0.29)), [3, E, n, 5])
+        const rt = repeat(t, E)
+        const dt = tf.grad((u: Tensor) => tf.sum(tf.mul(repeat(u, E), wt)))(t)
+        results.push(await Promise.all([y.data(), dx!.data(), dg!.data(), rt.data(), dt.data()]) as Array<Float32Array>)
+        tf.dispose([x, g, w, v, y, dx!, dg!, t, wt, rt, dt])
       }
       results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 1e-5, `[${E}, ${n}, ${d}], output ${i}`))
     }

@@ -153,13 +153,13 @@ const denseDispatch = (
   const chosen = selection(probs) as Tensor
   let gates = tf.mul(probs, chosen)
   if (s.normalizeTopK) gates = tf.div(gates, tf.sum(gates, 1, true))
-  const xs = ctx.experts.repeat(x, E)
+  const xs = tf.reshape(ctx.repeat(tf.reshape(x, [1, ...x.shape]), E), [E, ...x.shape])
   const ys = ops.ffn(ctx, xs, (name) => {
     const w = p[`experts.${name}`]
     // biases [E, h] broadcast over the tokens as [E, 1, h]
     return w === undefined || w.rank === 3 ? w : tf.reshape(w, [E, 1, w.shape[1]!])
   }, s.activation)
-  const routed = ctx.experts.combine(ys, gates)
+  const routed = ctx.combine(ys, gates)
   const v = ctx.valid
   return withShared(ctx, s, x, p, probs, routed, () =>
     v === undefined

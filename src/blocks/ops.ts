@@ -118,11 +118,10 @@ const attendCore = (
   const KV = kt.shape[0]! / R
   const dv = "v" in values ? values.v.shape[2]! : values.vt.shape[1]!
   const group = H / KV
-  // repeat each KV head of `[R·KV, a, b]` for its group of query heads (rank-4 tile: tfjs has no
-  // rank-5 tile gradient)
+  // repeat each KV head of `[R·KV, a, b]` for its group of query heads
   const expand = (t: Tensor) => {
     const [, a, b] = t.shape as [number, number, number]
-    return group === 1 ? t : tf.reshape(tf.tile(tf.reshape(t, [R, KV, 1, a * b]), [1, 1, group, 1]), [R * H, a, b])
+    return group === 1 ? t : tf.reshape(ctx.repeat(t, group), [R * H, a, b])
   }
   // [R·n, heads, d] → [R·heads, n, d]
   const q3 = tf.reshape(tf.transpose(tf.reshape(q, [R, n, H, dqk]), [0, 2, 1, 3]), [R * H, n, dqk])

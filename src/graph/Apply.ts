@@ -166,11 +166,10 @@ export interface ForwardContext {
   readonly rmsNorm: (x: Tensor, g: Tensor, eps: number) => Tensor
   /** An activation function (of the gate, for GLU kinds), fused where the runtime can. */
   readonly activate: (x: Tensor, activation: "swiglu" | "silu" | "geglu" | "gelu" | "gelu_tanh" | "relu") => Tensor
-  /**
-   * An MoE layer's dense dispatch ends, fused where the runtime can: `repeat(x [n, d], E)` →
-   * `[E, n, d]`, and `combine(ys [E, n, d], gates [n, E])` → Σ_e gates[n, e]·ys[e, n, :].
-   */
-  readonly experts: { readonly repeat: (x: Tensor, experts: number) => Tensor; readonly combine: (ys: Tensor, gates: Tensor) => Tensor }
+  /** `x [o, ...rest]` → `[o, times, ...rest]`, every row `times` times (fused where the runtime can). */
+  readonly repeat: (x: Tensor, times: number) => Tensor
+  /** An MoE dense dispatch's combine: `ys [E, n, d]`, `gates [n, E]` → Σ_e gates[n, e]·ys[e, n, :] (fused where the runtime can). */
+  readonly combine: (ys: Tensor, gates: Tensor) => Tensor
   /** Rotary embedding of the first `dim` features of `x [n, heads, hd]` with tables `cos`, `sin [n, 1, dim/2]`. */
   readonly rotate: (x: Tensor, dim: number, cos: Tensor, sin: Tensor) => Tensor
   /**

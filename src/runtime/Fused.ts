@@ -20,9 +20,9 @@
  * - `makeMaskedNll`: the loss's Σ mask·(logsumexp − picked logit) over rows, one row kernel and a sum
  *   forward, one row kernel backward (softmax − one-hot), instead of about 16 and 20.
  *
- * - `makeExperts`: the MoE dense dispatch's repeat of the tokens for every expert (backward: one sum
- *   over the experts instead of E slices and E adds) and its gated combine (one dispatch each way,
- *   two backward, instead of a transpose, a product and a strided reduce).
+ * - `makeRepeat`, `makeCombine`: rows repeated for MoE experts or GQA heads (backward: one sum over
+ *   the copies instead of a slice and an add per copy) and the MoE dense dispatch's gated combine
+ *   (one dispatch forward, two backward, instead of a transpose, a product and a strided reduce).
  *
  * `CONCEPTMOE_FUSED=off` turns them off (op by op everywhere), to compare or to rule them out.
  *
@@ -104,7 +104,7 @@ const kernels = {
   siluGrad: "ConceptmoeSiluGrad",
   nll: "ConceptmoeMaskedNll",
   nllGrad: "ConceptmoeMaskedNllGrad",
-  sumFirst: "ConceptmoeSumFirst",
+  sumMiddle: "ConceptmoeSumMiddle",
   combine: "ConceptmoeCombine",
   combineGradY: "ConceptmoeCombineGradY",
   combineGradG: "ConceptmoeCombineGradG"
@@ -203,40 +203,50 @@ export const makeRotate = (tf: Tf) => {
 }
 
 /**
- * The two ends of an MoE layer's dense dispatch: `repeat(x [n, d], E)` gives every expert all the
- * tokens (`[E, n, d]`), and `combine(ys [E, n, d], gates [n, E])` is Σ_e gates[n, e]·ys[e, n, :].
- * On webgpu each is one dispatch forward, and backward one (the repeat's, a sum over the experts;
- * tfjs's tile gradient is E slices and E adds) or two (the combine's); elsewhere op by op.
+ * `repeat(x [o, ...rest], times)` → `[o, times, ...rest]` (every row of x `times` times: an MoE
+ * layer's tokens for each expert, a GQA key/value head for each of its query heads), and the MoE
+ * dense dispatch's gated `combine(ys [E, n, d], gates [n, E])` → Σ_e gates[n, e]·ys[e, n, :]. On
+ * webgpu the repeat's gradient is one sum over the copies (tfjs's tile gradient is a slice and an
+ * add per copy) and the combine is one dispatch forward and two backward (instead of a transpose, a
+ * product and a strided reduce); elsewhere op by op.
  */
-export const makeExperts = (tf: Tf) => {
-  const ops = {
-    repeat: (x: Tensor, E: number): Tensor => tf.tile(tf.reshape(x, [1, ...x.shape]), [E, 1, 1]),
-    combine: (ys: Tensor, gates: Tensor): Tensor => {
-      const [E, n] = ys.shape as [number, number, number]
-      return tf.sum(tf.mul(ys, tf.reshape(tf.transpose(gates), [E, n, 1])), 0)
-    }
+export const makeRepeat = (tf: Tf) => {
+  const ops = (x: Tensor, times: number): Tensor => {
+    const [o, ...rest] = x.shape as [number, ...Array<number>]
+    const m = rest.reduce((a, b) => a * b, 1)
+    return tf.reshape(tf.tile(tf.reshape(x, [o, 1, m]), [1, times, 1]), [o, times, ...rest])
+  }
+  if (!fusedOn(tf)) return ops
+  return (x: Tensor, times: number): Tensor => {
+    const f = tf.customGrad(((x2: Tensor) => ({
+      value: ops(x2, times),
+      gradFunc: (dy: Tensor) => {
+        const [o, ...rest] = x2.shape as [number, ...Array<number>]
+        const m = rest.reduce((a, b) => a * b, 1)
+        return [tf.reshape(runKernel(tf, kernels.sumMiddle, { x: tf.reshape(dy, [o, times, m]) }), x2.shape)]
+      }
+    })) as unknown as Parameters<Tf["customGrad"]>[0])
+    return f(x) as Tensor
+  }
+}
+
+/** See {@link makeRepeat}. */
+export const makeCombine = (tf: Tf) => {
+  const ops = (ys: Tensor, gates: Tensor): Tensor => {
+    const [E, n] = ys.shape as [number, number, number]
+    return tf.sum(tf.mul(ys, tf.reshape(tf.transpose(gates), [E, n, 1])), 0)
   }
   if (!fusedOn(tf)) return ops
   const run = (name: string, inputs: Record<string, Tensor>) => runKernel(tf, name, inputs)
-  return {
-    repeat: (x: Tensor, E: number): Tensor => {
-      const [n, d] = x.shape as [number, number]
-      const f = tf.customGrad(((x2: Tensor) => ({
-        value: ops.repeat(x2, E),
-        gradFunc: (dy: Tensor) => [tf.reshape(run(kernels.sumFirst, { x: tf.reshape(dy, [E, n * d]) }), [n, d])]
-      })) as unknown as Parameters<Tf["customGrad"]>[0])
-      return f(x) as Tensor
-    },
-    combine: (ys: Tensor, gates: Tensor): Tensor => {
-      const f = tf.customGrad(((y: Tensor, g: Tensor, save: (ts: Array<Tensor>) => void) => {
-        save([y, g])
-        return {
-          value: run(kernels.combine, { y, g }),
-          gradFunc: (dy: Tensor, [sy, sg]: Array<Tensor>) => [run(kernels.combineGradY, { g: sg!, dy }), run(kernels.combineGradG, { y: sy!, dy })]
-        }
-      }) as unknown as Parameters<Tf["customGrad"]>[0])
-      return f(ys, gates) as Tensor
-    }
+  return (ys: Tensor, gates: Tensor): Tensor => {
+    const f = tf.customGrad(((y: Tensor, g: Tensor, save: (ts: Array<Tensor>) => void) => {
+      save([y, g])
+      return {
+        value: run(kernels.combine, { y, g }),
+        gradFunc: (dy: Tensor, [sy, sg]: Array<Tensor>) => [run(kernels.combineGradY, { g: sg!, dy }), run(kernels.combineGradG, { y: sy!, dy })]
+      }
+    }) as unknown as Parameters<Tf["customGrad"]>[0])
+    return f(ys, gates) as Tensor
   }
 }
 
@@ -473,16 +483,17 @@ const registerWebGpu = (tf: Tf): boolean => {
           if (c == Y[row]) { g = g - 1.0; }
           result[row * width + c] = g * scale;
         }`))
-  // the MoE dense dispatch's ends (makeExperts): Y [E, n, d], G [n, E], DY [n, d]
+  // makeRepeat's gradient (X [o, t, m] → [o, m]) and makeCombine: Y [E, n, d], G [n, E], DY [n, d]
   const flat = (kernelName: string, inputs: Array<string>, out: (shapes: Array<Array<number>>) => Array<number>, body: string) =>
     register(kernelName, inputs, [], (shapes) => flatProgram(kernelName, out(shapes), inputs, [], body))
   // E, n, d from a rank-3 shape uniform; `value` as the sum of `term` over `v` < `count`
   const dims = (shape: string) => `let E = uniforms.${shape}.x; let n = uniforms.${shape}.y; let d = uniforms.${shape}.z;`
   const sum = (v: string, count: string, term: string) =>
     `var s = 0.0; for (var ${v} = 0; ${v} < ${count}; ${v} = ${v} + 1) { s = s + ${term}; } let value = s;`
-  flat(kernels.sumFirst, ["X"], (sh) => [sh[0]![1]!], `
-          let E = uniforms.xShape.x; let m = uniforms.xShape.y;
-          ${sum("e", "E", "X[e * m + index]")}`)
+  flat(kernels.sumMiddle, ["X"], (sh) => [sh[0]![0]!, sh[0]![2]!], `
+          let t = uniforms.xShape.y; let m = uniforms.xShape.z;
+          let o = index / m; let i = index % m;
+          ${sum("c", "t", "X[(o * t + c) * m + i]")}`)
   flat(kernels.combine, ["Y", "G"], (sh) => [sh[0]![1]!, sh[0]![2]!], `
           ${dims("yShape")}
           let i = index / d; let j = index % d;

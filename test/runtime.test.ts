@@ -7,6 +7,7 @@ import { Effect } from "effect"
 import * as fs from "node:fs"
 import * as path from "node:path"
 import { dawnFlags, Tensors, layer as backendLayer, load } from "../src/runtime/Backend.ts"
+import { switchOn } from "../src/runtime/Env.ts"
 import { loss, materialize } from "../src/runtime/Lower.ts"
 import { verify } from "../src/runtime/Verify.ts"
 import { load as loadJson, loadFile, root } from "./support/models.ts"
@@ -93,6 +94,24 @@ describe("Dawn's flags", () => {
       "backend=vulkan"
     ])
     assert.deepStrictEqual(dawnFlags("enable-dawn-features=timestamp_quantization"), ["enable-dawn-features=timestamp_quantization"])
+  })
+})
+
+describe("on/off settings", () => {
+  it("read unset, on and off, and name the variable on anything else", () => {
+    const name = "CONCEPTMOE_TEST_SWITCH"
+    try {
+      delete process.env[name]
+      assert.isTrue(switchOn(name))
+      process.env[name] = "on"
+      assert.isTrue(switchOn(name))
+      process.env[name] = "off"
+      assert.isFalse(switchOn(name))
+      process.env[name] = "0"
+      assert.throws(() => switchOn(name), /CONCEPTMOE_TEST_SWITCH="0": expected on or off/)
+    } finally {
+      delete process.env[name]
+    }
   })
 })
 

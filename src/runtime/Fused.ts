@@ -30,6 +30,7 @@
  */
 import type * as TF from "@tensorflow/tfjs"
 import type { Tensor, Tf } from "../graph/Apply.ts"
+import { switchOn } from "./Env.ts"
 
 export interface AdamHyper {
   readonly beta1: number
@@ -70,7 +71,7 @@ export const adamw = (
   h: AdamHyper,
   stepValues: Tensor
 ): { w: Tensor; m: Tensor; v: Tensor } => {
-  if (tf.getBackend() === "webgpu" && process.env["CONCEPTMOE_FUSED"] !== "off" && registerWebGpu(tf)) {
+  if (tf.getBackend() === "webgpu" && switchOn("CONCEPTMOE_FUSED") && registerWebGpu(tf)) {
     const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, number>) => runKernel(tf, name, inputs, attrs)
     const m2 = run(kernels.m, { x: m, g, s: scale }, { beta: h.beta1 })
     const v2 = run(kernels.v, { x: v, g, s: scale }, { beta: h.beta2 })
@@ -250,7 +251,7 @@ export const makeCombine = (tf: Tf) => {
   }
 }
 
-const fusedOn = (tf: Tf) => tf.getBackend() === "webgpu" && process.env["CONCEPTMOE_FUSED"] !== "off" && registerWebGpu(tf)
+const fusedOn = (tf: Tf) => tf.getBackend() === "webgpu" && switchOn("CONCEPTMOE_FUSED") && registerWebGpu(tf)
 
 /**
  * RMSNorm of `x [..., d]` with weight `g [d]`: x·g / √(mean(x²) + eps) over the last axis. On webgpu

@@ -20,6 +20,7 @@ import { type Batch, conceptFeedValues, type Feeds, feedValues, type Lowered, mi
 import type { ConceptFeeds } from "../graph/Apply.ts"
 import { conceptSlots } from "../blocks/Chunker.ts"
 import { type TuneRow, tuneMatMuls, watchProducts } from "../runtime/MatMul.ts"
+import { switchOn } from "../runtime/Env.ts"
 import { failOnGpuErrors, type Optimizer, stepInputValues, stepOnDevice, trainStepAsync, type TrainSettings } from "./Step.ts"
 
 export type Mode =
@@ -110,7 +111,7 @@ export const capturedTrainer = (
   }
   let mode: Mode = options.record === false
     ? { mode: "eager", reason: "recording turned off" }
-    : process.env["CONCEPTMOE_CAPTURE"] === "off"
+    : !switchOn("CONCEPTMOE_CAPTURE")
     ? { mode: "eager", reason: "CONCEPTMOE_CAPTURE=off" }
     : { mode: "warming" }
   let first: Captured | undefined

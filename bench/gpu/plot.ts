@@ -43,7 +43,9 @@ const spec: TopLevelSpec = {
   encoding: {
     y: { field: "model", type: "nominal", title: null, sort: null },
     yOffset: { field: "what", sort: null },
-    x: { field: "ms", type: "quantitative", title: "ms per step (log)", scale: { type: "log" } },
+    // a log scale cannot hold the bars' zero baseline: bars start at 1 ms
+    x: { field: "ms", type: "quantitative", title: "ms per step (log)", scale: { type: "log", domainMin: 1 } },
+    x2: { datum: 1 },
     color: { field: "what", type: "nominal", title: "", sort: null, legend: { labelLimit: 400 } },
     tooltip: [{ field: "model" }, { field: "what" }, { field: "ms", format: ",.2f" }]
   }

@@ -9,7 +9,7 @@ import { Effect, Schema } from "effect"
 import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
-import { adamStepValues, adamw, makeActivate, makeCombine, makeMaskedNll, makeRepeat, makeRmsNorm, makeRotate } from "../src/runtime/Fused.ts"
+import { adamStepValues, adamw, makeActivate, makeCombine, makeMaskedNll, makeRepeat, makeRmsNorm, makeRotate, makeTopMask } from "../src/runtime/Fused.ts"
 import { makeOneHot } from "../src/runtime/Fixes.ts"
 import { kernelNames, matMulChoices, tilesName, tunedChoices, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
@@ -536,6 +536,22 @@ describe.skipIf(!available)("webgpu against cpu", () => {
         tf.dispose([x, w, y, dx])
       }
       results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 2e-6, `${a}, output ${i}`))
+    }
+    assert.deepStrictEqual(gpuErrors(), [])
+  })
+
+  it("the fused top-k mask gives the cpu's top-k, ties to the lower index", async () => {
+    const cases: ReadonlyArray<readonly [Array<Array<number>>, number]> = [
+      [Array.from({ length: 37 }, (_, i) => Array.from({ length: 16 }, (_, j) => Math.sin(i * 16 + j * 1.7))), 2],
+      [Array.from({ length: 5 }, (_, i) => Array.from({ length: 64 }, (_, j) => Math.cos(i * 64 + j * 0.3))), 6],
+      [[[1, 1, 1, 0.5], [0.5, 1, 0.5, 1], [2, 2, 2, 2]], 2],
+      [[[3, 1, 2]], 3]
+    ]
+    for (const [rows, k] of cases) {
+      const [cpu, web] = await onBoth(() => tf.tidy(() => makeTopMask(tf, makeOneHot(tf))(tf.tensor2d(rows), k)))
+      assert.deepStrictEqual(Array.from(web), Array.from(cpu), `k ${k}`)
+      // k ones per row
+      assert.strictEqual(cpu.reduce((a, b) => a + b, 0), rows.length * k)
     }
     assert.deepStrictEqual(gpuErrors(), [])
   })

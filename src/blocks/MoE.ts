@@ -145,12 +145,8 @@ const denseDispatch = (
   const { tf } = ctx
   const n = x.shape[0]!
   const E = s.experts
-  // 1 where expert e is among token n's top-k; off the tape (top-k has no gradient)
-  const selection = tf.customGrad(((pr: Tensor) => ({
-    value: tf.sum(tf.reshape(ctx.oneHot(tf.reshape(tf.topk(pr, s.topK).indices, [n * s.topK]), E), [n, s.topK, E]), 1),
-    gradFunc: (dy: Tensor) => [tf.zerosLike(dy)]
-  })) as unknown as Parameters<typeof tf.customGrad>[0])
-  const chosen = selection(probs) as Tensor
+  // 1 where expert e is among token n's top-k; off the tape (a routing decision has no gradient)
+  const chosen = ctx.topMask(ctx.stop(probs), s.topK)
   let gates = tf.mul(probs, chosen)
   if (s.normalizeTopK) gates = tf.div(gates, tf.sum(gates, 1, true))
   const xs = tf.reshape(ctx.repeat(tf.reshape(x, [1, ...x.shape]), E), [E, ...x.shape])

@@ -166,6 +166,8 @@ export interface ForwardContext {
   readonly rmsNorm: (x: Tensor, g: Tensor, eps: number) => Tensor
   /** An activation function (of the gate, for GLU kinds), fused where the runtime can. */
   readonly activate: (x: Tensor, activation: "swiglu" | "silu" | "geglu" | "gelu" | "gelu_tanh" | "relu") => Tensor
+  /** 1 where a score of `scores [n, E]` is among the `k` largest of its row, else 0 (no gradient; fused where the runtime can). */
+  readonly topMask: (scores: Tensor, k: number) => Tensor
   /** `x [o, ...rest]` → `[o, times, ...rest]`, every row `times` times (fused where the runtime can). */
   readonly repeat: (x: Tensor, times: number) => Tensor
   /** An MoE dense dispatch's combine: `ys [E, n, d]`, `gates [n, E]` → Σ_e gates[n, e]·ys[e, n, :] (fused where the runtime can). */

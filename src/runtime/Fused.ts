@@ -20,6 +20,9 @@
  * - `makeMaskedNll`: the loss's Σ mask·(logsumexp − picked logit) over rows, one row kernel and a sum
  *   forward, one row kernel backward (softmax − one-hot), instead of about 16 and 20.
  *
+ * - `makeTopMask`: an MoE router's top-k as a 0/1 mask, one dispatch instead of tfjs's sort passes,
+ *   a one-hot and a sum.
+ *
  * - `makeRepeat`, `makeCombine`: rows repeated for MoE experts or GQA heads (backward: one sum over
  *   the copies instead of a slice and an add per copy) and the MoE dense dispatch's gated combine
  *   (one dispatch forward, two backward, instead of a transpose, a product and a strided reduce).
@@ -106,6 +109,7 @@ const kernels = {
   nll: "ConceptmoeMaskedNll",
   nllGrad: "ConceptmoeMaskedNllGrad",
   sumMiddle: "ConceptmoeSumMiddle",
+  topMask: "ConceptmoeTopMask",
   combine: "ConceptmoeCombine",
   combineGradY: "ConceptmoeCombineGradY",
   combineGradG: "ConceptmoeCombineGradG"
@@ -249,6 +253,21 @@ export const makeCombine = (tf: Tf) => {
     }) as unknown as Parameters<Tf["customGrad"]>[0])
     return f(ys, gates) as Tensor
   }
+}
+
+/**
+ * `topMask(scores [n, E], k)`: 1 where a score is among the k largest of its row (ties to the lower
+ * index, as tfjs's top-k), 0 elsewhere; no gradient (a routing decision). On webgpu one dispatch
+ * (each element counts the row's larger ones) instead of tfjs's top-k sort passes, a one-hot and a
+ * sum; elsewhere through `topk` and `oneHot`.
+ */
+export const makeTopMask = (tf: Tf, oneHot: (indices: Tensor, depth: number) => Tensor) => {
+  const ops = (scores: Tensor, k: number): Tensor => {
+    const [n, E] = scores.shape as [number, number]
+    return tf.sum(tf.reshape(oneHot(tf.reshape(tf.topk(scores, k).indices, [n * k]), E), [n, k, E]), 1)
+  }
+  if (!fusedOn(tf)) return ops
+  return (scores: Tensor, k: number): Tensor => runKernel(tf, kernels.topMask, { p: scores }, { k })
 }
 
 const fusedOn = (tf: Tf) => tf.getBackend() === "webgpu" && switchOn("CONCEPTMOE_FUSED") && registerWebGpu(tf)
@@ -491,6 +510,17 @@ const registerWebGpu = (tf: Tf): boolean => {
   const dims = (shape: string) => `let E = uniforms.${shape}.x; let n = uniforms.${shape}.y; let d = uniforms.${shape}.z;`
   const sum = (v: string, count: string, term: string) =>
     `var s = 0.0; for (var ${v} = 0; ${v} < ${count}; ${v} = ${v} + 1) { s = s + ${term}; } let value = s;`
+  define(kernels.topMask, ["P"], ["k"], `
+          let E = uniforms.pShape.y;
+          let row = (index / E) * E;
+          let e = index % E;
+          let v = P[index];
+          var rank = 0.0;
+          for (var j = 0; j < E; j = j + 1) {
+            let w = P[row + j];
+            if (w > v || (w == v && j < e)) { rank = rank + 1.0; }
+          }
+          let value = select(0.0, 1.0, rank < uniforms.k);`)
   flat(kernels.sumMiddle, ["X"], (sh) => [sh[0]![0]!, sh[0]![2]!], `
           let t = uniforms.xShape.y; let m = uniforms.xShape.z;
           let o = index / m; let i = index % m;

@@ -9,7 +9,7 @@ import { Effect, Schema } from "effect"
 import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
-import { adamStepValues, adamw, makeActivate, makeCombine, makeMaskedNll, makeRepeat, makeRmsNorm, makeRotate, makeTopMask } from "../src/runtime/Fused.ts"
+import { adamStepValues, adamw, makeActivate, makeCombine, makeMaskedNll, makeRepeat, makeRmsNorm, makeRotate, makeSumSquares, makeTopMask } from "../src/runtime/Fused.ts"
 import { makeOneHot } from "../src/runtime/Fixes.ts"
 import { kernelNames, matMulChoices, tilesName, tunedChoices, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
@@ -536,6 +536,15 @@ describe.skipIf(!available)("webgpu against cpu", () => {
         tf.dispose([x, w, y, dx])
       }
       results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 2e-6, `${a}, output ${i}`))
+    }
+    assert.deepStrictEqual(gpuErrors(), [])
+  })
+
+  it("the fused sum of squares gives the cpu's", async () => {
+    for (const shape of [[1], [7], [1000, 3], [300, 300], [2, 3, 4, 5]]) {
+      const size = shape.reduce((a, b) => a * b, 1)
+      const [cpu, web] = await onBoth(() => tf.tidy(() => makeSumSquares(tf)(tf.tensor(Array.from({ length: size }, (_, i) => Math.sin(i * 0.7) * 3), shape))))
+      assert.closeTo(web[0]!, cpu[0]!, 1e-5 * cpu[0]!, shape.join("×"))
     }
     assert.deepStrictEqual(gpuErrors(), [])
   })

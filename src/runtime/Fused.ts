@@ -20,6 +20,8 @@
  * - `makeMaskedNll`: the loss's Σ mask·(logsumexp − picked logit) over rows, one row kernel and a sum
  *   forward, one row kernel backward (softmax − one-hot), instead of about 16 and 20.
  *
+ * - `makeSumSquares`: Σ x² of a gradient for the clipping norm, one dispatch instead of two.
+ *
  * - `makeTopMask`: an MoE router's top-k as a 0/1 mask, one dispatch instead of tfjs's sort passes,
  *   a one-hot and a sum.
  *
@@ -110,6 +112,7 @@ const kernels = {
   nllGrad: "ConceptmoeMaskedNllGrad",
   sumMiddle: "ConceptmoeSumMiddle",
   topMask: "ConceptmoeTopMask",
+  sumSquares: "ConceptmoeSumSquares",
   combine: "ConceptmoeCombine",
   combineGradY: "ConceptmoeCombineGradY",
   combineGradG: "ConceptmoeCombineGradG"
@@ -268,6 +271,16 @@ export const makeTopMask = (tf: Tf, oneHot: (indices: Tensor, depth: number) => 
   }
   if (!fusedOn(tf)) return ops
   return (scores: Tensor, k: number): Tensor => runKernel(tf, kernels.topMask, { p: scores }, { k })
+}
+
+/**
+ * Σ x² over a whole tensor (a scalar), for gradient clipping's global norm: on webgpu one dispatch
+ * (one workgroup reads the tensor once) instead of a squaring pass and a reduction; elsewhere op by op.
+ */
+export const makeSumSquares = (tf: Tf) => {
+  const ops = (x: Tensor): Tensor => tf.sum(tf.square(x))
+  if (!fusedOn(tf)) return ops
+  return (x: Tensor): Tensor => tf.reshape(runKernel(tf, kernels.sumSquares, { x: tf.reshape(x, [1, x.size]) }), [])
 }
 
 const fusedOn = (tf: Tf) => tf.getBackend() === "webgpu" && switchOn("CONCEPTMOE_FUSED") && registerWebGpu(tf)
@@ -492,6 +505,12 @@ const registerWebGpu = (tf: Tf): boolean => {
           let x = X[index];
           let sg = 1.0 / (1.0 + exp(-x));
           let value = DY[index] * sg * (1.0 + x * (1.0 - sg));`)
+  // one row [1, size]: Σ x² in one workgroup
+  defineRows(kernels.sumSquares, ["X"], [], true, `
+      var sa = 0.0;
+      if (valid) { for (var c = t; c < width; c = c + 64) { let v = X[row * width + c]; sa = sa + v * v; } }
+      partA[t] = sa;${reduceRow("sum", false)}
+      if (valid && t == 0) { result[row] = partA[0]; }`)
   // a label outside [0, V) contributes nothing, as with the one-hot of the op-by-op path
   defineRows(kernels.nll, ["L", "Y", "M"], [], true, softmaxCode(`
         let y = Y[row];

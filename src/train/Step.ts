@@ -9,7 +9,7 @@ import { Schema } from "effect"
 import type * as TF from "@tensorflow/tfjs"
 import { Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import { gpuErrors } from "../runtime/Fixes.ts"
-import { adamStepValues, adamw } from "../runtime/Fused.ts"
+import { adamStepValues, adamw, makeSumSquares } from "../runtime/Fused.ts"
 import type { ConceptFeeds, Tensor } from "../graph/Apply.ts"
 import { type Batch, type Feeds, loss, type Lowered, mixSeed, recordReads, replay } from "../runtime/Lower.ts"
 
@@ -120,7 +120,8 @@ export const stepOnDevice = (
       return r.total
     }, vars)
     const gs = vars.map((w) => grads[w.name] ?? tf.zerosLike(w))
-    const norm = tf.sqrt(tf.addN(gs.map((g) => tf.sum(tf.square(g)))))
+    const sumSquares = makeSumSquares(tf)
+    const norm = tf.sqrt(tf.addN(gs.map((g) => sumSquares(g))))
     const scale = tf.minimum(tf.div(o.clip, norm), 1)
     const stepValues = inputs?.stepValues ?? adamStepValues(tf, { lr, c1, c2 })
     names.forEach((n, i) => {

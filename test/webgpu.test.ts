@@ -9,7 +9,7 @@ import { Effect, Schema } from "effect"
 import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
-import { adamStepValues, adamw, makeActivate, makeCombine, makeMaskedNll, makeRepeat, makeRmsNorm, makeRotate, makeSumSquares, makeTopMask } from "../src/runtime/Fused.ts"
+import { adamStepValues, adamw, makeActivate, makeCombine, makeMaskedNll, makeRepeat, makeRmsNorm, makeMaskedSoftmax, makeRotate, makeSumSquares, makeTopMask } from "../src/runtime/Fused.ts"
 import { makeOneHot } from "../src/runtime/Fixes.ts"
 import { kernelNames, matMulChoices, tilesName, tunedChoices, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
@@ -536,6 +536,26 @@ describe.skipIf(!available)("webgpu against cpu", () => {
         tf.dispose([x, w, y, dx])
       }
       results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 2e-6, `${a}, output ${i}`))
+    }
+    assert.deepStrictEqual(gpuErrors(), [])
+  })
+
+  it("the fused masked softmax gives the op-by-op values and gradients of the cpu backend", async () => {
+    // [leading, n, len] with a causal-like mask over [n, len] (−1e9 where a query may not look)
+    for (const [lead, n, len, past] of [[6, 5, 5, 0], [4, 1, 9, 8], [3, 70, 70, 0], [2, 3, 300, 297]] as const) {
+      const results: Array<Array<Float32Array>> = []
+      for (const b of ["cpu", "webgpu"]) {
+        await tf.setBackend(b)
+        const softmax = makeMaskedSoftmax(tf)
+        const s = tf.tensor3d(Array.from({ length: lead * n * len }, (_, i) => Math.sin(i * 0.37) * 4), [lead, n, len])
+        const mask = tf.tensor2d(Array.from({ length: n * len }, (_, i) => (i % len <= past + Math.floor(i / len) ? 0 : -1e9)), [n, len])
+        const w = tf.tensor3d(Array.from({ length: lead * n * len }, (_, i) => Math.cos(i * 0.11)), [lead, n, len])
+        const y = softmax(s, 0.125, mask)
+        const ds = tf.grad((t: Tensor) => tf.sum(tf.mul(softmax(t, 0.125, mask), w)))(s)
+        results.push(await Promise.all([y.data(), ds.data()]) as Array<Float32Array>)
+        tf.dispose([s, mask, w, y, ds])
+      }
+      results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 1e-6, `[${lead}, ${n}, ${len}], output ${i}`))
     }
     assert.deepStrictEqual(gpuErrors(), [])
   })

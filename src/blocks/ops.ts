@@ -125,14 +125,16 @@ const attendCore = (
   }
   // [R·n, heads, d] → [R·heads, n, d]
   const q3 = tf.reshape(tf.transpose(tf.reshape(q, [R, n, H, dqk]), [0, 2, 1, 3]), [R * H, n, dqk])
-  const scores = tf.mul(ctx.matMul(q3, expand(kt), "attentionMap"), 1 / Math.sqrt(dqk))
-  let logits = tf.add(scores, mask(ctx, n, len, past, options.causal, options.window))
-  if (keyValid !== undefined) {
+  const raw = ctx.matMul(q3, expand(kt), "attentionMap")
+  const m = mask(ctx, n, len, past, options.causal, options.window)
+  let p: Tensor
+  if (keyValid === undefined) p = ctx.softmax(raw, 1 / Math.sqrt(dqk), m)
+  else {
     // padded keys (static-shape concept slots) take no attention
     const bias = tf.reshape(tf.mul(tf.sub(keyValid, 1), 1e9), [R, 1, 1, len])
-    logits = tf.reshape(tf.add(tf.reshape(logits, [R, H, n, len]), bias), [R * H, n, len])
+    const logits = tf.add(tf.mul(raw, 1 / Math.sqrt(dqk)), m)
+    p = tf.softmax(tf.reshape(tf.add(tf.reshape(logits, [R, H, n, len]), bias), [R * H, n, len]))
   }
-  const p = tf.softmax(logits)
   // stored values: with one query (P·V)ᵀ = Vᵀ·Pᵀ, where Pᵀ is a reshape; with a block of queries
   // P·V, transposing Vᵀ (len·dv, smaller than P's n·len)
   const out = "v" in values

@@ -166,6 +166,8 @@ export interface ForwardContext {
   readonly rmsNorm: (x: Tensor, g: Tensor, eps: number) => Tensor
   /** An activation function (of the gate, for GLU kinds), fused where the runtime can. */
   readonly activate: (x: Tensor, activation: "swiglu" | "silu" | "geglu" | "gelu" | "gelu_tanh" | "relu") => Tensor
+  /** Softmax over the last axis of `scores [..., n, len]·scale + mask [n, len]` (no gradient into the mask; fused where the runtime can). */
+  readonly softmax: (scores: Tensor, scale: number, mask: Tensor) => Tensor
   /** 1 where a score of `scores [n, E]` is among the `k` largest of its row, else 0 (no gradient; fused where the runtime can). */
   readonly topMask: (scores: Tensor, k: number) => Tensor
   /** `x [o, ...rest]` → `[o, times, ...rest]`, every row `times` times (fused where the runtime can). */

@@ -20,6 +20,9 @@
  * - `makeMaskedNll`: the loss's Σ mask·(logsumexp − picked logit) over rows, one row kernel and a sum
  *   forward, one row kernel backward (softmax − one-hot), instead of about 16 and 20.
  *
+ * - `makeMaskedSoftmax`: attention's scale, mask and softmax, one row kernel each way instead of
+ *   about 3 forward and 6 backward.
+ *
  * - `makeSumSquares`: Σ x² of a gradient for the clipping norm, one dispatch instead of two.
  *
  * - `makeTopMask`: an MoE router's top-k as a 0/1 mask, one dispatch instead of tfjs's sort passes,
@@ -113,6 +116,8 @@ const kernels = {
   sumMiddle: "ConceptmoeSumMiddle",
   topMask: "ConceptmoeTopMask",
   sumSquares: "ConceptmoeSumSquares",
+  softmax: "ConceptmoeMaskedSoftmax",
+  softmaxGrad: "ConceptmoeMaskedSoftmaxGrad",
   combine: "ConceptmoeCombine",
   combineGradY: "ConceptmoeCombineGradY",
   combineGradG: "ConceptmoeCombineGradG"
@@ -281,6 +286,28 @@ export const makeSumSquares = (tf: Tf) => {
   const ops = (x: Tensor): Tensor => tf.sum(tf.square(x))
   if (!fusedOn(tf)) return ops
   return (x: Tensor): Tensor => tf.reshape(runKernel(tf, kernels.sumSquares, { x: tf.reshape(x, [1, x.size]) }), [])
+}
+
+/**
+ * Attention's probabilities: softmax over the last axis of `scores [..., n, len]·scale + mask
+ * [n, len]` (the mask broadcast over the leading axes; no gradient into it). On webgpu one row
+ * kernel forward and one backward (dS = scale·P·(dP − Σ dP·P)) instead of a product, a sum, tfjs's
+ * softmax and its four-op gradient; elsewhere op by op.
+ */
+export const makeMaskedSoftmax = (tf: Tf) => {
+  const ops = (scores: Tensor, scale: number, mask: Tensor): Tensor => tf.softmax(tf.add(tf.mul(scores, scale), mask))
+  if (!fusedOn(tf)) return ops
+  const run = (name: string, inputs: Record<string, Tensor>, scale: number) => runKernel(tf, name, inputs, { scale })
+  return (scores: Tensor, scale: number, mask: Tensor): Tensor => {
+    const len = scores.shape[scores.rank - 1]!
+    const rows = scores.size / len
+    const f = tf.customGrad(((s2: Tensor, save: (ts: Array<Tensor>) => void) => {
+      const value = run(kernels.softmax, { s: s2, m: mask }, scale)
+      save([value])
+      return { value, gradFunc: (dp: Tensor, [pr]: Array<Tensor>) => [run(kernels.softmaxGrad, { p: pr!, dp }, scale)] }
+    }) as unknown as Parameters<Tf["customGrad"]>[0])
+    return tf.reshape(f(tf.reshape(scores, [rows, len])) as Tensor, scores.shape)
+  }
 }
 
 const fusedOn = (tf: Tf) => tf.getBackend() === "webgpu" && switchOn("CONCEPTMOE_FUSED") && registerWebGpu(tf)
@@ -505,6 +532,30 @@ const registerWebGpu = (tf: Tf): boolean => {
           let x = X[index];
           let sg = 1.0 / (1.0 + exp(-x));
           let value = DY[index] * sg * (1.0 + x * (1.0 - sg));`)
+  // attention rows: logits S·scale + M[row mod n]
+  const logit = "S[row * width + c] * uniforms.scale + M[(row % uniforms.mShape.x) * width + c]"
+  defineRows(kernels.softmax, ["S", "M"], ["scale"], false, `
+      var mx = -3.402823e38;
+      if (valid) { for (var c = t; c < width; c = c + 64) { mx = max(mx, ${logit}); } }
+      partA[t] = mx;${reduceRow("max", false)}
+      let top = partA[0];
+      workgroupBarrier();
+      var se = 0.0;
+      if (valid) { for (var c = t; c < width; c = c + 64) { se = se + exp(${logit} - top); } }
+      partA[t] = se;${reduceRow("sum", false)}
+      let total = partA[0];
+      if (valid) { for (var c = t; c < width; c = c + 64) { result[row * width + c] = exp(${logit} - top) / total; } }`)
+  defineRows(kernels.softmaxGrad, ["P", "DP"], ["scale"], false, `
+      var sa = 0.0;
+      if (valid) { for (var c = t; c < width; c = c + 64) { sa = sa + P[row * width + c] * DP[row * width + c]; } }
+      partA[t] = sa;${reduceRow("sum", false)}
+      let dot = partA[0];
+      if (valid) {
+        for (var c = t; c < width; c = c + 64) {
+          let i = row * width + c;
+          result[i] = uniforms.scale * P[i] * (DP[i] - dot);
+        }
+      }`)
   // one row [1, size]: Σ x² in one workgroup
   defineRows(kernels.sumSquares, ["X"], [], true, `
       var sa = 0.0;

@@ -12,7 +12,7 @@ import type { Analysis } from "../graph/Analyze.ts"
 import { joinPath } from "../graph/Analyze.ts"
 import type { ChildApply, ConceptFeeds, DecodeCache, FlopCounter, ForwardContext, Tensor, Tensor2D, Tf } from "../graph/Apply.ts"
 import type { AnyBlock } from "../graph/Block.ts"
-import { makeActivate, makeCombine, makeMaskedNll, makeRepeat, makeRmsNorm, makeRotate, makeTopMask } from "./Fused.ts"
+import { makeActivate, makeCombine, makeMaskedNll, makeMaskedSoftmax, makeRepeat, makeRmsNorm, makeRotate, makeTopMask } from "./Fused.ts"
 import { makeDetach, makeMatMul, makeOneHot, makeSte, makeStop } from "./Fixes.ts"
 import { prng } from "../blocks/Chunker.ts"
 
@@ -220,6 +220,7 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     rotate: makeRotate(tf),
     activate: makeActivate(tf),
     topMask: makeTopMask(tf, makeOneHot(tf)),
+    softmax: makeMaskedSoftmax(tf),
     repeat: makeRepeat(tf),
     combine: makeCombine(tf),
     oneHot: makeOneHot(tf),

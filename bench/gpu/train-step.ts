@@ -11,7 +11,10 @@
  * `gpuMatMulMs` (the matmul programs' share) and `gpuTop` (the 10 costliest program/output-shape
  * pairs, ms per step). With `CONCEPTMOE_MATMUL=auto` (the default) the
  * first trainer of a model tunes its matmul products after step 0 (untimed): a `{ tune }` line per
- * product shape (each candidate's µs) and a `matmul` summary on the model's line.
+ * product shape (each candidate's µs) and a `matmul` summary on the model's line. `flopsPerStep` is the
+ * model's matmul FLOPs for forward and backward (3× the cost model's forward FLOPs per token, with the
+ * attention maps counted whole, as both implementations compute them): bench/gpu/ratio.ts turns it into
+ * each side's TFLOP/s. With `BENCH_LABEL` set, each model line carries it as `label` (run.sh's variants).
  *
  * Run: node bench/gpu/train-step.ts [webgpu|cpu|wasm] [name,…] [timed steps, default 10]
  * (on the GPU machine through bench/gpu/run.sh; here on lavapipe, bench/gpu/lavapipe.sh, or on wasm).
@@ -27,6 +30,7 @@ import { capturedTrainer } from "../../src/train/Captured.ts"
 import { newOptimizer, syncReads, trainStep, trainStepAsync, TrainSettings } from "../../src/train/Step.ts"
 import { countDispatches, type Counts } from "./dispatches.ts"
 import { describeTuning } from "../../src/runtime/MatMul.ts"
+import * as Cost from "../../src/cost/Cost.ts"
 
 const here = import.meta.dirname
 const moe = JSON.parse(fs.readFileSync(path.join(here, "..", "..", "examples", "compare", "moe-tiny.json"), "utf8"))
@@ -66,6 +70,12 @@ const gpuSummary = (gpuMs: number, dispatches: ReadonlyArray<{ program: string; 
     gpuTop: Object.fromEntries([...byKernel].sort((a, b) => b[1].us - a[1].us).slice(0, 10).map(([k, e]) => [`${k} ×${e.n}`, Number((e.us / 1000).toFixed(3))]))
   }
 }
+
+const label = process.env["BENCH_LABEL"] || undefined
+
+/** Forward and backward matmul FLOPs of one step on `rows × length` tokens (ConceptMoE at its nominal rate). */
+const stepFlops = (cost: Cost.Cost, rows: number, length: number) =>
+  3 * rows * (Cost.matmulPerToken(cost) * length + Cost.attentionMapFlops(cost, length, false))
 
 const median = (xs: ReadonlyArray<number>) => {
   const v = [...xs].sort((a, b) => a - b)
@@ -111,8 +121,10 @@ const measure = async (tf: Tf, backend: BackendName, w: typeof workloads[number]
   tf.dispose([...opt.m.values(), ...opt.v.values()])
   return {
     model: w.name,
+    ...(label === undefined ? {} : { label }),
     ...(trainer === undefined ? {} : { mode: mode?.mode === "replay" ? "replay" : "tfjs" }),
     params: m.analysis.rows[0]!.params,
+    flopsPerStep: stepFlops(m.analysis.cost, w.rows, w.length),
     stepMsMedian: median(times),
     ...(issue.length > 0 && Number.isFinite(issue[0]) ? { issueMsMedian: median(issue) } : {}),
     firstLoss: first,

@@ -1,0 +1,105 @@
+/**
+ * The GPU benchmark's plumbing, which runs where no GPU is (a device session has one try at it):
+ * bench/gpu/ratio.ts on fixture lines, and bench/gpu/run.sh's phases (usage, and no phase leaving
+ * more files in $OUT than the device tool brings back).
+ */
+import { assert, describe, it } from "@effect/vitest"
+import { spawnSync } from "node:child_process"
+import * as fs from "node:fs"
+import * as os from "node:os"
+import * as path from "node:path"
+
+const root = path.join(import.meta.dirname, "..")
+const ratio = (...args: Array<string>) => spawnSync(process.execPath, [path.join(root, "bench/gpu/ratio.ts"), ...args], { encoding: "utf8" })
+
+const fixtures = () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "gpu-bench-"))
+  const write = (name: string, lines: ReadonlyArray<unknown>) => {
+    const file = path.join(dir, name)
+    // Dawn's warnings and other non-JSON lines are skipped
+    fs.writeFileSync(file, ["Warning: not JSON", ...lines.map((l) => JSON.stringify(l))].join("\n"))
+    return file
+  }
+  return {
+    ours: write("ours.jsonl", [
+      { backend: "webgpu" },
+      { model: "dense-4L-d512", mode: "tfjs", params: 100, flopsPerStep: 3.3e11, stepMsMedian: 300, firstLoss: 5.6 },
+      { model: "dense-4L-d512", mode: "replay", params: 100, flopsPerStep: 3.3e11, stepMsMedian: 16.5, issueMsMedian: 0.8, gpuStepMs: 15.9, firstLoss: 5.6 },
+      { model: "moe-tiny", label: "one-submit", mode: "replay", params: 7, flopsPerStep: 1e9, stepMsMedian: 9, firstLoss: 5.61 }
+    ]),
+    torch: write("torch.jsonl", [
+      { model: "dense-4L-d512", params: 100, stepMsMedian: 11, firstLoss: 5.5 },
+      { model: "moe-tiny", params: 8, stepMsMedian: 6, firstLoss: 5.6 }
+    ]),
+    matmulOurs: write("matmul-ours.jsonl", [
+      { kernel: "tfjs", n: 4096, kernelGflops: 23000 },
+      { kernel: "64x64x16/4x4", n: 4096, kernelGflops: 30000 },
+      { kernel: "128x128x8/8x8/v4", n: 4096, kernelGflops: 45000 },
+      { kernel: "128x128x8/8x8/v4", n: 1024, kernelGflops: null, wallGflops: 9000 }
+    ]),
+    matmulTorch: write("matmul-torch.jsonl", [{ n: 4096, torchGflops: 50000 }, { n: 1024, torchGflops: 36000 }])
+  }
+}
+
+describe("bench/gpu/ratio.ts", () => {
+  it("steps: our time over PyTorch's, both sides' TFLOP/s on the model's FLOPs, labels and parameter checks kept", () => {
+    const f = fixtures()
+    const r = ratio(f.ours, f.torch)
+    assert.strictEqual(r.status, 0, r.stderr)
+    const rows = JSON.parse(r.stdout) as Array<Record<string, unknown>>
+    assert.strictEqual(rows.length, 3)
+    assert.deepStrictEqual(rows[1], {
+      model: "dense-4L-d512", mode: "replay", oursMs: 16.5, issueMs: 0.8, gpuStepMs: 15.9, torchMs: 11, ratio: 1.5,
+      oursTflops: 20, torchTflops: 30, paramsEqual: true, firstLoss: [5.6, 5.5]
+    })
+    assert.strictEqual(rows[0]!["ratio"], 27.27)
+    assert.strictEqual(rows[2]!["label"], "one-submit")
+    assert.strictEqual(rows[2]!["paramsEqual"], false)
+  })
+
+  it("matmul: our GFLOP/s (kernel time, else wall time) as a fraction of PyTorch's; --brief keeps the best of ours per size", () => {
+    const f = fixtures()
+    const full = JSON.parse(ratio(f.matmulOurs, f.matmulTorch).stdout) as Array<Record<string, unknown>>
+    assert.deepStrictEqual(full.map((m) => m["ofTorch"]), [0.46, 0.6, 0.9, 0.25])
+    const brief = ratio("--brief", f.matmulOurs, f.matmulTorch)
+    assert.strictEqual(brief.status, 0, brief.stderr)
+    const lines = brief.stdout.trim().split("\n").map((l) => l.trim().split(/\s+/))
+    assert.deepStrictEqual(lines[0], ["n", "tfjs", "GFLOP/s", "best", "of", "ours", "kernel", "PyTorch", "best/PyTorch"])
+    assert.deepStrictEqual(lines[1], ["4096", "23000", "45000", "128x128x8/8x8/v4", "50000", "0.9"])
+    assert.deepStrictEqual(lines[2], ["1024", "-", "9000", "128x128x8/8x8/v4", "36000", "0.25"])
+  })
+
+  it("without two files: usage, exit 2", () => {
+    const r = ratio("--brief")
+    assert.strictEqual(r.status, 2)
+    assert.match(r.stderr, /usage: node bench\/gpu\/ratio\.ts/)
+  })
+})
+
+describe("bench/gpu/run.sh", () => {
+  const script = fs.readFileSync(path.join(root, "bench/gpu/run.sh"), "utf8")
+  /** The files a phase's function writes under $out. */
+  const outputs = (phase: string) => {
+    const body = new RegExp(`^${phase}\\(\\) \\{\\n([\\s\\S]*?)^\\}`, "m").exec(script)?.[1]
+    assert.isDefined(body, `run.sh has no function ${phase}`)
+    const names = new Set([...body!.matchAll(/"\$out\/([^"]+)"/g)].map((m) => m[1]!))
+    // the phase's log, written by the dispatch at the end
+    for (const m of script.matchAll(new RegExp(`^  ${phase}\\) .*"\\$out\\/([^"]+)"`, "gm"))) names.add(m[1]!)
+    return names
+  }
+
+  it("each phase leaves at most 8 files in $OUT (what the device tool brings back)", () => {
+    for (const phase of ["core", "extra"]) {
+      const files = outputs(phase)
+      assert.isAtLeast(files.size, 5, phase)
+      assert.isAtMost(files.size, 8, `${phase}: ${[...files].join(", ")}`)
+      assert.isTrue([...files].some((f) => f.startsWith("log-")), `${phase} keeps its log`)
+    }
+  })
+
+  it("an unknown phase is refused before anything runs", () => {
+    const r = spawnSync("bash", [path.join(root, "bench/gpu/run.sh"), "everything"], { encoding: "utf8", cwd: root, env: { ...process.env, OUT: os.tmpdir() } })
+    assert.strictEqual(r.status, 2)
+    assert.match(r.stderr, /usage: bash bench\/gpu\/run\.sh \[core\|extra\|all\]/)
+  })
+})

@@ -25,7 +25,8 @@ const fixtures = () => {
       { backend: "webgpu" },
       { model: "dense-4L-d512", mode: "tfjs", params: 100, flopsPerStep: 3.3e11, stepMsMedian: 300, firstLoss: 5.6 },
       { model: "dense-4L-d512", mode: "replay", params: 100, flopsPerStep: 3.3e11, stepMsMedian: 16.5, issueMsMedian: 0.8, gpuStepMs: 15.9, firstLoss: 5.6 },
-      { model: "moe-tiny", label: "one-submit", mode: "replay", params: 7, flopsPerStep: 1e9, stepMsMedian: 9, firstLoss: 5.61 }
+      { model: "moe-tiny", label: "one-submit", mode: "replay", params: 7, flopsPerStep: 1e9, stepMsMedian: 9, firstLoss: 5.61 },
+      { model: "conceptmoe-1L-top7-R2", mode: "tfjs", error: "GPU device error: Invalid ComputePipeline" }
     ]),
     torch: write("torch.jsonl", [
       { model: "dense-4L-d512", params: 100, stepMsMedian: 11, firstLoss: 5.5 },
@@ -47,7 +48,7 @@ describe("bench/gpu/ratio.ts", () => {
     const r = ratio(f.ours, f.torch)
     assert.strictEqual(r.status, 0, r.stderr)
     const rows = JSON.parse(r.stdout) as Array<Record<string, unknown>>
-    assert.strictEqual(rows.length, 3)
+    assert.strictEqual(rows.length, 4)
     assert.deepStrictEqual(rows[1], {
       model: "dense-4L-d512", mode: "replay", oursMs: 16.5, issueMs: 0.8, gpuStepMs: 15.9, torchMs: 11, ratio: 1.5,
       oursTflops: 20, torchTflops: 30, paramsEqual: true, firstLoss: [5.6, 5.5]
@@ -55,6 +56,12 @@ describe("bench/gpu/ratio.ts", () => {
     assert.strictEqual(rows[0]!["ratio"], 27.27)
     assert.strictEqual(rows[2]!["label"], "one-submit")
     assert.strictEqual(rows[2]!["paramsEqual"], false)
+    // a model whose step failed keeps its error, with no ratio
+    assert.strictEqual(rows[3]!["error"], "GPU device error: Invalid ComputePipeline")
+    assert.isNull(rows[3]!["ratio"])
+    const brief = ratio("--brief", f.ours, f.torch).stdout.trim().split("\n")
+    assert.deepStrictEqual(brief[2]!.trim().split(/\s+/), ["dense-4L-d512", "-", "replay", "16.5", "0.8", "15.9", "11", "1.5", "20", "30"])
+    assert.strictEqual(brief.at(-1), "conceptmoe-1L-top7-R2 tfjs: GPU device error: Invalid ComputePipeline")
   })
 
   it("matmul: our GFLOP/s (kernel time, else wall time) as a fraction of PyTorch's; --brief keeps the best of ours per size", () => {

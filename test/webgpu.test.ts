@@ -350,7 +350,28 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       covers: (p) => p.k === p.n && !p.transposeB,
       kernelFunc: (args) => stock.kernelFunc({ ...args, attrs: { ...args.attrs, transposeB: true } })
     }
-    const candidates = [stock, wrong, tiledKernel(tf, parseTiles("64x64x16/4x4/v4")!), tiledKernel(tf, parseTiles("32x32x32/4x4")!)]
+    // a kernel whose shader the device refuses: tfjs's product, then a program that does not compile
+    const broken: MatMulKernel = {
+      name: "broken",
+      covers: () => true,
+      kernelFunc: (args) => {
+        const good = stock.kernelFunc(args) as { dataId: unknown; shape: Array<number> }
+        const be = args.backend as { runWebGPUProgram: (p: unknown, inputs: Array<unknown>, dtype: string) => unknown; disposeData: (id: unknown) => void }
+        const out = be.runWebGPUProgram({
+          variableNames: ["X"],
+          outputShape: good.shape,
+          shaderKey: "conceptmoeTestBroken",
+          dispatchLayout: { x: [0] },
+          dispatch: [1, 1, 1],
+          workgroupSize: [64, 1, 1],
+          size: true,
+          getUserCode: () => "fn main(index : i32) { result[index] = notDeclaredAnywhere; }"
+        }, [good], "float32")
+        be.disposeData(good.dataId)
+        return out as never
+      }
+    }
+    const candidates = [stock, wrong, broken, tiledKernel(tf, parseTiles("64x64x16/4x4/v4")!), tiledKernel(tf, parseTiles("32x32x32/4x4")!)]
     // products where B is square (and B·Aᵀ ≠ A·B: not 1×1)
     const square = products.filter((c) => (c[1].at(-1) === c[1].at(-2) || c[3]) && c[1].at(-1)! > 1)
     try {
@@ -370,6 +391,12 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       // the wrong kernel covered some products and was refused on each of them
       assert.isAbove(rows.filter((r) => "wrong" in r.rejected).length, 0)
       for (const r of rows.filter((r) => "wrong" in r.rejected)) assert.isAbove(r.rejected["wrong"]!, 1e-2)
+      // the broken one was left out of every product with the device's message, and its errors
+      // did not reach the device-error log (checked at the end) or drop other work's commands
+      for (const r of rows) {
+        assert.notProperty(r.us, "broken")
+        assert.match(r.failed["broken"] ?? "", /\S/, r.product)
+      }
       // the tuned choices compute the cpu's products; tuning again has nothing left to do
       for (const [i, c] of square.entries()) assert.isAtMost(await productDiff(c, i), 1e-4, `case ${i}`)
       assert.deepStrictEqual(await tuneMatMuls(tf), [])

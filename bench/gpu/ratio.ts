@@ -35,10 +35,10 @@ const ratio = (a: unknown, b: unknown) => {
   const [x, y] = [num(a), num(b)]
   return x !== undefined && y !== undefined && y !== 0 ? Number((x / y).toFixed(2)) : null
 }
-/** TFLOP/s of `flops` done in `ms`. */
+/** TFLOP/s of `flops` done in `ms` (3 significant digits). */
 const tflops = (flops: unknown, ms: unknown) => {
   const [f, t] = [num(flops), num(ms)]
-  return f !== undefined && t !== undefined && t > 0 ? Number((f / t / 1e9).toFixed(2)) : null
+  return f !== undefined && t !== undefined && t > 0 ? Number((f / t / 1e9).toPrecision(3)) : null
 }
 
 const ours = rows(oursFile)
@@ -64,7 +64,8 @@ const steps = ours.filter((o) => !("n" in o)).map((o) => {
     torchTflops: tflops(o["flopsPerStep"], t?.["stepMsMedian"]),
     paramsEqual: t === undefined ? null : t["params"] === o["params"],
     firstLoss: [o["firstLoss"], t?.["firstLoss"]],
-    dispatchesPerStep: o["dispatchesPerStep"]
+    dispatchesPerStep: o["dispatchesPerStep"],
+    ...(o["error"] === undefined ? {} : { error: o["error"] })
   }
 })
 
@@ -89,5 +90,6 @@ else {
   if (steps.length > 0) {
     table(["model", "label", "mode", "ours ms", "issue ms", "GPU ms", "PyTorch ms", "ratio", "ours TFLOP/s", "PyTorch TFLOP/s"],
       steps.map((s) => [s.model, s.label, s.mode, s.oursMs, s.issueMs, s.gpuStepMs, s.torchMs, s.ratio, s.oursTflops, s.torchTflops]))
+    for (const s of steps) if ("error" in s) console.log(`${String(s.model)} ${show(s.mode)}: ${String(s.error)}`)
   }
 }

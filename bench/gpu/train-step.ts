@@ -15,6 +15,7 @@
  * model's matmul FLOPs for forward and backward (3× the cost model's forward FLOPs per token, with the
  * attention maps counted whole, as both implementations compute them): bench/gpu/ratio.ts turns it into
  * each side's TFLOP/s. With `BENCH_LABEL` set, each model line carries it as `label` (run.sh's variants).
+ * A model whose step fails prints `{ model, mode, error }` instead, and the next one runs.
  *
  * Run: node bench/gpu/train-step.ts [webgpu|cpu|wasm] [name,…] [timed steps, default 10]
  * (on the GPU machine through bench/gpu/run.sh; here on lavapipe, bench/gpu/lavapipe.sh, or on wasm).
@@ -148,7 +149,16 @@ const main = async () => {
   const timed = Number(process.argv[4] ?? 10)
   for (const w of workloads.filter((x) => only === undefined || only.includes(x.name))) {
     // on webgpu: each step through tfjs, then recorded and replayed (where the model allows it)
-    for (const replay of backend === "webgpu" ? [false, true] : [false]) console.log(JSON.stringify(await measure(tf, backend, w, timed, replay)))
+    // a model that fails (a device error, say) gets an error line, and the others still run
+    for (const replay of backend === "webgpu" ? [false, true] : [false]) {
+      const line = await measure(tf, backend, w, timed, replay).catch((e: unknown) => ({
+        model: w.name,
+        ...(label === undefined ? {} : { label }),
+        ...(backend === "webgpu" ? { mode: replay ? "replay" : "tfjs" } : {}),
+        error: (e instanceof Error ? e.message : String(e)).split("\n")[0]
+      }))
+      console.log(JSON.stringify(line))
+    }
   }
 }
 

@@ -247,6 +247,11 @@ const flush = (be: Backend) => {
   }
 }
 
+/** Submits the commands tfjs's webgpu backend has encoded and not yet submitted (nothing elsewhere). */
+export const submitPending = (tf: Tf): void => {
+  if (tf.getBackend() === "webgpu") flush(tf.backend() as unknown as Backend)
+}
+
 const variablesOf = (tf: Tf): Array<Tensor> =>
   Object.values((tf.engine() as unknown as { state: { registeredVariables: Record<string, Tensor> } }).state.registeredVariables)
 

@@ -27,6 +27,7 @@
  */
 import type * as TF from "@tensorflow/tfjs"
 import type { Tensor, Tf } from "../graph/Apply.ts"
+import { submitPending } from "./Capture.ts"
 
 export interface Tiles {
   /** Output rows and columns per workgroup, and the depth of one pass through workgroup memory. */
@@ -473,6 +474,8 @@ export interface TuneRow {
   readonly us: Record<string, number>
   /** Candidates whose result disagreed with tfjs's kernel, with the largest difference. */
   readonly rejected: Record<string, number>
+  /** Candidates that the device refused (a shader or pipeline error while compiling or running), with its message. */
+  readonly failed: Record<string, string>
 }
 
 /** Every tuning result so far, and the choices per product. */
@@ -499,7 +502,10 @@ const watchers = new Set<Set<string>>()
  * the fastest whose result agrees with tfjs's kernel (largest difference ≤ 1e-3 of the largest
  * magnitude, on operands drawn from N(0, 1/K)). Each candidate runs once untimed (compiling its
  * shader, checked), then `reps` times under `tf.time` (by the wall clock where the device has no
- * timestamp queries). Returns the new rows. Nothing to do (an empty list) in other modes or on
+ * timestamp queries). The untimed run is submitted on its own inside WebGPU error scopes: a
+ * candidate whose shader or pipeline the device refuses is left out with the error's message
+ * (`failed`), and its error neither reaches `gpuErrors` (Fixes.ts) nor takes other work's commands with
+ * it (Dawn drops a whole command buffer that holds an invalid dispatch). Returns the new rows. Nothing to do (an empty list) in other modes or on
  * other backends. Matmuls issued by other work while it awaits run with the candidate under test:
  * do not overlap it with other work; a `useMatMul` meanwhile makes it stop and keep nothing.
  */
@@ -523,6 +529,7 @@ export const tuneMatMuls = async (
     const product = () => tf.matMul(a as Tensor, b as Tensor, p.transposeA, p.transposeB) as Tensor
     const us: Record<string, number> = {}
     const rejected: Record<string, number> = {}
+    const failed: Record<string, string> = {}
     const owned: Array<Tensor> = [a, b]
     try {
       s.forced = s.stock
@@ -532,8 +539,14 @@ export const tuneMatMuls = async (
       for (const c of s.candidates.filter((c) => c.covers(p))) {
         if (s.generation !== generation) return []
         s.forced = c
-        const out = product()
-        owned.push(out)
+        const made: Array<Tensor> = []
+        const error = await deviceError(tf, () => made.push(product()))
+        owned.push(...made)
+        const out = made[0]
+        if (error !== undefined || out === undefined) {
+          failed[c.name] = error ?? "no result"
+          continue
+        }
         const worst = await valueOf(tf, () => tf.max(tf.abs(tf.sub(out, reference))))
         if (!(worst <= 1e-3 * Math.max(scale, 1e-6))) {
           rejected[c.name] = worst
@@ -563,10 +576,42 @@ export const tuneMatMuls = async (
     const best = Object.entries(us).sort((x, y) => x[1] - y[1])[0]?.[0]
     const kernel = s.candidates.find((c) => c.name === best) ?? s.stock
     s.chosen.set(key, kernel)
-    rows.push({ product: key, chosen: kernel.name, us, rejected })
+    rows.push({ product: key, chosen: kernel.name, us, rejected, failed })
   }
   s.report.push(...rows)
   return rows
+}
+
+interface ErrorScopes {
+  readonly device: {
+    pushErrorScope: (filter: "validation" | "out-of-memory" | "internal") => void
+    popErrorScope: () => Promise<{ readonly message: string } | null>
+  }
+}
+
+/**
+ * Runs `f` (which issues GPU work through tfjs) with its commands in a submission of their own
+ * inside validation, out-of-memory and internal error scopes; the first error's message, if any.
+ * An exception from `f` is reported as its message too.
+ */
+const deviceError = async (tf: Tf, f: () => void): Promise<string | undefined> => {
+  const { device } = tf.backend() as unknown as ErrorScopes
+  submitPending(tf)
+  const filters = ["internal", "out-of-memory", "validation"] as const
+  for (const filter of filters) device.pushErrorScope(filter)
+  let thrown: string | undefined
+  try {
+    f()
+    submitPending(tf)
+  } catch (e) {
+    thrown = e instanceof Error ? e.message : String(e)
+  }
+  const errors: Array<string> = []
+  for (const _ of filters) {
+    const e = await device.popErrorScope()
+    if (e !== null) errors.push(e.message.split("\n")[0]!)
+  }
+  return thrown ?? errors[0]
 }
 
 /** The one number of a scalar made by `f`, read asynchronously. */

@@ -36,7 +36,10 @@ const fixtures = () => {
       { kernel: "tfjs", n: 4096, kernelGflops: 23000 },
       { kernel: "64x64x16/4x4", n: 4096, kernelGflops: 30000 },
       { kernel: "128x128x8/8x8/v4", n: 4096, kernelGflops: 45000 },
-      { kernel: "128x128x8/8x8/v4", n: 1024, kernelGflops: null, wallGflops: 9000 }
+      { kernel: "128x128x8/8x8/v4", n: 1024, kernelGflops: null, wallGflops: 9000 },
+      // refused by the device, or computing something else: timed as fast, and not a result
+      { kernel: "64x64x16/4x4", n: 1024, kernelGflops: 900000, maxRelDiff: 0, error: "Invalid ShaderModule" },
+      { kernel: "32x32x32/4x4", n: 1024, kernelGflops: 800000, maxRelDiff: 0.5 }
     ]),
     matmulTorch: write("matmul-torch.jsonl", [{ n: 4096, torchGflops: 50000 }, { n: 1024, torchGflops: 36000 }])
   }
@@ -67,13 +70,15 @@ describe("bench/gpu/ratio.ts", () => {
   it("matmul: our GFLOP/s (kernel time, else wall time) as a fraction of PyTorch's; --brief keeps the best of ours per size", () => {
     const f = fixtures()
     const full = JSON.parse(ratio(f.matmulOurs, f.matmulTorch).stdout) as Array<Record<string, unknown>>
-    assert.deepStrictEqual(full.map((m) => m["ofTorch"]), [0.46, 0.6, 0.9, 0.25])
+    assert.deepStrictEqual(full.map((m) => m["ofTorch"]), [0.46, 0.6, 0.9, 0.25, 25, 22.22])
+    assert.deepStrictEqual(full.map((m) => m["invalid"]), [undefined, undefined, undefined, undefined, "Invalid ShaderModule", "maxRelDiff 0.5"])
     const brief = ratio("--brief", f.matmulOurs, f.matmulTorch)
     assert.strictEqual(brief.status, 0, brief.stderr)
     const lines = brief.stdout.trim().split("\n").map((l) => l.trim().split(/\s+/))
     assert.deepStrictEqual(lines[0], ["n", "tfjs", "GFLOP/s", "best", "of", "ours", "kernel", "PyTorch", "best/PyTorch"])
     assert.deepStrictEqual(lines[1], ["4096", "23000", "45000", "128x128x8/8x8/v4", "50000", "0.9"])
     assert.deepStrictEqual(lines[2], ["1024", "-", "9000", "128x128x8/8x8/v4", "36000", "0.25"])
+    assert.deepStrictEqual(lines.slice(3).map((l) => l.join(" ")), ["64x64x16/4x4 at 1024: Invalid ShaderModule (left out)", "32x32x32/4x4 at 1024: maxRelDiff 0.5 (left out)"])
   })
 
   it("without two files: usage, exit 2", () => {

@@ -2,12 +2,14 @@
  * fp32 matmul throughput of the webgpu backend (issue 6's third target: ≥ 0.8× cuBLAS), for square
  * sizes, with tfjs's kernel and each of ours (`src/runtime/MatMul.ts`): GFLOP/s from wall time over
  * `reps` chained products ended by one read-back, and from the GPU's kernel time (timestamp queries,
- * where the adapter has them). bench/peers/torch_matmul.py measures PyTorch on the same sizes.
+ * where the adapter has them), and each kernel's first product against tfjs's kernel (`maxRelDiff`;
+ * `error` when the device reported one). bench/peers/torch_matmul.py measures PyTorch on the same sizes.
  * Run: node bench/gpu/matmul.ts [sizes, e.g. 1024,4096] [reps] [kernels, e.g. tfjs,128x128x8/8x8/v4]
  */
 import { Effect } from "effect"
 import type { Tensor } from "../../src/graph/Apply.ts"
 import { load } from "../../src/runtime/Backend.ts"
+import { gpuErrors } from "../../src/runtime/Fixes.ts"
 import { kernelNames, parseTiles, useMatMul } from "../../src/runtime/MatMul.ts"
 
 const { tf } = await Effect.runPromise(load("webgpu"))
@@ -15,23 +17,37 @@ const sizes = (process.argv[2] ?? "1024,2048,4096").split(",").map(Number)
 const reps = Number(process.argv[3] ?? 10)
 const kernels = process.argv[4]?.split(",") ?? ["tfjs", ...kernelNames]
 for (const kernel of kernels) {
-  const tiles = parseTiles(kernel)
-  if (kernel !== "tfjs" && tiles === undefined) throw new Error(`not a kernel: ${kernel}`)
-  useMatMul(tf, tiles ?? "tfjs")
-  for (const n of sizes) {
-    const a = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n))
-    const b = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n))
-    await a.data()
-    await b.data()
+  if (kernel !== "tfjs" && parseTiles(kernel) === undefined) throw new Error(`not a kernel: ${kernel}`)
+}
+/** The largest difference between two tensors, over the largest magnitude of the second. */
+const relDiff = async (x: Tensor, ref: Tensor) => {
+  const [d, m] = await Promise.all([tf.max(tf.abs(tf.sub(x, ref))), tf.max(tf.abs(ref))].map(async (t) => {
+    const v = (await t.data())[0]!
+    t.dispose()
+    return v
+  }))
+  return d! / Math.max(m!, 1e-30)
+}
+gpuErrors()
+for (const n of sizes) {
+  const a = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n))
+  const b = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n))
+  useMatMul(tf, "tfjs")
+  const reference = tf.matMul(a, b)
+  await reference.data()
+  for (const kernel of kernels) {
+    useMatMul(tf, parseTiles(kernel) ?? "tfjs")
     const chain = () => {
       let x: Tensor = a
       const made: Array<Tensor> = []
       for (let i = 0; i < reps; i++) made.push(x = tf.matMul(x, b))
       return made
     }
-    // warm-up (shader compile)
+    // warm-up (shader compile), checked against tfjs's kernel: a kernel that the device refused or
+    // that computes something else would otherwise time as a dropped (instant) command buffer
     const warm = chain()
     await warm[warm.length - 1]!.data()
+    const maxRelDiff = await relDiff(warm[0]!, reference)
     tf.dispose(warm)
     const t0 = performance.now()
     const made = chain()
@@ -41,13 +57,16 @@ for (const kernel of kernels) {
     const timing = await tf.time(() => tf.dispose(chain()))
     const kernelMs = (timing as unknown as { kernelMs: number | { error: string } }).kernelMs
     const flops = 2 * n ** 3
+    const errors = gpuErrors()
     console.log(JSON.stringify({
       kernel,
       n,
       wallGflops: Number((flops / (wallMs * 1e6)).toFixed(1)),
-      kernelGflops: typeof kernelMs === "number" ? Number((flops / ((kernelMs / reps) * 1e6)).toFixed(1)) : null
+      kernelGflops: typeof kernelMs === "number" ? Number((flops / ((kernelMs / reps) * 1e6)).toFixed(1)) : null,
+      maxRelDiff: Number(maxRelDiff.toPrecision(3)),
+      ...(errors.length > 0 ? { error: errors[0] } : {})
     }))
-    tf.dispose([a, b])
   }
+  tf.dispose([a, b, reference])
 }
 process.exit(0)

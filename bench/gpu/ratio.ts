@@ -5,7 +5,7 @@
  * - fp32 matmul (bench/gpu/matmul.ts and bench/peers/torch_matmul.py), per size: our GFLOP/s / theirs.
  * Lines of ours with a `label` (a variant's run, BENCH_LABEL) keep it.
  * Run: node bench/gpu/ratio.ts [--brief] ours.jsonl torch.jsonl
- * (--brief: one aligned line per row instead of JSON; for matmul only the best of our kernels per size and tfjs's).
+ * (--brief: one aligned line per row instead of JSON; for matmul only the best of our valid kernels per size and tfjs's).
  */
 import * as fs from "node:fs"
 
@@ -46,7 +46,16 @@ const matmuls = ours.filter((o) => "n" in o).map((o) => {
   const t = torch.get(keyOf(o))
   const gflops = o["kernelGflops"] ?? o["wallGflops"]
   // a fraction of PyTorch's throughput (the target is ≥ 0.8)
-  return { kernel: o["kernel"], n: o["n"], oursGflops: gflops, torchGflops: t?.["torchGflops"] ?? null, ofTorch: ratio(gflops, t?.["torchGflops"]) }
+  // a kernel that the device refused, or whose product differs from tfjs's kernel, is not a result
+  const wrong = o["error"] !== undefined || (num(o["maxRelDiff"]) ?? 0) > 1e-3
+  return {
+    kernel: o["kernel"],
+    n: o["n"],
+    oursGflops: gflops,
+    torchGflops: t?.["torchGflops"] ?? null,
+    ofTorch: ratio(gflops, t?.["torchGflops"]),
+    ...(wrong ? { invalid: o["error"] ?? `maxRelDiff ${String(o["maxRelDiff"])}` } : {})
+  }
 })
 const steps = ours.filter((o) => !("n" in o)).map((o) => {
   const t = torch.get(keyOf(o))
@@ -83,9 +92,10 @@ else {
     table(["n", "tfjs GFLOP/s", "best of ours", "kernel", "PyTorch", "best/PyTorch"], sizes.map((n) => {
       const atN = matmuls.filter((m) => m.n === n)
       const tfjs = atN.find((m) => m.kernel === "tfjs")
-      const best = atN.filter((m) => m.kernel !== "tfjs").sort((a, b) => (num(b.oursGflops) ?? 0) - (num(a.oursGflops) ?? 0))[0]
+      const best = atN.filter((m) => m.kernel !== "tfjs" && !("invalid" in m)).sort((a, b) => (num(b.oursGflops) ?? 0) - (num(a.oursGflops) ?? 0))[0]
       return [n, tfjs?.oursGflops, best?.oursGflops, best?.kernel, atN[0]?.torchGflops, best?.ofTorch]
     }))
+    for (const m of matmuls) if ("invalid" in m) console.log(`${String(m.kernel)} at ${String(m.n)}: ${String(m.invalid)} (left out)`)
   }
   if (steps.length > 0) {
     table(["model", "label", "mode", "ours ms", "issue ms", "GPU ms", "PyTorch ms", "ratio", "ours TFLOP/s", "PyTorch TFLOP/s"],

@@ -1,13 +1,15 @@
 /**
  * Training steps that are recorded once and replayed (`runtime/Capture.ts`) on webgpu, for models
- * whose step reads nothing back to the host (dense and MoE models: routing stays on the device;
- * a ConceptMoE reads its boundaries, so it trains step by step through tfjs).
+ * whose step reads nothing back to the host: dense and MoE models (routing stays on the device) and
+ * ConceptMoE models with static shapes (`ConceptFeeds`: padded concept slots, boundaries on the
+ * device); a model that still reads host values trains step by step through tfjs.
  *
  * Step 0 runs through tfjs (shaders compile); steps 1 and 2 run through tfjs while being recorded;
  * if the two recordings did the same work and uploaded the same bytes, the second replaces tfjs from
- * step 3 on: each step writes the batch and `[lr, c1, c2]` into the feed tensors and re-encodes the
- * recorded dispatches in one command buffer. Otherwise every step stays a tfjs step, and `mode`
- * says why. Results equal the eager steps' (test/webgpu.test.ts).
+ * step 3 on: each step writes the batch and `[lr, c1, c2]` (and a ConceptMoE's draws and document
+ * starts) into the feed tensors and re-encodes the recorded dispatches, submitted in command buffers
+ * of `CONCEPTMOE_SUBMIT_EVERY` dispatches. Otherwise every step stays a tfjs step, and `mode` says
+ * why. Results equal the eager steps' (test/webgpu.test.ts).
  *
  * With `CONCEPTMOE_MATMUL=auto` (the default), the matmul products of step 0 are tuned before step 1
  * (`runtime/MatMul.ts`): step 0 runs tfjs's kernel, later steps the fastest that agrees with it.

@@ -35,8 +35,8 @@ core() {
   echo "== smoke"
   OUT=$out timeout 40 $node bench/gpu/smoke.ts 2>&1 | quiet
   echo "== fp32 matmul: ours (webgpu) and PyTorch (TF32 off)"
-  timeout 60 $node bench/gpu/matmul.ts 1024,2048,4096 2>&1 | quiet | tee "$out/matmul-ours.jsonl"
-  timeout 30 python3 bench/peers/torch_matmul.py cuda 1024,2048,4096 2>&1 | tee "$out/matmul-torch.jsonl"
+  timeout 60 $node bench/gpu/matmul.ts 4096,2048,1024 2>&1 | quiet | tee "$out/matmul-ours.jsonl"
+  timeout 30 python3 bench/peers/torch_matmul.py cuda 4096,2048,1024 2>&1 | tee "$out/matmul-torch.jsonl"
   echo "== ours (webgpu)"
   timeout 180 $node bench/gpu/train-step.ts webgpu "" "$steps" 2>&1 | quiet | tee "$out/ours.jsonl"
   echo "== PyTorch eager"

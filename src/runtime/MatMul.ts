@@ -48,7 +48,9 @@ export interface Tiles {
 /**
  * The kernels a sweep and the tuner try (threads per workgroup ≤ 256, workgroup memory ≤ 16 KiB):
  * large tiles for large outputs, 8×8 per thread on 64-128 threads for outputs too small to fill a
- * GPU with 128×128 tiles (a [4096, 512] output is 128 of them), split K for weight gradients.
+ * GPU with 128×128 tiles (a [4096, 512] output is 128 of them), split K for weight gradients (a
+ * [512, 512] gradient over 4,096 tokens is 16 tiles of 128×128 or 64 of 64×64 for 132 SMs: 8 slices
+ * make 512 workgroups).
  */
 export const kernelNames: ReadonlyArray<string> = [
   "32x32x32/4x4",
@@ -71,7 +73,10 @@ export const kernelNames: ReadonlyArray<string> = [
   "64x64x16/4x4/v4/k4",
   "64x64x16/8x8/v4/k4",
   "128x128x8/8x8/v4/k4",
-  "128x128x16/8x8/v4/k2"
+  "128x128x16/8x8/v4/k2",
+  "64x64x16/4x4/v4/k8",
+  "64x64x16/8x8/v4/k8",
+  "128x128x8/8x8/v4/k8"
 ]
 
 /** The name of a kernel, as {@link parseTiles} reads it. */

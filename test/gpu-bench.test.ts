@@ -39,7 +39,8 @@ const fixtures = () => {
       { kernel: "128x128x8/8x8/v4", n: 1024, kernelGflops: null, wallGflops: 9000 },
       // refused by the device, or computing something else: timed as fast, and not a result
       { kernel: "64x64x16/4x4", n: 1024, kernelGflops: 900000, maxRelDiff: 0, error: "Invalid ShaderModule" },
-      { kernel: "32x32x32/4x4", n: 1024, kernelGflops: 800000, maxRelDiff: 0.5 }
+      { kernel: "32x32x32/4x4", n: 1024, kernelGflops: 800000, maxRelDiff: 0.5 },
+      { kernel: "128x128x16/8x8/v4", n: 1024, kernelGflops: 700000, maxRelDiff: null }
     ]),
     matmulTorch: write("matmul-torch.jsonl", [{ n: 4096, torchGflops: 50000 }, { n: 1024, torchGflops: 36000 }])
   }
@@ -70,15 +71,19 @@ describe("bench/gpu/ratio.ts", () => {
   it("matmul: our GFLOP/s (kernel time, else wall time) as a fraction of PyTorch's; --brief keeps the best of ours per size", () => {
     const f = fixtures()
     const full = JSON.parse(ratio(f.matmulOurs, f.matmulTorch).stdout) as Array<Record<string, unknown>>
-    assert.deepStrictEqual(full.map((m) => m["ofTorch"]), [0.46, 0.6, 0.9, 0.25, 25, 22.22])
-    assert.deepStrictEqual(full.map((m) => m["invalid"]), [undefined, undefined, undefined, undefined, "Invalid ShaderModule", "maxRelDiff 0.5"])
+    assert.deepStrictEqual(full.map((m) => m["ofTorch"]), [0.46, 0.6, 0.9, 0.25, 25, 22.22, 19.44])
+    assert.deepStrictEqual(full.map((m) => m["invalid"]), [undefined, undefined, undefined, undefined, "Invalid ShaderModule", "maxRelDiff 0.5", "maxRelDiff null"])
     const brief = ratio("--brief", f.matmulOurs, f.matmulTorch)
     assert.strictEqual(brief.status, 0, brief.stderr)
     const lines = brief.stdout.trim().split("\n").map((l) => l.trim().split(/\s+/))
     assert.deepStrictEqual(lines[0], ["n", "tfjs", "GFLOP/s", "best", "of", "ours", "kernel", "PyTorch", "best/PyTorch"])
     assert.deepStrictEqual(lines[1], ["4096", "23000", "45000", "128x128x8/8x8/v4", "50000", "0.9"])
     assert.deepStrictEqual(lines[2], ["1024", "-", "9000", "128x128x8/8x8/v4", "36000", "0.25"])
-    assert.deepStrictEqual(lines.slice(3).map((l) => l.join(" ")), ["64x64x16/4x4 at 1024: Invalid ShaderModule (left out)", "32x32x32/4x4 at 1024: maxRelDiff 0.5 (left out)"])
+    assert.deepStrictEqual(lines.slice(3).map((l) => l.join(" ")), [
+      "64x64x16/4x4 at 1024: Invalid ShaderModule (left out)",
+      "32x32x32/4x4 at 1024: maxRelDiff 0.5 (left out)",
+      "128x128x16/8x8/v4 at 1024: maxRelDiff null (left out)"
+    ])
   })
 
   it("without two files: usage, exit 2", () => {
@@ -97,12 +102,18 @@ describe("bench/gpu/run.sh", () => {
     const names = new Set([...body!.matchAll(/"\$out\/([^"]+)"/g)].map((m) => m[1]!))
     // the phase's log, written by the dispatch at the end
     for (const m of script.matchAll(new RegExp(`^  ${phase}\\) .*"\\$out\\/([^"]+)"`, "gm"))) names.add(m[1]!)
+    // files that the scripts it runs with OUT=$out write themselves
+    for (const m of body!.matchAll(/OUT=\$out [^\n]*?(bench\/gpu\/[\w-]+\.ts)/g)) {
+      const source = fs.readFileSync(path.join(root, m[1]!), "utf8")
+      for (const w of source.matchAll(/process\.env\["OUT"\][^\n]*?"([\w.-]+\.(?:json|jsonl|txt|svg))"/g)) names.add(w[1]!)
+    }
     return names
   }
 
   it("each phase leaves at most 8 files in $OUT (what the device tool brings back)", () => {
     for (const phase of ["core", "extra"]) {
       const files = outputs(phase)
+      if (phase === "core") assert.isTrue(files.has("smoke.json"), "smoke.ts's file is counted")
       assert.isAtLeast(files.size, 5, phase)
       assert.isAtMost(files.size, 8, `${phase}: ${[...files].join(", ")}`)
       assert.isTrue([...files].some((f) => f.startsWith("log-")), `${phase} keeps its log`)
@@ -110,7 +121,14 @@ describe("bench/gpu/run.sh", () => {
   })
 
   it("an unknown phase is refused before anything runs", () => {
-    const r = spawnSync("bash", [path.join(root, "bench/gpu/run.sh"), "everything"], { encoding: "utf8", cwd: root, env: { ...process.env, OUT: os.tmpdir() } })
+    // stand-ins for what the script would run first, should the check ever move below them
+    const bin = fs.mkdtempSync(path.join(os.tmpdir(), "gpu-bench-bin-"))
+    for (const tool of ["dpkg", "ldconfig", "xz", "tar", "nvidia-smi"]) {
+      fs.writeFileSync(path.join(bin, tool), `#!/bin/sh\necho "${tool} ran" >&2\nexit 1\n`, { mode: 0o755 })
+    }
+    const env = { ...process.env, OUT: fs.mkdtempSync(path.join(os.tmpdir(), "gpu-bench-out-")), PATH: `${bin}:${process.env["PATH"] ?? ""}` }
+    const r = spawnSync("bash", [path.join(root, "bench/gpu/run.sh"), "everything"], { encoding: "utf8", cwd: root, env })
+    assert.notMatch(r.stderr, / ran/)
     assert.strictEqual(r.status, 2)
     assert.match(r.stderr, /usage: bash bench\/gpu\/run\.sh \[core\|extra\|all\]/)
   })

@@ -371,7 +371,32 @@ describe.skipIf(!available)("webgpu against cpu", () => {
         return out as never
       }
     }
-    const candidates = [stock, wrong, broken, tiledKernel(tf, parseTiles("64x64x16/4x4/v4")!), tiledKernel(tf, parseTiles("32x32x32/4x4")!)]
+    // a kernel that compiles and runs and writes nothing: its output keeps what its pooled buffer
+    // held, which must never pass for the product (listed last: the others' timed products are
+    // in the pool by then)
+    const silent: MatMulKernel = {
+      name: "silent",
+      covers: (p) => p.batchA === p.batchB,
+      kernelFunc: (args) => {
+        const a = args.inputs["a"] as unknown as { shape: Array<number> }
+        const b = args.inputs["b"] as unknown as { shape: Array<number> }
+        const { transposeA, transposeB } = args.attrs as { transposeA: boolean; transposeB: boolean }
+        const shape = [...a.shape.slice(0, -2), a.shape.at(transposeA ? -1 : -2)!, b.shape.at(transposeB ? -2 : -1)!]
+        const be = args.backend as { runWebGPUProgram: (p: unknown, inputs: Array<unknown>, dtype: string) => unknown }
+        return be.runWebGPUProgram({
+          variableNames: ["A", "B"],
+          outputShape: shape,
+          shaderKey: "conceptmoeTestSilent",
+          dispatchLayout: { x: [0] },
+          dispatch: [1, 1, 1],
+          workgroupSize: [64, 1, 1],
+          size: true,
+          // the inputs and uniforms are referenced (an unused binding would make the bind group invalid); nothing is written
+          getUserCode: () => "fn main(index : i32) { if (index < -1 - uniforms.size) { result[0] = A[0] + B[0]; } }"
+        }, [args.inputs["a"], args.inputs["b"]], "float32") as never
+      }
+    }
+    const candidates = [stock, wrong, broken, tiledKernel(tf, parseTiles("64x64x16/4x4/v4")!), tiledKernel(tf, parseTiles("32x32x32/4x4")!), silent]
     // products where B is square (and B·Aᵀ ≠ A·B: not 1×1)
     const square = products.filter((c) => (c[1].at(-1) === c[1].at(-2) || c[3]) && c[1].at(-1)! > 1)
     try {
@@ -384,6 +409,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       for (const r of rows) {
         assert.include(["tfjs", "64x64x16/4x4/v4", "32x32x32/4x4"], r.chosen, r.product)
         assert.notProperty(r.us, "wrong")
+        assert.notProperty(r.us, "silent")
         // every candidate that ran was timed, and the chosen one is the fastest of them
         assert.isAtLeast(Object.keys(r.us).length, 2)
         assert.strictEqual(Math.min(...Object.values(r.us)), r.us[r.chosen])
@@ -397,6 +423,10 @@ describe.skipIf(!available)("webgpu against cpu", () => {
         assert.notProperty(r.us, "broken")
         assert.match(r.failed["broken"] ?? "", /\S/, r.product)
       }
+      // the silent one ran without a device error on the products it covers and was refused on each
+      const covered = rows.filter((r) => "silent" in r.rejected || "silent" in r.us || "silent" in r.failed)
+      assert.isAtLeast(covered.length, 3)
+      for (const r of covered) assert.property(r.rejected, "silent", `${r.product}: ${JSON.stringify(r.failed)}`)
       // the tuned choices compute the cpu's products; tuning again has nothing left to do
       for (const [i, c] of square.entries()) assert.isAtMost(await productDiff(c, i), 1e-4, `case ${i}`)
       assert.deepStrictEqual(await tuneMatMuls(tf), [])

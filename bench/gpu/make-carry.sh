@@ -3,7 +3,7 @@
 # which has no Node and no network: the pinned Node binary, a trimmed node_modules (tfjs node bundles,
 # tfjs-backend-webgpu, webgpu's Dawn for linux-x64, effect's dist) and the Vulkan/GL loader packages.
 # About 37 MB. Run from the repository root after `npm ci`. Then, with the device tool:
-#   carry [".carry"], command: bash bench/gpu/run.sh
+#   carry [".carry"], timeout_s 420, command: bash bench/gpu/run.sh core   (then `extra`: see run.sh)
 set -euo pipefail
 root=$(pwd)
 work=$(mktemp -d)

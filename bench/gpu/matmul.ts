@@ -21,21 +21,22 @@ for (const kernel of kernels) {
 }
 /** The largest difference between two tensors, over the largest magnitude of the second. */
 const relDiff = async (x: Tensor, ref: Tensor) => {
-  const [d, m] = await Promise.all([tf.max(tf.abs(tf.sub(x, ref))), tf.max(tf.abs(ref))].map(async (t) => {
-    const v = (await t.data())[0]!
-    t.dispose()
-    return v
-  }))
-  return d! / Math.max(m!, 1e-30)
+  const [d, m] = tf.tidy(() => [tf.max(tf.abs(tf.sub(x, ref))), tf.max(tf.abs(ref))])
+  const [dv, mv] = [(await d!.data())[0]!, (await m!.data())[0]!]
+  tf.dispose([d!, m!])
+  return dv / Math.max(mv, 1e-30)
 }
 gpuErrors()
 for (const n of sizes) {
   const a = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n))
   const b = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n))
-  useMatMul(tf, "tfjs")
-  const reference = tf.matMul(a, b)
-  await reference.data()
-  for (const kernel of kernels) {
+  for (const [j, kernel] of kernels.entries()) {
+    // checked against tfjs's kernel on operands of its own: a kernel that the device refused, or that
+    // leaves its output unwritten, would otherwise keep an earlier kernel's product in its pooled
+    // buffer and time as a dropped (instant) command buffer
+    const check = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n), "float32", 1000 + j)
+    useMatMul(tf, "tfjs")
+    const reference = tf.matMul(check, b)
     useMatMul(tf, parseTiles(kernel) ?? "tfjs")
     const chain = () => {
       let x: Tensor = a
@@ -43,30 +44,38 @@ for (const n of sizes) {
       for (let i = 0; i < reps; i++) made.push(x = tf.matMul(x, b))
       return made
     }
-    // warm-up (shader compile), checked against tfjs's kernel: a kernel that the device refused or
-    // that computes something else would otherwise time as a dropped (instant) command buffer
-    const warm = chain()
-    await warm[warm.length - 1]!.data()
-    const maxRelDiff = await relDiff(warm[0]!, reference)
-    tf.dispose(warm)
-    const t0 = performance.now()
-    const made = chain()
-    await made[made.length - 1]!.data()
-    const wallMs = (performance.now() - t0) / reps
-    tf.dispose(made)
-    const timing = await tf.time(() => tf.dispose(chain()))
-    const kernelMs = (timing as unknown as { kernelMs: number | { error: string } }).kernelMs
-    const flops = 2 * n ** 3
-    const errors = gpuErrors()
-    console.log(JSON.stringify({
-      kernel,
-      n,
-      wallGflops: Number((flops / (wallMs * 1e6)).toFixed(1)),
-      kernelGflops: typeof kernelMs === "number" ? Number((flops / ((kernelMs / reps) * 1e6)).toFixed(1)) : null,
-      maxRelDiff: Number(maxRelDiff.toPrecision(3)),
-      ...(errors.length > 0 ? { error: errors[0] } : {})
-    }))
+    try {
+      const checked = tf.matMul(check, b)
+      const maxRelDiff = await relDiff(checked, reference)
+      tf.dispose(checked)
+      // warm-up (shader compile)
+      const warm = chain()
+      await warm[warm.length - 1]!.data()
+      tf.dispose(warm)
+      const t0 = performance.now()
+      const made = chain()
+      await made[made.length - 1]!.data()
+      const wallMs = (performance.now() - t0) / reps
+      tf.dispose(made)
+      const timing = await tf.time(() => tf.dispose(chain()))
+      const kernelMs = (timing as unknown as { kernelMs: number | { error: string } }).kernelMs
+      const flops = 2 * n ** 3
+      const errors = gpuErrors()
+      console.log(JSON.stringify({
+        kernel,
+        n,
+        wallGflops: Number((flops / (wallMs * 1e6)).toFixed(1)),
+        kernelGflops: typeof kernelMs === "number" ? Number((flops / ((kernelMs / reps) * 1e6)).toFixed(1)) : null,
+        maxRelDiff: Number(maxRelDiff.toPrecision(3)),
+        ...(errors.length > 0 ? { error: errors[0] } : {})
+      }))
+    } catch (e) {
+      // one kernel that throws does not end the sweep
+      console.log(JSON.stringify({ kernel, n, error: (e instanceof Error ? e.message : String(e)).split("\n")[0] }))
+    } finally {
+      tf.dispose([check, reference])
+    }
   }
-  tf.dispose([a, b, reference])
+  tf.dispose([a, b])
 }
 process.exit(0)

@@ -19,28 +19,32 @@ out=${OUT:-$(mktemp -d)}
 phase=${1:-core}
 steps=${2:-10}
 case "$phase" in core | extra | all) ;; *) echo "usage: bash bench/gpu/run.sh [core|extra|all] [timed steps]" >&2; exit 2 ;; esac
-for f in .carry/*.deb; do dpkg -x "$f" /; done
-ldconfig
-if [ ! -x /tmp/n/node ]; then mkdir -p /tmp/n && xz -dc .carry/node.xz > /tmp/n/node && chmod +x /tmp/n/node; fi
+# (a second call on the warm machine finds the loaders and Node from the first)
+if [ ! -x /tmp/n/node ]; then
+  for f in .carry/*.deb; do dpkg -x "$f" /; done
+  ldconfig
+  mkdir -p /tmp/n && xz -dc .carry/node.xz > /tmp/n/node.part && chmod +x /tmp/n/node.part && mv /tmp/n/node.part /tmp/n/node
+fi
 [ -d node_modules/@tensorflow/tfjs-backend-webgpu ] || tar -xJf .carry/nm.tar.xz -C .
 export VK_DRIVER_FILES=${VK_DRIVER_FILES:-/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json}
 export __EGL_VENDOR_LIBRARY_FILENAMES=${__EGL_VENDOR_LIBRARY_FILENAMES:-/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json}
 node=/tmp/n/node
-# Dawn prints two warnings about dynamic buffer limits on every start
-quiet() { grep -v "maxDynamic"; }
+# Dawn prints two warnings about dynamic buffer limits on every start (line-buffered: what a
+# timeout cuts off is only what had not been printed)
+quiet() { grep --line-buffered -v "maxDynamic"; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
 dense=dense-2L-d128,dense-4L-d512
 
 core() {
   echo "== smoke"
-  OUT=$out timeout 40 $node bench/gpu/smoke.ts 2>&1 | quiet
+  OUT=$out timeout -k 5 40 $node bench/gpu/smoke.ts 2>&1 | quiet
   echo "== fp32 matmul: ours (webgpu) and PyTorch (TF32 off)"
-  timeout 60 $node bench/gpu/matmul.ts 4096,2048,1024 2>&1 | quiet | tee "$out/matmul-ours.jsonl"
-  timeout 30 python3 bench/peers/torch_matmul.py cuda 4096,2048,1024 2>&1 | tee "$out/matmul-torch.jsonl"
+  timeout -k 5 60 $node bench/gpu/matmul.ts 4096,2048,1024 2>&1 | quiet | tee "$out/matmul-ours.jsonl"
+  timeout -k 5 30 python3 bench/peers/torch_matmul.py cuda 4096,2048,1024 2>&1 | tee "$out/matmul-torch.jsonl"
   echo "== ours (webgpu)"
-  timeout 180 $node bench/gpu/train-step.ts webgpu "" "$steps" 2>&1 | quiet | tee "$out/ours.jsonl"
+  timeout -k 5 180 $node bench/gpu/train-step.ts webgpu "" "$steps" 2>&1 | quiet | tee "$out/ours.jsonl"
   echo "== PyTorch eager"
-  PYTHONUNBUFFERED=1 timeout 60 python3 bench/peers/torch_lm.py cuda 2>&1 | tee "$out/torch.jsonl"
+  PYTHONUNBUFFERED=1 timeout -k 5 60 python3 bench/peers/torch_lm.py cuda 2>&1 | tee "$out/torch.jsonl"
   echo "== ratios: matmul (ofTorch, target >= 0.8), then steps (ratio, targets <= 4 for 2L-d128, <= 2 for 4L-d512)"
   $node bench/gpu/ratio.ts "$out/matmul-ours.jsonl" "$out/matmul-torch.jsonl" > "$out/ratios-matmul.json"
   $node bench/gpu/ratio.ts "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/ratios.json"
@@ -50,20 +54,20 @@ core() {
 
 extra() {
   echo "== per-op costs (host issue, total, GPU kernel time)"
-  timeout 25 $node bench/gpu/ops.ts 128 2>&1 | quiet | tee "$out/ops.jsonl"
+  timeout -k 5 25 $node bench/gpu/ops.ts 128 2>&1 | quiet | tee "$out/ops.jsonl"
   echo "== where tfjs's matMul spends host time (CPU profile of 2,000 chained 128x128 products)"
-  CONCEPTMOE_MATMUL=tfjs timeout 20 $node bench/gpu/host-profile.ts 128 2000 2>&1 | quiet | tee "$out/host-profile.jsonl"
+  CONCEPTMOE_MATMUL=tfjs timeout -k 5 20 $node bench/gpu/host-profile.ts 128 2000 2>&1 | quiet | tee "$out/host-profile.jsonl"
   echo "== fp32 matmul 4096, Dawn's robustness checks off"
-  DAWN_FLAGS=enable-dawn-features=disable_robustness timeout 45 $node bench/gpu/matmul.ts 4096 2>&1 | quiet | tee "$out/matmul-no-robustness.jsonl"
-  timeout 20 python3 bench/peers/torch_matmul.py cuda 4096 2>&1 | tee "$out/matmul-torch.jsonl"
-  PYTHONUNBUFFERED=1 timeout 30 python3 bench/peers/torch_lm.py cuda $dense 2>&1 | tee "$out/torch.jsonl"
+  DAWN_FLAGS=enable-dawn-features=disable_robustness timeout -k 5 45 $node bench/gpu/matmul.ts 4096 2>&1 | quiet | tee "$out/matmul-no-robustness.jsonl"
+  timeout -k 5 20 python3 bench/peers/torch_matmul.py cuda 4096 2>&1 | tee "$out/matmul-torch.jsonl"
+  PYTHONUNBUFFERED=1 timeout -k 5 30 python3 bench/peers/torch_lm.py cuda $dense 2>&1 | tee "$out/torch.jsonl"
   : > "$out/variants.jsonl"
   echo "== ours, dense, tfjs's matmul kernel only"
-  BENCH_LABEL=tfjs-matmul CONCEPTMOE_MATMUL=tfjs timeout 60 $node bench/gpu/train-step.ts webgpu $dense "$steps" 2>&1 | quiet | tee -a "$out/variants.jsonl"
+  BENCH_LABEL=tfjs-matmul CONCEPTMOE_MATMUL=tfjs timeout -k 5 60 $node bench/gpu/train-step.ts webgpu $dense "$steps" 2>&1 | quiet | tee -a "$out/variants.jsonl"
   echo "== ours, dense, each replay in one command buffer (CONCEPTMOE_SUBMIT_EVERY=0; the default submits every 128 dispatches)"
-  BENCH_LABEL=one-submit CONCEPTMOE_SUBMIT_EVERY=0 timeout 50 $node bench/gpu/train-step.ts webgpu $dense "$steps" 2>&1 | quiet | tee -a "$out/variants.jsonl"
+  BENCH_LABEL=one-submit CONCEPTMOE_SUBMIT_EVERY=0 timeout -k 5 50 $node bench/gpu/train-step.ts webgpu $dense "$steps" 2>&1 | quiet | tee -a "$out/variants.jsonl"
   echo "== ours, dense, Dawn's robustness checks off"
-  BENCH_LABEL=no-robustness DAWN_FLAGS=enable-dawn-features=disable_robustness timeout 60 $node bench/gpu/train-step.ts webgpu $dense "$steps" 2>&1 | quiet | tee -a "$out/variants.jsonl"
+  BENCH_LABEL=no-robustness DAWN_FLAGS=enable-dawn-features=disable_robustness timeout -k 5 60 $node bench/gpu/train-step.ts webgpu $dense "$steps" 2>&1 | quiet | tee -a "$out/variants.jsonl"
   echo "== ratios of the variants"
   $node bench/gpu/ratio.ts "$out/variants.jsonl" "$out/torch.jsonl" > "$out/ratios-variants.json"
   $node bench/gpu/ratio.ts --brief "$out/matmul-no-robustness.jsonl" "$out/matmul-torch.jsonl" 2>/dev/null

@@ -91,6 +91,31 @@ const measure = async (tf: Tf, backend: BackendName, w: typeof workloads[number]
   const settings = Schema.decodeUnknownSync(TrainSettings)({ steps: 100, batchSize: w.rows, seqLen: w.length, seed: 0 })
   const batch = batchOf(w.rows, w.length)
   const trainer = backend === "webgpu" ? capturedTrainer(low, opt, settings, w.rows, w.length, { record: replay }) : undefined
+  // freed however the steps end (a failed model leaves nothing behind for the next)
+  const free = () => {
+    trainer?.dispose()
+    release(low)
+    tf.dispose([...opt.m.values(), ...opt.v.values()])
+  }
+  try {
+    return await timeSteps(tf, w, m, trainer, opt, low, settings, batch, timed, replay)
+  } finally {
+    free()
+  }
+}
+
+const timeSteps = async (
+  tf: Tf,
+  w: typeof workloads[number],
+  m: { readonly analysis: { readonly cost: Cost.Cost; readonly rows: ReadonlyArray<{ readonly params: number }> } },
+  trainer: ReturnType<typeof capturedTrainer> | undefined,
+  opt: ReturnType<typeof newOptimizer>,
+  low: ReturnType<typeof materialize>,
+  settings: TrainSettings,
+  batch: Batch,
+  timed: number,
+  replay: boolean
+) => {
   const times: Array<number> = []
   const issue: Array<number> = []
   let first = NaN
@@ -117,9 +142,6 @@ const measure = async (tf: Tf, backend: BackendName, w: typeof workloads[number]
   const mode = trainer?.mode()
   const tuned = trainer?.tuned() ?? []
   for (const row of tuned) console.log(JSON.stringify({ tune: row }))
-  trainer?.dispose()
-  release(low)
-  tf.dispose([...opt.m.values(), ...opt.v.values()])
   return {
     model: w.name,
     ...(label === undefined ? {} : { label }),

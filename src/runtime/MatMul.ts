@@ -529,30 +529,35 @@ export const tuneMatMuls = async (
   for (const [key, p] of wanted) {
     const shapeOf = (batch: number, rows: number, cols: number, transpose: boolean) =>
       [...(p.batchA === p.batchB || batch > 1 ? [batch] : []), ...(transpose ? [cols, rows] : [rows, cols])]
-    const a = tf.randomNormal(shapeOf(p.batchA, p.m, p.k, p.transposeA), 0, 1 / Math.sqrt(p.k), "float32", 1)
-    const b = tf.randomNormal(shapeOf(p.batchB, p.k, p.n, p.transposeB), 0, 1, "float32", 2)
-    const product = () => tf.matMul(a as Tensor, b as Tensor, p.transposeA, p.transposeB) as Tensor
+    const draw = (shape: Array<number>, std: number) => tf.randomNormal(shape, 0, std, "float32", ++drawn)
+    const operands = () => [draw(shapeOf(p.batchA, p.m, p.k, p.transposeA), 1 / Math.sqrt(p.k)), draw(shapeOf(p.batchB, p.k, p.n, p.transposeB), 1)] as const
+    // checked on one pair of operands and timed on another, both drawn afresh for every tuning:
+    // the output of a kernel that leaves some of it unwritten holds what its buffer from tfjs's
+    // pool held (a timed product, another tuning's), never the product it is checked against; and
+    // the checked outputs stay alive (out of the pool) until the shape is done
+    const [ca, cb] = operands()
+    const [a, b] = operands()
+    const product = (x: Tensor, y: Tensor) => tf.matMul(x, y, p.transposeA, p.transposeB) as Tensor
     const us: Record<string, number> = {}
     const rejected: Record<string, number> = {}
     const failed: Record<string, string> = {}
-    const owned: Array<Tensor> = [a, b]
+    const owned: Array<Tensor> = [ca, cb, a, b]
     try {
       s.forced = s.stock
-      const reference = product()
+      const reference = product(ca, cb)
       owned.push(reference)
       const scale = await valueOf(tf, () => tf.max(tf.abs(reference)))
       for (const c of s.candidates.filter((c) => c.covers(p))) {
         if (s.generation !== generation) return []
         s.forced = c
-        const made: Array<Tensor> = []
-        const error = await deviceError(tf, () => made.push(product()))
-        owned.push(...made)
-        const out = made[0]
+        let out: Tensor | undefined
+        const error = await deviceError(tf, () => owned.push(out = product(ca, cb)))
         if (error !== undefined || out === undefined) {
           failed[c.name] = error ?? "no result"
           continue
         }
-        const worst = await valueOf(tf, () => tf.max(tf.abs(tf.sub(out, reference))))
+        const checked: Tensor = out
+        const worst = await valueOf(tf, () => tf.max(tf.abs(tf.sub(checked, reference))))
         if (!(worst <= 1e-3 * Math.max(scale, 1e-6))) {
           rejected[c.name] = worst
           continue
@@ -561,12 +566,12 @@ export const tuneMatMuls = async (
         s.forced = c
         if (timestamps) {
           const timing = (await tf.time(() => {
-            for (let i = 0; i < reps; i++) tf.dispose(product())
+            for (let i = 0; i < reps; i++) tf.dispose(product(a, b))
           })) as unknown as { kernelMs: number }
           us[c.name] = Number(((timing.kernelMs / reps) * 1000).toFixed(2))
         } else {
           const t0 = performance.now()
-          const made = Array.from({ length: reps }, product)
+          const made = Array.from({ length: reps }, () => product(a, b))
           await made[made.length - 1]!.data()
           us[c.name] = Number((((performance.now() - t0) / reps) * 1000).toFixed(2))
           tf.dispose(made)
@@ -611,6 +616,14 @@ const deviceError = async (tf: Tf, f: () => void): Promise<string | undefined> =
   } catch (e) {
     thrown = e instanceof Error ? e.message : String(e)
   }
+  // what f encoded before it threw is submitted inside the scopes too
+  if (thrown !== undefined) {
+    try {
+      submitPending(tf)
+    } catch {
+      // an encoder that cannot finish: its error is in the scopes
+    }
+  }
   const errors: Array<string> = []
   for (const _ of filters) {
     const e = await device.popErrorScope()
@@ -618,6 +631,9 @@ const deviceError = async (tf: Tf, f: () => void): Promise<string | undefined> =
   }
   return thrown ?? errors[0]
 }
+
+/** Seeds of the tuner's operands: every tuning draws its own. */
+let drawn = 0
 
 /** The one number of a scalar made by `f`, read asynchronously. */
 const valueOf = async (tf: Tf, f: () => Tensor): Promise<number> => {

@@ -11,7 +11,7 @@ import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
 import { adamStepValues, adamw, makeActivate, makeCombine, makeMaskedNll, makeRepeat, makeRmsNorm, makeMaskedSoftmax, makeRotate, makeSumSquares, makeTopMask } from "../src/runtime/Fused.ts"
 import { makeOneHot } from "../src/runtime/Fixes.ts"
-import { kernelNames, matMulChoices, tilesName, tunedChoices, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
+import { describeTuning, kernelNames, matMulChoices, tilesName, tunedChoices, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
 import { capture, NotCapturable, type StepProfile, writeFeeds } from "../src/runtime/Capture.ts"
 import { capturedTrainer } from "../src/train/Captured.ts"
@@ -427,6 +427,11 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       const covered = rows.filter((r) => "silent" in r.rejected || "silent" in r.us || "silent" in r.failed)
       assert.isAtLeast(covered.length, 3)
       for (const r of covered) assert.property(r.rejected, "silent", `${r.product}: ${JSON.stringify(r.failed)}`)
+      // the log line names what was left out and why
+      const line = describeTuning(rows)
+      assert.match(line, new RegExp(`refused by the device: broken ×${rows.length}(;|$)`))
+      assert.match(line, /results unlike tfjs's: .*silent ×\d+/)
+      assert.match(line, /results unlike tfjs's: .*wrong ×\d+/)
       // the tuned choices compute the cpu's products; tuning again has nothing left to do
       for (const [i, c] of square.entries()) assert.isAtMost(await productDiff(c, i), 1e-4, `case ${i}`)
       assert.deepStrictEqual(await tuneMatMuls(tf), [])

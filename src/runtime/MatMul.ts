@@ -656,7 +656,10 @@ export const matMulChoices = (): Record<string, number> => {
   return counts
 }
 
-/** One line for a log: how many products each kernel won, and the time the tuned kernels save. */
+/**
+ * One line for a log: how many products each kernel won, the time the tuned kernels save, and the
+ * candidates left out (refused by the device, or computing something else) with how many shapes.
+ */
 export const describeTuning = (rows: ReadonlyArray<TuneRow>): string => {
   const wins = new Map<string, number>()
   let stock = 0
@@ -666,9 +669,17 @@ export const describeTuning = (rows: ReadonlyArray<TuneRow>): string => {
     stock += r.us["tfjs"] ?? 0
     best += r.us[r.chosen] ?? 0
   }
-  const kernels = [...wins].sort((a, b) => b[1] - a[1]).map(([k, n]) => `${k} ×${n}`).join(", ")
+  const counted = (m: Map<string, number>) => [...m].sort((a, b) => b[1] - a[1]).map(([k, n]) => `${k} ×${n}`).join(", ")
   const gain = stock > 0 && best > 0 ? `; ${(stock / 1000).toFixed(2)} → ${(best / 1000).toFixed(2)} ms for one of each (tfjs's kernel → chosen)` : ""
-  return `tuned ${rows.length} product shape(s): ${kernels}${gain}`
+  // candidates left out, by why, with how many shapes each was left out of
+  const leftOut = (pick: (r: TuneRow) => ReadonlyArray<string>, why: string) => {
+    const m = new Map<string, number>()
+    for (const r of rows) for (const k of pick(r)) m.set(k, (m.get(k) ?? 0) + 1)
+    return m.size === 0 ? "" : `; ${why}: ${counted(m)}`
+  }
+  const refused = leftOut((r) => Object.keys(r.failed), "refused by the device")
+  const wrong = leftOut((r) => Object.keys(r.rejected), "results unlike tfjs's")
+  return `tuned ${rows.length} product shape(s): ${counted(wins)}${gain}${refused}${wrong}`
 }
 
 /** The tuner's choices now, product key → kernel name (`tfjs` for tfjs's kernel); empty unless `auto`. */

@@ -350,23 +350,27 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       covers: (p) => p.k === p.n && !p.transposeB,
       kernelFunc: (args) => stock.kernelFunc({ ...args, attrs: { ...args.attrs, transposeB: true } })
     }
+    type WebGpu = { runWebGPUProgram: (p: unknown, inputs: Array<unknown>, dtype: string) => { dataId: unknown; shape: Array<number> }; disposeData: (id: unknown) => void }
+    /** Runs a one-workgroup program of `code` over `inputs` (named `names`) into a tensor of `shape`. */
+    const runTest = (be: WebGpu, key: string, names: Array<string>, inputs: Array<unknown>, shape: Array<number>, code: string) =>
+      be.runWebGPUProgram({
+        variableNames: names,
+        outputShape: shape,
+        shaderKey: key,
+        dispatchLayout: { x: [0] },
+        dispatch: [1, 1, 1],
+        workgroupSize: [64, 1, 1],
+        size: true,
+        getUserCode: () => code
+      }, inputs, "float32")
     // a kernel whose shader the device refuses: tfjs's product, then a program that does not compile
     const broken: MatMulKernel = {
       name: "broken",
       covers: () => true,
       kernelFunc: (args) => {
+        const be = args.backend as WebGpu
         const good = stock.kernelFunc(args) as { dataId: unknown; shape: Array<number> }
-        const be = args.backend as { runWebGPUProgram: (p: unknown, inputs: Array<unknown>, dtype: string) => unknown; disposeData: (id: unknown) => void }
-        const out = be.runWebGPUProgram({
-          variableNames: ["X"],
-          outputShape: good.shape,
-          shaderKey: "conceptmoeTestBroken",
-          dispatchLayout: { x: [0] },
-          dispatch: [1, 1, 1],
-          workgroupSize: [64, 1, 1],
-          size: true,
-          getUserCode: () => "fn main(index : i32) { result[index] = notDeclaredAnywhere; }"
-        }, [good], "float32")
+        const out = runTest(be, "conceptmoeTestBroken", ["X"], [good], good.shape, "fn main(index : i32) { result[index] = notDeclaredAnywhere; }")
         be.disposeData(good.dataId)
         return out as never
       }
@@ -382,18 +386,9 @@ describe.skipIf(!available)("webgpu against cpu", () => {
         const b = args.inputs["b"] as unknown as { shape: Array<number> }
         const { transposeA, transposeB } = args.attrs as { transposeA: boolean; transposeB: boolean }
         const shape = [...a.shape.slice(0, -2), a.shape.at(transposeA ? -1 : -2)!, b.shape.at(transposeB ? -2 : -1)!]
-        const be = args.backend as { runWebGPUProgram: (p: unknown, inputs: Array<unknown>, dtype: string) => unknown }
-        return be.runWebGPUProgram({
-          variableNames: ["A", "B"],
-          outputShape: shape,
-          shaderKey: "conceptmoeTestSilent",
-          dispatchLayout: { x: [0] },
-          dispatch: [1, 1, 1],
-          workgroupSize: [64, 1, 1],
-          size: true,
-          // the inputs and uniforms are referenced (an unused binding would make the bind group invalid); nothing is written
-          getUserCode: () => "fn main(index : i32) { if (index < -1 - uniforms.size) { result[0] = A[0] + B[0]; } }"
-        }, [args.inputs["a"], args.inputs["b"]], "float32") as never
+        // the inputs and uniforms are referenced (an unused binding would make the bind group invalid); nothing is written
+        return runTest(args.backend as WebGpu, "conceptmoeTestSilent", ["A", "B"], [a, b], shape,
+          "fn main(index : i32) { if (index < -1 - uniforms.size) { result[0] = A[0] + B[0]; } }") as never
       }
     }
     const candidates = [stock, wrong, broken, tiledKernel(tf, parseTiles("64x64x16/4x4/v4")!), tiledKernel(tf, parseTiles("32x32x32/4x4")!), silent]

@@ -45,7 +45,6 @@ const ours = rows(oursFile)
 const matmuls = ours.filter((o) => "n" in o).map((o) => {
   const t = torch.get(keyOf(o))
   const gflops = o["kernelGflops"] ?? o["wallGflops"]
-  // a fraction of PyTorch's throughput (the target is ≥ 0.8)
   // a kernel that the device refused, or whose product differs from tfjs's kernel, is not a result
   // (a NaN difference is written as null: not a result either)
   const wrong = o["error"] !== undefined || ("maxRelDiff" in o && !((num(o["maxRelDiff"]) ?? Infinity) <= 1e-3))
@@ -54,6 +53,7 @@ const matmuls = ours.filter((o) => "n" in o).map((o) => {
     n: o["n"],
     oursGflops: gflops,
     torchGflops: t?.["torchGflops"] ?? null,
+    // a fraction of PyTorch's throughput (the target is ≥ 0.8)
     ofTorch: ratio(gflops, t?.["torchGflops"]),
     ...(wrong ? { invalid: o["error"] ?? `maxRelDiff ${String(o["maxRelDiff"])}` } : {})
   }

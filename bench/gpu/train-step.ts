@@ -92,74 +92,56 @@ const measure = async (tf: Tf, backend: BackendName, w: typeof workloads[number]
   const batch = batchOf(w.rows, w.length)
   const trainer = backend === "webgpu" ? capturedTrainer(low, opt, settings, w.rows, w.length, { record: replay }) : undefined
   // freed however the steps end (a failed model leaves nothing behind for the next)
-  const free = () => {
+  try {
+    const times: Array<number> = []
+    const issue: Array<number> = []
+    let first = NaN
+    let counted: Counts | undefined
+    for (let s = 0; s < 3 + timed; s++) {
+      // the third warm-up step of a tfjs run is counted (and not timed; the second tunes the matmuls)
+      const counter = s === 2 && trainer !== undefined && !replay ? countDispatches(tf) : undefined
+      const t0 = performance.now()
+      const r = trainer !== undefined ? await trainer.step(batch, s) : syncReads(tf) ? trainStep(low, opt, batch, settings, s) : await trainStepAsync(low, opt, batch, settings, s)
+      if (counter !== undefined) counted = counter.stop()
+      if (s === 0) first = r.loss
+      if (s >= 3) {
+        times.push(performance.now() - t0)
+        if (trainer !== undefined) issue.push(trainer.issueMs())
+      }
+    }
+    // a replayed model: two more steps timed on the GPU, the step as it runs and dispatch by dispatch
+    let gpu: Record<string, unknown> = {}
+    if (trainer?.mode().mode === "replay" && gpuTimestamps(tf)) {
+      const whole = (await trainer.step(batch, 3 + timed, { profile: "step" })).profile
+      const each = (await trainer.step(batch, 4 + timed, { profile: "dispatches" })).profile
+      if (whole !== undefined && each?.dispatches !== undefined) gpu = gpuSummary(whole.gpuMs, each.dispatches)
+    }
+    const mode = trainer?.mode()
+    const tuned = trainer?.tuned() ?? []
+    for (const row of tuned) console.log(JSON.stringify({ tune: row }))
+    return {
+      model: w.name,
+      ...(label === undefined ? {} : { label }),
+      ...(trainer === undefined ? {} : { mode: mode?.mode === "replay" ? "replay" : "tfjs" }),
+      params: m.analysis.rows[0]!.params,
+      flopsPerStep: stepFlops(m.analysis.cost, w.rows, w.length),
+      stepMsMedian: median(times),
+      ...(issue.length > 0 && Number.isFinite(issue[0]) ? { issueMsMedian: median(issue) } : {}),
+      firstLoss: first,
+      ...(tuned.length > 0 ? { matmul: describeTuning(tuned) } : {}),
+      ...(mode?.mode === "replay" ? { dispatchesPerStep: mode.dispatches } : {}),
+      ...gpu,
+      ...(mode?.mode === "eager" && replay ? { notReplayed: mode.reason } : {}),
+      ...(counted === undefined ? {} : {
+        dispatchesPerStep: counted.dispatches,
+        uploadsPerStep: counted.uploads,
+        top: Object.fromEntries([...counted.byProgram].sort((a, b) => b[1] - a[1]).slice(0, 6))
+      })
+    }
+  } finally {
     trainer?.dispose()
     release(low)
     tf.dispose([...opt.m.values(), ...opt.v.values()])
-  }
-  try {
-    return await timeSteps(tf, w, m, trainer, opt, low, settings, batch, timed, replay)
-  } finally {
-    free()
-  }
-}
-
-const timeSteps = async (
-  tf: Tf,
-  w: typeof workloads[number],
-  m: { readonly analysis: { readonly cost: Cost.Cost; readonly rows: ReadonlyArray<{ readonly params: number }> } },
-  trainer: ReturnType<typeof capturedTrainer> | undefined,
-  opt: ReturnType<typeof newOptimizer>,
-  low: ReturnType<typeof materialize>,
-  settings: TrainSettings,
-  batch: Batch,
-  timed: number,
-  replay: boolean
-) => {
-  const times: Array<number> = []
-  const issue: Array<number> = []
-  let first = NaN
-  let counted: Counts | undefined
-  for (let s = 0; s < 3 + timed; s++) {
-    // the third warm-up step of a tfjs run is counted (and not timed; the second tunes the matmuls)
-    const counter = s === 2 && trainer !== undefined && !replay ? countDispatches(tf) : undefined
-    const t0 = performance.now()
-    const r = trainer !== undefined ? await trainer.step(batch, s) : syncReads(tf) ? trainStep(low, opt, batch, settings, s) : await trainStepAsync(low, opt, batch, settings, s)
-    if (counter !== undefined) counted = counter.stop()
-    if (s === 0) first = r.loss
-    if (s >= 3) {
-      times.push(performance.now() - t0)
-      if (trainer !== undefined) issue.push(trainer.issueMs())
-    }
-  }
-  // a replayed model: two more steps timed on the GPU, the step as it runs and dispatch by dispatch
-  let gpu: Record<string, unknown> = {}
-  if (trainer?.mode().mode === "replay" && gpuTimestamps(tf)) {
-    const whole = (await trainer.step(batch, 3 + timed, { profile: "step" })).profile
-    const each = (await trainer.step(batch, 4 + timed, { profile: "dispatches" })).profile
-    if (whole !== undefined && each?.dispatches !== undefined) gpu = gpuSummary(whole.gpuMs, each.dispatches)
-  }
-  const mode = trainer?.mode()
-  const tuned = trainer?.tuned() ?? []
-  for (const row of tuned) console.log(JSON.stringify({ tune: row }))
-  return {
-    model: w.name,
-    ...(label === undefined ? {} : { label }),
-    ...(trainer === undefined ? {} : { mode: mode?.mode === "replay" ? "replay" : "tfjs" }),
-    params: m.analysis.rows[0]!.params,
-    flopsPerStep: stepFlops(m.analysis.cost, w.rows, w.length),
-    stepMsMedian: median(times),
-    ...(issue.length > 0 && Number.isFinite(issue[0]) ? { issueMsMedian: median(issue) } : {}),
-    firstLoss: first,
-    ...(tuned.length > 0 ? { matmul: describeTuning(tuned) } : {}),
-    ...(mode?.mode === "replay" ? { dispatchesPerStep: mode.dispatches } : {}),
-    ...gpu,
-    ...(mode?.mode === "eager" && replay ? { notReplayed: mode.reason } : {}),
-    ...(counted === undefined ? {} : {
-      dispatchesPerStep: counted.dispatches,
-      uploadsPerStep: counted.uploads,
-      top: Object.fromEntries([...counted.byProgram].sort((a, b) => b[1] - a[1]).slice(0, 6))
-    })
   }
 }
 

@@ -609,19 +609,18 @@ const deviceError = async (tf: Tf, f: () => void): Promise<string | undefined> =
   submitPending(tf)
   const filters = ["internal", "out-of-memory", "validation"] as const
   for (const filter of filters) device.pushErrorScope(filter)
+  const message = (e: unknown) => (e instanceof Error ? e.message : String(e))
   let thrown: string | undefined
   try {
     f()
-    submitPending(tf)
   } catch (e) {
-    thrown = e instanceof Error ? e.message : String(e)
-  }
-  // what f encoded before it threw is submitted inside the scopes too
-  if (thrown !== undefined) {
+    thrown = message(e)
+  } finally {
+    // what f encoded, also before it threw, is submitted inside the scopes
     try {
       submitPending(tf)
-    } catch {
-      // an encoder that cannot finish: its error is in the scopes
+    } catch (e) {
+      thrown ??= message(e)
     }
   }
   const errors: Array<string> = []

@@ -157,10 +157,11 @@ describe("conceptmoe train and verify: bad input", () => {
   it("a training config with bad settings names each field; an unknown backend is refused", () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), "conceptmoe-cli-"))
     const file = path.join(dir, "train.json")
-    fs.writeFileSync(file, JSON.stringify({ model: path.join(root, "examples/compare/moe-tiny.json"), steps: -1, optimizer: { lr: "x" } }))
+    fs.writeFileSync(file, JSON.stringify({ model: path.join(root, "examples/compare/moe-tiny.json"), steps: -1, expertCapacity: 0, optimizer: { lr: "x" } }))
     const r = run("train", "--config", file)
     assert.strictEqual(r.code, 1)
     assert.include(r.err, "steps: Expected a value greater than 0")
+    assert.include(r.err, "expertCapacity: Expected a value greater than 0")
     assert.include(r.err, "optimizer.lr: Expected number")
     const b = run("verify", "examples/moe-small.json", "--backend", "tpu")
     assert.strictEqual(b.code, 1)

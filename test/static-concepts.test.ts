@@ -6,7 +6,7 @@
  */
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
-import type { Tensor, Tf } from "../src/graph/Apply.ts"
+import type { Dispatch, Tensor, Tf } from "../src/graph/Apply.ts"
 import { conceptSlots } from "../src/blocks/Chunker.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { type Batch, conceptFeedValues, loss, materialize, release } from "../src/runtime/Lower.ts"
@@ -31,8 +31,11 @@ const batch: Batch = {
 }
 const seed = 12345
 
-/** Loss parts and gradients of one training pass (the static one with `capacity`), plus its boundaries. */
-const pass = (tf: Tf, low: ReturnType<typeof materialize>, capacity?: number) => {
+/**
+ * Loss parts and gradients of one training pass (the static one with `capacity`), plus its
+ * boundaries; MoE layers dispatch densely unless `dispatch` says otherwise.
+ */
+const pass = (tf: Tf, low: ReturnType<typeof materialize>, capacity?: number, dispatch: Dispatch = "dense") => {
   const feeds = capacity === undefined ? undefined : (() => {
     const v = conceptFeedValues(batch, seed)
     return { random: tf.tensor1d(v.random), documentStart: tf.tensor1d(v.documentStart), capacity }
@@ -40,7 +43,7 @@ const pass = (tf: Tf, low: ReturnType<typeof materialize>, capacity?: number) =>
   const vars = [...low.variables.values()]
   let info: { boundaries: Array<number>; concepts: number; dropped: number; ce: number; aux: number } | undefined
   const { value, grads } = tf.variableGrads(() => {
-    const r = loss(low, batch, { training: true, seed, dispatch: "dense", ...(feeds === undefined ? {} : { concept: feeds }) })
+    const r = loss(low, batch, { training: true, seed, dispatch, ...(feeds === undefined ? {} : { concept: feeds }) })
     const ch = r.ctx.chunk!
     const dc = r.ctx.deviceCompression
     info = {
@@ -69,10 +72,11 @@ describe("static-shape ConceptMoE training", () => {
       const host = pass(tf, low)
       const perRow = Array.from({ length: rows }, (_, r) => host.boundaries.slice(r * L, (r + 1) * L).reduce((a, b) => a + b, 0))
       // every row padded to L slots, and to exactly the busiest row's count (the others padded)
-      for (const capacity of [ratio, (Math.max(...perRow) * ratio) / L]) {
+      // MoE layers dense, or by capacity with a slot for every pair (4 experts, top-2: factor 2)
+      for (const [capacity, dispatch] of [[ratio, "dense"], [(Math.max(...perRow) * ratio) / L, "dense"], [ratio, { capacity: 2 }]] as const) {
         assert.strictEqual(conceptSlots(L, ratio, capacity), capacity === ratio ? L : Math.max(...perRow))
         const before = tf.memory()
-        const fixed = pass(tf, low, capacity)
+        const fixed = pass(tf, low, capacity, dispatch)
         // nothing left behind (tensors off the tape share their data, and hold a reference to it)
         assert.deepInclude(tf.memory(), { numTensors: before.numTensors, numBytes: before.numBytes })
         assert.deepStrictEqual(fixed.boundaries, host.boundaries)

@@ -1,5 +1,5 @@
 /**
- * The webgpu backend against the cpu reference: training steps (dense, MoE with dense dispatch,
+ * The webgpu backend against the cpu reference: training steps (dense, MoE with dense or capacity dispatch,
  * ConceptMoE through recorded reads) and evaluation give the cpu values. Runs wherever a WebGPU
  * adapter exists (an NVIDIA GPU through Vulkan, or lavapipe: `bash bench/gpu/lavapipe.sh &&
  * . .lavapipe/env.sh`) and skips, saying why, where none does (CI).
@@ -9,7 +9,8 @@ import { Effect, Schema } from "effect"
 import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
-import { adamStepValues, adamw, makeActivate, makeCombine, makeMaskedNll, makeRepeat, makeRmsNorm, makeMaskedSoftmax, makeRotate, makeSumSquares, makeTopMask } from "../src/runtime/Fused.ts"
+import { adamStepValues, adamw, makeActivate, makeCombine, makeMaskedNll, makeRepeat, makeRmsNorm, makeMaskedSoftmax, makeRotate, makeRoute, makeSlots, makeSumSquares, makeTopMask } from "../src/runtime/Fused.ts"
+import { routeByLoop, routingMask } from "./support/routing.ts"
 import { makeOneHot } from "../src/runtime/Fixes.ts"
 import { describeTuning, kernelNames, matMulChoices, tilesName, tunedChoices, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
@@ -669,6 +670,95 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 1e-5, `[${E}, ${n}, ${d}], output ${i}`))
     }
     assert.deepStrictEqual(gpuErrors(), [])
+  })
+
+  it("the fused capacity routing and slot gathers give the cpu's tables, values and gradients", async () => {
+    for (const [n, E, k, C, d, empty] of [[33, 8, 2, 3, 5, 0], [130, 16, 2, 20, 64, 7], [5, 4, 3, 10, 3, 0], [70, 3, 1, 70, 2, 4]] as const) {
+      const results: Array<Array<Float32Array>> = []
+      for (const b of ["cpu", "webgpu"]) {
+        await tf.setBackend(b)
+        const mask = routingMask(n, E, k, empty)
+        const { slots, tokens } = makeRoute(tf)(tf.tensor2d(mask, [n, E]), C)
+        const { toSlots, fromSlots } = makeSlots(tf)
+        const x = tf.tensor2d(Array.from({ length: n * d }, (_, i) => Math.sin(i * 0.37)), [n, d])
+        const w = tf.tensor2d(Array.from({ length: n * E }, (_, i) => Math.cos(i * 0.71)), [n, E])
+        const scale = tf.tensor2d(Array.from({ length: E * C * d }, (_, i) => Math.cos(i * 0.13) + 0.5), [E * C, d])
+        const v = tf.tensor2d(Array.from({ length: n * d }, (_, i) => Math.sin(i * 0.11) + 0.5), [n, d])
+        // the slots' rows depend on x through a product, so every gradient is exercised
+        const f = (xt: Tensor, wt: Tensor) => fromSlots(tf.mul(toSlots(xt, tokens, slots), scale), slots, tokens, wt)
+        const y = f(x, w)
+        const [dx, dw] = tf.grads((xt: Tensor, wt: Tensor) => tf.sum(tf.mul(f(xt, wt), v)))([x, w])
+        results.push(await Promise.all([slots.data(), tokens.data(), y.data(), dx!.data(), dw!.data()]) as Array<Float32Array>)
+        if (b === "cpu") {
+          const expected = routeByLoop(mask, n, E, C)
+          assert.deepStrictEqual(Array.from(results[0]![0]!), expected.slots)
+          assert.deepStrictEqual(Array.from(results[0]![1]!), expected.tokens)
+        }
+        tf.dispose([slots, tokens, x, w, scale, v, y, dx!, dw!])
+      }
+      const [cpu, web] = results as [Array<Float32Array>, Array<Float32Array>]
+      assert.deepStrictEqual(Array.from(web[0]!), Array.from(cpu[0]!), `slots [${n}, ${E}], ${C} slots`)
+      assert.deepStrictEqual(Array.from(web[1]!), Array.from(cpu[1]!), `tokens [${n}, ${E}], ${C} slots`)
+      cpu.slice(2).forEach((c, i) => assert.isAtMost(maxDiff(web[i + 2]!, c), 1e-5, `[${n}, ${E}, ${d}], ${C} slots, output ${i}`))
+    }
+    assert.deepStrictEqual(gpuErrors(), [])
+  })
+
+  it("an MoE trained with a slot for every pair (capacity dispatch) gives the cpu's losses and parameters", async () => {
+    // 4 experts, top-2: a factor of 2 gives every expert a slot per token
+    const roomy = Schema.decodeUnknownSync(TrainSettings)({ seqLen: 16, batchSize: 2, steps: 10, expertCapacity: 2, optimizer: { warmup: 1 } })
+    const m = await Effect.runPromise(load(moe))
+    const run = async (backend: "cpu" | "webgpu") => {
+      await tf.setBackend(backend)
+      const low = materialize(tf, m.analysis, 5)
+      const opt = newOptimizer(low)
+      const steps: Array<Record<string, number>> = []
+      for (let s = 0; s < 3; s++) steps.push(backend === "cpu" ? trainStep(low, opt, batchAt(s), roomy, s) : await trainStepAsync(low, opt, batchAt(s), roomy, s))
+      const params = await values(low)
+      release(low)
+      tf.dispose([...opt.m.values(), ...opt.v.values()])
+      return { steps, params }
+    }
+    const cpu = await run("cpu")
+    const web = await run("webgpu")
+    web.steps.forEach((r, i) => {
+      assert.closeTo(r["loss"]!, cpu.steps[i]!["loss"]!, 1e-4, `step ${i}`)
+      // 3 layers × 32 tokens × 2 experts, none dropped (the cpu routes exactly and reports nothing)
+      assert.deepInclude(r, { expertPairs: 3 * 32 * 2, expertDropped: 0 })
+      assert.notProperty(cpu.steps[i]!, "expertPairs")
+    })
+    web.params.forEach((p, i) => assert.isAtMost(maxDiff(p, cpu.params[i]!), 1e-4, `parameter ${i}`))
+  })
+
+  it("an MoE whose experts drop pairs (capacity dispatch) is replayed: its steps equal tfjs's bit for bit, and the drops are counted", async () => {
+    // 8 experts, top-2, factor 1 on 32 tokens: 8 slots per expert for 8 pairs on average
+    const tight = Schema.decodeUnknownSync(TrainSettings)({ seqLen: 16, batchSize: 2, steps: 10, expertCapacity: 1, optimizer: { warmup: 1 } })
+    const m = await Effect.runPromise(load({ ...moe, experts: 8 }))
+    await tf.setBackend("webgpu")
+    const run = async (record: boolean) => {
+      const low = materialize(tf, m.analysis, 5)
+      const opt = newOptimizer(low)
+      const trainer = capturedTrainer(low, opt, tight, 2, 16, { record })
+      const steps = []
+      for (let s = 0; s < 6; s++) steps.push(await trainer.step(batchAt(s), s))
+      const mode = trainer.mode().mode
+      const params = await values(low)
+      trainer.dispose()
+      release(low)
+      tf.dispose([...opt.m.values(), ...opt.v.values()])
+      return { steps, mode, params }
+    }
+    const tfjs = await run(false)
+    const replayed = await run(true)
+    assert.strictEqual(replayed.mode, "replay")
+    assert.deepStrictEqual(replayed.steps.map((r) => [r.loss, r.expertPairs, r.expertDropped]), tfjs.steps.map((r) => [r.loss, r.expertPairs, r.expertDropped]))
+    replayed.params.forEach((p, i) => assert.deepStrictEqual(Array.from(p), Array.from(tfjs.params[i]!), `parameter ${i}`))
+    // 3 layers × 32 tokens × 2 experts routed each step; some dropped, at most 3 × 8 × 8 kept
+    for (const r of replayed.steps) {
+      assert.strictEqual(r.expertPairs, 3 * 32 * 2)
+      assert.isAbove(r.expertDropped!, 0)
+      assert.isAtLeast(r.expertDropped!, 3 * 32 * 2 - 3 * 8 * 8)
+    }
   })
 
   it("train on webgpu (steps replayed, matmuls tuned) resumed from a checkpoint repeats the uninterrupted run exactly", async () => {

@@ -4,7 +4,8 @@
  * ConceptMoE. Prints one JSON line per model (on webgpu two: each step through tfjs, and recorded
  * once and replayed, `src/train/Captured.ts`): params, the median step time over the timed steps
  * after 3 warm-ups, the median host time until the step's work is handed to the GPU
- * (`issueMsMedian`), the first loss, and the compute dispatches per step (for tfjs steps also the
+ * (`issueMsMedian`), the first loss (with capacity dispatch, the share of token-expert pairs dropped
+ * over the timed steps, `droppedExpertPairs`), and the compute dispatches per step (for tfjs steps also the
  * host uploads and the programs dispatched most). A replayed model then runs two more steps timed
  * on the GPU with timestamp queries (`Captured.profile`): `gpuStepMs` (the replayed step's span on
  * the GPU), `gpuKernelsMs` (its dispatches' kernel times summed, each timed in a pass of its own),
@@ -15,6 +16,8 @@
  * model's matmul FLOPs for forward and backward (3× the cost model's forward FLOPs per token, with the
  * attention maps counted whole, as both implementations compute them): bench/gpu/ratio.ts turns it into
  * each side's TFLOP/s. With `BENCH_LABEL` set, each model line carries it as `label` (run.sh's variants).
+ * With `BENCH_EXPERT_CAPACITY` set (a factor), MoE layers train with that expert capacity (capacity
+ * dispatch, `expertCapacity`) instead of the default dense dispatch.
  * A model whose step fails prints `{ model, mode, error }` instead, and the next one runs.
  *
  * Run: node bench/gpu/train-step.ts [webgpu|cpu|wasm] [name,…] [timed steps, default 10]
@@ -73,6 +76,7 @@ const gpuSummary = (gpuMs: number, dispatches: ReadonlyArray<{ program: string; 
 }
 
 const label = process.env["BENCH_LABEL"] || undefined
+const expertCapacity = process.env["BENCH_EXPERT_CAPACITY"] || undefined
 
 /** Forward and backward matmul FLOPs of one step on `rows × length` tokens (ConceptMoE at its nominal rate). */
 const stepFlops = (cost: Cost.Cost, rows: number, length: number) =>
@@ -88,7 +92,7 @@ const measure = async (tf: Tf, backend: BackendName, w: typeof workloads[number]
   const m = await Effect.runPromise(modelFromJson(w.config, `${w.name}.json`))
   const low = materialize(tf, m.analysis, 1)
   const opt = newOptimizer(low)
-  const settings = Schema.decodeUnknownSync(TrainSettings)({ steps: 100, batchSize: w.rows, seqLen: w.length, seed: 0 })
+  const settings = Schema.decodeUnknownSync(TrainSettings)({ steps: 100, batchSize: w.rows, seqLen: w.length, seed: 0, ...(expertCapacity === undefined ? {} : { expertCapacity: Number(expertCapacity) }) })
   const batch = batchOf(w.rows, w.length)
   const trainer = backend === "webgpu" ? capturedTrainer(low, opt, settings, w.rows, w.length, { record: replay }) : undefined
   // freed however the steps end (a failed model leaves nothing behind for the next)
@@ -97,6 +101,7 @@ const measure = async (tf: Tf, backend: BackendName, w: typeof workloads[number]
     const issue: Array<number> = []
     let first = NaN
     let counted: Counts | undefined
+    const experts = { routed: 0, dropped: 0 }
     for (let s = 0; s < 3 + timed; s++) {
       // the third warm-up step of a tfjs run is counted (and not timed; the second tunes the matmuls)
       const counter = s === 2 && trainer !== undefined && !replay ? countDispatches(tf) : undefined
@@ -107,6 +112,10 @@ const measure = async (tf: Tf, backend: BackendName, w: typeof workloads[number]
       if (s >= 3) {
         times.push(performance.now() - t0)
         if (trainer !== undefined) issue.push(trainer.issueMs())
+        if ("expertPairs" in r && r.expertPairs !== undefined) {
+          experts.routed += r.expertPairs
+          experts.dropped += r.expertDropped ?? 0
+        }
       }
     }
     // a replayed model: two more steps timed on the GPU, the step as it runs and dispatch by dispatch
@@ -128,6 +137,7 @@ const measure = async (tf: Tf, backend: BackendName, w: typeof workloads[number]
       stepMsMedian: median(times),
       ...(issue.length > 0 && Number.isFinite(issue[0]) ? { issueMsMedian: median(issue) } : {}),
       firstLoss: first,
+      ...(experts.routed > 0 ? { droppedExpertPairs: Number((experts.dropped / experts.routed).toFixed(4)) } : {}),
       ...(tuned.length > 0 ? { matmul: describeTuning(tuned) } : {}),
       ...(mode?.mode === "replay" ? { dispatchesPerStep: mode.dispatches } : {}),
       ...gpu,

@@ -57,6 +57,7 @@ const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record
   const logits = ops.linear(ctx, x, p["router.weight"]!, p["router.bias"])
   const probs = s.scoring === "softmax" ? tf.softmax(logits) : tf.sigmoid(logits)
   if (ctx.dispatch === "dense") return denseDispatch(ctx, s, x, p, probs)
+  if (typeof ctx.dispatch === "object") return capacityDispatch(ctx, s, x, p, probs, ctx.dispatch.capacity)
   if (ctx.valid !== undefined) throw new Error(`sparse MoE dispatch does not take padded positions (at ${ctx.scope}); use dense dispatch`)
   const { indices } = tf.topk(ctx.detach(probs), s.topK)
   const chosen = ctx.read(indices) as Int32Array
@@ -150,17 +151,64 @@ const denseDispatch = (
   let gates = tf.mul(probs, chosen)
   if (s.normalizeTopK) gates = tf.div(gates, tf.sum(gates, 1, true))
   const xs = tf.reshape(ctx.repeat(tf.reshape(x, [1, ...x.shape]), E), [E, ...x.shape])
-  const ys = ops.ffn(ctx, xs, (name) => {
-    const w = p[`experts.${name}`]
-    // biases [E, h] broadcast over the tokens as [E, 1, h]
-    return w === undefined || w.rank === 3 ? w : tf.reshape(w, [E, 1, w.shape[1]!])
-  }, s.activation)
+  const ys = ops.ffn(ctx, xs, (name) => expertParam(ctx, p, name, E), s.activation)
   const routed = ctx.combine(ys, gates)
+  return withShared(ctx, s, x, p, probs, routed, () => routedFraction(ctx, chosen, n, s.topK))
+}
+
+/** Slots per expert of a capacity dispatch over `n` tokens: ceil(factor·n·k/E), at least 1, at most n. */
+export const expertSlots = (factor: number, n: number, topK: number, experts: number): number =>
+  Math.min(n, Math.max(1, Math.ceil((factor * n * topK) / experts)))
+
+/**
+ * Capacity dispatch, without reading the routing back: each expert runs on {@link expertSlots}
+ * slots, filled by the tokens routed to it in order (`ctx.route`); a pair beyond its expert's slots
+ * is dropped. Padded positions (`ctx.valid`) are not routed. The experts run as one batched product
+ * per matrix (`[E, C, d] × [E, d, h]`), the gated outputs are gathered back per token, and the pairs
+ * routed and kept are added to `ctx.expertRouting`. Without drops, the sparse path's values and
+ * gradients; the balance loss counts the routing before drops, as the Switch Transformer's.
+ */
+const capacityDispatch = (
+  ctx: ForwardContext,
+  s: MoESpec,
+  x: Tensor,
+  p: Readonly<Record<string, Tensor>>,
+  probs: Tensor,
+  factor: number
+): Tensor => {
+  const { tf } = ctx
+  const [n, d] = x.shape as [number, number]
+  const E = s.experts
+  const C = expertSlots(factor, n, s.topK, E)
+  const chosen = ctx.topMask(ctx.stop(probs), s.topK)
   const v = ctx.valid
-  return withShared(ctx, s, x, p, probs, routed, () =>
-    v === undefined
-      ? tf.div(tf.sum(chosen, 0), n * s.topK)
-      : tf.div(tf.sum(tf.mul(chosen, tf.reshape(v, [n, 1])), 0), tf.mul(tf.maximum(tf.sum(v), 1), s.topK)))
+  const routedMask = v === undefined ? chosen : tf.mul(chosen, tf.reshape(v, [n, 1]))
+  let gates = tf.mul(probs, chosen)
+  if (s.normalizeTopK) gates = tf.div(gates, tf.sum(gates, 1, true))
+  const { slots, tokens } = ctx.route(routedMask, C)
+  const xs = tf.reshape(ctx.toSlots(x, tokens, slots), [E, C, d])
+  const ys = ops.ffn(ctx, xs, (name) => expertParam(ctx, p, name, E), s.activation)
+  const routed = ctx.fromSlots(tf.reshape(ys, [E * C, d]), slots, tokens, gates)
+  const before = ctx.expertRouting
+  const pairs = tf.sum(routedMask)
+  const kept = tf.sum(tf.cast(tf.greaterEqual(tokens, 0), "float32"))
+  ctx.expertRouting = before === undefined ? { routed: pairs, kept } : { routed: tf.add(before.routed, pairs), kept: tf.add(before.kept, kept) }
+  return withShared(ctx, s, x, p, probs, routed, () => routedFraction(ctx, chosen, n, s.topK))
+}
+
+/** An expert matrix `[E, a, b]` as stored, or a bias `[E, h]` as `[E, 1, h]` (broadcast over tokens). */
+const expertParam = (ctx: ForwardContext, p: Readonly<Record<string, Tensor>>, name: string, E: number) => {
+  const w = p[`experts.${name}`]
+  return w === undefined || w.rank === 3 ? w : ctx.tf.reshape(w, [E, 1, w.shape[1]!])
+}
+
+/** The fraction of (real) token-slot pairs routed to each expert, from the top-k mask `[n, E]`. */
+const routedFraction = (ctx: ForwardContext, chosen: Tensor, n: number, topK: number) => {
+  const { tf } = ctx
+  const v = ctx.valid
+  return v === undefined
+    ? tf.div(tf.sum(chosen, 0), n * topK)
+    : tf.div(tf.sum(tf.mul(chosen, tf.reshape(v, [n, 1])), 0), tf.mul(tf.maximum(tf.sum(v), 1), topK))
 }
 
 export const MoE: BlockKind<MoESpec> = {

@@ -174,6 +174,16 @@ export interface ForwardContext {
   readonly repeat: (x: Tensor, times: number) => Tensor
   /** An MoE dense dispatch's combine: `ys [E, n, d]`, `gates [n, E]` → Σ_e gates[n, e]·ys[e, n, :] (fused where the runtime can). */
   readonly combine: (ys: Tensor, gates: Tensor) => Tensor
+  /**
+   * An MoE capacity dispatch's tables for `mask [n, E]` and `capacity` slots per expert: `slots
+   * [E, n]` (token i's slot in expert e, or −1) and `tokens [E·capacity]` (each slot's token, or −1);
+   * earlier tokens first; no gradient (fused where the runtime can).
+   */
+  readonly route: (mask: Tensor, capacity: number) => { readonly slots: Tensor; readonly tokens: Tensor }
+  /** `x [n, d]` → `[S, d]`: each slot's token row (zeros where empty), by {@link route}'s tables. */
+  readonly toSlots: (x: Tensor, tokens: Tensor, slots: Tensor) => Tensor
+  /** `ys [S, d]` → `[n, d]`: Σ_e w[i, e]·ys[slots[e, i]] over the experts that kept token i. */
+  readonly fromSlots: (ys: Tensor, slots: Tensor, tokens: Tensor, w: Tensor) => Tensor
   /** Rotary embedding of the first `dim` features of `x [n, heads, hd]` with tables `cos`, `sin [n, 1, dim/2]`. */
   readonly rotate: (x: Tensor, dim: number, cos: Tensor, sin: Tensor) => Tensor
   /**
@@ -182,17 +192,29 @@ export interface ForwardContext {
    * in Node) the runtime replays values read in an earlier pass (`Lower.recordReads`).
    */
   readonly read: (t: Tensor) => Float32Array | Int32Array
+  /** How MoE layers dispatch (see {@link Dispatch}). */
+  readonly dispatch: Dispatch
   /**
-   * How MoE layers dispatch: `sparse` reads the routing back and runs each expert on its tokens
-   * (executed FLOPs = activated FLOPs); `dense` stays on the device: every expert runs on every
-   * token, weighted by a gate that is zero outside the top-k (E/k times the expert FLOPs, no read).
+   * Token-expert pairs routed and kept by capacity dispatches, summed over the layers (on the device;
+   * undefined until a layer dispatches by capacity).
    */
-  readonly dispatch: "sparse" | "dense"
+  expertRouting: { readonly routed: Tensor; readonly kept: Tensor } | undefined
   /** A float32 one-hot that is correct on every backend. */
   readonly oneHot: (indices: Tensor, depth: number) => Tensor
   /** Weights of auxiliary losses. */
   readonly lossWeights: { readonly balance: number }
 }
+
+/**
+ * How MoE layers dispatch: `sparse` reads the routing back and runs each expert on its tokens
+ * (executed FLOPs = activated FLOPs, nothing dropped); `dense` stays on the device: every expert
+ * runs on every token, weighted by a gate that is zero outside the top-k (E/k times the expert
+ * FLOPs, no read); `{ capacity: c }` stays on the device too: each expert runs on
+ * `ceil(c·n·k/E)` slots (at most n) filled by its tokens in order, and a token-expert pair that
+ * finds its expert's slots full is dropped (its output from that expert is zero), as in GShard and
+ * the Switch Transformer (c·k/E of dense's expert FLOPs; c ≥ E/k never drops).
+ */
+export type Dispatch = "sparse" | "dense" | { readonly capacity: number }
 
 /** A child as a callable. */
 export type ChildApply = (x: Tensor) => Tensor

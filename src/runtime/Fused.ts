@@ -32,6 +32,11 @@
  *   the copies instead of a slice and an add per copy) and the MoE dense dispatch's gated combine
  *   (one dispatch forward, two backward, instead of a transpose, a product and a strided reduce).
  *
+ * - `makeRoute`, `makeSlots`: the MoE capacity dispatch's routing tables (two dispatches: a scan per
+ *   expert) and its gathers into expert slots and back (one dispatch each way, and one per gradient:
+ *   every gradient is a gather, no atomics), instead of a transpose, a cumulative sum's passes, a
+ *   sorted search, a concatenated zero row and gathers whose gradients scatter with atomics.
+ *
  * `CONCEPTMOE_FUSED=off` turns them off (op by op everywhere), to compare or to rule them out.
  *
  * @since 0.3.0
@@ -120,7 +125,13 @@ const kernels = {
   softmaxGrad: "ConceptmoeMaskedSoftmaxGrad",
   combine: "ConceptmoeCombine",
   combineGradY: "ConceptmoeCombineGradY",
-  combineGradG: "ConceptmoeCombineGradG"
+  combineGradG: "ConceptmoeCombineGradG",
+  routeSlots: "ConceptmoeRouteSlots",
+  routeTokens: "ConceptmoeRouteTokens",
+  toSlots: "ConceptmoeToSlots",
+  toSlotsWeighted: "ConceptmoeToSlotsWeighted",
+  fromSlots: "ConceptmoeFromSlots",
+  fromSlotsGradW: "ConceptmoeFromSlotsGradW"
 } as const
 
 /**
@@ -261,6 +272,87 @@ export const makeCombine = (tf: Tf) => {
     }) as unknown as Parameters<Tf["customGrad"]>[0])
     return f(ys, gates) as Tensor
   }
+}
+
+/**
+ * An MoE capacity dispatch's tables (no gradient), for `mask [n, E]` (1 where token i is routed to
+ * expert e) and `capacity` C slots per expert, both float32 with whole values:
+ * `slots [E, n]`, the slot e·C + r of token i in expert e (r: how many of e's tokens come before i),
+ * or −1 where i is not routed to e or comes after e's C slots are full; `tokens [E·C]`, the token in
+ * each slot, or −1 where the slot stays empty. Earlier tokens take the slots first. On webgpu two
+ * dispatches (each a workgroup per expert scans its column of the mask); elsewhere a cumulative sum,
+ * a comparison and a sorted search.
+ */
+export const makeRoute = (tf: Tf) => {
+  const ops = (mask: Tensor, capacity: number) => tf.tidy(() => {
+    const [n, E] = mask.shape as [number, number]
+    const column = tf.transpose(mask)
+    const upTo = tf.cumsum(column, 1)
+    const rank = tf.sub(upTo, column)
+    const kept = tf.mul(column, tf.cast(tf.less(rank, capacity), "float32"))
+    const first = tf.reshape(tf.mul(tf.range(0, E, 1, "float32"), capacity), [E, 1])
+    const slots = tf.sub(tf.mul(tf.add(tf.add(first, rank), 1), kept), 1)
+    // the token in slot c of expert e: the first whose running count reaches c + 1
+    const want = tf.tile(tf.reshape(tf.range(1, capacity + 1, 1, "float32"), [1, capacity]), [E, 1])
+    const found = tf.searchSorted(upTo, want, "left")
+    const tokens = tf.reshape(tf.where(tf.less(found, n), tf.cast(found, "float32"), tf.fill([E, capacity], -1)), [E * capacity])
+    return { slots, tokens }
+  })
+  if (!fusedOn(tf)) return ops
+  return (mask: Tensor, capacity: number) => ({
+    slots: runKernel(tf, kernels.routeSlots, { m: mask }, { capacity }),
+    tokens: tf.reshape(runKernel(tf, kernels.routeTokens, { m: mask }, { capacity }), [-1])
+  })
+}
+
+/**
+ * `toSlots(x [n, d], tokens [S], slots [E, n])` → `[S, d]`: slot s holds row `tokens[s]` of x (zeros
+ * where empty), the tables of {@link makeRoute}. `fromSlots(ys [S, d], slots, tokens, w [n, E])` →
+ * `[n, d]`: Σ_e w[i, e]·ys[slots[e, i]] over the experts that kept token i. Differentiable in x, ys
+ * and w. On webgpu each is one gather-like dispatch, and so is each gradient, for no gradient needs a
+ * scatter (each table is the other's inverse): dx = fromSlots(dxs, slots, tokens, 1), dys[s] =
+ * w[tokens[s], e(s)]·dy[tokens[s]], dw[i, e] = dy[i]·ys[slots[e, i]]; no atomics, so the sums are
+ * the same run after run. Elsewhere gathers through a zero row (tfjs differentiates them).
+ */
+export const makeSlots = (tf: Tf) => {
+  const padded = (x: Tensor, index: Tensor) => {
+    const [rows, d] = x.shape as [number, number]
+    const at = tf.cast(tf.where(tf.less(index, 0), tf.fill(index.shape, rows), index), "int32")
+    return tf.gather(tf.concat([x, tf.zeros([1, d])], 0), at)
+  }
+  const opsTo = (x: Tensor, tokens: Tensor, _slots: Tensor): Tensor => padded(x, tokens)
+  const opsFrom = (ys: Tensor, slots: Tensor, _tokens: Tensor, w: Tensor): Tensor => {
+    const [n, E] = w.shape as [number, number]
+    const rows = tf.reshape(padded(ys, tf.reshape(tf.transpose(slots), [n * E])), [n, E, ys.shape[1]!])
+    return tf.sum(tf.mul(rows, tf.reshape(w, [n, E, 1])), 1)
+  }
+  if (!fusedOn(tf)) return { toSlots: opsTo, fromSlots: opsFrom }
+  const run = (name: string, inputs: Record<string, Tensor>) => runKernel(tf, name, inputs)
+  // the tables are saved with the inputs: tfjs frees a pass's other tensors before its backward
+  const toSlots = (x: Tensor, tokens: Tensor, slots: Tensor): Tensor => {
+    const f = tf.customGrad(((x2: Tensor, save: (ts: Array<Tensor>) => void) => {
+      save([slots])
+      return {
+        value: run(kernels.toSlots, { x: x2, t: tokens }),
+        gradFunc: (dxs: Tensor, [sp]: Array<Tensor>) => [run(kernels.fromSlots, { y: dxs, p: sp!, w: tf.fill([x2.shape[0]!, sp!.shape[0]!], 1) })]
+      }
+    }) as unknown as Parameters<Tf["customGrad"]>[0])
+    return f(x) as Tensor
+  }
+  const fromSlots = (ys: Tensor, slots: Tensor, tokens: Tensor, w: Tensor): Tensor => {
+    const f = tf.customGrad(((y: Tensor, w2: Tensor, save: (ts: Array<Tensor>) => void) => {
+      save([y, w2, slots, tokens])
+      return {
+        value: run(kernels.fromSlots, { y, p: slots, w: w2 }),
+        gradFunc: (dy: Tensor, [sy, sw, sp, st]: Array<Tensor>) => [
+          run(kernels.toSlotsWeighted, { x: dy, t: st!, w: sw! }),
+          run(kernels.fromSlotsGradW, { y: sy!, p: sp!, dy })
+        ]
+      }
+    }) as unknown as Parameters<Tf["customGrad"]>[0])
+    return f(ys, w) as Tensor
+  }
+  return { toSlots, fromSlots }
 }
 
 /**
@@ -464,14 +556,14 @@ const registerWebGpu = (tf: Tf): boolean => {
   registered = typeof backend.runWebGPUProgram === "function"
   if (!registered) return false
   /** Registers `kernelName` for webgpu: its inputs by name, f32 uniforms from the attributes of the same names. */
-  const register = (kernelName: string, inputs: Array<string>, uniforms: Array<string>, program: (shapes: Array<Array<number>>) => Program) =>
+  const register = (kernelName: string, inputs: Array<string>, uniforms: Array<string>, program: (shapes: Array<Array<number>>, attrs: Record<string, number>) => Program) =>
     tf.registerKernel({
       kernelName,
       backendName: "webgpu",
       kernelFunc: ({ inputs: given, backend: b, attrs }) => {
         const xs = inputs.map((n) => given[n.toLowerCase()] as TF.TensorInfo)
         const a = attrs as unknown as Record<string, number>
-        return (b as unknown as WebGpuBackend).runWebGPUProgram(program(xs.map((x) => [...x.shape])), xs, "float32", uniforms.map((u) => ({ type: "float32", data: [a[u]!] })))
+        return (b as unknown as WebGpuBackend).runWebGPUProgram(program(xs.map((x) => [...x.shape]), a), xs, "float32", uniforms.map((u) => ({ type: "float32", data: [a[u]!] })))
       }
     })
   const define = (kernelName: string, inputs: Array<string>, uniforms: Array<string>, body: string) =>
@@ -607,6 +699,83 @@ const registerWebGpu = (tf: Tf): boolean => {
           ${dims("yShape")}
           let i = index / E; let e = index % E;
           ${sum("j", "d", "Y[(e * n + i) * d + j] * DY[i * d + j]")}`)
+  // capacity dispatch (makeRoute, makeSlots): M [n, E] mask, P [E, n] slots, T [S] tokens, W [n, E]
+  const route = (kernelName: string, tokens: boolean): void =>
+    register(kernelName, ["M"], ["capacity"], (shapes, a) => {
+      const [n, E] = shapes[0] as [number, number]
+      return {
+      variableNames: ["M"],
+      outputShape: tokens ? [E, a["capacity"]!] : [E, n],
+      shaderKey: kernelName,
+      // not flat: main() reads the workgroup and thread ids itself
+      dispatchLayout: { x: [0], y: [1] },
+      dispatch: [E, 1, 1],
+      workgroupSize: [64, 1, 1],
+      size: false,
+      uniforms: "capacity : f32,",
+      // a workgroup per expert: each thread counts its run of tokens, then numbers them after the
+      // counts of the runs before it
+      getUserCode: () => `
+    var<workgroup> counts : array<f32, 64>;
+    fn main() {
+      let n = uniforms.mShape.x;
+      let E = uniforms.mShape.y;
+      let C = i32(uniforms.capacity);
+      let e = i32(workgroupId.x);
+      let t = i32(localId.x);
+      let run = (n + 63) / 64;
+      let start = min(n, t * run);
+      let end = min(n, start + run);
+      var count = 0.0;
+      for (var i = start; i < end; i = i + 1) { count = count + M[i * E + e]; }
+      counts[t] = count;
+      workgroupBarrier();
+      var before = 0.0;
+      var total = 0.0;
+      for (var j = 0; j < 64; j = j + 1) {
+        if (j < t) { before = before + counts[j]; }
+        total = total + counts[j];
+      }
+      var r = i32(before);
+      for (var i = start; i < end; i = i + 1) {
+        let routed = M[i * E + e] > 0.5;
+        ${tokens
+        ? "if (routed && r < C) { result[e * C + r] = f32(i); }"
+        : "var v = -1.0; if (routed && r < C) { v = f32(e * C + r); } result[e * n + i] = v;"}
+        if (routed) { r = r + 1; }
+      }
+      ${tokens ? "for (var c = i32(total) + t; c < C; c = c + 64) { result[e * C + c] = -1.0; }" : ""}
+    }`
+      }
+    })
+  route(kernels.routeSlots, false)
+  route(kernels.routeTokens, true)
+  // slot s of expert e = s / C: a row of X (times W[token, e]), zero when empty
+  const toSlots = (weighted: boolean) => `
+          let d = uniforms.xShape.y;
+          let s = index / d;
+          let t = i32(T[s]);
+          var value = 0.0;
+          if (t >= 0) { value = X[t * d + index % d]${weighted ? " * W[t * uniforms.wShape.y + s / (uniforms.tShape / uniforms.wShape.y)]" : ""}; }`
+  flat(kernels.toSlots, ["X", "T"], (sh) => [sh[1]![0]!, sh[0]![1]!], toSlots(false))
+  flat(kernels.toSlotsWeighted, ["X", "T", "W"], (sh) => [sh[1]![0]!, sh[0]![1]!], toSlots(true))
+  const slotDims = "let d = uniforms.yShape.y; let E = uniforms.pShape.x; let n = uniforms.pShape.y;"
+  flat(kernels.fromSlots, ["Y", "P", "W"], (sh) => [sh[1]![1]!, sh[0]![1]!], `
+          ${slotDims}
+          let i = index / d; let j = index % d;
+          var s = 0.0;
+          for (var e = 0; e < E; e = e + 1) {
+            let p = i32(P[e * n + i]);
+            if (p >= 0) { s = s + W[i * E + e] * Y[p * d + j]; }
+          }
+          let value = s;`)
+  flat(kernels.fromSlotsGradW, ["Y", "P", "DY"], (sh) => [sh[1]![1]!, sh[1]![0]!], `
+          ${slotDims}
+          let i = index / E; let e = index % E;
+          let p = i32(P[e * n + i]);
+          var s = 0.0;
+          if (p >= 0) { for (var j = 0; j < d; j = j + 1) { s = s + DY[i * d + j] * Y[p * d + j]; } }
+          let value = s;`)
   define(kernels.rotate, ["X", "C", "S"], ["dim"], rotation(false))
   define(kernels.unrotate, ["X", "C", "S"], ["dim"], rotation(true))
   return true

@@ -10,9 +10,9 @@
 import type * as TF from "@tensorflow/tfjs"
 import type { Analysis } from "../graph/Analyze.ts"
 import { joinPath } from "../graph/Analyze.ts"
-import type { ChildApply, ConceptFeeds, DecodeCache, FlopCounter, ForwardContext, Tensor, Tensor2D, Tf } from "../graph/Apply.ts"
+import type { ChildApply, ConceptFeeds, DecodeCache, Dispatch, FlopCounter, ForwardContext, Tensor, Tensor2D, Tf } from "../graph/Apply.ts"
 import type { AnyBlock } from "../graph/Block.ts"
-import { makeActivate, makeCombine, makeMaskedNll, makeMaskedSoftmax, makeRepeat, makeRmsNorm, makeRotate, makeTopMask } from "./Fused.ts"
+import { makeActivate, makeCombine, makeMaskedNll, makeMaskedSoftmax, makeRepeat, makeRmsNorm, makeRotate, makeRoute, makeSlots, makeTopMask } from "./Fused.ts"
 import { makeDetach, makeMatMul, makeOneHot, makeSte, makeStop } from "./Fixes.ts"
 import { prng } from "../blocks/Chunker.ts"
 
@@ -112,15 +112,15 @@ export interface ForwardOptions {
   readonly positions?: Int32Array
   /** Host reads (default: `dataSync`); see {@link recordReads}. */
   readonly read?: (t: Tensor) => Float32Array | Int32Array
-  /** MoE dispatch (default `sparse`, `dense` on webgpu); see `ForwardContext.dispatch`. */
-  readonly dispatch?: "sparse" | "dense"
+  /** MoE dispatch (default `sparse`, `dense` on webgpu and with `concept`); see {@link Dispatch}. */
+  readonly dispatch?: Dispatch
   /**
    * Device tensors to use instead of uploading the batch's host arrays: token ids `[n]` int32,
    * positions `[n]` int32, labels `[n]` int32 (targets with −1 as 0) and mask `[n]` float32 (1 where
    * there is a target). A captured step (`Capture.ts`) feeds new values into them each step.
    */
   readonly feeds?: Feeds
-  /** Static-shape ConceptMoE training (see `ConceptFeeds`); MoE layers then dispatch densely. */
+  /** Static-shape ConceptMoE training (see `ConceptFeeds`); MoE layers then stay on the device (`dense` unless `dispatch` sets a capacity). */
   readonly concept?: ConceptFeeds
 }
 
@@ -223,9 +223,14 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     softmax: makeMaskedSoftmax(tf),
     repeat: makeRepeat(tf),
     combine: makeCombine(tf),
+    route: makeRoute(tf),
+    ...makeSlots(tf),
     oneHot: makeOneHot(tf),
     read: options.read ?? ((t) => t.dataSync() as Float32Array | Int32Array),
-    dispatch: options.concept !== undefined ? "dense" : options.dispatch ?? (tf.getBackend() === "webgpu" ? "dense" : "sparse"),
+    dispatch: options.concept !== undefined
+      ? typeof options.dispatch === "object" ? options.dispatch : "dense"
+      : options.dispatch ?? (tf.getBackend() === "webgpu" ? "dense" : "sparse"),
+    expertRouting: undefined,
     lossWeights: { balance: options.balanceWeight ?? 0.01 }
   }
   // a child's scope extends its parent's scope at call time (a loop adds `#pass` to its own)

@@ -23,7 +23,7 @@ import type { ConceptFeeds } from "../graph/Apply.ts"
 import { conceptSlots } from "../blocks/Chunker.ts"
 import { type TuneRow, tuneMatMuls, watchProducts } from "../runtime/MatMul.ts"
 import { switchOn } from "../runtime/Env.ts"
-import { failOnGpuErrors, type Optimizer, stepInputValues, stepOnDevice, trainStepAsync, type TrainSettings } from "./Step.ts"
+import { failOnGpuErrors, type Optimizer, packStats, readStats, stepInputValues, stepOnDevice, trainStepAsync, type TrainSettings } from "./Step.ts"
 
 export type Mode =
   | { readonly mode: "warming" }
@@ -40,6 +40,9 @@ export interface StepResult {
   readonly boundaryProbSum: number
   /** Sampled boundaries dropped for want of concept slots (static-shape ConceptMoE steps). */
   readonly dropped?: number
+  /** Token-expert pairs routed, and dropped for want of expert slots, over the MoE layers (capacity dispatch). */
+  readonly expertPairs?: number
+  readonly expertDropped?: number
   readonly profile?: StepProfile
 }
 
@@ -129,17 +132,13 @@ export const capturedTrainer = (
   // stops noting the products of step 0
   let stepZero: (() => ReadonlySet<string>) | undefined
 
+  // whether the step's MoE layers dispatch by capacity (seen on the first step)
+  let routes = false
+  /** The step's scalars, packed into its one output (`packStats`). */
   const read = async (outputs: ReadonlyArray<Tensor>) => {
-    const [total, ce, aux, concepts, probSum, dropped] = await Promise.all(outputs.map((t) => t.data()))
+    const values = await outputs[0]!.data()
     failOnGpuErrors()
-    return {
-      loss: total![0]!,
-      ce: ce![0]!,
-      aux: aux![0]!,
-      concepts: concepts?.[0] ?? 0,
-      boundaryProbSum: probSum?.[0] ?? 0,
-      ...(dropped === undefined ? {} : { dropped: dropped[0]!, tokens: n })
-    }
+    return { concepts: 0, boundaryProbSum: 0, ...readStats(values, { concepts: concept !== undefined, routing: routes }), ...(concept === undefined ? {} : { tokens: n }) }
   }
   const eagerStep = (batch: Batch, step: number) => {
     // every op on the GPU, as in a recording (tfjs otherwise runs small ops on the CPU)
@@ -147,8 +146,8 @@ export const capturedTrainer = (
     tf.env().set("WEBGPU_CPU_FORWARD", false)
     try {
       const r = stepOnDevice(low, opt, batch, settings, step, undefined, { feeds, stepValues, ...(concept === undefined ? {} : { concept }) })
-      const stats = r.deviceStats === undefined ? [] : [r.deviceStats.concepts, r.deviceStats.boundaryProbSum, r.deviceStats.dropped]
-      return { outputs: [r.total, r.ce, r.aux, ...stats] as ReadonlyArray<Tensor>, lr: r.lr, tokens: r.stats.tokens }
+      routes = r.routing !== undefined
+      return { outputs: [packStats(tf, r)] as ReadonlyArray<Tensor>, lr: r.lr, tokens: r.stats.tokens }
     } finally {
       tf.env().set("WEBGPU_CPU_FORWARD", cpuForward)
     }

@@ -10,7 +10,7 @@ import type * as TF from "@tensorflow/tfjs"
 import { Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import { gpuErrors } from "../runtime/Fixes.ts"
 import { adamStepValues, adamw, makeSumSquares } from "../runtime/Fused.ts"
-import type { ConceptFeeds, Tensor } from "../graph/Apply.ts"
+import type { ConceptFeeds, Tensor, Tf } from "../graph/Apply.ts"
 import { type Batch, type Feeds, loss, type Lowered, mixSeed, recordReads, replay } from "../runtime/Lower.ts"
 
 const Fraction = Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0), Schema.isLessThan(1)))
@@ -43,6 +43,13 @@ export const TrainSettings = Schema.Struct({
    * ceil(conceptCapacity·T/R), at most T. Sampled boundaries beyond them are dropped (and counted).
    */
   conceptCapacity: withDefault(PositiveNumber, 1.5),
+  /**
+   * How MoE layers train on the device (webgpu; `Dispatch` in graph/Apply.ts). `null` (the default):
+   * every expert runs on every token (dense dispatch: nothing dropped, E/k times the expert FLOPs).
+   * A factor: each expert takes at most ceil(expertCapacity·n·k/E) of the layer's n tokens, in order,
+   * and the pairs beyond are dropped (and counted). Host backends route exactly either way.
+   */
+  expertCapacity: withDefault(Schema.NullOr(PositiveNumber), null),
   optimizer: withDefault(OptimizerConfig, {})
 })
 export type TrainSettings = typeof TrainSettings.Type
@@ -105,10 +112,11 @@ export const stepOnDevice = (
   let stats = { tokens: 0, concepts: 0, boundaryProbSum: 0 }
   let parts: { ce: TF.Scalar; aux: TF.Scalar } | undefined
   let deviceStats: { concepts: Tensor; boundaryProbSum: Tensor; dropped: Tensor } | undefined
+  let routing: { routed: Tensor; kept: Tensor } | undefined
   const total = tf.tidy(() => {
     const { grads, value } = tf.variableGrads(() => {
       const r = loss(low, batch, {
-        ...stepOptions(settings, step),
+        ...stepOptions(low, settings, step),
         ...(read === undefined ? {} : { read }),
         ...(inputs === undefined ? {} : { feeds: inputs.feeds }),
         ...(inputs?.concept === undefined ? {} : { concept: inputs.concept })
@@ -116,6 +124,8 @@ export const stepOnDevice = (
       stats = { tokens: r.ctx.compression.tokens, concepts: r.ctx.compression.concepts, boundaryProbSum: r.ctx.compression.boundaryProbSum }
       const dc = r.ctx.deviceCompression
       if (dc !== undefined) deviceStats = { concepts: tf.keep(dc.concepts), boundaryProbSum: tf.keep(dc.boundaryProbSum), dropped: tf.keep(dc.dropped) }
+      const er = r.ctx.expertRouting
+      if (er !== undefined) routing = { routed: tf.keep(er.routed), kept: tf.keep(er.kept) }
       parts = { ce: tf.keep(r.ce), aux: tf.keep(r.aux) }
       return r.total
     }, vars)
@@ -145,11 +155,39 @@ export const stepOnDevice = (
     return value
   })
   opt.step = step + 1
-  return { total, ce: parts!.ce, aux: parts!.aux, lr, stats, deviceStats }
+  return { total, ce: parts!.ce, aux: parts!.aux, lr, stats, deviceStats, routing }
 }
 
-const stepOptions = (settings: TrainSettings, step: number) =>
-  ({ training: true, seed: mixSeed(settings.seed, step), balanceWeight: settings.balanceWeight }) as const
+/** A training pass's options: on webgpu with `expertCapacity`, MoE layers dispatch by capacity. */
+const stepOptions = (low: Lowered, settings: TrainSettings, step: number) => ({
+  training: true,
+  seed: mixSeed(settings.seed, step),
+  balanceWeight: settings.balanceWeight,
+  ...(low.tf.getBackend() === "webgpu" && settings.expertCapacity !== null ? { dispatch: { capacity: settings.expertCapacity } } : {})
+}) as const
+
+/**
+ * A step's scalars as one vector, read back in one transfer: the loss, its parts, the static
+ * ConceptMoE's device counts and the capacity dispatch's pairs (0 where the step has none); see
+ * {@link readStats}. Frees the tensors it packs.
+ */
+export const packStats = (tf: Tf, r: ReturnType<typeof stepOnDevice>): Tensor => {
+  const zero = tf.fill([], 0)
+  const d = r.deviceStats
+  const parts = [r.total, r.ce, r.aux, d?.concepts ?? zero, d?.boundaryProbSum ?? zero, d?.dropped ?? zero, r.routing?.routed ?? zero, r.routing?.kept ?? zero]
+  const packed = tf.concat(parts.map((t) => tf.reshape(t, [1])))
+  tf.dispose([...new Set(parts)])
+  return packed
+}
+
+/** The values of {@link packStats}: the static ConceptMoE's counts and the routing where the step had them. */
+export const readStats = (v: ArrayLike<number>, has: { readonly concepts: boolean; readonly routing: boolean }) => ({
+  loss: v[0]!,
+  ce: v[1]!,
+  aux: v[2]!,
+  ...(has.concepts ? { concepts: v[3]!, boundaryProbSum: v[4]!, dropped: v[5]! } : {}),
+  ...(has.routing ? { expertPairs: v[6]!, expertDropped: v[6]! - v[7]! } : {})
+})
 
 /** A step's learning rate and Adam bias corrections `[lr, 1 − β₁ᵗ, 1 − β₂ᵗ]` (t = step + 1). */
 export const stepInputValues = (settings: TrainSettings, step: number): readonly [number, number, number] => {
@@ -176,11 +214,13 @@ export const trainStep = (low: Lowered, opt: Optimizer, batch: Batch, settings: 
  * (boundaries; MoE routing unless dispatch is dense) are read in an untaped recording pass first.
  */
 export const trainStepAsync = async (low: Lowered, opt: Optimizer, batch: Batch, settings: TrainSettings, step: number) => {
-  const reads = await recordReads(low, batch, stepOptions(settings, step))
+  const reads = await recordReads(low, batch, stepOptions(low, settings, step))
   const r = stepOnDevice(low, opt, batch, settings, step, replay(reads))
-  const [total, ce, aux] = await Promise.all([r.total.data(), r.ce.data(), r.aux.data()])
+  const packed = packStats(low.tf, r)
+  const values = await packed.data()
+  packed.dispose()
   failOnGpuErrors()
-  return stepResult(r, [total[0]!, ce[0]!, aux[0]!])
+  return { ...readStats(values, { concepts: false, routing: r.routing !== undefined }), lr: r.lr, ...r.stats }
 }
 
 /**

@@ -48,6 +48,8 @@ export interface StepMetrics {
   readonly compression?: number
   /** Sampled boundaries dropped for want of concept slots (webgpu's static-shape ConceptMoE steps). */
   readonly droppedBoundaries?: number
+  /** Token-expert pairs dropped for want of expert slots, as a fraction of those routed (capacity dispatch, webgpu). */
+  readonly droppedExpertPairs?: number
   readonly boundaryRate?: number
   readonly valBitsPerByte?: number
 }
@@ -175,6 +177,7 @@ export const train = (
       })
     let windowTokens = 0
     let windowDropped = 0
+    const windowExperts = { routed: 0, dropped: 0 }
     let windowStart = performance.now()
     let totalTokens = 0
     let totalTime = 0
@@ -198,6 +201,9 @@ export const train = (
       totalTokens += batch.rows * batch.length
       windowTokens += batch.rows * batch.length
       windowDropped += "dropped" in r ? r.dropped ?? 0 : 0
+      const experts = "expertPairs" in r && r.expertPairs !== undefined && r.expertPairs > 0 ? { routed: r.expertPairs, dropped: r.expertDropped ?? 0 } : undefined
+      windowExperts.routed += experts?.routed ?? 0
+      windowExperts.dropped += experts?.dropped ?? 0
       if (!Number.isFinite(r.loss)) {
         trainer?.dispose()
         return yield* new DivergedError({ step, loss: r.loss, checkpoint: lastCheckpoint })
@@ -214,6 +220,7 @@ export const train = (
         tokensPerSecond: (batch.rows * batch.length) / (dt / 1000),
         ...(r.concepts > 0 ? { compression: r.tokens / r.concepts, boundaryRate: r.concepts / r.tokens } : {}),
         ...("dropped" in r && r.dropped !== undefined && r.dropped > 0 ? { droppedBoundaries: r.dropped } : {}),
+        ...(experts === undefined || experts.dropped === 0 ? {} : { droppedExpertPairs: experts.dropped / experts.routed }),
         ...(val === undefined ? {} : { valBitsPerByte: val.bitsPerByte })
       }
       metrics.push(m)
@@ -226,9 +233,12 @@ export const train = (
           `step ${String(step + 1).padStart(5)}/${settings.steps}  loss ${r.loss.toFixed(4)}  ${tps.toFixed(0)} tok/s  lr ${r.lr.toExponential(2)}` +
             (m.compression === undefined ? "" : `  R ${m.compression.toFixed(2)}  boundary rate ${m.boundaryRate!.toFixed(3)}`) +
             (windowDropped === 0 ? "" : `  ${windowDropped} sampled boundaries dropped (concept slots full; conceptCapacity)`) +
+            (windowExperts.dropped === 0 ? "" : `  ${(100 * windowExperts.dropped / windowExperts.routed).toFixed(1)}% of token-expert pairs dropped (expert slots full; expertCapacity)`) +
             (val === undefined ? "" : `  val ${val.bitsPerByte.toFixed(4)} bits/byte`)
         )
         windowDropped = 0
+        windowExperts.routed = 0
+        windowExperts.dropped = 0
       }
       if ((step + 1) % settings.checkpointEvery === 0 || last) yield* save(step + 1)
     }

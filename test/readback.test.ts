@@ -1,7 +1,9 @@
 /**
- * The path for backends without synchronous reads (webgpu in Node): MoE dense dispatch equals sparse
- * dispatch in values and gradients, and a pass whose host reads were recorded asynchronously and
- * replayed gives the loss and gradients of an ordinary pass. Runs on cpu (no GPU in CI).
+ * The path for backends without synchronous reads (webgpu in Node): MoE dense and grouped dispatch,
+ * and capacity dispatch with a row for every pair, equal sparse dispatch in values and gradients
+ * (with fewer rows, the pairs beyond are dropped and counted), and a pass whose host reads were
+ * recorded asynchronously and replayed gives the loss and gradients of an ordinary pass. Runs on
+ * cpu (no GPU in CI).
  */
 import { assert, layer } from "@effect/vitest"
 import { Effect, Schema } from "effect"
@@ -10,12 +12,13 @@ import { Tensors, layer as backendLayer } from "../src/runtime/Backend.ts"
 import { type Batch, loss, materialize, recordReads, replay } from "../src/runtime/Lower.ts"
 import { evaluate, evaluateAsync, newOptimizer, trainStep, trainStepAsync, TrainSettings } from "../src/train/Train.ts"
 import { load } from "./support/models.ts"
+import { expertSlots } from "../src/blocks/MoE.ts"
 
 const moe = { kind: "moe", vocab: 64, hidden: 32, layers: 4, heads: 4, kvHeads: 2, experts: 6, topK: 2, expertHidden: 16, tiedEmbeddings: true }
 
 const configs: ReadonlyArray<readonly [string, Record<string, unknown>]> = [
   ["MoE with a gated shared expert", { ...moe, sharedHidden: 24, sharedGate: true }],
-  ["MoE, sigmoid router, renormalised top-k", { ...moe, scoring: "sigmoid", normalizeTopK: true }],
+  ["MoE, sigmoid router, renormalised top-k, expert biases", { ...moe, scoring: "sigmoid", normalizeTopK: true, bias: true }],
   ["ConceptMoE", { kind: "conceptmoe", baseline: moe, ratio: 2, encoderLayers: 1, decoderLayers: 1, topK: 3 }]
 ]
 
@@ -34,7 +37,7 @@ const maxDiff = (a: ArrayLike<number>, b: ArrayLike<number>) => {
 
 layer(backendLayer("cpu"))("without synchronous reads", (it) => {
   for (const [name, cfg] of configs) {
-    it.effect(`${name}: dense dispatch and replayed reads give the sparse pass's loss and gradients`, () =>
+    it.effect(`${name}: dense, grouped and roomy capacity dispatch and replayed reads give the sparse pass's loss and gradients`, () =>
       Effect.gen(function*() {
         const { tf } = yield* Tensors
         const m = yield* load(cfg)
@@ -43,16 +46,42 @@ layer(backendLayer("cpu"))("without synchronous reads", (it) => {
         const options = { training: true, seed: 9, balanceWeight: 0.01 } as const
         const run = (extra: Partial<Parameters<typeof loss>[2]>) =>
           tf.tidy(() => {
-            const { grads, value } = tf.variableGrads(() => loss(low, batch, { ...options, ...extra }).total, vars)
-            return { loss: value.dataSync()[0]!, grads: vars.map((v) => (grads[v.name] as Tensor | undefined)?.dataSync() ?? new Float32Array(v.size)) }
+            let routing: Array<number> = []
+            const { grads, value } = tf.variableGrads(() => {
+              const r = loss(low, batch, { ...options, ...extra })
+              const er = r.ctx.expertRouting
+              if (er !== undefined) routing = [er.routed.dataSync()[0]!, er.kept.dataSync()[0]!]
+              return r.total
+            }, vars)
+            return { loss: value.dataSync()[0]!, grads: vars.map((v) => (grads[v.name] as Tensor | undefined)?.dataSync() ?? new Float32Array(v.size)), routing }
           })
         const sparse = run({ dispatch: "sparse" })
         const dense = run({ dispatch: "dense" })
-        assert.closeTo(dense.loss, sparse.loss, 1e-5)
-        sparse.grads.forEach((g, i) => assert.isAtMost(maxDiff(dense.grads[i]!, g), 1e-5, [...low.variables.keys()][i]))
-        // dense dispatch reads nothing back but the boundaries: one read per concept stage
+        // 6 experts, top-2: a factor of 3 gives every expert a row per token
+        for (const dispatch of ["dense", "grouped", { capacity: 3 }] as const) {
+          const other = dispatch === "dense" ? dense : run({ dispatch })
+          assert.closeTo(other.loss, sparse.loss, 1e-5, JSON.stringify(dispatch))
+          sparse.grads.forEach((g, i) => assert.isAtMost(maxDiff(other.grads[i]!, g), 1e-5, `${JSON.stringify(dispatch)} ${[...low.variables.keys()][i]}`))
+          // they read nothing back but the boundaries: one read per concept stage
+          const reads = yield* Effect.promise(() => recordReads(low, batch, { ...options, dispatch }))
+          assert.strictEqual(reads.length, m.concept === undefined ? 0 : 1)
+        }
+        // a capacity dispatch counts the pairs routed and kept: with a row for each, all kept
+        const moeLayers = m.analysis.rows.filter((r) => r.kind === "moe").length
+        const roomy = run({ dispatch: { capacity: 3 } })
+        assert.strictEqual(roomy.routing[1], roomy.routing[0])
+        if (m.concept === undefined) assert.strictEqual(roomy.routing[0], moeLayers * 32 * 2)
+        // with fewer rows, pairs are dropped and counted: at most E·C kept per layer
+        const tight = run({ dispatch: { capacity: 0.5 } })
+        assert.strictEqual(expertSlots(0.5, 32, 2, 6), 6)
+        if (m.concept === undefined) {
+          assert.strictEqual(tight.routing[0], moeLayers * 32 * 2)
+          assert.isAtMost(tight.routing[1]!, moeLayers * 6 * 6)
+        }
+        assert.isBelow(tight.routing[1]!, tight.routing[0]!)
+        assert.isTrue(Number.isFinite(tight.loss))
+        assert.notStrictEqual(tight.loss, sparse.loss)
         const reads = yield* Effect.promise(() => recordReads(low, batch, { ...options, dispatch: "dense" }))
-        assert.strictEqual(reads.length, m.concept === undefined ? 0 : 1)
         const sparseReads = yield* Effect.promise(() => recordReads(low, batch, { ...options, dispatch: "sparse" }))
         assert.strictEqual(sparseReads.length, m.analysis.rows.filter((r) => r.kind === "moe").length + (m.concept === undefined ? 0 : 1))
         const replayed = run({ dispatch: "dense", read: replay(reads) })

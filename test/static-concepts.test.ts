@@ -72,8 +72,8 @@ describe("static-shape ConceptMoE training", () => {
       const host = pass(tf, low)
       const perRow = Array.from({ length: rows }, (_, r) => host.boundaries.slice(r * L, (r + 1) * L).reduce((a, b) => a + b, 0))
       // every row padded to L slots, and to exactly the busiest row's count (the others padded)
-      // MoE layers dense, or by capacity with a slot for every pair (4 experts, top-2: factor 2)
-      for (const [capacity, dispatch] of [[ratio, "dense"], [(Math.max(...perRow) * ratio) / L, "dense"], [ratio, { capacity: 2 }]] as const) {
+      // MoE layers dense, grouped (as webgpu trains them), or by capacity with a row for every pair (4 experts, top-2: factor 2)
+      for (const [capacity, dispatch] of [[ratio, "dense"], [(Math.max(...perRow) * ratio) / L, "dense"], [ratio, "grouped"], [ratio, { capacity: 2 }]] as const) {
         assert.strictEqual(conceptSlots(L, ratio, capacity), capacity === ratio ? L : Math.max(...perRow))
         const before = tf.memory()
         const fixed = pass(tf, low, capacity, dispatch)

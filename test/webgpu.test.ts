@@ -1,5 +1,5 @@
 /**
- * The webgpu backend against the cpu reference: training steps (dense, MoE with dense or capacity dispatch,
+ * The webgpu backend against the cpu reference: training steps (dense, MoE with grouped or capacity dispatch,
  * ConceptMoE through recorded reads) and evaluation give the cpu values. Runs wherever a WebGPU
  * adapter exists (an NVIDIA GPU through Vulkan, or lavapipe: `bash bench/gpu/lavapipe.sh &&
  * . .lavapipe/env.sh`) and skips, saying why, where none does (CI).
@@ -39,7 +39,7 @@ if (!available) console.log(`webgpu tests skipped: ${why}`)
 const moe = { kind: "moe", vocab: 64, hidden: 32, layers: 3, heads: 4, kvHeads: 2, experts: 4, topK: 2, expertHidden: 16, sharedHidden: 16, tiedEmbeddings: true, contextLength: 16 }
 export const webgpuModels: ReadonlyArray<readonly [string, Record<string, unknown>]> = [
   ["dense LM", { kind: "dense", vocab: 64, hidden: 32, layers: 2, heads: 4, ffnHidden: 64, activation: "gelu", contextLength: 16 }],
-  ["MoE (dense dispatch)", moe],
+  ["MoE (grouped dispatch)", moe],
   ["ConceptMoE (recorded reads)", { kind: "conceptmoe", baseline: moe, ratio: 2, encoderLayers: 1, decoderLayers: 1, topK: 3 }]
 ]
 
@@ -672,34 +672,46 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     assert.deepStrictEqual(gpuErrors(), [])
   })
 
-  it("the fused capacity routing and slot gathers give the cpu's tables, values and gradients", async () => {
-    for (const [n, E, k, C, d, empty] of [[33, 8, 2, 3, 5, 0], [130, 16, 2, 20, 64, 7], [5, 4, 3, 10, 3, 0], [70, 3, 1, 70, 2, 4]] as const) {
-      const results: Array<Array<Float32Array>> = []
-      for (const b of ["cpu", "webgpu"]) {
-        await tf.setBackend(b)
-        const mask = routingMask(n, E, k, empty)
-        const { slots, tokens } = makeRoute(tf)(tf.tensor2d(mask, [n, E]), C)
-        const { toSlots, fromSlots } = makeSlots(tf)
-        const x = tf.tensor2d(Array.from({ length: n * d }, (_, i) => Math.sin(i * 0.37)), [n, d])
-        const w = tf.tensor2d(Array.from({ length: n * E }, (_, i) => Math.cos(i * 0.71)), [n, E])
-        const scale = tf.tensor2d(Array.from({ length: E * C * d }, (_, i) => Math.cos(i * 0.13) + 0.5), [E * C, d])
-        const v = tf.tensor2d(Array.from({ length: n * d }, (_, i) => Math.sin(i * 0.11) + 0.5), [n, d])
-        // the slots' rows depend on x through a product, so every gradient is exercised
-        const f = (xt: Tensor, wt: Tensor) => fromSlots(tf.mul(toSlots(xt, tokens, slots), scale), slots, tokens, wt)
-        const y = f(x, w)
-        const [dx, dw] = tf.grads((xt: Tensor, wt: Tensor) => tf.sum(tf.mul(f(xt, wt), v)))([x, w])
-        results.push(await Promise.all([slots.data(), tokens.data(), y.data(), dx!.data(), dw!.data()]) as Array<Float32Array>)
-        if (b === "cpu") {
-          const expected = routeByLoop(mask, n, E, C)
-          assert.deepStrictEqual(Array.from(results[0]![0]!), expected.slots)
-          assert.deepStrictEqual(Array.from(results[0]![1]!), expected.tokens)
+  it("the fused routing (by capacity and by tile), row gathers and group gathers give the cpu's tables, values and gradients", async () => {
+    const cases = [[33, 8, 2, 3, 5, 0], [130, 16, 2, 20, 64, 7], [5, 4, 3, 10, 3, 0], [70, 3, 1, 70, 2, 4], [200, 16, 2, 16, 8, 0]] as const
+    for (const [n, E, k, size, d, empty] of cases) {
+      for (const layout of [{ capacity: size }, { tile: size }]) {
+        const what = `[${n}, ${E}, ${d}] top-${k}, ${JSON.stringify(layout)}`
+        const results: Array<Array<Float32Array>> = []
+        for (const b of ["cpu", "webgpu"]) {
+          await tf.setBackend(b)
+          const mask = routingMask(n, E, k, empty)
+          const { slots, tokens, groups } = makeRoute(tf)(tf.tensor2d(mask, [n, E]), layout, k)
+          const rows = tokens.shape[0]!
+          const { toSlots, fromSlots, gatherGroups } = makeSlots(tf)
+          const x = tf.tensor2d(Array.from({ length: n * d }, (_, i) => Math.sin(i * 0.37)), [n, d])
+          const w = tf.tensor2d(Array.from({ length: n * E }, (_, i) => Math.cos(i * 0.71)), [n, E])
+          // a per-expert scale, gathered per group by tile, so that the group gather's gradient is exercised
+          const perExpert = tf.tensor3d(Array.from({ length: E * 2 * d }, (_, i) => Math.cos(i * 0.13) + 0.5), [E, 2, d])
+          const v = tf.tensor2d(Array.from({ length: n * d }, (_, i) => Math.sin(i * 0.11) + 0.5), [n, d])
+          const f = (xt: Tensor, wt: Tensor, st: Tensor) => {
+            const batch = groups === undefined ? E : groups.shape[0]!
+            const scale = groups === undefined ? st : gatherGroups(st, groups)
+            const scaled = tf.mul(tf.reshape(toSlots(xt, tokens, slots), [batch, rows / batch, d]), tf.slice(scale, [0, 0, 0], [batch, 1, d]))
+            return fromSlots(tf.reshape(scaled, [rows, d]), slots, tokens, wt)
+          }
+          const y = f(x, w, perExpert)
+          const [dx, dw, ds] = tf.grads((xt: Tensor, wt: Tensor, st: Tensor) => tf.sum(tf.mul(f(xt, wt, st), v)))([x, w, perExpert])
+          const tables = [slots, tokens, ...(groups === undefined ? [] : [groups])]
+          results.push(await Promise.all([...tables, y, dx!, dw!, ds!].map((t) => t.data())) as Array<Float32Array>)
+          if (b === "cpu") {
+            const expected = routeByLoop(mask, n, E, layout, k)
+            assert.deepStrictEqual(Array.from(results[0]![0]!), expected.slots, what)
+            assert.deepStrictEqual(Array.from(results[0]![1]!), expected.tokens, what)
+            if (groups !== undefined) assert.deepStrictEqual(Array.from(results[0]![2]!), expected.groups, what)
+          }
+          tf.dispose([...tables, x, w, perExpert, v, y, dx!, dw!, ds!])
         }
-        tf.dispose([slots, tokens, x, w, scale, v, y, dx!, dw!])
+        const [cpu, web] = results as [Array<Float32Array>, Array<Float32Array>]
+        const tables = "tile" in layout ? 3 : 2
+        cpu.slice(0, tables).forEach((c, i) => assert.deepStrictEqual(Array.from(web[i]!), Array.from(c), `${what}, table ${i}`))
+        cpu.slice(tables).forEach((c, i) => assert.isAtMost(maxDiff(web[i + tables]!, c), 1e-5, `${what}, output ${i}`))
       }
-      const [cpu, web] = results as [Array<Float32Array>, Array<Float32Array>]
-      assert.deepStrictEqual(Array.from(web[0]!), Array.from(cpu[0]!), `slots [${n}, ${E}], ${C} slots`)
-      assert.deepStrictEqual(Array.from(web[1]!), Array.from(cpu[1]!), `tokens [${n}, ${E}], ${C} slots`)
-      cpu.slice(2).forEach((c, i) => assert.isAtMost(maxDiff(web[i + 2]!, c), 1e-5, `[${n}, ${E}, ${d}], ${C} slots, output ${i}`))
     }
     assert.deepStrictEqual(gpuErrors(), [])
   })

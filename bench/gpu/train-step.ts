@@ -17,7 +17,7 @@
  * attention maps counted whole, as both implementations compute them): bench/gpu/ratio.ts turns it into
  * each side's TFLOP/s. With `BENCH_LABEL` set, each model line carries it as `label` (run.sh's variants).
  * With `BENCH_EXPERT_CAPACITY` set (a factor), MoE layers train with that expert capacity (capacity
- * dispatch, `expertCapacity`) instead of the default dense dispatch.
+ * dispatch, `expertCapacity`) instead of the default grouped dispatch.
  * A model whose step fails prints `{ model, mode, error }` instead, and the next one runs.
  *
  * Run: node bench/gpu/train-step.ts [webgpu|cpu|wasm] [name,…] [timed steps, default 10]

@@ -57,8 +57,9 @@ const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record
   const logits = ops.linear(ctx, x, p["router.weight"]!, p["router.bias"])
   const probs = s.scoring === "softmax" ? tf.softmax(logits) : tf.sigmoid(logits)
   if (ctx.dispatch === "dense") return denseDispatch(ctx, s, x, p, probs)
-  if (typeof ctx.dispatch === "object") return capacityDispatch(ctx, s, x, p, probs, ctx.dispatch.capacity)
-  if (ctx.valid !== undefined) throw new Error(`sparse MoE dispatch does not take padded positions (at ${ctx.scope}); use dense dispatch`)
+  if (ctx.dispatch === "grouped") return slotDispatch(ctx, s, x, p, probs, "grouped")
+  if (typeof ctx.dispatch === "object") return slotDispatch(ctx, s, x, p, probs, ctx.dispatch)
+  if (ctx.valid !== undefined) throw new Error(`sparse MoE dispatch does not take padded positions (at ${ctx.scope}); use dense or grouped dispatch`)
   const { indices } = tf.topk(ctx.detach(probs), s.topK)
   const chosen = ctx.read(indices) as Int32Array
   indices.dispose()
@@ -160,39 +161,52 @@ const denseDispatch = (
 export const expertSlots = (factor: number, n: number, topK: number, experts: number): number =>
   Math.min(n, Math.max(1, Math.ceil((factor * n * topK) / experts)))
 
+/** Rows per group of a grouped dispatch: the mean pairs per expert up to a power of 2, at most 64. */
+export const groupRows = (n: number, topK: number, experts: number): number =>
+  Math.min(64, 2 ** Math.ceil(Math.log2(Math.max(1, Math.ceil((n * topK) / experts)))))
+
 /**
- * Capacity dispatch, without reading the routing back: each expert runs on {@link expertSlots}
- * slots, filled by the tokens routed to it in order (`ctx.route`); a pair beyond its expert's slots
- * is dropped. Padded positions (`ctx.valid`) are not routed. The experts run as one batched product
- * per matrix (`[E, C, d] × [E, d, h]`), the gated outputs are gathered back per token, and the pairs
- * routed and kept are added to `ctx.expertRouting`. Without drops, the sparse path's values and
- * gradients; the balance loss counts the routing before drops, as the Switch Transformer's.
+ * Grouped and capacity dispatch, without reading the routing back (see `Dispatch`): the pairs get
+ * rows (`ctx.route`: by groups of {@link groupRows} rows of one expert each, or {@link expertSlots}
+ * rows per expert filled in order, the pairs beyond dropped); padded positions (`ctx.valid`) are not
+ * routed. The tokens are gathered into their rows, the experts run as one batched product per
+ * matrix (each group with its expert's weights, `[G, T, d] × [G, d, h]`, or `[E, C, d] × [E, d, h]`),
+ * and the gated outputs are gathered back per token. A capacity dispatch adds the pairs routed and
+ * kept to `ctx.expertRouting`. Without drops, the sparse path's values and gradients; the balance
+ * loss counts the routing before drops, as the Switch Transformer's.
  */
-const capacityDispatch = (
+const slotDispatch = (
   ctx: ForwardContext,
   s: MoESpec,
   x: Tensor,
   p: Readonly<Record<string, Tensor>>,
   probs: Tensor,
-  factor: number
+  by: "grouped" | { readonly capacity: number }
 ): Tensor => {
   const { tf } = ctx
   const [n, d] = x.shape as [number, number]
   const E = s.experts
-  const C = expertSlots(factor, n, s.topK, E)
   const chosen = ctx.topMask(ctx.stop(probs), s.topK)
   const v = ctx.valid
   const routedMask = v === undefined ? chosen : tf.mul(chosen, tf.reshape(v, [n, 1]))
   let gates = tf.mul(probs, chosen)
   if (s.normalizeTopK) gates = tf.div(gates, tf.sum(gates, 1, true))
-  const { slots, tokens } = ctx.route(routedMask, C)
-  const xs = tf.reshape(ctx.toSlots(x, tokens, slots), [E, C, d])
-  const ys = ops.ffn(ctx, xs, (name) => expertParam(ctx, p, name, E), s.activation)
-  const routed = ctx.fromSlots(tf.reshape(ys, [E * C, d]), slots, tokens, gates)
-  const before = ctx.expertRouting
-  const pairs = tf.sum(routedMask)
-  const kept = tf.sum(tf.cast(tf.greaterEqual(tokens, 0), "float32"))
-  ctx.expertRouting = before === undefined ? { routed: pairs, kept } : { routed: tf.add(before.routed, pairs), kept: tf.add(before.kept, kept) }
+  const layout = by === "grouped" ? { tile: groupRows(n, s.topK, E) } : { capacity: expertSlots(by.capacity, n, s.topK, E) }
+  const { slots, tokens, groups } = ctx.route(routedMask, layout, s.topK)
+  const rows = tokens.shape[0]!
+  const batch = groups === undefined ? E : groups.shape[0]!
+  const xs = tf.reshape(ctx.toSlots(x, tokens, slots), [batch, rows / batch, d])
+  const ys = ops.ffn(ctx, xs, (name) => {
+    const w = expertParam(ctx, p, name, E)
+    return w === undefined || groups === undefined ? w : ctx.gatherGroups(w, groups)
+  }, s.activation)
+  const routed = ctx.fromSlots(tf.reshape(ys, [rows, d]), slots, tokens, gates)
+  if (by !== "grouped") {
+    const before = ctx.expertRouting
+    const pairs = tf.sum(routedMask)
+    const kept = tf.sum(tf.cast(tf.greaterEqual(tokens, 0), "float32"))
+    ctx.expertRouting = before === undefined ? { routed: pairs, kept } : { routed: tf.add(before.routed, pairs), kept: tf.add(before.kept, kept) }
+  }
   return withShared(ctx, s, x, p, probs, routed, () => routedFraction(ctx, chosen, n, s.topK))
 }
 

@@ -175,15 +175,22 @@ export interface ForwardContext {
   /** An MoE dense dispatch's combine: `ys [E, n, d]`, `gates [n, E]` → Σ_e gates[n, e]·ys[e, n, :] (fused where the runtime can). */
   readonly combine: (ys: Tensor, gates: Tensor) => Tensor
   /**
-   * An MoE capacity dispatch's tables for `mask [n, E]` and `capacity` slots per expert: `slots
-   * [E, n]` (token i's slot in expert e, or −1) and `tokens [E·capacity]` (each slot's token, or −1);
-   * earlier tokens first; no gradient (fused where the runtime can).
+   * An MoE layer's routing tables for `mask [n, E]` (k experts per token) in a layout of rows by
+   * capacity or by groups of `tile` rows per expert: `slots [E, n]` (the row of pair (i, e), or −1),
+   * `tokens [rows]` (each row's pair as e·n + i, or −1) and, by tile, `groups` (each group's
+   * expert); earlier tokens first; no gradient (fused where the runtime can; `Fused.makeRoute`).
    */
-  readonly route: (mask: Tensor, capacity: number) => { readonly slots: Tensor; readonly tokens: Tensor }
-  /** `x [n, d]` → `[S, d]`: each slot's token row (zeros where empty), by {@link route}'s tables. */
+  readonly route: (mask: Tensor, layout: { readonly capacity: number } | { readonly tile: number }, k: number) => {
+    readonly slots: Tensor
+    readonly tokens: Tensor
+    readonly groups?: Tensor
+  }
+  /** `x [n, d]` → `[rows, d]`: each row's token (zeros where empty), by {@link route}'s tables. */
   readonly toSlots: (x: Tensor, tokens: Tensor, slots: Tensor) => Tensor
-  /** `ys [S, d]` → `[n, d]`: Σ_e w[i, e]·ys[slots[e, i]] over the experts that kept token i. */
+  /** `ys [rows, d]` → `[n, d]`: Σ_e w[i, e]·ys[slots[e, i]] over the experts that kept token i. */
   readonly fromSlots: (ys: Tensor, slots: Tensor, tokens: Tensor, w: Tensor) => Tensor
+  /** `w [E, ...]` → `[G, ...]`: each group's expert's parameter (differentiable in w). */
+  readonly gatherGroups: (w: Tensor, groups: Tensor) => Tensor
   /** Rotary embedding of the first `dim` features of `x [n, heads, hd]` with tables `cos`, `sin [n, 1, dim/2]`. */
   readonly rotate: (x: Tensor, dim: number, cos: Tensor, sin: Tensor) => Tensor
   /**
@@ -207,14 +214,16 @@ export interface ForwardContext {
 
 /**
  * How MoE layers dispatch: `sparse` reads the routing back and runs each expert on its tokens
- * (executed FLOPs = activated FLOPs, nothing dropped); `dense` stays on the device: every expert
- * runs on every token, weighted by a gate that is zero outside the top-k (E/k times the expert
- * FLOPs, no read); `{ capacity: c }` stays on the device too: each expert runs on
- * `ceil(c·n·k/E)` slots (at most n) filled by its tokens in order, and a token-expert pair that
- * finds its expert's slots full is dropped (its output from that expert is zero), as in GShard and
- * the Switch Transformer (c·k/E of dense's expert FLOPs; c ≥ E/k never drops).
+ * (executed FLOPs = activated FLOPs, nothing dropped). The others stay on the device (no read):
+ * `dense` runs every expert on every token, weighted by a gate that is zero outside the top-k (E/k
+ * times the expert FLOPs); `grouped` sorts the token-expert pairs by expert into groups of rows of
+ * one expert each (an expert's last group padded) and runs each group with its expert's weights
+ * (the activated FLOPs plus the padding, nothing dropped); `{ capacity: c }` runs each expert on
+ * `ceil(c·n·k/E)` rows (at most n) filled by its tokens in order, and a token-expert pair that finds
+ * its expert's rows full is dropped (its output from that expert is zero), as in GShard and the
+ * Switch Transformer (c·k/E of dense's expert FLOPs; c ≥ E/k never drops).
  */
-export type Dispatch = "sparse" | "dense" | { readonly capacity: number }
+export type Dispatch = "sparse" | "dense" | "grouped" | { readonly capacity: number }
 
 /** A child as a callable. */
 export type ChildApply = (x: Tensor) => Tensor

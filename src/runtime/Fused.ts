@@ -32,10 +32,11 @@
  *   the copies instead of a slice and an add per copy) and the MoE dense dispatch's gated combine
  *   (one dispatch forward, two backward, instead of a transpose, a product and a strided reduce).
  *
- * - `makeRoute`, `makeSlots`: the MoE capacity dispatch's routing tables (two dispatches: a scan per
- *   expert) and its gathers into expert slots and back (one dispatch each way, and one per gradient:
- *   every gradient is a gather, no atomics), instead of a transpose, a cumulative sum's passes, a
- *   sorted search, a concatenated zero row and gathers whose gradients scatter with atomics.
+ * - `makeRoute`, `makeSlots`: the MoE grouped and capacity dispatches' routing tables (a dispatch per
+ *   table: a scan per expert numbers its tokens) and their gathers into expert rows and back, and of
+ *   each group's expert weights (one dispatch each way, and one per gradient: every gradient is a
+ *   gather, no atomics), instead of a transpose, a cumulative sum's passes, a scatter, a sorted
+ *   search, a concatenated zero row and gathers whose gradients scatter with atomics.
  *
  * `CONCEPTMOE_FUSED=off` turns them off (op by op everywhere), to compare or to rule them out.
  *
@@ -131,7 +132,9 @@ const kernels = {
   toSlots: "ConceptmoeToSlots",
   toSlotsWeighted: "ConceptmoeToSlotsWeighted",
   fromSlots: "ConceptmoeFromSlots",
-  fromSlotsGradW: "ConceptmoeFromSlotsGradW"
+  fromSlotsGradW: "ConceptmoeFromSlotsGradW",
+  routeGroups: "ConceptmoeRouteGroups",
+  sumGroups: "ConceptmoeSumGroups"
 } as const
 
 /**
@@ -275,44 +278,87 @@ export const makeCombine = (tf: Tf) => {
 }
 
 /**
- * An MoE capacity dispatch's tables (no gradient), for `mask [n, E]` (1 where token i is routed to
- * expert e) and `capacity` C slots per expert, both float32 with whole values:
- * `slots [E, n]`, the slot e·C + r of token i in expert e (r: how many of e's tokens come before i),
- * or −1 where i is not routed to e or comes after e's C slots are full; `tokens [E·C]`, the token in
- * each slot, or −1 where the slot stays empty. Earlier tokens take the slots first. On webgpu two
- * dispatches (each a workgroup per expert scans its column of the mask); elsewhere a cumulative sum,
- * a comparison and a sorted search.
+ * Where an MoE layer's token-expert pairs go, without reading the routing back (`Layout`):
+ * `{ capacity: C }` gives each expert C rows (expert e's at e·C); `{ tile: T }` packs the pairs
+ * expert by expert, each expert's rows padded to a multiple of T (a group), nothing dropped.
  */
+export type Layout = { readonly capacity: number } | { readonly tile: number }
+
+/** Rows of a layout for n tokens routed to k of E experts each (a multiple of T for tiles). */
+export const layoutRows = (layout: Layout, n: number, k: number, E: number): number =>
+  "capacity" in layout ? E * layout.capacity : Math.ceil((n * k + E * (layout.tile - 1)) / layout.tile) * layout.tile
+
+/**
+ * An MoE layer's routing tables for `mask [n, E]` (1 where token i is routed to expert e) and a
+ * {@link Layout}, all float32 with whole values and no gradient: `slots [E, n]`, the row of pair
+ * (i, e), or −1 where i is not routed to e or e's C rows are full (earlier tokens first);
+ * `tokens [rows]`, the pair in each row as e·n + i, or −1 where the row is empty; with tiles also
+ * `groups [rows/T]`, each group's expert (0 for the empty groups at the end). On webgpu a dispatch
+ * per table (a workgroup per expert numbers its tokens with a scan) and a sum for the tiles' counts;
+ * elsewhere cumulative sums, a scatter and a sorted search.
+ */
+/** The tables hold pairs as float32 whole numbers e·n + i: exact below 2²⁴. */
+const checkCodes = (n: number, E: number) => {
+  if (n * E > 2 ** 24) throw new Error(`an MoE layer of ${E} experts over ${n} tokens has more token-expert pairs than float32 numbers them exactly (2^24); use fewer tokens per step or dense dispatch`)
+}
+
 export const makeRoute = (tf: Tf) => {
-  const ops = (mask: Tensor, capacity: number) => tf.tidy(() => {
+  const ops = (mask: Tensor, layout: Layout, k: number) => tf.tidy(() => {
     const [n, E] = mask.shape as [number, number]
+    checkCodes(n, E)
+    const rows = layoutRows(layout, n, k, E)
     const column = tf.transpose(mask)
-    const upTo = tf.cumsum(column, 1)
-    const rank = tf.sub(upTo, column)
-    const kept = tf.mul(column, tf.cast(tf.less(rank, capacity), "float32"))
-    const first = tf.reshape(tf.mul(tf.range(0, E, 1, "float32"), capacity), [E, 1])
+    const rank = tf.sub(tf.cumsum(column, 1), column)
+    // where each expert's rows start, and which pairs fit
+    let first: Tensor
+    let kept = column
+    let groups: Tensor | undefined
+    if ("capacity" in layout) {
+      first = tf.reshape(tf.mul(tf.range(0, E, 1, "float32"), layout.capacity), [E, 1])
+      kept = tf.mul(column, tf.cast(tf.less(rank, layout.capacity), "float32"))
+    } else {
+      const T = layout.tile
+      const padded = tf.mul(tf.ceil(tf.div(tf.sum(column, 1), T)), T)
+      const ends = tf.cumsum(padded)
+      first = tf.reshape(tf.sub(ends, padded), [E, 1])
+      // the expert of group g: how many experts' rows end at or before its first row
+      const starts = tf.mul(tf.range(0, rows / T, 1, "float32"), T)
+      groups = tf.reshape(tf.cast(tf.minimum(tf.searchSorted(ends, starts, "right"), E - 1), "float32"), [rows / T])
+    }
     const slots = tf.sub(tf.mul(tf.add(tf.add(first, rank), 1), kept), 1)
-    // the token in slot c of expert e: the first whose running count reaches c + 1
-    const want = tf.tile(tf.reshape(tf.range(1, capacity + 1, 1, "float32"), [1, capacity]), [E, 1])
-    const found = tf.searchSorted(upTo, want, "left")
-    const tokens = tf.reshape(tf.where(tf.less(found, n), tf.cast(found, "float32"), tf.fill([E, capacity], -1)), [E * capacity])
-    return { slots, tokens }
+    // each kept pair's code e·n + i into its row (the others into a row past the end)
+    const code = tf.add(tf.reshape(tf.mul(tf.range(0, E, 1, "float32"), n), [E, 1]), tf.reshape(tf.range(0, n, 1, "float32"), [1, n]))
+    const at = tf.cast(tf.where(tf.greater(kept, 0), slots, tf.fill([E, n], rows)), "int32")
+    const filled = tf.scatterND(tf.reshape(at, [E * n, 1]), tf.reshape(tf.mul(tf.add(code, 1), kept), [E * n]), [rows + 1])
+    const tokens = tf.sub(tf.slice(filled, [0], [rows]), 1)
+    return { slots, tokens, ...(groups === undefined ? {} : { groups }) }
   })
   if (!fusedOn(tf)) return ops
-  return (mask: Tensor, capacity: number) => ({
-    slots: runKernel(tf, kernels.routeSlots, { m: mask }, { capacity }),
-    tokens: tf.reshape(runKernel(tf, kernels.routeTokens, { m: mask }, { capacity }), [-1])
-  })
+  return (mask: Tensor, layout: Layout, k: number) => {
+    const [n, E] = mask.shape as [number, number]
+    checkCodes(n, E)
+    const rows = layoutRows(layout, n, k, E)
+    const attrs = "capacity" in layout ? { capacity: layout.capacity, tile: 0, rows } : { capacity: 0, tile: layout.tile, rows }
+    const inputs = { m: mask, c: tf.sum(mask, 0) }
+    return {
+      slots: runKernel(tf, kernels.routeSlots, inputs, attrs),
+      tokens: tf.reshape(runKernel(tf, kernels.routeTokens, inputs, attrs), [rows]),
+      ...("tile" in layout ? { groups: runKernel(tf, kernels.routeGroups, { c: inputs.c }, attrs) } : {})
+    }
+  }
 }
 
 /**
- * `toSlots(x [n, d], tokens [S], slots [E, n])` → `[S, d]`: slot s holds row `tokens[s]` of x (zeros
- * where empty), the tables of {@link makeRoute}. `fromSlots(ys [S, d], slots, tokens, w [n, E])` →
- * `[n, d]`: Σ_e w[i, e]·ys[slots[e, i]] over the experts that kept token i. Differentiable in x, ys
- * and w. On webgpu each is one gather-like dispatch, and so is each gradient, for no gradient needs a
- * scatter (each table is the other's inverse): dx = fromSlots(dxs, slots, tokens, 1), dys[s] =
- * w[tokens[s], e(s)]·dy[tokens[s]], dw[i, e] = dy[i]·ys[slots[e, i]]; no atomics, so the sums are
- * the same run after run. Elsewhere gathers through a zero row (tfjs differentiates them).
+ * `toSlots(x [n, d], tokens [S], slots [E, n])` → `[S, d]`: row s holds the row of x of the pair in
+ * it (zeros where empty), the tables of {@link makeRoute}. `fromSlots(ys [S, d], slots, tokens, w
+ * [n, E])` → `[n, d]`: Σ_e w[i, e]·ys[slots[e, i]] over the experts that kept token i.
+ * Differentiable in x, ys and w. `gatherGroups(w [E, ...], groups [G])` → `[G, ...]`: each group's
+ * expert's parameter, differentiable in w. On webgpu each is one gather-like dispatch, and so is
+ * each gradient, for no gradient needs a scatter (each table is the other's inverse): dx =
+ * fromSlots(dxs, slots, tokens, 1), dys[s] = w[i, e]·dy[i] for the pair (i, e) in row s, dw[i, e] =
+ * dy[i]·ys[slots[e, i]], and an expert's parameter gradient sums its groups' in order; no atomics,
+ * so the sums are the same run after run. Elsewhere gathers (through a zero row), which tfjs
+ * differentiates.
  */
 export const makeSlots = (tf: Tf) => {
   const padded = (x: Tensor, index: Tensor) => {
@@ -320,13 +366,14 @@ export const makeSlots = (tf: Tf) => {
     const at = tf.cast(tf.where(tf.less(index, 0), tf.fill(index.shape, rows), index), "int32")
     return tf.gather(tf.concat([x, tf.zeros([1, d])], 0), at)
   }
-  const opsTo = (x: Tensor, tokens: Tensor, _slots: Tensor): Tensor => padded(x, tokens)
+  const opsTo = (x: Tensor, tokens: Tensor, _slots: Tensor): Tensor => padded(x, tf.where(tf.less(tokens, 0), tokens, tf.mod(tokens, x.shape[0]!)))
   const opsFrom = (ys: Tensor, slots: Tensor, _tokens: Tensor, w: Tensor): Tensor => {
     const [n, E] = w.shape as [number, number]
     const rows = tf.reshape(padded(ys, tf.reshape(tf.transpose(slots), [n * E])), [n, E, ys.shape[1]!])
     return tf.sum(tf.mul(rows, tf.reshape(w, [n, E, 1])), 1)
   }
-  if (!fusedOn(tf)) return { toSlots: opsTo, fromSlots: opsFrom }
+  const opsGroups = (w: Tensor, groups: Tensor): Tensor => tf.gather(w, tf.cast(groups, "int32"))
+  if (!fusedOn(tf)) return { toSlots: opsTo, fromSlots: opsFrom, gatherGroups: opsGroups }
   const run = (name: string, inputs: Record<string, Tensor>) => runKernel(tf, name, inputs)
   // the tables are saved with the inputs: tfjs frees a pass's other tensors before its backward
   const toSlots = (x: Tensor, tokens: Tensor, slots: Tensor): Tensor => {
@@ -352,7 +399,19 @@ export const makeSlots = (tf: Tf) => {
     }) as unknown as Parameters<Tf["customGrad"]>[0])
     return f(ys, w) as Tensor
   }
-  return { toSlots, fromSlots }
+  const gatherGroups = (w: Tensor, groups: Tensor): Tensor => {
+    const [E, ...rest] = w.shape as [number, ...Array<number>]
+    const size = rest.reduce((a, b) => a * b, 1)
+    const f = tf.customGrad(((w2: Tensor, save: (ts: Array<Tensor>) => void) => {
+      save([groups])
+      return {
+        value: opsGroups(w2, groups),
+        gradFunc: (dg: Tensor, [sg]: Array<Tensor>) => [tf.reshape(runKernel(tf, kernels.sumGroups, { x: tf.reshape(dg, [sg!.shape[0]!, size]), q: sg! }, { experts: E }), w2.shape)]
+      }
+    }) as unknown as Parameters<Tf["customGrad"]>[0])
+    return f(w) as Tensor
+  }
+  return { toSlots, fromSlots, gatherGroups }
 }
 
 /**
@@ -699,30 +758,40 @@ const registerWebGpu = (tf: Tf): boolean => {
           ${dims("yShape")}
           let i = index / E; let e = index % E;
           ${sum("j", "d", "Y[(e * n + i) * d + j] * DY[i * d + j]")}`)
-  // capacity dispatch (makeRoute, makeSlots): M [n, E] mask, P [E, n] slots, T [S] tokens, W [n, E]
+  // expert dispatch by slots (makeRoute, makeSlots): M [n, E] mask, C [E] its column sums, P [E, n]
+  // slots, T [rows] pairs (e·n + i), W [n, E]; a layout by capacity, or by tile (capacity 0)
   const route = (kernelName: string, tokens: boolean): void =>
-    register(kernelName, ["M"], ["capacity"], (shapes, a) => {
+    register(kernelName, ["M", "C"], ["capacity", "tile", "rows"], (shapes, a) => {
       const [n, E] = shapes[0] as [number, number]
       return {
-      variableNames: ["M"],
-      outputShape: tokens ? [E, a["capacity"]!] : [E, n],
-      shaderKey: kernelName,
-      // not flat: main() reads the workgroup and thread ids itself
-      dispatchLayout: { x: [0], y: [1] },
-      dispatch: [E, 1, 1],
-      workgroupSize: [64, 1, 1],
-      size: false,
-      uniforms: "capacity : f32,",
-      // a workgroup per expert: each thread counts its run of tokens, then numbers them after the
-      // counts of the runs before it
-      getUserCode: () => `
+        variableNames: ["M", "C"],
+        outputShape: tokens ? [1, a["rows"]!] : [E, n],
+        shaderKey: kernelName,
+        // not flat: main() reads the workgroup and thread ids itself
+        dispatchLayout: { x: [0], y: [1] },
+        dispatch: [E, 1, 1],
+        workgroupSize: [64, 1, 1],
+        size: false,
+        uniforms: "capacity : f32, tile : f32, rows : f32,",
+        // a workgroup per expert: where its rows start and how many it has, then each thread counts
+        // its run of tokens and numbers them after the counts of the runs before it
+        getUserCode: () => `
     var<workgroup> counts : array<f32, 64>;
     fn main() {
       let n = uniforms.mShape.x;
       let E = uniforms.mShape.y;
-      let C = i32(uniforms.capacity);
+      let tile = i32(uniforms.tile);
       let e = i32(workgroupId.x);
       let t = i32(localId.x);
+      var first = e * i32(uniforms.capacity);
+      var span = i32(uniforms.capacity);
+      var room = span;
+      if (tile > 0) {
+        first = 0;
+        for (var j = 0; j < e; j = j + 1) { first = first + ((i32(C[j]) + tile - 1) / tile) * tile; }
+        span = ((i32(C[e]) + tile - 1) / tile) * tile;
+        room = n;
+      }
       let run = (n + 63) / 64;
       let start = min(n, t * run);
       let end = min(n, start + run);
@@ -740,23 +809,58 @@ const registerWebGpu = (tf: Tf): boolean => {
       for (var i = start; i < end; i = i + 1) {
         let routed = M[i * E + e] > 0.5;
         ${tokens
-        ? "if (routed && r < C) { result[e * C + r] = f32(i); }"
-        : "var v = -1.0; if (routed && r < C) { v = f32(e * C + r); } result[e * n + i] = v;"}
+        ? "if (routed && r < room) { result[first + r] = f32(e * n + i); }"
+        : "var v = -1.0; if (routed && r < room) { v = f32(first + r); } result[e * n + i] = v;"}
         if (routed) { r = r + 1; }
       }
-      ${tokens ? "for (var c = i32(total) + t; c < C; c = c + 64) { result[e * C + c] = -1.0; }" : ""}
+      ${tokens
+      ? `// the expert's empty rows, and after the last expert's the rows no expert uses
+      for (var c = min(i32(total), span) + t; c < span; c = c + 64) { result[first + c] = -1.0; }
+      if (e == E - 1) { for (var c = first + span + t; c < i32(uniforms.rows); c = c + 64) { result[c] = -1.0; } }`
+      : ""}
     }`
       }
     })
   route(kernels.routeSlots, false)
   route(kernels.routeTokens, true)
-  // slot s of expert e = s / C: a row of X (times W[token, e]), zero when empty
+  // each group of T rows: the first expert whose padded rows end after its first row (else the last)
+  register(kernels.routeGroups, ["C"], ["tile"], (_, a) => flatProgram(kernels.routeGroups, [a["rows"]! / a["tile"]!], ["C"], ["tile"], `
+          let T = i32(uniforms.tile);
+          let E = uniforms.cShape;
+          var found = E - 1;
+          var end = 0;
+          for (var j = 0; j < E; j = j + 1) {
+            end = end + ((i32(C[j]) + T - 1) / T) * T;
+            if (index * T < end) { found = j; break; }
+          }
+          let value = f32(found);`))
+  // makeSlots' gatherGroups gradient: X [G, size], Q [G] experts in ascending order → [E, size],
+  // an expert's groups (found by bisection) summed in order
+  register(kernels.sumGroups, ["X", "Q"], [], (shapes, a) => flatProgram(kernels.sumGroups, [a["experts"]!, shapes[0]![1]!], ["X", "Q"], [], `
+          let size = uniforms.xShape.y;
+          let G = uniforms.xShape.x;
+          let e = index / size;
+          let j = index % size;
+          var lo = 0;
+          var hi = G;
+          while (lo < hi) {
+            let mid = (lo + hi) / 2;
+            if (i32(Q[mid]) < e) { lo = mid + 1; } else { hi = mid; }
+          }
+          var s = 0.0;
+          for (var g = lo; g < G; g = g + 1) {
+            if (i32(Q[g]) != e) { break; }
+            s = s + X[g * size + j];
+          }
+          let value = s;`))
+  // row s holds pair v = e·n + i (n: the rows of X): X's row i, times W[i, e] if weighted; zero when empty
   const toSlots = (weighted: boolean) => `
           let d = uniforms.xShape.y;
+          let n = uniforms.xShape.x;
           let s = index / d;
-          let t = i32(T[s]);
+          let v = i32(T[s]);
           var value = 0.0;
-          if (t >= 0) { value = X[t * d + index % d]${weighted ? " * W[t * uniforms.wShape.y + s / (uniforms.tShape / uniforms.wShape.y)]" : ""}; }`
+          if (v >= 0) { value = X[(v % n) * d + index % d]${weighted ? " * W[(v % n) * uniforms.wShape.y + v / n]" : ""}; }`
   flat(kernels.toSlots, ["X", "T"], (sh) => [sh[1]![0]!, sh[0]![1]!], toSlots(false))
   flat(kernels.toSlotsWeighted, ["X", "T", "W"], (sh) => [sh[1]![0]!, sh[0]![1]!], toSlots(true))
   const slotDims = "let d = uniforms.yShape.y; let E = uniforms.pShape.x; let n = uniforms.pShape.y;"

@@ -120,7 +120,7 @@ export interface ForwardOptions {
    * there is a target). A captured step (`Capture.ts`) feeds new values into them each step.
    */
   readonly feeds?: Feeds
-  /** Static-shape ConceptMoE training (see `ConceptFeeds`); MoE layers then stay on the device (`dense` unless `dispatch` sets a capacity). */
+  /** Static-shape ConceptMoE training (see `ConceptFeeds`); MoE layers then stay on the device (`dense` unless `dispatch` says `grouped` or a capacity). */
   readonly concept?: ConceptFeeds
 }
 
@@ -228,7 +228,7 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     oneHot: makeOneHot(tf),
     read: options.read ?? ((t) => t.dataSync() as Float32Array | Int32Array),
     dispatch: options.concept !== undefined
-      ? typeof options.dispatch === "object" ? options.dispatch : "dense"
+      ? options.dispatch === undefined || options.dispatch === "sparse" ? "dense" : options.dispatch
       : options.dispatch ?? (tf.getBackend() === "webgpu" ? "dense" : "sparse"),
     expertRouting: undefined,
     lossWeights: { balance: options.balanceWeight ?? 0.01 }

@@ -45,9 +45,10 @@ export const TrainSettings = Schema.Struct({
   conceptCapacity: withDefault(PositiveNumber, 1.5),
   /**
    * How MoE layers train on the device (webgpu; `Dispatch` in graph/Apply.ts). `null` (the default):
-   * every expert runs on every token (dense dispatch: nothing dropped, E/k times the expert FLOPs).
-   * A factor: each expert takes at most ceil(expertCapacity·n·k/E) of the layer's n tokens, in order,
-   * and the pairs beyond are dropped (and counted). Host backends route exactly either way.
+   * grouped dispatch, the token-expert pairs sorted by expert into groups of rows (nothing dropped,
+   * the activated expert FLOPs plus each expert's padding to whole groups). A factor: each expert
+   * takes at most ceil(expertCapacity·n·k/E) of the layer's n tokens, in order, and the pairs beyond
+   * are dropped (and counted). Host backends route exactly either way.
    */
   expertCapacity: withDefault(Schema.NullOr(PositiveNumber), null),
   optimizer: withDefault(OptimizerConfig, {})
@@ -158,12 +159,12 @@ export const stepOnDevice = (
   return { total, ce: parts!.ce, aux: parts!.aux, lr, stats, deviceStats, routing }
 }
 
-/** A training pass's options: on webgpu with `expertCapacity`, MoE layers dispatch by capacity. */
+/** A training pass's options: on webgpu MoE layers dispatch grouped, or by capacity with `expertCapacity`. */
 const stepOptions = (low: Lowered, settings: TrainSettings, step: number) => ({
   training: true,
   seed: mixSeed(settings.seed, step),
   balanceWeight: settings.balanceWeight,
-  ...(low.tf.getBackend() === "webgpu" && settings.expertCapacity !== null ? { dispatch: { capacity: settings.expertCapacity } } : {})
+  ...(low.tf.getBackend() === "webgpu" ? { dispatch: settings.expertCapacity === null ? "grouped" as const : { capacity: settings.expertCapacity } } : {})
 }) as const
 
 /**

@@ -11,6 +11,7 @@ import type { Tensor } from "../src/graph/Apply.ts"
 import { Tensors, layer as backendLayer } from "../src/runtime/Backend.ts"
 import { type Batch, loss, materialize, recordReads, replay } from "../src/runtime/Lower.ts"
 import { evaluate, evaluateAsync, newOptimizer, trainStep, trainStepAsync, TrainSettings } from "../src/train/Train.ts"
+import { packStats, readStats } from "../src/train/Step.ts"
 import { load } from "./support/models.ts"
 import { expertSlots } from "../src/blocks/MoE.ts"
 
@@ -100,7 +101,11 @@ layer(backendLayer("cpu"))("without synchronous reads", (it) => {
       const opts = runs.map((low) => newOptimizer(low))
       for (let step = 0; step < 3; step++) {
         const a = trainStep(runs[0]!, opts[0]!, batch, settings, step)
+        // (after the ordinary step, which cached the attention masks of this step's lengths)
+        const live = tf.memory().numTensors
         const b = yield* Effect.promise(() => trainStepAsync(runs[1]!, opts[1]!, batch, settings, step))
+        // the step leaves no tensor behind (its scalars are packed and read in one transfer)
+        assert.strictEqual(tf.memory().numTensors, live, `step ${step}`)
         assert.deepStrictEqual(b, a)
         assert.isAbove(a.concepts, 0)
       }
@@ -109,6 +114,33 @@ layer(backendLayer("cpu"))("without synchronous reads", (it) => {
       for (const [p, w] of runs[0]!.variables) assert.deepStrictEqual(Array.from(runs[1]!.variables.get(p)!.dataSync()), Array.from(w.dataSync()), p)
       for (const low of runs) for (const v of low.variables.values()) v.dispose()
     }), 60_000)
+
+  it.effect("a step's scalars packed for one read-back come back by name, whatever the step has", () =>
+    Effect.gen(function*() {
+      const { tf } = yield* Tensors
+      const scalar = (x: number) => tf.scalar(x)
+      const base = { lr: 0, stats: { tokens: 0, concepts: 0, boundaryProbSum: 0 } }
+      for (const concepts of [false, true]) {
+        for (const routing of [false, true]) {
+          const before = tf.memory().numTensors
+          const r = {
+            ...base,
+            total: scalar(1.5), ce: scalar(1.25), aux: scalar(0.25),
+            deviceStats: concepts ? { concepts: scalar(40), boundaryProbSum: scalar(41.5), dropped: scalar(2) } : undefined,
+            routing: routing ? { routed: scalar(96), kept: scalar(90) } : undefined
+          } as unknown as Parameters<typeof packStats>[1]
+          const packed = packStats(tf, r)
+          const values = packed.dataSync()
+          packed.dispose()
+          assert.strictEqual(tf.memory().numTensors, before)
+          assert.deepStrictEqual(readStats(values, { concepts, routing }), {
+            loss: 1.5, ce: 1.25, aux: 0.25,
+            ...(concepts ? { concepts: 40, boundaryProbSum: 41.5, dropped: 2 } : {}),
+            ...(routing ? { expertPairs: 96, expertDropped: 6 } : {})
+          })
+        }
+      }
+    }))
 
   it.effect("a replay that runs out of recorded values fails instead of inventing them", () =>
     Effect.gen(function*() {

@@ -218,7 +218,8 @@ export interface ForwardContext {
  * `dense` runs every expert on every token, weighted by a gate that is zero outside the top-k (E/k
  * times the expert FLOPs); `grouped` sorts the token-expert pairs by expert into groups of rows of
  * one expert each (an expert's last group padded) and runs each group with its expert's weights
- * (the activated FLOPs plus the padding, nothing dropped); `{ capacity: c }` runs each expert on
+ * (nothing dropped; static shapes, so every step runs the worst case, n·k rows plus room for each
+ * expert's padding); `{ capacity: c }` runs each expert on
  * `ceil(c·n·k/E)` rows (at most n) filled by its tokens in order, and a token-expert pair that finds
  * its expert's rows full is dropped (its output from that expert is zero), as in GShard and the
  * Switch Transformer (c·k/E of dense's expert FLOPs; c ≥ E/k never drops).

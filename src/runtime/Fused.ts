@@ -293,9 +293,11 @@ export const layoutRows = (layout: Layout, n: number, k: number, E: number): num
  * {@link Layout}, all float32 with whole values and no gradient: `slots [E, n]`, the row of pair
  * (i, e), or −1 where i is not routed to e or e's C rows are full (earlier tokens first);
  * `tokens [rows]`, the pair in each row as e·n + i, or −1 where the row is empty; with tiles also
- * `groups [rows/T]`, each group's expert (0 for the empty groups at the end). On webgpu a dispatch
- * per table (a workgroup per expert numbers its tokens with a scan) and a sum for the tiles' counts;
- * elsewhere cumulative sums, a scatter and a sorted search.
+ * `groups [rows/T]`, each group's expert, in ascending order (the empty groups at the end count as
+ * the last expert's: `sumGroups` finds an expert's groups by bisection). On webgpu a column sum of
+ * the mask and a dispatch per table (a workgroup per expert numbers its tokens with a scan);
+ * elsewhere cumulative sums, a scatter and a sorted search. The tile layout's rows assume at most k
+ * experts per token (the top-k mask; only NaN scores, whose loss stops training, break that).
  */
 /** The tables hold pairs as float32 whole numbers e·n + i: exact below 2²⁴. */
 const checkCodes = (n: number, E: number) => {

@@ -23,7 +23,7 @@ import type { ConceptFeeds } from "../graph/Apply.ts"
 import { conceptSlots } from "../blocks/Chunker.ts"
 import { type TuneRow, tuneMatMuls, watchProducts } from "../runtime/MatMul.ts"
 import { switchOn } from "../runtime/Env.ts"
-import { failOnGpuErrors, type Optimizer, packStats, readStats, stepInputValues, stepOnDevice, trainStepAsync, type TrainSettings } from "./Step.ts"
+import { failOnGpuErrors, type Optimizer, packStats, readStats, stepInputValues, stepOnDevice, stepOptions, trainStepAsync, type TrainSettings } from "./Step.ts"
 
 export type Mode =
   | { readonly mode: "warming" }
@@ -166,7 +166,7 @@ export const capturedTrainer = (
       checked = true
       // only a step without host reads can be recorded
       if (concept !== undefined) writeFeeds(tf, valuesOf(batch, s))
-      const reads = await recordReads(low, batch, { training: true, seed: mixSeed(settings.seed, s), ...(concept === undefined ? {} : { feeds, concept }) })
+      const reads = await recordReads(low, batch, { ...stepOptions(low, settings, s), ...(concept === undefined ? {} : { feeds, concept }) })
       if (reads.length > 0) {
         readsHost = true
         if (mode.mode === "warming") mode = { mode: "eager", reason: `the model reads ${reads.length} host value(s) per step (concept boundaries)` }

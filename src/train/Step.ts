@@ -45,10 +45,10 @@ export const TrainSettings = Schema.Struct({
   conceptCapacity: withDefault(PositiveNumber, 1.5),
   /**
    * How MoE layers train on the device (webgpu; `Dispatch` in graph/Apply.ts). `null` (the default):
-   * grouped dispatch, the token-expert pairs sorted by expert into groups of rows (nothing dropped,
-   * the activated expert FLOPs plus each expert's padding to whole groups). A factor: each expert
-   * takes at most ceil(expertCapacity·n·k/E) of the layer's n tokens, in order, and the pairs beyond
-   * are dropped (and counted). Host backends route exactly either way.
+   * grouped dispatch, the token-expert pairs sorted by expert into groups of rows (nothing dropped;
+   * every step runs the worst case's rows, n·k plus room for each expert's padding). A factor: each
+   * expert takes at most ceil(expertCapacity·n·k/E) of the layer's n tokens, in order, and the pairs
+   * beyond are dropped (and counted). Host backends route exactly either way.
    */
   expertCapacity: withDefault(Schema.NullOr(PositiveNumber), null),
   optimizer: withDefault(OptimizerConfig, {})
@@ -160,7 +160,7 @@ export const stepOnDevice = (
 }
 
 /** A training pass's options: on webgpu MoE layers dispatch grouped, or by capacity with `expertCapacity`. */
-const stepOptions = (low: Lowered, settings: TrainSettings, step: number) => ({
+export const stepOptions = (low: Lowered, settings: TrainSettings, step: number) => ({
   training: true,
   seed: mixSeed(settings.seed, step),
   balanceWeight: settings.balanceWeight,
@@ -168,27 +168,29 @@ const stepOptions = (low: Lowered, settings: TrainSettings, step: number) => ({
 }) as const
 
 /**
- * A step's scalars as one vector, read back in one transfer: the loss, its parts, the static
- * ConceptMoE's device counts and the capacity dispatch's pairs (0 where the step has none); see
- * {@link readStats}. Frees the tensors it packs.
+ * A step's scalars as one vector, read back in one transfer: the loss and its parts, then the
+ * static ConceptMoE's device counts and the capacity dispatch's pairs where the step has them (see
+ * {@link readStats}); one concat for a dense or MoE step. Frees the tensors it packs.
  */
 export const packStats = (tf: Tf, r: ReturnType<typeof stepOnDevice>): Tensor => {
-  const zero = tf.fill([], 0)
   const d = r.deviceStats
-  const parts = [r.total, r.ce, r.aux, d?.concepts ?? zero, d?.boundaryProbSum ?? zero, d?.dropped ?? zero, r.routing?.routed ?? zero, r.routing?.kept ?? zero]
-  const packed = tf.concat(parts.map((t) => tf.reshape(t, [1])))
-  tf.dispose([...new Set(parts)])
+  const parts = [r.total, r.ce, r.aux, ...(d === undefined ? [] : [d.concepts, d.boundaryProbSum, d.dropped]), ...(r.routing === undefined ? [] : [r.routing.routed, r.routing.kept])]
+  const packed = tf.tidy(() => tf.concat(parts.map((t) => tf.reshape(t, [1]))))
+  tf.dispose(parts)
   return packed
 }
 
 /** The values of {@link packStats}: the static ConceptMoE's counts and the routing where the step had them. */
-export const readStats = (v: ArrayLike<number>, has: { readonly concepts: boolean; readonly routing: boolean }) => ({
-  loss: v[0]!,
-  ce: v[1]!,
-  aux: v[2]!,
-  ...(has.concepts ? { concepts: v[3]!, boundaryProbSum: v[4]!, dropped: v[5]! } : {}),
-  ...(has.routing ? { expertPairs: v[6]!, expertDropped: v[6]! - v[7]! } : {})
-})
+export const readStats = (v: ArrayLike<number>, has: { readonly concepts: boolean; readonly routing: boolean }) => {
+  const at = has.concepts ? 6 : 3
+  return {
+    loss: v[0]!,
+    ce: v[1]!,
+    aux: v[2]!,
+    ...(has.concepts ? { concepts: v[3]!, boundaryProbSum: v[4]!, dropped: v[5]! } : {}),
+    ...(has.routing ? { expertPairs: v[at]!, expertDropped: v[at]! - v[at + 1]! } : {})
+  }
+}
 
 /** A step's learning rate and Adam bias corrections `[lr, 1 − β₁ᵗ, 1 − β₂ᵗ]` (t = step + 1). */
 export const stepInputValues = (settings: TrainSettings, step: number): readonly [number, number, number] => {

@@ -6,7 +6,7 @@
  * argument dry-runs it without a GPU)
  * Prints, for a dense 2-layer d128 LM and the compare pair (MoE and matched ConceptMoE):
  * runtime params against the static count, the host reads per pass, executed against static weight
- * FLOPs (MoE dispatch is dense on webgpu), the loss on webgpu and on cpu with the same seeded
+ * FLOPs (MoE dispatch is grouped on webgpu: the rows of the worst case), the loss on webgpu and on cpu with the same seeded
  * parameters, and the median forward+backward time (reads recorded first) over 5 steps after 2
  * warm-ups. Runs on lavapipe (bench/gpu/lavapipe.sh; all three models, losses equal cpu's); not yet
  * run on a GPU since the readback-free path was added.
@@ -60,7 +60,7 @@ const main = async () => {
       for (let s = 0; s < 7; s++) {
         const t0 = performance.now()
         // webgpu in Node has no synchronous read-back: record the host decisions first (MoE
-        // dispatch is dense on webgpu, so only a concept stage's boundaries are read)
+        // dispatch is grouped on webgpu, so only a concept stage's boundaries are read)
         const recorded = await recordReads(low, batch, options)
         reads = recorded.length
         const value = tf.tidy(() => {
@@ -84,7 +84,7 @@ const main = async () => {
         model: name,
         paramsEqual: runtimeParamCount(low) === m.analysis.rows[0]!.params,
         reads,
-        // dense dispatch runs every expert: executed weight FLOPs exceed the static activated ones
+        // grouped dispatch runs the worst case's rows (n·k plus padding room): executed weight FLOPs exceed the static activated ones
         executedWeightFlops: executed.weights,
         staticWeightFlops: Cost.matmulPerToken(m.analysis.cost) * rows * length,
         gpuLoss,

@@ -201,7 +201,7 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
           }
           // before its first read a piece has only appended to caches, which attempt undoes; a
           // later read could follow changes to block state that a second run would repeat
-          if (i > 0) throw new Error("decoding asynchronously takes at most one host read per piece (use dense MoE dispatch)")
+          if (i > 0) throw new Error("decoding asynchronously takes at most one host read per piece (use dense or grouped MoE dispatch)")
           throw new PendingRead(t)
         })
       } catch (e) {

@@ -112,7 +112,7 @@ export interface ForwardOptions {
   readonly positions?: Int32Array
   /** Host reads (default: `dataSync`); see {@link recordReads}. */
   readonly read?: (t: Tensor) => Float32Array | Int32Array
-  /** MoE dispatch (default `sparse`, `dense` on webgpu and with `concept`); see {@link Dispatch}. */
+  /** MoE dispatch (default `sparse`; `grouped` on webgpu and with `concept`); see {@link Dispatch}. */
   readonly dispatch?: Dispatch
   /**
    * Device tensors to use instead of uploading the batch's host arrays: token ids `[n]` int32,
@@ -120,7 +120,7 @@ export interface ForwardOptions {
    * there is a target). A captured step (`Capture.ts`) feeds new values into them each step.
    */
   readonly feeds?: Feeds
-  /** Static-shape ConceptMoE training (see `ConceptFeeds`); MoE layers then stay on the device (`dense` unless `dispatch` says `grouped` or a capacity). */
+  /** Static-shape ConceptMoE training (see `ConceptFeeds`); MoE layers then stay on the device (`grouped` unless `dispatch` says `dense` or a capacity). */
   readonly concept?: ConceptFeeds
 }
 
@@ -228,8 +228,8 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     oneHot: makeOneHot(tf),
     read: options.read ?? ((t) => t.dataSync() as Float32Array | Int32Array),
     dispatch: options.concept !== undefined
-      ? options.dispatch === undefined || options.dispatch === "sparse" ? "dense" : options.dispatch
-      : options.dispatch ?? (tf.getBackend() === "webgpu" ? "dense" : "sparse"),
+      ? options.dispatch === undefined || options.dispatch === "sparse" ? "grouped" : options.dispatch
+      : options.dispatch ?? (tf.getBackend() === "webgpu" ? "grouped" : "sparse"),
     expertRouting: undefined,
     lossWeights: { balance: options.balanceWeight ?? 0.01 }
   }

@@ -147,10 +147,7 @@ const denseDispatch = (
   const { tf } = ctx
   const n = x.shape[0]!
   const E = s.experts
-  // 1 where expert e is among token n's top-k; off the tape (a routing decision has no gradient)
-  const chosen = ctx.topMask(ctx.stop(probs), s.topK)
-  let gates = tf.mul(probs, chosen)
-  if (s.normalizeTopK) gates = tf.div(gates, tf.sum(gates, 1, true))
+  const { chosen, gates } = topGates(ctx, s, probs)
   const xs = tf.reshape(ctx.repeat(tf.reshape(x, [1, ...x.shape]), E), [E, ...x.shape])
   const ys = ops.ffn(ctx, xs, (name) => expertParam(ctx, p, name, E), s.activation)
   const routed = ctx.combine(ys, gates)
@@ -186,11 +183,9 @@ const slotDispatch = (
   const { tf } = ctx
   const [n, d] = x.shape as [number, number]
   const E = s.experts
-  const chosen = ctx.topMask(ctx.stop(probs), s.topK)
+  const { chosen, gates } = topGates(ctx, s, probs)
   const v = ctx.valid
   const routedMask = v === undefined ? chosen : tf.mul(chosen, tf.reshape(v, [n, 1]))
-  let gates = tf.mul(probs, chosen)
-  if (s.normalizeTopK) gates = tf.div(gates, tf.sum(gates, 1, true))
   const layout = by === "grouped" ? { tile: groupRows(n, s.topK, E) } : { capacity: expertSlots(by.capacity, n, s.topK, E) }
   const { slots, tokens, groups } = ctx.route(routedMask, layout, s.topK)
   const rows = tokens.shape[0]!
@@ -208,6 +203,17 @@ const slotDispatch = (
     ctx.expertRouting = before === undefined ? { routed: pairs, kept } : { routed: tf.add(before.routed, pairs), kept: tf.add(before.kept, kept) }
   }
   return withShared(ctx, s, x, p, probs, routed, () => routedFraction(ctx, chosen, n, s.topK))
+}
+
+/**
+ * The top-k as a 0/1 mask `[n, E]` (off the tape: a routing decision has no gradient) and the
+ * gates, the router's probabilities on it (renormalised if the spec says so), zero elsewhere.
+ */
+const topGates = (ctx: ForwardContext, s: MoESpec, probs: Tensor) => {
+  const { tf } = ctx
+  const chosen = ctx.topMask(ctx.stop(probs), s.topK)
+  const gates = tf.mul(probs, chosen)
+  return { chosen, gates: s.normalizeTopK ? tf.div(gates, tf.sum(gates, 1, true)) : gates }
 }
 
 /** An expert matrix `[E, a, b]` as stored, or a bias `[E, h]` as `[E, 1, h]` (broadcast over tokens). */

@@ -180,7 +180,7 @@ export interface ForwardContext {
    * `tokens [rows]` (each row's pair as e·n + i, or −1) and, by tile, `groups` (each group's
    * expert); earlier tokens first; no gradient (fused where the runtime can; `Fused.makeRoute`).
    */
-  readonly route: (mask: Tensor, layout: { readonly capacity: number } | { readonly tile: number }, k: number) => {
+  readonly route: (mask: Tensor, layout: RouteLayout, k: number) => {
     readonly slots: Tensor
     readonly tokens: Tensor
     readonly groups?: Tensor
@@ -225,6 +225,13 @@ export interface ForwardContext {
  * Switch Transformer (c·k/E of dense's expert FLOPs; c ≥ E/k never drops).
  */
 export type Dispatch = "sparse" | "dense" | "grouped" | { readonly capacity: number }
+
+/**
+ * Where an MoE layer's token-expert pairs go, without reading the routing back:
+ * `{ capacity: C }` gives each expert C rows (expert e's at e·C); `{ tile: T }` packs the pairs
+ * expert by expert, each expert's rows padded to a multiple of T (a group), nothing dropped.
+ */
+export type RouteLayout = { readonly capacity: number } | { readonly tile: number }
 
 /** A child as a callable. */
 export type ChildApply = (x: Tensor) => Tensor

@@ -43,7 +43,7 @@
  * @since 0.3.0
  */
 import type * as TF from "@tensorflow/tfjs"
-import type { Tensor, Tf } from "../graph/Apply.ts"
+import type { RouteLayout as Layout, Tensor, Tf } from "../graph/Apply.ts"
 import { switchOn } from "./Env.ts"
 
 export interface AdamHyper {
@@ -277,16 +277,16 @@ export const makeCombine = (tf: Tf) => {
   }
 }
 
-/**
- * Where an MoE layer's token-expert pairs go, without reading the routing back (`Layout`):
- * `{ capacity: C }` gives each expert C rows (expert e's at e·C); `{ tile: T }` packs the pairs
- * expert by expert, each expert's rows padded to a multiple of T (a group), nothing dropped.
- */
-export type Layout = { readonly capacity: number } | { readonly tile: number }
+export type { RouteLayout as Layout } from "../graph/Apply.ts"
 
 /** Rows of a layout for n tokens routed to k of E experts each (a multiple of T for tiles). */
 export const layoutRows = (layout: Layout, n: number, k: number, E: number): number =>
   "capacity" in layout ? E * layout.capacity : Math.ceil((n * k + E * (layout.tile - 1)) / layout.tile) * layout.tile
+
+/** The tables hold pairs as float32 whole numbers e·n + i: exact below 2²⁴. */
+const checkCodes = (n: number, E: number) => {
+  if (n * E > 2 ** 24) throw new Error(`an MoE layer of ${E} experts over ${n} tokens has more token-expert pairs than float32 numbers them exactly (2^24); use fewer tokens per step or dense dispatch`)
+}
 
 /**
  * An MoE layer's routing tables for `mask [n, E]` (1 where token i is routed to expert e) and a
@@ -299,11 +299,6 @@ export const layoutRows = (layout: Layout, n: number, k: number, E: number): num
  * elsewhere cumulative sums, a scatter and a sorted search. The tile layout's rows assume at most k
  * experts per token (the top-k mask; only NaN scores, whose loss stops training, break that).
  */
-/** The tables hold pairs as float32 whole numbers e·n + i: exact below 2²⁴. */
-const checkCodes = (n: number, E: number) => {
-  if (n * E > 2 ** 24) throw new Error(`an MoE layer of ${E} experts over ${n} tokens has more token-expert pairs than float32 numbers them exactly (2^24); use fewer tokens per step or dense dispatch`)
-}
-
 export const makeRoute = (tf: Tf) => {
   const ops = (mask: Tensor, layout: Layout, k: number) => tf.tidy(() => {
     const [n, E] = mask.shape as [number, number]

@@ -12,7 +12,7 @@ import { gpuErrors } from "../src/runtime/Fixes.ts"
 import { adamStepValues, adamw, makeActivate, makeCombine, makeMaskedNll, makeRepeat, makeRmsNorm, makeMaskedSoftmax, makeRotate, makeRoute, makeSlots, makeSumSquares, makeTopMask } from "../src/runtime/Fused.ts"
 import { routeByLoop, routingMask } from "./support/routing.ts"
 import { makeOneHot } from "../src/runtime/Fixes.ts"
-import { describeTuning, kernelNames, matMulChoices, tilesName, tunedChoices, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
+import { describeTuning, groupedProducts, makeGroupedMatMul, kernelNames, matMulChoices, tilesName, tunedChoices, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
 import { capture, NotCapturable, type StepProfile, writeFeeds } from "../src/runtime/Capture.ts"
 import { capturedTrainer } from "../src/train/Captured.ts"
@@ -448,40 +448,57 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     assert.deepStrictEqual(gpuErrors(), [])
   })
 
-  it("a captured trainer in auto mode tunes step 0's products, then replays with the chosen kernels and the cpu's losses", async () => {
-    const m = await Effect.runPromise(load(webgpuModels[0]![1]))
-    const cpuLosses: Array<number> = []
-    await tf.setBackend("cpu")
-    {
-      const low = materialize(tf, m.analysis, 5)
-      const opt = newOptimizer(low)
-      for (let s = 0; s < 5; s++) cpuLosses.push(trainStep(low, opt, batchAt(s), settings, s).loss)
-      release(low)
-      tf.dispose([...opt.m.values(), ...opt.v.values()])
-    }
-    await tf.setBackend("webgpu")
-    try {
-      useMatMul(tf, "auto", { candidates: [stockKernel()!, tiledKernel(tf, parseTiles("32x32x16/4x4/v4")!), tiledKernel(tf, parseTiles("32x32x32/4x4")!)] })
-      const low = materialize(tf, m.analysis, 5)
-      const opt = newOptimizer(low)
-      const trainer = capturedTrainer(low, opt, settings, 2, 16)
-      const losses: Array<number> = []
-      for (let s = 0; s < 5; s++) losses.push((await trainer.step(batchAt(s), s)).loss)
-      // forward and backward products of the step, each timed
-      assert.isAtLeast(trainer.tuned().length, 6)
-      for (const r of trainer.tuned()) assert.isAtLeast(Object.keys(r.us).length, 2, r.product)
-      // steps 1–4 ran no product that step 0 had not (nothing left to tune)
-      assert.deepStrictEqual(await tuneMatMuls(tf), [])
-      assert.strictEqual(trainer.mode().mode, "replay")
-      losses.forEach((l, s) => assert.closeTo(l, cpuLosses[s]!, 1e-4, `step ${s}`))
-      trainer.dispose()
-      release(low)
-      tf.dispose([...opt.m.values(), ...opt.v.values()])
-    } finally {
-      useMatMul(tf, "tfjs")
-    }
-    assert.deepStrictEqual(gpuErrors(), [])
-  })
+  for (const [name, cfg] of webgpuModels.slice(0, 2)) {
+    it(`${name}: a captured trainer in auto mode tunes step 0's products, then replays with the chosen kernels and the cpu's losses`, async () => {
+      const m = await Effect.runPromise(load(cfg))
+      const cpuLosses: Array<number> = []
+      await tf.setBackend("cpu")
+      {
+        const low = materialize(tf, m.analysis, 5)
+        const opt = newOptimizer(low)
+        for (let s = 0; s < 5; s++) cpuLosses.push(trainStep(low, opt, batchAt(s), settings, s).loss)
+        release(low)
+        tf.dispose([...opt.m.values(), ...opt.v.values()])
+      }
+      await tf.setBackend("webgpu")
+      try {
+        useMatMul(tf, "auto", { candidates: [stockKernel()!, tiledKernel(tf, parseTiles("32x32x16/4x4/v4")!), tiledKernel(tf, parseTiles("32x32x32/4x4")!)] })
+        const low = materialize(tf, m.analysis, 5)
+        const opt = newOptimizer(low)
+        const trainer = capturedTrainer(low, opt, settings, 2, 16)
+        const losses: Array<number> = []
+        const programs = new Set<string>()
+        for (let s = 0; s < 5; s++) {
+          const r = await trainer.step(batchAt(s), s, s === 4 ? { profile: "dispatches" } : {})
+          losses.push(r.loss)
+          for (const d of r.profile?.dispatches ?? []) programs.add(d.program)
+        }
+        // forward and backward products of the step, each timed
+        assert.isAtLeast(trainer.tuned().length, 6)
+        for (const r of trainer.tuned()) assert.isAtLeast(Object.keys(r.us).length, r.product.startsWith("grouped ") ? 1 : 2, r.product)
+        // steps 1–4 ran no product that step 0 had not (nothing left to tune)
+        assert.deepStrictEqual(await tuneMatMuls(tf), [])
+        assert.strictEqual(trainer.mode().mode, "replay")
+        assert.isTrue([...programs].some((p) => p.startsWith("conceptmoeMatMul_")), [...programs].join(", "))
+        if (cfg["kind"] === "moe") {
+          // the experts' products and their gradients (grouped dispatch) were tuned among our kernels
+          // only, and the replayed step reads the expert matrices in place: no gathered copies
+          const grouped = trainer.tuned().filter((r) => r.product.startsWith("grouped "))
+          assert.strictEqual(grouped.length, 6, trainer.tuned().map((r) => r.product).join(", "))
+          for (const r of grouped) assert.notProperty(r.us, "tfjs", r.product)
+          for (const kind of ["gather", "segment"]) assert.isTrue([...programs].some((p) => p.endsWith(`_${kind}`)), [...programs].join(", "))
+          assert.isFalse(programs.has("ConceptmoeSumGroups"), [...programs].join(", "))
+        }
+        losses.forEach((l, s) => assert.closeTo(l, cpuLosses[s]!, 1e-4, `step ${s}`))
+        trainer.dispose()
+        release(low)
+        tf.dispose([...opt.m.values(), ...opt.v.values()])
+      } finally {
+        useMatMul(tf, "tfjs")
+      }
+      assert.deepStrictEqual(gpuErrors(), [])
+    })
+  }
 
   it("GPU timestamps are not quantized (the tuner times kernels of a few µs)", async () => {
     const a = tf.randomNormal([64, 64])
@@ -712,6 +729,66 @@ describe.skipIf(!available)("webgpu against cpu", () => {
         cpu.slice(0, tables).forEach((c, i) => assert.deepStrictEqual(Array.from(web[i]!), Array.from(c), `${what}, table ${i}`))
         cpu.slice(tables).forEach((c, i) => assert.isAtMost(maxDiff(web[i + tables]!, c), 1e-5, `${what}, output ${i}`))
       }
+    }
+    assert.deepStrictEqual(gpuErrors(), [])
+  })
+
+  it("grouped products read each group's expert matrix in place: the cpu's gathered products, values and both gradients, for every kernel kind", async () => {
+    // [groups, T, a, b, E, each group's expert]: an expert without groups, trailing groups counted
+    // as the last expert's, a single group; sizes off the tiles and not divisible by 4
+    const cases = [
+      [6, 4, 8, 12, 4, [0, 0, 1, 3, 3, 3]],
+      [9, 16, 32, 64, 5, [0, 1, 1, 1, 2, 2, 4, 4, 4]],
+      [1, 8, 16, 16, 3, [2]],
+      [5, 3, 5, 7, 6, [1, 1, 2, 5, 5]],
+      [40, 32, 132, 136, 8, Array.from({ length: 40 }, (_, g) => Math.min(7, Math.floor(g / 5)))]
+    ] as const
+    const names = ["32x32x32/4x4", "64x64x16/4x4/v4", "128x64x16/8x4/v4/db", "64x64x16/4x4/v4/k4", "64x64x16/8x8/v4/k8"]
+    // a fixed kernel, auto before tuning (our default), tfjs's matmul (the gathers, the fallback)
+    const modes = [...names, "auto", "tfjs"]
+    try {
+      for (const [G, T, a, b, E, experts] of cases) {
+        const what = `[${G}, ${T}, ${a}, ${b}, ${E}]`
+        const results: Array<Array<Float32Array>> = []
+        const ran = new Map<string, boolean>()
+        const choices = new Map<string, Record<string, number>>()
+        for (const mode of ["cpu", ...modes]) {
+          await tf.setBackend(mode === "cpu" ? "cpu" : "webgpu")
+          if (mode !== "cpu") useMatMul(tf, parseMode(mode)!)
+          const groups = tf.tensor1d(experts.map(Number), "float32")
+          // the runtime's grouped product; on cpu the gather and batched product it replaces
+          const grouped = makeGroupedMatMul(tf, (x, w, q) => tf.matMul(x, tf.gather(w, tf.cast(q, "int32"))))
+          const x = tf.tensor3d(Array.from({ length: G * T * a }, (_, i) => Math.sin(i * 0.37)), [G, T, a])
+          const w = tf.tensor3d(Array.from({ length: E * a * b }, (_, i) => Math.cos(i * 0.13)), [E, a, b])
+          const v = tf.tensor3d(Array.from({ length: G * T * b }, (_, i) => Math.sin(i * 0.11) + 0.5), [G, T, b])
+          const profile = await tf.profile(() => {
+            const y = grouped(x, w, groups)
+            const [dx, dw] = tf.grads((xt: Tensor, wt: Tensor) => tf.sum(tf.mul(grouped(xt, wt, groups), v)))([x, w])
+            return [y, dx!, dw!] as never
+          })
+          const outs = profile.result as unknown as Array<Tensor>
+          results.push(await Promise.all(outs.map((t) => t.data())) as Array<Float32Array>)
+          ran.set(mode, profile.kernelNames.includes("ConceptmoeGroupedMatMul") && profile.kernelNames.includes("ConceptmoeGroupedMatMulSum") && !profile.kernelNames.includes("GatherV2"))
+          choices.set(mode, matMulChoices())
+          tf.dispose([groups, x, w, v, ...outs])
+        }
+        const [cpu, ...webgpu] = results
+        webgpu.forEach((got, k) => cpu!.forEach((c, i) => assert.isAtMost(maxDiff(got[i]!, c), 1e-4, `${modes[k]}, ${what}, output ${i}`)))
+        // the grouped kernels ran but with tfjs's matmul, with a fixed kernel for each of the three
+        // products it covers (vec4: sizes divisible by 4; split K: K long enough) and our default
+        // for the others; the large case runs every kind on all three
+        for (const mode of modes) assert.strictEqual(ran.get(mode), mode !== "tfjs", `${mode}, ${what}`)
+        assert.deepStrictEqual(Object.keys(choices.get("tfjs")!), ["tfjs"], what)
+        for (const name of names) {
+          const covered = Object.values(groupedProducts(G, T, a, b, E)).filter((p) => tiledKernel(tf, parseTiles(name)!).covers(p)).length
+          const counts = choices.get(name)!
+          assert.strictEqual(counts[name] ?? 0, covered, `${name}, ${what}: ${JSON.stringify(counts)}`)
+          assert.strictEqual(Object.values(counts).reduce((x, y) => x + y, 0), 3, `${name}, ${what}`)
+          if (G === 40) assert.strictEqual(covered, 3, name)
+        }
+      }
+    } finally {
+      useMatMul(tf, "tfjs")
     }
     assert.deepStrictEqual(gpuErrors(), [])
   })

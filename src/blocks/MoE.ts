@@ -167,7 +167,8 @@ export const groupRows = (n: number, topK: number, experts: number): number =>
  * rows (`ctx.route`: by groups of {@link groupRows} rows of one expert each, or {@link expertSlots}
  * rows per expert filled in order, the pairs beyond dropped); padded positions (`ctx.valid`) are not
  * routed. The tokens are gathered into their rows, the experts run as one batched product per
- * matrix (each group with its expert's weights, `[G, T, d] × [G, d, h]`, or `[E, C, d] × [E, d, h]`),
+ * matrix (`[G, T, d]` groups, each with its expert's matrix of `[E, d, h]` through
+ * `ctx.groupedMatMul`, which reads it in place where the runtime can; or `[E, C, d] × [E, d, h]`),
  * and the gated outputs are gathered back per token. A capacity dispatch adds the pairs routed and
  * kept to `ctx.expertRouting`. Without drops, the sparse path's values and gradients; the balance
  * loss counts the routing before drops, as the Switch Transformer's.
@@ -191,10 +192,13 @@ const slotDispatch = (
   const rows = tokens.shape[0]!
   const batch = groups === undefined ? E : groups.shape[0]!
   const xs = tf.reshape(ctx.toSlots(x, tokens, slots), [batch, rows / batch, d])
-  const ys = ops.ffn(ctx, xs, (name) => {
-    const w = expertParam(ctx, p, name, E)
-    return w === undefined || groups === undefined ? w : ctx.gatherGroups(w, groups)
-  }, s.activation)
+  // by groups: the matrices are read in place per group's expert, the biases gathered per group
+  const ys = groups === undefined
+    ? ops.ffn(ctx, xs, (name) => expertParam(ctx, p, name, E), s.activation)
+    : ops.ffn(ctx, xs, (name) => {
+      const w = expertParam(ctx, p, name, E)
+      return w === undefined || name.endsWith(".weight") ? w : ctx.gatherGroups(w, groups)
+    }, s.activation, (x, w) => ctx.groupedMatMul(x, w, groups))
   const routed = ctx.fromSlots(tf.reshape(ys, [rows, d]), slots, tokens, gates)
   if (by !== "grouped") {
     const before = ctx.expertRouting

@@ -7,8 +7,8 @@ import type { DecodeCache, ForwardContext, Tensor, Tensor2D } from "../graph/App
 import type { Activation } from "./MLP.ts"
 
 /** x·W (+ b), counted as a weight product. */
-export const linear = (ctx: ForwardContext, x: Tensor, w: Tensor, b?: Tensor): Tensor2D => {
-  const y = ctx.matMul(x, w, "weights")
+export const linear = (ctx: ForwardContext, x: Tensor, w: Tensor, b?: Tensor, product?: Product): Tensor2D => {
+  const y = product === undefined ? ctx.matMul(x, w, "weights") : product(x, w)
   return (b === undefined ? y : ctx.tf.add(y, b)) as Tensor2D
 }
 
@@ -23,20 +23,24 @@ export const layerNorm = (ctx: ForwardContext, x: Tensor, g: Tensor, b: Tensor |
 
 export const activate = (ctx: ForwardContext, x: Tensor, a: Activation): Tensor => ctx.activate(x, a)
 
-/** A feed-forward network with the parameter names of `ffnParams`. */
+/** How a {@link linear} multiplies by its weight (default: `ctx.matMul`, counted as weight FLOPs). */
+export type Product = (x: Tensor, w: Tensor) => Tensor
+
+/** A feed-forward network with the parameter names of `ffnParams`, its weights multiplied by `product`. */
 export const ffn = (
   ctx: ForwardContext,
   x: Tensor,
   p: (name: string) => Tensor | undefined,
-  activation: Activation
+  activation: Activation,
+  product?: Product
 ): Tensor2D => {
   const { tf } = ctx
   const gate = p("gate.weight")
-  const up = linear(ctx, x, p("up.weight")!, p("up.bias"))
+  const up = linear(ctx, x, p("up.weight")!, p("up.bias"), product)
   const hidden = gate === undefined
     ? activate(ctx, up, activation)
-    : tf.mul(activate(ctx, linear(ctx, x, gate, p("gate.bias")), activation), up)
-  return linear(ctx, hidden, p("down.weight")!, p("down.bias"))
+    : tf.mul(activate(ctx, linear(ctx, x, gate, p("gate.bias"), product), activation), up)
+  return linear(ctx, hidden, p("down.weight")!, p("down.bias"), product)
 }
 
 /**

@@ -191,6 +191,12 @@ export interface ForwardContext {
   readonly fromSlots: (ys: Tensor, slots: Tensor, tokens: Tensor, w: Tensor) => Tensor
   /** `w [E, ...]` → `[G, ...]`: each group's expert's parameter (differentiable in w). */
   readonly gatherGroups: (w: Tensor, groups: Tensor) => Tensor
+  /**
+   * `x [G, T, a]` times each group's expert's matrix of `w [E, a, b]` → `[G, T, b]`, counted as
+   * weight FLOPs; the same as `matMul(x, gatherGroups(w, groups))`, where the runtime can without
+   * the gather (`MatMul.makeGroupedMatMul`).
+   */
+  readonly groupedMatMul: (x: Tensor, w: Tensor, groups: Tensor) => Tensor
   /** Rotary embedding of the first `dim` features of `x [n, heads, hd]` with tables `cos`, `sin [n, 1, dim/2]`. */
   readonly rotate: (x: Tensor, dim: number, cos: Tensor, sin: Tensor) => Tensor
   /**

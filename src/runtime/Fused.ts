@@ -34,7 +34,8 @@
  *
  * - `makeRoute`, `makeSlots`: the MoE grouped and capacity dispatches' routing tables (a dispatch per
  *   table: a scan per expert numbers its tokens) and their gathers into expert rows and back, and of
- *   each group's expert weights (one dispatch each way, and one per gradient: every gradient is a
+ *   each group's expert parameters (biases; the matrices are read in place by
+ *   `MatMul.makeGroupedMatMul`) (one dispatch each way, and one per gradient: every gradient is a
  *   gather, no atomics), instead of a transpose, a cumulative sum's passes, a scatter, a sorted
  *   search, a concatenated zero row and gathers whose gradients scatter with atomics.
  *

@@ -12,6 +12,7 @@ import type { Analysis } from "../graph/Analyze.ts"
 import { joinPath } from "../graph/Analyze.ts"
 import type { ChildApply, ConceptFeeds, DecodeCache, Dispatch, FlopCounter, ForwardContext, Tensor, Tensor2D, Tf } from "../graph/Apply.ts"
 import type { AnyBlock } from "../graph/Block.ts"
+import { makeGroupedMatMul } from "./MatMul.ts"
 import { makeActivate, makeCombine, makeMaskedNll, makeMaskedSoftmax, makeRepeat, makeRmsNorm, makeRotate, makeRoute, makeSlots, makeTopMask } from "./Fused.ts"
 import { makeDetach, makeMatMul, makeOneHot, makeSte, makeStop } from "./Fixes.ts"
 import { prng } from "../blocks/Chunker.ts"
@@ -184,6 +185,11 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
   const positionTensors = new WeakMap<Int32Array, Tensor>()
   if (options.feeds !== undefined) positionTensors.set(positions, options.feeds.positions)
   const memos = new WeakMap<Int32Array, Map<string, unknown>>()
+  const matMul = makeMatMul(tf, flops)
+  const slots = makeSlots(tf)
+  // the fallback's product is counted with the grouped one's, not again
+  const uncounted = makeMatMul(tf, { weights: 0, attentionMap: 0, other: 0 })
+  const groupedMatMul = makeGroupedMatMul(tf, (x, w, groups) => uncounted(x, slots.gatherGroups(w, groups), "weights"))
   const ctx: ForwardContext = {
     tf,
     training: options.training,
@@ -212,7 +218,11 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     conceptFeeds: options.concept,
     valid: undefined,
     nextSeed: () => mixSeed(options.seed, seedCounter++),
-    matMul: makeMatMul(tf, flops),
+    matMul,
+    groupedMatMul: (x, w, groups) => {
+      flops.weights += 2 * x.size * w.shape[2]!
+      return groupedMatMul(x, w, groups)
+    },
     detach: makeDetach(tf),
     stop: makeStop(tf),
     ste: makeSte(tf),
@@ -224,7 +234,7 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     repeat: makeRepeat(tf),
     combine: makeCombine(tf),
     route: makeRoute(tf),
-    ...makeSlots(tf),
+    ...slots,
     oneHot: makeOneHot(tf),
     read: options.read ?? ((t) => t.dataSync() as Float32Array | Int32Array),
     dispatch: options.concept !== undefined

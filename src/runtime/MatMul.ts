@@ -23,11 +23,16 @@
  * it covers. Training tunes the shapes of its first step before recording (`train/Captured.ts`).
  * Tested against the cpu backend for every kernel in {@link kernelNames} (test/webgpu.test.ts).
  *
+ * The same programs also run the MoE grouped dispatch's products ({@link makeGroupedMatMul}): each
+ * group's rows with its expert's matrix read in place through a table, and each expert's weight
+ * gradient over its own rows, tuned as the batched products of the same shapes.
+ *
  * @since 0.3.0
  */
 import type * as TF from "@tensorflow/tfjs"
 import type { Tensor, Tf } from "../graph/Apply.ts"
 import { submitPending } from "./Capture.ts"
+import { switchOn } from "./Env.ts"
 
 export interface Tiles {
   /** Output rows and columns per workgroup, and the depth of one pass through workgroup memory. */
@@ -142,20 +147,53 @@ interface WebGpuBackend {
   disposeData: (id: unknown) => void
 }
 
+/**
+ * How a program finds its operands beyond their stored layouts: `none`; `gather`, B's matrix of
+ * batch z is `Q[z]` (a grouped product: each group's rows with its expert's weights, read in
+ * place); `segment`, the output's batch e sums over the rows of K that belong to expert e, the
+ * groups g with `Q[g] = e` (ascending), `K / len(Q)` rows each (an expert's weight gradient).
+ */
+type Indexing = "none" | "gather" | "segment"
+
 /** The slice of K that workgroup z works on (`kStart`, `kEnd`) and its batch, for `split` slices. */
-const sliceOfK = (t: Tiles) => `
+const sliceOfK = (t: Tiles, indexing: Indexing) => indexing === "segment"
+  ? `
+    let z = i32(workgroupId.z);
+    let batch = z / ${t.split};
+    // expert batch's groups [first, last) of the ascending table Q, by bisection
+    let groupCount = uniforms.qShape;
+    var lo = 0;
+    var hi = groupCount;
+    loop { if (lo >= hi) { break; } let mid = (lo + hi) / 2; if (i32(Q[mid]) < batch) { lo = mid + 1; } else { hi = mid; } }
+    let first = lo;
+    hi = groupCount;
+    loop { if (lo >= hi) { break; } let mid = (lo + hi) / 2; if (i32(Q[mid]) <= batch) { lo = mid + 1; } else { hi = mid; } }
+    let groupRows = K / groupCount;
+    let segStart = first * groupRows;
+    let segEnd = lo * groupRows;
+    // the tile loop's bound must be uniform for workgroupBarrier (tfjs keeps workgroupId in a
+    // private variable, which the uniformity analysis takes as non-uniform): passed through
+    // workgroup memory, which workgroupUniformLoad reads as uniform
+    if (localId.x == 0u && localId.y == 0u) { segmentChunk = ((segEnd - segStart + ${t.split * t.tk - 1}) / ${t.split * t.tk}) * ${t.tk}; }
+    let kChunk = workgroupUniformLoad(&segmentChunk);
+    let kStart = segStart + (z % ${t.split}) * kChunk;
+    let kEnd = min(segEnd, kStart + kChunk);`
+  : `
     let z = i32(workgroupId.z);
     let batch = z / ${t.split};
     let kChunk = ((K + ${t.split * t.tk - 1}) / ${t.split * t.tk}) * ${t.tk};
     let kStart = (z % ${t.split}) * kChunk;
     let kEnd = min(K, kStart + kChunk);`
 
-const header = (t: Tiles, transposeA: boolean) => `
+/** The workgroup variable through which a `segment` program's tile loop bound becomes uniform. */
+const segmentShared = (indexing: Indexing) => (indexing === "segment" ? "\n  var<workgroup> segmentChunk : i32;" : "")
+
+const header = (t: Tiles, transposeA: boolean, indexing: Indexing) => `
     let M = uniforms.outShape.y;
     let N = uniforms.outShape.z;
-    let K = ${transposeA ? "uniforms.aShape.y" : "uniforms.aShape.z"};${sliceOfK(t)}
+    let K = ${transposeA ? "uniforms.aShape.y" : "uniforms.aShape.z"};${sliceOfK(t, indexing)}
     let aBase = select(batch, 0, uniforms.aShape.x == 1) * M * K;
-    let bBase = select(batch, 0, uniforms.bShape.x == 1) * K * N;
+    let bBase = ${indexing === "gather" ? "i32(Q[batch])" : "select(batch, 0, uniforms.bShape.x == 1)"} * K * N;
     let tx = i32(localId.x);
     let ty = i32(localId.y);
     let tid = ty * ${t.tn / t.rn} + tx;
@@ -163,7 +201,7 @@ const header = (t: Tiles, transposeA: boolean) => `
     let col0 = i32(workgroupId.x) * ${t.tn};`
 
 /** The WGSL of the scalar program (any M, N, K): A is `[batch, M, K]`, or `[batch, K, M]` transposed. */
-const scalarSource = (t: Tiles, transposeA: boolean, transposeB: boolean) => {
+const scalarSource = (t: Tiles, transposeA: boolean, transposeB: boolean, indexing: Indexing) => {
   const threads = (t.tn / t.rn) * (t.tm / t.rm)
   // element (row m, depth k) of A and (depth k, column n) of B, in their stored layouts
   const a = transposeA ? "A[aBase + k * M + m]" : "A[aBase + m * K + k]"
@@ -181,10 +219,10 @@ const scalarSource = (t: Tiles, transposeA: boolean, transposeB: boolean) => {
         if (${name} < ${bound} && k < kEnd) { v = ${element}; }
         ${slot} = v;
       }`
-  return `
+  return `${segmentShared(indexing)}
   var<workgroup> As : array<f32, ${t.tk * t.tm}>;
   var<workgroup> Bs : array<f32, ${t.tk * t.tn}>;
-  fn main() {${header(t, transposeA)}
+  fn main() {${header(t, transposeA, indexing)}
     var acc : array<array<f32, ${t.rn}>, ${t.rm}>;
     var ra : array<f32, ${t.rm}>;
     var rb : array<f32, ${t.rn}>;
@@ -232,7 +270,7 @@ interface Operand {
  * `[TK][TM/4]` and B's as `[TK][TN/4]` vec4s; a thread owns rows `ty·RM + i` (contiguous, read as
  * vec4) and column groups `tx + j·(TN/RN)` (neighbouring threads, neighbouring vec4s).
  */
-const vec4Source = (t: Tiles, transposeA: boolean, transposeB: boolean) => {
+const vec4Source = (t: Tiles, transposeA: boolean, transposeB: boolean, indexing: Indexing) => {
   const wx = t.tn / t.rn
   const threads = wx * (t.tm / t.rm)
   const [tm4, tn4, tk4, rm4, rn4] = [t.tm / 4, t.tn / 4, t.tk / 4, t.rm / 4, t.rn / 4]
@@ -287,10 +325,10 @@ const vec4Source = (t: Tiles, transposeA: boolean, transposeB: boolean) => {
     }`
   const acc = (r: number, j: number) => `acc_${r}_${j}`
   const cells = range(t.rm).flatMap((r) => range(rn4).map((j) => [r, j] as const))
-  return `
+  return `${segmentShared(indexing)}
   var<workgroup> As : array<vec4<f32>, ${t.tk * tm4}>;
   var<workgroup> Bs : array<vec4<f32>, ${t.tk * tn4}>;
-  fn main() {${header(t, transposeA)}
+  fn main() {${header(t, transposeA, indexing)}
     ${cells.map(([r, j]) => `var ${acc(r, j)} = vec4<f32>(0.0);`).join("\n    ")}
 ${tileLoop(`
       for (var kk = 0; kk < ${t.tk}; kk = kk + 1) {
@@ -308,15 +346,15 @@ ${tileLoop(`
   }`
 }
 
-const programOf = (t: Tiles, batch: number, m: number, n: number, transposeA: boolean, transposeB: boolean): Program => ({
-  variableNames: ["A", "B"],
+const programOf = (t: Tiles, batch: number, m: number, n: number, transposeA: boolean, transposeB: boolean, indexing: Indexing = "none"): Program => ({
+  variableNames: indexing === "none" ? ["A", "B"] : ["A", "B", "Q"],
   outputShape: [batch * t.split, m, n],
-  shaderKey: `conceptmoeMatMul_${tilesName(t)}_${transposeA}_${transposeB}`,
+  shaderKey: `conceptmoeMatMul_${tilesName(t)}_${transposeA}_${transposeB}${indexing === "none" ? "" : `_${indexing}`}`,
   dispatchLayout: { x: [2], y: [1], z: [0] },
   dispatch: [Math.ceil(n / t.tn), Math.ceil(m / t.tm), batch * t.split],
   workgroupSize: [t.tn / t.rn, t.tm / t.rm, 1],
-  ...(t.vec4 ? { outputComponent: 4, variableComponents: [4, 4] } : {}),
-  getUserCode: () => (t.vec4 ? vec4Source : scalarSource)(t, transposeA, transposeB)
+  ...(t.vec4 ? { outputComponent: 4, variableComponents: indexing === "none" ? [4, 4] : [4, 4, 1] } : {}),
+  getUserCode: () => (t.vec4 ? vec4Source : scalarSource)(t, transposeA, transposeB, indexing)
 })
 
 /** Sums `[batch·split, M, N]` partial products over the split into `[batch, M, N]`. */
@@ -362,6 +400,15 @@ const productOf = (args: KernelArgs): Product | undefined => {
   return { batchA, batchB, m: transposeA ? ca : ra, n: transposeB ? rb : cb, k, transposeA, transposeB }
 }
 
+/** Runs tiles `t` on rank-3 operands (and the table of an indexed program): `[batch, M, N]`, split K summed. */
+const runTiled = (backend: WebGpuBackend, t: Tiles, batch: number, p: Product, indexing: Indexing, inputs: Array<TF.TensorInfo>): TF.TensorInfo => {
+  const out = backend.runWebGPUProgram(programOf(t, batch, p.m, p.n, p.transposeA, p.transposeB, indexing), inputs, "float32")
+  if (t.split === 1) return out
+  const summed = backend.runWebGPUProgram(sumSlices(t.split, batch, p.m, p.n), [out], "float32")
+  backend.disposeData(out.dataId)
+  return summed
+}
+
 /** Our kernel with tile shape `t`, for the products it covers. */
 export const tiledKernel = (tf: Tf, t: Tiles): MatMulKernel => ({
   name: tilesName(t),
@@ -376,16 +423,7 @@ export const tiledKernel = (tf: Tf, t: Tiles): MatMulKernel => ({
     const batch = Math.max(p.batchA, p.batchB)
     // rank-3 views of the operands (tfjs programs take a tensor's shape from the info they are given)
     const view = (x: TF.TensorInfo, rows: number, cols: number, n: number) => ({ ...x, shape: [n, rows, cols] })
-    let out = backend.runWebGPUProgram(
-      programOf(t, batch, p.m, p.n, p.transposeA, p.transposeB),
-      [view(a, a.shape.at(-2)!, a.shape.at(-1)!, p.batchA), view(b, b.shape.at(-2)!, b.shape.at(-1)!, p.batchB)],
-      "float32"
-    )
-    if (t.split > 1) {
-      const partial = out
-      out = backend.runWebGPUProgram(sumSlices(t.split, batch, p.m, p.n), [partial], "float32")
-      backend.disposeData(partial.dataId)
-    }
+    const out = runTiled(backend, t, batch, p, "none", [view(a, a.shape.at(-2)!, a.shape.at(-1)!, p.batchA), view(b, b.shape.at(-2)!, b.shape.at(-1)!, p.batchB)])
     // the batch dimensions broadcast as tfjs's own kernel does (e.g. [3, 5] × [1, 5, 2] → [1, 3, 2])
     const outBatch = tf.backend_util.assertAndGetBroadcastShape(a.shape.slice(0, -2), b.shape.slice(0, -2))
     return { ...out, shape: [...outBatch, p.m, p.n] }
@@ -414,9 +452,9 @@ interface State {
 
 let state: State | undefined
 
-/** The kernel a product runs with now. */
-const kernelFor = (s: State, p: Product): MatMulKernel => {
-  const k = s.forced ?? (s.mode === "tfjs" ? s.stock : s.mode === "auto" ? s.chosen.get(productKey(p)) : s.fixed)
+/** The kernel a product (kept under `key`) runs with now. */
+const kernelFor = (s: State, p: Product, key = productKey(p)): MatMulKernel => {
+  const k = s.forced ?? (s.mode === "tfjs" ? s.stock : s.mode === "auto" ? s.chosen.get(key) : s.fixed)
   return k !== undefined && k.covers(p) ? k : s.stock
 }
 
@@ -441,9 +479,13 @@ export const useMatMul = (tf: Tf, mode: MatMulMode, options: { readonly candidat
       kernelFunc: ((args: KernelArgs) => {
         const p = productOf(args)
         if (p === undefined) return stock.kernelFunc(args)
-        const key = productKey(p)
-        s.seen.set(key, p)
-        for (const w of watchers) w.add(key)
+        // (the tuner's own products, run with a kernel forced, are not noted: a grouped product is
+        // timed as a batched one of another key)
+        if (s.forced === undefined) {
+          const key = productKey(p)
+          s.seen.set(key, p)
+          for (const w of watchers) w.add(key)
+        }
         return kernelFor(s, p).kernelFunc(args)
       }) as never
     })
@@ -547,7 +589,9 @@ export const tuneMatMuls = async (
       const reference = product(ca, cb)
       owned.push(reference)
       const scale = await valueOf(tf, () => tf.max(tf.abs(reference)))
-      for (const c of s.candidates.filter((c) => c.covers(p))) {
+      // a grouped product's kernel is one of ours (tfjs's is the reference: it cannot read a table)
+      const grouped = key.startsWith("grouped ")
+      for (const c of s.candidates.filter((c) => c.covers(p) && (!grouped || (c !== s.stock && parseTiles(c.name) !== undefined)))) {
         if (s.generation !== generation) return []
         s.forced = c
         let out: Tensor | undefined
@@ -648,8 +692,8 @@ const valueOf = async (tf: Tf, f: () => Tensor): Promise<number> => {
 export const matMulChoices = (): Record<string, number> => {
   const counts: Record<string, number> = {}
   if (state === undefined) return counts
-  for (const p of state.seen.values()) {
-    const name = kernelFor(state, p).name
+  for (const [key, p] of state.seen) {
+    const name = key.startsWith("grouped ") ? groupedKernel(state, p, key) ?? "tfjs" : kernelFor(state, p, key).name
     counts[name] = (counts[name] ?? 0) + 1
   }
   return counts
@@ -706,4 +750,139 @@ export const takeChoices = (tf: Tf, choices: Readonly<Record<string, string>>): 
     taken++
   }
   return { taken, unknown }
+}
+
+/**
+ * Grouped products, for the MoE grouped dispatch (`blocks/MoE.ts`): `x [G, T, a]` (T rows of one
+ * expert per group) times the matrix of each group's expert in `w [E, a, b]`, as `groups [G]`
+ * names them (float32 whole numbers, ascending) → `[G, T, b]`, differentiable in x and w, without
+ * first gathering the groups' matrices (`[G, a, b]`: G·a·b floats per matrix, 64 MiB for 512
+ * groups of 2048×16 and more for a large model). The product reads `w[groups[g]]` in place; dx is
+ * the same product with wᵀ; dw[e] = Σ over e's groups of x_gᵀ·dy_g, one product per expert whose K
+ * runs over its groups' rows (found by bisection in `groups`): no per-group partials, no atomics,
+ * the same sums every run.
+ *
+ * Each of the three runs with our kernel that the tuner chose for the batched product of the same
+ * shape (kept under `grouped …` keys, see {@link tunedChoices}; only our kernels compete, tfjs's is
+ * the reference), before tuning with a default of ours, and with a fixed kernel where it covers
+ * the product. `fallback` (the gathers and batched products) computes it off webgpu, with
+ * `CONCEPTMOE_FUSED=off` or `CONCEPTMOE_MATMUL=tfjs`, and where the tuner found none of our
+ * kernels valid for one of the three.
+ */
+export const makeGroupedMatMul = (tf: Tf, fallback: (x: Tensor, w: Tensor, groups: Tensor) => Tensor) => {
+  if (tf.getBackend() !== "webgpu" || !switchOn("CONCEPTMOE_FUSED") || !registerGrouped(tf)) return fallback
+  const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, unknown>) =>
+    tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, attrs as unknown as TF.NamedAttrMap) as Tensor
+  return (x: Tensor, w: Tensor, groups: Tensor): Tensor => {
+    const [G, T, a] = x.shape as [number, number, number]
+    const [E, , b] = w.shape as [number, number, number]
+    const tiles = groupedTiles(groupedProducts(G, T, a, b, E))
+    if (tiles === undefined) return fallback(x, w, groups)
+    // the table is saved with the inputs: tfjs frees a pass's other tensors before its backward
+    const f = tf.customGrad(((x2: Tensor, w2: Tensor, save: (ts: Array<Tensor>) => void) => {
+      save([x2, w2, groups])
+      return {
+        value: run(groupedKernels.product, { a: x2, b: w2, q: groups }, { tiles: tiles.forward, transposeB: false }),
+        gradFunc: (dy: Tensor, [sx, sw, sq]: Array<Tensor>) => [
+          run(groupedKernels.product, { a: dy, b: sw!, q: sq! }, { tiles: tiles.dx, transposeB: true }),
+          run(groupedKernels.sum, { a: sx!, b: dy, q: sq! }, { tiles: tiles.dw, experts: E })
+        ]
+      }
+    }) as unknown as Parameters<Tf["customGrad"]>[0])
+    return f(x, w) as Tensor
+  }
+}
+
+const groupedKernels = { product: "ConceptmoeGroupedMatMul", sum: "ConceptmoeGroupedMatMulSum" } as const
+
+/**
+ * The batched products that a grouped product and its two gradients are timed as: `G` groups of
+ * `T` rows of `a` features, experts `[E, a, b]`; an expert's weight gradient as a K of its mean
+ * rows, up to a multiple of 4 (it runs over each expert's own rows).
+ */
+export const groupedProducts = (G: number, T: number, a: number, b: number, E: number) => ({
+  forward: { batchA: G, batchB: G, m: T, n: b, k: a, transposeA: false, transposeB: false },
+  dx: { batchA: G, batchB: G, m: T, n: a, k: b, transposeA: false, transposeB: true },
+  dw: { batchA: E, batchB: E, m: a, n: b, k: 4 * Math.ceil((G * T) / E / 4), transposeA: true, transposeB: false }
+}) satisfies Record<string, Product>
+
+/** The key under which a grouped product's choice is kept. */
+export const groupedKey = (p: Product): string => `grouped ${productKey(p)}`
+
+/**
+ * Our tiles for each of a grouped product's parts (noted as products seen, for the tuner), or
+ * undefined where any of them has none (see {@link makeGroupedMatMul}).
+ */
+const groupedTiles = <K extends string>(products: Record<K, Product>): Record<K, string> | undefined => {
+  const s = state
+  if (s === undefined) return undefined
+  const out: Partial<Record<K, string>> = {}
+  let all = true
+  for (const [role, p] of Object.entries(products) as Array<[K, Product]>) {
+    const key = groupedKey(p)
+    s.seen.set(key, p)
+    for (const w of watchers) w.add(key)
+    const name = groupedKernel(s, p, key)
+    if (name === undefined) all = false
+    else out[role] = name
+  }
+  return all ? out as Record<K, string> : undefined
+}
+
+/**
+ * The kernel of a grouped product's part: in `auto` the tuner's choice once tuned (none where it
+ * found none of ours valid), until then a default of ours (as every fused kernel, tested on the
+ * reference backend); a fixed kernel where it covers the product, else the default; none in `tfjs`.
+ */
+const groupedKernel = (s: State, p: Product, key: string): string | undefined => {
+  if (s.mode === "tfjs") return undefined
+  const k = s.mode === "auto" ? s.chosen.get(key) : s.fixed
+  if (k === undefined || (s.mode !== "auto" && !k.covers(p))) return defaultTiles(p)
+  return k !== s.stock && parseTiles(k.name) !== undefined && k.covers(p) ? k.name : undefined
+}
+
+/** Our default kernel for a product: vec4 where it covers it, tiles no taller than the product's rows. */
+const defaultTiles = (p: Product): string =>
+  [p.m <= 32 ? "32x32x16/4x4/v4" : "64x64x16/4x4/v4", "32x32x32/4x4"].find((n) => {
+    const t = parseTiles(n)!
+    return !t.vec4 || (p.m % 4 === 0 && p.n % 4 === 0 && p.k % 4 === 0)
+  })!
+
+let groupedRegistered: boolean | undefined
+
+/** Registers the grouped kernels for webgpu (once); false where the backend cannot run our programs. */
+const registerGrouped = (tf: Tf): boolean => {
+  if (groupedRegistered !== undefined) return groupedRegistered
+  groupedRegistered = typeof (tf.backend() as unknown as Partial<WebGpuBackend>).runWebGPUProgram === "function"
+  if (!groupedRegistered) return false
+  const info = (args: KernelArgs, name: string) => args.inputs[name] as TF.TensorInfo
+  const attrs = (args: KernelArgs) => args.attrs as unknown as { tiles: string; transposeB: boolean; experts: number }
+  // a [G, T, K] · b[q[g]] ([E, K, N], or [E, N, K] transposed) → [G, T, N]
+  tf.registerKernel({
+    kernelName: groupedKernels.product,
+    backendName: "webgpu",
+    kernelFunc: ((args: KernelArgs) => {
+      const [a, b, q] = [info(args, "a"), info(args, "b"), info(args, "q")]
+      const { tiles, transposeB } = attrs(args)
+      const [G, T, k] = a.shape as [number, number, number]
+      const n = transposeB ? b.shape[1]! : b.shape[2]!
+      const p: Product = { batchA: G, batchB: b.shape[0]!, m: T, n, k, transposeA: false, transposeB }
+      return { ...runTiled(args.backend as WebGpuBackend, parseTiles(tiles)!, G, p, "gather", [a, b, q]), shape: [G, T, n] }
+    }) as never
+  })
+  // Σ over expert e's groups g of a[g]ᵀ · b[g], for a [G, T, M], b [G, T, N] → [E, M, N]
+  tf.registerKernel({
+    kernelName: groupedKernels.sum,
+    backendName: "webgpu",
+    kernelFunc: ((args: KernelArgs) => {
+      const [a, b, q] = [info(args, "a"), info(args, "b"), info(args, "q")]
+      const { tiles, experts } = attrs(args)
+      const [G, T, m] = a.shape as [number, number, number]
+      const n = b.shape[2]!
+      const p: Product = { batchA: 1, batchB: 1, m, n, k: G * T, transposeA: true, transposeB: false }
+      const rows = (x: TF.TensorInfo, cols: number) => ({ ...x, shape: [1, G * T, cols] })
+      return { ...runTiled(args.backend as WebGpuBackend, parseTiles(tiles)!, experts, p, "segment", [rows(a, m), rows(b, n), q]), shape: [experts, m, n] }
+    }) as never
+  })
+  return true
 }

@@ -334,14 +334,16 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     } finally {
       useMatMul(tf, "tfjs")
     }
-    for (const bad of ["64x64x16/3x4", "64x64x0/4x4", "256x256x16/4x4", "64x64x16/4x2/v4", "64x64x16/4x4/k0", "64x64x16/4x4/v2", "64x64x16/4x4/db", "64x64x8/4x4/v4/db"]) {
+    for (const bad of ["64x64x16/3x4", "64x64x0/4x4", "256x256x16/4x4", "64x64x16/4x2/v4", "64x64x16/4x4/k0", "64x64x16/4x4/v2", "64x64x16/4x4/db", "64x64x8/4x4/v4/db", "64x64x16/4x4/db2", "128x128x16/8x8/v4/db2", "64x64x16/4x4/v4/db3"]) {
       assert.isUndefined(parseTiles(bad), bad)
     }
-    assert.deepStrictEqual(parseTiles("128x64x16/8x4/v4/db/k2"), { tm: 128, tn: 64, tk: 16, rm: 8, rn: 4, vec4: true, prefetch: true, split: 2 })
+    assert.deepStrictEqual(parseTiles("128x64x16/8x4/v4/db/k2"), { tm: 128, tn: 64, tk: 16, rm: 8, rn: 4, vec4: true, prefetch: true, double: false, split: 2 })
+    assert.deepStrictEqual(parseTiles("128x128x8/8x8/v4/db2"), { tm: 128, tn: 128, tk: 8, rm: 8, rn: 8, vec4: true, prefetch: true, double: true, split: 1 })
     for (const name of kernelNames) assert.strictEqual(tilesName(parseTiles(name)!), name)
     assert.deepStrictEqual([parseMode(undefined), parseMode("auto"), parseMode("tfjs"), parseMode("32x32")], ["auto", "auto", "tfjs", undefined])
     assert.deepStrictEqual(gpuErrors(), [])
-  })
+    // every kernel on 21 products: about 80 s on lavapipe on 2 cores
+  }, 240_000)
 
   it("the matmul tuner times the candidates per product, refuses one that computes something else, and keeps the fastest", async () => {
     const stock = stockKernel()!

@@ -3,7 +3,7 @@
  * `BatchMatMul` kernel, and a tuner that picks, per product shape, the fastest of them and tfjs's
  * own kernel on the GPU at hand (as `torch.backends.cudnn.benchmark` does for convolutions).
  *
- * A kernel is named `TMxTNxTK/RMxRN[/v4[/db]][/kS]`:
+ * A kernel is named `TMxTNxTK/RMxRN[/v4[/db|/db2]][/kS]`:
  * - a workgroup computes a `TM × TN` tile of the output with `(TM/RM)·(TN/RN)` threads, each holding
  *   an `RM × RN` block of accumulators; the operands pass through workgroup memory `TK` deep;
  * - `v4` reads the operands and writes the output as `vec4<f32>`, keeps a thread's accumulators as
@@ -12,6 +12,8 @@
  *   divisible by 4 (other products go to tfjs's kernel);
  * - `db` (with v4) issues the next tile's global reads into registers before the current tile is
  *   used, so their latency hides behind its arithmetic (one tile of workgroup memory, two barriers);
+ *   `db2` also keeps two tiles of workgroup memory and stores the next tile into one while the
+ *   current one is read from the other (one barrier per tile; twice the workgroup memory);
  * - `kS` splits K into S slices computed by separate workgroups (for products with a small output
  *   and a long K, such as weight gradients) and sums them with a second dispatch.
  * Operands are read in their stored layouts (transposed ones too); batches broadcast when one side
@@ -46,6 +48,11 @@ export interface Tiles {
   readonly vec4: boolean
   /** vec4 only: the next tile's global reads are issued into registers before the current tile is used. */
   readonly prefetch: boolean
+  /**
+   * With prefetch: two tiles of workgroup memory, the next tile stored into one while the current
+   * one is read from the other, one barrier per tile instead of two.
+   */
+  readonly double: boolean
   /** Slices of K, summed by a second dispatch (1: none). */
   readonly split: number
 }
@@ -55,7 +62,7 @@ export interface Tiles {
  * large tiles for large outputs, 8×8 per thread on 64-128 threads for outputs too small to fill a
  * GPU with 128×128 tiles (a [4096, 512] output is 128 of them), split K for weight gradients (a
  * [512, 512] gradient over 4,096 tokens is 16 tiles of 128×128 or 64 of 64×64 for 132 SMs: 8 slices
- * make 512 workgroups).
+ * make 512 workgroups), and double-buffered workgroup memory (`db2`) for the tiles that fit twice.
  */
 export const kernelNames: ReadonlyArray<string> = [
   "32x32x32/4x4",
@@ -72,6 +79,9 @@ export const kernelNames: ReadonlyArray<string> = [
   "128x64x16/8x4/v4/db",
   "128x128x8/8x8/v4/db",
   "128x128x16/8x8/v4/db",
+  "128x128x8/8x8/v4/db2",
+  "128x64x8/8x8/v4/db2",
+  "64x64x16/8x8/v4/db2",
   "64x64x16/8x8/v4",
   "64x64x16/8x8/v4/db",
   "128x64x16/8x8/v4/db",
@@ -81,27 +91,29 @@ export const kernelNames: ReadonlyArray<string> = [
   "128x128x16/8x8/v4/k2",
   "64x64x16/4x4/v4/k8",
   "64x64x16/8x8/v4/k8",
+  "64x64x16/8x8/v4/db2/k8",
   "128x128x8/8x8/v4/k8"
 ]
 
 /** The name of a kernel, as {@link parseTiles} reads it. */
 export const tilesName = (t: Tiles): string =>
-  `${t.tm}x${t.tn}x${t.tk}/${t.rm}x${t.rn}${t.vec4 ? "/v4" : ""}${t.prefetch ? "/db" : ""}${t.split > 1 ? `/k${t.split}` : ""}`
+  `${t.tm}x${t.tn}x${t.tk}/${t.rm}x${t.rn}${t.vec4 ? "/v4" : ""}${t.prefetch ? (t.double ? "/db2" : "/db") : ""}${t.split > 1 ? `/k${t.split}` : ""}`
 
-/** Parses `TMxTNxTK/RMxRN[/v4[/db]][/kS]`; undefined if it is not a valid kernel. */
+/** Parses `TMxTNxTK/RMxRN[/v4[/db|/db2]][/kS]`; undefined if it is not a valid kernel. */
 export const parseTiles = (s: string): Tiles | undefined => {
-  const m = /^(\d+)x(\d+)x(\d+)\/(\d+)x(\d+)(\/v4)?(\/db)?(?:\/k(\d+))?$/.exec(s.trim())
+  const m = /^(\d+)x(\d+)x(\d+)\/(\d+)x(\d+)(\/v4)?(\/db2?)?(?:\/k(\d+))?$/.exec(s.trim())
   if (m === null) return undefined
   const [tm, tn, tk, rm, rn] = m.slice(1, 6).map(Number) as [number, number, number, number, number]
   const vec4 = m[6] !== undefined
   const prefetch = m[7] !== undefined
+  const double = m[7] === "/db2"
   const split = m[8] === undefined ? 1 : Number(m[8])
   const threads = (tm / rm) * (tn / rn)
   const ok = [tm, tn, tk, rm, rn].every((x) => x >= 1) && tm % rm === 0 && tn % rn === 0 && threads >= 1 && threads <= 256 &&
-    (tm + tn) * tk * 4 <= 16384 && split >= 1 && split <= 64 && (!vec4 || (rm % 4 === 0 && rn % 4 === 0 && tk % 4 === 0)) &&
+    (tm + tn) * tk * 4 * (double ? 2 : 1) <= 16384 && split >= 1 && split <= 64 && (!vec4 || (rm % 4 === 0 && rn % 4 === 0 && tk % 4 === 0)) &&
     // prefetching keeps a whole number of each tile's vec4s per thread in registers
     (!prefetch || (vec4 && ((tm * tk) / 4) % threads === 0 && ((tn * tk) / 4) % threads === 0))
-  return ok ? { tm, tn, tk, rm, rn, vec4, prefetch, split } : undefined
+  return ok ? { tm, tn, tk, rm, rn, vec4, prefetch, double, split } : undefined
 }
 
 /** One product: `batch × (M × K) · (K × N)` with the operands' stored layouts. */
@@ -279,14 +291,15 @@ const vec4Source = (t: Tiles, transposeA: boolean, transposeB: boolean, indexing
   // it is inside the matrix and the slice of K, its global read, and its store into workgroup memory
   const scatter = (slot: (c: number) => string) => range(4).map((c) => `${slot(c)} = v[${c}];`).join(" ")
   const a: Operand = transposeA
-    ? { count: t.tk * tm4, coords: `let mm4 = i % ${tm4}; let kk = i / ${tm4};`, at: "let m = row0 + mm4 * 4; let k = k0 + kk;", inside: "m < M && k < kEnd", read: "A[(aBase + k * M + m) / 4]", store: `As[kk * ${tm4} + mm4] = v;` }
-    : { count: t.tm * tk4, coords: `let kk4 = i % ${tk4}; let mm = i / ${tk4};`, at: "let m = row0 + mm; let k = k0 + kk4 * 4;", inside: "m < M && k < kEnd", read: "A[(aBase + m * K + k) / 4]", store: scatter((c) => `As[(kk4 * 4 + ${c}) * ${tm4} + mm / 4][mm % 4]`) }
+    ? { count: t.tk * tm4, coords: `let mm4 = i % ${tm4}; let kk = i / ${tm4};`, at: "let m = row0 + mm4 * 4; let k = k0 + kk;", inside: "m < M && k < kEnd", read: "A[(aBase + k * M + m) / 4]", store: `As[aAt + kk * ${tm4} + mm4] = v;` }
+    : { count: t.tm * tk4, coords: `let kk4 = i % ${tk4}; let mm = i / ${tk4};`, at: "let m = row0 + mm; let k = k0 + kk4 * 4;", inside: "m < M && k < kEnd", read: "A[(aBase + m * K + k) / 4]", store: scatter((c) => `As[aAt + (kk4 * 4 + ${c}) * ${tm4} + mm / 4][mm % 4]`) }
   const b: Operand = transposeB
-    ? { count: t.tn * tk4, coords: `let kk4 = i % ${tk4}; let nn = i / ${tk4};`, at: "let n = col0 + nn; let k = k0 + kk4 * 4;", inside: "n < N && k < kEnd", read: "B[(bBase + n * K + k) / 4]", store: scatter((c) => `Bs[(kk4 * 4 + ${c}) * ${tn4} + nn / 4][nn % 4]`) }
-    : { count: t.tk * tn4, coords: `let nn4 = i % ${tn4}; let kk = i / ${tn4};`, at: "let n = col0 + nn4 * 4; let k = k0 + kk;", inside: "n < N && k < kEnd", read: "B[(bBase + k * N + n) / 4]", store: `Bs[kk * ${tn4} + nn4] = v;` }
+    ? { count: t.tn * tk4, coords: `let kk4 = i % ${tk4}; let nn = i / ${tk4};`, at: "let n = col0 + nn; let k = k0 + kk4 * 4;", inside: "n < N && k < kEnd", read: "B[(bBase + n * K + k) / 4]", store: scatter((c) => `Bs[bAt + (kk4 * 4 + ${c}) * ${tn4} + nn / 4][nn % 4]`) }
+    : { count: t.tk * tn4, coords: `let nn4 = i % ${tn4}; let kk = i / ${tn4};`, at: "let n = col0 + nn4 * 4; let k = k0 + kk;", inside: "n < N && k < kEnd", read: "B[(bBase + k * N + n) / 4]", store: `Bs[bAt + kk * ${tn4} + nn4] = v;` }
   const fetch = (o: Operand) => `${o.at} var v = vec4<f32>(0.0); if (${o.inside}) { v = ${o.read}; }`
   // straight: every tile loaded, then used; prefetched: the next tile's reads are issued into
-  // registers before the current tile is used, and stored after it
+  // registers before the current tile is used, and stored after it; double: stored into the other
+  // tile of workgroup memory while the current one is used. Tiles start at aAt and bAt.
   const load = (o: Operand) => `
       for (var i = tid; i < ${o.count}; i = i + ${threads}) { ${o.coords} ${fetch(o)} ${o.store} }`
   const slots = (o: Operand, name: string) => range(o.count / threads).map((r) => [`${name}${r}`, `let i = tid + ${r * threads};`] as const)
@@ -295,10 +308,46 @@ const vec4Source = (t: Tiles, transposeA: boolean, transposeB: boolean, indexing
   const storeFetched = (o: Operand, name: string) =>
     slots(o, name).map(([reg, at]) => `{ ${at} ${o.coords} let v = ${reg}; ${o.store} }`).join("\n      ")
   const registers = [...slots(a, "pa"), ...slots(b, "pb")].map(([reg]) => `var ${reg} : vec4<f32>;`).join(" ")
+  const [aTile, bTile] = [t.tk * tm4, t.tk * tn4]
+  const at = (buffer: string) => `let aAt = ${buffer} * ${aTile}; let bAt = ${buffer} * ${bTile};`
   const tileLoop = (compute: string) =>
-    t.prefetch
+    t.double
       ? `
     ${registers}
+    {
+      let k0 = kStart;
+      ${prefetch(a, "pa")}
+      ${prefetch(b, "pb")}
+    }
+    {
+      ${at("0")}
+      ${storeFetched(a, "pa")}
+      ${storeFetched(b, "pb")}
+    }
+    workgroupBarrier();
+    // bounds from uniforms only: workgroupBarrier needs uniform control flow
+    for (var kb = 0; kb < kChunk; kb = kb + ${t.tk}) {
+      let current = (kb / ${t.tk}) % 2;
+      let more = kb + ${t.tk} < kChunk;
+      if (more) {
+        let k0 = kStart + kb + ${t.tk};
+        ${prefetch(a, "pa")}
+        ${prefetch(b, "pb")}
+      }
+      {
+        ${at("current")}${compute}
+      }
+      if (more) {
+        ${at("(1 - current)")}
+        ${storeFetched(a, "pa")}
+        ${storeFetched(b, "pb")}
+      }
+      workgroupBarrier();
+    }`
+      : t.prefetch
+      ? `
+    ${registers}
+    ${at("0")}
     {
       let k0 = kStart;
       ${prefetch(a, "pa")}
@@ -317,6 +366,7 @@ const vec4Source = (t: Tiles, transposeA: boolean, transposeB: boolean, indexing
       workgroupBarrier();
     }`
       : `
+    ${at("0")}
     // bounds from uniforms only: workgroupBarrier needs uniform control flow
     for (var kb = 0; kb < kChunk; kb = kb + ${t.tk}) {
       let k0 = kStart + kb;${load(a)}${load(b)}
@@ -326,14 +376,14 @@ const vec4Source = (t: Tiles, transposeA: boolean, transposeB: boolean, indexing
   const acc = (r: number, j: number) => `acc_${r}_${j}`
   const cells = range(t.rm).flatMap((r) => range(rn4).map((j) => [r, j] as const))
   return `${segmentShared(indexing)}
-  var<workgroup> As : array<vec4<f32>, ${t.tk * tm4}>;
-  var<workgroup> Bs : array<vec4<f32>, ${t.tk * tn4}>;
+  var<workgroup> As : array<vec4<f32>, ${(t.double ? 2 : 1) * aTile}>;
+  var<workgroup> Bs : array<vec4<f32>, ${(t.double ? 2 : 1) * bTile}>;
   fn main() {${header(t, transposeA, indexing)}
     ${cells.map(([r, j]) => `var ${acc(r, j)} = vec4<f32>(0.0);`).join("\n    ")}
 ${tileLoop(`
       for (var kk = 0; kk < ${t.tk}; kk = kk + 1) {
-        ${range(rm4).map((i) => `let a${i} = As[kk * ${tm4} + ty * ${rm4} + ${i}];`).join("\n        ")}
-        ${range(rn4).map((j) => `let b${j} = Bs[kk * ${tn4} + tx + ${j * wx}];`).join("\n        ")}
+        ${range(rm4).map((i) => `let a${i} = As[aAt + kk * ${tm4} + ty * ${rm4} + ${i}];`).join("\n        ")}
+        ${range(rn4).map((j) => `let b${j} = Bs[bAt + kk * ${tn4} + tx + ${j * wx}];`).join("\n        ")}
         ${cells.map(([r, j]) => `${acc(r, j)} = fma(vec4<f32>(a${Math.floor(r / 4)}.${components[r % 4]}), b${j}, ${acc(r, j)});`).join("\n        ")}
       }`)}
     ${range(t.rm).map((r) => `

@@ -9,7 +9,7 @@ import { Effect, Schema } from "effect"
 import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
-import { adamStepValues, adamw, makeActivate, makeCombine, makeMaskedNll, makeRepeat, makeRmsNorm, makeMaskedSoftmax, makeRotate, makeRoute, makeSlots, makeSumSquares, makeTopMask } from "../src/runtime/Fused.ts"
+import { adamStepValues, adamw, makeActivate, makeCombine, makeMaskedNll, makeRepeat, makeRmsNorm, makeMaskedSoftmax, makeRotate, makeRoute, makeSlots, makeSumSquares, makeTopMask, sumChunks } from "../src/runtime/Fused.ts"
 import { routeByLoop, routingMask } from "./support/routing.ts"
 import { makeOneHot } from "../src/runtime/Fixes.ts"
 import { describeTuning, groupedProducts, makeGroupedMatMul, kernelNames, matMulChoices, tilesName, tunedChoices, matMulTuning, type MatMulKernel, parseMode, parseTiles, stockKernel, tiledKernel, tuneMatMuls, useMatMul } from "../src/runtime/MatMul.ts"
@@ -637,12 +637,19 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     assert.deepStrictEqual(gpuErrors(), [])
   })
 
-  it("the fused sum of squares gives the cpu's", async () => {
-    for (const shape of [[1], [7], [1000, 3], [300, 300], [2, 3, 4, 5]]) {
-      const size = shape.reduce((a, b) => a * b, 1)
-      const [cpu, web] = await onBoth(() => tf.tidy(() => makeSumSquares(tf)(tf.tensor(Array.from({ length: size }, (_, i) => Math.sin(i * 0.7) * 3), shape))))
+  it("the fused sum of squares gives the cpu's, of one tensor and of several, summed in chunks or whole", async () => {
+    // chunks of at least 4,096 elements, at most 1,024 of them: [600, 700] in 100, [300, 300] in 20,
+    // [70000, 1, 256] in 1,024, a prime size whole
+    assert.deepStrictEqual([1, 7, 8191, 8192, 90000, 420000, 70000 * 256, 8209].map(sumChunks), [1, 1, 1, 2, 20, 100, 1024, 1])
+    const shapes = [[1], [7], [1000, 3], [300, 300], [2, 3, 4, 5], [600, 700], [4, 64, 32], [70000, 1, 256], [8209]]
+    const tensor = (shape: Array<number>, k: number) =>
+      tf.tensor(Array.from({ length: shape.reduce((a, b) => a * b, 1) }, (_, i) => Math.sin(i * 0.7 + k) * 3), shape)
+    for (const [k, shape] of shapes.entries()) {
+      const [cpu, web] = await onBoth(() => tf.tidy(() => makeSumSquares(tf)([tensor(shape, k)])))
       assert.closeTo(web[0]!, cpu[0]!, 1e-5 * cpu[0]!, shape.join("×"))
     }
+    const [cpu, web] = await onBoth(() => tf.tidy(() => makeSumSquares(tf)(shapes.map(tensor))))
+    assert.closeTo(web[0]!, cpu[0]!, 1e-5 * cpu[0]!, "all")
     assert.deepStrictEqual(gpuErrors(), [])
   })
 

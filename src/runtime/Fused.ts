@@ -23,7 +23,8 @@
  * - `makeMaskedSoftmax`: attention's scale, mask and softmax, one row kernel each way instead of
  *   about 3 forward and 6 backward.
  *
- * - `makeSumSquares`: Σ x² of a gradient for the clipping norm, one dispatch instead of two.
+ * - `makeSumSquares`: Σ x² over the gradients for the clipping norm, one dispatch per gradient
+ *   (a workgroup per chunk of at least 4,096 elements) instead of two, and one concat and sum.
  *
  * - `makeTopMask`: an MoE router's top-k as a 0/1 mask, one dispatch instead of tfjs's sort passes,
  *   a one-hot and a sum.
@@ -428,13 +429,26 @@ export const makeTopMask = (tf: Tf, oneHot: (indices: Tensor, depth: number) => 
 }
 
 /**
- * Σ x² over a whole tensor (a scalar), for gradient clipping's global norm: on webgpu one dispatch
- * (one workgroup reads the tensor once) instead of a squaring pass and a reduction; elsewhere op by op.
+ * Σ x² over all the elements of some tensors (a scalar), for gradient clipping's global norm. On
+ * webgpu one dispatch per tensor, whose elements are cut into {@link sumChunks} equal chunks of
+ * at least 4,096, a workgroup each (a [2048, 512] gradient: 256 workgroups, where a single one
+ * would use one of a GPU's compute units for its million elements); then the chunks' sums of all
+ * the tensors, concatenated, are summed. Elsewhere op by op.
  */
 export const makeSumSquares = (tf: Tf) => {
-  const ops = (x: Tensor): Tensor => tf.sum(tf.square(x))
-  if (!fusedOn(tf)) return ops
-  return (x: Tensor): Tensor => tf.reshape(runKernel(tf, kernels.sumSquares, { x: tf.reshape(x, [1, x.size]) }), [])
+  if (!fusedOn(tf)) return (xs: ReadonlyArray<Tensor>): Tensor => tf.addN(xs.map((x) => tf.sum(tf.square(x))))
+  const chunks = (x: Tensor): Tensor => {
+    const n = sumChunks(x.size)
+    return tf.reshape(runKernel(tf, kernels.sumSquares, { x: tf.reshape(x, [n, x.size / n]) }), [n])
+  }
+  return (xs: ReadonlyArray<Tensor>): Tensor => tf.sum(xs.length === 1 ? chunks(xs[0]!) : tf.concat(xs.map(chunks)))
+}
+
+/** Equal chunks of a tensor of `size` elements to sum in parallel: at most 1,024, of at least 4,096 elements (1 for fewer than 8,192). */
+export const sumChunks = (size: number): number => {
+  let n = Math.max(1, Math.min(1024, Math.floor(size / 4096)))
+  while (size % n !== 0) n--
+  return n
 }
 
 /**
@@ -705,7 +719,7 @@ const registerWebGpu = (tf: Tf): boolean => {
           result[i] = uniforms.scale * P[i] * (DP[i] - dot);
         }
       }`)
-  // one row [1, size]: Σ x² in one workgroup
+  // Σ x² per row (a chunk of a tensor), a workgroup each
   defineRows(kernels.sumSquares, ["X"], [], true, `
       var sa = 0.0;
       if (valid) { for (var c = t; c < width; c = c + 64) { let v = X[row * width + c]; sa = sa + v * v; } }

@@ -131,8 +131,7 @@ export const stepOnDevice = (
       return r.total
     }, vars)
     const gs = vars.map((w) => grads[w.name] ?? tf.zerosLike(w))
-    const sumSquares = makeSumSquares(tf)
-    const norm = tf.sqrt(tf.addN(gs.map((g) => sumSquares(g))))
+    const norm = tf.sqrt(makeSumSquares(tf)(gs))
     const scale = tf.minimum(tf.div(o.clip, norm), 1)
     const stepValues = inputs?.stepValues ?? adamStepValues(tf, { lr, c1, c2 })
     names.forEach((n, i) => {

@@ -116,7 +116,7 @@ export const load = (name: BackendName): Effect.Effect<Runtime, BackendError> =>
           const given = process.env["CONCEPTMOE_MATMUL"]
           const mode = parseMode(given)
           if (mode === undefined) {
-            throw new Error(`CONCEPTMOE_MATMUL="${given}": expected auto, tfjs or a kernel TMxTNxTK/RMxRN[/v4[/db]][/kS], e.g. 128x128x8/8x8/v4 (≤ 256 threads, ≤ 16 KiB of workgroup memory; v4: RM, RN, TK divisible by 4)`)
+            throw new Error(`CONCEPTMOE_MATMUL="${given}": expected auto, tfjs or a kernel TMxTNxTK/RMxRN[/v4[/db|/db2]][/kS], e.g. 128x128x8/8x8/v4 (≤ 256 threads, ≤ 16 KiB of workgroup memory, db2 counting its two tiles; v4: RM, RN, TK divisible by 4)`)
           }
           useMatMul(tf, mode)
         }

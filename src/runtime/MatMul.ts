@@ -184,10 +184,12 @@ const sliceOfK = (t: Tiles, indexing: Indexing) => indexing === "segment"
     let segStart = first * groupRows;
     let segEnd = lo * groupRows;
     // the tile loop's bound must be uniform for workgroupBarrier (tfjs keeps workgroupId in a
-    // private variable, which the uniformity analysis takes as non-uniform): passed through
-    // workgroup memory, which workgroupUniformLoad reads as uniform
-    if (localId.x == 0u && localId.y == 0u) { segmentChunk = ((segEnd - segStart + ${t.split * t.tk - 1}) / ${t.split * t.tk}) * ${t.tk}; }
-    let kChunk = workgroupUniformLoad(&segmentChunk);
+    // private variable, which the uniformity analysis takes as non-uniform): passed through the
+    // first slot of A's tile (no workgroup memory beyond the tiles' budget), which
+    // workgroupUniformLoad reads as uniform, and freed by a barrier before the tiles are stored
+    if (localId.x == 0u && localId.y == 0u) { As[0] = ${t.vec4 ? "vec4<f32>(" : "("}bitcast<f32>(((segEnd - segStart + ${t.split * t.tk - 1}) / ${t.split * t.tk}) * ${t.tk})); }
+    let kChunk = bitcast<i32>(workgroupUniformLoad(&As[0])${t.vec4 ? ".x" : ""});
+    workgroupBarrier();
     let kStart = segStart + (z % ${t.split}) * kChunk;
     let kEnd = min(segEnd, kStart + kChunk);`
   : `
@@ -196,9 +198,6 @@ const sliceOfK = (t: Tiles, indexing: Indexing) => indexing === "segment"
     let kChunk = ((K + ${t.split * t.tk - 1}) / ${t.split * t.tk}) * ${t.tk};
     let kStart = (z % ${t.split}) * kChunk;
     let kEnd = min(K, kStart + kChunk);`
-
-/** The workgroup variable through which a `segment` program's tile loop bound becomes uniform. */
-const segmentShared = (indexing: Indexing) => (indexing === "segment" ? "\n  var<workgroup> segmentChunk : i32;" : "")
 
 const header = (t: Tiles, transposeA: boolean, indexing: Indexing) => `
     let M = uniforms.outShape.y;
@@ -231,7 +230,7 @@ const scalarSource = (t: Tiles, transposeA: boolean, transposeB: boolean, indexi
         if (${name} < ${bound} && k < kEnd) { v = ${element}; }
         ${slot} = v;
       }`
-  return `${segmentShared(indexing)}
+  return `
   var<workgroup> As : array<f32, ${t.tk * t.tm}>;
   var<workgroup> Bs : array<f32, ${t.tk * t.tn}>;
   fn main() {${header(t, transposeA, indexing)}
@@ -375,7 +374,7 @@ const vec4Source = (t: Tiles, transposeA: boolean, transposeB: boolean, indexing
     }`
   const acc = (r: number, j: number) => `acc_${r}_${j}`
   const cells = range(t.rm).flatMap((r) => range(rn4).map((j) => [r, j] as const))
-  return `${segmentShared(indexing)}
+  return `
   var<workgroup> As : array<vec4<f32>, ${(t.double ? 2 : 1) * aTile}>;
   var<workgroup> Bs : array<vec4<f32>, ${(t.double ? 2 : 1) * bTile}>;
   fn main() {${header(t, transposeA, indexing)}
@@ -743,7 +742,9 @@ export const matMulChoices = (): Record<string, number> => {
   const counts: Record<string, number> = {}
   if (state === undefined) return counts
   for (const [key, p] of state.seen) {
-    const name = key.startsWith("grouped ") ? groupedKernel(state, p, key) ?? "tfjs" : kernelFor(state, p, key).name
+    // a grouped product that falls back runs as the gathers and products that are counted themselves
+    const name = key.startsWith("grouped ") ? groupedKernel(state, p, key) : kernelFor(state, p, key).name
+    if (name === undefined) continue
     counts[name] = (counts[name] ?? 0) + 1
   }
   return counts
@@ -759,7 +760,9 @@ export const describeTuning = (rows: ReadonlyArray<TuneRow>): string => {
   let best = 0
   for (const r of rows) {
     wins.set(r.chosen, (wins.get(r.chosen) ?? 0) + 1)
-    stock += r.us["tfjs"] ?? 0
+    // like with like: the shapes where tfjs's kernel was timed too (not the grouped products)
+    if (r.us["tfjs"] === undefined) continue
+    stock += r.us["tfjs"]
     best += r.us[r.chosen] ?? 0
   }
   const counted = (m: Map<string, number>) => [...m].sort((a, b) => b[1] - a[1]).map(([k, n]) => `${k} ×${n}`).join(", ")
@@ -817,7 +820,9 @@ export const takeChoices = (tf: Tf, choices: Readonly<Record<string, string>>): 
  * the reference), before tuning with a default of ours, and with a fixed kernel where it covers
  * the product. `fallback` (the gathers and batched products) computes it off webgpu, with
  * `CONCEPTMOE_FUSED=off` or `CONCEPTMOE_MATMUL=tfjs`, and where the tuner found none of our
- * kernels valid for one of the three.
+ * kernels valid for one of the three (then a run resumed from a checkpoint tunes the fallback's
+ * products at its first step, which the original run did not: it may compute them with other
+ * kernels than the original, and so not repeat it bit for bit).
  */
 export const makeGroupedMatMul = (tf: Tf, fallback: (x: Tensor, w: Tensor, groups: Tensor) => Tensor) => {
   if (tf.getBackend() !== "webgpu" || !switchOn("CONCEPTMOE_FUSED") || !registerGrouped(tf)) return fallback
@@ -891,7 +896,7 @@ const groupedKernel = (s: State, p: Product, key: string): string | undefined =>
   return k !== s.stock && parseTiles(k.name) !== undefined && k.covers(p) ? k.name : undefined
 }
 
-/** Our default kernel for a product: vec4 where it covers it, tiles no taller than the product's rows. */
+/** Our default kernel for a product: vec4 where it covers it; 32 rows tall for up to 32 rows, else 64. */
 const defaultTiles = (p: Product): string =>
   [p.m <= 32 ? "32x32x16/4x4/v4" : "64x64x16/4x4/v4", "32x32x32/4x4"].find((n) => {
     const t = parseTiles(n)!

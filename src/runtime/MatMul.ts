@@ -27,7 +27,7 @@
  *
  * The same programs also run the MoE grouped dispatch's products ({@link makeGroupedMatMul}): each
  * group's rows with its expert's matrix read in place through a table, and each expert's weight
- * gradient over its own rows, tuned as the batched products of the same shapes.
+ * gradient over its own rows, tuned and checked as they run.
  *
  * @since 0.3.0
  */
@@ -492,6 +492,8 @@ interface State {
   readonly chosen: Map<string, MatMulKernel>
   /** Products seen since the mode was set, by key. */
   readonly seen: Map<string, Product>
+  /** The grouped products among them (keys `grouped …`): their shapes, to be tuned as they run. */
+  readonly grouped: Map<string, GroupedPart>
   /** A kernel every covered product uses while the tuner times it. */
   forced: MatMulKernel | undefined
   readonly report: Array<TuneRow>
@@ -519,7 +521,7 @@ export const useMatMul = (tf: Tf, mode: MatMulMode, options: { readonly candidat
     const original = tf.getKernel("BatchMatMul", "webgpu")?.kernelFunc as KernelFunc | undefined
     if (original === undefined) return
     const stock: MatMulKernel = { name: "tfjs", covers: () => true, kernelFunc: original }
-    const s: State = { stock, mode, fixed: undefined, candidates: [], chosen: new Map(), seen: new Map(), forced: undefined, report: [], generation: 0 }
+    const s: State = { stock, mode, fixed: undefined, candidates: [], chosen: new Map(), seen: new Map(), grouped: new Map(), forced: undefined, report: [], generation: 0 }
     state = s
     tf.unregisterKernel("BatchMatMul", "webgpu")
     tf.registerKernel({
@@ -528,8 +530,8 @@ export const useMatMul = (tf: Tf, mode: MatMulMode, options: { readonly candidat
       kernelFunc: ((args: KernelArgs) => {
         const p = productOf(args)
         if (p === undefined) return stock.kernelFunc(args)
-        // (the tuner's own products, run with a kernel forced, are not noted: a grouped product is
-        // timed as a batched one of another key)
+        // (the tuner's own products, run with a kernel forced, are not noted: a grouped part's
+        // reference is a batched product of another key)
         if (s.forced === undefined) {
           const key = productKey(p)
           s.seen.set(key, p)
@@ -542,6 +544,7 @@ export const useMatMul = (tf: Tf, mode: MatMulMode, options: { readonly candidat
   // a new mode starts over: choices made among other candidates, and the products seen before
   state.chosen.clear()
   state.seen.clear()
+  state.grouped.clear()
   state.forced = undefined
   state.generation++
   state.mode = mode
@@ -592,6 +595,74 @@ export const watchProducts = (): (() => ReadonlySet<string>) => {
 
 const watchers = new Set<Set<string>>()
 
+/** How the tuner draws operands for one product, computes tfjs's result, and runs a candidate. */
+interface TuneTask {
+  readonly operands: () => readonly [Tensor, Tensor]
+  readonly reference: (a: Tensor, b: Tensor) => Tensor
+  readonly run: (c: MatMulKernel, a: Tensor, b: Tensor) => Tensor
+  /** Tensors the task made, freed with the operands. */
+  readonly owned: ReadonlyArray<Tensor>
+}
+
+const draw = (tf: Tf, shape: Array<number>, std: number) => tf.randomNormal(shape, 0, std, "float32", ++drawn)
+
+/** A product through tfjs's `BatchMatMul`, with the candidate (or tfjs's kernel) forced. */
+const plainTask = (tf: Tf, s: State, p: Product): TuneTask => {
+  const shapeOf = (batch: number, rows: number, cols: number, transpose: boolean) =>
+    [...(p.batchA === p.batchB || batch > 1 ? [batch] : []), ...(transpose ? [cols, rows] : [rows, cols])]
+  const product = (k: MatMulKernel, x: Tensor, y: Tensor) => {
+    s.forced = k
+    return tf.matMul(x, y, p.transposeA, p.transposeB) as Tensor
+  }
+  return {
+    operands: () => [draw(tf, shapeOf(p.batchA, p.m, p.k, p.transposeA), 1 / Math.sqrt(p.k)), draw(tf, shapeOf(p.batchB, p.k, p.n, p.transposeB), 1)],
+    reference: (a, b) => product(s.stock, a, b),
+    run: product,
+    owned: []
+  }
+}
+
+/**
+ * A grouped part as it runs: our grouped kernel with the candidate's tiles, on G groups whose
+ * experts are spread evenly over the E (`⌊g·E/G⌋`); tfjs's result from the gathered matrices (and,
+ * for the weight gradient, a segment sum over the groups' products), with tfjs's kernel forced.
+ */
+const groupedTask = (tf: Tf, s: State, g: GroupedPart): TuneTask => {
+  const { G, T, a, b, E } = g
+  const table = tf.tensor1d(Array.from({ length: G }, (_, i) => Math.floor((i * E) / G)), "float32")
+  const index = tf.tensor1d(Array.from({ length: G }, (_, i) => Math.floor((i * E) / G)), "int32")
+  const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, unknown>) =>
+    tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, attrs as unknown as TF.NamedAttrMap) as Tensor
+  const stock = (f: () => Tensor) => {
+    s.forced = s.stock
+    return tf.tidy(f)
+  }
+  const owned = [table, index]
+  switch (g.role) {
+    case "forward":
+      return {
+        operands: () => [draw(tf, [G, T, a], 1 / Math.sqrt(a)), draw(tf, [E, a, b], 1)],
+        reference: (x, w) => stock(() => tf.matMul(x, tf.gather(w, index))),
+        run: (c, x, w) => run(groupedKernels.product, { a: x, b: w, q: table }, { tiles: c.name, transposeB: false }),
+        owned
+      }
+    case "dx":
+      return {
+        operands: () => [draw(tf, [G, T, b], 1 / Math.sqrt(b)), draw(tf, [E, a, b], 1)],
+        reference: (dy, w) => stock(() => tf.matMul(dy, tf.gather(w, index), false, true)),
+        run: (c, dy, w) => run(groupedKernels.product, { a: dy, b: w, q: table }, { tiles: c.name, transposeB: true }),
+        owned
+      }
+    case "dw":
+      return {
+        operands: () => [draw(tf, [G, T, a], 1 / Math.sqrt((G * T) / E)), draw(tf, [G, T, b], 1)],
+        reference: (x, dy) => stock(() => tf.unsortedSegmentSum(tf.matMul(x, dy, true, false), index, E)),
+        run: (c, x, dy) => run(groupedKernels.sum, { a: x, b: dy, q: table }, { tiles: c.name, experts: E }),
+        owned
+      }
+  }
+}
+
 /**
  * In `auto` mode, times every candidate on every product seen so far (or, with `products`, on those
  * of them) and not yet tuned, and keeps
@@ -618,31 +689,28 @@ export const tuneMatMuls = async (
   const rows: Array<TuneRow> = []
   const wanted = [...s.seen].filter(([key]) => !s.chosen.has(key) && (options.products === undefined || options.products.has(key)))
   for (const [key, p] of wanted) {
-    const shapeOf = (batch: number, rows: number, cols: number, transpose: boolean) =>
-      [...(p.batchA === p.batchB || batch > 1 ? [batch] : []), ...(transpose ? [cols, rows] : [rows, cols])]
-    const draw = (shape: Array<number>, std: number) => tf.randomNormal(shape, 0, std, "float32", ++drawn)
-    const operands = () => [draw(shapeOf(p.batchA, p.m, p.k, p.transposeA), 1 / Math.sqrt(p.k)), draw(shapeOf(p.batchB, p.k, p.n, p.transposeB), 1)] as const
+    // what is timed: a product through tfjs's BatchMatMul with the candidate forced, or a grouped
+    // part through our grouped kernels with the candidate's tiles; the reference is tfjs's
+    const part = s.grouped.get(key)
+    const task = part === undefined ? plainTask(tf, s, p) : groupedTask(tf, s, part)
     // checked on one pair of operands and timed on another, both drawn afresh for every tuning:
     // the output of a kernel that leaves some of it unwritten holds what its buffer from tfjs's
     // pool held (a timed product, another tuning's), never the product it is checked against; and
     // the checked outputs stay alive (out of the pool) until the shape is done
-    const [ca, cb] = operands()
-    const [a, b] = operands()
-    const product = (x: Tensor, y: Tensor) => tf.matMul(x, y, p.transposeA, p.transposeB) as Tensor
+    const [ca, cb] = task.operands()
+    const [a, b] = task.operands()
     const us: Record<string, number> = {}
     const rejected: Record<string, number> = {}
     const failed: Record<string, string> = {}
-    const owned: Array<Tensor> = [ca, cb, a, b]
+    const owned: Array<Tensor> = [ca, cb, a, b, ...task.owned]
     try {
-      s.forced = s.stock
-      const reference = product(ca, cb)
+      const reference = task.reference(ca, cb)
       owned.push(reference)
       const scale = await valueOf(tf, () => tf.max(tf.abs(reference)))
       // a grouped product's kernel is one of ours (tfjs's is the reference: it cannot read a table)
-      const grouped = key.startsWith("grouped ")
-      for (const c of s.candidates.filter((c) => c.covers(p) && (!grouped || (c !== s.stock && parseTiles(c.name) !== undefined)))) {
+      for (const c of s.candidates.filter((c) => c.covers(p) && (part === undefined || (c !== s.stock && parseTiles(c.name) !== undefined)))) {
         if (s.generation !== generation) return []
-        s.forced = c
+        const product = (x: Tensor, y: Tensor) => task.run(c, x, y)
         let out: Tensor | undefined
         const error = await deviceError(tf, () => owned.push(out = product(ca, cb)))
         if (error !== undefined || out === undefined) {
@@ -656,7 +724,6 @@ export const tuneMatMuls = async (
           continue
         }
         if (s.generation !== generation) return []
-        s.forced = c
         if (timestamps) {
           const timing = (await tf.time(() => {
             for (let i = 0; i < reps; i++) tf.dispose(product(a, b))
@@ -815,10 +882,10 @@ export const takeChoices = (tf: Tf, choices: Readonly<Record<string, string>>): 
  * runs over its groups' rows (found by bisection in `groups`): no per-group partials, no atomics,
  * the same sums every run.
  *
- * Each of the three runs with our kernel that the tuner chose for the batched product of the same
- * shape (kept under `grouped …` keys, see {@link tunedChoices}; only our kernels compete, tfjs's is
- * the reference), before tuning with a default of ours, and with a fixed kernel where it covers
- * the product. `fallback` (the gathers and batched products) computes it off webgpu, with
+ * Each of the three runs with the tiles the tuner chose for it (kept under `grouped …` keys, see
+ * {@link tunedChoices}): the tuner times our grouped programs themselves, on groups spread evenly
+ * over the experts, and checks each against tfjs's gathered products (only our kernels compete);
+ * before tuning a default of ours runs, and a fixed kernel where it covers the product. `fallback` (the gathers and batched products) computes it off webgpu, with
  * `CONCEPTMOE_FUSED=off` or `CONCEPTMOE_MATMUL=tfjs`, and where the tuner found none of our
  * kernels valid for one of the three (then a run resumed from a checkpoint tunes the fallback's
  * products at its first step, which the original run did not: it may compute them with other
@@ -831,7 +898,7 @@ export const makeGroupedMatMul = (tf: Tf, fallback: (x: Tensor, w: Tensor, group
   return (x: Tensor, w: Tensor, groups: Tensor): Tensor => {
     const [G, T, a] = x.shape as [number, number, number]
     const [E, , b] = w.shape as [number, number, number]
-    const tiles = groupedTiles(groupedProducts(G, T, a, b, E))
+    const tiles = groupedTiles({ G, T, a, b, E })
     if (tiles === undefined) return fallback(x, w, groups)
     // the table is saved with the inputs: tfjs frees a pass's other tensors before its backward
     const f = tf.customGrad(((x2: Tensor, w2: Tensor, save: (ts: Array<Tensor>) => void) => {
@@ -851,9 +918,10 @@ export const makeGroupedMatMul = (tf: Tf, fallback: (x: Tensor, w: Tensor, group
 const groupedKernels = { product: "ConceptmoeGroupedMatMul", sum: "ConceptmoeGroupedMatMulSum" } as const
 
 /**
- * The batched products that a grouped product and its two gradients are timed as: `G` groups of
- * `T` rows of `a` features, experts `[E, a, b]`; an expert's weight gradient as a K of its mean
- * rows, up to a multiple of 4 (it runs over each expert's own rows).
+ * The batched products of the shapes of a grouped product and its two gradients, for their keys
+ * and for which tiles cover them: `G` groups of `T` rows of `a` features, experts `[E, a, b]`; an
+ * expert's weight gradient with a K of its mean rows, up to a multiple of 4 (it runs over each
+ * expert's own rows).
  */
 export const groupedProducts = (G: number, T: number, a: number, b: number, E: number) => ({
   forward: { batchA: G, batchB: G, m: T, n: b, k: a, transposeA: false, transposeB: false },
@@ -868,20 +936,37 @@ export const groupedKey = (p: Product): string => `grouped ${productKey(p)}`
  * Our tiles for each of a grouped product's parts (noted as products seen, for the tuner), or
  * undefined where any of them has none (see {@link makeGroupedMatMul}).
  */
-const groupedTiles = <K extends string>(products: Record<K, Product>): Record<K, string> | undefined => {
+const groupedTiles = (shape: GroupedShape): Record<GroupedPart["role"], string> | undefined => {
   const s = state
   if (s === undefined) return undefined
-  const out: Partial<Record<K, string>> = {}
+  const out: Partial<Record<GroupedPart["role"], string>> = {}
   let all = true
-  for (const [role, p] of Object.entries(products) as Array<[K, Product]>) {
+  const products = groupedProducts(shape.G, shape.T, shape.a, shape.b, shape.E)
+  for (const role of ["forward", "dx", "dw"] as const) {
+    const p = products[role]
     const key = groupedKey(p)
     s.seen.set(key, p)
+    s.grouped.set(key, { ...shape, role })
     for (const w of watchers) w.add(key)
     const name = groupedKernel(s, p, key)
     if (name === undefined) all = false
     else out[role] = name
   }
-  return all ? out as Record<K, string> : undefined
+  return all ? out as Record<GroupedPart["role"], string> : undefined
+}
+
+/** A grouped product's shape: G groups of T rows of a features, experts `[E, a, b]`. */
+interface GroupedShape {
+  readonly G: number
+  readonly T: number
+  readonly a: number
+  readonly b: number
+  readonly E: number
+}
+
+/** One of a grouped product's three parts: the product, its input gradient, its weight gradient. */
+interface GroupedPart extends GroupedShape {
+  readonly role: "forward" | "dx" | "dw"
 }
 
 /**

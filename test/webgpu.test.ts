@@ -870,8 +870,13 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     }
   })
 
-  it("train on webgpu (steps replayed, matmuls tuned) resumed from a checkpoint repeats the uninterrupted run exactly", async () => {
-    const m = await Effect.runPromise(load({ kind: "dense", name: "tiny", vocab: 256, hidden: 32, layers: 2, heads: 4, ffnHidden: 64, activation: "gelu", contextLength: 32 }))
+  // the MoE's grouped products (in place) are tuned too, and their choices stored and taken
+  const resumable = [
+    ["dense", { kind: "dense", name: "tiny", vocab: 256, hidden: 32, layers: 2, heads: 4, ffnHidden: 64, activation: "gelu", contextLength: 32 }],
+    ["MoE", { kind: "moe", name: "tiny-moe", vocab: 256, hidden: 32, layers: 2, heads: 4, kvHeads: 2, experts: 4, topK: 2, expertHidden: 32, sharedHidden: 16, contextLength: 32 }]
+  ] as const
+  for (const [kind, cfg] of resumable) it(`train on webgpu (steps replayed, matmuls tuned) resumed from a checkpoint repeats the uninterrupted run exactly: ${kind}`, async () => {
+    const m = await Effect.runPromise(load(cfg))
     const data = sotuSplits(byteTokenizer, 0)
     const eight = Schema.decodeUnknownSync(TrainSettings)({ seqLen: 32, batchSize: 2, steps: 8, logEvery: 100, evalEvery: 100, evalBatches: 1, checkpointEvery: 100 })
     const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), "conceptmoe-webgpu-"))
@@ -895,6 +900,9 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       const ck = await checkpoint(out)
       const stored = JSON.parse(ck.metadata["matmul"]!) as Record<string, string>
       assert.isAtLeast(Object.keys(stored).length, 6)
+      const grouped = Object.entries(stored).filter(([key]) => key.startsWith("grouped "))
+      assert.strictEqual(grouped.length, kind === "MoE" ? 3 : 0, JSON.stringify(stored))
+      for (const [key, name] of grouped) assert.strictEqual(name, "32x32x16/4x4/v4/k2", key)
       fresh()
       const tunings = matMulTuning().length
       const resumed = await go(out, true)
@@ -907,7 +915,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       useMatMul(tf, "tfjs")
     }
     assert.deepStrictEqual(gpuErrors(), [])
-  })
+  }, 120_000)
 
   it("the fused masked cross-entropy gives the op-by-op value and gradient of the cpu backend", async () => {
     for (const [n, v] of [[10, 7], [33, 256], [5, 300]] as const) {

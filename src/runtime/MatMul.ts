@@ -746,6 +746,12 @@ export const tuneMatMuls = async (
     const best = Object.entries(us).sort((x, y) => x[1] - y[1])[0]?.[0]
     const kernel = s.candidates.find((c) => c.name === best) ?? s.stock
     s.chosen.set(key, kernel)
+    // none of ours for a grouped part: the fallback's products run from now on, with tfjs's kernel
+    // as a run that first meets them after tuning does; kept as choices, so that a run resumed
+    // from a checkpoint, which meets them at its first step, does not tune them into others
+    if (part !== undefined && kernel === s.stock) {
+      for (const q of fallbackProducts(part)) if (!s.chosen.has(productKey(q))) s.chosen.set(productKey(q), s.stock)
+    }
     rows.push({ product: key, chosen: kernel.name, us, rejected, failed })
   }
   s.report.push(...rows)
@@ -887,9 +893,8 @@ export const takeChoices = (tf: Tf, choices: Readonly<Record<string, string>>): 
  * over the experts, and checks each against tfjs's gathered products (only our kernels compete);
  * before tuning a default of ours runs, and a fixed kernel where it covers the product. `fallback` (the gathers and batched products) computes it off webgpu, with
  * `CONCEPTMOE_FUSED=off` or `CONCEPTMOE_MATMUL=tfjs`, and where the tuner found none of our
- * kernels valid for one of the three (then a run resumed from a checkpoint tunes the fallback's
- * products at its first step, which the original run did not: it may compute them with other
- * kernels than the original, and so not repeat it bit for bit).
+ * kernels valid for one of the three (then the fallback's products keep tfjs's kernel, and a
+ * resumed run takes that choice with the others).
  */
 export const makeGroupedMatMul = (tf: Tf, fallback: (x: Tensor, w: Tensor, groups: Tensor) => Tensor) => {
   if (tf.getBackend() !== "webgpu" || !switchOn("CONCEPTMOE_FUSED") || !registerGrouped(tf)) return fallback
@@ -954,6 +959,16 @@ const groupedTiles = (shape: GroupedShape): Record<GroupedPart["role"], string> 
   }
   return all ? out as Record<GroupedPart["role"], string> : undefined
 }
+
+/**
+ * The batched products that the fallback of a grouped product (the gathered matrices, see
+ * {@link makeGroupedMatMul}) runs for it and its two gradients.
+ */
+const fallbackProducts = ({ G, T, a, b }: GroupedShape): ReadonlyArray<Product> => [
+  { batchA: G, batchB: G, m: T, n: b, k: a, transposeA: false, transposeB: false },
+  { batchA: G, batchB: G, m: T, n: a, k: b, transposeA: false, transposeB: true },
+  { batchA: G, batchB: G, m: a, n: b, k: T, transposeA: true, transposeB: false }
+]
 
 /** A grouped product's shape: G groups of T rows of a features, experts `[E, a, b]`. */
 interface GroupedShape {

@@ -631,8 +631,7 @@ const groupedTask = (tf: Tf, s: State, g: GroupedPart): TuneTask => {
   const { G, T, a, b, E } = g
   const table = tf.tensor1d(Array.from({ length: G }, (_, i) => Math.floor((i * E) / G)), "float32")
   const index = tf.tensor1d(Array.from({ length: G }, (_, i) => Math.floor((i * E) / G)), "int32")
-  const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, unknown>) =>
-    tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, attrs as unknown as TF.NamedAttrMap) as Tensor
+  const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, unknown>) => runKernel(tf, name, inputs, attrs)
   const stock = (f: () => Tensor) => {
     s.forced = s.stock
     return tf.tidy(f)
@@ -898,8 +897,7 @@ export const takeChoices = (tf: Tf, choices: Readonly<Record<string, string>>): 
  */
 export const makeGroupedMatMul = (tf: Tf, fallback: (x: Tensor, w: Tensor, groups: Tensor) => Tensor) => {
   if (tf.getBackend() !== "webgpu" || !switchOn("CONCEPTMOE_FUSED") || !registerGrouped(tf)) return fallback
-  const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, unknown>) =>
-    tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, attrs as unknown as TF.NamedAttrMap) as Tensor
+  const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, unknown>) => runKernel(tf, name, inputs, attrs)
   return (x: Tensor, w: Tensor, groups: Tensor): Tensor => {
     const [G, T, a] = x.shape as [number, number, number]
     const [E, , b] = w.shape as [number, number, number]
@@ -921,6 +919,10 @@ export const makeGroupedMatMul = (tf: Tf, fallback: (x: Tensor, w: Tensor, group
 }
 
 const groupedKernels = { product: "ConceptmoeGroupedMatMul", sum: "ConceptmoeGroupedMatMulSum" } as const
+
+/** Runs a registered kernel through tfjs (taped, tracked like any op). */
+const runKernel = (tf: Tf, name: string, inputs: Record<string, Tensor>, attrs: Record<string, unknown>): Tensor =>
+  tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, attrs as unknown as TF.NamedAttrMap) as Tensor
 
 /**
  * The batched products of the shapes of a grouped product and its two gradients, for their keys

@@ -193,12 +193,10 @@ const slotDispatch = (
   const batch = groups === undefined ? E : groups.shape[0]!
   const xs = tf.reshape(ctx.toSlots(x, tokens, slots), [batch, rows / batch, d])
   // by groups: the matrices are read in place per group's expert, the biases gathered per group
-  const ys = groups === undefined
-    ? ops.ffn(ctx, xs, (name) => expertParam(ctx, p, name, E), s.activation)
-    : ops.ffn(ctx, xs, (name) => {
-      const w = expertParam(ctx, p, name, E)
-      return w === undefined || name.endsWith(".weight") ? w : ctx.gatherGroups(w, groups)
-    }, s.activation, (x, w) => ctx.groupedMatMul(x, w, groups))
+  const ys = ops.ffn(ctx, xs, (name) => {
+    const w = expertParam(ctx, p, name, E)
+    return w === undefined || groups === undefined || name.endsWith(".weight") ? w : ctx.gatherGroups(w, groups)
+  }, s.activation, groups === undefined ? undefined : (x, w) => ctx.groupedMatMul(x, w, groups))
   const routed = ctx.fromSlots(tf.reshape(ys, [rows, d]), slots, tokens, gates)
   if (by !== "grouped") {
     const before = ctx.expertRouting

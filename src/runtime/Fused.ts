@@ -103,7 +103,7 @@ export const adamw = (
 }
 
 /** Runs one of our registered kernels through tfjs (taped, tracked like any op). */
-const runKernel = (tf: Tf, name: string, inputs: Record<string, Tensor>, attrs: Record<string, number> = {}): Tensor =>
+export const runKernel = (tf: Tf, name: string, inputs: Record<string, Tensor>, attrs: Record<string, unknown> = {}): Tensor =>
   tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, attrs as unknown as TF.NamedAttrMap) as Tensor
 
 const kernels = {
@@ -473,7 +473,8 @@ export const makeMaskedSoftmax = (tf: Tf) => {
   }
 }
 
-const fusedOn = (tf: Tf) => tf.getBackend() === "webgpu" && switchOn("CONCEPTMOE_FUSED") && registerWebGpu(tf)
+/** Whether our fused kernels run: on webgpu, unless `CONCEPTMOE_FUSED=off` (registers them once). */
+export const fusedOn = (tf: Tf) => tf.getBackend() === "webgpu" && switchOn("CONCEPTMOE_FUSED") && registerWebGpu(tf)
 
 /**
  * RMSNorm of `x [..., d]` with weight `g [d]`: x·g / √(mean(x²) + eps) over the last axis. On webgpu

@@ -34,7 +34,7 @@
 import type * as TF from "@tensorflow/tfjs"
 import type { Tensor, Tf } from "../graph/Apply.ts"
 import { submitPending } from "./Capture.ts"
-import { switchOn } from "./Env.ts"
+import { fusedOn, runKernel } from "./Fused.ts"
 
 export interface Tiles {
   /** Output rows and columns per workgroup, and the depth of one pass through workgroup memory. */
@@ -630,7 +630,7 @@ const plainTask = (tf: Tf, s: State, p: Product): TuneTask => {
 const groupedTask = (tf: Tf, s: State, g: GroupedPart): TuneTask => {
   const { G, T, a, b, E } = g
   const table = tf.tensor1d(Array.from({ length: G }, (_, i) => Math.floor((i * E) / G)), "float32")
-  const index = tf.tensor1d(Array.from({ length: G }, (_, i) => Math.floor((i * E) / G)), "int32")
+  const index = tf.cast(table, "int32")
   const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, unknown>) => runKernel(tf, name, inputs, attrs)
   const stock = (f: () => Tensor) => {
     s.forced = s.stock
@@ -896,7 +896,7 @@ export const takeChoices = (tf: Tf, choices: Readonly<Record<string, string>>): 
  * resumed run takes that choice with the others).
  */
 export const makeGroupedMatMul = (tf: Tf, fallback: (x: Tensor, w: Tensor, groups: Tensor) => Tensor) => {
-  if (tf.getBackend() !== "webgpu" || !switchOn("CONCEPTMOE_FUSED") || !registerGrouped(tf)) return fallback
+  if (!fusedOn(tf) || !registerGrouped(tf)) return fallback
   const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, unknown>) => runKernel(tf, name, inputs, attrs)
   return (x: Tensor, w: Tensor, groups: Tensor): Tensor => {
     const [G, T, a] = x.shape as [number, number, number]
@@ -919,10 +919,6 @@ export const makeGroupedMatMul = (tf: Tf, fallback: (x: Tensor, w: Tensor, group
 }
 
 const groupedKernels = { product: "ConceptmoeGroupedMatMul", sum: "ConceptmoeGroupedMatMulSum" } as const
-
-/** Runs a registered kernel through tfjs (taped, tracked like any op). */
-const runKernel = (tf: Tf, name: string, inputs: Record<string, Tensor>, attrs: Record<string, unknown>): Tensor =>
-  tf.engine().runKernel(name, inputs as unknown as TF.NamedTensorMap, attrs as unknown as TF.NamedAttrMap) as Tensor
 
 /**
  * The batched products of the shapes of a grouped product and its two gradients, for their keys
@@ -966,11 +962,11 @@ const groupedTiles = (shape: GroupedShape): Record<GroupedPart["role"], string> 
  * The batched products that the fallback of a grouped product (the gathered matrices, see
  * {@link makeGroupedMatMul}) runs for it and its two gradients.
  */
-const fallbackProducts = ({ G, T, a, b }: GroupedShape): ReadonlyArray<Product> => [
-  { batchA: G, batchB: G, m: T, n: b, k: a, transposeA: false, transposeB: false },
-  { batchA: G, batchB: G, m: T, n: a, k: b, transposeA: false, transposeB: true },
-  { batchA: G, batchB: G, m: a, n: b, k: T, transposeA: true, transposeB: false }
-]
+const fallbackProducts = ({ G, T, a, b, E }: GroupedShape): ReadonlyArray<Product> => {
+  // the forward product and the input gradient as the grouped ones; the weight gradient per group
+  const { forward, dx } = groupedProducts(G, T, a, b, E)
+  return [forward, dx, { batchA: G, batchB: G, m: a, n: b, k: T, transposeA: true, transposeB: false }]
+}
 
 /** A grouped product's shape: G groups of T rows of a features, experts `[E, a, b]`. */
 interface GroupedShape {
@@ -1013,33 +1009,29 @@ const registerGrouped = (tf: Tf): boolean => {
   groupedRegistered = typeof (tf.backend() as unknown as Partial<WebGpuBackend>).runWebGPUProgram === "function"
   if (!groupedRegistered) return false
   const info = (args: KernelArgs, name: string) => args.inputs[name] as TF.TensorInfo
-  const attrs = (args: KernelArgs) => args.attrs as unknown as { tiles: string; transposeB: boolean; experts: number }
+  type Attrs = { tiles: string; transposeB: boolean; experts: number }
+  // each kernel: its inputs a, b, q and attributes → a program's output and its shape
+  const register = (kernelName: string, run: (a: TF.TensorInfo, b: TF.TensorInfo, q: TF.TensorInfo, attrs: Attrs, backend: WebGpuBackend) => TF.TensorInfo) =>
+    tf.registerKernel({
+      kernelName,
+      backendName: "webgpu",
+      kernelFunc: ((args: KernelArgs) =>
+        run(info(args, "a"), info(args, "b"), info(args, "q"), args.attrs as unknown as Attrs, args.backend as WebGpuBackend)) as never
+    })
   // a [G, T, K] · b[q[g]] ([E, K, N], or [E, N, K] transposed) → [G, T, N]
-  tf.registerKernel({
-    kernelName: groupedKernels.product,
-    backendName: "webgpu",
-    kernelFunc: ((args: KernelArgs) => {
-      const [a, b, q] = [info(args, "a"), info(args, "b"), info(args, "q")]
-      const { tiles, transposeB } = attrs(args)
-      const [G, T, k] = a.shape as [number, number, number]
-      const n = transposeB ? b.shape[1]! : b.shape[2]!
-      const p: Product = { batchA: G, batchB: b.shape[0]!, m: T, n, k, transposeA: false, transposeB }
-      return { ...runTiled(args.backend as WebGpuBackend, parseTiles(tiles)!, G, p, "gather", [a, b, q]), shape: [G, T, n] }
-    }) as never
+  register(groupedKernels.product, (a, b, q, { tiles, transposeB }, backend) => {
+    const [G, T, k] = a.shape as [number, number, number]
+    const n = transposeB ? b.shape[1]! : b.shape[2]!
+    const p: Product = { batchA: G, batchB: b.shape[0]!, m: T, n, k, transposeA: false, transposeB }
+    return { ...runTiled(backend, parseTiles(tiles)!, G, p, "gather", [a, b, q]), shape: [G, T, n] }
   })
   // Σ over expert e's groups g of a[g]ᵀ · b[g], for a [G, T, M], b [G, T, N] → [E, M, N]
-  tf.registerKernel({
-    kernelName: groupedKernels.sum,
-    backendName: "webgpu",
-    kernelFunc: ((args: KernelArgs) => {
-      const [a, b, q] = [info(args, "a"), info(args, "b"), info(args, "q")]
-      const { tiles, experts } = attrs(args)
-      const [G, T, m] = a.shape as [number, number, number]
-      const n = b.shape[2]!
-      const p: Product = { batchA: 1, batchB: 1, m, n, k: G * T, transposeA: true, transposeB: false }
-      const rows = (x: TF.TensorInfo, cols: number) => ({ ...x, shape: [1, G * T, cols] })
-      return { ...runTiled(args.backend as WebGpuBackend, parseTiles(tiles)!, experts, p, "segment", [rows(a, m), rows(b, n), q]), shape: [experts, m, n] }
-    }) as never
+  register(groupedKernels.sum, (a, b, q, { tiles, experts }, backend) => {
+    const [G, T, m] = a.shape as [number, number, number]
+    const n = b.shape[2]!
+    const p: Product = { batchA: 1, batchB: 1, m, n, k: G * T, transposeA: true, transposeB: false }
+    const rows = (x: TF.TensorInfo, cols: number) => ({ ...x, shape: [1, G * T, cols] })
+    return { ...runTiled(backend, parseTiles(tiles)!, experts, p, "segment", [rows(a, m), rows(b, n), q]), shape: [experts, m, n] }
   })
   return true
 }

@@ -5,15 +5,16 @@
 #   device:  carry [".carry"], timeout_s 420, command: bash bench/gpu/run.sh core
 #            then, while the machine is still warm (it goes back 30 s after a call):
 #            carry [".carry"], timeout_s 330, command: bash bench/gpu/run.sh extra
-# core (timeouts sum to 370 s): the adapter; the webgpu smoke test (params, FLOPs, loss against cpu);
+# core (timeouts sum to 385 s): the adapter; the webgpu smoke test (params, FLOPs, loss against cpu);
 #   fp32 matmul, tfjs's kernel and each of ours, against PyTorch's (TF32 off); our training step on
 #   webgpu for the four workloads, through tfjs and replayed (matmuls tuned per shape,
-#   CONCEPTMOE_MATMUL=auto); the same models in PyTorch eager (bench/peers/torch_lm.py); the ratios.
+#   CONCEPTMOE_MATMUL=auto); the same models in PyTorch eager (bench/peers/torch_lm.py); the
+#   clipping norm's sum of squares whole and in chunks (bench/gpu/sum-squares.ts); the ratios.
 # extra (timeouts sum to 310 s): per-op host and GPU costs; a CPU profile of tfjs's matMul path;
 #   the 4096 matmul sweep with Dawn's robustness checks off; the dense steps with tfjs's matmul only
 #   (what tuning gained), with each replay in one command buffer, and with robustness checks off.
 # Each phase leaves at most 8 files in $OUT (what the device tool brings back) and prints its
-# ratios last. `all` runs both (timeouts sum to 680 s, more than one call allows, and leaves more than 8 files).
+# ratios last. `all` runs both (timeouts sum to 695 s, more than one call allows, and leaves more than 8 files).
 set -uo pipefail
 out=${OUT:-$(mktemp -d)}
 phase=${1:-core}
@@ -45,6 +46,8 @@ core() {
   timeout -k 5 180 $node bench/gpu/train-step.ts webgpu "" "$steps" 2>&1 | quiet | tee "$out/ours.jsonl"
   echo "== PyTorch eager"
   PYTHONUNBUFFERED=1 timeout -k 5 60 python3 bench/peers/torch_lm.py cuda 2>&1 | tee "$out/torch.jsonl"
+  echo "== the clipping norm's sum of squares: one workgroup per gradient, and in chunks"
+  timeout -k 5 15 $node bench/gpu/sum-squares.ts 2>&1 | quiet
   echo "== ratios: matmul (ofTorch, target >= 0.8), then steps (ratio, targets <= 4 for 2L-d128, <= 2 for 4L-d512)"
   $node bench/gpu/ratio.ts "$out/matmul-ours.jsonl" "$out/matmul-torch.jsonl" > "$out/ratios-matmul.json"
   $node bench/gpu/ratio.ts "$out/ours.jsonl" "$out/torch.jsonl" | tee "$out/ratios.json"

@@ -5,13 +5,13 @@
  * once and replayed, `src/train/Captured.ts`): params, the median step time over the timed steps
  * after 3 warm-ups, the median host time until the step's work is handed to the GPU
  * (`issueMsMedian`), the first loss (with capacity dispatch, the share of token-expert pairs dropped
- * over the timed steps, `droppedExpertPairs`), and the compute dispatches per step (for tfjs steps also the
- * host uploads and the programs dispatched most). A replayed model then runs two more steps timed
- * on the GPU with timestamp queries (`Captured.profile`): `gpuStepMs` (the replayed step's span on
- * the GPU), `gpuKernelsMs` (its dispatches' kernel times summed, each timed in a pass of its own),
- * `gpuMatMulMs` (the matmul programs' share) and `gpuTop` (the 10 costliest program/output-shape
- * pairs, ms per step). With `CONCEPTMOE_MATMUL=auto` (the default) the
- * first trainer of a model tunes its matmul products after step 0 (untimed): a `{ tune }` line per
+ * over the timed steps, `droppedExpertPairs`), and the compute dispatches per step (for tfjs steps
+ * also the host uploads and, as `top`, the count of every program dispatched, most first). A
+ * replayed model then runs two more steps timed on the GPU with timestamp queries
+ * (`Captured.profile`): `gpuStepMs` (the replayed step's span on the GPU), `gpuKernelsMs` (its
+ * dispatches' kernel times summed, each timed in a pass of its own), `gpuMatMulMs` (the matmul
+ * programs' share) and `gpuTop` (the 10 costliest program/output-shape pairs, ms per step).
+ * With `CONCEPTMOE_MATMUL=auto` (the default) the first trainer of a model tunes its matmul products after step 0 (untimed): a `{ tune }` line per
  * product shape (each candidate's µs) and a `matmul` summary on the model's line. `flopsPerStep` is the
  * model's matmul FLOPs for forward and backward (3× the cost model's forward FLOPs per token, with the
  * attention maps counted whole, as both implementations compute them): bench/gpu/ratio.ts turns it into
@@ -145,7 +145,7 @@ const measure = async (tf: Tf, backend: BackendName, w: typeof workloads[number]
       ...(counted === undefined ? {} : {
         dispatchesPerStep: counted.dispatches,
         uploadsPerStep: counted.uploads,
-        top: Object.fromEntries([...counted.byProgram].sort((a, b) => b[1] - a[1]).slice(0, 6))
+        top: Object.fromEntries([...counted.byProgram].sort((a, b) => b[1] - a[1]))
       })
     }
   } finally {

@@ -532,11 +532,7 @@ export const useMatMul = (tf: Tf, mode: MatMulMode, options: { readonly candidat
         if (p === undefined) return stock.kernelFunc(args)
         // (the tuner's own products, run with a kernel forced, are not noted: a grouped part's
         // reference is a batched product of another key)
-        if (s.forced === undefined) {
-          const key = productKey(p)
-          s.seen.set(key, p)
-          for (const w of watchers) w.add(key)
-        }
+        if (s.forced === undefined) noteSeen(s, productKey(p), p)
         return kernelFor(s, p).kernelFunc(args)
       }) as never
     })
@@ -595,6 +591,12 @@ export const watchProducts = (): (() => ReadonlySet<string>) => {
 
 const watchers = new Set<Set<string>>()
 
+/** Notes a product as seen (for the tuner) and tells the watchers its key. */
+const noteSeen = (s: State, key: string, p: Product) => {
+  s.seen.set(key, p)
+  for (const w of watchers) w.add(key)
+}
+
 /** How the tuner draws operands for one product, computes tfjs's result, and runs a candidate. */
 interface TuneTask {
   readonly operands: () => readonly [Tensor, Tensor]
@@ -631,7 +633,6 @@ const groupedTask = (tf: Tf, s: State, g: GroupedPart): TuneTask => {
   const { G, T, a, b, E } = g
   const table = tf.tensor1d(Array.from({ length: G }, (_, i) => Math.floor((i * E) / G)), "float32")
   const index = tf.cast(table, "int32")
-  const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, unknown>) => runKernel(tf, name, inputs, attrs)
   const stock = (f: () => Tensor) => {
     s.forced = s.stock
     return tf.tidy(f)
@@ -642,21 +643,21 @@ const groupedTask = (tf: Tf, s: State, g: GroupedPart): TuneTask => {
       return {
         operands: () => [draw(tf, [G, T, a], 1 / Math.sqrt(a)), draw(tf, [E, a, b], 1)],
         reference: (x, w) => stock(() => tf.matMul(x, tf.gather(w, index))),
-        run: (c, x, w) => run(groupedKernels.product, { a: x, b: w, q: table }, { tiles: c.name, transposeB: false }),
+        run: (c, x, w) => runKernel(tf, groupedKernels.product, { a: x, b: w, q: table }, { tiles: c.name, transposeB: false }),
         owned
       }
     case "dx":
       return {
         operands: () => [draw(tf, [G, T, b], 1 / Math.sqrt(b)), draw(tf, [E, a, b], 1)],
         reference: (dy, w) => stock(() => tf.matMul(dy, tf.gather(w, index), false, true)),
-        run: (c, dy, w) => run(groupedKernels.product, { a: dy, b: w, q: table }, { tiles: c.name, transposeB: true }),
+        run: (c, dy, w) => runKernel(tf, groupedKernels.product, { a: dy, b: w, q: table }, { tiles: c.name, transposeB: true }),
         owned
       }
     case "dw":
       return {
         operands: () => [draw(tf, [G, T, a], 1 / Math.sqrt((G * T) / E)), draw(tf, [G, T, b], 1)],
         reference: (x, dy) => stock(() => tf.unsortedSegmentSum(tf.matMul(x, dy, true, false), index, E)),
-        run: (c, x, dy) => run(groupedKernels.sum, { a: x, b: dy, q: table }, { tiles: c.name, experts: E }),
+        run: (c, x, dy) => runKernel(tf, groupedKernels.sum, { a: x, b: dy, q: table }, { tiles: c.name, experts: E }),
         owned
       }
   }
@@ -897,7 +898,6 @@ export const takeChoices = (tf: Tf, choices: Readonly<Record<string, string>>): 
  */
 export const makeGroupedMatMul = (tf: Tf, fallback: (x: Tensor, w: Tensor, groups: Tensor) => Tensor) => {
   if (!fusedOn(tf) || !registerGrouped(tf)) return fallback
-  const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, unknown>) => runKernel(tf, name, inputs, attrs)
   return (x: Tensor, w: Tensor, groups: Tensor): Tensor => {
     const [G, T, a] = x.shape as [number, number, number]
     const [E, , b] = w.shape as [number, number, number]
@@ -907,10 +907,10 @@ export const makeGroupedMatMul = (tf: Tf, fallback: (x: Tensor, w: Tensor, group
     const f = tf.customGrad(((x2: Tensor, w2: Tensor, save: (ts: Array<Tensor>) => void) => {
       save([x2, w2, groups])
       return {
-        value: run(groupedKernels.product, { a: x2, b: w2, q: groups }, { tiles: tiles.forward, transposeB: false }),
+        value: runKernel(tf, groupedKernels.product, { a: x2, b: w2, q: groups }, { tiles: tiles.forward, transposeB: false }),
         gradFunc: (dy: Tensor, [sx, sw, sq]: Array<Tensor>) => [
-          run(groupedKernels.product, { a: dy, b: sw!, q: sq! }, { tiles: tiles.dx, transposeB: true }),
-          run(groupedKernels.sum, { a: sx!, b: dy, q: sq! }, { tiles: tiles.dw, experts: E })
+          runKernel(tf, groupedKernels.product, { a: dy, b: sw!, q: sq! }, { tiles: tiles.dx, transposeB: true }),
+          runKernel(tf, groupedKernels.sum, { a: sx!, b: dy, q: sq! }, { tiles: tiles.dw, experts: E })
         ]
       }
     }) as unknown as Parameters<Tf["customGrad"]>[0])
@@ -948,9 +948,8 @@ const groupedTiles = (shape: GroupedShape): Record<GroupedPart["role"], string> 
   for (const role of ["forward", "dx", "dw"] as const) {
     const p = products[role]
     const key = groupedKey(p)
-    s.seen.set(key, p)
+    noteSeen(s, key, p)
     s.grouped.set(key, { ...shape, role })
-    for (const w of watchers) w.add(key)
     const name = groupedKernel(s, p, key)
     if (name === undefined) all = false
     else out[role] = name

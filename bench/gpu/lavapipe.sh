@@ -5,7 +5,7 @@
 # shaderUniform*ArrayDynamicIndexing required"). Needs Debian's package mirror once; nothing at run time.
 #
 #   bash bench/gpu/lavapipe.sh && . .lavapipe/env.sh
-#   npx vitest run test/webgpu.test.ts     # the webgpu tests then run instead of skipping
+#   npx vitest run tests/webgpu.test.ts     # the webgpu tests then run instead of skipping
 #
 # About 5 GFLOP/s on a CPU: for correctness and for host-side costs, not for GPU speed.
 set -euo pipefail

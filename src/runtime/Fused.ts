@@ -2,7 +2,7 @@
  * Fused kernels: hot chains of elementwise ops written as one WGSL program each and registered with
  * tfjs for the webgpu backend, where every op is one dispatch (tens of µs of host time) and every JS
  * number operand one buffer upload. Other backends run the same maths op by op. Each kernel is tested
- * against the cpu backend (test/webgpu.test.ts).
+ * against the cpu backend (tests/webgpu.test.ts).
  *
  * - `adamw`: the AdamW update of one parameter, three dispatches (first moment, second moment,
  *   weights) instead of about fifteen plus nine scalar uploads; the clipping scale stays a tensor.

@@ -23,7 +23,7 @@
  * until {@link tuneMatMuls} has timed the candidates on a shape, then the fastest one that agrees
  * with tfjs's result; `tfjs` keeps tfjs's kernel; a kernel name uses that kernel for every product
  * it covers. Training tunes the shapes of its first step before recording (`train/Captured.ts`).
- * Tested against the cpu backend for every kernel in {@link kernelNames} (test/webgpu.test.ts).
+ * Tested against the cpu backend for every kernel in {@link kernelNames} (tests/webgpu.test.ts).
  *
  * The same programs also run the MoE grouped dispatch's products ({@link makeGroupedMatMul}): each
  * group's rows with its expert's matrix read in place through a table, and each expert's weight

@@ -9,7 +9,7 @@
  * step 3 on: each step writes the batch and `[lr, c1, c2]` (and a ConceptMoE's draws and document
  * starts) into the feed tensors and re-encodes the recorded dispatches, submitted in command buffers
  * of `CONCEPTMOE_SUBMIT_EVERY` dispatches. Otherwise every step stays a tfjs step, and `mode` says
- * why. Results equal the eager steps' (test/webgpu.test.ts).
+ * why. Results equal the eager steps' (tests/webgpu.test.ts).
  *
  * With `CONCEPTMOE_MATMUL=auto` (the default), the matmul products of step 0 are tuned before step 1
  * (`runtime/MatMul.ts`): step 0 runs tfjs's kernel, later steps the fastest that agrees with it.

@@ -2,7 +2,7 @@
  * MoE dispatch on the device by rows (`Dispatch` `grouped`, how MoE layers train on webgpu, and
  * `{ capacity }`, with `expertCapacity`), on the cpu backend: the routing tables and row gathers on
  * hand-checked values and against a plain loop. Whole models against the sparse path:
- * test/readback.test.ts.
+ * tests/readback.test.ts.
  */
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"

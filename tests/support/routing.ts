@@ -1,4 +1,4 @@
-/** References for MoE grouped and capacity dispatch tests (test/capacity.test.ts, test/webgpu.test.ts). */
+/** References for MoE grouped and capacity dispatch tests (tests/capacity.test.ts, tests/webgpu.test.ts). */
 import { type Layout, layoutRows } from "../../src/runtime/Fused.ts"
 
 /**

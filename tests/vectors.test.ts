@@ -1,5 +1,5 @@
 /**
- * Exact test vectors from ../shared/docs/cost-conventions.md (§1, §6, §7, §9): measured with
+ * Exact test vectors (totals, FLOP conventions, attention-map and KV-cache figures): measured with
  * torch 2.11 FlopCounterMode and transformers 5.17, and published totals.
  */
 import { assert, describe, it } from "@effect/vitest"

@@ -1,6 +1,6 @@
 /**
  * Our fixes for tfjs 4.22, in one place. Each has a test that fails without it
- * (tests/runtime-fixes.test.ts); ../shared/docs/tfjs-runtime-notes.md §3 has the measurements.
+ * (tests/runtime-fixes.test.ts); docs/training.md lists them with the symptoms each one fixes.
  *
  * 1. `matMul` with explicit-transpose gradients: wasm's fast path covers only un-transposed 2-D
  *    products, and the stock gradient uses transpose flags (a training step 1038 → 353 ms).

@@ -6,11 +6,12 @@
  * 3·r·(d + h) in all. FLOPs/token: 2 × that (part "mlp").
  *
  * Everything the library needs is here: the Schema'd spec (with a cross-field check), the declared
- * sizes, the parameters and the cost. Registration (for JSON graphs) is one call; see
- * docs/extending.md.
+ * sizes, the parameters, the cost, and how it runs on tensors (`apply`, written against the exported
+ * `Apply` types only), so `lower`, `train`, `verify` and `generate` run it too. Registration (for
+ * JSON graphs) is one call; see docs/extending.md.
  */
 import { Schema } from "effect"
-import { Block, Cost, Spec } from "../../src/index.ts"
+import { type Apply, Block, Cost, Spec } from "conceptmoe"
 
 export const FactorizedMLPSpec = Schema.Struct({
   d: Spec.Dim,
@@ -28,13 +29,23 @@ const factor = (name: string, dIn: number, rank: number, dOut: number): Readonly
   { name: `${name}.b`, shape: [rank, dOut], part: "mlp" }
 ]
 
+/** `x·A·B`: both products counted as weight FLOPs (so `verify` checks the static cost). */
+const product = (ctx: Apply.ForwardContext, x: Apply.Tensor, p: Readonly<Record<string, Apply.Tensor>>, name: string) =>
+  ctx.matMul(ctx.matMul(x, p[`${name}.a`]!, "weights"), p[`${name}.b`]!, "weights")
+
+/** SwiGLU: down(silu(gate(x)) · up(x)), each matrix through its rank-r factors. */
+const applyFactorized: Apply.ApplyFn<FactorizedMLPSpec> = (ctx, _s, x, p) =>
+  product(ctx, ctx.tf.mul(ctx.activate(product(ctx, x, p, "gate"), "silu"), product(ctx, x, p, "up")), p, "down")
+
 export const FactorizedMLP: Block.BlockKind<FactorizedMLPSpec> = {
   name: "factorized-mlp",
   summary: "SwiGLU MLP with rank-r factorised matrices",
   spec: FactorizedMLPSpec,
   io: (s) => ({ in: s?.d, out: s?.d }),
   params: (s) => [...factor("gate", s.d, s.rank, s.hidden), ...factor("up", s.d, s.rank, s.hidden), ...factor("down", s.hidden, s.rank, s.d)],
-  cost: (s) => Cost.make({ flops: { mlp: 2 * 3 * s.rank * (s.d + s.hidden) } })
+  cost: (s) => Cost.make({ flops: { mlp: 2 * 3 * s.rank * (s.d + s.hidden) } }),
+  stream: "local",
+  apply: applyFactorized
 }
 
 /** Typed constructor: `factorizedMlp({ d: 128, hidden: 896, rank: 64 })` is a `Block<128, 128>`. */

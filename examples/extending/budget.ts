@@ -8,7 +8,7 @@
 import { Effect } from "effect"
 import * as fs from "node:fs"
 import * as path from "node:path"
-import { Analyze, Budget, Load, Surgery } from "../../src/index.ts"
+import { Analyze, Budget, Load, Surgery } from "conceptmoe"
 import { factorizedMlp } from "./FactorizedMLP.ts"
 
 const here = import.meta.dirname

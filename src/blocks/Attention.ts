@@ -8,7 +8,8 @@
  *
  * FLOPs/token: 2·d·hd·(2H + 2KV) for the projections (part "attention").
  * Attention map per layer over n positions: 2·H·(hd + hd)·pairs(n), pairs = n² full, n(n+1)/2 causal,
- * capped by `window`. KV cache: 2·KV·hd elements per position.
+ * capped by `window`. KV cache: 2·KV·hd elements per position. Rows that pack several documents
+ * attend within each document only (`ops.attend` with `ctx.documents`); the map's cost is the row's.
  *
  * @since 0.1.0
  */

@@ -50,6 +50,7 @@ const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: 
   if (ch.slots !== undefined) return staticStage(ctx, spec, x, ch, body, de)
   const n = ch.boundaries.length
   const total = ch.concepts.reduce((a, b) => a + b, 0)
+  let start = 0
   let merged: Tensor
   if (spec.merge === "last") {
     const bounds: Array<number> = []
@@ -59,13 +60,13 @@ const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: 
     // each token goes to the chunk closed by the first boundary at or after it (same row); tokens
     // after a row's last boundary go to segment total + row (pending, kept when decoding)
     const seg = new Int32Array(n).fill(total + rows.length)
-    let start = 0
+    let first = 0
     let offset = 0
     rows.forEach((L, r) => {
       let k = offset + ch.concepts[r]! // one past this row's last concept
       let next = -1
       for (let i = L - 1; i >= 0; i--) {
-        const t = start + i
+        const t = first + i
         if (ch.boundaries[t] === 1) {
           k--
           next = t
@@ -75,7 +76,7 @@ const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: 
         else seg[t] = ctx.documentStarts.has(next) && t !== next ? total + rows.length : k
       }
       offset += ch.concepts[r]!
-      start += L
+      first += L
     })
     const sums = tf.unsortedSegmentSum(x, tf.tensor1d(seg, "int32"), total + rows.length + 1)
     merged = tf.slice(sums, [0, 0], [total, -1])
@@ -95,19 +96,38 @@ const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: 
       state.pending = next
     }
   }
-  const saved = { layout: ctx.layout, positions: ctx.positions }
+  const saved = { layout: ctx.layout, positions: ctx.positions, documents: ctx.documents }
+  // a concept's document is its boundary token's (a document start is a forced boundary, so no
+  // concept spans two); its position counts from its document's first concept, as token positions do
   const positions = new Int32Array(total)
+  const documents = new Float32Array(total)
   let o = 0
-  ch.concepts.forEach((M, r) => {
-    const before = state?.concepts[r] ?? 0
-    for (let i = 0; i < M; i++) positions[o++] = before + i
+  start = 0
+  rows.forEach((L, r) => {
+    let pos = state?.concepts[r] ?? 0
+    let doc = 0
+    for (let i = 0; i < L; i++) {
+      const t = start + i
+      const opens = i > 0 && ctx.documentStarts.has(t)
+      if (opens) doc++
+      if (ch.boundaries[t] !== 1) continue
+      if (opens) pos = 0
+      documents[o] = doc
+      positions[o++] = pos++
+    }
+    start += L
   })
   ctx.layout = ch.concepts
   ctx.positions = positions
+  if (saved.documents !== undefined) {
+    let t: Tensor | undefined
+    ctx.documents = () => t ??= tf.tensor1d(documents)
+  }
   // decoding a piece in which no row closed a chunk: the concept model has nothing to run on
   const y = total === 0 ? tf.zeros([0, d]) : body(merged)
   ctx.layout = saved.layout
   ctx.positions = saved.positions
+  ctx.documents = saved.documents
   ctx.chunk = ch
   if (state !== undefined) ch.concepts.forEach((M, r) => (state.concepts[r]! += M))
   return de(y)
@@ -156,7 +176,14 @@ const staticStage = (
     merged = tf.unsortedSegmentSum(x, seg as Tensor1D, trash + 1)
   }
   merged = tf.slice(merged, [0, 0], [trash, -1])
-  const saved = { layout: ctx.layout, positions: ctx.positions, valid: ctx.valid }
+  const saved = { layout: ctx.layout, positions: ctx.positions, valid: ctx.valid, documents: ctx.documents }
+  if (saved.documents !== undefined) {
+    // each concept slot takes its boundary token's document (padding slots take 0: their outputs
+    // are never received by a token)
+    const tokens = ctx.stop(saved.documents())
+    const slots = ctx.stop(tf.slice(tf.unsortedSegmentSum(tf.mul(tokens, b), closes as Tensor1D, trash + 1), [0], [trash]))
+    ctx.documents = () => slots
+  }
   ctx.layout = rows.map(() => C)
   ctx.positions = Int32Array.from({ length: trash }, (_, i) => i % C)
   ctx.valid = tf.reshape(tf.cast(tf.less(tf.tensor2d(Array.from({ length: R }, () => Array.from({ length: C }, (_, k) => k))), count), "float32"), [trash])
@@ -164,6 +191,7 @@ const staticStage = (
   ctx.layout = saved.layout
   ctx.positions = saved.positions
   ctx.valid = saved.valid
+  ctx.documents = saved.documents
   ctx.chunk = ch
   return de(y)
 }

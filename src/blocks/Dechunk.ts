@@ -36,8 +36,22 @@ const emaOfRow = (ctx: ForwardContext, P: Tensor, y: Tensor, M: number): Tensor 
   const diff = tf.minimum(tf.sub(tf.reshape(cs, [M, 1]), tf.reshape(cs, [1, M])), 0)
   const tril = new Float32Array(M * M)
   for (let i = 0; i < M; i++) for (let j = 0; j <= i; j++) tril[i * M + j] = 1
-  const weights = tf.mul(tf.mul(tf.exp(diff), tf.tensor2d(tril, [M, M])), tf.reshape(P, [1, M]))
+  const weights = tf.mul(tf.mul(tf.mul(tf.exp(diff), tf.tensor2d(tril, [M, M])), tf.reshape(P, [1, M])), resets(ctx, P, [M]))
   return ctx.matMul(weights, y, "other")
+}
+
+/**
+ * 1 where no concept i in (j, m] has P_i = 1 exactly (a forced boundary: a document start), else
+ * 0, `[..., M, M]` for `P [..., M]` (off the tape): the EMA restarts exactly at a document, where
+ * the floor of 1 − P alone would leave a weight of {@link emaFloor} on the document before.
+ */
+const resets = (ctx: ForwardContext, P: Tensor, shape: ReadonlyArray<number>): Tensor => {
+  const { tf } = ctx
+  const M = shape[shape.length - 1]!
+  const count = tf.cumsum(tf.cast(tf.equal(ctx.stop(P), 1), "float32"), shape.length - 1)
+  const a = tf.reshape(count, [...shape.slice(0, -1), M, 1])
+  const b = tf.reshape(count, [...shape.slice(0, -1), 1, M])
+  return tf.sub(1, tf.minimum(tf.abs(tf.sub(a, b)), 1))
 }
 
 /**
@@ -109,7 +123,7 @@ const staticDechunk = (ctx: ForwardContext, ch: NonNullable<ForwardContext["chun
   const diff = tf.minimum(tf.sub(tf.reshape(cs, [R, C, 1]), tf.reshape(cs, [R, 1, C])), 0)
   const tril = new Float32Array(C * C)
   for (let i = 0; i < C; i++) for (let j = 0; j <= i; j++) tril[i * C + j] = 1
-  const weights = tf.mul(tf.mul(tf.exp(diff), tf.tensor3d(tril, [1, C, C])), tf.reshape(P, [R, 1, C]))
+  const weights = tf.mul(tf.mul(tf.mul(tf.exp(diff), tf.tensor3d(tril, [1, C, C])), tf.reshape(P, [R, 1, C])), resets(ctx, P, [R, C]))
   const table = tf.reshape(ctx.matMul(weights, tf.reshape(y, [R, C, d]), "other"), [R * C, d])
   const cz = tf.gather(table, receive) as Tensor2D
   const confidence = tf.add(tf.mul(b, ch.p), tf.mul(tf.sub(1, b), tf.sub(1, ch.p)))

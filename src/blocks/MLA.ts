@@ -8,7 +8,8 @@
  *
  * FLOPs/token: 2 × the matmul weights above (part "attention"). Attention map: 2·H·(nope+rope+v)
  * per query–key pair. KV cache: the latent, r_kv + rope elements per position (what MLA inference
- * caches; a naive cache of decompressed K and V would hold H·(nope+rope+v)).
+ * caches; a naive cache of decompressed K and V would hold H·(nope+rope+v)). Packed documents are
+ * masked apart as in {@link ops.attend}.
  *
  * @since 0.1.0
  */

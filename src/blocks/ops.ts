@@ -115,7 +115,8 @@ const attendCore = (
   len: number,
   past: number,
   options: Masking,
-  keyValid?: Tensor
+  keyValid?: Tensor,
+  documents?: Tensor
 ): Tensor => {
   const { tf } = ctx
   const [, H, dqk] = q.shape as [number, number, number]
@@ -129,7 +130,9 @@ const attendCore = (
   }
   // [R·n, heads, d] → [R·heads, n, d]
   const q3 = tf.reshape(tf.transpose(tf.reshape(q, [R, n, H, dqk]), [0, 2, 1, 3]), [R * H, n, dqk])
-  const raw = ctx.matMul(q3, expand(kt), "attentionMap")
+  let raw = ctx.matMul(q3, expand(kt), "attentionMap")
+  // packed documents: a query sees only keys of its own document (`documents [R, 1, n, len]`)
+  if (documents !== undefined) raw = tf.reshape(tf.add(tf.reshape(raw, [R, H, n, len]), documents), [R * H, n, len])
   const m = mask(ctx, n, len, past, options.causal, options.window)
   let p: Tensor
   if (keyValid === undefined) p = ctx.softmax(raw, 1 / Math.sqrt(dqk), m)
@@ -149,23 +152,39 @@ const attendCore = (
   return tf.reshape(tf.transpose(tf.reshape(out, [R, H, n, dv]), [0, 2, 1, 3]), [R * n, H * dv])
 }
 
+/**
+ * The additive document mask `[R, 1, L, L]` of `R` rows of `L` positions from their documents
+ * `docs [R·L]` (float, off the tape): 0 where query and key are in the same document, −1e9
+ * elsewhere. Built from the document ids with arithmetic only (no comparison on the tape).
+ */
+export const documentMask = (ctx: ForwardContext, docs: Tensor, R: number, L: number): Tensor => {
+  const { tf } = ctx
+  const d = ctx.stop(docs)
+  const apart = tf.minimum(tf.abs(tf.sub(tf.reshape(d, [R, 1, L, 1]), tf.reshape(d, [R, 1, 1, L]))), 1)
+  return tf.mul(apart, -1e9)
+}
+
 /** Attention of `R` rows of `L` positions each: `q [R·L, H, dqk]`, `k [R·L, KV, dqk]`, `v [R·L, KV, dv]`. */
-const attendRows = (ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor, R: number, L: number, options: Masking): Tensor => {
+const attendRows = (ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor, R: number, L: number, options: Masking, documents?: Tensor): Tensor => {
   const { tf } = ctx
   const [, KV, dqk] = k.shape as [number, number, number]
   const dv = v.shape[2]!
   const kt = tf.reshape(tf.transpose(tf.reshape(k, [R, L, KV, dqk]), [0, 2, 3, 1]), [R * KV, dqk, L])
   const v3 = tf.reshape(tf.transpose(tf.reshape(v, [R, L, KV, dv]), [0, 2, 1, 3]), [R * KV, L, dv])
   // causal attention never sees the padding (it follows the real positions of each row)
-  return attendCore(ctx, q, kt, { v: v3 }, R, L, L, 0, options, options.causal ? undefined : ctx.valid)
+  return attendCore(ctx, q, kt, { v: v3 }, R, L, L, 0, options, options.causal ? undefined : ctx.valid, documents)
 }
 
 /**
  * Scaled dot-product attention of `q [N, H, dqk]`, `k [N, KV, dqk]`, `v [N, KV, dv]` over the rows of
  * the context's layout (each row attends within itself). Returns `[N, H·dv]`.
  *
+ * With `ctx.documents` (rows packing several documents), a query attends only to keys of its own
+ * document: the block-diagonal mask is made once per pass and stream ({@link documentMask}).
+ *
  * While decoding incrementally (`ctx.cache`), the inputs are each row's new positions: their keys
- * and values are appended to the node's KV cache and the queries attend over the whole cache.
+ * and values are appended to the node's KV cache and the queries attend over the whole cache
+ * (a decoded row is one document).
  */
 export const attend = (
   ctx: ForwardContext,
@@ -178,13 +197,19 @@ export const attend = (
   const rows = ctx.layout
   if (ctx.cache !== undefined) return attendCached(ctx, ctx.cache, q, k, v, options)
   const L0 = rows[0] ?? 0
-  if (rows.every((r) => r === L0)) return attendRows(ctx, q, k, v, rows.length, L0, options) as Tensor2D
+  const docs = ctx.documents
+  const documents = (R: number, L: number, start: number) =>
+    docs === undefined ? undefined : ctx.memo(`documents/${R}/${L}/${start}`, () => {
+      const all = docs()
+      return documentMask(ctx, R * L === all.size ? all : tf.slice(all, [start], [R * L]), R, L)
+    })
+  if (rows.every((r) => r === L0)) return attendRows(ctx, q, k, v, rows.length, L0, options, documents(rows.length, L0, 0)) as Tensor2D
   const parts: Array<Tensor> = []
   let start = 0
   for (const L of rows) {
     if (L > 0) {
       const s = (t: Tensor) => tf.slice(t, [start, 0, 0], [L, -1, -1])
-      parts.push(attendRows(ctx, s(q), s(k), s(v), 1, L, options))
+      parts.push(attendRows(ctx, s(q), s(k), s(v), 1, L, options, documents(1, L, start)))
     }
     start += L
   }

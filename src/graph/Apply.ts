@@ -129,6 +129,13 @@ export interface ForwardContext {
   readonly memo: <T>(key: string, make: () => T) => T
   /** Row starts that begin a new document (forced boundaries), as flat token indices. */
   readonly documentStarts: ReadonlySet<number>
+  /**
+   * The document of each position of the current stream within its row (0 from the row's start,
+   * +1 at each document start), float32 `[N]` off the tape, or undefined when every row is one
+   * document. Attention keeps each query within its own document (a block-diagonal mask); a concept
+   * stage sets its concepts' documents for the concept model.
+   */
+  documents: (() => Tensor) | undefined
   /** The dechunked concept per token, for joint-decoding attention (set by a concept stage). */
   concept: Tensor2D | undefined
   /** Chunk state of the innermost concept stage. */
@@ -154,6 +161,8 @@ export interface ForwardContext {
   valid: Tensor | undefined
   /** A deterministic seed source for sampling. */
   readonly nextSeed: () => number
+  /** The ratio controller's state for this training step (`Chunker.RatioControl`); undefined: its initial state. */
+  readonly ratioControl?: { readonly integral: number } | undefined
   /** Matmul with explicit-transpose gradients, counted under `category`. */
   readonly matMul: (a: Tensor, b: Tensor, category: keyof FlopCounter) => Tensor
   /** Forward: the value; backward: no gradient. */

@@ -123,6 +123,8 @@ export interface ForwardOptions {
   readonly feeds?: Feeds
   /** Static-shape ConceptMoE training (see `ConceptFeeds`); MoE layers then stay on the device (`grouped` unless `dispatch` says `dense` or a capacity). */
   readonly concept?: ConceptFeeds
+  /** The ratio controller's state for a training step (`Chunker.RatioControl`). */
+  readonly ratioControl?: { readonly integral: number }
 }
 
 export interface Feeds {
@@ -175,6 +177,30 @@ const positionsOf = (batch: Batch): Int32Array => {
   return positions
 }
 
+/**
+ * The document of each token within its row, float32 `[rows·T]`, from the positions (a position 0
+ * opens a document: the row's start and each document start): Σ_{i ≤ t} [position_i = 0] − 1.
+ * Arithmetic on the int positions only, so it works on fed positions (a captured step) too.
+ */
+const documentsOf = (tf: Tf, positions: Tensor, rows: number, length: number): Tensor =>
+  tf.tidy(() => {
+    const start = tf.sub(1, tf.minimum(tf.cast(positions, "float32"), 1))
+    return tf.reshape(tf.sub(tf.cumsum(tf.reshape(start, [rows, length]), 1), 1), [rows * length])
+  })
+
+/** The same on the host, from the document starts. */
+const hostDocuments = (rows: number, length: number, starts: ReadonlySet<number>): Float32Array => {
+  const out = new Float32Array(rows * length)
+  for (let r = 0; r < rows; r++) {
+    let doc = 0
+    for (let i = 0; i < length; i++) {
+      if (i > 0 && starts.has(r * length + i)) doc++
+      out[r * length + i] = doc
+    }
+  }
+  return out
+}
+
 /** Runs the graph on a batch; returns the logits `[rows · T, vocab]` and the context. */
 export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { readonly logits: Tensor2D; readonly ctx: ForwardContext } => {
   const { tf } = m
@@ -190,6 +216,7 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
   // the fallback's product is counted with the grouped one's, not again
   const uncounted = makeMatMul(tf, { weights: 0, attentionMap: 0, other: 0 })
   const groupedMatMul = makeGroupedMatMul(tf, (x, w, groups) => uncounted(x, slots.gatherGroups(w, groups), "weights"))
+  let tokenDocuments: Tensor | undefined
   const ctx: ForwardContext = {
     tf,
     training: options.training,
@@ -209,6 +236,15 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
       return byKey.get(key) as T
     },
     documentStarts: starts,
+    // packed documents: each row's documents from the batch's document starts, or (fed positions,
+    // which change every step of a captured step) from the fed positions on the device
+    documents: options.cache !== undefined
+      ? undefined
+      : options.feeds !== undefined
+      ? () => tokenDocuments ??= documentsOf(tf, options.feeds!.positions, batch.rows, batch.length)
+      : starts.size > 0
+      ? () => tokenDocuments ??= tf.tensor1d(hostDocuments(batch.rows, batch.length, starts))
+      : undefined,
     concept: undefined,
     chunk: undefined,
     auxLosses: [],
@@ -218,6 +254,7 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     conceptFeeds: options.concept,
     valid: undefined,
     nextSeed: () => mixSeed(options.seed, seedCounter++),
+    ratioControl: options.ratioControl,
     matMul,
     groupedMatMul: (x, w, groups) => {
       flops.weights += 2 * x.size * w.shape[2]!

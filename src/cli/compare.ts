@@ -14,6 +14,7 @@ import { lineChart, toSvg } from "../report/Plots.ts"
 import { layer as backendLayer } from "../runtime/Backend.ts"
 import { byteTokenizer, sotuSplits } from "../train/Data.ts"
 import { train as trainModel, type TrainResult, TrainSettings } from "../train/Train.ts"
+import * as Stop from "../train/Stop.ts"
 import { handled, positive, tolerance, UsageError } from "./shared.ts"
 import { backend } from "./train.ts"
 
@@ -67,7 +68,12 @@ export const compare = Command.make(
     const path = yield* Path.Path
     const results: Array<TrainResult> = []
     for (const m of [base, concept]) {
-      results.push(yield* trainModel(m, settings, { out: path.join(f.out, m.name), resume: false, data }).pipe(Effect.provide(backendLayer(Option.getOrUndefined(f.backend)))))
+      const r = yield* trainModel(m, settings, { out: path.join(f.out, m.name), resume: false, data }).pipe(
+        Effect.provide(backendLayer(Option.getOrUndefined(f.backend))),
+        Effect.catchTag("Stopped", (e) => Stop.report(e, Stop.compareHint([base, concept].map((x) => x.name), results.length, path.join(f.out, m.name), f.out)).pipe(Effect.as(undefined)))
+      )
+      if (r === undefined) return
+      results.push(r)
     }
     const rows = [base, concept].map((m, i) => {
       const r = results[i]!

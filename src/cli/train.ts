@@ -13,6 +13,7 @@ import { materialize, release } from "../runtime/Lower.ts"
 import { verify as verifyModel, verifyAsync } from "../runtime/Verify.ts"
 import { byteTokenizer, sotuSplits, validationBatches } from "../train/Data.ts"
 import { train as trainModel, TrainSettings } from "../train/Train.ts"
+import * as Stop from "../train/Stop.ts"
 import { problemsOf, formatPath } from "../graph/Spec.ts"
 import { format, handled, positive } from "./shared.ts"
 
@@ -58,7 +59,15 @@ export const train = Command.make(
     const { model, settings: base } = yield* loadTrainConfig(f.config)
     const settings = Option.isSome(f.steps) ? { ...base, steps: f.steps.value } : base
     const out = Option.getOrElse(f.out, () => `runs/${model.name}`)
-    const r = yield* withBackend(f.backend, trainModel(model, settings, { out, resume: f.resume }))
+    const again = [
+      "conceptmoe train",
+      ...Stop.shellArgs(["--config", f.config, "--out", out, ...(Option.isSome(f.backend) ? ["--backend", f.backend.value] : []), ...(Option.isSome(f.steps) ? ["--steps", String(f.steps.value)] : [])]),
+      "--resume"
+    ].join(" ")
+    const r = yield* withBackend(f.backend, trainModel(model, settings, { out, resume: f.resume })).pipe(
+      Effect.catchTag("Stopped", (e) => Stop.report(e, `continue with: ${again}`).pipe(Effect.as(undefined)))
+    )
+    if (r === undefined) return
     yield* Console.log(`final validation ${r.finalValBitsPerByte.toFixed(4)} bits/byte; ${r.tokensPerSecond.toFixed(0)} tokens/s; wrote ${out}/{checkpoint.safetensors,metrics.jsonl,loss.svg}`)
   }, handled)
 ).pipe(Command.withDescription("Train a model on the State of the Union corpus (byte-level), with checkpoints, metrics and a loss plot."))

@@ -6,11 +6,11 @@
  */
 import { Effect, FileSystem, Path, Schema } from "effect"
 import { prng } from "../blocks/Chunker.ts"
-import { type LoadedModel, loadModel, modelFromJson, parseJson } from "../models/Load.ts"
+import { type LoadedModel, loadModel, modelFromJson } from "../models/Load.ts"
 import { syncReads, Tensors } from "../runtime/Backend.ts"
 import { session } from "../runtime/Decode.ts"
 import { type Lowered, materialize, release } from "../runtime/Lower.ts"
-import { read as readCheckpoint } from "../train/Checkpoint.ts"
+import { readChecked as readCheckpoint } from "../train/Checkpoint.ts"
 import type { Tokenizer } from "../train/Data.ts"
 import { CheckpointMismatch, loadParams } from "../train/Train.ts"
 
@@ -52,16 +52,15 @@ export const loadTrained = (checkpoint: string, configFile?: string) =>
     if (configFile !== undefined) {
       model = yield* loadModel(configFile)
     } else {
-      const stored = ck.metadata["config"]
+      const stored = ck.metadata.config
       if (stored === undefined) {
         return yield* new CheckpointMismatch({ file, message: "stores no model config (written by an older version): pass the model's config with --config" })
       }
-      const json = yield* parseJson(stored, `${file} (metadata "config")`)
-      model = yield* modelFromJson(json, `${file} (metadata "config")`)
+      model = yield* modelFromJson(stored, `${file} (metadata "config")`)
     }
     const low = materialize(tf, model.analysis, 0)
     yield* loadParams(low, file, ck.tensors).pipe(Effect.tapError(() => Effect.sync(() => release(low))))
-    return { model, low, file, step: Number(ck.metadata["step"] ?? "0") }
+    return { model, low, file, step: ck.metadata.step }
   })
 
 export const SamplingSettings = Schema.Struct({

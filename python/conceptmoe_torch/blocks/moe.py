@@ -1,0 +1,48 @@
+"""Mixture of experts: a router scores E experts, each token runs its top-k (sparse dispatch).
+
+Gates are the router's probabilities (softmax or sigmoid) on the chosen experts, renormalised to sum
+1 when ``normalizeTopK``; optional shared experts run on every token, optionally scaled by a sigmoid
+gate. In training, the Switch load-balancing loss ``E·Σ_e f_e·P_e`` (f: fraction of token-slot pairs
+routed to e, P: mean probability), weighted by the step's balance weight, joins the auxiliary losses.
+"""
+import torch
+
+from ..context import linear, activate
+from ..graph import Block, register
+from .mlp import ffn
+
+
+@register("moe")
+class MoE(Block):
+    def forward(self, ctx, x):
+        s = self.spec
+        n, E, k = x.shape[0], s["experts"], s["topK"]
+        probs = linear(x, self.p("router.weight"), self.p("router.bias"))
+        probs = torch.softmax(probs, dim=-1) if s["scoring"] == "softmax" else torch.sigmoid(probs)
+        chosen = torch.topk(probs.detach(), k, dim=-1).indices  # [n, k]
+        gates = probs.gather(1, chosen)
+        if s["normalizeTopK"]:
+            gates = gates / gates.sum(1, keepdim=True)
+        flat_expert = chosen.reshape(-1)
+        flat_token = torch.arange(n, device=x.device).repeat_interleave(k)
+        flat_gate = gates.reshape(-1)
+        routed = torch.zeros_like(x)
+        for e in torch.unique(flat_expert).tolist():
+            pairs = (flat_expert == e).nonzero().reshape(-1)
+            tokens = flat_token[pairs]
+            y = ffn(x[tokens], lambda name: self._expert(name, e), s["activation"])
+            routed = routed.index_add(0, tokens, y * flat_gate[pairs].reshape(-1, 1))
+        out = routed
+        if s["shared"] is not None:
+            shared = ffn(x, lambda name: self.p(f"shared.{name}"), s["activation"])
+            if s["shared"]["gate"]:
+                shared = shared * torch.sigmoid(linear(x, self.p("sharedGate.weight")))
+            out = out + shared
+        if ctx.training and ctx.balance_weight > 0:
+            fraction = torch.bincount(flat_expert, minlength=E).to(probs.dtype) / (n * k)
+            ctx.aux_losses.append((probs.mean(0) * fraction).sum() * (E * ctx.balance_weight))
+        return out
+
+    def _expert(self, name, e):
+        w = self.p(f"experts.{name}")
+        return None if w is None else w[e]

@@ -1,0 +1,106 @@
+/**
+ * Hugging Face parameter names for the decoders that have a Hugging Face counterpart (the plain
+ * dense and MoE decoders: `hf/llama`, `hf/mistral`, `hf/mixtral`, `hf/qwen2_moe`, `hf/qwen3_moe`,
+ * `hf/olmoe`, `hf/deepseek_v2`, `hf/deepseek_v3`, and our `dense` and `moe` configs, named as Llama
+ * and Qwen3-MoE). Stacked experts `[E, …]` are stored one tensor per expert, as Hugging Face does.
+ * GPT-2 (fused Conv1D q/k/v), ConceptMoE and `graph` configs keep native names.
+ *
+ * | graph path (layer i)                       | Hugging Face name                                   |
+ * | ------------------------------------------ | --------------------------------------------------- |
+ * | `embed/weight`                             | `model.embed_tokens.weight`                         |
+ * | `layers/i/mixer/norm/weight`               | `model.layers.i.input_layernorm.weight`             |
+ * | `layers/i/mixer/attn/{q,k,v,o}.weight`     | `model.layers.i.self_attn.{q,k,v,o}_proj.weight`    |
+ * | `layers/i/mixer/attn/{qNorm,kNorm}.weight` | `model.layers.i.self_attn.{q,k}_norm.weight`        |
+ * | MLA `qA`, `qANorm`, `qB`, `kvA`, `kvANorm`, `kvB` | `q_a_proj`, `q_a_layernorm`, `q_b_proj`, `kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj` |
+ * | `layers/i/ffn/norm/weight`                 | `model.layers.i.post_attention_layernorm.weight`    |
+ * | `layers/i/ffn/mlp/{gate,up,down}.weight`   | `model.layers.i.mlp.{gate,up,down}_proj.weight`     |
+ * | `layers/i/ffn/moe/router.weight`           | `model.layers.i.mlp.gate.weight` (Mixtral: `block_sparse_moe.gate.weight`) |
+ * | `layers/i/ffn/moe/experts.{gate,up,down}.weight` `[E, …]` | `….mlp.experts.e.{gate,up,down}_proj.weight` per expert (Mixtral: `block_sparse_moe.experts.e.{w1,w3,w2}.weight`) |
+ * | `layers/i/ffn/moe/shared.{gate,up,down}.weight` | `….mlp.shared_expert.…` (Qwen2-MoE), `….mlp.shared_experts.…` (DeepSeek) |
+ * | `layers/i/ffn/moe/sharedGate.weight`       | `….mlp.shared_expert_gate.weight`                   |
+ * | `norm/weight`                              | `model.norm.weight`                                 |
+ * | `lmHead/weight` (untied)                   | `lm_head.weight`                                    |
+ *
+ * @since 0.4.0
+ */
+import type { ParamEntry } from "../graph/Block.ts"
+
+type Family = "llama" | "mixtral" | "qwen2_moe" | "qwen3_moe" | "deepseek"
+
+const families: Readonly<Record<string, Family>> = {
+  "hf/llama": "llama",
+  "hf/mistral": "llama",
+  "hf/mixtral": "mixtral",
+  "hf/qwen2_moe": "qwen2_moe",
+  "hf/qwen3_moe": "qwen3_moe",
+  "hf/olmoe": "qwen3_moe",
+  "hf/deepseek_v2": "deepseek",
+  "hf/deepseek_v3": "deepseek",
+  "conceptmoe/dense": "llama",
+  "conceptmoe/moe": "qwen3_moe"
+}
+
+const attn: Readonly<Record<string, string>> = {
+  q: "q_proj", k: "k_proj", v: "v_proj", o: "o_proj", qNorm: "q_norm", kNorm: "k_norm",
+  qA: "q_a_proj", qANorm: "q_a_layernorm", qB: "q_b_proj", kvA: "kv_a_proj_with_mqa", kvANorm: "kv_a_layernorm", kvB: "kv_b_proj"
+}
+const proj: Readonly<Record<string, string>> = { gate: "gate_proj", up: "up_proj", down: "down_proj" }
+const mixtralExpert: Readonly<Record<string, string>> = { gate: "w1", up: "w3", down: "w2" }
+
+/** A leaf name `a.b` (`q.weight`, `experts.gate.weight`) mapped by its head(s). */
+const leafName = (family: Family, where: "attn" | "mlp" | "moe", name: string, experts: number): string | ReadonlyArray<string> | undefined => {
+  const parts = name.split(".")
+  const suffix = parts[parts.length - 1]!
+  if (where === "attn") {
+    const to = attn[parts[0]!]
+    return parts.length === 2 && to !== undefined ? `self_attn.${to}.${suffix}` : undefined
+  }
+  if (where === "mlp") {
+    const to = proj[parts[0]!]
+    return parts.length === 2 && to !== undefined ? `mlp.${to}.${suffix}` : undefined
+  }
+  const block = family === "mixtral" ? "block_sparse_moe" : "mlp"
+  if (parts.length === 2 && parts[0] === "router") return `${block}.gate.${suffix}`
+  if (parts.length === 2 && parts[0] === "sharedGate") return family === "qwen2_moe" ? `mlp.shared_expert_gate.${suffix}` : undefined
+  if (parts.length === 3 && parts[0] === "experts") {
+    const to = family === "mixtral" ? mixtralExpert[parts[1]!] : proj[parts[1]!]
+    return to === undefined ? undefined : Array.from({ length: experts }, (_, e) => `${block}.experts.${e}.${to}.${suffix}`)
+  }
+  if (parts.length === 3 && parts[0] === "shared") {
+    const to = proj[parts[1]!]
+    const group = family === "qwen2_moe" ? "shared_expert" : family === "deepseek" ? "shared_experts" : undefined
+    return to === undefined || group === undefined ? undefined : `mlp.${group}.${to}.${suffix}`
+  }
+  return undefined
+}
+
+/** The Hugging Face name(s) of one parameter of a decoder graph, or undefined. */
+const hfName = (family: Family, p: ParamEntry): string | ReadonlyArray<string> | undefined => {
+  if (p.path === "embed/weight") return "model.embed_tokens.weight"
+  if (p.path === "norm/weight") return "model.norm.weight"
+  if (p.path === "lmHead/weight") return "lm_head.weight"
+  const m = /^layers\/(\d+)\/(mixer|ffn)\/(norm|attn|mlp|moe)\/(.+)$/.exec(p.path)
+  if (m === null) return undefined
+  const [, i, sub, node, name] = m as unknown as [string, string, string, string, string]
+  const layer = `model.layers.${i}`
+  if (node === "norm") return name === "weight" ? `${layer}.${sub === "mixer" ? "input_layernorm" : "post_attention_layernorm"}.weight` : undefined
+  const leaf = leafName(family, node as "attn" | "mlp" | "moe", name, p.shape[0] ?? 0)
+  return leaf === undefined ? undefined : typeof leaf === "string" ? `${layer}.${leaf}` : leaf.map((n) => `${layer}.${n}`)
+}
+
+/**
+ * Hugging Face names for every parameter of a model of `format`, or undefined when the format has no
+ * counterpart or a parameter has no Hugging Face name (then every parameter keeps its native name).
+ */
+export const hfNames = (format: string, params: ReadonlyArray<ParamEntry>): ReadonlyMap<string, string | ReadonlyArray<string>> | undefined => {
+  const family = families[format]
+  if (family === undefined) return undefined
+  const out = new Map<string, string | ReadonlyArray<string>>()
+  for (const p of params) {
+    if (p.tiedTo !== undefined) continue
+    const n = hfName(family, p)
+    if (n === undefined) return undefined
+    out.set(p.path, n)
+  }
+  return out
+}

@@ -104,6 +104,10 @@ export const install = (tf: Tf, backend: string): void => {
     })
     installed.add("wasm-slice")
   }
+  if (backend === "wasm" && !installed.has("wasm-matmul")) {
+    installWasmMatMul(tf)
+    installed.add("wasm-matmul")
+  }
   if (backend === "cpu" && !installed.has("cpu")) {
     tf.unregisterKernel("UnsortedSegmentSum", "cpu")
     tf.registerKernel({
@@ -188,6 +192,116 @@ export const install = (tf: Tf, backend: string): void => {
   }
 }
 
+/** The parts of tfjs-backend-wasm's backend that our wasm kernels use. */
+interface WasmBackend {
+  readonly wasm: {
+    cwrap: (name: string, ret: null, args: Array<string>) => (...a: Array<unknown>) => void
+    tfjs: { registerTensor: (id: number, size: number, offset: number) => void; disposeData: (id: number) => void }
+  }
+  dataIdNextNumber: number
+  readonly dataIdMap: { get: (dataId: unknown) => { id: number; memoryOffset: number } }
+  makeOutput: (shape: Array<number>, dtype: string) => { dataId: unknown; shape: Array<number>; dtype: string }
+  disposeData: (dataId: unknown) => boolean
+}
+
+type Info = { dataId: unknown; shape: Array<number>; dtype: string }
+
+/**
+ * 8. wasm: `BatchMatMul` whose every product takes XNNPACK's fast path. tfjs-backend-wasm 4.22 runs
+ *    only un-transposed products of one matrix each there (36–40 GFLOP/s for a 1024×512×128
+ *    product on one core); a batch of matrices, or a transpose flag, falls to a scalar loop of
+ *    0.5–3 GFLOP/s (attention's `[32, 128, 32]·[32, 32, 128]` took 30–60 ms). This kernel transposes
+ *    a flagged operand once (tfjs's Transpose kernel, whole batch) and then runs one fast 2-D
+ *    product per matrix on views of the heap: each matrix of A, B and the output is registered under
+ *    a fresh id at its offset inside its tensor (no copy) and unregistered after its product (which
+ *    also frees XNNPACK's operator cached for it). One tfjs kernel, however many matrices: the
+ *    per-matrix slices, reshapes and the stack that `makeMatMul` used to issue are gone. Batches
+ *    broadcast where one side has a single matrix. Matrices of fewer than {@link fastRowsAtLeast}
+ *    rows stay on the stock kernel. Tested equal to the cpu backend
+ *    (tests/runtime-fixes.test.ts).
+ */
+/**
+ * Products with fewer rows per matrix stay on the stock kernel: XNNPACK packs B for every matrix, which
+ * costs as much as the product when A has a few rows (a decode step's one query: 8 × [1, 32]·[32, 4096]
+ * took 15 ms this way against about 1.6 ms in the stock loop).
+ */
+export const fastRowsAtLeast = 16
+
+const installWasmMatMul = (tf: Tf): void => {
+  const stock = tf.getKernel("BatchMatMul", "wasm")!
+  const transpose = tf.getKernel("Transpose", "wasm")!.kernelFunc
+  let product: ((...a: Array<unknown>) => void) | undefined
+  tf.unregisterKernel("BatchMatMul", "wasm")
+  tf.registerKernel({
+    kernelName: "BatchMatMul",
+    backendName: "wasm",
+    ...(stock.setupFunc === undefined ? {} : { setupFunc: stock.setupFunc }),
+    kernelFunc: (args) => {
+      const b = args.backend as unknown as WasmBackend
+      const x = args.inputs["a"] as unknown as Info
+      const y = args.inputs["b"] as unknown as Info
+      const { transposeA, transposeB } = args.attrs as { transposeA: boolean; transposeB: boolean }
+      const lead = (t: Info) => t.shape.slice(0, -2).reduce((p, c) => p * c, 1)
+      const ba = lead(x)
+      const bb = lead(y)
+      // one matrix each and no flags: the stock kernel's fast path already; other dtypes and
+      // batches that broadcast in other ways: the stock kernel
+      const rows = transposeA ? x.shape[x.shape.length - 1]! : x.shape[x.shape.length - 2]!
+      if (
+        (ba === 1 && bb === 1 && !transposeA && !transposeB) || rows < fastRowsAtLeast || x.dtype !== "float32" || y.dtype !== "float32" ||
+        (ba !== bb && ba !== 1 && bb !== 1)
+      ) {
+        return stock.kernelFunc(args)
+      }
+      product ??= b.wasm.cwrap("BatchMatMul", null, ["number", "array", "number", "number", "array", "number", "number", "number", "number"])
+      const made: Array<Info> = []
+      // a flagged operand, transposed once (its last two axes swapped)
+      const upright = (t: Info, flagged: boolean): Info => {
+        if (!flagged) return t
+        const r = t.shape.length
+        const perm = [...Array(r).keys()]
+        perm[r - 1] = r - 2
+        perm[r - 2] = r - 1
+        const out = transpose({ ...args, inputs: { x: t } as never, attrs: { perm } as never }) as unknown as Info
+        made.push(out)
+        return out
+      }
+      const A = upright(x, transposeA)
+      const B = upright(y, transposeB)
+      const [m, k] = A.shape.slice(-2) as [number, number]
+      const [k2, n] = B.shape.slice(-2) as [number, number]
+      if (k !== k2) {
+        for (const t of made) b.disposeData(t.dataId)
+        throw new Error(`Error in matMul: inner shapes (${k}) and (${k2}) of tensors with shapes ${x.shape} and ${y.shape} and transposeA=${transposeA} and transposeB=${transposeB} must match.`)
+      }
+      const batchShape = (ba >= bb ? x : y).shape.slice(0, -2)
+      const batch = Math.max(ba, bb)
+      const out = b.makeOutput([...batchShape, m, n], "float32")
+      const offA = b.dataIdMap.get(A.dataId).memoryOffset
+      const offB = b.dataIdMap.get(B.dataId).memoryOffset
+      const offO = b.dataIdMap.get(out.dataId).memoryOffset
+      const shapeA = new Uint8Array(new Int32Array([1, m, k]).buffer)
+      const shapeB = new Uint8Array(new Int32Array([1, k, n]).buffer)
+      const view = (offset: number, size: number) => {
+        const id = b.dataIdNextNumber++
+        b.wasm.tfjs.registerTensor(id, size, offset)
+        return id
+      }
+      for (let i = 0; i < batch; i++) {
+        const ia = view(offA + (ba === 1 ? 0 : i * m * k * 4), m * k)
+        const ib = view(offB + (bb === 1 ? 0 : i * k * n * 4), k * n)
+        const io = view(offO + i * m * n * 4, m * n)
+        product(ia, shapeA, 3, ib, shapeB, 3, false, false, io)
+        b.wasm.tfjs.disposeData(ia)
+        b.wasm.tfjs.disposeData(ib)
+        b.wasm.tfjs.disposeData(io)
+      }
+      for (const t of made) b.disposeData(t.dataId)
+      return out as never
+    }
+  })
+}
+
 /** The parts of tfjs-backend-webgpu's backend that the fixes use. */
 interface WebGpuBackend {
   readonly device: {
@@ -245,29 +359,14 @@ export const matMulFlops = (a: Tensor, b: Tensor): number => {
   return 2 * batch * m * n * k
 }
 
-/** Batched products whose matrices have at least this many multiply-adds run as 2-D products on wasm. */
-export const unstackAbove = 1 << 18
-/** …and at least this many rows (`node bench/wasm-matmul.ts`, docs/inference.md). */
-export const unstackMinRows = 64
-
 /**
- * A matmul whose gradient transposes explicitly (on webgpu through the product's transpose flags);
- * counts executed FLOPs into `counter`. On wasm a
- * batched product of large matrices runs as one 2-D product per matrix: tfjs-backend-wasm's XNNPACK
- * path takes only rank-2 products, and its batched fallback runs at about 3 GFLOP/s
- * (docs/inference.md has the measurement).
+ * A matmul whose gradient transposes explicitly (on webgpu and wasm through the product's transpose
+ * flags, which their kernels read: webgpu's programs in place, our wasm kernel (fix 8) with one
+ * transpose of the flagged operand before its fast 2-D products); counts executed FLOPs into
+ * `counter`. On cpu the transposes are explicit ops.
  */
 export const makeMatMul = (tf: Tf, counter: FlopCounter) => {
-  const product = (a: Tensor, b: Tensor): Tensor => {
-    if (a.rank !== 3 || b.rank !== 3 || a.shape[0] === 1 || tf.getBackend() !== "wasm") return tf.matMul(a, b)
-    const [, m, k] = a.shape as [number, number, number]
-    // with one row (a decode step's query) a 2-D product runs at ~0.4 GFLOP/s, slower than the batched
-    // kernel's ~2; from 128 rows on it runs at 4–20 (`node bench/wasm-matmul.ts`)
-    if (m < unstackMinRows || m * k * b.shape[2]! < unstackAbove) return tf.matMul(a, b)
-    // slices, not tf.unstack: wasm's Unpack calls the stock Slice directly, which copies the whole input per matrix
-    const at = (t: Tensor, i: number) => tf.reshape(tf.slice(t, [i, 0, 0], [1, -1, -1]), t.shape.slice(1))
-    return tf.stack(Array.from({ length: a.shape[0]! }, (_, i) => tf.matMul(at(a, i), at(b, i))))
-  }
+  const product = (a: Tensor, b: Tensor): Tensor => tf.matMul(a, b)
   const swap = (t: Tensor) => {
     const r = t.rank
     const perm = [...Array(r).keys()]
@@ -275,8 +374,9 @@ export const makeMatMul = (tf: Tf, counter: FlopCounter) => {
     perm[r - 2] = r - 1
     return tf.transpose(t, perm)
   }
-  // webgpu's matmul programs read transposed operands themselves: no transpose dispatches
-  const flags = tf.getBackend() === "webgpu"
+  // webgpu's matmul programs read transposed operands themselves, and our wasm kernel (fix 8)
+  // transposes a flagged operand once inside the kernel: no transpose ops on the tape
+  const flags = tf.getBackend() === "webgpu" || tf.getBackend() === "wasm"
   const f = tf.customGrad(((a: Tensor, b: Tensor, save: (ts: Array<Tensor>) => void) => {
     save([a, b])
     return {

@@ -94,6 +94,16 @@ export const adamw = (
     const w2 = run(kernels.w, { w, m: m2, v: v2, h: stepValues }, { lrScale: h.lrScale, eps: h.eps, decay: h.decay })
     return { w: w2, m: m2, v: v2 }
   }
+  if (wasmFused(tf)) {
+    const [w2, m2, v2] = tf.engine().runKernel(wasmKernels.adamw, { w, g, m, v, s: scale, h: stepValues } as unknown as TF.NamedTensorMap, {
+      beta1: h.beta1,
+      beta2: h.beta2,
+      eps: h.eps,
+      lrScale: h.lrScale,
+      decay: h.decay
+    } as unknown as TF.NamedAttrMap) as unknown as [Tensor, Tensor, Tensor]
+    return { w: w2, m: m2, v: v2 }
+  }
   const gs = tf.mul(g, scale)
   const m2 = tf.add(tf.mul(m, h.beta1), tf.mul(gs, 1 - h.beta1))
   const v2 = tf.add(tf.mul(v, h.beta2), tf.mul(tf.square(gs), 1 - h.beta2))
@@ -212,7 +222,7 @@ export const makeRotate = (tf: Tf) => {
     const r2 = tf.add(tf.mul(x2, cos), tf.mul(x1, sin))
     return dim === hd ? tf.concat([r1, r2], 2) : tf.concat([r1, r2, tf.slice(x, [0, 0, dim], [n, heads, hd - dim])], 2)
   }
-  if (!fusedOn(tf)) return ops
+  if (!fusedOn(tf) && !wasmFused(tf)) return ops
   const run = (name: string, x: Tensor, cos: Tensor, sin: Tensor, dim: number) => runKernel(tf, name, { x, c: cos, s: sin }, { dim })
   return (x: Tensor, dim: number, cos: Tensor, sin: Tensor): Tensor => {
     // the kernel reads one table row per position: tables that would broadcast go op by op
@@ -436,6 +446,9 @@ export const makeTopMask = (tf: Tf, oneHot: (indices: Tensor, depth: number) => 
  * the tensors, concatenated, are summed. Elsewhere op by op.
  */
 export const makeSumSquares = (tf: Tf) => {
+  if (wasmFused(tf)) {
+    return (xs: ReadonlyArray<Tensor>): Tensor => runKernel(tf, wasmKernels.sumSquares, Object.fromEntries(xs.map((x, i) => [`x${i}`, x])))
+  }
   if (!fusedOn(tf)) return (xs: ReadonlyArray<Tensor>): Tensor => tf.addN(xs.map((x) => tf.sum(tf.square(x))))
   const chunks = (x: Tensor): Tensor => {
     const n = sumChunks(x.size)
@@ -482,7 +495,7 @@ export const fusedOn = (tf: Tf) => tf.getBackend() === "webgpu" && switchOn("CON
  */
 export const makeRmsNorm = (tf: Tf) => {
   const ops = (x: Tensor, g: Tensor, eps: number) => tf.mul(tf.mul(x, tf.rsqrt(tf.add(tf.mean(tf.mul(x, x), -1, true), eps))), g)
-  if (!fusedOn(tf)) return ops
+  if (!fusedOn(tf) && !wasmFused(tf)) return ops
   const run = (name: string, inputs: Record<string, Tensor>, eps: number) => runKernel(tf, name, inputs, { eps })
   return (x: Tensor, g: Tensor, eps: number): Tensor => {
     const d = x.shape[x.rank - 1]!
@@ -499,6 +512,143 @@ export const makeRmsNorm = (tf: Tf) => {
     }) as unknown as Parameters<Tf["customGrad"]>[0])
     return tf.reshape(f(tf.reshape(x, [rows, d]), g) as Tensor, x.shape)
   }
+}
+
+/**
+ * Whether our wasm kernels run: on wasm, unless `CONCEPTMOE_FUSED=off` (registers them once). They
+ * are JavaScript loops over the wasm heap, one tfjs kernel each where op by op takes many: on these
+ * models a kernel's dispatch costs more than its arithmetic. Only kernels whose loops are plain
+ * arithmetic are here (AdamW, the clipping's Σx², RMSNorm and the rotary embedding); those with an
+ * `exp` or `erf` per element (softmax, GELU, the loss) stay tfjs's wasm ops, faster than a
+ * JavaScript `Math.exp`. Each is tested against the cpu backend's ops (tests/wasm-kernels.test.ts).
+ */
+export const wasmFused = (tf: Tf): boolean => tf.getBackend() === "wasm" && switchOn("CONCEPTMOE_FUSED") && registerWasm(tf)
+
+const wasmKernels = { adamw: "ConceptmoeAdamW", sumSquares: "ConceptmoeSumSquaresAll" } as const
+
+/** The parts of tfjs-backend-wasm's backend that our kernels use. */
+interface WasmBackend {
+  makeOutput: (shape: Array<number>, dtype: string) => TF.TensorInfo
+  typedArrayFromHeap: (t: TF.TensorInfo) => Float32Array
+}
+
+let wasmRegistered: boolean | undefined
+
+/** Registers the wasm kernels once; false if the backend lacks the heap interface. */
+const registerWasm = (tf: Tf): boolean => {
+  if (wasmRegistered !== undefined) return wasmRegistered
+  const backend = tf.backend() as unknown as Partial<WasmBackend>
+  wasmRegistered = typeof backend.makeOutput === "function" && typeof backend.typedArrayFromHeap === "function"
+  if (!wasmRegistered) return false
+  /**
+   * Registers `kernelName` for wasm: `outputs(shapes)` gives the output shapes (float32), and `run`
+   * fills them from views of the inputs (taken after every output is allocated: an allocation may
+   * grow the heap and detach earlier views).
+   */
+  const register = (
+    kernelName: string,
+    outputs: (shapes: Array<Array<number>>) => Array<Array<number>>,
+    run: (xs: Array<Float32Array>, outs: Array<Float32Array>, shapes: Array<Array<number>>, attrs: Record<string, number>) => void
+  ) =>
+    tf.registerKernel({
+      kernelName,
+      backendName: "wasm",
+      kernelFunc: ({ inputs, backend: b, attrs }) => {
+        const wasm = b as unknown as WasmBackend
+        const given = Object.values(inputs) as Array<TF.TensorInfo>
+        const shapes = given.map((t) => [...t.shape])
+        const made = outputs(shapes).map((shape) => wasm.makeOutput(shape, "float32"))
+        run(given.map((t) => wasm.typedArrayFromHeap(t)), made.map((t) => wasm.typedArrayFromHeap(t)), shapes, attrs as unknown as Record<string, number>)
+        return made.length === 1 ? made[0]! : made
+      }
+    })
+  // inputs arrive in the order the call site names them
+  register(kernels.norm, (sh) => [sh[0]!], ([x, g], [y], [shape], a) => {
+    const d = shape![1]!
+    for (let base = 0; base < x!.length; base += d) {
+      let sa = 0
+      for (let c = 0; c < d; c++) sa += x![base + c]! * x![base + c]!
+      const r = 1 / Math.sqrt(sa / d + a["eps"]!)
+      for (let c = 0; c < d; c++) y![base + c] = x![base + c]! * r * g![c]!
+    }
+  })
+  // dx = r·g·dy − x·r³·Σ(dy·g·x)/d
+  register(kernels.normDx, (sh) => [sh[0]!], ([x, g, dy], [dx], [shape], a) => {
+    const d = shape![1]!
+    for (let base = 0; base < x!.length; base += d) {
+      let sa = 0
+      let sb = 0
+      for (let c = 0; c < d; c++) {
+        const v = x![base + c]!
+        sa += v * v
+        sb += dy![base + c]! * g![c]! * v
+      }
+      const r = 1 / Math.sqrt(sa / d + a["eps"]!)
+      const k = (r * r * r * sb) / d
+      for (let c = 0; c < d; c++) dx![base + c] = r * g![c]! * dy![base + c]! - x![base + c]! * k
+    }
+  })
+  // per row dy·x·r (the caller sums the rows)
+  register(kernels.normDg, (sh) => [sh[0]!], ([x, dy], [out], [shape], a) => {
+    const d = shape![1]!
+    for (let base = 0; base < x!.length; base += d) {
+      let sa = 0
+      for (let c = 0; c < d; c++) sa += x![base + c]! * x![base + c]!
+      const r = 1 / Math.sqrt(sa / d + a["eps"]!)
+      for (let c = 0; c < d; c++) out![base + c] = dy![base + c]! * x![base + c]! * r
+    }
+  })
+  // rotate-half of x [n, heads, hd] with tables [n, 1, dim/2]; back: the inverse rotation
+  const rotation = (back: boolean) => (xs: Array<Float32Array>, outs: Array<Float32Array>, shapes: Array<Array<number>>, a: Record<string, number>) => {
+    const [x, c, sn] = xs as [Float32Array, Float32Array, Float32Array]
+    const y = outs[0]!
+    const [n, heads, hd] = shapes[0] as [number, number, number]
+    const dim = a["dim"]!
+    const half = dim / 2
+    const sign = back ? -1 : 1
+    y.set(x)
+    for (let t = 0; t < n; t++) {
+      for (let h = 0; h < heads; h++) {
+        const base = (t * heads + h) * hd
+        for (let f = 0; f < half; f++) {
+          const cs = c[t * half + f]!
+          const sg = sign * sn[t * half + f]!
+          const x1 = x[base + f]!
+          const x2 = x[base + f + half]!
+          y[base + f] = x1 * cs - x2 * sg
+          y[base + f + half] = x2 * cs + x1 * sg
+        }
+      }
+    }
+  }
+  register(kernels.rotate, (sh) => [sh[0]!], rotation(false))
+  register(kernels.unrotate, (sh) => [sh[0]!], rotation(true))
+  // AdamW of one parameter: the three outputs w', m', v' (see `adamw`); h = [lr, c1, c2], s = the clipping factor
+  register(wasmKernels.adamw, (sh) => [sh[0]!, sh[0]!, sh[0]!], ([w, g, m, v, s, h], [w2, m2, v2], _, a) => {
+    const b1 = a["beta1"]!
+    const b2 = a["beta2"]!
+    const eps = a["eps"]!
+    const decay = a["decay"]!
+    const scale = s![0]!
+    const [lr, c1, c2] = [h![0]!, h![1]!, h![2]!]
+    const rate = lr * a["lrScale"]!
+    for (let i = 0; i < w!.length; i++) {
+      const gs = g![i]! * scale
+      const mi = b1 * m![i]! + (1 - b1) * gs
+      const vi = b2 * v![i]! + (1 - b2) * gs * gs
+      m2![i] = mi
+      v2![i] = vi
+      const wi = w![i]!
+      w2![i] = wi - rate * (mi / c1 / (Math.sqrt(vi / c2) + eps) + decay * wi)
+    }
+  })
+  // Σ x² over all the inputs, one scalar (summed in double precision)
+  register(wasmKernels.sumSquares, () => [[]], (xs, [out]) => {
+    let total = 0
+    for (const x of xs) for (let i = 0; i < x.length; i++) total += x[i]! * x[i]!
+    out![0] = total
+  })
+  return true
 }
 
 /** tfjs-backend-webgpu's program interface (the fields a flat elementwise program needs). */

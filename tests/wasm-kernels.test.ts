@@ -1,0 +1,136 @@
+/**
+ * The wasm backend's faster paths against the cpu backend: our BatchMatMul (fix 8 in
+ * src/runtime/Fixes.ts: batches and transpose flags through XNNPACK's 2-D path) and our JavaScript
+ * kernels over the wasm heap (src/runtime/Fused.ts: RMSNorm, the rotary embedding, AdamW, the
+ * clipping's Σx²), values and gradients, and a whole training step.
+ */
+import { assert, describe, it } from "@effect/vitest"
+import { Effect, Schema } from "effect"
+import type { Tensor } from "../src/graph/Apply.ts"
+import { modelFromJson } from "../src/models/Load.ts"
+import { load } from "../src/runtime/Backend.ts"
+import { adamStepValues, adamw, makeRmsNorm, makeRotate, makeSumSquares, wasmFused } from "../src/runtime/Fused.ts"
+import { materialize, release } from "../src/runtime/Lower.ts"
+import { newOptimizer, trainStep, TrainSettings } from "../src/train/Step.ts"
+
+const runtime = (name: "cpu" | "wasm") => Effect.runPromise(load(name))
+
+/** max |a − b| ≤ tol · max(1, max |b|). */
+const close = (a: ArrayLike<number>, b: ArrayLike<number>, tol: number, what: string) => {
+  assert.strictEqual(a.length, b.length, `${what}: lengths`)
+  let scale = 1
+  for (let i = 0; i < b.length; i++) scale = Math.max(scale, Math.abs(b[i]!))
+  for (let i = 0; i < a.length; i++) {
+    if (!(Math.abs(a[i]! - b[i]!) <= tol * scale)) assert.fail(`${what}: index ${i}: ${a[i]} vs ${b[i]}`)
+  }
+}
+
+/** Runs `f` on cpu and on wasm (the same seeded inputs) and returns both results' values. */
+const onBoth = async (f: (tf: Awaited<ReturnType<typeof runtime>>["tf"]) => Array<Tensor>) => {
+  const out: Array<Array<Float32Array>> = []
+  for (const name of ["cpu", "wasm"] as const) {
+    const { tf } = await runtime(name)
+    out.push(tf.tidy(() => f(tf)).map((t) => {
+      const v = t.dataSync() as Float32Array
+      t.dispose()
+      return v
+    }))
+  }
+  return { cpu: out[0]!, wasm: out[1]! }
+}
+
+describe("wasm kernels equal cpu", () => {
+  it("BatchMatMul: batches, broadcasts and transpose flags", async () => {
+    const cases: Array<[Array<number>, Array<number>, boolean, boolean]> = [
+      [[32, 128, 32], [32, 32, 128], false, false],
+      [[32, 128, 32], [32, 128, 32], false, true],
+      [[32, 128, 32], [32, 128, 64], true, false],
+      [[4, 40, 24], [4, 16, 40], true, true],
+      [[300, 17], [300, 9], true, false],
+      [[2, 3, 20, 5], [2, 3, 5, 18], false, false],
+      [[3, 20, 5], [5, 18], false, false],
+      [[20, 5], [3, 5, 18], false, false],
+      [[3, 1, 8], [3, 8, 30], false, false]
+    ]
+    for (const [sa, sb, ta, tb] of cases) {
+      const { cpu, wasm } = await onBoth((tf) => [tf.matMul(tf.randomNormal(sa, 0, 1, "float32", 1), tf.randomNormal(sb, 0, 1, "float32", 2), ta, tb)])
+      close(wasm[0]!, cpu[0]!, 1e-5, `${sa}·${sb} ${ta} ${tb}`)
+    }
+  })
+
+  it("the kernels run on wasm (not the op-by-op fallback)", async () => {
+    const { tf } = await runtime("wasm")
+    assert.isTrue(wasmFused(tf))
+    assert.strictEqual(tf.getKernel("ConceptmoeAdamW", "wasm")?.kernelName, "ConceptmoeAdamW")
+  })
+
+  it("RMSNorm: value and gradients", async () => {
+    const { cpu, wasm } = await onBoth((tf) => {
+      const x = tf.randomNormal([6, 10, 24], 0, 1, "float32", 3)
+      const g = tf.randomNormal([24], 1, 0.2, "float32", 4)
+      const w = tf.randomNormal([6, 10, 24], 0, 1, "float32", 5)
+      const norm = makeRmsNorm(tf)
+      const f = (a: Tensor, b: Tensor) => tf.sum(tf.mul(norm(a, b, 1e-6), w))
+      const [dx, dg] = tf.grads(f as never)([x, g])
+      return [norm(x, g, 1e-6), dx!, dg!]
+    })
+    for (let i = 0; i < 3; i++) close(wasm[i]!, cpu[i]!, 1e-5, ["value", "dx", "dg"][i]!)
+  })
+
+  it("rotary embedding: value and gradient, part of each head rotated", async () => {
+    for (const dim of [8, 4]) {
+      const { cpu, wasm } = await onBoth((tf) => {
+        const x = tf.randomNormal([12, 3, 8], 0, 1, "float32", 6)
+        const angles = tf.mul(tf.reshape(tf.range(0, 12, 1, "float32"), [12, 1, 1]), tf.tensor3d(Array.from({ length: dim / 2 }, (_, j) => 10000 ** (-(2 * j) / dim)), [1, 1, dim / 2]))
+        const cos = tf.cos(angles)
+        const sin = tf.sin(angles)
+        const rotate = makeRotate(tf)
+        const w = tf.randomNormal([12, 3, 8], 0, 1, "float32", 7)
+        const dx = tf.grad((a: Tensor) => tf.sum(tf.mul(rotate(a, dim, cos, sin), w)))(x)
+        return [rotate(x, dim, cos, sin), dx]
+      })
+      close(wasm[0]!, cpu[0]!, 1e-5, `rotated ${dim}`)
+      close(wasm[1]!, cpu[1]!, 1e-5, `gradient ${dim}`)
+    }
+  })
+
+  it("AdamW and the clipping's sum of squares", async () => {
+    const { cpu, wasm } = await onBoth((tf) => {
+      const w = tf.randomNormal([30, 7], 0, 0.1, "float32", 8)
+      const g = tf.randomNormal([30, 7], 0, 1, "float32", 9)
+      const m = tf.randomNormal([30, 7], 0, 0.1, "float32", 10)
+      const v = tf.abs(tf.randomNormal([30, 7], 0, 0.1, "float32", 11))
+      const b = tf.randomNormal([5], 0, 1, "float32", 12)
+      const ss = makeSumSquares(tf)([g, b])
+      const scale = tf.reshape(tf.minimum(tf.div(1, tf.sqrt(ss)), 1), [1])
+      const h = { beta1: 0.9, beta2: 0.95, eps: 1e-8, c1: 1 - 0.9 ** 3, c2: 1 - 0.95 ** 3, lr: 3e-3, lrScale: 0.5, decay: 0.1 }
+      const next = adamw(tf, w, g, m, v, scale, h, adamStepValues(tf, h))
+      return [ss, next.w, next.m, next.v]
+    })
+    for (let i = 0; i < 4; i++) close(wasm[i]!, cpu[i]!, 1e-5, ["Σx²", "w", "m", "v"][i]!)
+  })
+
+  it("a dense training step: loss and parameters after three steps", async () => {
+    const config = { kind: "dense", vocab: 64, hidden: 32, layers: 1, heads: 2, ffnHidden: 64, activation: "gelu", contextLength: 32 }
+    const m = await Effect.runPromise(modelFromJson(config, "tiny.json"))
+    const settings = Schema.decodeUnknownSync(TrainSettings)({ steps: 10, batchSize: 2, seqLen: 32, optimizer: { warmup: 1 } })
+    const batch = {
+      rows: 2,
+      length: 32,
+      ids: Int32Array.from({ length: 64 }, (_, i) => (i * 7) % 64),
+      targets: Int32Array.from({ length: 64 }, (_, i) => (i * 5 + 1) % 64)
+    }
+    const results: Array<{ losses: Array<number>; params: Array<Float32Array> }> = []
+    for (const name of ["cpu", "wasm"] as const) {
+      const { tf } = await runtime(name)
+      const low = materialize(tf, m.analysis, 3)
+      const opt = newOptimizer(low)
+      const losses = [0, 1, 2].map((s) => trainStep(low, opt, batch, settings, s).loss)
+      results.push({ losses, params: [...low.variables.values()].map((v) => v.dataSync() as Float32Array) })
+      release(low)
+      tf.dispose([...opt.m.values(), ...opt.v.values()])
+    }
+    close(results[1]!.losses, results[0]!.losses, 1e-5, "losses")
+    results[0]!.params.forEach((p, i) => close(results[1]!.params[i]!, p, 1e-5, `parameter ${i}`))
+  })
+})

@@ -1,125 +1,206 @@
 /**
  * `conceptmoe compare`: the matched MoE / ConceptMoE pair, trained on the same data and token
- * budget, compared on validation bits per byte.
+ * budget over one or more seeds, compared on validation bits per byte, with the compute each
+ * actually spent and the unigram and bigram floors. The work is `train/Compare.ts`'s.
  *
  * @since 0.1.0
  */
-import { Console, Effect, FileSystem, Option, Path, Schema } from "effect"
+import { Console, Effect, Option, Schema } from "effect"
 import { Argument, Command, Flag } from "effect/cli"
-import * as Cost from "../cost/Cost.ts"
 import { formatNumber, formatPercent, renderTable } from "../internal/Table.ts"
-import { modelFromJson, readJson } from "../models/Load.ts"
+import { loadModel, modelFromJson, readJson } from "../models/Load.ts"
 import { reallocate as solve, strategies } from "../models/Reallocate.ts"
-import { lineChart, toSvg } from "../report/Plots.ts"
 import { layer as backendLayer } from "../runtime/Backend.ts"
-import { byteTokenizer, sotuSplits } from "../train/Data.ts"
-import { train as trainModel, type TrainResult, TrainSettings } from "../train/Train.ts"
-import * as Stop from "../train/Stop.ts"
-import { handled, positive, tolerance, UsageError } from "./shared.ts"
+import { type ComparisonReport, compareMatched, lossBands, matchModels, type Overheads } from "../train/Compare.ts"
+import { checkSplits, loadData, sotuData, type Splits } from "../train/Data.ts"
+import { TrainSettings } from "../train/Train.ts"
+import { format, handled, positive, tolerance, UsageError } from "./shared.ts"
 import { backend } from "./train.ts"
+
+/** `--data FILE|DIR` and `--val-fraction`, shared by `train` and `compare`. */
+export const dataFlag = Flag.String("data").pipe(
+  Flag.withDescription("train on these raw bytes: a file (its last --val-fraction validates) or a directory (one document per file, sorted; every 10th validates); default: the State of the Union corpus"),
+  Flag.optional
+)
+export const valFraction = Flag.Finite("val-fraction").pipe(
+  Flag.withDescription("with --data: the share that validates (default 0.1)"),
+  Flag.optional
+)
+
+/** The splits for a seed: SOTU (validation windows fixed across seeds) or `--data`, checked against one batch. */
+export const splitsFor = (data: Option.Option<string>, fraction: Option.Option<number>, rows: number, length: number) => (seed: number) =>
+  Effect.gen(function*() {
+    let s: Splits
+    if (Option.isNone(data)) {
+      if (Option.isSome(fraction)) return yield* new UsageError({ message: "--val-fraction applies to --data only (SOTU splits by year)" })
+      s = { ...sotuData(seed), validation: sotuData(0).validation }
+    } else {
+      s = yield* loadData(data.value, { seed, ...(Option.isSome(fraction) ? { valFraction: fraction.value } : {}) })
+    }
+    yield* checkSplits(s, rows, length)
+    return s
+  })
+
+const fixed = (x: number, digits = 4) => (Number.isFinite(x) ? x.toFixed(digits) : "-")
+const signed = (x: number, digits = 4) => (x >= 0 ? "+" : "") + x.toFixed(digits)
+
+/** The human summary of a comparison. */
+export const renderComparison = (r: ComparisonReport): string => {
+  const [a, b] = r.models
+  const lines: Array<string> = []
+  const convention = (o: Overheads) => (o === "include" ? "every part counted" : "chunk module and joint decoding left out (the paper's convention)")
+  lines.push(
+    `matched pair: ${a.name} and ${b.name}, ${convention(r.overheads)}, within ±${formatPercent(r.tolerance).slice(1)}: ` +
+      `params ${formatPercent(r.residual[r.overheads].params)}, FLOPs/token ${formatPercent(r.residual[r.overheads].flops)}` +
+      ` (${r.overheads === "include" ? "paper's convention" : "every part counted"}: params ${formatPercent(r.residual[r.overheads === "include" ? "exclude" : "include"].params)}, FLOPs/token ${formatPercent(r.residual[r.overheads === "include" ? "exclude" : "include"].flops)})`
+  )
+  const d = r.data
+  lines.push(
+    `data: ${d.kind === "sotu" ? "State of the Union addresses (before 2000 train, 2000 on validate)" : `${d.source} (${d.kind}${d.valFraction === null ? "" : `, validation fraction ${d.valFraction}`})`}; ` +
+      `train ${formatNumber(d.trainBytes)} bytes, validation ${formatNumber(d.validationBytes)} bytes; sha256 ${d.sha256.slice(0, 16)}…`
+  )
+  lines.push(
+    `floors (byte counts of the training split, add-0.1): unigram ${fixed(r.reference.evaluated.unigram, 3)}, bigram ${fixed(r.reference.evaluated.bigram, 3)} bits/byte ` +
+      `on the ${formatNumber(r.reference.evaluated.bytes)} validation bytes the models are scored on; ${fixed(r.reference.validation.unigram, 3)} and ${fixed(r.reference.validation.bigram, 3)} on the whole validation split`
+  )
+  const seeds = r.seeds.length
+  const rs = (x: number | undefined) => (x === undefined ? "-" : x.toFixed(2))
+  const rel = (x: { relative: number; flagged: boolean } | undefined) => (x === undefined ? "" : ` (${formatPercent(x.relative)}${x.flagged ? " !" : ""})`)
+  lines.push("")
+  lines.push(renderTable(
+    [
+      "model",
+      "params",
+      `FLOPs/token matched`,
+      "R train (2nd half)",
+      "FLOPs/token realised",
+      "R eval (p ≥ ½)",
+      "FLOPs/token at eval R",
+      seeds === 1 ? "val bits/byte" : `val bits/byte (mean ± sd, ${seeds} seeds)`,
+      "train tokens/s"
+    ],
+    r.models.map((m) => [
+      m.name,
+      formatNumber(m.params),
+      formatNumber(Math.round(m.flopsPerToken.staticCounted)),
+      m.targetRatio === undefined ? "-" : `${rs(m.realisedTrain?.ratio)} (target ${m.targetRatio})`,
+      m.realisedTrain === undefined ? "-" : formatNumber(Math.round(m.realisedTrain.flopsPerToken)) + rel(m.realisedTrain),
+      rs(m.realisedEval?.ratio),
+      m.realisedEval === undefined ? "-" : formatNumber(Math.round(m.realisedEval.flopsPerToken)) + rel(m.realisedEval),
+      seeds === 1 ? fixed(m.valBitsPerByte.mean) : `${fixed(m.valBitsPerByte.mean)} ± ${fixed(m.valBitsPerByte.sd)}`,
+      formatNumber(Math.round(m.tokensPerSecond.mean))
+    ]),
+    [1, 2, 4, 6, 7, 8]
+  ))
+  const diff = r.difference
+  lines.push("")
+  lines.push(
+    `${b.name} − ${a.name}: ${signed(diff.mean)} bits/byte` +
+      (diff.low === null || diff.high === null
+        ? " (one seed: no interval; --seeds N gives a paired 95% t interval)"
+        : `, 95% interval [${signed(diff.low)}, ${signed(diff.high)}] (paired by seed, t with ${diff.n - 1} df; sd of the differences ${fixed(diff.sd)})`)
+  )
+  for (const w of r.warnings) lines.push(`note: ${w}`)
+  if (r.warnings.length === 0 && r.models.some((m) => m.realisedTrain !== undefined)) {
+    lines.push(`realised FLOPs/token within ±5% of the matched budget in training and evaluation`)
+  }
+  return lines.join("\n")
+}
 
 export const compare = Command.make(
   "compare",
   {
     baseline: Argument.String("baseline").pipe(Argument.withDescription("the MoE baseline config")),
+    candidate: Flag.String("candidate").pipe(
+      Flag.withDescription("a ConceptMoE config to compare (it must match the baseline's budget); default: the solver's best at --ratio/--strategy"),
+      Flag.optional
+    ),
     ratio: Flag.Finite("ratio").pipe(Flag.withDescription("target compression ratio R > 1"), Flag.withDefault(2)),
     strategy: Flag.Literals("strategy", strategies).pipe(Flag.withDescription("reallocation strategy"), Flag.withDefault("topk")),
     encoderLayers: Flag.Int("encoder-layers").pipe(Flag.withDescription("baseline layers that become the encoder"), Flag.withDefault(4)),
     decoderLayers: Flag.Int("decoder-layers").pipe(Flag.withDescription("baseline layers that become the decoder"), Flag.withDefault(4)),
+    overheads: Flag.Literals("overheads", ["include", "exclude"]).pipe(
+      Flag.withDescription("include (default): match with the chunk module and joint decoding counted; exclude: the paper's convention"),
+      Flag.withDefault("include")
+    ),
     tolerance,
     steps: Flag.Int("steps").pipe(Flag.withDescription("training steps for each model"), Flag.withDefault(200)),
     batch: Flag.Int("batch").pipe(Flag.withDescription("rows per batch"), Flag.withDefault(8)),
     seqLen: Flag.Int("seq-len").pipe(Flag.withDescription("tokens per row"), Flag.withDefault(128)),
-    seed: Flag.Int("seed").pipe(Flag.withDescription("seed of data order, initialisation and sampling"), Flag.withDefault(0)),
+    lr: Flag.Finite("lr").pipe(Flag.withDescription("peak learning rate"), Flag.withDefault(3e-3)),
+    warmup: Flag.Int("warmup").pipe(Flag.withDescription("warm-up steps"), Flag.withDefault(20)),
+    seed: Flag.Int("seed").pipe(Flag.withDescription("the first seed (data order, initialisation and sampling)"), Flag.withDefault(0)),
+    seeds: Flag.Int("seeds").pipe(Flag.withDescription("train each model on this many seeds (seed, seed+1, …); mean ± sd and a paired interval"), Flag.withDefault(1)),
     evalEvery: Flag.Int("eval-every").pipe(Flag.withDescription("steps between validation evaluations"), Flag.withDefault(50)),
+    evalBatches: Flag.Int("eval-batches").pipe(Flag.withDescription("validation batches per evaluation (the same windows for every seed)"), Flag.withDefault(8)),
+    data: dataFlag,
+    valFraction,
     backend,
+    format,
     out: Flag.String("out").pipe(Flag.withDescription("run directory"), Flag.withDefault("runs/compare"))
   },
   Effect.fn("compare")(function*(f) {
-    for (const [name, v] of [["steps", f.steps], ["batch", f.batch], ["seq-len", f.seqLen], ["eval-every", f.evalEvery]] as const) {
+    for (const [name, v] of [["steps", f.steps], ["batch", f.batch], ["seq-len", f.seqLen], ["eval-every", f.evalEvery], ["eval-batches", f.evalBatches], ["seeds", f.seeds]] as const) {
       yield* positive(name, Option.some(v))
     }
-    const json = yield* readJson(f.baseline)
-    const base = yield* modelFromJson(json, f.baseline)
+    if (!(f.lr > 0)) return yield* new UsageError({ message: `--lr must be a positive number, got ${f.lr}` })
+    if (f.warmup < 0) return yield* new UsageError({ message: `--warmup must be 0 or more, got ${f.warmup}` })
+    const json = f.format === "json"
+    const say = (s: string) => (json ? Effect.void : Console.log(s))
+    const base = yield* modelFromJson(yield* readJson(f.baseline), f.baseline)
     if (base.decoder === undefined) return yield* new UsageError({ message: `${f.baseline}: the baseline must be a decoder config` })
-    const [best] = yield* solve(base.decoder, base.analysis, {
-      ratio: f.ratio,
-      strategy: f.strategy,
-      tolerance: f.tolerance,
-      encoderLayers: f.encoderLayers,
-      decoderLayers: f.decoderLayers,
-      limit: 1
-    })
-    const { ratio, ...rest } = best!.spec
-    const concept = yield* modelFromJson({ kind: "conceptmoe", name: best!.name, baseline: json, ratio, ...rest }, f.baseline)
-    yield* Console.log(
-      `matched pair: ${base.name} and ${concept.name} (params ${formatPercent(best!.matched.residual.params)}, FLOPs/token ${formatPercent(best!.matched.residual.flops)}; with chunk + joint decoding ${formatPercent(best!.residualAll.params)}, ${formatPercent(best!.residualAll.flops)})`
-    )
+    const concept = Option.isSome(f.candidate)
+      ? yield* loadModel(f.candidate.value)
+      : yield* Effect.gen(function*() {
+        const [best] = yield* solve(base.decoder!, base.analysis, {
+          ratio: f.ratio,
+          strategy: f.strategy,
+          tolerance: f.tolerance,
+          overheads: f.overheads,
+          encoderLayers: f.encoderLayers,
+          decoderLayers: f.decoderLayers,
+          limit: 1
+        })
+        const { ratio, ...rest } = best!.spec
+        return yield* modelFromJson({ kind: "conceptmoe", name: best!.name, baseline: base.config, ratio, ...rest }, f.baseline)
+      })
+    // the typed proof: a pair read from files that does not match stops here (BudgetMismatch)
+    const pair = yield* matchModels(base, concept, { tolerance: f.tolerance, overheads: f.overheads })
     const settings = Schema.decodeUnknownSync(TrainSettings)({
       steps: f.steps,
       batchSize: f.batch,
       seqLen: f.seqLen,
       seed: f.seed,
       evalEvery: f.evalEvery,
+      evalBatches: f.evalBatches,
       checkpointEvery: f.steps,
-      logEvery: Math.max(1, Math.floor(f.steps / 20))
+      logEvery: Math.max(1, Math.floor(f.steps / 20)),
+      optimizer: { lr: f.lr, warmup: f.warmup }
     })
-    const data = sotuSplits(byteTokenizer, f.seed)
-    const path = yield* Path.Path
-    const results: Array<TrainResult> = []
-    for (const m of [base, concept]) {
-      const r = yield* trainModel(m, settings, { out: path.join(f.out, m.name), resume: false, data }).pipe(
-        Effect.provide(backendLayer(Option.getOrUndefined(f.backend))),
-        Effect.catchTag("Stopped", (e) => Stop.report(e, Stop.compareHint([base, concept].map((x) => x.name), results.length, path.join(f.out, m.name), f.out)).pipe(Effect.as(undefined)))
-      )
-      if (r === undefined) return
-      results.push(r)
-    }
-    const rows = [base, concept].map((m, i) => {
-      const r = results[i]!
-      const last = [...r.metrics].reverse().find((x) => x.compression !== undefined)
-      return [
-        m.name,
-        formatNumber(Cost.total(m.analysis.cost.params)),
-        formatNumber(Cost.matmulPerToken(m.analysis.cost)),
-        last?.compression === undefined ? "-" : last.compression.toFixed(2),
-        r.finalValBitsPerByte.toFixed(4),
-        r.tokensPerSecond.toFixed(0)
-      ]
-    })
-    const table = renderTable(["model", "params", "FLOPs/token (static)", "actual R (last step)", "val bits/byte", "train tokens/s"], rows, [1, 2, 3, 4, 5])
-    yield* Console.log(`\n${table}`)
-    const svg = yield* Effect.promise(() =>
-      toSvg(lineChart({
-        title: `Training loss: ${base.name} vs ${concept.name} (same data, same tokens)`,
-        x: "step",
-        y: "loss (nats/token)",
-        linear: true,
-        rows: [base, concept].flatMap((m, i) => results[i]!.metrics.map((x) => ({ series: m.name, x: x.step + 1, y: x.loss })))
-      }))
-    )
-    const fs = yield* FileSystem.FileSystem
-    const file = path.join(f.out, "losses.svg")
-    yield* fs.writeFileString(`${file}.tmp-${process.pid}`, svg)
-    yield* fs.rename(`${file}.tmp-${process.pid}`, file)
-    const summary = path.join(f.out, "summary.json")
-    yield* fs.writeFileString(`${summary}.tmp-${process.pid}`, JSON.stringify({
+    const data = splitsFor(f.data, f.valFraction, f.batch, f.seqLen)
+    yield* data(f.seed) // refuse bad data before anything trains
+    yield* say(`matched pair: ${base.name} and ${concept.name} (${f.overheads === "include" ? "every part counted" : "the paper's convention"}); ${f.seeds} seed${f.seeds === 1 ? "" : "s"}, ${f.steps} steps of ${f.batch}×${f.seqLen} tokens each`)
+    const { report, runs, files } = yield* compareMatched(pair, {
       settings,
-      models: [base, concept].map((m, i) => ({
-        name: m.name,
-        params: Cost.total(m.analysis.cost.params),
-        flopsPerToken: Cost.matmulPerToken(m.analysis.cost),
-        valBitsPerByte: results[i]!.finalValBitsPerByte,
-        tokensPerSecond: results[i]!.tokensPerSecond,
-        compression: [...results[i]!.metrics].reverse().find((x) => x.compression !== undefined)?.compression ?? null
-      }))
-    }, null, 2))
-    yield* fs.rename(`${summary}.tmp-${process.pid}`, summary)
-    yield* Console.log(`\nwrote ${file} and ${summary}`)
+      seeds: Array.from({ length: f.seeds }, (_, i) => f.seed + i),
+      data,
+      overheads: f.overheads,
+      out: f.out,
+      quiet: json
+    }).pipe(Effect.provide(backendLayer(Option.getOrUndefined(f.backend))))
+    if (json) {
+      const window = Math.max(1, Math.floor(f.steps / 50))
+      yield* Console.log(JSON.stringify({ ...report, lossBands: lossBands([base.name, concept.name], runs, window), files }, null, 2))
+      return
+    }
+    yield* Console.log(`\n${renderComparison(report)}`)
+    yield* Console.log(`\nwrote ${files.losses} and ${files.summary}`)
   }, handled)
 ).pipe(
-  Command.withDescription("Train an MoE baseline and its matched ConceptMoE on the same data and token budget, and compare them."),
+  Command.withDescription("Train an MoE baseline and its matched ConceptMoE on the same data and token budget (over seeds), and compare them."),
   Command.withExamples([
-    { command: "conceptmoe compare examples/compare/moe-tiny.json --encoder-layers 2 --decoder-layers 2 --ratio 2 --strategy topk", description: "the README's main job" }
+    { command: "conceptmoe compare examples/compare/moe-tiny.json --encoder-layers 2 --decoder-layers 2 --ratio 2 --strategy topk", description: "a matched pair, one seed" },
+    { command: "conceptmoe compare examples/compare/moe-tiny.json --encoder-layers 2 --decoder-layers 2 --seeds 3 --format json", description: "three seeds, every number as JSON" },
+    { command: "conceptmoe compare examples/compare/moe-tiny.json --encoder-layers 2 --decoder-layers 2 --data my-corpus/", description: "on your own bytes" }
   ])
 )

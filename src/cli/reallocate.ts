@@ -67,7 +67,7 @@ export const reallocate = Command.make(
         ` (${f.overheads === "exclude" ? "chunk and joint-decoding parts excluded, as the paper matches" : "all parts included"}); seq-len ${formatNumber(T)}\n`
     )
     yield* Console.log(renderTable(
-      ["candidate", "top-k", "loop", "width", "experts", "Δparams", "ΔFLOPs/token", "Δparams all parts", "ΔFLOPs all parts", "concept attn ÷", "concept KV ÷"],
+      ["candidate", "top-k", "loop", "width", "experts", "expert hidden", "Δparams", "ΔFLOPs/token", "Δparams all parts", "ΔFLOPs all parts", "concept attn ÷", "concept KV ÷"],
       reports.map((r, i) => {
         const c = candidates[i]!
         return [
@@ -76,6 +76,7 @@ export const reallocate = Command.make(
           c.layout.loop === null ? "-" : `${c.layout.loop.layers}×${c.layout.loop.times}`,
           `${c.layout.width}`,
           `${c.spec.experts ?? "="}`,
+          `${c.spec.expertHidden ?? "="}`,
           formatPercent(r.relative.params),
           formatPercent(r.relative.flops),
           formatPercent(r.relativeAllParts.params),
@@ -84,7 +85,7 @@ export const reallocate = Command.make(
           x(r.conceptModelReduction.kvCache)
         ]
       }),
-      [1, 4, 5, 6, 7, 8, 9, 10]
+      [1, 4, 5, 6, 7, 8, 9, 10, 11]
     ))
     yield* Console.log(
       `\nbaseline: ${formatNumber(reports[0]!.params.baseline)} params, ${formatNumber(reports[0]!.flops.baseline)} FLOPs/token (matmul, forward). ` +
@@ -97,6 +98,10 @@ export const reallocate = Command.make(
   Command.withExamples([
     { command: "conceptmoe reallocate examples/latency/baseline-attn8.json --ratio 2 --strategy topk", description: "more experts at R=2 (finds 1L-top24-R2)" },
     { command: "conceptmoe reallocate examples/latency/baseline-attn8.json --ratio 2 --strategy loop --format json", description: "looped layers, as JSON" },
-    { command: "conceptmoe reallocate examples/moe-base.json --ratio 2 --strategy width", description: "a wider concept model with fewer experts" }
+    { command: "conceptmoe reallocate examples/moe-base.json --ratio 2 --strategy width", description: "a wider concept model with fewer experts" },
+    {
+      command: "conceptmoe reallocate examples/compare/moe-tiny.json --ratio 2 --strategy topk --encoder-layers 2 --decoder-layers 2 --overheads include",
+      description: "every part counted: narrower, more numerous concept-model experts pay for the chunk module"
+    }
   ])
 )

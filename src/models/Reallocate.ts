@@ -5,6 +5,12 @@
  *
  * 1. `topk`: more activated experts in the concept model (params unchanged).
  * 2. `loop`: more activated experts and looped concept-model layers (params unchanged).
+ *
+ *    For both, when nothing matches with the baseline's experts (the usual case when the chunk
+ *    module and joint decoding are counted: nothing else pays for their parameters), the solver
+ *    also tries fewer and narrower concept-model experts: for each expert hidden size (multiples
+ *    of 8 up to the baseline's) the expert count is set by the parameter budget and the top-k by
+ *    the FLOPs (`expertLever`, on by default; the name gains `-e<experts>` and `-h<hidden>`).
  * 3. `width`: a wider concept model (more heads of the same size) with fewer, wider experts, and the
  *    two width projectors.
  *
@@ -47,6 +53,12 @@ export interface ReallocateOptions {
   readonly limit?: number
   /** Sequence length the concept count is checked against (R may not exceed it). */
   readonly seqLen?: number
+  /**
+   * Strategies 1 and 2: when nothing matches with the baseline's experts (typically with
+   * `overheads: "include"`, where nothing else pays for the chunk module's parameters), also try
+   * fewer and narrower concept-model experts (default true; false: the paper's search only).
+   */
+  readonly expertLever?: boolean
 }
 
 export interface Candidate {
@@ -185,11 +197,39 @@ export const reallocate = (
       return [k - 1, k, k + 1, k + 2].filter((x) => x >= 1 && x <= experts).map(at).filter((e): e is Evaluated => e !== null)
     }
 
+    /**
+     * The lever for budgets that count the chunk module and joint decoding: fewer and/or narrower
+     * concept-model experts pay for their parameters. For each expert hidden size (multiples of 8 up
+     * to the baseline's, and the baseline's), the expert count is set by the parameter budget and
+     * the top-k by the FLOPs.
+     */
+    const expertLever = (spec: ConceptSpec): Array<Evaluated> => {
+      const h0 = moeLayer.ffn.spec.expertHidden
+      const hiddens = [...new Set([...Array.from({ length: Math.floor(h0 / 8) }, (_, i) => 8 * (i + 1)), h0])].filter((h) => h <= h0)
+      const out: Array<Evaluated> = []
+      for (const h of hiddens) {
+        const shaped: ConceptSpec = h === h0 ? spec : { ...spec, expertHidden: h }
+        const params = (e: number) => evaluate({ ...shaped, experts: e, topK: Math.min(k0, e) })?.params ?? Infinity
+        const e = lastNonPositive(1, 4 * E, params)
+        for (const experts of [e, e + 1].filter((x) => x >= 1 && !(x === E && h === h0))) out.push(...aroundTopK({ ...shaped, experts }, experts))
+      }
+      return out
+    }
+    /** The short name, with `-h<size>` where the lever narrowed the experts (the width strategy's names are unchanged). */
+    const nameOf = (e: Evaluated) =>
+      shortName(e.spec, e.layout, k0, baseline.d).replace(/-R[^-]*$/, (r) =>
+        options.strategy !== "width" && e.spec.expertHidden !== undefined && e.spec.expertHidden !== moeLayer.ffn.spec.expertHidden ? `-h${e.spec.expertHidden}${r}` : r)
+    const fits = (xs: ReadonlyArray<Evaluated>) => xs.some((e) => score(e) <= tolerance)
+
     const tried: Array<Evaluated> = []
     let reason = ""
     if (options.strategy === "topk") {
       tried.push(...aroundTopK(base, E))
       reason = `the concept model's top-k is between 1 and ${E} experts`
+      if (!fits(tried) && options.expertLever !== false) {
+        tried.push(...expertLever(base))
+        reason += `, or with fewer or narrower concept-model experts (expert count and hidden size set by the budget)`
+      }
     } else if (options.strategy === "loop") {
       if (options.loopLayers !== undefined && (options.loopLayers < 1 || options.loopLayers > lc)) {
         return yield* new InvalidReallocation({
@@ -200,6 +240,10 @@ export const reallocate = (
       const counts = options.loopLayers !== undefined ? [options.loopLayers] : Array.from({ length: lc }, (_, i) => i + 1)
       for (const n of counts) tried.push(...aroundTopK({ ...base, loopLayers: n }, E))
       reason = `looping ${options.loopLayers ?? `1..${lc}`} of ${lc} layers with top-k in 1..${E}`
+      if (!fits(tried) && options.expertLever !== false) {
+        for (const n of counts) tried.push(...expertLever({ ...base, loopLayers: n }))
+        reason += `, or with fewer or narrower concept-model experts (expert count and hidden size set by the budget)`
+      }
     } else {
       const m = moeLayer.mixer
       if (m.kind !== "attention") {
@@ -236,7 +280,7 @@ export const reallocate = (
         reason: tried.length === 0 ? `no buildable configuration (${reason})` : `nothing within tolerance (${reason})`,
         nearest: nearest === undefined
           ? null
-          : { name: shortName(nearest.spec, nearest.layout, k0, baseline.d), params: nearest.params, flops: nearest.flops }
+          : { name: nameOf(nearest), params: nearest.params, flops: nearest.flops }
       })
     }
     const out: Array<Candidate> = []
@@ -244,7 +288,7 @@ export const reallocate = (
       const matched = yield* match(baselineAnalysis, e.analysis, { tolerance, exclude }).pipe(Effect.orDie)
       const all = budgetOf(e.analysis)
       out.push({
-        name: shortName(e.spec, e.layout, k0, baseline.d),
+        name: nameOf(e),
         spec: e.spec,
         layout: e.layout,
         analysis: e.analysis,

@@ -73,3 +73,37 @@ export const stackedBars = (options: {
     tooltip: [{ field: "part" }, { field: "value", format: ",.0f" }]
   }
 })
+
+/**
+ * Lines of a mean with a shaded band (e.g. mean ± sd over seeds), one colour per `series`, on
+ * linear axes.
+ */
+export const bandChart = (options: {
+  readonly title: string
+  readonly x: string
+  readonly y: string
+  readonly rows: ReadonlyArray<{ readonly series: string; readonly x: number; readonly mean: number; readonly low: number; readonly high: number }>
+}): TopLevelSpec => ({
+  $schema: schema,
+  title: options.title,
+  width: 520,
+  height: 320,
+  data: { values: options.rows.map((r) => ({ ...r })) },
+  encoding: {
+    x: { field: "x", type: "quantitative", title: options.x },
+    color: { field: "series", type: "nominal", title: "model", legend: { labelLimit: 400 } }
+  },
+  layer: [
+    {
+      mark: { type: "area", opacity: 0.25 },
+      encoding: {
+        y: { field: "low", type: "quantitative", title: options.y, scale: { zero: false } },
+        y2: { field: "high" }
+      }
+    },
+    {
+      mark: { type: "line" },
+      encoding: { y: { field: "mean", type: "quantitative", title: options.y, scale: { zero: false } } }
+    }
+  ]
+})

@@ -11,15 +11,16 @@ import type * as TF from "@tensorflow/tfjs"
 import { type LoadedModel, modelFromJson, parseJson } from "../models/Load.ts"
 import { lineChart, toSvg } from "../report/Plots.ts"
 import { Tensors } from "../runtime/Backend.ts"
-import { type Lowered, materialize, release } from "../runtime/Lower.ts"
+import { type Lowered, materialize, release, setRamp } from "../runtime/Lower.ts"
 import { CheckpointError, encode, type Metadata, readChecked, type SettingChange, type TensorData } from "./Checkpoint.ts"
 import { commit, ensureDir, lock as lockRun, removeStaleTemps } from "./RunDir.ts"
 import * as Stop from "./Stop.ts"
 import { type DataInfo, DataMismatch, type Stream, sotuData, trainBatch, validationBatches } from "./Data.ts"
 import { capturedTrainer } from "./Captured.ts"
+import { parallelTrainer, trainingThreads } from "./Parallel.ts"
 import { describeTuning, takeChoices, tunedChoices } from "../runtime/MatMul.ts"
 import { evaluate, evaluateAsync, newOptimizer, type Optimizer, setRatioControl, syncReads, trainStep, type TrainSettings } from "./Step.ts"
-import { type ChunkerSpec, initialRatioControl, type RatioControl, ratioControlStep, ratioLossValue } from "../blocks/Chunker.ts"
+import { type ChunkerSpec, initialRatioControl, rampSpec, type RatioControl, ratioControlStep, ratioLossValue } from "../blocks/Chunker.ts"
 import { compressionSummary, type CompressionSummary } from "./Compression.ts"
 
 export * from "./Step.ts"
@@ -196,17 +197,21 @@ const sameModel = (model: LoadedModel, meta: Metadata, file: string, step: numbe
     const stored = yield* modelFromJson(meta.config, `${file} (metadata "config")`).pipe(
       Effect.mapError((e) => new CheckpointError({ file, field: "config", message: `metadata "config" is not a model config: ${e.message}` }))
     )
-    const diffs = differences(identity(stored), identity(model))
+    // the normalised models decide (a default written out is no change); the config's own fields name the change
+    const normalised = differences(identity(stored), identity(model))
+    if (normalised.length === 0) return []
+    const raw = differences(meta.config, model.config).filter((d) => !/(^|\.)name$/.test(d.field))
     const allowed = (field: string) => meta.mayChange.some((f) => field === f || field.startsWith(`${f}.`) || field.startsWith(`${f}[`))
-    const refused = diffs.find((d) => !allowed(d.field))
+    const refused = raw.find((d) => !allowed(d.field)) ?? (raw.length === 0 ? normalised[0] : undefined)
     if (refused !== undefined) {
+      const count = raw.length > 0 ? raw.length : normalised.length
       return yield* new CheckpointMismatch({
         file,
         message: `was written for a different model: "${refused.field}" is ${show(refused.from)} in the checkpoint and ${show(refused.to)} in this config` +
-          (diffs.length > 1 ? ` (${diffs.length} fields differ)` : "") + `; resume with the checkpoint's config or start a new run directory`
+          (count > 1 ? ` (${count} fields differ)` : "") + `; resume with the checkpoint's config or start a new run directory`
       })
     }
-    return diffs.map((d): SettingChange => ({ step, field: `model.${d.field}`, from: d.from, to: d.to }))
+    return raw.map((d): SettingChange => ({ step, field: `model.${d.field}`, from: d.from, to: d.to }))
   })
 
 const MetricsLine = Schema.Struct({ step: Schema.Int.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0))) })
@@ -273,6 +278,9 @@ export const train = (
     // the ratio controller (Chunker.ts) of a model with one concept stage: its state before each step
     const chunks = model.analysis.rows.filter((r) => r.kind === "chunk").map((r) => model.analysis.specs.get(r.path) as ChunkerSpec)
     const chunk = chunks.length === 1 ? chunks[0] : undefined
+    // a converted model ramps from its source's function to R over rampSteps (models/Convert.ts)
+    const rampSteps = model.concept?.spec.rampSteps
+    const rampAt = (step: number) => (rampSteps === undefined ? undefined : Math.min(1, step / rampSteps))
     let control: RatioControl = initialRatioControl
     let changes: Array<SettingChange> = []
     let resumed: TrainResult["resumed"]
@@ -314,7 +322,7 @@ export const train = (
         )
       } else if (chunk !== undefined) {
         // a checkpoint written before the controller: its state from the restored metrics
-        for (const m of metrics) if (m.boundaryRate !== undefined) control = ratioControlStep(control, chunk.ratio, m.boundaryRate)
+        for (const m of metrics) if (m.boundaryRate !== undefined) control = ratioControlStep(control, rampSpec(chunk, rampAt(m.step)).ratio, m.boundaryRate)
       }
       yield* log(`resumed ${model.name} from ${checkpointFile} at step ${start}`)
       // the matmul kernels the run had chosen (webgpu, CONCEPTMOE_MATMUL=auto): the same ones again
@@ -372,13 +380,21 @@ export const train = (
     const end = Math.min(settings.steps, options.until ?? settings.steps)
     // webgpu: steps are recorded once and replayed where the model allows it (Captured.ts)
     const trainer = sync ? undefined : capturedTrainer(low, opt, settings, settings.batchSize, settings.seqLen)
+    // CPU backends: the batch's rows split over worker threads (Parallel.ts) when threads > 1
+    const threads = sync ? trainingThreads(settings, tf.getBackend()) : 1
+    const parallel = threads > 1 ? yield* Effect.promise(() => parallelTrainer(low, opt, model.config, settings, threads)) : undefined
     let mode = trainer?.mode().mode
     for (let step = start; step < end; step++) {
       const batch = trainBatch(data.train, settings.batchSize, settings.seqLen, settings.seed, step)
       const used = control
       setRatioControl(low, used)
+      setRamp(low, rampAt(step))
       const t0 = performance.now()
-      const r = trainer === undefined ? trainStep(low, opt, batch, settings, step) : yield* Effect.promise(() => trainer.step(batch, step))
+      const r = trainer !== undefined
+        ? yield* Effect.promise(() => trainer.step(batch, step))
+        : parallel !== undefined
+        ? yield* Effect.promise(() => parallel.step(batch, step, { ramp: rampAt(step) }))
+        : trainStep(low, opt, batch, settings, step)
       const now = trainer?.mode()
       if (step === start + 1 && trainer !== undefined && trainer.tuned().length > 0) yield* log(`matmul: ${describeTuning(trainer.tuned())}`)
       if (now !== undefined && now.mode !== mode) {
@@ -399,7 +415,7 @@ export const train = (
         return yield* new DivergedError({ step, loss: r.loss, checkpoint: lastCheckpoint, checkpointStep: lastStep, during: "step" })
       }
       const F = r.concepts > 0 ? r.concepts / r.tokens : undefined
-      if (chunk !== undefined && F !== undefined) control = ratioControlStep(control, chunk.ratio, F)
+      if (chunk !== undefined && F !== undefined) control = ratioControlStep(control, rampSpec(chunk, rampAt(step)).ratio, F)
       const last = step === end - 1
       const doEval = (step + 1) % settings.evalEvery === 0 || last
       const val = !doEval ? undefined : sync ? evaluate(low, validation) : yield* Effect.promise(() => evaluateAsync(low, validation))
@@ -411,7 +427,7 @@ export const train = (
         lr: r.lr,
         tokensPerSecond: (batch.rows * batch.length) / (dt / 1000),
         ...(F === undefined ? {} : { compression: r.tokens / r.concepts, boundaryRate: F, boundaryProb: r.boundaryProbSum / r.tokens }),
-        ...(F === undefined || chunk === undefined ? {} : { ratioLoss: ratioLossValue(chunk, used, F, r.boundaryProbSum / r.tokens) }),
+        ...(F === undefined || chunk === undefined ? {} : { ratioLoss: ratioLossValue(rampSpec(chunk, rampAt(step)), used, F, r.boundaryProbSum / r.tokens) }),
         ...("dropped" in r && r.dropped !== undefined && r.dropped > 0 ? { droppedBoundaries: r.dropped } : {}),
         ...(experts === undefined || experts.dropped === 0 ? {} : { droppedExpertPairs: experts.dropped / experts.routed }),
         ...(val === undefined ? {} : { valBitsPerByte: val.bitsPerByte }),
@@ -446,6 +462,7 @@ export const train = (
       }
     }
     trainer?.dispose()
+    if (parallel !== undefined) yield* Effect.promise(() => parallel.dispose())
     const svg = yield* Effect.promise(() =>
       toSvg(lineChart({
         title: `${model.name}: training loss and validation bits per byte`,

@@ -65,6 +65,8 @@ class Context:
         self.imposed = boundaries
         #: the ratio controller's integral for this training step (``ratioControl: "pi"``)
         self.ratio_integral = ratio_integral
+        #: boundary draws to skip first (a rank's rows of a global batch: the draws of the rows before)
+        self.draw_skip = 0
         self.aux_losses: list[torch.Tensor] = []
         self.chunk = None
         self.concept: torch.Tensor | None = None

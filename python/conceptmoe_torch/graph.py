@@ -111,12 +111,14 @@ class Model(nn.Module):
         return self.root.get_parameter(_dotted(path))
 
     def forward(self, ids: torch.Tensor, document_starts: torch.Tensor | None = None, *, training: bool | None = None,
-                seed: int = 0, balance_weight: float = 0.01, boundaries: torch.Tensor | None = None, ratio_integral: float = 0.0):
+                seed: int = 0, balance_weight: float = 0.01, boundaries: torch.Tensor | None = None, ratio_integral: float = 0.0,
+                draw_skip: int = 0):
         rows, length = ids.shape
         starts = torch.zeros_like(ids, dtype=torch.bool) if document_starts is None else document_starts
         ctx = Context(rows=rows, length=length, document_starts=starts, training=self.training if training is None else training,
                       seed=seed, balance_weight=balance_weight, boundaries=None if boundaries is None else boundaries.reshape(-1).to(torch.bool),
                       device=ids.device, ratio_integral=ratio_integral)
+        ctx.draw_skip = draw_skip
         logits = self.root(ctx, ids.reshape(-1))
         return logits, ctx
 

@@ -57,6 +57,8 @@ class Chunk(Block):
         f = forced.to(x.dtype)
         probs = f + (1 - f) * raw
         random = prng(ctx.next_seed())
+        for _ in range(ctx.draw_skip):
+            random()
         if ctx.imposed is not None:
             b = forced | ctx.imposed.to(device)[:n]
         elif ctx.training:

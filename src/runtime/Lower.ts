@@ -125,6 +125,11 @@ export interface ForwardOptions {
   readonly concept?: ConceptFeeds
   /** The ratio controller's state for a training step (`Chunker.RatioControl`). */
   readonly ratioControl?: { readonly integral: number }
+  /**
+   * Draws the pass's first random stream (its chunk module's boundary draws) skips: a shard of a
+   * batch (`train/Parallel.ts`) continues the whole batch's stream after the rows before it.
+   */
+  readonly drawOffset?: number
 }
 
 export interface Feeds {
@@ -253,7 +258,12 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     deviceCompression: undefined,
     conceptFeeds: options.concept,
     valid: undefined,
-    nextSeed: () => mixSeed(options.seed, seedCounter++),
+    nextSeed: () => {
+      const i = seedCounter++
+      // Chunker's prng (mulberry32) adds 0x6d2b79f5 to its state per draw: skipping k draws is
+      // starting k·0x6d2b79f5 further on (tests/parallel.test.ts checks it against the stream)
+      return i === 0 && options.drawOffset ? (mixSeed(options.seed, 0) + Math.imul(options.drawOffset, 0x6d2b79f5)) >>> 0 : mixSeed(options.seed, i)
+    },
     ratioControl: options.ratioControl,
     matMul,
     groupedMatMul: (x, w, groups) => {

@@ -51,6 +51,12 @@ export const TrainSettings = Schema.Struct({
    * beyond are dropped (and counted). Host backends route exactly either way.
    */
   expertCapacity: withDefault(Schema.NullOr(PositiveNumber), null),
+  /**
+   * Threads a training step uses on a CPU backend (`Parallel.ts`: the batch's rows split over worker
+   * threads, gradients summed). `null` (the default): every core on wasm, one elsewhere; 1: today's
+   * one-thread step.
+   */
+  threads: withDefault(Schema.NullOr(Dim), null),
   optimizer: withDefault(OptimizerConfig, {})
 })
 export type TrainSettings = typeof TrainSettings.Type
@@ -105,11 +111,8 @@ export const stepOnDevice = (
   inputs?: StepInputs
 ) => {
   const { tf } = low
-  const o = settings.optimizer
-  const [lr, c1, c2] = stepInputValues(settings, step)
-  const names = [...low.variables.keys()]
-  const vars = names.map((n) => low.variables.get(n)!)
-  const partOf = new Map(low.analysis.params.map((p) => [p.path, p.part]))
+  const [lr] = stepInputValues(settings, step)
+  const vars = [...low.variables.values()]
   let stats = { tokens: 0, concepts: 0, boundaryProbSum: 0 }
   let parts: { ce: TF.Scalar; aux: TF.Scalar } | undefined
   let deviceStats: { concepts: Tensor; boundaryProbSum: Tensor; dropped: Tensor } | undefined
@@ -130,32 +133,46 @@ export const stepOnDevice = (
       parts = { ce: tf.keep(r.ce), aux: tf.keep(r.aux) }
       return r.total
     }, vars)
-    const gs = vars.map((w) => grads[w.name] ?? tf.zerosLike(w))
-    const norm = tf.sqrt(makeSumSquares(tf)(gs))
-    const scale = tf.minimum(tf.div(o.clip, norm), 1)
-    const stepValues = inputs?.stepValues ?? adamStepValues(tf, { lr, c1, c2 })
-    names.forEach((n, i) => {
-      const m = opt.m.get(n)!
-      const v = opt.v.get(n)!
-      const w = vars[i]!
-      const next = adamw(tf, w, gs[i]!, m, v, scale, {
-        beta1: o.beta1,
-        beta2: o.beta2,
-        eps: o.eps,
-        c1,
-        c2,
-        lr,
-        lrScale: o.partLr[partOf.get(n) ?? ""] ?? 1,
-        decay: w.rank >= 2 ? o.weightDecay : 0
-      }, stepValues)
-      m.assign(next.m as TF.Tensor)
-      v.assign(next.v as TF.Tensor)
-      w.assign(next.w as TF.Tensor)
-    })
+    applyGradients(low, opt, vars.map((w) => grads[w.name] ?? tf.zerosLike(w)), settings, step, inputs?.stepValues)
     return value
   })
   opt.step = step + 1
   return { total, ce: parts!.ce, aux: parts!.aux, lr, stats, deviceStats, routing }
+}
+
+/**
+ * Global-norm clipping and AdamW for gradients `gs` of `low.variables` (in their order): the
+ * optimizer half of {@link stepOnDevice}, also run on gradients summed over worker threads
+ * (`Parallel.ts`). Call inside `tf.tidy`.
+ */
+export const applyGradients = (low: Lowered, opt: Optimizer, gs: ReadonlyArray<Tensor>, settings: TrainSettings, step: number, given?: Tensor): void => {
+  const { tf } = low
+  const o = settings.optimizer
+  const [lr, c1, c2] = stepInputValues(settings, step)
+  const names = [...low.variables.keys()]
+  const vars = names.map((n) => low.variables.get(n)!)
+  const partOf = new Map(low.analysis.params.map((p) => [p.path, p.part]))
+  const norm = tf.sqrt(makeSumSquares(tf)(gs))
+  const scale = tf.minimum(tf.div(o.clip, norm), 1)
+  const stepValues = given ?? adamStepValues(tf, { lr, c1, c2 })
+  names.forEach((n, i) => {
+    const m = opt.m.get(n)!
+    const v = opt.v.get(n)!
+    const w = vars[i]!
+    const next = adamw(tf, w, gs[i]!, m, v, scale, {
+      beta1: o.beta1,
+      beta2: o.beta2,
+      eps: o.eps,
+      c1,
+      c2,
+      lr,
+      lrScale: o.partLr[partOf.get(n) ?? ""] ?? 1,
+      decay: w.rank >= 2 ? o.weightDecay : 0
+    }, stepValues)
+    m.assign(next.m as TF.Tensor)
+    v.assign(next.v as TF.Tensor)
+    w.assign(next.w as TF.Tensor)
+  })
 }
 
 /** A training pass's options: on webgpu MoE layers dispatch grouped, or by capacity with `expertCapacity`. */

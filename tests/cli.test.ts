@@ -125,10 +125,10 @@ describe("conceptmoe reallocate", () => {
     assert.strictEqual(JSON.parse(b.out).params.total, JSON.parse(r.out)[0].params.total)
   })
 
-  it("bad input: R ≤ 1 and a depth that leaves no concept model fail with one line", () => {
+  it("bad input: R ≤ 1 (a usage error, exit 2) and a depth that leaves no concept model (exit 1) fail with one line", () => {
     const low = run("reallocate", "examples/moe-base.json", "--ratio", "1", "--strategy", "topk")
-    assert.strictEqual(low.code, 1)
-    assert.match(low.err, /^error: the compression ratio R must be a finite number above 1, got 1\n$/)
+    assert.strictEqual(low.code, 2)
+    assert.match(low.err, /^error: Invalid value for flag --ratio: "1"\. Expected: a number above 1 and at most 16,777,216 \(see conceptmoe reallocate --help\)\n$/)
     const deep = run("reallocate", "examples/moe-base.json", "--ratio", "2", "--strategy", "topk", "--encoder-layers", "9", "--decoder-layers", "9")
     assert.strictEqual(deep.code, 1)
     assert.include(deep.err, "at most 15 in total")
@@ -203,11 +203,11 @@ describe("conceptmoe generate", () => {
       [["--checkpoint", out, "--prompt", "y".repeat(60)], /--prompt has 60 tokens; .* context is 48/],
       [["--checkpoint", out, "--prompt", "hi", "--config", "examples/compare/moe-tiny.json"], /checkpoint\.safetensors: param\/embed\/weight has shape \[256,32\], the model.s is \[256,64\]/],
       [["--checkpoint", path.join(dir, "none"), "--prompt", "hi"], /none: no such checkpoint file or run directory/],
-      [["--checkpoint", out, "--prompt", "hi", "--temperature", "-1"], /--temperature ≥ 0/]
+      [["--checkpoint", out, "--prompt", "hi", "--temperature", "-1"], /^error: Invalid value for flag --temperature: "-1"\. Expected: a number from 0 to 1,000/]
     ]
     for (const [args, expected] of cases) {
       const r = run("generate", ...args, "--backend", "cpu")
-      assert.strictEqual(r.code, 1, args.join(" "))
+      assert.strictEqual(r.code, args.includes("--temperature") ? 2 : 1, args.join(" "))
       assert.match(r.err, expected)
       assert.notMatch(r.err, /\n\s+at /)
     }

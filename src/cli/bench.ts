@@ -12,7 +12,7 @@ import { formatNumber, renderTable } from "../internal/Table.ts"
 import { loadModel, readJson } from "../models/Load.ts"
 import { toSvg } from "../report/Plots.ts"
 import { layer as backendLayer } from "../runtime/Backend.ts"
-import { format, handled, UsageError } from "./shared.ts"
+import { flagLimits, format, handled, intFlag, UsageError } from "./shared.ts"
 import { backend } from "./train.ts"
 
 const quickSettings: BenchSettings = {
@@ -105,7 +105,7 @@ const inference = Command.make(
     baseline: Flag.String("baseline").pipe(Flag.withDescription("the MoE baseline config"), Flag.withDefault("examples/inference/moe-bench.json")),
     quick: Flag.Boolean("quick").pipe(Flag.withDescription("lengths 128 and 256, 4 decode steps, one repetition (under a minute)"), Flag.withDefault(false)),
     lengths: Flag.String("lengths").pipe(Flag.withDescription("comma-separated prompt / KV lengths (default 256,…,8192; --quick 128,256)"), Flag.optional),
-    rows: Flag.Int("rows").pipe(Flag.withDescription("rows prefilled and decoded together"), Flag.optional),
+    rows: intFlag("rows", 1, flagLimits.batch).pipe(Flag.withDescription("rows prefilled and decoded together"), Flag.optional),
     format,
     backend,
     out: Flag.String("out").pipe(Flag.withDescription("directory for inference.json and inference.svg"), Flag.withDefault("runs/bench-inference"))

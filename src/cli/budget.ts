@@ -6,12 +6,12 @@
 import { Console, Effect, Option } from "effect"
 import { Argument, Command, Flag } from "effect/cli"
 import { budgetOf, diff, match, renderDiff } from "../cost/Budget.ts"
-import { budgetReport } from "../cost/Report.ts"
+import { budgetReport, stringifyExact } from "../cost/Report.ts"
 import { conceptStages } from "../cost/Stages.ts"
 import { BlockRegistry } from "../graph/Registry.ts"
 import { type LoadedModel, loadModel } from "../models/Load.ts"
 import { renderBudget } from "./render.ts"
-import { blocks, format, handled, kvBytes, positive, registryWith, reportFailure, seqLen, tolerance } from "./shared.ts"
+import { blocks, flagLimits, format, handled, intFlag, kvBytes, registryWith, reportFailure, seqLen, seqLenWithin, tolerance } from "./shared.ts"
 
 const reportOf = (m: LoadedModel, T: number, bytesPerElement: number) =>
   budgetReport(m, { seqLen: T, bytesPerElement, ...(m.concept === undefined ? {} : { stages: conceptStages }) })
@@ -25,7 +25,7 @@ export const budget = Command.make(
     seqLen,
     format,
     blocks,
-    depth: Flag.Int("depth").pipe(Flag.withDescription("depth of the per-path table (table format)"), Flag.withDefault(2)),
+    depth: intFlag("depth", 0, flagLimits.depth).pipe(Flag.withDescription("depth of the per-path table (table format)"), Flag.withDefault(2)),
     kvBytes,
     against: Flag.String("against").pipe(
       Flag.withDescription("a second config: print both budgets side by side and check they match within --tolerance"),
@@ -38,30 +38,31 @@ export const budget = Command.make(
     )
   },
   Effect.fn("budget")(function*({ against, blocks, config, depth, excludeParts, format, kvBytes, seqLen, tolerance }) {
-    yield* positive("seq-len", seqLen)
     const registry = yield* registryWith(blocks)
     const load = (file: string) => loadModel(file).pipe(Effect.provideService(BlockRegistry, registry))
     const model = yield* load(config)
+    yield* seqLenWithin(seqLen, model)
     const T = Option.getOrElse(seqLen, () => model.contextLength)
     const report = reportOf(model, T, kvBytes)
     if (Option.isNone(against)) {
-      yield* Console.log(format === "json" ? JSON.stringify(report, null, 2) : renderBudget(report, model.analysis, depth))
+      yield* Console.log(format === "json" ? stringifyExact(report, 2) : renderBudget(report, model.analysis, depth))
       return
     }
     const other = yield* load(against.value)
+    yield* seqLenWithin(seqLen, other)
     const names = [model.name, other.name] as const
     const exclude = excludeParts.split(",").map((s) => s.trim()).filter((s) => s !== "")
     const matched = yield* Effect.result(match(model.analysis, other.analysis, { tolerance, names, exclude }))
     const rows = diff(budgetOf(model.analysis, exclude), budgetOf(other.analysis, exclude))
     if (format === "json") {
-      yield* Console.log(JSON.stringify({
+      yield* Console.log(stringifyExact({
         baseline: report,
         candidate: reportOf(other, T, kvBytes),
         matched: matched._tag === "Success",
         tolerance,
         excludedParts: exclude,
         diff: rows
-      }, null, 2))
+      }, 2))
     } else {
       yield* Console.log(renderDiff(rows, names))
       yield* Console.log(

@@ -10,7 +10,8 @@ import { generate as run, GenerateError, loadTrained, promptIds, SamplingSetting
 import { layer as backendLayer } from "../runtime/Backend.ts"
 import { release } from "../runtime/Lower.ts"
 import { byteTokenizer } from "../train/Data.ts"
-import { handled } from "./shared.ts"
+import { limits } from "../graph/Limits.ts"
+import { flagLimits, handled, intFlag, numberFlag } from "./shared.ts"
 import { backend } from "./train.ts"
 
 export const generate = Command.make(
@@ -18,10 +19,10 @@ export const generate = Command.make(
   {
     checkpoint: Flag.String("checkpoint").pipe(Flag.withDescription("a run directory (e.g. runs/moe-tiny) or its checkpoint.safetensors")),
     prompt: Flag.String("prompt").pipe(Flag.withDescription("the text to continue")),
-    maxTokens: Flag.Int("max-tokens").pipe(Flag.withDescription("tokens (bytes) to generate"), Flag.withDefault(200)),
-    temperature: Flag.Finite("temperature").pipe(Flag.withDescription("sampling temperature; 0 is greedy"), Flag.withDefault(0.8)),
-    topK: Flag.Int("top-k").pipe(Flag.withDescription("sample among the k most likely tokens; 0 for all"), Flag.withDefault(40)),
-    seed: Flag.Int("seed").pipe(Flag.withDescription("sampling seed"), Flag.withDefault(0)),
+    maxTokens: intFlag("max-tokens", 1, limits.seqLen).pipe(Flag.withDescription("tokens (bytes) to generate"), Flag.withDefault(200)),
+    temperature: numberFlag("temperature", 0, 1000).pipe(Flag.withDescription("sampling temperature; 0 is greedy"), Flag.withDefault(0.8)),
+    topK: intFlag("top-k", 0, limits.vocab).pipe(Flag.withDescription("sample among the k most likely tokens; 0 for all"), Flag.withDefault(40)),
+    seed: intFlag("seed", 0, flagLimits.seed).pipe(Flag.withDescription("sampling seed"), Flag.withDefault(0)),
     config: Flag.String("config").pipe(Flag.withDescription("the model config, for checkpoints that do not store theirs"), Flag.optional),
     backend
   },

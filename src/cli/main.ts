@@ -3,8 +3,8 @@
  *
  * @since 0.1.0
  */
-import { NodeRuntime, NodeServices } from "@effect/platform-node"
-import { Effect } from "effect"
+import { NodeServices } from "@effect/platform-node"
+import { Effect, Runtime } from "effect"
 import { Command } from "effect/cli"
 import { bench } from "./bench.ts"
 import { budget } from "./budget.ts"
@@ -14,23 +14,32 @@ import { generate } from "./generate.ts"
 import { reallocate } from "./reallocate.ts"
 import { report } from "./report.ts"
 import { train, verify } from "./train.ts"
+import { runCli } from "./Run.ts"
 
 const cli = Command.make("conceptmoe").pipe(
   Command.withDescription("Typed block graphs with static budgets; ConceptMoE (arXiv 2601.21420)."),
   Command.withSubcommands([budget, reallocate, report, train, verify, compare, generate, bench, exportCommand])
 )
 
-// typed failures are reported by each command; anything unexpected still gets one line, not silence
-const program = Command.run(cli, { version: "0.1.0" }).pipe(
-  Effect.catchDefect((defect) =>
-    Effect.sync(() => {
-      const message = defect instanceof Error ? defect.message : String(defect)
-      process.stderr.write(`error: internal: ${message}\n`)
-      if (process.env["CONCEPTMOE_DEBUG"] !== undefined && defect instanceof Error) process.stderr.write(`${defect.stack}\n`)
-      process.exitCode = 1
-    })
-  ),
-  Effect.provide(NodeServices.layer)
-)
+/**
+ * Exit codes: 0 success, 1 failure, 2 usage error (Run.ts). SIGINT and SIGTERM keep their default
+ * action outside a training run (which installs its own handlers, train/Stop.ts): a long
+ * synchronous computation (a large budget, the solver) stops at once, rather than when it next
+ * yields to the event loop; every file is written to a temporary name and renamed, so nothing is
+ * left half-written.
+ */
+const runMain = Runtime.makeRunMain(({ fiber, teardown }) => {
+  fiber.addObserver((exit) => teardown(exit, (code) => {
+    if (code !== 0) process.exit(code)
+  }))
+})
 
-NodeRuntime.runMain(program, { disableErrorReporting: true })
+runMain(
+  runCli(cli, process.argv.slice(2), "0.1.0").pipe(
+    Effect.map((outcome) => {
+      if (outcome.code !== 0) process.exitCode = outcome.code
+    }),
+    Effect.provide(NodeServices.layer)
+  ),
+  { disableErrorReporting: true }
+)

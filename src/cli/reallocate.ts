@@ -8,13 +8,14 @@ import { Argument, Command, Flag } from "effect/cli"
 import { formatNumber, formatPercent, renderTable } from "../internal/Table.ts"
 import { modelFromJson, readJson } from "../models/Load.ts"
 import { candidateReport, reallocate as solve, strategies } from "../models/Reallocate.ts"
-import { format, handled, kvBytes, positive, seqLen, tolerance, UsageError } from "./shared.ts"
+import { limits } from "../graph/Limits.ts"
+import { flagLimits, format, handled, intFlag, kvBytes, ratioFlag, seqLen, seqLenWithin, tolerance, UsageError } from "./shared.ts"
 
 export const reallocate = Command.make(
   "reallocate",
   {
     baseline: Argument.String("baseline").pipe(Argument.withDescription("the MoE baseline: a conceptmoe \"moe\" config or a Hugging Face MoE config.json")),
-    ratio: Flag.Finite("ratio").pipe(Flag.withDescription("target compression ratio R > 1")),
+    ratio: ratioFlag.pipe(Flag.withDescription("target compression ratio R > 1")),
     strategy: Flag.Literals("strategy", strategies).pipe(
       Flag.withDescription("topk: more experts; loop: more experts + looped layers; width: wider concept model, fewer experts")
     ),
@@ -26,23 +27,19 @@ export const reallocate = Command.make(
       Flag.withDescription("exclude (the paper's convention) or include the chunk module and joint decoding when matching"),
       Flag.withDefault("exclude")
     ),
-    encoderLayers: Flag.Int("encoder-layers").pipe(Flag.withDescription("baseline layers that become the encoder"), Flag.withDefault(4)),
-    decoderLayers: Flag.Int("decoder-layers").pipe(Flag.withDescription("baseline layers that become the decoder"), Flag.withDefault(4)),
-    loopLayers: Flag.Int("loop-layers").pipe(Flag.withDescription("strategy loop: fix how many concept-model layers loop"), Flag.optional),
+    encoderLayers: intFlag("encoder-layers", 0, limits.layers).pipe(Flag.withDescription("baseline layers that become the encoder"), Flag.withDefault(4)),
+    decoderLayers: intFlag("decoder-layers", 0, limits.layers).pipe(Flag.withDescription("baseline layers that become the decoder"), Flag.withDefault(4)),
+    loopLayers: intFlag("loop-layers", 1, limits.layers).pipe(Flag.withDescription("strategy loop: fix how many concept-model layers loop"), Flag.optional),
     merge: Flag.Literals("merge", ["sum", "last"]).pipe(Flag.withDescription("how a chunk becomes a concept"), Flag.withDefault("sum")),
-    limit: Flag.Int("limit").pipe(Flag.withDescription("at most this many candidates"), Flag.withDefault(10))
+    limit: intFlag("limit", 1, flagLimits.candidates).pipe(Flag.withDescription("at most this many candidates"), Flag.withDefault(10))
   },
   Effect.fn("reallocate")(function*(f) {
-    yield* positive("seq-len", f.seqLen)
-    yield* positive("limit", Option.some(f.limit))
-    if (f.encoderLayers < 0 || f.decoderLayers < 0) {
-      return yield* new UsageError({ message: "--encoder-layers and --decoder-layers must be 0 or more" })
-    }
     const json = yield* readJson(f.baseline)
     const model = yield* modelFromJson(json, f.baseline)
     if (model.decoder === undefined) {
       return yield* new UsageError({ message: `${f.baseline}: the baseline must be a decoder config (moe, or a Hugging Face MoE), not ${model.format}` })
     }
+    yield* seqLenWithin(f.seqLen, model)
     const T = Option.getOrElse(f.seqLen, () => model.contextLength)
     const candidates = yield* solve(model.decoder, model.analysis, {
       ratio: f.ratio,

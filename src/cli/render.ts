@@ -4,6 +4,7 @@
  * @since 0.1.0
  */
 import type { Analysis } from "../graph/Analyze.ts"
+import { part } from "../cost/Cost.ts"
 import type { BudgetReport } from "../cost/Report.ts"
 import { formatNumber, renderTable } from "../internal/Table.ts"
 
@@ -45,12 +46,12 @@ export const renderBudget = (r: BudgetReport, analysis: Analysis, depth: number)
   const parts = [...new Set([...Object.keys(r.params.byPart), ...Object.keys(r.params.activatedByPart)])].sort()
   const params = partsTable(
     ["part", "params", "activated", "share"],
-    parts.map((p) => [p, r.params.byPart[p] ?? 0, r.params.activatedByPart[p] ?? 0] as const),
+    parts.map((p) => [p, part(r.params.byPart, p), part(r.params.activatedByPart, p)] as const),
     1
   )
   const flops = partsTable(
     ["part", "FLOPs/token", "share"],
-    Object.keys(r.flops.byPart).sort().map((p) => [p, r.flops.byPart[p] ?? 0] as const),
+    Object.keys(r.flops.byPart).sort().map((p) => [p, part(r.flops.byPart, p)] as const),
     1
   )
   const T = formatNumber(r.seqLen)
@@ -63,7 +64,7 @@ export const renderBudget = (r: BudgetReport, analysis: Analysis, depth: number)
   ], [1])
   const kv = renderTable(["KV cache", "elements", "bytes"], [
     ["per token", formatNumber(r.kvCache.elementsPerToken), formatNumber(r.kvCache.bytesPerToken)],
-    [`after ${T} tokens`, formatNumber(r.kvCache.bytes / r.kvCache.bytesPerElement), formatNumber(r.kvCache.bytes)]
+    [`after ${T} tokens`, formatNumber(r.kvCache.elements), formatNumber(r.kvCache.bytes)]
   ], [1, 2])
   const summary = renderTable(["parameters", "count"], [
     ["total", formatNumber(r.params.total)],

@@ -9,7 +9,8 @@ import { Argument, Command, Flag } from "effect/cli"
 import { modelFromJson, readJson } from "../models/Load.ts"
 import { reallocate as solve, type Strategy, strategies } from "../models/Reallocate.ts"
 import { type ReportEntry, reportFiles, writeFiles } from "../report/Reallocation.ts"
-import { handled, kvBytes, positive, seqLen, tolerance, UsageError } from "./shared.ts"
+import { limits } from "../graph/Limits.ts"
+import { format, handled, kvBytes, seqLen, seqLenWithin, tolerance, UsageError } from "./shared.ts"
 
 const list = (name: string, raw: string) => raw.split(",").map((s) => s.trim()).filter((s) => s !== "").map((s) => ({ name, s }))
 
@@ -22,13 +23,13 @@ export const report = Command.make(
     out: Flag.String("out").pipe(Flag.withDescription("directory to write the report into"), Flag.withDefault("report")),
     seqLen,
     tolerance,
-    kvBytes
+    kvBytes,
+    format
   },
   Effect.fn("report")(function*(f) {
-    yield* positive("seq-len", f.seqLen)
     const ratios = list("ratio", f.ratios).map(({ s }) => Number(s))
-    if (ratios.length === 0 || ratios.some((r) => !(r > 1))) {
-      return yield* new UsageError({ message: `--ratio must list ratios above 1, got "${f.ratios}"` })
+    if (ratios.length === 0 || ratios.some((r) => !(r > 1 && r <= limits.seqLen))) {
+      return yield* new UsageError({ message: `--ratio must list numbers above 1 and at most ${limits.seqLen}, separated by commas; got "${f.ratios}"` })
     }
     const chosen = list("strategy", f.strategies).map(({ s }) => s)
     const unknown = chosen.filter((s) => !(strategies as ReadonlyArray<string>).includes(s))
@@ -40,6 +41,7 @@ export const report = Command.make(
     if (model.decoder === undefined) {
       return yield* new UsageError({ message: `${f.baseline}: the baseline must be a decoder config (moe, or a Hugging Face MoE), not ${model.format}` })
     }
+    yield* seqLenWithin(f.seqLen, model)
     const T = Option.getOrElse(f.seqLen, () => model.contextLength)
     const entries: Array<ReportEntry> = []
     for (const strategy of chosen as ReadonlyArray<Strategy>) {
@@ -48,12 +50,21 @@ export const report = Command.make(
         if (r._tag === "Success") entries.push({ strategy, ratio, result: { _tag: "found", candidate: r.success[0]! } })
         else if (r.failure._tag === "NoReallocation") entries.push({ strategy, ratio, result: { _tag: "none", error: r.failure } })
         else return yield* r.failure
-        yield* Console.log(`${strategy} R=${ratio}: ${r._tag === "Success" ? r.success[0]!.name : "no match"}`)
+        if (f.format === "table") yield* Console.log(`${strategy} R=${ratio}: ${r._tag === "Success" ? r.success[0]!.name : "no match"}`)
       }
     }
     const files = yield* reportFiles(model, json, entries, { seqLen: T, bytesPerElement: f.kvBytes })
     const written = yield* writeFiles(f.out, files)
-    yield* Console.log(`wrote ${written.join(", ")}`)
+    if (f.format === "json") {
+      yield* Console.log(JSON.stringify({
+        baseline: model.name,
+        seqLen: T,
+        found: entries.map((e) => ({ strategy: e.strategy, ratio: e.ratio, candidate: e.result._tag === "found" ? e.result.candidate.name : null })),
+        files: written
+      }, null, 2))
+    } else {
+      yield* Console.log(`wrote ${written.join(", ")}`)
+    }
   }, handled)
 ).pipe(
   Command.withDescription("Write SVG plots and a Markdown summary of the matched ConceptMoE variants of an MoE baseline."),

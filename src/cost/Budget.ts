@@ -64,8 +64,8 @@ export const diff = (baseline: Budget, candidate: Budget): ReadonlyArray<DiffRow
   const side = (metric: DiffRow["metric"], a: Cost.Parts, b: Cost.Parts, totalA: number, totalB: number) => {
     const parts = [...new Set([...Object.keys(a), ...Object.keys(b)])].sort()
     for (const part of parts) {
-      const x = a[part] ?? 0
-      const y = b[part] ?? 0
+      const x = Cost.part(a, part)
+      const y = Cost.part(b, part)
       rows.push({ metric, part, baseline: x, candidate: y, delta: y - x, relative: relative(x, y) })
     }
     rows.push({ metric, part: "total", baseline: totalA, candidate: totalB, delta: totalB - totalA, relative: relative(totalA, totalB) })

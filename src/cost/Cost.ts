@@ -65,32 +65,46 @@ export const zero: Cost = { params: {}, activated: {}, flops: {}, attention: [],
 /** @category constructors */
 export const make = (parts: Partial<Cost>): Cost => ({ ...zero, ...parts })
 
-const addParts = (a: Parts, b: Parts): Parts => {
-  const out: Record<string, number> = { ...a }
-  for (const [k, v] of Object.entries(b)) out[k] = (out[k] ?? 0) + v
-  return out
+/**
+ * The value of one part, 0 when absent. Part names come from configs, so the lookup is by own key
+ * only: a part named "constructor" or "__proto__" is an ordinary part, never a property of Object.
+ */
+export const part = (parts: Parts, name: string): number => (Object.hasOwn(parts, name) ? parts[name]! : 0)
+
+/** Builds a breakdown from a Map (own data properties only, whatever the part names). */
+export const partsOf = (m: ReadonlyMap<string, number>): Parts => Object.fromEntries(m)
+
+const accumulate = (into: Map<string, number>, parts: Parts, k = 1): void => {
+  for (const [key, v] of Object.entries(parts)) into.set(key, (into.get(key) ?? 0) + v * k)
 }
 
 const scaleParts = (a: Parts, k: number): Parts => {
-  const out: Record<string, number> = {}
-  for (const [key, v] of Object.entries(a)) out[key] = v * k
-  return out
+  const out = new Map<string, number>()
+  accumulate(out, a, k)
+  return partsOf(out)
 }
 
 /** The monoid operation: costs of blocks that run one after another (or side by side) add. */
-export const add = (a: Cost, b: Cost): Cost => ({
-  params: addParts(a.params, b.params),
-  activated: addParts(a.activated, b.activated),
-  flops: addParts(a.flops, b.flops),
-  attention: [...a.attention, ...b.attention],
-  kv: [...a.kv, ...b.kv]
-})
+export const add = (a: Cost, b: Cost): Cost => sum([a, b])
 
-/** Folds {@link add} over a list. */
+/**
+ * Folds {@link add} over a list in one pass: time linear in the number of parts and terms (a
+ * pairwise fold would copy the growing term lists once per element, quadratic in the layer count).
+ */
 export const sum = (costs: Iterable<Cost>): Cost => {
-  let acc = zero
-  for (const c of costs) acc = add(acc, c)
-  return acc
+  const params = new Map<string, number>()
+  const activated = new Map<string, number>()
+  const flops = new Map<string, number>()
+  const attention: Array<AttentionTerm> = []
+  const kv: Array<KvTerm> = []
+  for (const c of costs) {
+    accumulate(params, c.params)
+    accumulate(activated, c.activated)
+    accumulate(flops, c.flops)
+    for (const t of c.attention) attention.push(t)
+    for (const t of c.kv) kv.push(t)
+  }
+  return { params: partsOf(params), activated: partsOf(activated), flops: partsOf(flops), attention, kv }
 }
 
 /**
@@ -128,13 +142,63 @@ export const total = (parts: Parts): number => {
 /** Forward matmul FLOPs per token (attention map excluded). */
 export const matmulPerToken = (c: Cost): number => total(c.flops)
 
+/**
+ * A count that may pass 2^53 − 1 (`Number.MAX_SAFE_INTEGER`), beyond which a double no longer holds
+ * every integer: a number while it is a safe integer (or a fraction: see {@link product}), a bigint
+ * above. Sequence totals (attention map, forward and training FLOPs, KV bytes) are `Exact`;
+ * per-token counts are safe numbers (analysis refuses a graph whose counts pass 2^53 − 1).
+ */
+export type Exact = number | bigint
+
+const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER)
+
+/** A bigint as an {@link Exact}: a number when it is safe. */
+export const exact = (b: bigint): Exact => (b <= MAX_SAFE && b >= -MAX_SAFE ? Number(b) : b)
+
+/** True for a safe integer or a bigint: a value the exact arithmetic below can carry. */
+const integral = (x: Exact): boolean => typeof x === "bigint" || Number.isSafeInteger(x)
+
+/** The nearest double (for ratios and plots). */
+export const toNumber = (x: Exact): number => (typeof x === "bigint" ? Number(x) : x)
+
+/**
+ * A product, exact when every factor is an integer (bigint arithmetic); otherwise the double
+ * product, left to right. Fractions appear only at a concept model's rate 1/R.
+ */
+export const product = (...xs: ReadonlyArray<Exact>): Exact => {
+  if (xs.every(integral)) return exact(xs.reduce<bigint>((a, x) => a * BigInt(x), 1n))
+  return xs.reduce<number>((a, x) => a * toNumber(x), 1)
+}
+
+/**
+ * A sum of any length (an array, never spread into arguments), exact when every term is an
+ * integer; otherwise the double sum, left to right.
+ */
+export const sumExact = (xs: ReadonlyArray<Exact>): Exact => {
+  if (xs.every(integral)) return exact(xs.reduce<bigint>((a, x) => a + BigInt(x), 0n))
+  return xs.reduce<number>((a, x) => a + toNumber(x), 0)
+}
+
+/** `a + b`, exact when both are integers. */
+export const plus = (a: Exact, b: Exact): Exact => sumExact([a, b])
+
 /** Query–key pairs a layer evaluates over `n` positions. */
-export const attendedPairs = (n: number, window: number | null, causal: boolean): number => {
-  const w = window ?? Infinity
-  if (!causal) return n * Math.min(n, w)
-  // Σ_{i=1..n} min(i, w)
-  if (n <= w) return (n * (n + 1)) / 2
-  return (w * (w + 1)) / 2 + (n - w) * w
+export const attendedPairs = (n: number, window: number | null, causal: boolean): number =>
+  toNumber(attendedPairsExact(n, window, causal))
+
+/** {@link attendedPairs}, exact for integer `n`. */
+export const attendedPairsExact = (n: number, window: number | null, causal: boolean): Exact => {
+  if (!Number.isSafeInteger(n) || (window !== null && !Number.isSafeInteger(window))) {
+    const w = window ?? Infinity
+    if (!causal) return n * Math.min(n, w)
+    if (n <= w) return (n * (n + 1)) / 2
+    return (w * (w + 1)) / 2 + (n - w) * w
+  }
+  const N = BigInt(n)
+  const W = window === null || window >= n ? N : BigInt(window)
+  // full: n·min(n, w); causal: Σ_{i=1..n} min(i, w)
+  if (!causal) return exact(N * W)
+  return exact((W * (W + 1n)) / 2n + (N - W) * W)
 }
 
 /**
@@ -142,20 +206,21 @@ export const attendedPairs = (n: number, window: number | null, causal: boolean)
  * `causal: false` is the full T×T map (FlopCounterMode, PaLM, Chinchilla); `causal: true` counts only
  * the pairs a causal mask keeps, T(T+1)/2.
  */
-export const attentionMapFlops = (c: Cost, seqLen: number, causal = false): number => {
-  let s = 0
-  for (const t of c.attention) {
-    s += t.passes * 2 * t.heads * (t.dQK + t.dV) * attendedPairs(t.rate * seqLen, t.window, causal)
-  }
-  return s
-}
+export const attentionMapFlops = (c: Cost, seqLen: number, causal = false): number =>
+  toNumber(attentionMapFlopsExact(c, seqLen, causal))
+
+/** {@link attentionMapFlops}, exact past 2^53 when every term is integral. */
+export const attentionMapFlopsExact = (c: Cost, seqLen: number, causal = false): Exact =>
+  sumExact(c.attention.map((t) =>
+    product(t.passes, 2, t.heads, t.dQK + t.dV, attendedPairsExact(t.rate * seqLen, t.window, causal))
+  ))
 
 /** KV-cache elements held after `seqLen` tokens. */
-export const kvElements = (c: Cost, seqLen: number): number => {
-  let s = 0
-  for (const t of c.kv) s += t.passes * t.elements * Math.min(t.rate * seqLen, t.window ?? Infinity)
-  return s
-}
+export const kvElements = (c: Cost, seqLen: number): number => toNumber(kvElementsExact(c, seqLen))
+
+/** {@link kvElements}, exact past 2^53 when every term is integral. */
+export const kvElementsExact = (c: Cost, seqLen: number): Exact =>
+  sumExact(c.kv.map((t) => product(t.passes, t.elements, Math.min(t.rate * seqLen, t.window ?? Infinity))))
 
 /** KV-cache elements added per token (ignoring sliding windows, which cap the total). */
 export const kvElementsPerToken = (c: Cost): number => {

@@ -52,16 +52,18 @@ export interface BudgetReport {
   readonly flops: {
     readonly matmulPerToken: number
     readonly byPart: Cost.Parts
-    readonly attentionMap: number
-    readonly attentionMapCausal: number
-    readonly forward: number
-    readonly forwardCausal: number
-    readonly training: number
+    /** Sequence totals are exact: a bigint above 2^53 − 1 (see {@link Cost.Exact}, {@link stringifyExact}). */
+    readonly attentionMap: Cost.Exact
+    readonly attentionMapCausal: Cost.Exact
+    readonly forward: Cost.Exact
+    readonly forwardCausal: Cost.Exact
+    readonly training: Cost.Exact
+    /** A ratio (training / seqLen), as a double. */
     readonly trainingPerToken: number
     readonly excluded: { readonly rotaryTable: number }
     /** The same model counted the ways other tools count it (see conventions.otherConventions). */
     readonly otherConventions: {
-      readonly flopCounterModeForward: number
+      readonly flopCounterModeForward: Cost.Exact
       readonly palmTrainingPerToken: number
       readonly megatronTrainingPerToken: number
       readonly kaplanTrainingPerToken: number
@@ -73,7 +75,9 @@ export interface BudgetReport {
     readonly bytesPerElement: number
     readonly elementsPerToken: number
     readonly bytesPerToken: number
-    readonly bytes: number
+    /** KV-cache elements and bytes after seqLen tokens. */
+    readonly elements: Cost.Exact
+    readonly bytes: Cost.Exact
   }
   /** Per-stage costs, for graphs with stages (ConceptMoE). */
   readonly stages?: Record<string, StageCost>
@@ -84,7 +88,7 @@ export interface BudgetReport {
 export const paramSummary = (a: Analysis) => {
   const total = Cost.total(a.cost.params)
   const activated = Cost.total(a.cost.activated)
-  const embedding = a.cost.params["embedding"] ?? 0
+  const embedding = Cost.part(a.cost.params, "embedding")
   let lmHead = 0
   let tiedHead = 0
   for (const p of a.params) {
@@ -116,9 +120,11 @@ export const budgetReport = (
   const T = options.seqLen
   const bytesPerElement = options.bytesPerElement ?? 2
   const matmulPerToken = Cost.matmulPerToken(c)
-  const attentionMap = Cost.attentionMapFlops(c, T, false)
-  const attentionMapCausal = Cost.attentionMapFlops(c, T, true)
-  const forward = T * matmulPerToken + attentionMap
+  const attentionMap = Cost.attentionMapFlopsExact(c, T, false)
+  const attentionMapCausal = Cost.attentionMapFlopsExact(c, T, true)
+  const forward = Cost.plus(Cost.product(T, matmulPerToken), attentionMap)
+  const forwardCausal = Cost.plus(Cost.product(T, matmulPerToken), attentionMapCausal)
+  const elements = Cost.kvElementsExact(c, T)
   const elementsPerToken = Cost.kvElementsPerToken(c)
   const params = paramSummary(model.analysis)
   const rotaryTable = Cost.rotaryTableFlops(c, T)
@@ -134,14 +140,14 @@ export const budgetReport = (
       attentionMap,
       attentionMapCausal,
       forward,
-      forwardCausal: T * matmulPerToken + attentionMapCausal,
-      training: 3 * forward,
-      trainingPerToken: (3 * forward) / T,
+      forwardCausal,
+      training: Cost.product(3, forward),
+      trainingPerToken: (3 * Cost.toNumber(forward)) / T,
       excluded: { rotaryTable },
       otherConventions: {
-        flopCounterModeForward: forward + rotaryTable,
-        palmTrainingPerToken: 3 * (matmulPerToken + attentionMap / T),
-        megatronTrainingPerToken: 3 * (matmulPerToken - (c.flops["router"] ?? 0) + attentionMap / (2 * T)),
+        flopCounterModeForward: Cost.plus(forward, rotaryTable),
+        palmTrainingPerToken: 3 * (matmulPerToken + Cost.toNumber(attentionMap) / T),
+        megatronTrainingPerToken: 3 * (matmulPerToken - Cost.part(c.flops, "router") + Cost.toNumber(attentionMap) / (2 * T)),
         kaplanTrainingPerToken: 6 * params.activatedNonEmbedding + 6 * T * dAttn,
         sixNActivePerToken: 6 * params.activated,
         sixNTotalPerToken: 6 * params.total
@@ -151,9 +157,24 @@ export const budgetReport = (
       bytesPerElement,
       elementsPerToken,
       bytesPerToken: elementsPerToken * bytesPerElement,
-      bytes: Cost.kvElements(c, T) * bytesPerElement
+      elements,
+      bytes: Cost.product(elements, bytesPerElement)
     },
     ...(options.stages === undefined ? {} : { stages: stageCosts(model.analysis, options.stages, { seqLen: T, bytesPerElement }) }),
     conventions
   }
+}
+
+/**
+ * `JSON.stringify` that writes every bigint as a JSON number, digit for digit (JSON numbers have
+ * no size limit; `JSON.stringify` itself refuses bigints). A reader that parses numbers as doubles
+ * rounds those above 2^53 − 1; one that keeps the text (Python's `json`, `JSON.parse` with a
+ * reviver's source text) reads them exactly.
+ */
+export const stringifyExact = (value: unknown, indent?: number): string => {
+  // a marker no string in `value` can contain: it is escaped as \u0000 in the output
+  const mark = `\u0000${Math.random().toString(36).slice(2)}:`
+  const text = JSON.stringify(value, (_k, v: unknown) => (typeof v === "bigint" ? `${mark}${v}` : v), indent)
+  const escaped = JSON.stringify(mark).slice(1, -1)
+  return text.split(`"${escaped}`).map((piece, i) => (i === 0 ? piece : piece.replace(/^(-?\d+)"/, "$1"))).join("")
 }

@@ -29,7 +29,21 @@ export interface StageCost {
   readonly kvBytes: number
 }
 
-const under = (path: string, prefixes: ReadonlyArray<string>) => prefixes.some((p) => path === p || path.startsWith(`${p}/`))
+/**
+ * A test "is this path at or under one of the prefixes", in time linear in the path's length (a
+ * baseline's stages list one prefix per layer, so scanning the prefixes for every term would be
+ * quadratic in the layer count).
+ */
+const underAny = (prefixes: ReadonlyArray<string>) => {
+  const set = new Set(prefixes)
+  return (path: string): boolean => {
+    if (set.has(path)) return true
+    for (let i = path.indexOf("/"); i >= 0; i = path.indexOf("/", i + 1)) {
+      if (set.has(path.slice(0, i))) return true
+    }
+    return false
+  }
+}
 
 /** The cost of each stage at a sequence length. */
 export const stageCosts = (
@@ -37,24 +51,26 @@ export const stageCosts = (
   stages: ReadonlyArray<StageDef>,
   options: { readonly seqLen: number; readonly bytesPerElement?: number }
 ): Record<string, StageCost> => {
-  const out: Record<string, StageCost> = {}
+  const out = new Map<string, StageCost>()
   const bytes = options.bytesPerElement ?? 2
   for (const s of stages) {
+    const under = underAny(s.paths)
+    const exactly = new Set(s.paths)
     const sub: Cost.Cost = Cost.make({
-      attention: a.cost.attention.filter((t) => under(t.path, s.paths)),
-      kv: a.cost.kv.filter((t) => under(t.path, s.paths))
+      attention: a.cost.attention.filter((t) => under(t.path)),
+      kv: a.cost.kv.filter((t) => under(t.path))
     })
     const kvElements = Cost.kvElements(sub, options.seqLen)
-    out[s.name] = {
-      params: a.params.filter((p) => p.tiedTo === undefined && under(p.path, s.paths)).reduce((n, p) => n + p.numel, 0),
-      matmulPerToken: a.rows.filter((r) => s.paths.includes(r.path)).reduce((n, r) => n + r.flops, 0),
+    out.set(s.name, {
+      params: a.params.filter((p) => p.tiedTo === undefined && under(p.path)).reduce((n, p) => n + p.numel, 0),
+      matmulPerToken: a.rows.filter((r) => exactly.has(r.path)).reduce((n, r) => n + r.flops, 0),
       attentionMap: Cost.attentionMapFlops(sub, options.seqLen),
       attentionMapCausal: Cost.attentionMapFlops(sub, options.seqLen, true),
       kvElements,
       kvBytes: kvElements * bytes
-    }
+    })
   }
-  return out
+  return Object.fromEntries(out)
 }
 
 const range = (prefix: string, from: number, to: number) => Array.from({ length: to - from }, (_, i) => `${prefix}/${from + i}`)

@@ -8,6 +8,7 @@ import { Effect, Result, Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type AnyBlock, type Block, numel, type ParamEntry, type Width } from "./Block.ts"
 import { type GraphProblem, InvalidGraph } from "./Errors.ts"
+import { limits, safeText } from "./Limits.ts"
 import { formatPath, problemsOf } from "./Spec.ts"
 
 /** One row of the per-path table. */
@@ -75,6 +76,11 @@ export const analyzeResult = (
 
   const visit = (block: Block, path: string, depth: number, rate: number): Cost.Cost => {
     const kind = block.kind
+    if (depth > limits.depth) {
+      // bounded here, so no graph can make this recursion (or lowering's) overflow the stack
+      problems.push({ path, kind: kind.name, message: `nests deeper than ${limits.depth} levels (the limit on graph depth)` })
+      return Cost.zero
+    }
     const decoded = Schema.decodeUnknownResult(kind.spec, { errors: "all" })(block.spec)
     if (Result.isFailure(decoded)) {
       for (const p of problemsOf(decoded.failure.issue)) {
@@ -98,6 +104,8 @@ export const analyzeResult = (
     for (const p of own) {
       if (p.shape.some((s) => !Number.isInteger(s) || s <= 0)) {
         problems.push({ path, kind: kind.name, field: p.name, message: `parameter shape [${p.shape}] is not made of positive integers` })
+      } else if (!Number.isSafeInteger(p.numel)) {
+        problems.push({ path, kind: kind.name, field: p.name, message: `parameter shape [${p.shape}] has more than 2^53 − 1 elements (${safeText}), beyond which counts are not exact` })
       }
     }
     params.push(...own)
@@ -121,6 +129,7 @@ export const analyzeResult = (
   }
 
   const cost = visit(root, "", 0, 1)
+  if (problems.length === 0) problems.push(...countProblems(root.kind.name, cost))
 
   const byPath = new Map(params.map((p) => [p.path, p]))
   for (const p of params) {
@@ -138,19 +147,48 @@ export const analyzeResult = (
     paths.add(p.path)
   }
 
-  if (problems.length > 0) return Result.fail(new InvalidGraph({ problems }))
+  if (problems.length > 0) return Result.fail(new InvalidGraph({ problems: capped(problems) }))
   return Result.succeed({ root, cost, params, rows, specs })
 }
 
+/** At most 50 problems, then one that counts the rest (a 100,000-layer graph repeats each problem per layer). */
+const capped = (problems: ReadonlyArray<GraphProblem>): ReadonlyArray<GraphProblem> =>
+  problems.length <= 50
+    ? problems
+    : [...problems.slice(0, 50), { path: "", kind: "graph", message: `and ${problems.length - 50} more problems` }]
+
 /** The parameter counts a leaf's own parameters contribute (tied ones count zero). */
 const ownParamCost = (own: ReadonlyArray<ParamEntry>): Cost.Cost => {
-  const total: Record<string, number> = {}
-  const activated: Record<string, number> = {}
+  const total = new Map<string, number>()
+  const activated = new Map<string, number>()
   for (const p of own) {
     if (p.tiedTo !== undefined) continue
-    total[p.part] = (total[p.part] ?? 0) + p.numel
+    total.set(p.part, (total.get(p.part) ?? 0) + p.numel)
     const act = p.active === undefined ? p.numel : (p.numel / p.active.of) * p.active.used
-    activated[p.part] = (activated[p.part] ?? 0) + act
+    activated.set(p.part, (activated.get(p.part) ?? 0) + act)
   }
-  return Cost.make({ params: total, activated })
+  return Cost.make({ params: Cost.partsOf(total), activated: Cost.partsOf(activated) })
+}
+
+/**
+ * Per-token counts must be exact doubles: every part and total of the parameters, activated
+ * parameters, matmul FLOPs per token and KV elements per token at most 2^53 − 1. Sequence totals
+ * (which multiply these by the sequence length) are computed exactly past that, as bigints.
+ */
+const countProblems = (kind: string, cost: Cost.Cost): Array<GraphProblem> => {
+  const out: Array<GraphProblem> = []
+  const check = (what: string, value: number) => {
+    if (!Number.isFinite(value) || Math.abs(value) > Number.MAX_SAFE_INTEGER) {
+      out.push({ path: "", kind, message: `${what} is ${value.toExponential(3)}, above 2^53 − 1 (${safeText}), beyond which counts are not exact` })
+    }
+  }
+  for (const [label, parts] of [["parameters", cost.params], ["activated parameters", cost.activated], ["matmul FLOPs per token", cost.flops]] as const) {
+    for (const [name, v] of Object.entries(parts)) check(`${label} of part "${name}"`, v)
+    check(`total ${label}`, Cost.total(parts))
+  }
+  check("KV elements per token", Cost.kvElementsPerToken(cost))
+  const pair = (t: Cost.AttentionTerm) => t.passes * t.rate * 2 * t.heads * (t.dQK + t.dV)
+  const worst = cost.attention.find((t) => !(pair(t) <= Number.MAX_SAFE_INTEGER))
+  if (worst !== undefined) check(`attention-map FLOPs per position pair of ${worst.path}`, pair(worst))
+  return out
 }

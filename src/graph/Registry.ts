@@ -26,6 +26,7 @@ import { MoE } from "../blocks/MoE.ts"
 import { RMSNorm } from "../blocks/RMSNorm.ts"
 import { Rotary } from "../blocks/Rotary.ts"
 import { type AnyBlock, type BlockKind, make } from "./Block.ts"
+import { formatLimit, limits } from "./Limits.ts"
 import { Branch, Loop, Residual, Sequence } from "./Combinators.ts"
 
 export interface Registry {
@@ -92,37 +93,59 @@ export interface JsonProblem {
 }
 
 /**
- * Reads a JSON graph node (recursively). Specs are checked later, by analysis; here only the shape
- * of the JSON and the kind names are.
+ * Reads a JSON graph node (recursively, to at most {@link limits}.depth levels and
+ * {@link limits}.nodes nodes: deeper or larger graphs are refused with the field that passes the
+ * limit). Specs are checked later, by analysis; here only the shape of the JSON and the kind names
+ * are.
  *
  * @category decoding
  */
-export const fromJson = (json: unknown, registry: Registry, at = "graph"): Result.Result<AnyBlock, ReadonlyArray<JsonProblem>> => {
+export const fromJson = (json: unknown, registry: Registry, at = "graph"): Result.Result<AnyBlock, ReadonlyArray<JsonProblem>> =>
+  readNode(json, registry, at, 0, { nodes: 0 })
+
+const readNode = (
+  json: unknown,
+  registry: Registry,
+  at: string,
+  depth: number,
+  seen: { nodes: number }
+): Result.Result<AnyBlock, ReadonlyArray<JsonProblem>> => {
+  if (depth >= limits.depth) {
+    const field = at.length > 120 ? `${at.slice(0, 60)}...${at.slice(-40)}` : at
+    return Result.fail([{ field, message: `the graph nests deeper than ${formatLimit(limits.depth)} levels (the limit on graph depth)` }])
+  }
+  if (++seen.nodes > limits.nodes) {
+    return Result.fail([{ field: at, message: `the graph has more than ${formatLimit(limits.nodes)} nodes (the limit on graph nodes)` }])
+  }
   if (typeof json !== "object" || json === null || Array.isArray(json)) {
     return Result.fail([{ field: at, message: "expected an object { block, name?, spec?, children? }" }])
   }
   const node = json as Record<string, unknown>
-  const kindName = node["block"]
+  const own = (key: string): unknown => (Object.hasOwn(node, key) ? node[key] : undefined)
+  const kindName = own("block")
   const kind = typeof kindName === "string" ? registry.kinds.get(kindName) : undefined
   if (kind === undefined) {
     return Result.fail([{
       field: `${at}.block`,
-      message: `unknown block kind ${JSON.stringify(kindName)}; registered: ${[...registry.kinds.keys()].join(", ")}`
+      message: `unknown block kind ${kindName === undefined ? "(none given)" : JSON.stringify(kindName)}; registered: ${[...registry.kinds.keys()].join(", ")}`
     }])
   }
-  const name = node["name"]
+  const name = own("name")
   if (name !== undefined && typeof name !== "string") return Result.fail([{ field: `${at}.name`, message: "expected a string" }])
-  const rawChildren = node["children"] ?? []
+  const rawChildren = own("children") ?? []
   if (!Array.isArray(rawChildren)) return Result.fail([{ field: `${at}.children`, message: "expected an array" }])
   const children: Array<AnyBlock> = []
   const problems: Array<JsonProblem> = []
-  rawChildren.forEach((c, i) => {
-    const r = fromJson(c, registry, `${at}.children[${i}]`)
+  for (let i = 0; i < rawChildren.length; i++) {
+    const r = readNode(rawChildren[i], registry, `${at}.children[${i}]`, depth + 1, seen)
     if (Result.isSuccess(r)) children.push(r.success)
-    else problems.push(...r.failure)
-  })
+    else {
+      for (const p of r.failure) problems.push(p)
+      if (seen.nodes > limits.nodes || problems.length >= 100) break
+    }
+  }
   if (problems.length > 0) return Result.fail(problems)
-  return Result.succeed(make(kind, node["spec"] ?? {}, { name, children }))
+  return Result.succeed(make(kind, own("spec") ?? {}, { name, children }))
 }
 
 /** The JSON form of a graph (inverse of {@link fromJson}). */

@@ -4,8 +4,12 @@
  * @internal
  */
 
-/** 1234567 → "1,234,567"; non-integers keep up to `digits` decimals. */
-export const formatNumber = (n: number, digits = 2): string => {
+/**
+ * 1234567 → "1,234,567"; non-integers keep up to `digits` decimals. A bigint (a count past 2^53)
+ * is printed digit for digit.
+ */
+export const formatNumber = (n: number | bigint, digits = 2): string => {
+  if (typeof n === "bigint") return n.toLocaleString("en-US")
   if (!Number.isFinite(n)) return String(n)
   if (Number.isInteger(n)) return n.toLocaleString("en-US")
   return n.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: 0 })

@@ -25,7 +25,8 @@ import { jointAttention } from "../blocks/JointAttention.ts"
 import { projector } from "../blocks/Projector.ts"
 import { type AnyBlock, type Block, make } from "../graph/Block.ts"
 import { Loop, sequence } from "../graph/Combinators.ts"
-import { Count, crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
+import { CountAtMost, DimAtMost } from "../graph/Limits.ts"
+import { crossCheck, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import { embedding } from "../blocks/Embedding.ts"
 import { lmHead } from "../blocks/LMHead.ts"
 import { buildDecoder, type DecoderConfig, decoderLayer, type DecoderLayer, norm } from "./Decoder.ts"
@@ -34,25 +35,25 @@ import { buildDecoder, type DecoderConfig, decoderLayer, type DecoderLayer, norm
 export const conceptFields = {
   /** Target compression ratio R > 1. */
   ratio: PositiveNumber,
-  encoderLayers: withDefault(Count, 4),
-  decoderLayers: withDefault(Count, 4),
+  encoderLayers: withDefault(CountAtMost("layers"), 4),
+  decoderLayers: withDefault(CountAtMost("layers"), 4),
   merge: withDefault(Schema.Literals(["sum", "last"]), "sum"),
   tau: withDefault(PositiveNumber, 6),
   lambda: withDefault(Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0))), 0.03),
   jointDecoding: withDefault(Schema.Boolean, true),
   /** Activated experts in the concept model (strategies 1–3); default: the baseline's. */
-  topK: Schema.optionalKey(Dim),
+  topK: Schema.optionalKey(DimAtMost("topK")),
   /** Consecutive concept-model layers run `loopTimes` times with shared weights (strategy 2). */
-  loopLayers: withDefault(Count, 0),
-  loopTimes: withDefault(Dim, 2),
+  loopLayers: withDefault(CountAtMost("layers"), 0),
+  loopTimes: withDefault(DimAtMost("loopTimes"), 2),
   /** First looped layer (index within the concept model); default: centred. */
-  loopStart: Schema.optionalKey(Count),
+  loopStart: Schema.optionalKey(CountAtMost("layers")),
   /** Concept-model width d_c (strategy 3); default: the baseline's. */
-  hidden: Schema.optionalKey(Dim),
-  heads: Schema.optionalKey(Dim),
-  kvHeads: Schema.optionalKey(Dim),
-  experts: Schema.optionalKey(Dim),
-  expertHidden: Schema.optionalKey(Dim)
+  hidden: Schema.optionalKey(DimAtMost("width")),
+  heads: Schema.optionalKey(DimAtMost("heads")),
+  kvHeads: Schema.optionalKey(DimAtMost("heads")),
+  experts: Schema.optionalKey(DimAtMost("experts")),
+  expertHidden: Schema.optionalKey(DimAtMost("ffnWidth"))
 }
 
 export const ConceptSpec = Schema.Struct(conceptFields).pipe(Schema.check(crossCheck((s) =>
@@ -104,7 +105,9 @@ export const conceptLayout = (base: DecoderConfig, s: ConceptSpec): Result.Resul
   const lc = L - s.encoderLayers - s.decoderLayers
   const conceptLayers = base.layers.slice(s.encoderLayers, L - s.decoderLayers)
   const moeLayers = conceptLayers.filter((l) => l.ffn.kind === "moe")
-  const maxExperts = Math.min(...moeLayers.map((l) => (l.ffn.kind === "moe" ? l.ffn.spec.experts : Infinity)))
+  // a loop, not Math.min(...list): spreading a config-sized list into arguments overflows the stack
+  let maxExperts = Infinity
+  for (const l of moeLayers) if (l.ffn.kind === "moe") maxExperts = Math.min(maxExperts, l.ffn.spec.experts)
   const experts = s.experts ?? maxExperts
   if ((s.topK !== undefined || s.experts !== undefined || s.expertHidden !== undefined) && moeLayers.length === 0) {
     return fail("topK", "the baseline's concept-model layers have no MoE FFN to change")

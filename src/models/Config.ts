@@ -13,18 +13,19 @@
  */
 import { Schema } from "effect"
 import { Activation } from "../blocks/MLP.ts"
-import { Count, crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
+import { CountAtMost, DimAtMost } from "../graph/Limits.ts"
+import { crossCheck, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import { attentionMixer, type DecoderConfig, type FFN, type Mixer } from "./Decoder.ts"
 
 const common = {
   /** Defaults to the file's base name. */
   name: Schema.optionalKey(Schema.String),
-  vocab: Dim,
-  hidden: Dim,
-  layers: Dim,
-  heads: Dim,
-  kvHeads: Schema.optionalKey(Dim),
-  headDim: Schema.optionalKey(Dim),
+  vocab: DimAtMost("vocab"),
+  hidden: DimAtMost("width"),
+  layers: DimAtMost("layers"),
+  heads: DimAtMost("heads"),
+  kvHeads: Schema.optionalKey(DimAtMost("heads")),
+  headDim: Schema.optionalKey(DimAtMost("headDim")),
   activation: withDefault(Activation, "swiglu"),
   norm: withDefault(Schema.Literals(["rms", "layer"]), "rms"),
   normEps: withDefault(PositiveNumber, 1e-6),
@@ -32,9 +33,9 @@ const common = {
   ropeBase: withDefault(PositiveNumber, 10000),
   qkNorm: withDefault(Schema.Literals(["none", "head", "full"]), "none"),
   attentionBias: withDefault(Schema.Boolean, false),
-  window: withDefault(Schema.NullOr(Dim), null),
+  window: withDefault(Schema.NullOr(DimAtMost("seqLen")), null),
   tiedEmbeddings: withDefault(Schema.Boolean, false),
-  contextLength: withDefault(Dim, 2048)
+  contextLength: withDefault(DimAtMost("seqLen"), 2048)
 }
 
 type Common = {
@@ -57,22 +58,22 @@ const attentionChecks = (c: Common): readonly [string, string] | undefined => {
 export const DenseConfig = Schema.Struct({
   kind: Schema.Literal("dense"),
   ...common,
-  ffnHidden: Dim
+  ffnHidden: DimAtMost("ffnWidth")
 }).pipe(Schema.check(crossCheck(attentionChecks)))
 export type DenseConfig = typeof DenseConfig.Type
 
 export const MoEConfig = Schema.Struct({
   kind: Schema.Literal("moe"),
   ...common,
-  experts: Dim,
-  topK: Dim,
-  expertHidden: Dim,
+  experts: DimAtMost("experts"),
+  topK: DimAtMost("topK"),
+  expertHidden: DimAtMost("ffnWidth"),
   /** Neurons of the shared experts (0: none). */
-  sharedHidden: withDefault(Count, 0),
+  sharedHidden: withDefault(CountAtMost("ffnWidth"), 0),
   sharedGate: withDefault(Schema.Boolean, false),
   /** The first `denseLayers` layers use a dense FFN of `denseHidden` neurons (DeepSeek's first-k-dense). */
-  denseLayers: withDefault(Count, 0),
-  denseHidden: Schema.optionalKey(Dim),
+  denseLayers: withDefault(CountAtMost("layers"), 0),
+  denseHidden: Schema.optionalKey(DimAtMost("ffnWidth")),
   scoring: withDefault(Schema.Literals(["softmax", "sigmoid"]), "softmax")
 }).pipe(Schema.check(crossCheck((c) =>
   attentionChecks(c) ??

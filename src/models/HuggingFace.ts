@@ -17,12 +17,14 @@
  */
 import { Schema } from "effect"
 import type { Activation } from "../blocks/MLP.ts"
-import { Count, crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
+import { CountAtMost, DimAtMost, limits, type LimitName } from "../graph/Limits.ts"
+import { crossCheck, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import { attentionMixer, type DecoderConfig, type DecoderLayer, type FFN, type Mixer } from "./Decoder.ts"
 
-const optionalDim = Schema.optionalKey(Schema.NullOr(Dim))
+const optionalDim = (limit: LimitName) => Schema.optionalKey(Schema.NullOr(DimAtMost(limit)))
 const bool = (v: boolean) => withDefault(Schema.Boolean, v)
-const dim = (v: number) => withDefault(Dim, v)
+const dim = (limit: LimitName, v: number) => withDefault(DimAtMost(limit), v)
+const count = (limit: LimitName, v: number) => withDefault(CountAtMost(limit), v)
 const num = (v: number) => withDefault(PositiveNumber, v)
 
 const headsDivide = (hidden: string, heads: string) => (c: Record<string, unknown>) => {
@@ -58,12 +60,12 @@ const HfActivation = withDefault(Schema.Literals(["silu", "swish", "gelu", "gelu
 
 export const Gpt2Config = Schema.Struct({
   model_type: Schema.Literal("gpt2"),
-  vocab_size: dim(50257),
-  n_positions: dim(1024),
-  n_embd: dim(768),
-  n_layer: dim(12),
-  n_head: dim(12),
-  n_inner: optionalDim,
+  vocab_size: dim("vocab", 50257),
+  n_positions: dim("seqLen", 1024),
+  n_embd: dim("width", 768),
+  n_layer: dim("layers", 12),
+  n_head: dim("heads", 12),
+  n_inner: optionalDim("ffnWidth"),
   activation_function: withDefault(Schema.Literals(["gelu_new", "gelu", "relu", "silu", "gelu_pytorch_tanh"]), "gelu_new"),
   layer_norm_epsilon: num(1e-5),
   tie_word_embeddings: bool(true)
@@ -74,15 +76,15 @@ export const Gpt2Config = Schema.Struct({
 ))
 
 const llamaFields = {
-  vocab_size: dim(32000),
-  hidden_size: dim(4096),
-  intermediate_size: dim(11008),
-  num_hidden_layers: dim(32),
-  num_attention_heads: dim(32),
-  num_key_value_heads: optionalDim,
-  head_dim: optionalDim,
+  vocab_size: dim("vocab", 32000),
+  hidden_size: dim("width", 4096),
+  intermediate_size: dim("ffnWidth", 11008),
+  num_hidden_layers: dim("layers", 32),
+  num_attention_heads: dim("heads", 32),
+  num_key_value_heads: optionalDim("heads"),
+  head_dim: optionalDim("headDim"),
   hidden_act: HfActivation,
-  max_position_embeddings: dim(2048),
+  max_position_embeddings: dim("seqLen", 2048),
   rms_norm_eps: num(1e-6),
   tie_word_embeddings: bool(false),
   rope_theta: num(10000)
@@ -97,10 +99,10 @@ export const LlamaConfig = Schema.Struct({
 
 const mistralFields = {
   ...llamaFields,
-  intermediate_size: dim(14336),
-  num_key_value_heads: optionalDim,
-  max_position_embeddings: dim(4096 * 32),
-  sliding_window: optionalDim
+  intermediate_size: dim("ffnWidth", 14336),
+  num_key_value_heads: optionalDim("heads"),
+  max_position_embeddings: dim("seqLen", 4096 * 32),
+  sliding_window: optionalDim("seqLen")
 }
 
 export const MistralConfig = Schema.Struct({ model_type: Schema.Literal("mistral"), ...mistralFields })
@@ -111,82 +113,82 @@ export const MixtralConfig = Schema.Struct({
   ...mistralFields,
   rms_norm_eps: num(1e-5),
   rope_theta: num(1e6),
-  num_local_experts: dim(8),
-  num_experts_per_tok: dim(2)
+  num_local_experts: dim("experts", 8),
+  num_experts_per_tok: dim("topK", 2)
 }).pipe(all(headsDivide("hidden_size", "num_attention_heads"), kvDivide, topKFits("num_local_experts")))
 
 const qwenMoeFields = {
   ...llamaFields,
-  vocab_size: dim(151936),
-  hidden_size: dim(2048),
-  num_hidden_layers: dim(24),
-  max_position_embeddings: dim(32768),
-  decoder_sparse_step: dim(1),
-  mlp_only_layers: withDefault(Schema.NullOr(Schema.Array(Count)), null),
+  vocab_size: dim("vocab", 151936),
+  hidden_size: dim("width", 2048),
+  num_hidden_layers: dim("layers", 24),
+  max_position_embeddings: dim("seqLen", 32768),
+  decoder_sparse_step: dim("layers", 1),
+  mlp_only_layers: withDefault(Schema.NullOr(Schema.Array(CountAtMost("layers")).check(Schema.isMaxLength(limits.layers))), null),
   norm_topk_prob: bool(false),
-  sliding_window: optionalDim,
+  sliding_window: optionalDim("seqLen"),
   use_sliding_window: bool(false)
 }
 
 export const Qwen2MoeConfig = Schema.Struct({
   model_type: Schema.Literal("qwen2_moe"),
   ...qwenMoeFields,
-  intermediate_size: dim(5632),
-  num_attention_heads: dim(16),
-  moe_intermediate_size: dim(1408),
-  shared_expert_intermediate_size: withDefault(Count, 5632),
-  num_experts_per_tok: dim(4),
-  num_experts: dim(60),
+  intermediate_size: dim("ffnWidth", 5632),
+  num_attention_heads: dim("heads", 16),
+  moe_intermediate_size: dim("ffnWidth", 1408),
+  shared_expert_intermediate_size: count("ffnWidth", 5632),
+  num_experts_per_tok: dim("topK", 4),
+  num_experts: dim("experts", 60),
   qkv_bias: bool(true)
 }).pipe(all(headsDivide("hidden_size", "num_attention_heads"), kvDivide, topKFits("num_experts")))
 
 export const Qwen3MoeConfig = Schema.Struct({
   model_type: Schema.Literal("qwen3_moe"),
   ...qwenMoeFields,
-  intermediate_size: dim(6144),
-  num_attention_heads: dim(32),
-  moe_intermediate_size: dim(768),
-  num_experts_per_tok: dim(8),
-  num_experts: dim(128),
+  intermediate_size: dim("ffnWidth", 6144),
+  num_attention_heads: dim("heads", 32),
+  moe_intermediate_size: dim("ffnWidth", 768),
+  num_experts_per_tok: dim("topK", 8),
+  num_experts: dim("experts", 128),
   attention_bias: bool(false)
 }).pipe(all(headsDivide("hidden_size", "num_attention_heads"), kvDivide, topKFits("num_experts")))
 
 export const OlmoeConfig = Schema.Struct({
   model_type: Schema.Literal("olmoe"),
   ...llamaFields,
-  vocab_size: dim(50304),
-  hidden_size: dim(2048),
-  intermediate_size: dim(2048),
-  num_hidden_layers: dim(16),
-  num_attention_heads: dim(16),
-  max_position_embeddings: dim(4096),
+  vocab_size: dim("vocab", 50304),
+  hidden_size: dim("width", 2048),
+  intermediate_size: dim("ffnWidth", 2048),
+  num_hidden_layers: dim("layers", 16),
+  num_attention_heads: dim("heads", 16),
+  max_position_embeddings: dim("seqLen", 4096),
   rms_norm_eps: num(1e-5),
   attention_bias: bool(false),
-  num_experts_per_tok: dim(8),
-  num_experts: dim(64),
+  num_experts_per_tok: dim("topK", 8),
+  num_experts: dim("experts", 64),
   norm_topk_prob: bool(false)
 }).pipe(all(headsDivide("hidden_size", "num_attention_heads"), kvDivide, topKFits("num_experts")))
 
 const deepseekFields = {
-  vocab_size: dim(102400),
-  hidden_size: dim(4096),
-  intermediate_size: dim(11008),
-  moe_intermediate_size: dim(1407),
-  num_hidden_layers: dim(30),
-  num_attention_heads: dim(32),
-  num_key_value_heads: optionalDim,
-  n_shared_experts: withDefault(Schema.NullOr(Count), null),
-  n_routed_experts: withDefault(Schema.NullOr(Dim), null),
-  num_experts_per_tok: withDefault(Schema.NullOr(Dim), null),
-  moe_layer_freq: dim(1),
-  first_k_dense_replace: withDefault(Count, 0),
-  kv_lora_rank: dim(512),
-  q_lora_rank: withDefault(Schema.NullOr(Dim), 1536),
-  qk_rope_head_dim: dim(64),
-  v_head_dim: dim(128),
-  qk_nope_head_dim: dim(128),
+  vocab_size: dim("vocab", 102400),
+  hidden_size: dim("width", 4096),
+  intermediate_size: dim("ffnWidth", 11008),
+  moe_intermediate_size: dim("ffnWidth", 1407),
+  num_hidden_layers: dim("layers", 30),
+  num_attention_heads: dim("heads", 32),
+  num_key_value_heads: optionalDim("heads"),
+  n_shared_experts: withDefault(Schema.NullOr(CountAtMost("experts")), null),
+  n_routed_experts: withDefault(Schema.NullOr(DimAtMost("experts")), null),
+  num_experts_per_tok: withDefault(Schema.NullOr(DimAtMost("topK")), null),
+  moe_layer_freq: dim("layers", 1),
+  first_k_dense_replace: count("layers", 0),
+  kv_lora_rank: dim("width", 512),
+  q_lora_rank: withDefault(Schema.NullOr(DimAtMost("width")), 1536),
+  qk_rope_head_dim: dim("headDim", 64),
+  v_head_dim: dim("headDim", 128),
+  qk_nope_head_dim: dim("headDim", 128),
   hidden_act: HfActivation,
-  max_position_embeddings: dim(2048),
+  max_position_embeddings: dim("seqLen", 2048),
   rms_norm_eps: num(1e-6),
   tie_word_embeddings: bool(false),
   rope_theta: num(10000),
@@ -209,17 +211,17 @@ export const DeepseekV2Config = Schema.Struct({ model_type: Schema.Literal("deep
 export const DeepseekV3Config = Schema.Struct({
   model_type: Schema.Literal("deepseek_v3"),
   ...deepseekFields,
-  vocab_size: dim(129280),
-  hidden_size: dim(7168),
-  intermediate_size: dim(18432),
-  moe_intermediate_size: dim(2048),
-  num_hidden_layers: dim(61),
-  num_attention_heads: dim(128),
-  n_shared_experts: withDefault(Schema.NullOr(Count), 1),
-  n_routed_experts: withDefault(Schema.NullOr(Dim), 256),
-  num_experts_per_tok: withDefault(Schema.NullOr(Dim), 8),
-  first_k_dense_replace: withDefault(Count, 3),
-  max_position_embeddings: dim(4096),
+  vocab_size: dim("vocab", 129280),
+  hidden_size: dim("width", 7168),
+  intermediate_size: dim("ffnWidth", 18432),
+  moe_intermediate_size: dim("ffnWidth", 2048),
+  num_hidden_layers: dim("layers", 61),
+  num_attention_heads: dim("heads", 128),
+  n_shared_experts: withDefault(Schema.NullOr(CountAtMost("experts")), 1),
+  n_routed_experts: withDefault(Schema.NullOr(DimAtMost("experts")), 256),
+  num_experts_per_tok: withDefault(Schema.NullOr(DimAtMost("topK")), 8),
+  first_k_dense_replace: count("layers", 3),
+  max_position_embeddings: dim("seqLen", 4096),
   norm_topk_prob: bool(true),
   scoring_func: withDefault(Schema.String, "sigmoid")
 }).pipe(all(deepseekTopK))
@@ -280,8 +282,11 @@ const gqa = (c: {
 
 const layers = (n: number, f: (i: number) => DecoderLayer): ReadonlyArray<DecoderLayer> => Array.from({ length: n }, (_, i) => f(i))
 
-const qwenSparse = (c: { readonly mlp_only_layers: ReadonlyArray<number> | null; readonly decoder_sparse_step: number; readonly num_experts: number }, i: number) =>
-  !(c.mlp_only_layers ?? []).includes(i) && c.num_experts > 0 && (i + 1) % c.decoder_sparse_step === 0
+/** Which layers of a Qwen MoE are sparse (a Set of the dense ones: linear in the layer count). */
+const qwenSparse = (c: { readonly mlp_only_layers: ReadonlyArray<number> | null; readonly decoder_sparse_step: number; readonly num_experts: number }) => {
+  const dense = new Set(c.mlp_only_layers ?? [])
+  return (i: number) => !dense.has(i) && c.num_experts > 0 && (i + 1) % c.decoder_sparse_step === 0
+}
 
 const window = (c: { readonly sliding_window?: number | null | undefined; readonly use_sliding_window?: boolean }) =>
   c.use_sliding_window === false ? null : c.sliding_window ?? null
@@ -333,7 +338,8 @@ export const fromHf = (c: HfConfig, name: string): DecoderConfig => {
         }
       }
       const dense: FFN = { kind: "mlp", spec: { hidden: c.intermediate_size } }
-      return decoder(name, c, layers(c.num_hidden_layers, (i) => ({ mixer, ffn: qwenSparse(c, i) ? sparse : dense })))
+      const isSparse = qwenSparse(c)
+      return decoder(name, c, layers(c.num_hidden_layers, (i) => ({ mixer, ffn: isSparse(i) ? sparse : dense })))
     }
     case "qwen3_moe":
     case "olmoe": {
@@ -349,7 +355,8 @@ export const fromHf = (c: HfConfig, name: string): DecoderConfig => {
       }
       if (c.model_type === "olmoe") return decoder(name, c, layers(c.num_hidden_layers, () => ({ mixer, ffn: sparse })))
       const dense: FFN = { kind: "mlp", spec: { hidden: c.intermediate_size } }
-      return decoder(name, c, layers(c.num_hidden_layers, (i) => ({ mixer, ffn: qwenSparse(c, i) ? sparse : dense })))
+      const isSparse = qwenSparse(c)
+      return decoder(name, c, layers(c.num_hidden_layers, (i) => ({ mixer, ffn: isSparse(i) ? sparse : dense })))
     }
     case "deepseek_v2":
     case "deepseek_v3": {
@@ -411,4 +418,5 @@ const decoder = (
 /** Decodes an unknown value as a config of its `model_type`. */
 export const decodeHf = (modelType: HfModelType) => Schema.decodeUnknownEffect(hfSchemas[modelType], { errors: "all" })
 
-export const isHfModelType = (s: unknown): s is HfModelType => typeof s === "string" && s in hfSchemas
+/** Own keys only: "constructor" or "__proto__" is not a model_type. */
+export const isHfModelType = (s: unknown): s is HfModelType => typeof s === "string" && Object.hasOwn(hfSchemas, s)

@@ -15,7 +15,8 @@ import * as nodePath from "node:path"
 import type { AnyBlock } from "../graph/Block.ts"
 import { type Analysis, analyzeResult } from "../graph/Analyze.ts"
 import { BlockRegistry, fromJson as graphFromJson, type Registry } from "../graph/Registry.ts"
-import { Dim, formatPath, problemsOf, withDefault } from "../graph/Spec.ts"
+import { DimAtMost } from "../graph/Limits.ts"
+import { formatPath, problemsOf, withDefault } from "../graph/Spec.ts"
 import { buildConceptMoE, type ConceptLayout, ConceptMoEConfig, type ConceptSpec } from "./ConceptMoE.ts"
 import { ModelConfig, modelKinds, toDecoder } from "./Config.ts"
 import { buildDecoder, type DecoderConfig } from "./Decoder.ts"
@@ -57,10 +58,16 @@ const decodeWith = <S extends Schema.Decoder<unknown>>(schema: S, json: unknown)
     (e): Failure => ({ reason: "invalid", problems: problemsOf(e.issue).map((p) => ({ field: formatPath(p.path), message: p.message })) })
   )
 
+/** A config value as a message shows it: JSON, cut to 60 characters. */
+const shown = (value: unknown): string => {
+  const text = JSON.stringify(value) ?? String(value)
+  return text.length > 60 ? `${text.slice(0, 57)}...` : text
+}
+
 const unsupported = (field: string, value: unknown, expected: ReadonlyArray<string>): Result.Result<never, Failure> =>
   Result.fail({
     reason: "unsupported",
-    problems: [{ field, message: `unsupported ${field} ${JSON.stringify(value)}; expected one of ${expected.join(", ")}` }]
+    problems: [{ field, message: `${value === undefined ? `missing ${field}` : `unsupported ${field} ${shown(value)}`}; expected one of ${expected.join(", ")}` }]
   })
 
 /** The `kind`s conceptmoe configs may have. */
@@ -71,12 +78,12 @@ export const decoderFromJson = (
   json: Record<string, unknown>,
   name: string
 ): Result.Result<{ readonly format: string; readonly decoder: DecoderConfig }, Failure> => {
-  if ("model_type" in json) {
+  if (Object.hasOwn(json, "model_type")) {
     const t = json["model_type"]
     if (!isHfModelType(t)) return unsupported("model_type", t, hfModelTypes)
     return Result.map(decodeWith(hfSchemas[t], json), (c) => ({ format: `hf/${t}`, decoder: fromHf(c, name) }))
   }
-  const k = json["kind"]
+  const k = own(json, "kind")
   if (typeof k !== "string" || !(modelKinds as ReadonlyArray<string>).includes(k)) return unsupported("kind", k, configKinds)
   return Result.map(decodeWith(ModelConfig, json), (c) => ({ format: `conceptmoe/${c.kind}`, decoder: toDecoder(c, name) }))
 }
@@ -88,11 +95,14 @@ export const decoderFromJson = (
 export const GraphConfig = Schema.Struct({
   kind: Schema.Literal("graph"),
   name: Schema.optionalKey(Schema.String),
-  contextLength: withDefault(Dim, 2048),
+  contextLength: withDefault(DimAtMost("seqLen"), 2048),
   graph: Schema.Unknown
 })
 
 const isRecord = (u: unknown): u is Record<string, unknown> => typeof u === "object" && u !== null && !Array.isArray(u)
+
+/** A config field, read by own key only (a config's strings never reach Object.prototype). */
+const own = (json: Record<string, unknown>, key: string): unknown => (Object.hasOwn(json, key) ? json[key] : undefined)
 
 const prefixed = (prefix: string, f: Failure): Failure => ({
   reason: f.reason,
@@ -100,14 +110,15 @@ const prefixed = (prefix: string, f: Failure): Failure => ({
 })
 
 const build = (json: Record<string, unknown>, name: string, registry: Registry): Result.Result<Built, Failure> => {
-  if (!("model_type" in json) && !("kind" in json)) {
+  const hf = Object.hasOwn(json, "model_type")
+  if (!hf && !Object.hasOwn(json, "kind")) {
     return Result.fail({
       reason: "invalid",
       problems: [{ field: "", message: `cannot tell the config format: expected a key "model_type" (Hugging Face config.json) or "kind" (conceptmoe config)` }]
     })
   }
-  const kind = json["kind"]
-  if (!("model_type" in json) && kind === "graph") {
+  const kind = own(json, "kind")
+  if (!hf && kind === "graph") {
     return Result.flatMap(decodeWith(GraphConfig, json), (c) =>
       Result.mapBoth(graphFromJson(c.graph, registry), {
         onFailure: (problems): Failure => ({ reason: "invalid", problems }),
@@ -119,7 +130,7 @@ const build = (json: Record<string, unknown>, name: string, registry: Registry):
         })
       }))
   }
-  if (!("model_type" in json) && kind === "conceptmoe") {
+  if (!hf && kind === "conceptmoe") {
     return Result.flatMap(decodeWith(ConceptMoEConfig, json), (c) => {
       if (!isRecord(c.baseline)) {
         return Result.fail<Failure>({ reason: "invalid", problems: [{ field: "baseline", message: "expected a config object, or a path to one" }] })
@@ -163,12 +174,12 @@ export const modelFromJson = (json: unknown, file: string): Effect.Effect<Loaded
     const fail = (reason: ConfigError["reason"], problems: ConfigError["problems"]) =>
       Effect.fail(new ConfigError({ file, reason, problems }))
     if (!isRecord(json)) return fail("invalid", [{ field: "", message: "expected a JSON object" }])
-    const name = typeof json["name"] === "string" ? json["name"] : baseName(file)
+    const name = typeof own(json, "name") === "string" ? json["name"] as string : baseName(file)
     const built = build(json, name, registry)
     if (Result.isFailure(built)) return fail(built.failure.reason, built.failure.problems)
     const analysis = analyzeResult(built.success.graph, { input: "ids" })
     if (Result.isFailure(analysis)) {
-      return fail("invalid", analysis.failure.problems.map((p) => ({ field: `(graph) ${p.path}${p.field ? ` ${p.field}` : ""}`, message: p.message })))
+      return fail("invalid", analysis.failure.problems.map((p) => ({ field: `(graph)${p.path === "" ? "" : ` ${p.path}`}${p.field ? ` ${p.field}` : ""}`, message: p.message })))
     }
     return Effect.succeed({ file, ...built.success, analysis: analysis.success, config: json })
   })
@@ -203,8 +214,8 @@ export const readJson = Effect.fnUntraced(function*(file: string) {
  */
 export const loadModel = Effect.fnUntraced(function*(file: string) {
   let json = yield* readJson(file)
-  if (isRecord(json) && json["kind"] === "conceptmoe" && typeof json["baseline"] === "string") {
-    const baselineFile = nodePath.resolve(nodePath.dirname(file), json["baseline"])
+  if (isRecord(json) && own(json, "kind") === "conceptmoe" && typeof own(json, "baseline") === "string") {
+    const baselineFile = nodePath.resolve(nodePath.dirname(file), json["baseline"] as string)
     const baseline = yield* readJson(baselineFile).pipe(
       Effect.mapError((e) => new ConfigError({ file, reason: e.reason, problems: e.problems.map((p) => ({ field: "baseline", message: `${baselineFile}: ${p.message}` })) }))
     )

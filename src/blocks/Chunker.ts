@@ -20,16 +20,71 @@ import type { ForwardContext, Tensor, Tensor2D } from "../graph/Apply.ts"
 import { crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import * as ops from "./ops.ts"
 
+const NonNegative = Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0)))
+
+/** Default gains of `ratioControl: "pi"` (chosen by measurement: docs/training.md, "Compression control"). */
+export const DEFAULT_KP = 0.3
+export const DEFAULT_KI = 0.01
+
 export const ChunkerSpec = Schema.Struct({
   d: Dim,
   /** Target compression ratio R > 1. */
   ratio: PositiveNumber,
   /** Sharpening exponent τ of the training-time Bernoulli. */
   tau: withDefault(PositiveNumber, 6),
-  /** Weight λ of the ratio loss. */
-  lambda: withDefault(Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0))), 0.03)
+  /** Weight λ of the ratio loss (`ratioControl` "plain", the paper's). */
+  lambda: withDefault(NonNegative, 0.03),
+  /**
+   * How the boundary rate is held at 1/R: "plain" is the paper's ratio loss with weight λ; "pi" (the
+   * default) weighs it by `kp` and adds an integral term, `ki` times the sum of the past steps'
+   * errors, carried by the trainer ({@link ratioControlStep}). See docs/training.md.
+   */
+  ratioControl: withDefault(Schema.Literals(["plain", "pi"]), "pi"),
+  /** Proportional weight of "pi" (the ratio loss's weight in that mode). */
+  kp: withDefault(NonNegative, DEFAULT_KP),
+  /** Integral weight of "pi". */
+  ki: withDefault(NonNegative, DEFAULT_KI)
 }).pipe(Schema.check(crossCheck((s) => s.ratio <= 1 ? ["ratio", `the compression ratio must exceed 1, got ${s.ratio}`] : undefined)))
 export type ChunkerSpec = typeof ChunkerSpec.Type
+
+/**
+ * The ratio controller's state between steps: the sum of the past steps' errors e = R·F − 1 (F the
+ * sampled boundary rate), clamped to ±{@link INTEGRAL_LIMIT}. Zero at step 0; a pure function of the
+ * run's boundary rates, saved in checkpoints so a resumed run continues it exactly.
+ */
+export interface RatioControl {
+  readonly integral: number
+}
+
+export const initialRatioControl: RatioControl = { integral: 0 }
+
+/** Anti-windup bound of the integral (in steps of full error). */
+export const INTEGRAL_LIMIT = 50
+
+/**
+ * The controller's update after a step whose sampled boundary rate was F: integral + (R·F − 1),
+ * clamped. Deterministic and pure (the trainer folds it over the steps).
+ */
+export const ratioControlStep = (state: RatioControl, ratio: number, boundaryRate: number): RatioControl => ({
+  integral: Math.max(-INTEGRAL_LIMIT, Math.min(INTEGRAL_LIMIT, state.integral + ratio * boundaryRate - 1))
+})
+
+/**
+ * The ratio loss's weights for a step: L = a·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) + b·G, F without
+ * gradient, G = mean p. "plain": a = λ, b = 0 (the paper). "pi": a = kp, b = ki·R/(R−1)·integral,
+ * so ∂L/∂G = R/(R−1)·(kp·(R·F − 1) + ki·integral).
+ */
+export const ratioLossWeights = (s: ChunkerSpec, control: RatioControl | undefined): { readonly a: number; readonly b: number } =>
+  s.ratioControl === "plain"
+    ? { a: s.lambda, b: 0 }
+    : { a: s.kp, b: (s.ki * s.ratio / (s.ratio - 1)) * (control ?? initialRatioControl).integral }
+
+/** The value of the weighted ratio loss for boundary rate F and mean probability G (host arithmetic). */
+export const ratioLossValue = (s: ChunkerSpec, control: RatioControl | undefined, F: number, G: number): number => {
+  const { a, b } = ratioLossWeights(s, control)
+  const R = s.ratio
+  return a * (R / (R - 1)) * ((R - 1) * F * G + (1 - F) * (1 - G)) + b * G
+}
 
 /** sharpen_τ(p) = p^(1/τ) above ½, 1 − (1 − p)^(1/τ) below (method spec §3, §17). */
 export const sharpen = (p: number, tau: number): number => (p > 0.5 ? p ** (1 / tau) : 1 - (1 - p) ** (1 / tau))
@@ -55,7 +110,8 @@ export const prng = (seed: number) => {
  * whose key the chunk module keeps; `receive` then indexes `[carried concept of each row; new
  * concepts]` (a token with no new boundary before it in this piece receives its row's carried one).
  */
-const applyChunker = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, p: Readonly<Record<string, Tensor>>): Tensor => {
+const applyChunker = (ctx: ForwardContext, spec: ChunkerSpec, x: Tensor, p: Readonly<Record<string, Tensor>>): Tensor => {
+  const s = rampSpec(spec, ctx.ramp)
   const { tf, cache } = ctx
   const n = x.shape[0]!
   const rows = ctx.layout
@@ -80,7 +136,9 @@ const applyChunker = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, p: Readonl
   const k = unit(ops.linear(ctx, x, p["k.weight"]!))
   const keys = state === undefined ? k : tf.concat([state.prevK, k], 0)
   const cos = tf.sum(tf.mul(q, tf.gather(keys, tf.tensor1d(prev, "int32"))), -1)
-  const raw = tf.clipByValue(tf.mul(tf.sub(1, cos), 0.5), 0, 1)
+  const raw0 = tf.clipByValue(tf.mul(tf.sub(1, cos), 0.5), 0, 1)
+  // a converted model's ramp (ForwardContext.ramp): p floored at 1 − s·(1 − p)
+  const raw = ctx.ramp === undefined ? raw0 : tf.sub(1, tf.mul(tf.sub(1, raw0), ctx.ramp))
   const feeds = ctx.training && state === undefined ? ctx.conceptFeeds : undefined
   // static shapes: the forced boundaries are the row starts (constant) and the fed document starts
   const f = feeds === undefined ? tf.tensor1d(forced) : tf.maximum(tf.tensor1d(forced.map((_, t) => (prev[t] === t ? 1 : 0))), feeds.documentStart)
@@ -133,9 +191,11 @@ const applyChunker = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, p: Readonl
   const F = count / n
   const G = tf.mean(probs)
   const R = s.ratio
-  // L = R/(R−1)·((R−1)·F·G + (1−F)(1−G)), weight λ
-  const ratioLoss = tf.mul(tf.add(tf.mul(G, (R - 1) * F), tf.mul(tf.sub(1, G), 1 - F)), (R / (R - 1)) * s.lambda)
-  if (ctx.training && s.lambda > 0) ctx.auxLosses.push(ratioLoss)
+  // L = a·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) + b·G (ratioLossWeights)
+  const w = ratioLossWeights(s, ctx.ratioControl)
+  const paper = tf.mul(tf.add(tf.mul(G, (R - 1) * F), tf.mul(tf.sub(1, G), 1 - F)), (R / (R - 1)) * w.a)
+  const ratioLoss = w.b === 0 ? paper : tf.add(paper, tf.mul(G, w.b))
+  if (ctx.training && (w.a > 0 || w.b !== 0)) ctx.auxLosses.push(ratioLoss)
   ctx.chunk = { h: x as Tensor2D, p: probs, boundaries, receive, concepts }
   ctx.compression.tokens += n
   ctx.compression.concepts += count
@@ -144,6 +204,14 @@ const applyChunker = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, p: Readonl
   ctx.compression.boundaryProbSum += sum
   return x
 }
+
+/**
+ * The spec a converted model's chunk module runs with at ramp position s (`ForwardContext.ramp`,
+ * `models/Convert.ts`): target R_s = 1 + s·(R − 1), at least 1 + 10⁻³·(R − 1) (at s = 0 every p is
+ * 1, so the ratio loss has no gradient whatever R_s is). Unchanged without a ramp.
+ */
+export const rampSpec = (s: ChunkerSpec, ramp: number | undefined): ChunkerSpec =>
+  ramp === undefined || ramp >= 1 ? s : { ...s, ratio: 1 + Math.max(ramp, 1e-3) * (s.ratio - 1) }
 
 /** Concept slots per row for rows of `length` tokens at ratio R: ceil(capacity·T/R), at most T. */
 export const conceptSlots = (length: number, ratio: number, capacity: number): number => Math.min(length, Math.max(1, Math.ceil((capacity * length) / ratio)))
@@ -187,9 +255,11 @@ const staticBoundaries = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, probs:
   const G = tf.mean(probs)
   const ratio = s.ratio
   const F = tf.div(count, n)
-  // L = R/(R−1)·((R−1)·F·G + (1−F)(1−G)), weight λ
-  const ratioLoss = tf.mul(tf.add(tf.mul(tf.mul(G, F), ratio - 1), tf.mul(tf.sub(1, G), tf.sub(1, F))), (ratio / (ratio - 1)) * s.lambda)
-  if (s.lambda > 0) ctx.auxLosses.push(ratioLoss)
+  // L = a·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) + b·G (ratioLossWeights)
+  const w = ratioLossWeights(s, ctx.ratioControl)
+  const paper = tf.mul(tf.add(tf.mul(tf.mul(G, F), ratio - 1), tf.mul(tf.sub(1, G), tf.sub(1, F))), (ratio / (ratio - 1)) * w.a)
+  const ratioLoss = w.b === 0 ? paper : tf.add(paper, tf.mul(G, w.b))
+  if (w.a > 0 || w.b !== 0) ctx.auxLosses.push(ratioLoss)
   ctx.chunk = { h: x as Tensor2D, p: probs, boundaries: new Uint8Array(0), receive: new Int32Array(0), concepts: [], slots: { b, receive, capacity: C, documentStart: feeds.documentStart } }
   ctx.compression.tokens += n
   const probSum = tf.sum(pr)
@@ -217,5 +287,13 @@ export const Chunker: BlockKind<ChunkerSpec> = {
 
 /** @category constructors */
 export const chunker = <const D extends number>(
-  spec: { readonly d: D; readonly ratio: number; readonly tau?: number; readonly lambda?: number } & Named
+  spec: {
+    readonly d: D
+    readonly ratio: number
+    readonly tau?: number
+    readonly lambda?: number
+    readonly ratioControl?: "plain" | "pi"
+    readonly kp?: number
+    readonly ki?: number
+  } & Named
 ): Block<D, D> => leaf(Chunker, spec)

@@ -1,0 +1,76 @@
+/**
+ * Compression held at the target: the ratio controller (Chunker.ts), the windowed summaries
+ * (train/Compression.ts), and training runs that use them.
+ */
+import { NodeServices } from "@effect/platform-node"
+import { assert, describe, it } from "@effect/vitest"
+import { Effect, Layer, Schema } from "effect"
+import * as fs from "node:fs"
+import * as os from "node:os"
+import * as path from "node:path"
+import { ChunkerSpec, INTEGRAL_LIMIT, initialRatioControl, type RatioControl, ratioControlStep, ratioLossValue, ratioLossWeights } from "../src/blocks/Chunker.ts"
+import { layer as backendLayer } from "../src/runtime/Backend.ts"
+import { compressionSummary, lastValCompression, meanSampledR, secondHalf, windowedSampledR, within } from "../src/train/Compression.ts"
+import { byteTokenizer, sotuSplits } from "../src/train/Data.ts"
+import { train, TrainSettings } from "../src/train/Train.ts"
+import { load } from "./support/models.ts"
+
+const spec = (extra: Record<string, unknown>) => Schema.decodeUnknownSync(ChunkerSpec)({ d: 8, ratio: 2, ...extra })
+
+describe("compression summaries", () => {
+  const steps = (rates: ReadonlyArray<number>) => rates.map((f, step) => ({ step, boundaryRate: f, compression: 1 / f }))
+
+  it("mean sampled R is total tokens over total concepts, not the mean of the ratios", () => {
+    // two steps of equal tokens at F = 0.5 and 0.25: concepts 0.75·n over 2n tokens, R = 8/3
+    assert.closeTo(meanSampledR(steps([0.5, 0.25]))!, 8 / 3, 1e-12)
+    assert.isUndefined(meanSampledR([{ step: 0 }]))
+    // compression alone (no boundaryRate) gives the same
+    assert.closeTo(meanSampledR([{ step: 0, compression: 2 }, { step: 1, compression: 4 }])!, 8 / 3, 1e-12)
+  })
+
+  it("the second half, windows, and the last threshold R", () => {
+    const m = steps(Array.from({ length: 40 }, (_, i) => (i < 20 ? 0.05 : i < 30 ? 0.5 : 0.25)))
+    assert.deepStrictEqual(secondHalf(m).map((x) => x.step), Array.from({ length: 20 }, (_, i) => 20 + i))
+    assert.deepStrictEqual(windowedSampledR(secondHalf(m), 10).map((w) => [w.from, w.to, w.r]), [[20, 29, 2], [30, 39, 4]])
+    const withVal = [...m.slice(0, 39), { ...m[39]!, valCompression: 3.5 }]
+    assert.strictEqual(lastValCompression(withVal), 3.5)
+    const s = compressionSummary(withVal)
+    assert.closeTo(s.meanSampledR!, 1 / 0.375, 1e-12)
+    assert.deepStrictEqual(s.windows, { min: 2, max: 4 })
+    assert.strictEqual(s.valCompression, 3.5)
+    // with the run's length given, a run stopped early still halves at the schedule's middle
+    assert.strictEqual(secondHalf(m, 80).length, 0)
+    assert.isTrue(within(2.19, 2, 0.1))
+    assert.isFalse(within(2.21, 2, 0.1))
+    assert.isFalse(within(undefined, 2, 0.1))
+  })
+})
+
+describe("the ratio controller", () => {
+  it("plain is the paper's loss with weight λ; pi adds the integral term", () => {
+    const plain = spec({ ratioControl: "plain", lambda: 0.03 })
+    const F = 0.3
+    const G = 0.4
+    // L = λ·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) at R = 2
+    assert.closeTo(ratioLossValue(plain, { integral: 7 }, F, G), 0.03 * 2 * (F * G + (1 - F) * (1 - G)), 1e-15)
+    assert.deepStrictEqual(ratioLossWeights(plain, { integral: 7 }), { a: 0.03, b: 0 })
+    const pi = spec({ ratioControl: "pi", kp: 0.3, ki: 0.01 })
+    assert.deepStrictEqual(ratioLossWeights(pi, undefined), { a: 0.3, b: 0 })
+    const w = ratioLossWeights(pi, { integral: -4 })
+    assert.closeTo(w.b, 0.01 * 2 * -4, 1e-15)
+    // ∂L/∂G = R/(R−1)·(kp·(R·F − 1) + ki·integral)
+    const dG = (ratioLossValue(pi, { integral: -4 }, F, G + 1e-6) - ratioLossValue(pi, { integral: -4 }, F, G)) / 1e-6
+    assert.closeTo(dG, 2 * (0.3 * (2 * F - 1) + 0.01 * -4), 1e-6)
+  })
+
+  it("the default is pi; the state integrates R·F − 1, clamped, deterministically", () => {
+    assert.strictEqual(spec({}).ratioControl, "pi")
+    let s: RatioControl = initialRatioControl
+    for (const f of [0.1, 0.2, 0.5, 0.7]) s = ratioControlStep(s, 2, f)
+    assert.closeTo(s.integral, (0.2 - 1) + (0.4 - 1) + 0 + (1.4 - 1), 1e-12)
+    let low: RatioControl = initialRatioControl
+    for (let i = 0; i < 200; i++) low = ratioControlStep(low, 4, 0)
+    assert.strictEqual(low.integral, -INTEGRAL_LIMIT)
+    assert.strictEqual(ratioControlStep(low, 4, 0.5).integral, -INTEGRAL_LIMIT + 1)
+  })
+})

@@ -130,8 +130,17 @@ const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: 
   ctx.documents = saved.documents
   ctx.chunk = ch
   if (state !== undefined) ch.concepts.forEach((M, r) => (state.concepts[r]! += M))
-  return de(y)
+  return de(total === 0 ? y : rampResidual(ctx, y, merged))
 }
+
+/**
+ * A converted model's ramp (`ForwardContext.ramp` = s): the dechunk gets ĉ − (1 − s)·c, where c is
+ * the concept model's input. The decoder input z = ĥ + ĉ^ema of the paper counts ĥ twice when every
+ * token is its own concept (c = ĥ and ĉ = ĥ + what the concept model adds); at s = 0 this is
+ * z = ĥ + (ĉ − ĥ) = ĉ, the source MoE's residual stream, and from s = 1 on it is the paper's.
+ */
+const rampResidual = (ctx: ForwardContext, y: Tensor, merged: Tensor): Tensor =>
+  ctx.ramp === undefined || ctx.ramp >= 1 ? y : ctx.tf.sub(y, ctx.tf.mul(merged, 1 - ctx.ramp))
 
 /**
  * The stage with static shapes (the chunk module ran with `ConceptFeeds`): every row's concepts in
@@ -193,7 +202,7 @@ const staticStage = (
   ctx.valid = saved.valid
   ctx.documents = saved.documents
   ctx.chunk = ch
-  return de(y)
+  return de(rampResidual(ctx, y, merged))
 }
 
 export const ConceptStage: BlockKind<ConceptStageSpec> = {

@@ -9,6 +9,7 @@ import { Command } from "effect/cli"
 import { bench } from "./bench.ts"
 import { budget } from "./budget.ts"
 import { compare } from "./compare.ts"
+import { convert } from "./convert.ts"
 import { exportCommand } from "./export.ts"
 import { generate } from "./generate.ts"
 import { reallocate } from "./reallocate.ts"
@@ -18,7 +19,7 @@ import { runCli } from "./Run.ts"
 
 const cli = Command.make("conceptmoe").pipe(
   Command.withDescription("Typed block graphs with static budgets; ConceptMoE (arXiv 2601.21420)."),
-  Command.withSubcommands([budget, reallocate, report, train, verify, compare, generate, bench, exportCommand])
+  Command.withSubcommands([budget, reallocate, report, train, verify, compare, generate, bench, exportCommand, convert])
 )
 
 /**

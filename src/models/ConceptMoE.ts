@@ -26,7 +26,7 @@ import { projector } from "../blocks/Projector.ts"
 import { type AnyBlock, type Block, make } from "../graph/Block.ts"
 import { Loop, sequence } from "../graph/Combinators.ts"
 import { CountAtMost, DimAtMost } from "../graph/Limits.ts"
-import { crossCheck, PositiveNumber, withDefault } from "../graph/Spec.ts"
+import { crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import { embedding } from "../blocks/Embedding.ts"
 import { lmHead } from "../blocks/LMHead.ts"
 import { buildDecoder, type DecoderConfig, decoderLayer, type DecoderLayer, norm } from "./Decoder.ts"
@@ -41,6 +41,11 @@ export const conceptFields = {
   tau: withDefault(PositiveNumber, 6),
   lambda: withDefault(Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0))), 0.03),
   jointDecoding: withDefault(Schema.Boolean, true),
+  /**
+   * A model converted from a trained MoE (`Convert.ts`): training ramps from every token a boundary
+   * (the source's function) to the target R over this many steps (`ForwardContext.ramp`).
+   */
+  rampSteps: Schema.optionalKey(Dim),
   /** Activated experts in the concept model (strategies 1–3); default: the baseline's. */
   topK: Schema.optionalKey(DimAtMost("topK")),
   /** Consecutive concept-model layers run `loopTimes` times with shared weights (strategy 2). */

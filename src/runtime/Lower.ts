@@ -130,6 +130,19 @@ export interface ForwardOptions {
    * batch (`train/Parallel.ts`) continues the whole batch's stream after the rows before it.
    */
   readonly drawOffset?: number
+  /** A converted model's ramp position s ∈ [0, 1] (`ForwardContext.ramp`); default: {@link setRamp}'s, else none. */
+  readonly ramp?: number
+}
+
+const ramps = new WeakMap<Lowered, number>()
+
+/**
+ * Sets the ramp position s ∈ [0, 1] of a converted model (`models/Convert.ts`) for the passes that
+ * follow (training steps and evaluations); `undefined` clears it (s = 1, the paper's model).
+ */
+export const setRamp = (m: Lowered, s: number | undefined): void => {
+  if (s === undefined) ramps.delete(m)
+  else ramps.set(m, Math.min(1, Math.max(0, s)))
 }
 
 export interface Feeds {
@@ -241,6 +254,7 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
       return byKey.get(key) as T
     },
     documentStarts: starts,
+    ramp: options.ramp ?? ramps.get(m),
     // packed documents: each row's documents from the batch's document starts, or (fed positions,
     // which change every step of a captured step) from the fed positions on the device
     documents: options.cache !== undefined

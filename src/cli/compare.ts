@@ -12,34 +12,11 @@ import { loadModel, modelFromJson, readJson } from "../models/Load.ts"
 import { reallocate as solve, strategies } from "../models/Reallocate.ts"
 import { layer as backendLayer } from "../runtime/Backend.ts"
 import { type ComparisonReport, compareMatched, lossBands, matchModels, type Overheads } from "../train/Compare.ts"
-import { checkSplits, loadData, sotuData, type Splits } from "../train/Data.ts"
 import { TrainSettings } from "../train/Train.ts"
-import { format, handled, positive, tolerance, UsageError } from "./shared.ts"
+import { limits } from "../graph/Limits.ts"
+import { flagLimits, format, handled, intFlag, numberFlag, positive, ratioFlag, tolerance, UsageError } from "./shared.ts"
 import { backend } from "./train.ts"
-
-/** `--data FILE|DIR` and `--val-fraction`, shared by `train` and `compare`. */
-export const dataFlag = Flag.String("data").pipe(
-  Flag.withDescription("train on these raw bytes: a file (its last --val-fraction validates) or a directory (one document per file, sorted; every 10th validates); default: the State of the Union corpus"),
-  Flag.optional
-)
-export const valFraction = Flag.Finite("val-fraction").pipe(
-  Flag.withDescription("with --data: the share that validates (default 0.1)"),
-  Flag.optional
-)
-
-/** The splits for a seed: SOTU (validation windows fixed across seeds) or `--data`, checked against one batch. */
-export const splitsFor = (data: Option.Option<string>, fraction: Option.Option<number>, rows: number, length: number) => (seed: number) =>
-  Effect.gen(function*() {
-    let s: Splits
-    if (Option.isNone(data)) {
-      if (Option.isSome(fraction)) return yield* new UsageError({ message: "--val-fraction applies to --data only (SOTU splits by year)" })
-      s = { ...sotuData(seed), validation: sotuData(0).validation }
-    } else {
-      s = yield* loadData(data.value, { seed, ...(Option.isSome(fraction) ? { valFraction: fraction.value } : {}) })
-    }
-    yield* checkSplits(s, rows, length)
-    return s
-  })
+import { dataFlag, splitsFor, valFraction } from "./data.ts"
 
 const fixed = (x: number, digits = 4) => (Number.isFinite(x) ? x.toFixed(digits) : "-")
 const signed = (x: number, digits = 4) => (x >= 0 ? "+" : "") + x.toFixed(digits)
@@ -115,24 +92,24 @@ export const compare = Command.make(
       Flag.withDescription("a ConceptMoE config to compare (it must match the baseline's budget); default: the solver's best at --ratio/--strategy"),
       Flag.optional
     ),
-    ratio: Flag.Finite("ratio").pipe(Flag.withDescription("target compression ratio R > 1"), Flag.withDefault(2)),
+    ratio: ratioFlag.pipe(Flag.withDescription("target compression ratio R > 1"), Flag.withDefault(2)),
     strategy: Flag.Literals("strategy", strategies).pipe(Flag.withDescription("reallocation strategy"), Flag.withDefault("topk")),
-    encoderLayers: Flag.Int("encoder-layers").pipe(Flag.withDescription("baseline layers that become the encoder"), Flag.withDefault(4)),
-    decoderLayers: Flag.Int("decoder-layers").pipe(Flag.withDescription("baseline layers that become the decoder"), Flag.withDefault(4)),
+    encoderLayers: intFlag("encoder-layers", 0, limits.layers).pipe(Flag.withDescription("baseline layers that become the encoder"), Flag.withDefault(4)),
+    decoderLayers: intFlag("decoder-layers", 0, limits.layers).pipe(Flag.withDescription("baseline layers that become the decoder"), Flag.withDefault(4)),
     overheads: Flag.Literals("overheads", ["include", "exclude"]).pipe(
       Flag.withDescription("include (default): match with the chunk module and joint decoding counted; exclude: the paper's convention"),
       Flag.withDefault("include")
     ),
     tolerance,
-    steps: Flag.Int("steps").pipe(Flag.withDescription("training steps for each model"), Flag.withDefault(200)),
-    batch: Flag.Int("batch").pipe(Flag.withDescription("rows per batch"), Flag.withDefault(8)),
-    seqLen: Flag.Int("seq-len").pipe(Flag.withDescription("tokens per row"), Flag.withDefault(128)),
-    lr: Flag.Finite("lr").pipe(Flag.withDescription("peak learning rate"), Flag.withDefault(3e-3)),
-    warmup: Flag.Int("warmup").pipe(Flag.withDescription("warm-up steps"), Flag.withDefault(20)),
-    seed: Flag.Int("seed").pipe(Flag.withDescription("the first seed (data order, initialisation and sampling)"), Flag.withDefault(0)),
-    seeds: Flag.Int("seeds").pipe(Flag.withDescription("train each model on this many seeds (seed, seed+1, …); mean ± sd and a paired interval"), Flag.withDefault(1)),
-    evalEvery: Flag.Int("eval-every").pipe(Flag.withDescription("steps between validation evaluations"), Flag.withDefault(50)),
-    evalBatches: Flag.Int("eval-batches").pipe(Flag.withDescription("validation batches per evaluation (the same windows for every seed)"), Flag.withDefault(8)),
+    steps: intFlag("steps", 1, flagLimits.steps).pipe(Flag.withDescription("training steps for each model"), Flag.withDefault(200)),
+    batch: intFlag("batch", 1, flagLimits.batch).pipe(Flag.withDescription("rows per batch"), Flag.withDefault(8)),
+    seqLen: intFlag("seq-len", 1, limits.seqLen).pipe(Flag.withDescription("tokens per row"), Flag.withDefault(128)),
+    lr: numberFlag("lr", 0, 10, { above: true }).pipe(Flag.withDescription("peak learning rate"), Flag.withDefault(3e-3)),
+    warmup: intFlag("warmup", 0, flagLimits.steps).pipe(Flag.withDescription("warm-up steps"), Flag.withDefault(20)),
+    seed: intFlag("seed", 0, flagLimits.seed).pipe(Flag.withDescription("the first seed (data order, initialisation and sampling)"), Flag.withDefault(0)),
+    seeds: intFlag("seeds", 1, 1000).pipe(Flag.withDescription("train each model on this many seeds (seed, seed+1, …); mean ± sd and a paired interval"), Flag.withDefault(1)),
+    evalEvery: intFlag("eval-every", 1, flagLimits.steps).pipe(Flag.withDescription("steps between validation evaluations"), Flag.withDefault(50)),
+    evalBatches: intFlag("eval-batches", 1, 10_000).pipe(Flag.withDescription("validation batches per evaluation (the same windows for every seed)"), Flag.withDefault(8)),
     data: dataFlag,
     valFraction,
     backend,

@@ -15,7 +15,9 @@ import { byteTokenizer, sotuSplits, validationBatches } from "../train/Data.ts"
 import { train as trainModel, TrainSettings } from "../train/Train.ts"
 import * as Stop from "../train/Stop.ts"
 import { problemsOf, formatPath } from "../graph/Spec.ts"
-import { format, handled, positive } from "./shared.ts"
+import { limits } from "../graph/Limits.ts"
+import { flagLimits, format, handled, intFlag, positive } from "./shared.ts"
+import { dataFlag, splitsFor, valFraction } from "./data.ts"
 
 export const backend = Flag.String("backend").pipe(
   Flag.withDescription("wasm (default), cpu, webgpu or tensorflow; or set CONCEPTMOE_BACKEND"),
@@ -52,25 +54,31 @@ export const train = Command.make(
     backend,
     out: Flag.String("out").pipe(Flag.withDescription("run directory (default runs/<model name>)"), Flag.optional),
     resume: Flag.Boolean("resume").pipe(Flag.withDescription("continue from the checkpoint in the run directory"), Flag.withDefault(false)),
-    steps: Flag.Int("steps").pipe(Flag.withDescription("override the number of steps"), Flag.optional)
+    steps: intFlag("steps", 1, flagLimits.steps).pipe(Flag.withDescription("override the number of steps"), Flag.optional),
+    data: dataFlag,
+    valFraction
   },
   Effect.fn("train")(function*(f) {
     yield* positive("steps", f.steps)
     const { model, settings: base } = yield* loadTrainConfig(f.config)
     const settings = Option.isSome(f.steps) ? { ...base, steps: f.steps.value } : base
     const out = Option.getOrElse(f.out, () => `runs/${model.name}`)
+    // --data: the user's bytes, refused when unreadable, empty or shorter than a batch (a resume checks their SHA-256)
+    const data = Option.isSome(f.data) || Option.isSome(f.valFraction)
+      ? yield* splitsFor(f.data, f.valFraction, settings.batchSize, settings.seqLen)(settings.seed)
+      : undefined
     const again = [
       "conceptmoe train",
-      ...Stop.shellArgs(["--config", f.config, "--out", out, ...(Option.isSome(f.backend) ? ["--backend", f.backend.value] : []), ...(Option.isSome(f.steps) ? ["--steps", String(f.steps.value)] : [])]),
+      ...Stop.shellArgs(["--config", f.config, "--out", out, ...(Option.isSome(f.backend) ? ["--backend", f.backend.value] : []), ...(Option.isSome(f.steps) ? ["--steps", String(f.steps.value)] : []), ...(Option.isSome(f.data) ? ["--data", f.data.value] : []), ...(Option.isSome(f.valFraction) ? ["--val-fraction", String(f.valFraction.value)] : [])]),
       "--resume"
     ].join(" ")
-    const r = yield* withBackend(f.backend, trainModel(model, settings, { out, resume: f.resume })).pipe(
+    const r = yield* withBackend(f.backend, trainModel(model, settings, { out, resume: f.resume, ...(data === undefined ? {} : { data }) })).pipe(
       Effect.catchTag("Stopped", (e) => Stop.report(e, `continue with: ${again}`).pipe(Effect.as(undefined)))
     )
     if (r === undefined) return
     yield* Console.log(`final validation ${r.finalValBitsPerByte.toFixed(4)} bits/byte; ${r.tokensPerSecond.toFixed(0)} tokens/s; wrote ${out}/{checkpoint.safetensors,metrics.jsonl,loss.svg}`)
   }, handled)
-).pipe(Command.withDescription("Train a model on the State of the Union corpus (byte-level), with checkpoints, metrics and a loss plot."))
+).pipe(Command.withDescription("Train a model on the State of the Union corpus, or on your own bytes with --data (byte-level), with checkpoints, metrics and a loss plot."))
 
 export const verify = Command.make(
   "verify",
@@ -78,9 +86,9 @@ export const verify = Command.make(
     config: Argument.String("config").pipe(Argument.withDescription("a model config")),
     backend,
     format,
-    seqLen: Flag.Int("seq-len").pipe(Flag.withDescription("tokens per row"), Flag.withDefault(128)),
-    batch: Flag.Int("batch").pipe(Flag.withDescription("rows"), Flag.withDefault(4)),
-    seed: Flag.Int("seed").pipe(Flag.withDescription("parameter seed"), Flag.withDefault(0))
+    seqLen: intFlag("seq-len", 1, limits.seqLen).pipe(Flag.withDescription("tokens per row"), Flag.withDefault(128)),
+    batch: intFlag("batch", 1, flagLimits.batch).pipe(Flag.withDescription("rows"), Flag.withDefault(4)),
+    seed: intFlag("seed", 0, flagLimits.seed).pipe(Flag.withDescription("parameter seed"), Flag.withDefault(0))
   },
   Effect.fn("verify")(function*(f) {
     yield* positive("seq-len", Option.some(f.seqLen))

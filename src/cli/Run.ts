@@ -6,7 +6,7 @@
  *
  * @since 0.3.0
  */
-import { Cause, Effect } from "effect"
+import { Cause, Console, Effect } from "effect"
 import { CliError, CliOutput, Command } from "effect/cli"
 import { ExitCode } from "./shared.ts"
 
@@ -26,13 +26,11 @@ const presenter: CliOutput.Presenter = {
       case "InvalidInvocation": {
         const [first, ...rest] = event.errors
         const message = first === undefined ? "invalid arguments" : first.message
-        return Effect.sync(() =>
-          process.stderr.write(`${usageLine(event.commandPath, message + (rest.length > 0 ? ` (and ${rest.length} more)` : ""))}\n`)
-        )
+        return Console.error(usageLine(event.commandPath, message + (rest.length > 0 ? ` (and ${rest.length} more)` : "")))
       }
       case "Help":
         if (event.reason === "Implicit") {
-          return Effect.sync(() => process.stderr.write(`${usageLine(event.commandPath, "a subcommand is required")}\n`))
+          return Console.error(usageLine(event.commandPath, "a subcommand is required"))
         }
         return CliOutput.defaultPresenter.present(event)
       default:
@@ -68,12 +66,9 @@ export const runCli = <const Name extends string, Input, ContextInput, E, R>(
         if (failure._tag === "None") defect = error
         const message = error instanceof Error ? error.message : String(error)
         exit.code = 1
-        return Effect.sync(() => {
-          process.stderr.write(
-            `error: ${failure._tag === "Some" ? message : `unexpected failure, please report it: ${message}`}\n`
-          )
-          if (process.env["CONCEPTMOE_DEBUG"] !== undefined && error instanceof Error) process.stderr.write(`${error.stack}\n`)
-        })
+        return Console.error(`error: ${failure._tag === "Some" ? message : `unexpected failure, please report it: ${message}`}`).pipe(
+          Effect.andThen(process.env["CONCEPTMOE_DEBUG"] !== undefined && error instanceof Error ? Console.error(error.stack) : Effect.void)
+        )
       }),
       Effect.provideService(ExitCode, exit),
       Effect.provideService(CliOutput.Presenter, presenter),

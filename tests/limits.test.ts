@@ -1,0 +1,238 @@
+/**
+ * Issue 20, config and command-line side: each test fails on the code before the fix.
+ * - item 4: layer counts are bounded before anything is built; no spread of a config-sized list;
+ * - item 5: config strings never reach Object.prototype;
+ * - item 6: a deeply nested graph is refused, not a stack overflow;
+ * - item 11 (config side): context lengths are bounded; `--seq-len` above the context is refused;
+ * - item 13: numeric flags are range-checked (exit 2, naming the flag);
+ * - exact totals past 2^53.
+ */
+import { assert, describe, it } from "@effect/vitest"
+import { Effect, Result } from "effect"
+import * as Cost from "../src/cost/Cost.ts"
+import { budgetReport, stringifyExact } from "../src/cost/Report.ts"
+import { analyzeResult } from "../src/graph/Analyze.ts"
+import { make } from "../src/graph/Block.ts"
+import { Sequence } from "../src/graph/Combinators.ts"
+import { limits } from "../src/graph/Limits.ts"
+import { linear } from "../src/blocks/Linear.ts"
+import { conceptLayout, ConceptSpec } from "../src/models/ConceptMoE.ts"
+import type { DecoderConfig } from "../src/models/Decoder.ts"
+import { Schema } from "effect"
+import { runInProcess } from "./support/cli-in-process.ts"
+import { load, loadFile } from "./support/models.ts"
+
+const refused = (json: unknown) => Effect.flip(load(json))
+
+/** Every problem's field and message, one per line. */
+const lines = (e: { readonly problems: ReadonlyArray<{ readonly field: string; readonly message: string }> }) =>
+  e.problems.map((p) => `${p.field}: ${p.message}`).join("\n")
+
+describe("item 4: layer counts", () => {
+  for (const [json, field] of [
+    [{ model_type: "llama", num_hidden_layers: 1e12 }, "num_hidden_layers"],
+    [{ model_type: "llama", num_hidden_layers: 1e7 }, "num_hidden_layers"],
+    [{ model_type: "gpt2", n_layer: 100_000 }, "n_layer"],
+    [{ kind: "moe", vocab: 8, hidden: 8, layers: 16_385, heads: 2, experts: 2, topK: 1, expertHidden: 8 }, "layers"]
+  ] as const) {
+    it.effect(`${field} = ${Object.values(json).find((v) => typeof v === "number" && v > 1000)} is refused, naming the field and the limit`, () =>
+      Effect.gen(function*() {
+        const e = yield* refused(json)
+        assert.strictEqual(e.reason, "invalid")
+        assert.include(lines(e), `${field}: Expected at most 16,384 (the limit on layers)`)
+      }))
+  }
+
+  it.effect("the limit itself is accepted, and every layer is counted", () =>
+    Effect.gen(function*() {
+      const m = yield* load({ model_type: "llama", num_hidden_layers: limits.layers, hidden_size: 8, intermediate_size: 8, num_attention_heads: 2, vocab_size: 8 })
+      const perLayer = 4 * 8 * 8 + 3 * 8 * 8 + 2 * 8
+      assert.strictEqual(budgetReport(m, { seqLen: 1 }).params.total, limits.layers * perLayer + 8 * 8 + 8 + 8 * 8)
+    }), 60_000)
+
+  it("a ConceptMoE layout over a 500,000-layer baseline (built in code) does not spread the layers into arguments", () => {
+    const layer = { mixer: { kind: "attention", spec: { heads: 2, kvHeads: 2, headDim: 4 } }, ffn: { kind: "moe", spec: { experts: 4, topK: 1, expertHidden: 8 } } } as const
+    const base: DecoderConfig = {
+      name: "long",
+      vocab: 8,
+      d: 8,
+      positions: null,
+      norm: { kind: "rms", eps: 1e-6 },
+      layers: Array.from({ length: 500_000 }, () => layer),
+      tiedEmbeddings: false,
+      contextLength: 64
+    }
+    const spec = Schema.decodeUnknownSync(ConceptSpec)({ ratio: 2, topK: 4 })
+    const layout = conceptLayout(base, spec)
+    assert.isTrue(Result.isSuccess(layout))
+    const bad = conceptLayout(base, Schema.decodeUnknownSync(ConceptSpec)({ ratio: 2, topK: 5 }))
+    assert.isTrue(Result.isFailure(bad) && bad.failure.message.includes("exceeds the concept model's 4 experts"))
+  })
+
+  it("Cost.sum of 200,000 layer costs keeps every attention term and adds every part", () => {
+    const one = Cost.make({ params: { attention: 3 }, flops: { attention: 5 }, attention: [{ path: "a", heads: 1, dQK: 1, dV: 1, window: null, ropeDim: 0, passes: 1, rate: 1 }] })
+    const s = Cost.sum(Array.from({ length: 200_000 }, () => one))
+    assert.strictEqual(s.attention.length, 200_000)
+    assert.strictEqual(s.params["attention"], 600_000)
+    assert.strictEqual(s.flops["attention"], 1_000_000)
+  })
+})
+
+describe("item 5: config strings are never looked up on Object.prototype", () => {
+  for (const t of ["__proto__", "constructor", "toString", "hasOwnProperty"]) {
+    it.effect(`model_type ${JSON.stringify(t)} is an unsupported model_type`, () =>
+      Effect.gen(function*() {
+        const e = yield* Effect.flip(load(JSON.parse(`{"model_type": ${JSON.stringify(t)}}`)))
+        assert.strictEqual(e.reason, "unsupported")
+        assert.include(e.message, `model_type: unsupported model_type "${t}"; expected one of gpt2, llama`)
+      }))
+  }
+
+  it.effect("kind \"constructor\" and a graph block \"constructor\" are refused by name", () =>
+    Effect.gen(function*() {
+      assert.include((yield* refused({ kind: "constructor" })).message, `unsupported kind "constructor"`)
+      const e = yield* refused({ kind: "graph", graph: { block: "constructor" } })
+      assert.include(e.message, `graph.block: unknown block kind "constructor"`)
+    }))
+
+  it.effect("parts named \"__proto__\" and \"constructor\" are counted like any other part", () =>
+    Effect.gen(function*() {
+      const m = yield* load({
+        kind: "graph",
+        graph: {
+          block: "sequence",
+          children: [
+            { block: "embedding", spec: { vocab: 10, d: 8 } },
+            { block: "linear", spec: { dIn: 8, dOut: 8, part: "__proto__" } },
+            { block: "linear", spec: { dIn: 8, dOut: 8, part: "constructor" } }
+          ]
+        }
+      })
+      const r = budgetReport(m, { seqLen: 4 })
+      assert.deepStrictEqual(Object.entries(r.params.byPart), [["embedding", 80], ["__proto__", 64], ["constructor", 64]])
+      assert.strictEqual(r.params.total, 208)
+      assert.strictEqual(r.flops.matmulPerToken, 2 * 64 + 2 * 64)
+    }))
+})
+
+describe("item 6: nesting depth", () => {
+  const nested = (depth: number): unknown => {
+    let node: unknown = { block: "linear", spec: { dIn: 8, dOut: 8 } }
+    for (let i = 0; i < depth; i++) node = { block: "sequence", children: [node] }
+    return node
+  }
+
+  it.effect("a graph config nested 2,000 deep is refused with the depth limit", () =>
+    Effect.gen(function*() {
+      const e = yield* refused({ kind: "graph", graph: { block: "sequence", children: [{ block: "embedding", spec: { vocab: 8, d: 8 } }, nested(2000)] } })
+      assert.strictEqual(e.reason, "invalid")
+      assert.include(e.message, "the graph nests deeper than 256 levels (the limit on graph depth)")
+    }))
+
+  it("a graph built in code 20,000 deep fails analysis with InvalidGraph, not a stack overflow", () => {
+    let block = linear({ dIn: 8, dOut: 8 })
+    for (let i = 0; i < 20_000; i++) block = make(Sequence, {}, { children: [block] })
+    const r = analyzeResult(block)
+    assert.isTrue(Result.isFailure(r))
+    if (Result.isFailure(r)) assert.include(r.failure.message, "nests deeper than 256 levels")
+  })
+})
+
+describe("item 11, config side: context lengths", () => {
+  for (const [json, field] of [
+    [{ model_type: "llama", max_position_embeddings: 2 ** 40 }, "max_position_embeddings"],
+    [{ model_type: "gpt2", n_positions: 1e9 }, "n_positions"],
+    [{ kind: "dense", vocab: 8, hidden: 8, layers: 1, heads: 2, ffnHidden: 8, contextLength: 2 ** 25 }, "contextLength"]
+  ] as const) {
+    it.effect(`${field} above 2^24 is refused, naming the field`, () =>
+      Effect.gen(function*() {
+        assert.include(lines(yield* refused(json)), `${field}: Expected at most 16,777,216 (the limit on seqLen)`)
+      }))
+  }
+
+  it("budget --seq-len above the model's context is a usage error naming both", async () => {
+    const r = await runInProcess(["budget", "examples/compare/moe-tiny.json", "--seq-len", "4096"])
+    assert.strictEqual(r.code, 2)
+    assert.strictEqual(r.err, "error: --seq-len 4096 exceeds the context length of moe-tiny (128 tokens)")
+  })
+})
+
+describe("item 13: numeric flags", () => {
+  const cases: ReadonlyArray<readonly [ReadonlyArray<string>, string]> = [
+    [["--kv-bytes", "-2"], `Invalid value for flag --kv-bytes: "-2". Expected: an integer from 1 to 64`],
+    [["--kv-bytes", "2.5"], `Invalid value for flag --kv-bytes: "2.5". Expected an integer`],
+    [["--tolerance", "-1"], `Invalid value for flag --tolerance: "-1". Expected: a number from 0 to 1`],
+    [["--tolerance", "NaN"], `Invalid value for flag --tolerance: "NaN". Expected a string representing a finite number`],
+    [["--seq-len", "0"], `Invalid value for flag --seq-len: "0". Expected: an integer from 1 to 16,777,216`],
+    [["--depth", "-1"], `Invalid value for flag --depth: "-1". Expected: an integer from 0 to 256`]
+  ]
+  for (const [flags, expected] of cases) {
+    it(`budget ${flags.join(" ")}: exit 2, one line naming the flag`, async () => {
+      const r = await runInProcess(["budget", "examples/moe-small.json", ...flags])
+      assert.strictEqual(r.code, 2)
+      assert.strictEqual(r.err, `error: ${expected} (see conceptmoe budget --help)`)
+      assert.strictEqual(r.out, "")
+    })
+  }
+
+  it("reallocate --ratio 1, --encoder-layers -1 and --limit 0 are usage errors", async () => {
+    for (const [flag, value] of [["--ratio", "1"], ["--encoder-layers", "-1"], ["--limit", "0"]] as const) {
+      const args = ["reallocate", "examples/moe-base.json", "--strategy", "topk", ...(flag === "--ratio" ? [] : ["--ratio", "2"]), flag, value]
+      const r = await runInProcess(args)
+      assert.strictEqual(r.code, 2, args.join(" "))
+      assert.include(r.err, `Invalid value for flag ${flag}: "${value}"`)
+    }
+  })
+
+  it("usage errors print one line, never the help; --help prints the help", async () => {
+    for (const args of [["budget"], ["budget", "x.json", "--bogus"], ["frob"], []]) {
+      const r = await runInProcess(args)
+      assert.strictEqual(r.code, 2, args.join(" "))
+      assert.strictEqual(r.out, "")
+      assert.strictEqual(r.err.split("\n").length, 1)
+      assert.match(r.err, /^error: .* \(see conceptmoe( budget)? --help\)$/)
+    }
+    const help = await runInProcess(["budget", "--help"])
+    assert.strictEqual(help.code, 0)
+    assert.include(help.out, "--kv-bytes")
+  })
+})
+
+describe("exact totals past 2^53", () => {
+  it.effect("DeepSeek-V3 at its 163,840-token context: training FLOPs exact as a bigint, and digit for digit in JSON", () =>
+    Effect.gen(function*() {
+      const m = yield* loadFile("examples/hf/deepseek-v3.json")
+      const T = 163_840
+      const r = budgetReport(m, { seqLen: T })
+      // 61 MLA layers, 128 heads, dQK = 192, dV = 128, full T×T map, 2 FLOPs per multiply-add
+      const map = 61n * 2n * 128n * (192n + 128n) * BigInt(T) * BigInt(T)
+      const training = 3n * (BigInt(T) * BigInt(r.flops.matmulPerToken) + map)
+      assert.strictEqual(r.flops.attentionMap, map)
+      assert.strictEqual(r.flops.training, training)
+      assert.strictEqual(training, 438_424_699_593_031_680n)
+      // a double would have printed 438424699593031700
+      assert.include(stringifyExact(r, 2), `"training": 438424699593031680,`)
+      assert.isTrue(Number.isSafeInteger(r.params.total) && Number.isSafeInteger(r.flops.matmulPerToken))
+    }))
+
+  it("budget --format json prints the exact integer", async () => {
+    const r = await runInProcess(["budget", "examples/hf/deepseek-v3.json", "--format", "json"])
+    assert.strictEqual(r.code, 0, r.err)
+    assert.include(r.out, `"training": 438424699593031680,`)
+    assert.include(r.out, `"attentionMap": 134140418588672000,`)
+  })
+
+  it.effect("a model whose parameter count passes 2^53 − 1 is refused, not rounded", () =>
+    Effect.gen(function*() {
+      const e = yield* refused({ model_type: "mixtral", num_hidden_layers: 1000, hidden_size: 65536, num_local_experts: 4096, intermediate_size: 65536, num_attention_heads: 16, vocab_size: 100 })
+      assert.include(e.message, "total parameters is 5.279e+16, above 2^53 − 1 (9,007,199,254,740,991), beyond which counts are not exact")
+    }))
+
+  it("exact arithmetic: products and sums of integers stay exact past 2^53; fractions fall back to doubles", () => {
+    assert.strictEqual(Cost.product(2 ** 40, 2 ** 20, 3), 3n * 2n ** 60n)
+    assert.strictEqual(Cost.product(2 ** 20, 3), 3 * 2 ** 20)
+    assert.strictEqual(Cost.sumExact([Number.MAX_SAFE_INTEGER, 2]), 2n ** 53n + 1n)
+    assert.strictEqual(Cost.product(1.5, 2), 3)
+    assert.strictEqual(stringifyExact({ a: 2n ** 64n, b: "x" }), `{"a":18446744073709551616,"b":"x"}`)
+  })
+})

@@ -10,8 +10,8 @@ import type { Tensor } from "../src/graph/Apply.ts"
 import { modelFromJson } from "../src/models/Load.ts"
 import { load } from "../src/runtime/Backend.ts"
 import { adamStepValues, adamw, makeRmsNorm, makeRotate, makeSumSquares, wasmFused } from "../src/runtime/Fused.ts"
-import { materialize, release } from "../src/runtime/Lower.ts"
-import { newOptimizer, trainStep, TrainSettings } from "../src/train/Step.ts"
+import { loss, materialize, release } from "../src/runtime/Lower.ts"
+import { newOptimizer, stepOptions, trainStep, TrainSettings } from "../src/train/Step.ts"
 
 const runtime = (name: "cpu" | "wasm") => Effect.runPromise(load(name))
 
@@ -56,6 +56,31 @@ describe("wasm kernels equal cpu", () => {
       const { cpu, wasm } = await onBoth((tf) => [tf.matMul(tf.randomNormal(sa, 0, 1, "float32", 1), tf.randomNormal(sb, 0, 1, "float32", 2), ta, tb)])
       close(wasm[0]!, cpu[0]!, 1e-5, `${sa}·${sb} ${ta} ${tb}`)
     }
+  })
+
+  it("GatherV2: axes, dtypes, index shapes and the gradient", async () => {
+    const cases: Array<[Array<number>, Array<number>, Array<number>, number]> = [
+      [[7, 5], [6], [3, 0, 6, 6, 1, 2], 0],
+      [[4, 7, 3], [2, 2], [6, 0, 1, 1], 1],
+      [[3, 4, 5], [3], [4, 0, 2], 2],
+      [[9], [4], [8, 0, 0, 3], 0]
+    ]
+    for (const [shape, ishape, idx, axis] of cases) {
+      for (const dtype of ["float32", "int32"] as const) {
+        const { cpu, wasm } = await onBoth((tf) => {
+          const n = shape.reduce((a, b) => a * b, 1)
+          const x = tf.tensor(Array.from({ length: n }, (_, i) => i * 3 - 7), shape, dtype)
+          return [tf.cast(tf.gather(x, tf.tensor(idx, ishape, "int32"), axis), "float32")]
+        })
+        close(wasm[0]!, cpu[0]!, 0, `${shape} ${ishape} axis ${axis} ${dtype}`)
+      }
+    }
+    const { cpu, wasm } = await onBoth((tf) => {
+      const x = tf.randomNormal([6, 4], 0, 1, "float32", 13)
+      const w = tf.randomNormal([5, 4], 0, 1, "float32", 14)
+      return [tf.grad((a: Tensor) => tf.sum(tf.mul(tf.gather(a, tf.tensor1d([5, 0, 5, 2, 1], "int32")), w)))(x)]
+    })
+    close(wasm[0]!, cpu[0]!, 1e-6, "gradient")
   })
 
   it("the kernels run on wasm (not the op-by-op fallback)", async () => {
@@ -132,5 +157,28 @@ describe("wasm kernels equal cpu", () => {
     }
     close(results[1]!.losses, results[0]!.losses, 1e-5, "losses")
     results[0]!.params.forEach((p, i) => close(results[1]!.params[i]!, p, 1e-5, `parameter ${i}`))
+  })
+})
+
+describe("MoE training on wasm", () => {
+  it("dispatches grouped: its loss and gradients equal the sparse dispatch's", async () => {
+    const { tf } = await runtime("wasm")
+    const config = { kind: "moe", vocab: 64, hidden: 32, layers: 2, heads: 2, experts: 4, topK: 2, expertHidden: 16, tiedEmbeddings: true, contextLength: 32 }
+    const m = await Effect.runPromise(modelFromJson(config, "moe.json"))
+    const settings = Schema.decodeUnknownSync(TrainSettings)({ steps: 10, batchSize: 2, seqLen: 32 })
+    assert.strictEqual(stepOptions({ tf } as never, settings, 0).dispatch, "grouped")
+    const low = materialize(tf, m.analysis, 4)
+    const batch = { rows: 2, length: 32, ids: Int32Array.from({ length: 64 }, (_, i) => (i * 7) % 64), targets: Int32Array.from({ length: 64 }, (_, i) => (i * 5 + 1) % 64) }
+    const vars = [...low.variables.values()]
+    const run = (dispatch: "sparse" | "grouped") =>
+      tf.tidy(() => {
+        const { grads, value } = tf.variableGrads(() => loss(low, batch, { ...stepOptions(low, settings, 0), dispatch }).total, vars)
+        return [value.dataSync()[0]!, ...vars.map((v) => grads[v.name]!.dataSync() as Float32Array)] as const
+      })
+    const [sparseLoss, ...sparse] = run("sparse")
+    const [groupedLoss, ...grouped] = run("grouped")
+    close([groupedLoss], [sparseLoss], 1e-6, "loss")
+    grouped.forEach((g, i) => close(g, sparse[i]!, 1e-5, `gradient ${i}`))
+    release(low)
   })
 })

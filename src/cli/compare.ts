@@ -16,6 +16,7 @@ import { TrainSettings } from "../train/Train.ts"
 import { limits } from "../graph/Limits.ts"
 import { flagLimits, format, handled, intFlag, numberFlag, positive, ratioFlag, tolerance, UsageError } from "./shared.ts"
 import { backend } from "./train.ts"
+import * as Stop from "../train/Stop.ts"
 import { dataFlag, splitsFor, valFraction } from "./data.ts"
 
 const fixed = (x: number, digits = 4) => (Number.isFinite(x) ? x.toFixed(digits) : "-")
@@ -157,14 +158,16 @@ export const compare = Command.make(
     const data = splitsFor(f.data, f.valFraction, f.batch, f.seqLen)
     yield* data(f.seed) // refuse bad data before anything trains
     yield* say(`matched pair: ${base.name} and ${concept.name} (${f.overheads === "include" ? "every part counted" : "the paper's convention"}); ${f.seeds} seed${f.seeds === 1 ? "" : "s"}, ${f.steps} steps of ${f.batch}×${f.seqLen} tokens each`)
-    const { report, runs, files } = yield* compareMatched(pair, {
+    const done = yield* compareMatched(pair, {
       settings,
       seeds: Array.from({ length: f.seeds }, (_, i) => f.seed + i),
       data,
       overheads: f.overheads,
       out: f.out,
       quiet: json
-    }).pipe(Effect.provide(backendLayer(Option.getOrUndefined(f.backend))))
+    }).pipe(Effect.provide(backendLayer(Option.getOrUndefined(f.backend))), Effect.catchTag("Stopped", (e) => Stop.report(e, Stop.seriesHint(e)).pipe(Effect.as(undefined))))
+    if (done === undefined) return
+    const { report, runs, files } = done
     if (json) {
       const window = Math.max(1, Math.floor(f.steps / 50))
       yield* Console.log(JSON.stringify({ ...report, lossBands: lossBands([base.name, concept.name], runs, window), files }, null, 2))

@@ -33,6 +33,7 @@ import { compressionSummary } from "./Compression.ts"
 import { type DataInfo, ngramCounts, type Reference, referenceOnBatches, referenceOnStream, type Splits, validationBatches } from "./Data.ts"
 import { type Interval, pairedDifference, type Summary, summarize, windowMeans, bands } from "./Stats.ts"
 import { type StepMetrics, train, type TrainSettings } from "./Train.ts"
+import * as Stop from "./Stop.ts"
 
 /** Which parts a budget counts: all (`include`), or all but the chunk module and joint decoding (`exclude`, the paper's). */
 export type Overheads = "include" | "exclude"
@@ -236,6 +237,7 @@ export const compareMatched = <E, R>(
     const models = [pair.baseline.model, pair.candidate.model] as const
     const runs: [Array<RunResult>, Array<RunResult>] = [[], []]
     let first: Splits | undefined
+    const finished: Array<string> = []
     for (const seed of options.seeds) {
       const data = yield* options.data(seed)
       first ??= data
@@ -243,7 +245,10 @@ export const compareMatched = <E, R>(
       for (const [i, m] of models.entries()) {
         const dir = options.seeds.length === 1 ? path.join(options.out, m.name) : path.join(options.out, `seed-${seed}`, m.name)
         if (options.quiet !== true) yield* Console.log(`\n${m.name}, seed ${seed}:`)
-        const r = yield* train(m, settings, { out: dir, resume: false, data, ...(options.quiet === true ? { quiet: true } : {}) })
+        const r = yield* train(m, settings, { out: dir, resume: false, data, ...(options.quiet === true ? { quiet: true } : {}) }).pipe(
+          Stop.inSeries(finished, options.seeds.length * models.length)
+        )
+        finished.push(dir)
         const c = r.compression ?? (m.concept === undefined ? undefined : compressionSummary(r.metrics, { steps: settings.steps }))
         runs[i]!.push({
           seed,

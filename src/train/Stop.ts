@@ -25,7 +25,11 @@ export class Stopped extends Schema.TaggedError<Stopped>()("Stopped", {
   steps: Schema.Number,
   /** The run directory. */
   out: Schema.String,
-  checkpoint: Schema.NullOr(Schema.String)
+  checkpoint: Schema.NullOr(Schema.String),
+  /** In a series of runs (`compare`): the run directories that finished before this one. */
+  finished: Schema.optional(Schema.Array(Schema.String)),
+  /** In a series of runs: how many were not started. */
+  remaining: Schema.optional(Schema.Number)
 }) {
   override get message(): string {
     return `stopped by ${this.signal} after step ${this.step} of ${this.steps}` +
@@ -91,13 +95,20 @@ export const pending = (): StopSignal | undefined => requested
 export const shellArgs = (args: ReadonlyArray<string>): Array<string> =>
   args.map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`))
 
-/** For `compare`: which models finished (and where their results are), and which did not. */
-export const compareHint = (names: ReadonlyArray<string>, finished: number, stoppedDir: string, out: string): string =>
+/**
+ * For a series of runs (`compare`'s models and seeds): a {@link Stopped} failure of one run is given
+ * the runs that finished before it and the number not started.
+ */
+export const inSeries = (finished: ReadonlyArray<string>, total: number) => <A, E, R>(self: Effect.Effect<A, E, R>): Effect.Effect<A, E | Stopped, R> =>
+  Effect.mapError(self, (e): E | Stopped => (e instanceof Stopped ? new Stopped({ ...e, finished: [...finished], remaining: total - finished.length - 1 }) : e))
+
+/** For `compare`: which runs finished (and where their results are), which stopped, and how many did not start. */
+export const seriesHint = (e: Stopped): string =>
   [
-    ...names.slice(0, finished).map((n) => `finished: ${n} (checkpoint, metrics.jsonl and loss.svg in ${out}/${n})`),
-    `stopped: ${names[finished]} (its checkpoint and metrics so far in ${stoppedDir})`,
-    ...names.slice(finished + 1).map((n) => `not started: ${n}`),
-    `no comparison was written; run compare again to train both models`
+    ...(e.finished ?? []).map((dir) => `finished: ${dir} (checkpoint.safetensors, metrics.jsonl, loss.svg)`),
+    `stopped: ${e.out} at step ${e.step} of ${e.steps} (its checkpoint and metrics so far)`,
+    ...(e.remaining === undefined || e.remaining <= 0 ? [] : [`not started: ${e.remaining} more run(s)`]),
+    "no comparison was written (summary.json, losses.svg); run compare again to train the pair"
   ].join("\n")
 
 /**

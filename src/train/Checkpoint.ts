@@ -56,7 +56,11 @@ export const CheckpointMetadata = Schema.Struct({
    * Model config fields that may change at a resume (JSON array of field paths, e.g. `["ratio"]` for
    * a converted model whose target R ramps up); every other field must match.
    */
-  mayChange: Schema.optional(Json)
+  mayChange: Schema.optional(Json),
+  /** The training data's size and SHA-256 (JSON; checked on resume by the training loop). */
+  data: Schema.optional(Json),
+  /** The ratio controller's state of a ConceptMoE (JSON). */
+  ratioControl: Schema.optional(Json)
 })
 
 export interface Metadata {

@@ -349,7 +349,8 @@ export const train = (
      */
     const save = (step: number, checked: number | undefined) =>
       Effect.gen(function*() {
-        const loss = checked ?? (sync ? evaluate(low, validation.slice(0, 1)) : yield* Effect.promise(() => evaluateAsync(low, validation.slice(0, 1)))).bitsPerByte
+        const probe = validation.length > 0 ? validation.slice(0, 1) : [trainBatch(data.train, settings.batchSize, settings.seqLen, settings.seed, step)]
+        const loss = checked ?? (sync ? evaluate(low, probe) : yield* Effect.promise(() => evaluateAsync(low, probe))).bitsPerByte
         const tensors = yield* Effect.promise(() => checkpointTensors(low, opt))
         const bad = Number.isFinite(loss) ? [...tensors].find(([, t]) => !t.data.every(Number.isFinite))?.[0] : undefined
         if (!Number.isFinite(loss) || bad !== undefined) {

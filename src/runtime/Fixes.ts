@@ -24,6 +24,8 @@
  * 8. wasm: `BatchMatMul` of batches or with transpose flags through XNNPACK's fast 2-D path, one
  *    product per matrix on views of the heap (the stock kernel's scalar loop ran at 0.5–3 GFLOP/s).
  * 9. wasm: `GatherV2` as memory copies over the heap (the stock kernel took up to 95 ms a call).
+ * 10. wasm: `Identity` (tfjs's clone of every tensor saved for a gradient) shares the data instead
+ *    of copying it, as the cpu backend's does.
  *
  * @since 0.1.0
  */
@@ -110,6 +112,19 @@ export const install = (tf: Tf, backend: string): void => {
   if (backend === "wasm" && !installed.has("wasm-matmul")) {
     installWasmMatMul(tf)
     installWasmGather(tf)
+    // 10. Identity shares the data (as the cpu backend's and wasm's own Reshape do) instead of
+    // copying it: tfjs clones every tensor a kernel saves for its gradient (1,791 copies in a
+    // ConceptMoE step); tensors are immutable, and the reference count frees the data once
+    tf.unregisterKernel("Identity", "wasm")
+    tf.registerKernel({
+      kernelName: "Identity",
+      backendName: "wasm",
+      kernelFunc: ({ inputs, backend: b }) => {
+        const x = inputs["x"] as unknown as Info
+        ;(b as unknown as { incRef: (id: unknown) => void }).incRef(x.dataId)
+        return { dataId: x.dataId, shape: [...x.shape], dtype: x.dtype } as never
+      }
+    })
     installed.add("wasm-matmul")
   }
   if (backend === "cpu" && !installed.has("cpu")) {

@@ -74,3 +74,48 @@ describe("the ratio controller", () => {
     assert.strictEqual(ratioControlStep(low, 4, 0.5).integral, -INTEGRAL_LIMIT + 1)
   })
 })
+
+const tiny = { kind: "moe", name: "tiny", vocab: 256, hidden: 16, layers: 3, heads: 2, experts: 2, topK: 1, expertHidden: 16, tiedEmbeddings: true, contextLength: 32 }
+const concept = (control: Record<string, unknown>) => ({ kind: "conceptmoe", name: "tiny-concept", baseline: tiny, ratio: 2, encoderLayers: 1, decoderLayers: 1, topK: 2, ...control })
+const data = sotuSplits(byteTokenizer, 0)
+const settings = (steps: number) =>
+  Schema.decodeUnknownSync(TrainSettings)({ seqLen: 32, batchSize: 4, steps, logEvery: 1000, evalEvery: steps, evalBatches: 1, checkpointEvery: 1000 })
+const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), "conceptmoe-ratio-"))
+const cpu = Effect.provide(Layer.merge(backendLayer("cpu"), NodeServices.layer))
+
+describe("training with the ratio controller (cpu)", () => {
+  it.effect("the default holds the sampled R of every 10-step window of the second half near 2; the paper's λ = 0.03 does not", () =>
+    Effect.gen(function*() {
+      const held = yield* train(yield* load(concept({})), settings(40), { out: tmp(), resume: false, quiet: true, data })
+      const plain = yield* train(yield* load(concept({ ratioControl: "plain" })), settings(40), { out: tmp(), resume: false, quiet: true, data })
+      const h = held.compression!
+      const p = plain.compression!
+      assert.isTrue(within(h.windows!.min, 2, 0.15) && within(h.windows!.max, 2, 0.15), `default: windows ${JSON.stringify(h.windows)}`)
+      assert.isTrue(within(h.meanSampledR, 2, 0.1), `default: mean ${h.meanSampledR}`)
+      // the plain loss lets R run far off (10–30 in this run's second half)
+      assert.isAbove(p.windows!.max, 4, `plain: windows ${JSON.stringify(p.windows)}`)
+      // the log carries F, G, the ratio loss and the sampled R per step, the threshold R at the evaluation
+      const m = held.metrics[10]!
+      assert.closeTo(m.compression!, 1 / m.boundaryRate!, 1e-12)
+      assert.isTrue(m.boundaryProb! > 0 && m.boundaryProb! < 1)
+      assert.isTrue(Number.isFinite(m.ratioLoss!))
+      assert.strictEqual(held.metrics[39]!.valCompression, h.valCompression)
+      assert.isDefined(h.valCompression)
+    }).pipe(cpu), 300_000)
+
+  it.effect("resuming continues the controller's state: the losses and ratio losses of an uninterrupted run, exactly", () =>
+    Effect.gen(function*() {
+      // a large integral weight, so that a lost state would change the losses
+      const m = yield* load(concept({ ki: 0.05 }))
+      const whole = yield* train(m, settings(8), { out: tmp(), resume: false, quiet: true, data })
+      const out = tmp()
+      yield* train(m, settings(8), { out, resume: false, quiet: true, data, until: 4 })
+      const resumed = yield* train(m, settings(8), { out, resume: true, quiet: true, data })
+      assert.deepStrictEqual(resumed.metrics.map((x) => [x.loss, x.ratioLoss]), whole.metrics.map((x) => [x.loss, x.ratioLoss]))
+      // the state is not zero by step 4 (so the check above tests the resume of it)
+      assert.notStrictEqual(whole.metrics[4]!.ratioLoss, undefined)
+      let s = initialRatioControl
+      for (const x of whole.metrics.slice(0, 4)) s = ratioControlStep(s, 2, x.boundaryRate!)
+      assert.notStrictEqual(s.integral, 0)
+    }).pipe(cpu), 300_000)
+})

@@ -14,8 +14,8 @@ import { exportCommand } from "./export.ts"
 import { generate } from "./generate.ts"
 import { reallocate } from "./reallocate.ts"
 import { report } from "./report.ts"
-import { train, verify } from "./train.ts"
 import { runCli } from "./Run.ts"
+import { train, verify } from "./train.ts"
 
 const cli = Command.make("conceptmoe").pipe(
   Command.withDescription("Typed block graphs with static budgets; ConceptMoE (arXiv 2601.21420)."),

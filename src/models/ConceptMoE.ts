@@ -40,6 +40,11 @@ export const conceptFields = {
   merge: withDefault(Schema.Literals(["sum", "last"]), "sum"),
   tau: withDefault(PositiveNumber, 6),
   lambda: withDefault(Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0))), 0.03),
+  /** How the boundary rate is held at 1/R ("pi" by default; "plain": the paper's λ loss); see `Chunker.ts`. */
+  ratioControl: Schema.optionalKey(Schema.Literals(["plain", "pi"])),
+  /** Gains of `ratioControl` "pi" (defaults in `Chunker.ts`). */
+  kp: Schema.optionalKey(Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0)))),
+  ki: Schema.optionalKey(Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0)))),
   jointDecoding: withDefault(Schema.Boolean, true),
   /**
    * A model converted from a trained MoE (`Convert.ts`): training ramps from every token a boundary
@@ -222,7 +227,16 @@ export const buildConceptMoE = (
       body.push(projector({ dIn: width, dOut: d, name: "down" }))
     }
     const stage = conceptStage({ ratio: s.ratio, merge: s.merge, name: "concept" }, [
-      chunker({ d, ratio: s.ratio, tau: s.tau, lambda: s.lambda, name: "chunk" }),
+      chunker({
+        d,
+        ratio: s.ratio,
+        tau: s.tau,
+        lambda: s.lambda,
+        ...(s.ratioControl === undefined ? {} : { ratioControl: s.ratioControl }),
+        ...(s.kp === undefined ? {} : { kp: s.kp }),
+        ...(s.ki === undefined ? {} : { ki: s.ki }),
+        name: "chunk"
+      }),
       sequence(body, { name: "model" }) as Block<number, number>,
       dechunk({ d, name: "dechunk" })
     ])

@@ -10,7 +10,8 @@
  *    module and joint decoding are counted: nothing else pays for their parameters), the solver
  *    also tries fewer and narrower concept-model experts: for each expert hidden size (multiples
  *    of 8 up to the baseline's) the expert count is set by the parameter budget and the top-k by
- *    the FLOPs (`expertLever`, on by default; the name gains `-e<experts>` and `-h<hidden>`).
+ *    the FLOPs (`expertLever`, on by default; the name gains `-e<experts>` and `-h<hidden>`). Of
+ *    the matches, the widest experts come first, then the closest budget.
  * 3. `width`: a wider concept model (more heads of the same size) with fewer, wider experts, and the
  *    two width projectors.
  *
@@ -266,9 +267,12 @@ export const reallocate = (
       reason = "wider concept models (more heads of the same size) with the expert count set by the parameter budget"
     }
 
+    // strategies 1 and 2: the experts closest to the baseline's shape first (the lever's widest
+    // experts that match; fewer, larger experts also dispatch fewer products), then the closest match
+    const shape = (e: Evaluated) => (options.strategy === "width" ? 0 : -(e.spec.expertHidden ?? moeLayer.ffn.spec.expertHidden))
     const within = tried
       .filter((e) => score(e) <= tolerance)
-      .sort((a, b) => score(a) - score(b))
+      .sort((a, b) => shape(a) - shape(b) || score(a) - score(b))
       .filter((e, i, all) => all.findIndex((x) => JSON.stringify(x.spec) === JSON.stringify(e.spec)) === i)
       .slice(0, options.limit ?? 10)
     if (within.length === 0) {

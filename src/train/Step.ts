@@ -175,11 +175,23 @@ export const applyGradients = (low: Lowered, opt: Optimizer, gs: ReadonlyArray<T
   })
 }
 
+/** The ratio controller's state each lowered model trains with next (see {@link setRatioControl}). */
+const ratioControls = new WeakMap<Lowered, { readonly integral: number }>()
+
+/**
+ * Sets the ratio controller's state (`Chunker.RatioControl`) that the next training steps of `low`
+ * use; the trainer sets it before each step. Unset: the initial state.
+ */
+export const setRatioControl = (low: Lowered, control: { readonly integral: number }): void => {
+  ratioControls.set(low, control)
+}
+
 /** A training pass's options: on webgpu MoE layers dispatch grouped, or by capacity with `expertCapacity`; on wasm grouped. */
 export const stepOptions = (low: Lowered, settings: TrainSettings, step: number) => ({
   training: true,
   seed: mixSeed(settings.seed, step),
   balanceWeight: settings.balanceWeight,
+  ...(ratioControls.has(low) ? { ratioControl: ratioControls.get(low)! } : {}),
   ...(low.tf.getBackend() === "webgpu" ? { dispatch: settings.expertCapacity === null ? "grouped" as const : { capacity: settings.expertCapacity } } : {}),
   // wasm: grouped too (the same routing and loss as sparse; a few dozen ops per MoE layer instead of
   // a gather, slices and products per expert: moe-tiny's step 9,713 → 2,751 kernels)

@@ -84,10 +84,11 @@ describe("conceptmoe bench inference", () => {
   it("bad input: a config that is not a MoE, bad lengths", () => {
     const run = (...args: Array<string>) => spawnSync(process.execPath, [path.join(root, "bin/conceptmoe.js"), "bench", "inference", ...args], { cwd: root, encoding: "utf8" })
     const a = run("--baseline", "examples/conceptmoe-base-top.json", "--quick")
-    assert.strictEqual(a.status, 1)
+    // usage errors (a wrong kind of file for --baseline, a malformed flag) exit 2
+    assert.strictEqual(a.status, 2)
     assert.match(a.stderr, /conceptmoe-base-top\.json: the baseline must be a decoder \(MoE\) config/)
     const b = run("--lengths", "16,x", "--quick")
-    assert.strictEqual(b.status, 1)
+    assert.strictEqual(b.status, 2)
     assert.match(b.stderr, /--lengths must be whole numbers/)
   }, 60_000)
 })

@@ -210,7 +210,9 @@ describe("bad input", () => {
       const e = yield* Effect.flip(reallocate(m.decoder!, m.analysis, { ratio: 3, strategy: "topk" }))
       assert.strictEqual(e._tag, "NoReallocation")
       assert.include(e.message, "the concept model's top-k is between 1 and 10 experts")
-      assert.include(e.message, "nearest: 1L-top10-R3")
+      // the nearest miss: a one-layer topk candidate (the expert lever may have changed its experts), with both residuals
+      assert.match(e.message, /nearest: 1L-top\d+(-e\d+)?(-h\d+)?-R3 \(params -?\d+\.\d\d%, FLOPs\/token -?\d+\.\d\d%\)/)
+      assert.isTrue(e._tag === "NoReallocation" && e.nearest !== null && Math.max(Math.abs(e.nearest.params), Math.abs(e.nearest.flops)) > 0.01)
     }))
 
   it.effect("encoder + decoder depth must leave a concept model", () =>

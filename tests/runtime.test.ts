@@ -77,10 +77,20 @@ layer(backendLayer("cpu"))("runtime on cpu", (it) => {
   it.effect("a kind without apply is refused at lowering with its path", () =>
     Effect.gen(function*() {
       const { tf } = yield* Tensors
-      const { FactorizedMLP: _k } = yield* Effect.promise(() => import("../examples/extending/FactorizedMLP.ts"))
-      const { program } = yield* Effect.promise(() => import("../examples/extending/budget.ts"))
-      const { analysis } = yield* program
-      assert.throws(() => materialize(tf, analysis, 1), /block kind "factorized-mlp" at layers\/0\/ffn\/mlp has no tensor implementation/)
+      const { FactorizedMLP } = yield* Effect.promise(() => import("../examples/extending/FactorizedMLP.ts"))
+      const { Analyze, Block, Load, Surgery } = yield* Effect.promise(() => import("conceptmoe"))
+      // the extension example's kind under another name, without its apply (a cost-only kind)
+      const { apply: _apply, ...rest } = FactorizedMLP
+      const costOnly: typeof FactorizedMLP = { ...rest, name: "factorized-mlp-cost-only" }
+      const file = path.join(root, "examples", "dense-small.json")
+      const dense = yield* Load.modelFromJson(JSON.parse(fs.readFileSync(file, "utf8")), file)
+      const graph = Surgery.replaceAt(dense.graph, "layers/*/ffn/mlp", () => Block.leaf(costOnly, { d: 128, hidden: 64, rank: 16 }))
+      const analysis = yield* Analyze.analyze(graph, { input: "ids" })
+      assert.throws(() => materialize(tf, analysis, 1), /block kind "factorized-mlp-cost-only" at layers\/0\/ffn\/mlp has no tensor implementation/)
+      // with its apply, the same graph lowers
+      const withApply = yield* Analyze.analyze(Surgery.replaceAt(dense.graph, "layers/*/ffn/mlp", () => Block.leaf(FactorizedMLP, { d: 128, hidden: 64, rank: 16 })), { input: "ids" })
+      const low = materialize(tf, withApply, 1)
+      assert.isTrue(low.variables.has("layers/0/ffn/mlp/gate.a") || [...low.variables.keys()].some((k) => k.includes("ffn/mlp") && k.endsWith("gate.a")), [...low.variables.keys()].join(" "))
     }))
 })
 

@@ -6,6 +6,7 @@
 import { Console, Effect, Option, Path, Schema } from "effect"
 import { Argument, Command, Flag } from "effect/cli"
 import { formatNumber, renderTable } from "../internal/Table.ts"
+import { loadTrained } from "../infer/Generate.ts"
 import { type LoadedModel, loadModel, modelFromJson, readJson } from "../models/Load.ts"
 import { ConfigError } from "../models/Errors.ts"
 import { layer as backendLayer, syncReads, Tensors } from "../runtime/Backend.ts"
@@ -16,7 +17,7 @@ import { train as trainModel, TrainSettings } from "../train/Train.ts"
 import * as Stop from "../train/Stop.ts"
 import { problemsOf, formatPath } from "../graph/Spec.ts"
 import { limits } from "../graph/Limits.ts"
-import { flagLimits, format, handled, intFlag, positive } from "./shared.ts"
+import { flagLimits, format, handled, intFlag, positive, UsageError } from "./shared.ts"
 import { dataFlag, splitsFor, valFraction } from "./data.ts"
 
 export const backend = Flag.String("backend").pipe(
@@ -83,27 +84,40 @@ export const train = Command.make(
 export const verify = Command.make(
   "verify",
   {
-    config: Argument.String("config").pipe(Argument.withDescription("a model config")),
+    config: Argument.String("config").pipe(
+      Argument.withDescription("a model config (with --checkpoint: the model's config, for checkpoints that do not store theirs)"),
+      Argument.optional
+    ),
+    checkpoint: Flag.String("checkpoint").pipe(
+      Flag.withDescription("verify a trained model: a run directory or checkpoint.safetensors (conceptmoe train, convert, import, or the exported train.py), with its weights"),
+      Flag.optional
+    ),
     backend,
     format,
     seqLen: intFlag("seq-len", 1, limits.seqLen).pipe(Flag.withDescription("tokens per row"), Flag.withDefault(128)),
     batch: intFlag("batch", 1, flagLimits.batch).pipe(Flag.withDescription("rows"), Flag.withDefault(4)),
-    seed: intFlag("seed", 0, flagLimits.seed).pipe(Flag.withDescription("parameter seed"), Flag.withDefault(0))
+    seed: intFlag("seed", 0, flagLimits.seed).pipe(Flag.withDescription("parameter seed (configs only)"), Flag.withDefault(0))
   },
   Effect.fn("verify")(function*(f) {
     yield* positive("seq-len", Option.some(f.seqLen))
     yield* positive("batch", Option.some(f.batch))
-    const model = yield* loadModel(f.config)
-    const report = yield* withBackend(
+    if (Option.isNone(f.config) && Option.isNone(f.checkpoint)) {
+      return yield* new UsageError({ message: "verify needs a model config or --checkpoint RUN (a run directory or checkpoint.safetensors)" })
+    }
+    const checkpoint = Option.getOrUndefined(f.checkpoint)
+    const { model, ...report } = yield* withBackend(
       f.backend,
       Effect.gen(function*() {
         const { description, tf } = yield* Tensors
-        const low = materialize(tf, model.analysis, f.seed)
+        const loaded = checkpoint === undefined
+          ? yield* Effect.map(loadModel(Option.getOrThrow(f.config)), (model) => ({ model, low: materialize(tf, model.analysis, f.seed), step: undefined }))
+          : yield* loadTrained(checkpoint, Option.getOrUndefined(f.config))
         const data = sotuSplits(byteTokenizer, 0)
         const b = validationBatches(data.validation, f.batch, f.seqLen, 1)[0]!
-        const r = syncReads(tf) ? verifyModel(low, b) : yield* Effect.promise(() => verifyAsync(low, b))
-        release(low)
-        return { backend: description, ...r }
+        const r = yield* Effect.promise(() => (syncReads(tf) ? Promise.resolve(verifyModel(loaded.low, b)) : verifyAsync(loaded.low, b))).pipe(
+          Effect.ensuring(Effect.sync(() => release(loaded.low)))
+        )
+        return { model: loaded.model, backend: description, ...(loaded.step === undefined ? {} : { checkpoint, step: loaded.step }), ...r }
       })
     )
     if (f.format === "json") {
@@ -111,7 +125,8 @@ export const verify = Command.make(
       return
     }
     const eq = (a: number, b: number) => (a === b ? "equal" : `differ by ${formatNumber(b - a)}`)
-    yield* Console.log(`${model.name} on ${report.backend}: one forward pass of ${f.batch}×${f.seqLen} SOTU validation bytes\n`)
+    const weights = report.step === undefined ? "" : ` with the weights of ${report.checkpoint} (step ${report.step})`
+    yield* Console.log(`${model.name} on ${report.backend}${weights}: one forward pass of ${f.batch}×${f.seqLen} SOTU validation bytes\n`)
     yield* Console.log(renderTable(["quantity", "static", "runtime / executed", ""], [
       ["parameters", formatNumber(report.params.static), formatNumber(report.params.runtime), eq(report.params.static, report.params.runtime)],
       [
@@ -123,7 +138,7 @@ export const verify = Command.make(
       ["attention-map FLOPs (no window)", formatNumber(report.flops.attentionMapDense), formatNumber(report.flops.attentionMapExecuted), eq(report.flops.attentionMapDense, report.flops.attentionMapExecuted)]
     ], [1, 2]))
     if (report.compression !== undefined) {
-      yield* Console.log(`\ncompression: target R ${report.compression.target}, measured ${report.compression.actual.toFixed(3)} (${report.compression.concepts} concepts from ${report.compression.tokens} tokens; untrained boundaries)`)
+      yield* Console.log(`\ncompression: target R ${report.compression.target}, measured ${report.compression.actual.toFixed(3)} (${report.compression.concepts} concepts from ${report.compression.tokens} tokens; ${report.step === undefined ? "untrained" : "trained"} boundaries)`)
       yield* Console.log(`static FLOPs at the target R: ${formatNumber(report.flops.static)}; dechunk EMA as a matrix product: ${formatNumber(report.flops.otherExecuted)} (not a model FLOP)`)
     }
   }, handled)

@@ -12,6 +12,7 @@ import { compare } from "./compare.ts"
 import { convert } from "./convert.ts"
 import { exportCommand } from "./export.ts"
 import { generate } from "./generate.ts"
+import { importCommand } from "./import.ts"
 import { reallocate } from "./reallocate.ts"
 import { report } from "./report.ts"
 import { runCli } from "./Run.ts"
@@ -19,7 +20,7 @@ import { train, verify } from "./train.ts"
 
 const cli = Command.make("conceptmoe").pipe(
   Command.withDescription("Typed block graphs with static budgets; ConceptMoE (arXiv 2601.21420)."),
-  Command.withSubcommands([budget, reallocate, report, train, verify, compare, generate, bench, exportCommand, convert])
+  Command.withSubcommands([budget, reallocate, report, train, verify, compare, generate, bench, exportCommand, importCommand, convert])
 )
 
 /**

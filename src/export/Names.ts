@@ -21,6 +21,19 @@
  * | `norm/weight`                              | `model.norm.weight`                                 |
  * | `lmHead/weight` (untied)                   | `lm_head.weight`                                    |
  *
+ * GPT-2 ({@link gpt2Source}; import only: the export keeps native names, since its `Conv1D` stores
+ * matrices `[in, out]` and fuses q, k and v):
+ *
+ * | graph path (layer i)                       | GPT-2 name (`transformer.` prefix optional)          |
+ * | ------------------------------------------ | --------------------------------------------------- |
+ * | `embed/weight`, `embed/positions`          | `transformer.wte.weight`, `transformer.wpe.weight`  |
+ * | `layers/i/mixer/norm/{weight,bias}`        | `transformer.h.i.ln_1.{weight,bias}`                |
+ * | `layers/i/mixer/attn/{q,k,v}.{weight,bias}` | thirds (last axis) of `transformer.h.i.attn.c_attn.{weight,bias}` |
+ * | `layers/i/mixer/attn/o.{weight,bias}`      | `transformer.h.i.attn.c_proj.{weight,bias}`         |
+ * | `layers/i/ffn/norm/{weight,bias}`          | `transformer.h.i.ln_2.{weight,bias}`                |
+ * | `layers/i/ffn/mlp/{up,down}.{weight,bias}` | `transformer.h.i.mlp.{c_fc,c_proj}.{weight,bias}`   |
+ * | `norm/{weight,bias}`                       | `transformer.ln_f.{weight,bias}`                    |
+ *
  * @since 0.4.0
  */
 import type { ParamEntry } from "../graph/Block.ts"
@@ -103,4 +116,33 @@ export const hfNames = (format: string, params: ReadonlyArray<ParamEntry>): Read
     out.set(p.path, n)
   }
   return out
+}
+
+/**
+ * Where a GPT-2 parameter is in a Hugging Face GPT-2 checkpoint: the tensor's name, and for q, k and
+ * v which third of `c_attn` along its last axis. `Conv1D` stores matrices `[in, out]`, as this
+ * runtime does, so nothing is transposed.
+ */
+export interface Gpt2Source {
+  readonly name: string
+  readonly part?: { readonly index: number; readonly of: number }
+}
+
+const gpt2Leaf: Readonly<Record<string, string>> = { o: "attn.c_proj", up: "mlp.c_fc", down: "mlp.c_proj" }
+
+export const gpt2Source = (path: string): Gpt2Source | undefined => {
+  if (path === "embed/weight") return { name: "transformer.wte.weight" }
+  if (path === "embed/positions") return { name: "transformer.wpe.weight" }
+  const top = /^norm\/(weight|bias)$/.exec(path)
+  if (top !== null) return { name: `transformer.ln_f.${top[1]}` }
+  const m = /^layers\/(\d+)\/(mixer|ffn)\/(norm|attn|mlp)\/(?:(\w+)\.)?(weight|bias)$/.exec(path)
+  if (m === null) return undefined
+  const [, i, sub, node, head, suffix] = m as unknown as [string, string, string, string, string | undefined, string]
+  const layer = `transformer.h.${i}`
+  if (node === "norm") return head === undefined ? { name: `${layer}.${sub === "mixer" ? "ln_1" : "ln_2"}.${suffix}` } : undefined
+  if (head === undefined) return undefined
+  const qkv = ["q", "k", "v"].indexOf(head)
+  if (node === "attn" && qkv >= 0) return { name: `${layer}.attn.c_attn.${suffix}`, part: { index: qkv, of: 3 } }
+  const to = gpt2Leaf[head]
+  return to === undefined || (node === "attn") !== (head === "o") ? undefined : { name: `${layer}.${to}.${suffix}` }
 }

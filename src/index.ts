@@ -15,7 +15,7 @@ export * as Analyze from "./graph/Analyze.ts"
 export * as Block from "./graph/Block.ts"
 export * as Combinators from "./graph/Combinators.ts"
 export * as GraphErrors from "./graph/Errors.ts"
-export * as Registry from "./graph/Registry.ts"
+export * as Registry from "./blocks/Registry.ts"
 export * as Spec from "./graph/Spec.ts"
 export * as Surgery from "./graph/Surgery.ts"
 

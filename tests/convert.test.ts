@@ -1,5 +1,5 @@
 /**
- * Continual-training conversion (`models/Convert.ts`): a trained MoE's weights become a ConceptMoE
+ * Continual-training conversion (`train/Convert.ts`): a trained MoE's weights become a ConceptMoE
  * whose logits at the ramp's start equal the source's (exact mode), a matched conversion by the
  * solver, the ramp's formulation (exact at s = 0, the paper's at s = 1), and a converted run
  * directory that `train --resume` continues.
@@ -14,7 +14,7 @@ import type { Tf } from "../src/graph/Apply.ts"
 import { rampSpec } from "../src/blocks/Chunker.ts"
 import { layer as backendLayer, load as loadBackend } from "../src/runtime/Backend.ts"
 import { type Batch, forward, type ForwardOptions, type Lowered, materialize, release } from "../src/runtime/Lower.ts"
-import { convertModel, convertRun, convertTensors, sourcePath } from "../src/models/Convert.ts"
+import { convertModel, convertRun, convertTensors, sourcePath } from "../src/train/Convert.ts"
 import type { TensorData } from "../src/train/Checkpoint.ts"
 import { encode } from "../src/train/Checkpoint.ts"
 import { loadParams, train } from "../src/train/Train.ts"

@@ -6,7 +6,7 @@
  */
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Schema } from "effect"
-import { prng } from "../src/blocks/Chunker.ts"
+import { prng } from "../src/internal/Random.ts"
 import { modelFromJson } from "../src/models/Load.ts"
 import { load } from "../src/runtime/Backend.ts"
 import { type Batch, loss, materialize, mixSeed, release } from "../src/runtime/Lower.ts"

@@ -10,7 +10,7 @@ import * as Cost from "../src/cost/Cost.ts"
 import { analyze } from "../src/graph/Analyze.ts"
 import type { BlockKind } from "../src/graph/Block.ts"
 import { Linear } from "../src/blocks/Linear.ts"
-import { builtins, fromJson, register, toJson } from "../src/graph/Registry.ts"
+import { builtins, fromJson, register, toJson } from "../src/blocks/Registry.ts"
 import { pathMatches, replaceAt, select } from "../src/graph/Surgery.ts"
 import { loadFile } from "./support/models.ts"
 

@@ -19,6 +19,7 @@ import { type Block, type BlockKind, leaf, type Named } from "../graph/Block.ts"
 import type { ForwardContext, Tensor, Tensor2D } from "../graph/Apply.ts"
 import { crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import * as ops from "./ops.ts"
+import { prng } from "../internal/Random.ts"
 
 const NonNegative = Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0)))
 
@@ -88,18 +89,6 @@ export const ratioLossValue = (s: ChunkerSpec, control: RatioControl | undefined
 
 /** sharpen_τ(p) = p^(1/τ) above ½, 1 − (1 − p)^(1/τ) below (method spec §3, §17). */
 export const sharpen = (p: number, tau: number): number => (p > 0.5 ? p ** (1 / tau) : 1 - (1 - p) ** (1 / tau))
-
-/** A small seeded PRNG (mulberry32) for boundary sampling. */
-export const prng = (seed: number) => {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
 
 /**
  * Boundary probabilities and boundaries of the token stream. Row starts and document starts are
@@ -207,7 +196,7 @@ const applyChunker = (ctx: ForwardContext, spec: ChunkerSpec, x: Tensor, p: Read
 
 /**
  * The spec a converted model's chunk module runs with at ramp position s (`ForwardContext.ramp`,
- * `models/Convert.ts`): target R_s = 1 + s·(R − 1), at least 1 + 10⁻³·(R − 1) (at s = 0 every p is
+ * `train/Convert.ts`): target R_s = 1 + s·(R − 1), at least 1 + 10⁻³·(R − 1) (at s = 0 every p is
  * 1, so the ratio loss has no gradient whatever R_s is). Unchanged without a ramp.
  */
 export const rampSpec = (s: ChunkerSpec, ramp: number | undefined): ChunkerSpec =>

@@ -1,13 +1,13 @@
 /**
  * `conceptmoe convert`: a trained MoE run becomes a ConceptMoE run that `train --resume` continues
- * (continual-training conversion, `models/Convert.ts`).
+ * (continual-training conversion, `train/Convert.ts`).
  *
  * @since 0.4.0
  */
 import { Console, Effect, Option } from "effect"
 import { Command, Flag } from "effect/cli"
 import { formatPercent } from "../internal/Table.ts"
-import { convertRun } from "../models/Convert.ts"
+import { convertRun } from "../train/Convert.ts"
 import { format, handled, positive, ratioFlag, tolerance, UsageError } from "./shared.ts"
 
 export const convert = Command.make(

@@ -8,7 +8,7 @@ import { Flag } from "effect/cli"
 import * as path from "node:path"
 import { pathToFileURL } from "node:url"
 import { formatLimit, limits } from "../graph/Limits.ts"
-import { builtins, isBlockKind, register } from "../graph/Registry.ts"
+import { builtins, isBlockKind, register } from "../blocks/Registry.ts"
 
 /** A bad command-line value: exit code 2, one line on stderr. */
 export class UsageError extends Schema.TaggedError<UsageError>()("UsageError", { message: Schema.String }) {}

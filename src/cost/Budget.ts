@@ -13,7 +13,6 @@
  * @since 0.1.0
  */
 import { Effect, Schema } from "effect"
-import type { Analysis } from "../graph/Analyze.ts"
 import { formatNumber, formatPercent, renderTable } from "../internal/Table.ts"
 import * as Cost from "./Cost.ts"
 
@@ -35,7 +34,7 @@ const without = (parts: Cost.Parts, exclude: ReadonlyArray<string>): Cost.Parts 
  * The budget of an analysed graph. Parts named in `exclude` are left out of the parameter and FLOP
  * totals (ConceptMoE's paper leaves the chunk module and joint decoding out when it matches budgets).
  */
-export const budgetOf = (a: Analysis, exclude: ReadonlyArray<string> = []): Budget => ({
+export const budgetOf = (a: Cost.Costed, exclude: ReadonlyArray<string> = []): Budget => ({
   params: Cost.total(without(a.cost.params, exclude)),
   matmulPerToken: Cost.total(without(a.cost.flops, exclude)),
   paramsByPart: without(a.cost.params, exclude),
@@ -126,7 +125,7 @@ declare const MatchedBrand: unique symbol
  * Proof that a candidate's budget matches a baseline's within `tolerance`. Only {@link match} makes
  * one.
  */
-export interface Matched<A = Analysis, B = Analysis> {
+export interface Matched<A = Cost.Costed, B = Cost.Costed> {
   readonly [MatchedBrand]: "Matched"
   readonly baseline: A
   readonly candidate: B
@@ -144,7 +143,7 @@ export interface Matched<A = Analysis, B = Analysis> {
  *
  * @category budgets
  */
-export const match = <A extends Analysis, B extends Analysis>(
+export const match = <A extends Cost.Costed, B extends Cost.Costed>(
   baseline: A,
   candidate: B,
   options?: {

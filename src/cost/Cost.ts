@@ -238,3 +238,14 @@ export const rotaryTableFlops = (c: Cost, seqLen: number): number => {
   for (const t of c.attention) d = Math.max(d, t.ropeDim)
   return d * seqLen
 }
+
+/**
+ * What the budgets and reports of this folder read of an analysed graph (graph/Analyze.ts's
+ * `Analysis` is one): the folded cost, every parameter with its path, and one row per node with its
+ * forward FLOPs. Declared here, so that the cost side imports nothing from the graph side.
+ */
+export interface Costed {
+  readonly cost: Cost
+  readonly params: ReadonlyArray<{ readonly path: string; readonly part: string; readonly numel: number; readonly tiedTo?: string | undefined }>
+  readonly rows: ReadonlyArray<{ readonly path: string; readonly flops: number }>
+}

@@ -3,7 +3,6 @@
  *
  * @since 0.1.0
  */
-import type { Analysis } from "../graph/Analyze.ts"
 import * as Cost from "./Cost.ts"
 import { type StageCost, stageCosts, type StageDef } from "./Stages.ts"
 
@@ -85,7 +84,7 @@ export interface BudgetReport {
 }
 
 /** Parameter totals in each convention. */
-export const paramSummary = (a: Analysis) => {
+export const paramSummary = (a: Cost.Costed) => {
   const total = Cost.total(a.cost.params)
   const activated = Cost.total(a.cost.activated)
   const embedding = Cost.part(a.cost.params, "embedding")
@@ -113,7 +112,7 @@ export const paramSummary = (a: Analysis) => {
  * @category reports
  */
 export const budgetReport = (
-  model: { readonly name: string; readonly format: string; readonly file: string; readonly analysis: Analysis },
+  model: { readonly name: string; readonly format: string; readonly file: string; readonly analysis: Cost.Costed },
   options: { readonly seqLen: number; readonly bytesPerElement?: number; readonly stages?: ReadonlyArray<StageDef> }
 ): BudgetReport => {
   const c = model.analysis.cost

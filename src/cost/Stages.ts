@@ -8,7 +8,6 @@
  *
  * @since 0.1.0
  */
-import type { Analysis } from "../graph/Analyze.ts"
 import * as Cost from "./Cost.ts"
 
 /** A stage: the nodes at these paths (and everything under them). */
@@ -47,7 +46,7 @@ const underAny = (prefixes: ReadonlyArray<string>) => {
 
 /** The cost of each stage at a sequence length. */
 export const stageCosts = (
-  a: Analysis,
+  a: Cost.Costed,
   stages: ReadonlyArray<StageDef>,
   options: { readonly seqLen: number; readonly bytesPerElement?: number }
 ): Record<string, StageCost> => {

@@ -9,7 +9,7 @@
  */
 import type * as TF from "@tensorflow/tfjs"
 import type { Tf } from "../graph/Apply.ts"
-import { prng } from "../blocks/Chunker.ts"
+import { prng } from "../internal/Random.ts"
 import { type Batch, forward, loss, type Lowered, mixSeed } from "../runtime/Lower.ts"
 import { staticFlopsAt } from "../runtime/Verify.ts"
 

@@ -137,7 +137,7 @@ export interface ForwardContext {
    */
   documents: (() => Tensor) | undefined
   /**
-   * Where a converted model is on its ramp (`models/Convert.ts`), s ∈ [0, 1], or undefined (s = 1,
+   * Where a converted model is on its ramp (`train/Convert.ts`), s ∈ [0, 1], or undefined (s = 1,
    * the paper's model): the chunk module floors p at 1 − s·(1 − p) and aims at R_s = 1 + s·(R − 1),
    * and the concept stage hands the dechunk ĉ − (1 − s)·c (c the concept model's input). At s = 0
    * every token is a boundary and the decoder input is the concept model's output: the source MoE.

@@ -5,7 +5,7 @@
  * @since 0.2.0
  */
 import { Effect, FileSystem, Path, Schema } from "effect"
-import { prng } from "../blocks/Chunker.ts"
+import { prng } from "../internal/Random.ts"
 import { type LoadedModel, loadModel, modelFromJson } from "../models/Load.ts"
 import { syncReads, Tensors } from "../runtime/Backend.ts"
 import { session } from "../runtime/Decode.ts"

@@ -47,7 +47,7 @@ export const conceptFields = {
   ki: Schema.optionalKey(Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0)))),
   jointDecoding: withDefault(Schema.Boolean, true),
   /**
-   * A model converted from a trained MoE (`Convert.ts`): training ramps from every token a boundary
+   * A model converted from a trained MoE (`train/Convert.ts`): training ramps from every token a boundary
    * (the source's function) to the target R over this many steps (`ForwardContext.ramp`).
    */
   rampSteps: Schema.optionalKey(Dim),

@@ -15,7 +15,7 @@ import type { AnyBlock } from "../graph/Block.ts"
 import { makeGroupedMatMul } from "./MatMul.ts"
 import { makeActivate, makeCombine, makeMaskedNll, makeMaskedSoftmax, makeRepeat, makeRmsNorm, makeRotate, makeRoute, makeSlots, makeTopMask } from "./Fused.ts"
 import { makeDetach, makeMatMul, makeOneHot, makeSte, makeStop } from "./Fixes.ts"
-import { prng } from "../blocks/Chunker.ts"
+import { prng } from "../internal/Random.ts"
 
 export interface Lowered {
   readonly tf: Tf
@@ -137,7 +137,7 @@ export interface ForwardOptions {
 const ramps = new WeakMap<Lowered, number>()
 
 /**
- * Sets the ramp position s ∈ [0, 1] of a converted model (`models/Convert.ts`) for the passes that
+ * Sets the ramp position s ∈ [0, 1] of a converted model (`train/Convert.ts`) for the passes that
  * follow (training steps and evaluations); `undefined` clears it (s = 1, the paper's model).
  */
 export const setRamp = (m: Lowered, s: number | undefined): void => {
@@ -274,7 +274,7 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     valid: undefined,
     nextSeed: () => {
       const i = seedCounter++
-      // Chunker's prng (mulberry32) adds 0x6d2b79f5 to its state per draw: skipping k draws is
+      // the PRNG (internal/Random.ts, mulberry32) adds 0x6d2b79f5 to its state per draw: skipping k draws is
       // starting k·0x6d2b79f5 further on (tests/parallel.test.ts checks it against the stream)
       return i === 0 && options.drawOffset ? (mixSeed(options.seed, 0) + Math.imul(options.drawOffset, 0x6d2b79f5)) >>> 0 : mixSeed(options.seed, i)
     },

@@ -13,7 +13,7 @@
 import { Effect, FileSystem, Path, Schema } from "effect"
 import { createHash } from "node:crypto"
 import { createRequire } from "node:module"
-import { prng } from "../blocks/Chunker.ts"
+import { prng } from "../internal/Random.ts"
 import type { Batch } from "../runtime/Lower.ts"
 
 export interface Tokenizer {

@@ -278,7 +278,7 @@ export const train = (
     // the ratio controller (Chunker.ts) of a model with one concept stage: its state before each step
     const chunks = model.analysis.rows.filter((r) => r.kind === "chunk").map((r) => model.analysis.specs.get(r.path) as ChunkerSpec)
     const chunk = chunks.length === 1 ? chunks[0] : undefined
-    // a converted model ramps from its source's function to R over rampSteps (models/Convert.ts)
+    // a converted model ramps from its source's function to R over rampSteps (train/Convert.ts)
     const rampSteps = model.concept?.spec.rampSteps
     const rampAt = (step: number) => (rampSteps === undefined ? undefined : Math.min(1, step / rampSteps))
     let control: RatioControl = initialRatioControl

@@ -27,13 +27,13 @@
  * @since 0.4.0
  */
 import { Effect, Path, Result, Schema } from "effect"
-import { encode, readChecked, type TensorData } from "../train/Checkpoint.ts"
-import { commit, ensureDir } from "../train/RunDir.ts"
+import { encode, readChecked, type TensorData } from "./Checkpoint.ts"
+import { commit, ensureDir } from "./RunDir.ts"
 import { budgetOf, relative } from "../cost/Budget.ts"
 import type { Matched } from "../cost/Budget.ts"
-import { type LoadedModel, modelFromJson } from "./Load.ts"
-import { buildConceptMoE, type ConceptSpec } from "./ConceptMoE.ts"
-import { type InvalidReallocation, type NoReallocation, reallocate } from "./Reallocate.ts"
+import { type LoadedModel, modelFromJson } from "../models/Load.ts"
+import { buildConceptMoE, type ConceptSpec } from "../models/ConceptMoE.ts"
+import { type InvalidReallocation, type NoReallocation, reallocate } from "../models/Reallocate.ts"
 
 /** A conversion that cannot be done: the field or file at fault and why. */
 export class ConvertError extends Schema.TaggedError<ConvertError>()("ConvertError", {

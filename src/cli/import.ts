@@ -7,7 +7,7 @@ import { Console, Effect, Option } from "effect"
 import { Argument, Command, Flag } from "effect/cli"
 import * as Cost from "../cost/Cost.ts"
 import { formatNumber } from "../internal/Table.ts"
-import { importRun } from "../models/Import.ts"
+import { importRun } from "../export/Import.ts"
 import { format, handled } from "./shared.ts"
 
 export const importCommand = Command.make(

@@ -130,6 +130,51 @@ describe("import: the export's Hugging Face tensors read back bit for bit", () =
   }
 })
 
+describe("DeepSeek's rotary features: stored as its checkpoints keep them", () => {
+  it.effect("its modelling code's de-interleave (view(rope/2, 2).transpose) of the stored rows gives this runtime's rows", () =>
+    Effect.gen(function*() {
+      const config = small("deepseek-v3.json")
+      const m = yield* load(config)
+      const values = randomParams(m, 11)
+      const file = hfTensors(m, values)
+      const nope = 8
+      const rope = 4
+      const half = rope / 2
+      // q_b_proj [H·(nope+rope), r_q]; ours qB [r_q, H·(nope+rope)]; kv_a_proj_with_mqa [r_kv+rope, d]; ours kvA [d, r_kv+rope]
+      const cases = [
+        { name: "model.layers.0.self_attn.q_b_proj.weight", ours: "layers/0/mixer/attn/qB.weight", period: nope + rope, offset: nope, inDim: 24 },
+        { name: "model.layers.0.self_attn.kv_a_proj_with_mqa.weight", ours: "layers/0/mixer/attn/kvA.weight", period: 16 + rope, offset: 16, inDim: 32 }
+      ]
+      for (const c of cases) {
+        const stored = file.get(c.name)!
+        const ours = values.get(c.ours)!
+        const outDim = stored.shape[0]!
+        assert.strictEqual(outDim % c.period, 0)
+        let moved = 0
+        for (let h = 0; h < outDim / c.period; h++) {
+          for (let t = 0; t < 2; t++) {
+            for (let i = 0; i < half; i++) {
+              // element [i][t] of the view is stored row offset + 2i + t; after the transpose it is feature offset + t·half + i
+              const fileRow = h * c.period + c.offset + 2 * i + t
+              const ourCol = h * c.period + c.offset + t * half + i
+              if (fileRow !== ourCol) moved++
+              for (let k = 0; k < c.inDim; k++) assert.strictEqual(stored.data[fileRow * c.inDim + k], ours[k * outDim + ourCol])
+            }
+          }
+          // the other features stay in place
+          for (let j = 0; j < c.offset; j++) {
+            for (let k = 0; k < c.inDim; k++) assert.strictEqual(stored.data[(h * c.period + j) * c.inDim + k], ours[k * outDim + h * c.period + j])
+          }
+        }
+        assert.isAbove(moved, 0)
+      }
+      const dir = tmp()
+      writeDir(dir, config, file)
+      const r = yield* importHf(dir)
+      for (const [k, v] of values) assert.isTrue(sameBits(r.params.get(k)!, v), k)
+    }).pipe(Effect.provide(NodeServices.layer)))
+})
+
 describe("import: files and dtypes", () => {
   it.effect("shards listed in model.safetensors.index.json read as one file does", () =>
     Effect.gen(function*() {

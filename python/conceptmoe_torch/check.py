@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from .graph import build_model
-from .weights import load_weights
+from .weights import from_file, load_weights
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,8 +65,7 @@ def compare(directory: str) -> dict:
     for p in model.owned():
         g = model.parameter(p["path"]).grad
         g = torch.zeros_like(model.parameter(p["path"])) if g is None else g
-        names = p["file"]
-        expected = tensors[f"grad/{names}"] if isinstance(names, str) else torch.stack([tensors[f"grad/{n}"] for n in names])
+        expected = from_file(p, tensors, "grad/")
         pairs.append((p["path"], g, expected))
     # a gradient that is zero analytically (a key bias under softmax) is rounding noise on both sides:
     # below 1e-6 of the largest gradient's norm on both, it counts as equal

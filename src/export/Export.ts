@@ -20,7 +20,7 @@ import type { LoadedModel } from "../models/Load.ts"
 import { encode, type TensorData } from "../train/Checkpoint.ts"
 import type { Stream } from "../train/Data.ts"
 import { exportGraph, type ExportedGraph, type ExportedParam, nativeName, UnsupportedKind } from "./Graph.ts"
-import { hfNames } from "./Names.ts"
+import { hfNames, hfRow, hfRowOrder, type RowOrder } from "./Names.ts"
 
 /** The export could not be written. */
 export class ExportError extends Schema.TaggedError<ExportError>()("ExportError", {
@@ -46,7 +46,35 @@ export const transposeLast = (data: Float32Array, shape: ReadonlyArray<number>):
 /** The analysed graph of a model, with Hugging Face names where its format has them. */
 export const graphOf = (model: LoadedModel): ExportedGraph | UnsupportedKind => {
   const hf = hfNames(model.format, model.analysis.params)
-  return exportGraph(model.analysis, model.name, hf === undefined ? undefined : { scheme: model.format, of: (p) => hf.get(p.path) })
+  return exportGraph(
+    model.analysis,
+    model.name,
+    hf === undefined ? undefined : { scheme: model.format, of: (p) => hf.get(p.path), rows: (kind, spec, p) => hfRowOrder(model.format, kind, spec, p.name) }
+  )
+}
+
+/** Reorders the rows (axis 0) of `data`: to the file's order (`toFile`) or back to ours. */
+const reorderRows = (data: Float32Array, rows: number, o: RowOrder, toFile: boolean): Float32Array => {
+  const cols = data.length / rows
+  const out = new Float32Array(data.length)
+  for (let r = 0; r < rows; r++) {
+    const f = hfRow(o, r)
+    if (toFile) out.set(data.subarray(r * cols, (r + 1) * cols), f * cols)
+    else out.set(data.subarray(f * cols, (f + 1) * cols), r * cols)
+  }
+  return out
+}
+
+/** A parameter's value in our layout → PyTorch layout as stored in the file (transposed, rows reordered). */
+export const toFileLayout = (p: ExportedParam, data: Float32Array): Float32Array => {
+  const t = p.transposed ? transposeLast(data, p.shape) : data
+  return p.rowOrder === null ? t : reorderRows(t, p.torchShape[0]!, p.rowOrder, true)
+}
+
+/** The inverse of {@link toFileLayout}: the file's PyTorch layout → ours. */
+export const fromFileLayout = (p: ExportedParam, data: Float32Array): Float32Array => {
+  const t = p.rowOrder === null ? data : reorderRows(data, p.torchShape[0]!, p.rowOrder, false)
+  return p.transposed ? transposeLast(t, p.torchShape) : t
 }
 
 /**
@@ -59,7 +87,7 @@ export const torchTensors = (graph: ExportedGraph, params: ReadonlyMap<string, F
     if (p.file === null) continue
     const data = params.get(p.path)
     if (data === undefined) throw new Error(`no value for parameter ${p.path}`)
-    const t = p.transposed ? transposeLast(data, p.shape) : data
+    const t = toFileLayout(p, data)
     if (typeof p.file === "string") out.set(p.file, { shape: p.torchShape, data: t })
     else {
       const slice = t.length / p.file.length
@@ -88,7 +116,7 @@ export const fromTorchTensors = (graph: ExportedGraph, tensors: ReadonlyMap<stri
         const slice = data.length / p.file.length
         for (const [e, name] of p.file.entries()) data.set(yield* take(p, name, p.torchShape.slice(1)), e * slice)
       }
-      out.set(p.path, p.transposed ? transposeLast(data, p.torchShape) : data)
+      out.set(p.path, fromFileLayout(p, data))
     }
     return out
   })

@@ -19,6 +19,7 @@ import type { Analysis } from "../graph/Analyze.ts"
 import { joinPath } from "../graph/Analyze.ts"
 import type { AnyBlock, ParamEntry } from "../graph/Block.ts"
 import * as Cost from "../cost/Cost.ts"
+import type { RowOrder } from "./Names.ts"
 
 /** The block kinds the Python package has a module for. */
 export const torchKinds: ReadonlySet<string> = new Set([
@@ -61,6 +62,8 @@ export interface ExportedParam {
    * one tensor per expert, as Hugging Face does); null for tied parameters.
    */
   readonly file: string | ReadonlyArray<string> | null
+  /** Rows (PyTorch layout) stored in another order in the file (DeepSeek's rotary features), or null. */
+  readonly rowOrder: RowOrder | null
 }
 
 export interface ExportedNode {
@@ -106,7 +109,11 @@ export const nativeName = (path: string): string => path.replaceAll("/", ".")
 export const exportGraph = (
   analysis: Analysis,
   name: string,
-  names?: { readonly scheme: string; readonly of: (p: ParamEntry) => string | ReadonlyArray<string> | undefined }
+  names?: {
+    readonly scheme: string
+    readonly of: (p: ParamEntry) => string | ReadonlyArray<string> | undefined
+    readonly rows?: (kind: string, spec: unknown, p: ParamEntry) => RowOrder | undefined
+  }
 ): ExportedGraph | UnsupportedKind => {
   const byNode = new Map<string, Array<ParamEntry>>()
   for (const p of analysis.params) {
@@ -133,7 +140,8 @@ export const exportGraph = (
         torchShape: transposed ? swapLast(p.shape) : [...p.shape],
         transposed,
         tiedTo: p.tiedTo ?? null,
-        file: p.tiedTo !== undefined ? null : names?.of(p) ?? nativeName(p.path)
+        file: p.tiedTo !== undefined ? null : names?.of(p) ?? nativeName(p.path),
+        rowOrder: (p.tiedTo === undefined ? names?.rows?.(kind, analysis.specs.get(path), p) : undefined) ?? null
       }
       all.push(e)
       return e

@@ -6,7 +6,7 @@
  *
  * Names and layouts come from the export's table (`export/Names.ts`, read backwards): the tensor of
  * each parameter, transposed from PyTorch's `[out, in]` to this runtime's `[in, out]`, experts
- * stacked from one tensor each. GPT-2's `Conv1D` matrices are `[in, out]` already and its fused
+ * stacked from one tensor each, DeepSeek's interleaved rotary features put back in halves. GPT-2's `Conv1D` matrices are `[in, out]` already and its fused
  * `c_attn` is split in thirds (`gpt2Source`). Tensors stored as float32, bfloat16 or float16 are
  * read as float32 (bfloat16 and float16 convert exactly).
  *
@@ -22,7 +22,7 @@
  */
 import { Effect, Path, Schema } from "effect"
 import * as fs from "node:fs"
-import { graphOf, transposeLast } from "./Export.ts"
+import { fromFileLayout, graphOf } from "./Export.ts"
 import { UnsupportedKind } from "./Graph.ts"
 import { gpt2Source } from "./Names.ts"
 import { encode, type TensorData } from "../train/Checkpoint.ts"
@@ -195,9 +195,8 @@ interface Source {
   readonly names: ReadonlyArray<ReadonlyArray<string>>
   /** Shape of each stored tensor. */
   readonly stored: ReadonlyArray<number>
-  readonly transposed: boolean
-  /** Stored one tensor per slice along axis 0 (experts). */
-  readonly stacked: boolean
+  /** The stored tensor(s), stacked along axis 0 when several, in our layout (transposed, rows reordered). */
+  readonly toOurs: (data: Float32Array) => Float32Array
   /** A part of the stored tensor along its last axis (GPT-2's fused q/k/v). */
   readonly part?: { readonly index: number; readonly of: number }
 }
@@ -213,7 +212,7 @@ const sourcesOf = (model: LoadedModel, file: string): Effect.Effect<ReadonlyArra
         if (s === undefined) return yield* new ImportError({ file, problem: `no GPT-2 name for parameter ${p.path}` })
         const last = p.shape[p.shape.length - 1]!
         const stored = s.part === undefined ? p.shape : [...p.shape.slice(0, -1), last * s.part.of]
-        out.push({ path: p.path, shape: p.shape, names: [[s.name, s.name.replace(/^transformer\./, "")]], stored, transposed: false, stacked: false, ...(s.part === undefined ? {} : { part: s.part }) })
+        out.push({ path: p.path, shape: p.shape, names: [[s.name, s.name.replace(/^transformer\./, "")]], stored, toOurs: (d) => d, ...(s.part === undefined ? {} : { part: s.part }) })
       }
       return out
     }
@@ -225,8 +224,7 @@ const sourcesOf = (model: LoadedModel, file: string): Effect.Effect<ReadonlyArra
       shape: p.shape,
       names: typeof p.file === "string" ? [[p.file]] : p.file!.map((n) => [n]),
       stored: typeof p.file === "string" ? p.torchShape : p.torchShape.slice(1),
-      transposed: p.transposed,
-      stacked: typeof p.file !== "string"
+      toOurs: (d) => fromFileLayout(p, d)
     }))
   })
 
@@ -255,7 +253,6 @@ const fidelityNotes = (config: Record<string, unknown>): Array<string> => {
     const scale = config["routed_scaling_factor"]
     if (typeof scale === "number" && scale !== 1) notes.push(`routed_scaling_factor ${scale} is not applied (routed outputs unscaled)`)
     if (t === "deepseek_v3") notes.push("the score-correction bias (e_score_correction_bias) is not added to the scores that choose the experts")
-    notes.push("rotary features are taken in rotate-half order; DeepSeek's interleave them, so the rotary columns of q_b_proj/q_proj and kv_a_proj_with_mqa differ")
   }
   if (config["rope_scaling"] !== undefined && config["rope_scaling"] !== null) notes.push("rope_scaling is not applied (plain RoPE)")
   return notes
@@ -317,9 +314,7 @@ export const importHf = (dir: string, options: { readonly name?: string } = {}) 
         }
         data.set(v, e * slice)
       }
-      // stacked experts: every expert's [out, in] transposed in place of the stack
-      const torchShape = s.stacked ? [s.names.length, ...s.stored] : s.stored
-      params.set(s.path, s.transposed ? transposeLast(data, torchShape) : data)
+      params.set(s.path, s.toOurs(data))
     }
     const layers = typeof config["num_hidden_layers"] === "number" ? config["num_hidden_layers"] : Infinity
     const tied = model.analysis.params.some((p) => p.tiedTo !== undefined)

@@ -21,6 +21,13 @@
  * | `norm/weight`                              | `model.norm.weight`                                 |
  * | `lmHead/weight` (untied)                   | `lm_head.weight`                                    |
  *
+ * Layout: matrices `[out, in]` as `torch.nn.Linear` keeps them (Graph.ts). DeepSeek (`hf/deepseek_v2`,
+ * `hf/deepseek_v3`) also orders the rotary features of each head differently ({@link hfRowOrder}):
+ * its checkpoints keep each rotary pair adjacent (`x0, y0, x1, y1, …`, de-interleaved by its
+ * modelling code before a rotate-half RoPE), where this runtime keeps the halves apart
+ * (`x0, x1, …, y0, y1, …`). The rows of `q_b_proj` (or `q_proj`) and `kv_a_proj_with_mqa` that
+ * produce rotary features are stored in DeepSeek's order.
+ *
  * GPT-2 ({@link gpt2Source}; import only: the export keeps native names, since its `Conv1D` stores
  * matrices `[in, out]` and fuses q, k and v):
  *
@@ -145,4 +152,33 @@ export const gpt2Source = (path: string): Gpt2Source | undefined => {
   if (node === "attn" && qkv >= 0) return { name: `${layer}.attn.c_attn.${suffix}`, part: { index: qkv, of: 3 } }
   const to = gpt2Leaf[head]
   return to === undefined || (node === "attn") !== (head === "o") ? undefined : { name: `${layer}.${to}.${suffix}` }
+}
+
+/**
+ * Output features of a parameter (rows in PyTorch layout) whose order in a Hugging Face checkpoint
+ * differs from ours: in each block of `period` features, the `rope` features from `offset` on are
+ * rotary pairs, stored interleaved there and as two halves here.
+ */
+export interface RowOrder {
+  readonly period: number
+  readonly offset: number
+  readonly rope: number
+}
+
+/** The {@link RowOrder} of a parameter of a model of `format`, or undefined when it has none. */
+export const hfRowOrder = (format: string, kind: string, spec: unknown, name: string): RowOrder | undefined => {
+  if ((format !== "hf/deepseek_v2" && format !== "hf/deepseek_v3") || kind !== "mla") return undefined
+  const s = spec as { readonly qkNopeHeadDim: number; readonly qkRopeHeadDim: number; readonly kvLoraRank: number }
+  if (name === "qB.weight" || name === "q.weight" || name === "q.bias") return { period: s.qkNopeHeadDim + s.qkRopeHeadDim, offset: s.qkNopeHeadDim, rope: s.qkRopeHeadDim }
+  if (name === "kvA.weight" || name === "kvA.bias") return { period: s.kvLoraRank + s.qkRopeHeadDim, offset: s.kvLoraRank, rope: s.qkRopeHeadDim }
+  return undefined
+}
+
+/** Where our row `r` is in the Hugging Face order. */
+export const hfRow = (o: RowOrder, r: number): number => {
+  const j = r % o.period
+  if (j < o.offset) return r
+  const i = j - o.offset
+  const half = o.rope / 2
+  return r - j + o.offset + (i < half ? 2 * i : 2 * (i - half) + 1)
 }

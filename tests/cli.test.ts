@@ -165,7 +165,7 @@ describe("conceptmoe train and verify: bad input", () => {
     assert.include(r.err, "optimizer.lr: Expected number")
     const b = run("verify", "examples/moe-small.json", "--backend", "tpu")
     assert.strictEqual(b.code, 1)
-    assert.strictEqual(b.err, `error: unknown backend "tpu"; expected one of wasm, cpu, webgpu, tensorflow\n`)
+    assert.strictEqual(b.err, `error: --backend: unknown backend "tpu"; expected one of wasm, cpu, webgpu, tensorflow\n`)
   })
 })
 

@@ -7,9 +7,17 @@ import { Console, Effect, Option } from "effect"
 import { Argument, Command, Flag } from "effect/cli"
 import { formatNumber, formatPercent, renderTable } from "../internal/Table.ts"
 import { modelFromJson, readJson } from "../models/Load.ts"
-import { candidateReport, reallocate as solve, strategies } from "../models/Reallocate.ts"
+import { candidateReport, InvalidReallocation, reallocate as solve, strategies } from "../models/Reallocate.ts"
 import { limits } from "../graph/Limits.ts"
 import { flagLimits, format, handled, intFlag, kvBytes, ratioFlag, seqLen, seqLenWithin, tolerance, UsageError } from "./shared.ts"
+
+/** The flags (or the baseline file) behind a field the solver refuses, so that the message names what to change. */
+const flagsOf = (field: string, baseline: string): string =>
+  field === "encoderLayers" || field === "decoderLayers" ? "--encoder-layers, --decoder-layers"
+  : field === "loopLayers" ? "--loop-layers"
+  : field === "ratio" ? "--ratio"
+  : field === "strategy" ? "--strategy"
+  : baseline
 
 export const reallocate = Command.make(
   "reallocate",
@@ -52,7 +60,7 @@ export const reallocate = Command.make(
       limit: f.limit,
       seqLen: T,
       ...(Option.isSome(f.loopLayers) ? { loopLayers: f.loopLayers.value } : {})
-    })
+    }).pipe(Effect.mapError((e) => e._tag === "InvalidReallocation" ? new InvalidReallocation({ field: e.field, message: `${flagsOf(e.field, f.baseline)}: ${e.message}` }) : e))
     const reports = candidates.map((c) => candidateReport(c, json, { seqLen: T, bytesPerElement: f.kvBytes }))
     if (f.format === "json") {
       yield* Console.log(JSON.stringify(reports, null, 2))

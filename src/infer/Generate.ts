@@ -43,8 +43,16 @@ export const loadTrained = (checkpoint: string, configFile?: string) =>
     const fs = yield* FileSystem.FileSystem
     const path = yield* Path.Path
     const { tf } = yield* Tensors
+    if (checkpoint === "") {
+      return yield* new CheckpointMismatch({ file: `""`, message: "the path is empty; expected a run directory or its checkpoint.safetensors" })
+    }
     const info = yield* fs.stat(checkpoint).pipe(
-      Effect.mapError(() => new CheckpointMismatch({ file: checkpoint, message: "no such checkpoint file or run directory" }))
+      Effect.mapError((e) =>
+        new CheckpointMismatch({
+          file: checkpoint,
+          message: e.reason._tag === "NotFound" ? "no such checkpoint file or run directory" : `cannot read: ${e.message}`
+        })
+      )
     )
     const file = info.type === "Directory" ? path.join(checkpoint, "checkpoint.safetensors") : checkpoint
     const ck = yield* readCheckpoint(file)

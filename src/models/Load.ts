@@ -133,7 +133,10 @@ const build = (json: Record<string, unknown>, name: string, registry: Registry):
   if (!hf && kind === "conceptmoe") {
     return Result.flatMap(decodeWith(ConceptMoEConfig, json), (c) => {
       if (!isRecord(c.baseline)) {
-        return Result.fail<Failure>({ reason: "invalid", problems: [{ field: "baseline", message: "expected a config object, or a path to one" }] })
+        const message = typeof c.baseline === "string"
+          ? `${JSON.stringify(c.baseline)} is a path, which only a config read from its file can use (budget, train); here the baseline must be written inline`
+          : "expected a config object, or a path to one"
+        return Result.fail<Failure>({ reason: "invalid", problems: [{ field: "baseline", message }] })
       }
       const modelName = c.name ?? name
       return Result.flatMap(
@@ -194,14 +197,20 @@ export const parseJson = (text: string, file: string): Effect.Effect<unknown, Co
 /** Reads and parses a JSON file. */
 export const readJson = Effect.fnUntraced(function*(file: string) {
   const fs = yield* FileSystem.FileSystem
+  if (file === "") {
+    return yield* new ConfigError({ file: `""`, reason: "missing", problems: [{ field: "", message: "the path is empty; expected a JSON config file" }] })
+  }
   const text = yield* fs.readFileString(file).pipe(
-    Effect.mapError((e) =>
-      new ConfigError({
+    Effect.mapError((e) => {
+      // keep the operating system's reason ("EISDIR: illegal operation on a directory"), not the platform's tag
+      const cause = "cause" in e.reason ? e.reason.cause : undefined
+      const os = cause instanceof Error ? cause.message.replace(/, \w+( '.*')?$/, "") : e.message
+      return new ConfigError({
         file,
         reason: e.reason._tag === "NotFound" ? "missing" : "unreadable",
-        problems: [{ field: "", message: e.reason._tag === "NotFound" ? "no such file" : `cannot read: ${e.message}` }]
+        problems: [{ field: "", message: e.reason._tag === "NotFound" ? "no such file" : `cannot read: ${os}` }]
       })
-    )
+    })
   )
   return yield* parseJson(text, file)
 })

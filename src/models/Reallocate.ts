@@ -202,11 +202,14 @@ export const reallocate = (
      * The lever for budgets that count the chunk module and joint decoding: fewer and/or narrower
      * concept-model experts pay for their parameters. For each expert hidden size (multiples of 8 up
      * to the baseline's, and the baseline's), the expert count is set by the parameter budget and
-     * the top-k by the FLOPs.
+     * the top-k by the FLOPs. Past 256 such sizes (experts wider than 2,048) the step grows so that
+     * 256 sizes are tried: each size builds and costs a few models, and an expert a million wide
+     * would otherwise mean a million models.
      */
     const expertLever = (spec: ConceptSpec): Array<Evaluated> => {
       const h0 = moeLayer.ffn.spec.expertHidden
-      const hiddens = [...new Set([...Array.from({ length: Math.floor(h0 / 8) }, (_, i) => 8 * (i + 1)), h0])].filter((h) => h <= h0)
+      const step = 8 * Math.max(1, Math.ceil(h0 / 8 / 256))
+      const hiddens = [...new Set([...Array.from({ length: Math.floor(h0 / step) }, (_, i) => step * (i + 1)), h0])].filter((h) => h <= h0)
       const out: Array<Evaluated> = []
       for (const h of hiddens) {
         const shaped: ConceptSpec = h === h0 ? spec : { ...spec, expertHidden: h }

@@ -137,7 +137,10 @@ export const resolveName = (name: string | undefined): Effect.Effect<BackendName
   const chosen = name ?? process.env["CONCEPTMOE_BACKEND"] ?? "wasm"
   return (backendNames as ReadonlyArray<string>).includes(chosen)
     ? Effect.succeed(chosen as BackendName)
-    : Effect.fail(new BackendError({ backend: chosen, message: `unknown backend "${chosen}"; expected one of ${backendNames.join(", ")}` }))
+    : Effect.fail(new BackendError({
+      backend: chosen,
+      message: `${name !== undefined ? "--backend" : "CONCEPTMOE_BACKEND"}: unknown backend "${chosen}"; expected one of ${backendNames.join(", ")}`
+    }))
 }
 
 /** A layer providing {@link Tensors} for a backend. */

@@ -146,8 +146,9 @@ export const decode = (bytes: Uint8Array, file: string): Effect.Effect<{ readonl
   Effect.gen(function*() {
     const fail = (message: string) => new CheckpointError({ file, message })
     if (bytes.length < 8) return yield* fail("too short to be a safetensors file")
-    const n = Number(new DataView(bytes.buffer, bytes.byteOffset, 8).getBigUint64(0, true))
-    if (8 + n > bytes.length) return yield* fail(`header length ${n} exceeds the file`)
+    const length = new DataView(bytes.buffer, bytes.byteOffset, 8).getBigUint64(0, true)
+    if (8n + length > BigInt(bytes.length)) return yield* fail(`header length ${length} exceeds the file (${bytes.length} bytes)`)
+    const n = Number(length)
     const raw = yield* Effect.try({ try: () => JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + n))) as Record<string, unknown>, catch: () => fail("the header is not JSON") })
     const metadata = yield* Schema.decodeUnknownEffect(Schema.Record(Schema.String, Schema.String))(raw["__metadata__"] ?? {}).pipe(
       Effect.mapError((e) => fail(`__metadata__: ${e.message}`))
@@ -174,7 +175,12 @@ export const write = (file: string, tensors: ReadonlyMap<string, TensorData>, me
 /** Reads a checkpoint. */
 export const read = Effect.fnUntraced(function*(file: string) {
   const fs = yield* FileSystem.FileSystem
-  const bytes = yield* fs.readFile(file).pipe(Effect.mapError((e) => new CheckpointError({ file, message: `cannot read: ${e.message}` })))
+  const bytes = yield* fs.readFile(file).pipe(Effect.mapError((e) => {
+    // the operating system's reason ("ENOTDIR: not a directory"), not the platform's tag
+    const cause = "cause" in e.reason ? e.reason.cause : undefined
+    const reason = e.reason._tag === "NotFound" ? "no such file" : cause instanceof Error ? cause.message.replace(/, \w+( '.*')?$/, "") : e.message
+    return new CheckpointError({ file, message: `cannot read: ${reason}` })
+  }))
   return yield* decode(bytes, file)
 })
 

@@ -5,12 +5,21 @@
 import { NodeServices } from "@effect/platform-node"
 import { Console, Effect } from "effect"
 import { Command } from "effect/cli"
+import { bench } from "../../src/cli/bench.ts"
 import { budget } from "../../src/cli/budget.ts"
+import { compare } from "../../src/cli/compare.ts"
+import { convert } from "../../src/cli/convert.ts"
+import { exportCommand } from "../../src/cli/export.ts"
+import { generate } from "../../src/cli/generate.ts"
+import { importCommand } from "../../src/cli/import.ts"
 import { reallocate } from "../../src/cli/reallocate.ts"
 import { report } from "../../src/cli/report.ts"
 import { runCli } from "../../src/cli/Run.ts"
+import { train, verify } from "../../src/cli/train.ts"
 
-export const cli = Command.make("conceptmoe").pipe(Command.withSubcommands([budget, reallocate, report]))
+export const cli = Command.make("conceptmoe").pipe(
+  Command.withSubcommands([budget, reallocate, report, train, verify, compare, generate, bench, exportCommand, importCommand, convert])
+)
 
 export interface Ran {
   readonly code: number

@@ -5,10 +5,15 @@
  * - item 6: a deeply nested graph is refused, not a stack overflow;
  * - item 11 (config side): context lengths are bounded; `--seq-len` above the context is refused;
  * - item 13: numeric flags are range-checked (exit 2, naming the flag);
- * - exact totals past 2^53.
+ * - exact totals past 2^53;
+ * - defects the fuzz suite (tests/fuzz.test.ts) found.
  */
+import { NodeServices } from "@effect/platform-node"
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Result } from "effect"
+import * as fs from "node:fs"
+import * as os from "node:os"
+import * as path from "node:path"
 import * as Cost from "../src/cost/Cost.ts"
 import { budgetReport, stringifyExact } from "../src/cost/Report.ts"
 import { analyzeResult } from "../src/graph/Analyze.ts"
@@ -18,6 +23,9 @@ import { limits } from "../src/graph/Limits.ts"
 import { linear } from "../src/blocks/Linear.ts"
 import { conceptLayout, ConceptSpec } from "../src/models/ConceptMoE.ts"
 import type { DecoderConfig } from "../src/models/Decoder.ts"
+import { readJson } from "../src/models/Load.ts"
+import { reallocate } from "../src/models/Reallocate.ts"
+import { decode, read as readCheckpoint } from "../src/train/Checkpoint.ts"
 import { Schema } from "effect"
 import { runInProcess } from "./support/cli-in-process.ts"
 import { load, loadFile } from "./support/models.ts"
@@ -234,5 +242,48 @@ describe("exact totals past 2^53", () => {
     assert.strictEqual(Cost.sumExact([Number.MAX_SAFE_INTEGER, 2]), 2n ** 53n + 1n)
     assert.strictEqual(Cost.product(1.5, 2), 3)
     assert.strictEqual(stringifyExact({ a: 2n ** 64n, b: "x" }), `{"a":18446744073709551616,"b":"x"}`)
+  })
+})
+
+describe("found by the fuzz suite (tests/fuzz.test.ts)", () => {
+  it.effect("the solver's expert lever on experts 1,000,000 wide tries 256 sizes, not 125,000 (which ran out of memory)", () =>
+    Effect.gen(function*() {
+      const m = yield* load({ kind: "moe", vocab: 15, hidden: 32, layers: 5, heads: 4, experts: 4, topK: 3, expertHidden: 1_000_000, contextLength: 256 })
+      const e = yield* Effect.flip(reallocate(m.decoder!, m.analysis, { ratio: 2, strategy: "topk", encoderLayers: 1, decoderLayers: 1, limit: 3 }))
+      assert.strictEqual(e._tag, "NoReallocation")
+      // the nearest miss narrows the experts to a multiple of the step, 8 × ⌈1,000,000 / 8 / 256⌉ = 3,912
+      const h = Number(/-h(\d+)-/.exec(e._tag === "NoReallocation" ? e.nearest?.name ?? "" : "")?.[1])
+      assert.strictEqual(h % 3912, 0)
+      assert.isBelow(h, 1_000_000)
+    }), 60_000)
+
+  it.effect("reading a directory, a path through a file or an empty path keeps the OS reason or says the path is empty", () =>
+    Effect.gen(function*() {
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), "conceptmoe-limits-"))
+      fs.writeFileSync(path.join(dir, "file"), "x")
+      assert.strictEqual((yield* Effect.flip(readJson(dir))).message, `${dir}: cannot read: EISDIR: illegal operation on a directory`)
+      assert.strictEqual((yield* Effect.flip(readJson(""))).message, `"": the path is empty; expected a JSON config file`)
+      const ck = yield* Effect.flip(readCheckpoint(path.join(dir, "file", "checkpoint.safetensors")))
+      assert.strictEqual(ck.message, "cannot read: ENOTDIR: not a directory")
+    }).pipe(Effect.provide(NodeServices.layer)))
+
+  it.effect("a safetensors header length of 2^62 is refused and printed exactly", () =>
+    Effect.gen(function*() {
+      const bytes = Buffer.alloc(10)
+      bytes.writeBigUInt64LE(2n ** 62n)
+      const e = yield* Effect.flip(decode(bytes, "x.safetensors"))
+      assert.strictEqual(e.message, "header length 4611686018427387904 exceeds the file (10 bytes)")
+    }))
+
+  it("reallocate names the flags behind a layer split the baseline cannot take", async () => {
+    const r = await runInProcess(["reallocate", "examples/compare/moe-tiny.json", "--ratio", "2", "--strategy", "topk"])
+    assert.strictEqual(r.code, 1)
+    assert.strictEqual(r.err, "error: --encoder-layers, --decoder-layers: encoderLayers (4) + decoderLayers (4) must leave at least one concept-model layer of the baseline's 6; at most 5 in total")
+  })
+
+  it("an empty --checkpoint says the path is empty", async () => {
+    const r = await runInProcess(["generate", "--checkpoint", "", "--prompt", "a"])
+    assert.strictEqual(r.code, 1)
+    assert.strictEqual(r.err, `error: "": the path is empty; expected a run directory or its checkpoint.safetensors`)
   })
 })

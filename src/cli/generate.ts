@@ -6,13 +6,25 @@
 import { Console, Effect, Option, Schema } from "effect"
 import { Command, Flag } from "effect/cli"
 import { formatNumber } from "../internal/Table.ts"
-import { generate as run, GenerateError, loadTrained, promptIds, SamplingSettings } from "../infer/Generate.ts"
+import { generate as run, GenerateError, type GenerateStats, loadTrained, promptIds, SamplingSettings } from "../infer/Generate.ts"
 import { layer as backendLayer } from "../runtime/Backend.ts"
 import { release } from "../runtime/Lower.ts"
 import { byteTokenizer } from "../train/Data.ts"
 import { limits } from "../graph/Limits.ts"
 import { flagLimits, handled, intFlag, numberFlag } from "./shared.ts"
 import { backend } from "./train.ts"
+
+/** The figures `generate` reports: counts, times, rates (tokens per second; null for no time), compression, cache. */
+export const generateFigures = (stats: GenerateStats) => {
+  const rate = (n: number, s: number) => (s > 0 ? n / s : null)
+  return {
+    ...stats,
+    prefillTokensPerSecond: rate(stats.promptTokens, stats.prefillSeconds),
+    decodeTokensPerSecond: rate(stats.generatedTokens, stats.decodeSeconds),
+    promptCompression: stats.promptCompression ?? null,
+    totalCompression: stats.totalCompression ?? null
+  }
+}
 
 export const generate = Command.make(
   "generate",
@@ -24,7 +36,11 @@ export const generate = Command.make(
     topK: intFlag("top-k", 0, limits.vocab).pipe(Flag.withDescription("sample among the k most likely tokens; 0 for all"), Flag.withDefault(40)),
     seed: intFlag("seed", 0, flagLimits.seed).pipe(Flag.withDescription("sampling seed"), Flag.withDefault(0)),
     config: Flag.String("config").pipe(Flag.withDescription("the model config, for checkpoints that do not store theirs"), Flag.optional),
-    backend
+    backend,
+    format: Flag.Literals("format", ["table", "json"]).pipe(
+      Flag.withDescription("table: the text streamed to stdout, the figures on stderr; json: one JSON document on stdout with the text and the figures"),
+      Flag.withDefault("table")
+    )
   },
   Effect.fn("generate")(function*(f) {
     const settings = yield* Schema.decodeUnknownEffect(SamplingSettings)({ maxTokens: f.maxTokens, temperature: f.temperature, topK: f.topK, seed: f.seed }).pipe(
@@ -32,16 +48,22 @@ export const generate = Command.make(
         new GenerateError({ field: "sampling", problem: "needs --max-tokens ≥ 1, --temperature ≥ 0 and --top-k a whole number ≥ 0" })
       )
     )
-    const stats = yield* Effect.gen(function*() {
+    const json = f.format === "json"
+    const pieces: Array<string> = []
+    const { stats, source } = yield* Effect.gen(function*() {
       const { model, low, file, step } = yield* loadTrained(f.checkpoint, Option.getOrUndefined(f.config))
       const ids = yield* promptIds(model, byteTokenizer, f.prompt).pipe(Effect.tapError(() => Effect.sync(() => release(low))))
-      yield* Console.error(`${model.name} from ${file} (step ${step}); prompt ${ids.length} bytes`)
-      yield* Effect.sync(() => process.stdout.write(f.prompt))
-      const r = yield* run(model, low, byteTokenizer, f.prompt, settings, (text) => process.stdout.write(text)).pipe(
+      if (!json) yield* Console.error(`${model.name} from ${file} (step ${step}); prompt ${ids.length} bytes`)
+      if (!json) yield* Effect.sync(() => process.stdout.write(f.prompt))
+      const r = yield* run(model, low, byteTokenizer, f.prompt, settings, (text) => (json ? void pieces.push(text) : void process.stdout.write(text))).pipe(
         Effect.ensuring(Effect.sync(() => release(low)))
       )
-      return r
+      return { stats: r, source: { model: model.name, checkpoint: file, step } }
     }).pipe(Effect.provide(backendLayer(Option.getOrUndefined(f.backend))))
+    if (json) {
+      yield* Console.log(JSON.stringify({ ...source, prompt: f.prompt, text: pieces.join(""), settings, ...generateFigures(stats) }, null, 2))
+      return
+    }
     yield* Effect.sync(() => process.stdout.write("\n"))
     const rate = (n: number, s: number) => (s > 0 ? `${formatNumber(Math.round(n / s))} tokens/s` : "-")
     yield* Console.error(

@@ -5,12 +5,32 @@
  * @since 0.1.0
  */
 import { Console, Effect, Option } from "effect"
+import * as Cost from "../cost/Cost.ts"
 import { Argument, Command, Flag } from "effect/cli"
 import { modelFromJson, readJson } from "../models/Load.ts"
 import { reallocate as solve, type Strategy, strategies } from "../models/Reallocate.ts"
 import { type ReportEntry, reportFiles, writeFiles } from "../report/Reallocation.ts"
 import { limits } from "../graph/Limits.ts"
 import { format, handled, kvBytes, seqLen, seqLenWithin, tolerance, UsageError } from "./shared.ts"
+
+/**
+ * One strategy and ratio of `report --format json`: the candidate with its spec, parameters, FLOPs
+ * per token and relative differences from the baseline (under the solver's convention, and with every
+ * part counted), or null with why and the nearest miss.
+ */
+const entryFigures = (e: ReportEntry) => {
+  if (e.result._tag === "none") return { candidate: null, reason: e.result.error.reason, nearest: e.result.error.nearest }
+  const c = e.result.candidate
+  return {
+    candidate: c.name,
+    spec: c.spec,
+    params: Cost.total(c.analysis.cost.params),
+    flopsPerToken: Cost.matmulPerToken(c.analysis.cost),
+    residual: c.matched.residual,
+    excludedParts: c.matched.excluded,
+    residualAll: c.residualAll
+  }
+}
 
 const list = (name: string, raw: string) => raw.split(",").map((s) => s.trim()).filter((s) => s !== "").map((s) => ({ name, s }))
 
@@ -59,7 +79,9 @@ export const report = Command.make(
       yield* Console.log(JSON.stringify({
         baseline: model.name,
         seqLen: T,
-        found: entries.map((e) => ({ strategy: e.strategy, ratio: e.ratio, candidate: e.result._tag === "found" ? e.result.candidate.name : null })),
+        params: Cost.total(model.analysis.cost.params),
+        flopsPerToken: Cost.matmulPerToken(model.analysis.cost),
+        found: entries.map((e) => ({ strategy: e.strategy, ratio: e.ratio, ...entryFigures(e) })),
         files: written
       }, null, 2))
     } else {

@@ -13,7 +13,7 @@ import { layer as backendLayer, syncReads, Tensors } from "../runtime/Backend.ts
 import { materialize, release } from "../runtime/Lower.ts"
 import { verify as verifyModel, verifyAsync } from "../runtime/Verify.ts"
 import { byteTokenizer, sotuSplits, validationBatches } from "../train/Data.ts"
-import { train as trainModel, TrainSettings } from "../train/Train.ts"
+import { train as trainModel, type TrainResult, TrainSettings } from "../train/Train.ts"
 import * as Stop from "../train/Stop.ts"
 import { problemsOf, formatPath } from "../graph/Spec.ts"
 import { limits } from "../graph/Limits.ts"
@@ -48,6 +48,28 @@ export const loadTrainConfig = Effect.fnUntraced(function*(file: string) {
   return { model, settings }
 })
 
+/**
+ * What `train --format json` prints: the numbers of the table's last line, the last step's metrics,
+ * every evaluation, the compression of a ConceptMoE, a resume's changes, and the files written.
+ */
+export const trainSummary = (model: string, out: string, steps: number, r: TrainResult) => ({
+  model,
+  out,
+  steps,
+  finalValBitsPerByte: r.finalValBitsPerByte,
+  tokensPerSecond: r.tokensPerSecond,
+  last: r.metrics.at(-1) ?? null,
+  // steps as in metrics.jsonl (from 0; the progress lines count from 1)
+  evaluations: r.metrics.filter((m) => m.valBitsPerByte !== undefined).map((m) => ({
+    step: m.step,
+    valBitsPerByte: m.valBitsPerByte!,
+    ...(m.valCompression === undefined ? {} : { valCompression: m.valCompression })
+  })),
+  ...(r.compression === undefined ? {} : { compression: r.compression }),
+  ...(r.resumed === undefined ? {} : { resumed: r.resumed }),
+  files: ["checkpoint.safetensors", "metrics.jsonl", "loss.svg"].map((f) => `${out}/${f}`)
+})
+
 export const train = Command.make(
   "train",
   {
@@ -57,7 +79,8 @@ export const train = Command.make(
     resume: Flag.Boolean("resume").pipe(Flag.withDescription("continue from the checkpoint in the run directory"), Flag.withDefault(false)),
     steps: intFlag("steps", 1, flagLimits.steps).pipe(Flag.withDescription("override the number of steps"), Flag.optional),
     data: dataFlag,
-    valFraction
+    valFraction,
+    format
   },
   Effect.fn("train")(function*(f) {
     yield* positive("steps", f.steps)
@@ -73,10 +96,15 @@ export const train = Command.make(
       ...Stop.shellArgs(["--config", f.config, "--out", out, ...(Option.isSome(f.backend) ? ["--backend", f.backend.value] : []), ...(Option.isSome(f.steps) ? ["--steps", String(f.steps.value)] : []), ...(Option.isSome(f.data) ? ["--data", f.data.value] : []), ...(Option.isSome(f.valFraction) ? ["--val-fraction", String(f.valFraction.value)] : [])]),
       "--resume"
     ].join(" ")
-    const r = yield* withBackend(f.backend, trainModel(model, settings, { out, resume: f.resume, ...(data === undefined ? {} : { data }) })).pipe(
+    const json = f.format === "json"
+    const r = yield* withBackend(f.backend, trainModel(model, settings, { out, resume: f.resume, ...(json ? { quiet: true } : {}), ...(data === undefined ? {} : { data }) })).pipe(
       Effect.catchTag("Stopped", (e) => Stop.report(e, `continue with: ${again}`).pipe(Effect.as(undefined)))
     )
     if (r === undefined) return
+    if (json) {
+      yield* Console.log(JSON.stringify(trainSummary(model.name, out, settings.steps, r), null, 2))
+      return
+    }
     yield* Console.log(`final validation ${r.finalValBitsPerByte.toFixed(4)} bits/byte; ${r.tokensPerSecond.toFixed(0)} tokens/s; wrote ${out}/{checkpoint.safetensors,metrics.jsonl,loss.svg}`)
   }, handled)
 ).pipe(Command.withDescription("Train a model on the State of the Union corpus, or on your own bytes with --data (byte-level), with checkpoints, metrics and a loss plot."))

@@ -25,7 +25,7 @@ const SMALL: Readonly<Record<string, number>> = {
   hidden_size: 32, n_embd: 32, intermediate_size: 48, moe_intermediate_size: 16, shared_expert_intermediate_size: 24,
   num_attention_heads: 4, n_head: 4, num_hidden_layers: 2, n_layer: 2, vocab_size: 256, max_position_embeddings: 64,
   n_positions: 64, n_routed_experts: 4, num_local_experts: 4, num_experts: 4, num_experts_per_tok: 2, kv_lora_rank: 16,
-  qk_nope_head_dim: 8, qk_rope_head_dim: 4, v_head_dim: 8, head_dim: 8, first_k_dense_replace: 1
+  qk_nope_head_dim: 8, qk_rope_head_dim: 4, v_head_dim: 8, head_dim: 8, first_k_dense_replace: 1, n_group: 2, topk_group: 1
 }
 
 const small = (file: string): Record<string, unknown> => {
@@ -175,6 +175,29 @@ describe("DeepSeek's rotary features: stored as its checkpoints keep them", () =
     }).pipe(Effect.provide(NodeServices.layer)))
 })
 
+describe("DeepSeek's routing from config.json", () => {
+  const moeSpec = (m: LoadedModel) => {
+    const row = m.analysis.rows.find((r) => r.kind === "moe")!
+    return m.analysis.specs.get(row.path) as { groups: number; groupTopK: number | null; groupScore: string; routedScale: number; normalizeTopK: boolean; scoring: string }
+  }
+  it.effect("V3: group-limited (sum of each group's two best), renormalised, scaled; V2: groups with group_limited_greedy, scaled unless renormalised", () =>
+    Effect.gen(function*() {
+      const v3 = moeSpec(yield* load(JSON.parse(fs.readFileSync(path.join(root, "examples/hf/deepseek-v3.json"), "utf8"))))
+      assert.deepStrictEqual([v3.scoring, v3.groups, v3.groupTopK, v3.groupScore, v3.normalizeTopK, v3.routedScale], ["sigmoid", 8, 4, "top2", true, 2.5])
+      const lite = moeSpec(yield* load(JSON.parse(fs.readFileSync(path.join(root, "examples/hf/deepseek-v2-lite.json"), "utf8"))))
+      assert.deepStrictEqual([lite.scoring, lite.groups, lite.groupTopK, lite.normalizeTopK, lite.routedScale], ["softmax", 1, null, false, 1])
+      const v2 = { ...small("deepseek-v2-lite.json"), n_routed_experts: 8, n_group: 4, topk_group: 2, topk_method: "group_limited_greedy", routed_scaling_factor: 16 }
+      const grouped = moeSpec(yield* load(v2))
+      assert.deepStrictEqual([grouped.groups, grouped.groupTopK, grouped.groupScore, grouped.routedScale], [4, 2, "max", 16])
+      // V2 renormalising top-k gates does not scale them
+      assert.strictEqual(moeSpec(yield* load({ ...v2, norm_topk_prob: true })).routedScale, 1)
+      const bad = yield* Effect.flip(load({ ...v2, n_group: 3 }, "v2.json"))
+      assert.match(bad.message, /n_group: n_routed_experts \(8\) does not split into n_group \(3\) equal groups/)
+      const tooMany = yield* Effect.flip(load({ ...v2, topk_group: 1, num_experts_per_tok: 3 }, "v2.json"))
+      assert.match(tooMany.message, /num_experts_per_tok: num_experts_per_tok \(3\) exceeds the experts of topk_group \(1\) groups \(2\)/)
+    }).pipe(Effect.provide(NodeServices.layer)))
+})
+
 describe("import: files and dtypes", () => {
   it.effect("shards listed in model.safetensors.index.json read as one file does", () =>
     Effect.gen(function*() {
@@ -300,7 +323,7 @@ describe("import: typed errors naming the file and the tensor", () => {
       assert.match(c.message, /has neither model\.safetensors nor model\.safetensors\.index\.json/)
     }).pipe(Effect.provide(NodeServices.layer)))
 
-  it.effect("DeepSeek-V3: buffers and multi-token-prediction layers are listed as not read, the routing simplifications as notes", () =>
+  it.effect("DeepSeek-V3: buffers and multi-token-prediction layers are listed as not read, the score-correction bias as a note", () =>
     Effect.gen(function*() {
       const { config, tensors, dir } = yield* setup("deepseek-v3.json")
       const more = new Map(tensors)
@@ -314,8 +337,7 @@ describe("import: typed errors naming the file and the tensor", () => {
         "model.layers.1.mlp.gate.e_score_correction_bias",
         "model.layers.2.embed_tokens.weight"
       ])
-      assert.isTrue(r.notes.some((n) => /n_group 8, topk_group 4: group-limited routing is not applied/.test(n)), r.notes.join("\n"))
-      assert.isTrue(r.notes.some((n) => /routed_scaling_factor 2\.5 is not applied/.test(n)))
+      assert.deepStrictEqual(r.notes, ["the score-correction bias (e_score_correction_bias) is not added to the scores that choose the experts (top-k over the plain sigmoid scores)"])
     }).pipe(Effect.provide(NodeServices.layer)))
 })
 

@@ -20,7 +20,12 @@ const moe = { kind: "moe", vocab: 64, hidden: 32, layers: 4, heads: 4, kvHeads: 
 const configs: ReadonlyArray<readonly [string, Record<string, unknown>]> = [
   ["MoE with a gated shared expert", { ...moe, sharedHidden: 24, sharedGate: true }],
   ["MoE, sigmoid router, renormalised top-k, expert biases", { ...moe, scoring: "sigmoid", normalizeTopK: true, bias: true }],
-  ["ConceptMoE", { kind: "conceptmoe", baseline: moe, ratio: 2, encoderLayers: 1, decoderLayers: 1, topK: 3 }]
+  ["ConceptMoE", { kind: "conceptmoe", baseline: moe, ratio: 2, encoderLayers: 1, decoderLayers: 1, topK: 3 }],
+  ["DeepSeek-V3 routing: 6 experts in 3 groups, the best 2, top-2, scaled 2.5", {
+    model_type: "deepseek_v3", vocab_size: 64, hidden_size: 32, intermediate_size: 48, moe_intermediate_size: 16, num_hidden_layers: 2, first_k_dense_replace: 1,
+    n_routed_experts: 6, n_group: 3, topk_group: 2, num_experts_per_tok: 2, n_shared_experts: 1, num_attention_heads: 4, q_lora_rank: 12, kv_lora_rank: 8,
+    qk_nope_head_dim: 8, qk_rope_head_dim: 4, v_head_dim: 8, max_position_embeddings: 64
+  }]
 ]
 
 const batch: Batch = {

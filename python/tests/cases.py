@@ -84,6 +84,12 @@ def cases() -> dict[str, dict]:
                 out[name] = {**config, "baseline": baseline}
     for path in sorted(glob.glob(os.path.join(ROOT, "examples", "hf", "*.json"))):
         out["hf_" + os.path.basename(path)[:-5]] = small_hf(json.load(open(path)))
+    # DeepSeek's group-limited routing and routed scaling (8 experts in 4 groups)
+    v3 = small_hf(json.load(open(os.path.join(ROOT, "examples", "hf", "deepseek-v3.json"))))
+    out["hf_deepseek-v3-grouped"] = {**v3, "n_routed_experts": 8, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3, "routed_scaling_factor": 2.5}
+    v2 = small_hf(json.load(open(os.path.join(ROOT, "examples", "hf", "deepseek-v2-lite.json"))))
+    out["hf_deepseek-v2-grouped"] = {**v2, "n_routed_experts": 8, "n_group": 4, "topk_group": 1, "topk_method": "group_limited_greedy",
+                                     "routed_scaling_factor": 16.0}
     out["gqa_window"] = {"kind": "dense", "name": "gqa-window", "vocab": 64, "hidden": 32, "layers": 2, "heads": 4, "kvHeads": 2,
                          "ffnHidden": 48, "window": 5, "tiedEmbeddings": False, "contextLength": 64}
     out["dense_variants"] = {"kind": "dense", "name": "dense-variants", "vocab": 64, "hidden": 32, "layers": 2, "heads": 4, "ffnHidden": 48,

@@ -6,6 +6,12 @@
  * simply many small ones. Optional shared experts (DeepSeek, Qwen2-MoE) form one FFN of
  * `shared.hidden` neurons that every token runs, optionally scaled by a sigmoid gate `[d, 1]` (Qwen2).
  *
+ * Routing: the router's probabilities (softmax or sigmoid) choose each token's top-k; optionally
+ * only among the experts of the `groupTopK` best of `groups` equal groups (DeepSeek's group-limited
+ * routing; a group scores its largest probability, `max`, or the sum of its two largest, `top2`).
+ * The gates are the chosen probabilities, renormalised to sum 1 with `normalizeTopK`, then times
+ * `routedScale` (DeepSeek's routed scaling factor).
+ *
  * Params: router d·E; experts E·m·d·h (m = 3 gated, 2 plain); shared m·d·h_s; gate d.
  * Activated per token: the router, k/E of the experts, the shared experts and gate.
  * FLOPs/token: 2·d·E (router) + 2·k·m·d·h (experts) + 2·m·d·h_s (shared) + 2·d (gate).
@@ -16,7 +22,7 @@
 import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf, type Named } from "../graph/Block.ts"
-import { crossCheck, Dim, withDefault } from "../graph/Spec.ts"
+import { crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import type { ForwardContext, Tensor } from "../graph/Apply.ts"
 import { Activation, ffnMatrices, ffnParams } from "./MLP.ts"
 import * as ops from "./ops.ts"
@@ -38,9 +44,27 @@ export const MoESpec = Schema.Struct({
   shared: withDefault(Schema.NullOr(SharedExperts), null),
   routerBias: withDefault(Schema.Boolean, false),
   scoring: withDefault(Schema.Literals(["softmax", "sigmoid"]), "softmax"),
-  normalizeTopK: withDefault(Schema.Boolean, false)
+  normalizeTopK: withDefault(Schema.Boolean, false),
+  /** Equal groups of experts for group-limited routing (1: none). */
+  groups: withDefault(Dim, 1),
+  /** Groups a token's experts are chosen from (null: all). */
+  groupTopK: withDefault(Schema.NullOr(Dim), null),
+  /** A group's score: its largest probability, or the sum of its two largest. */
+  groupScore: withDefault(Schema.Literals(["max", "top2"]), "max"),
+  /** Factor on the routed experts' gates. */
+  routedScale: withDefault(PositiveNumber, 1)
 }).pipe(Schema.check(crossCheck((s) =>
-  s.topK > s.experts ? ["topK", `top-k (${s.topK}) exceeds the number of experts (${s.experts})`] : undefined
+  s.topK > s.experts
+    ? ["topK", `top-k (${s.topK}) exceeds the number of experts (${s.experts})`]
+    : s.experts % s.groups !== 0
+    ? ["groups", `the experts (${s.experts}) do not split into ${s.groups} equal groups`]
+    : s.groupTopK !== null && s.groupTopK > s.groups
+    ? ["groupTopK", `groupTopK (${s.groupTopK}) exceeds the groups (${s.groups})`]
+    : s.groupTopK !== null && s.topK > (s.groupTopK * s.experts) / s.groups
+    ? ["topK", `top-k (${s.topK}) exceeds the experts of ${s.groupTopK} group(s) (${(s.groupTopK * s.experts) / s.groups})`]
+    : s.groupScore === "top2" && s.groups > 1 && s.experts / s.groups < 2
+    ? ["groupScore", "top2 needs at least 2 experts per group"]
+    : undefined
 )))
 export type MoESpec = typeof MoESpec.Type
 
@@ -60,7 +84,7 @@ const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record
   if (ctx.dispatch === "grouped") return slotDispatch(ctx, s, x, p, probs, "grouped")
   if (typeof ctx.dispatch === "object") return slotDispatch(ctx, s, x, p, probs, ctx.dispatch)
   if (ctx.valid !== undefined) throw new Error(`sparse MoE dispatch does not take padded positions (at ${ctx.scope}); use dense or grouped dispatch`)
-  const { indices } = tf.topk(ctx.detach(probs), s.topK)
+  const { indices } = tf.topk(selectionScores(ctx, s, ctx.detach(probs)), s.topK)
   const chosen = ctx.read(indices) as Int32Array
   indices.dispose()
   // gate of each (token, slot): probs[n, e], gathered from the flat probabilities (differentiable)
@@ -68,6 +92,7 @@ const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record
   for (let i = 0; i < n * s.topK; i++) flat[i] = Math.floor(i / s.topK) * E + chosen[i]!
   let gates = tf.reshape(tf.gather(tf.reshape(probs, [n * E]), tf.tensor1d(flat, "int32")), [n, s.topK])
   if (s.normalizeTopK) gates = tf.div(gates, tf.sum(gates, 1, true))
+  if (s.routedScale !== 1) gates = tf.mul(gates, s.routedScale)
   const gateFlat = tf.reshape(gates, [n * s.topK])
   // group (token, slot) pairs by expert
   const byExpert: Array<Array<number>> = Array.from({ length: E }, () => [])
@@ -213,9 +238,26 @@ const slotDispatch = (
  */
 const topGates = (ctx: ForwardContext, s: MoESpec, probs: Tensor) => {
   const { tf } = ctx
-  const chosen = ctx.topMask(ctx.stop(probs), s.topK)
+  const chosen = ctx.topMask(selectionScores(ctx, s, ctx.stop(probs)), s.topK)
   const gates = tf.mul(probs, chosen)
-  return { chosen, gates: s.normalizeTopK ? tf.div(gates, tf.sum(gates, 1, true)) : gates }
+  const normalised = s.normalizeTopK ? tf.div(gates, tf.sum(gates, 1, true)) : gates
+  return { chosen, gates: s.routedScale === 1 ? normalised : tf.mul(normalised, s.routedScale) }
+}
+
+/**
+ * The scores the top-k is taken over (off the tape): the probabilities, with group-limited routing
+ * those outside the token's `groupTopK` best groups set to 0 (as DeepSeek's routers do; the
+ * probabilities are positive, so top-k never picks them while enough others remain).
+ */
+const selectionScores = (ctx: ForwardContext, s: MoESpec, probs: Tensor): Tensor => {
+  if (s.groups === 1 || s.groupTopK === null || s.groupTopK >= s.groups) return probs
+  const { tf } = ctx
+  const n = probs.shape[0]!
+  const per = s.experts / s.groups
+  const byGroup = tf.reshape(probs, [n * s.groups, per])
+  const score = s.groupScore === "max" ? tf.max(byGroup, 1) : tf.sum(tf.mul(byGroup, ctx.topMask(byGroup, 2)), 1)
+  const keep = ctx.topMask(tf.reshape(score, [n, s.groups]), s.groupTopK)
+  return tf.mul(probs, tf.reshape(tf.tile(tf.reshape(keep, [n, s.groups, 1]), [1, 1, per]), [n, s.experts]))
 }
 
 /** An expert matrix `[E, a, b]` as stored, or a bias `[E, h]` as `[E, 1, h]` (broadcast over tokens). */

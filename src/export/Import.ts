@@ -245,14 +245,9 @@ const ignorable = (name: string, modelType: string, layers: number, tied: boolea
 const fidelityNotes = (config: Record<string, unknown>): Array<string> => {
   const notes: Array<string> = []
   const t = config["model_type"]
-  if (t === "deepseek_v2" || t === "deepseek_v3") {
-    const groups = config["n_group"]
-    if (typeof groups === "number" && groups > 1) {
-      notes.push(`n_group ${groups}, topk_group ${String(config["topk_group"])}: group-limited routing is not applied (top-k over all experts)`)
-    }
-    const scale = config["routed_scaling_factor"]
-    if (typeof scale === "number" && scale !== 1) notes.push(`routed_scaling_factor ${scale} is not applied (routed outputs unscaled)`)
-    if (t === "deepseek_v3") notes.push("the score-correction bias (e_score_correction_bias) is not added to the scores that choose the experts")
+  if (t === "deepseek_v3") {
+    notes.push("the score-correction bias (e_score_correction_bias) is not added to the scores that choose the experts (top-k over the plain sigmoid scores)")
+    if (config["n_group"] === undefined || config["n_group"] === null) notes.push("no n_group: routed without groups (transformers' default is 8 groups)")
   }
   if (config["rope_scaling"] !== undefined && config["rope_scaling"] !== null) notes.push("rope_scaling is not applied (plain RoPE)")
   return notes

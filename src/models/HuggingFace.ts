@@ -12,6 +12,11 @@
  *   not counted (DeepSeek's "671B" includes it: +256 per MoE layer).
  * - DeepSeek's multi-token-prediction layers (`num_nextn_predict_layers`) are not built by
  *   transformers and not counted.
+ * - DeepSeek's routing: group-limited top-k (`n_group`, `topk_group`; V2 with `topk_method:
+ *   group_limited_greedy` scoring a group by its best probability, V3 always, by the sum of its two
+ *   best) and `routed_scaling_factor` (V3 after renormalising, V2 only when it does not renormalise)
+ *   as transformers; an absent `n_group` means no groups (transformers' V3 default is 8). V3's
+ *   score-correction bias, a buffer, is not modelled: its top-k is over the plain scores.
  *
  * @since 0.1.0
  */
@@ -194,7 +199,19 @@ const deepseekFields = {
   rope_theta: num(10000),
   attention_bias: bool(false),
   norm_topk_prob: bool(false),
-  scoring_func: withDefault(Schema.String, "softmax")
+  scoring_func: withDefault(Schema.String, "softmax"),
+  /** Group-limited routing (V2 with `topk_method: group_limited_greedy`; V3 always): absent, none. */
+  n_group: withDefault(Schema.NullOr(DimAtMost("experts")), null),
+  topk_group: withDefault(Schema.NullOr(DimAtMost("experts")), null),
+  topk_method: withDefault(Schema.String, "greedy"),
+  routed_scaling_factor: num(1)
+}
+
+/** Whether a DeepSeek config routes group-limited (and over how many groups). */
+const routingGroups = (c: Record<string, unknown>): number => {
+  const g = c["n_group"] as number | null
+  const grouped = c["model_type"] === "deepseek_v3" || c["topk_method"] === "group_limited_greedy"
+  return grouped && g !== null && g > 1 ? g : 1
 }
 
 const deepseekTopK = (c: Record<string, unknown>) => {
@@ -202,7 +219,14 @@ const deepseekTopK = (c: Record<string, unknown>) => {
   const k = c["num_experts_per_tok"] as number | null
   if (e === null) return undefined
   if (k === null) return ["num_experts_per_tok", "is required when n_routed_experts is set"] as const
-  return k > e ? ["num_experts_per_tok", `num_experts_per_tok (${k}) exceeds n_routed_experts (${e})`] as const : undefined
+  if (k > e) return ["num_experts_per_tok", `num_experts_per_tok (${k}) exceeds n_routed_experts (${e})`] as const
+  const g = routingGroups(c)
+  if (g === 1) return undefined
+  const keep = c["topk_group"] as number | null
+  if (e % g !== 0) return ["n_group", `n_routed_experts (${e}) does not split into n_group (${g}) equal groups`] as const
+  if (keep === null || keep > g) return ["topk_group", `expected a number of groups from 1 to n_group (${g}) for group-limited routing, got ${keep}`] as const
+  if (k > (keep * e) / g) return ["num_experts_per_tok", `num_experts_per_tok (${k}) exceeds the experts of topk_group (${keep}) groups (${(keep * e) / g})`] as const
+  return undefined
 }
 
 export const DeepseekV2Config = Schema.Struct({ model_type: Schema.Literal("deepseek_v2"), ...deepseekFields })
@@ -223,7 +247,9 @@ export const DeepseekV3Config = Schema.Struct({
   first_k_dense_replace: count("layers", 3),
   max_position_embeddings: dim("seqLen", 4096),
   norm_topk_prob: bool(true),
-  scoring_func: withDefault(Schema.String, "sigmoid")
+  scoring_func: withDefault(Schema.String, "sigmoid"),
+  topk_method: withDefault(Schema.String, "noaux_tc"),
+  routed_scaling_factor: num(2.5)
 }).pipe(all(deepseekTopK))
 
 /** Every supported `model_type`, with its Schema. */
@@ -375,14 +401,22 @@ export const fromHf = (c: HfConfig, name: string): DecoderConfig => {
       }
       const dense: FFN = { kind: "mlp", spec: { hidden: c.intermediate_size } }
       const routed = c.n_routed_experts
+      const v3 = c.model_type === "deepseek_v3"
+      const groups = routingGroups(c)
+      const topK = c.num_experts_per_tok ?? 1
       const sparse: FFN | undefined = routed === null ? undefined : {
         kind: "moe",
         spec: {
           experts: routed,
-          topK: c.num_experts_per_tok ?? 1,
+          topK,
           expertHidden: c.moe_intermediate_size,
-          scoring: c.model_type === "deepseek_v3" ? "sigmoid" : "softmax",
+          scoring: v3 ? "sigmoid" : "softmax",
           normalizeTopK: c.norm_topk_prob,
+          groups,
+          groupTopK: groups > 1 ? c.topk_group : null,
+          groupScore: v3 ? "top2" : "max",
+          // V3 scales after renormalising; V2 scales only the gates it does not renormalise
+          routedScale: v3 || !(topK > 1 && c.norm_topk_prob) ? c.routed_scaling_factor : 1,
           shared: c.n_shared_experts !== null && c.n_shared_experts > 0 ? { hidden: c.moe_intermediate_size * c.n_shared_experts } : null
         }
       }

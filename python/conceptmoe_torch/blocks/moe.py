@@ -1,7 +1,10 @@
 """Mixture of experts: a router scores E experts, each token runs its top-k (sparse dispatch).
 
 Gates are the router's probabilities (softmax or sigmoid) on the chosen experts, renormalised to sum
-1 when ``normalizeTopK``; optional shared experts run on every token, optionally scaled by a sigmoid
+1 when ``normalizeTopK``, times ``routedScale``. With ``groups`` and ``groupTopK`` (DeepSeek's
+group-limited routing) the top-k is taken among the experts of each token's ``groupTopK`` best groups
+(a group scores its largest probability, ``max``, or the sum of its two largest, ``top2``); optional
+shared experts run on every token, optionally scaled by a sigmoid
 gate. In training, the Switch load-balancing loss ``E·Σ_e f_e·P_e`` (f: fraction of token-slot pairs
 routed to e, P: mean probability), weighted by the step's balance weight, joins the auxiliary losses.
 """
@@ -19,10 +22,12 @@ class MoE(Block):
         n, E, k = x.shape[0], s["experts"], s["topK"]
         probs = linear(x, self.p("router.weight"), self.p("router.bias"))
         probs = torch.softmax(probs, dim=-1) if s["scoring"] == "softmax" else torch.sigmoid(probs)
-        chosen = torch.topk(probs.detach(), k, dim=-1).indices  # [n, k]
+        chosen = torch.topk(self._selection(probs.detach()), k, dim=-1).indices  # [n, k]
         gates = probs.gather(1, chosen)
         if s["normalizeTopK"]:
             gates = gates / gates.sum(1, keepdim=True)
+        if s.get("routedScale", 1) != 1:
+            gates = gates * s["routedScale"]
         flat_expert = chosen.reshape(-1)
         flat_token = torch.arange(n, device=x.device).repeat_interleave(k)
         flat_gate = gates.reshape(-1)
@@ -42,6 +47,18 @@ class MoE(Block):
             fraction = torch.bincount(flat_expert, minlength=E).to(probs.dtype) / (n * k)
             ctx.aux_losses.append((probs.mean(0) * fraction).sum() * (E * ctx.balance_weight))
         return out
+
+    def _selection(self, probs):
+        """The scores the top-k is taken over: outside each token's best groups, 0."""
+        s = self.spec
+        groups, keep = s.get("groups", 1), s.get("groupTopK")
+        if groups == 1 or keep is None or keep >= groups:
+            return probs
+        n = probs.shape[0]
+        by_group = probs.reshape(n, groups, -1)
+        score = by_group.max(-1).values if s.get("groupScore", "max") == "max" else by_group.topk(2, dim=-1).values.sum(-1)
+        mask = torch.zeros_like(score).scatter_(1, torch.topk(score, keep, dim=-1).indices, 1.0)
+        return (by_group * mask.unsqueeze(-1)).reshape(n, -1)
 
     def _expert(self, name, e):
         w = self.p(f"experts.{name}")

@@ -9,6 +9,7 @@
 import { Cause, Console, Effect } from "effect"
 import { CliError, CliOutput, Command } from "effect/cli"
 import { ExitCode } from "./shared.ts"
+import * as Progress from "../internal/Progress.ts"
 
 /** What a run ended with: its exit code, and the unexpected failure (a bug) if there was one. */
 export interface Outcome {
@@ -72,6 +73,8 @@ export const runCli = <const Name extends string, Input, ContextInput, E, R>(
       }),
       Effect.provideService(ExitCode, exit),
       Effect.provideService(CliOutput.Presenter, presenter),
+      // progress through Effect's logger: plain lines, a bar on a terminal, silenced by --log-level warn
+      Effect.provide(Progress.layer),
       Effect.map(() => ({ code: exit.code, defect }))
     )
   })

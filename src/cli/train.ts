@@ -15,6 +15,7 @@ import { verify as verifyModel, verifyAsync } from "../runtime/Verify.ts"
 import { byteTokenizer, sotuSplits, validationBatches } from "../train/Data.ts"
 import { train as trainModel, type TrainResult, TrainSettings } from "../train/Train.ts"
 import * as Stop from "../train/Stop.ts"
+import * as Progress from "../internal/Progress.ts"
 import { problemsOf, formatPath } from "../graph/Spec.ts"
 import { limits } from "../graph/Limits.ts"
 import { flagLimits, format, handled, intFlag, positive, UsageError } from "./shared.ts"
@@ -98,6 +99,8 @@ export const train = Command.make(
     ].join(" ")
     const json = f.format === "json"
     const r = yield* withBackend(f.backend, trainModel(model, settings, { out, resume: f.resume, ...(json ? { quiet: true } : {}), ...(data === undefined ? {} : { data }) })).pipe(
+      // a run that ends early (a signal, divergence) leaves no progress bar under its message
+      Effect.ensuring(Progress.clear),
       Effect.catchTag("Stopped", (e) => Stop.report(e, `continue with: ${again}`).pipe(Effect.as(undefined)))
     )
     if (r === undefined) return

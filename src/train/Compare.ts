@@ -21,7 +21,7 @@
  *
  * @since 0.3.0
  */
-import { Console, Effect, FileSystem, Path } from "effect"
+import { Effect, FileSystem, Path } from "effect"
 import type { Analysis } from "../graph/Analyze.ts"
 import { budgetOf, type BudgetMismatch, match, type Matched, relative } from "../cost/Budget.ts"
 import * as Cost from "../cost/Cost.ts"
@@ -34,6 +34,7 @@ import { type DataInfo, ngramCounts, type Reference, referenceOnBatches, referen
 import { type Interval, pairedDifference, type Summary, summarize, windowMeans, bands } from "./Stats.ts"
 import { type StepMetrics, train, type TrainSettings } from "./Train.ts"
 import * as Stop from "./Stop.ts"
+import * as Progress from "../internal/Progress.ts"
 
 /** Which parts a budget counts: all (`include`), or all but the chunk module and joint decoding (`exclude`, the paper's). */
 export type Overheads = "include" | "exclude"
@@ -244,7 +245,7 @@ export const compareMatched = <E, R>(
       const settings = { ...options.settings, seed }
       for (const [i, m] of models.entries()) {
         const dir = options.seeds.length === 1 ? path.join(options.out, m.name) : path.join(options.out, `seed-${seed}`, m.name)
-        if (options.quiet !== true) yield* Console.log(`\n${m.name}, seed ${seed}:`)
+        if (options.quiet !== true) yield* Progress.line(`\n${m.name}, seed ${seed}:`)
         const r = yield* train(m, settings, { out: dir, resume: false, data, ...(options.quiet === true ? { quiet: true } : {}) }).pipe(
           Stop.inSeries(finished, options.seeds.length * models.length)
         )

@@ -15,6 +15,7 @@ import { type Lowered, materialize, release, setRamp } from "../runtime/Lower.ts
 import { CheckpointError, encode, type Metadata, readChecked, type SettingChange, type TensorData } from "./Checkpoint.ts"
 import { commit, ensureDir, lock as lockRun, removeStaleTemps } from "./RunDir.ts"
 import * as Stop from "./Stop.ts"
+import * as Progress from "../internal/Progress.ts"
 import { type DataInfo, DataMismatch, type Stream, sotuData, trainBatch, validationBatches } from "./Data.ts"
 import { capturedTrainer } from "./Captured.ts"
 import { parallelTrainer, trainingThreads } from "./Parallel.ts"
@@ -255,7 +256,7 @@ export const train = (
     const { description, tf } = yield* Tensors
     const fs = yield* FileSystem.FileSystem
     const path = yield* Path.Path
-    const log = (s: string) => (options.quiet === true ? Effect.void : Console.log(s))
+    const log = (s: string) => (options.quiet === true ? Effect.void : Progress.line(s))
     if (settings.seqLen > model.contextLength) {
       return yield* new SettingsError({ field: "seqLen", message: `seqLen ${settings.seqLen} exceeds the context length of ${model.name} (${model.contextLength} tokens); use a seqLen of at most ${model.contextLength}` })
     }
@@ -435,6 +436,7 @@ export const train = (
         ...(val?.compression === undefined ? {} : { valCompression: val.compression })
       }
       metrics.push(m)
+      if (options.quiet !== true) yield* Progress.tick(model.name, step + 1, end)
       if ((step + 1) % settings.logEvery === 0 || doEval || step === start) {
         const now = performance.now()
         const tps = windowTokens / ((now - windowStart) / 1000)

@@ -1,6 +1,7 @@
 /**
  * The folders of src/ depend on each other one way (issue 21): no import cycle between top-level
- * folders, type-only imports included. The edges are read from the sources (static `import`/`export
+ * folders, type-only imports included, and each folder imports only those before it in the order
+ * of docs/architecture.md. The edges are read from the sources (static `import`/`export
  * … from` and dynamic `import()` of relative paths); the files that make a cycle are named.
  */
 import { assert, describe, it } from "@effect/vitest"
@@ -111,6 +112,14 @@ describe("folder dependencies", () => {
       return loop.join(", ")
     })
     assert.deepStrictEqual(found, [], `import cycles between folders: ${explain.join(" | ")}`)
+    // the order of docs/architecture.md: each folder imports only folders before it
+    const order = ["internal", "cost", "graph", "blocks", "models", "report", "runtime", "train", "infer", "export", "cli"]
+    const folders = fs.readdirSync(src, { withFileTypes: true }).filter((d) => d.isDirectory()).map((d) => d.name).sort()
+    assert.deepStrictEqual(folders, [...order].sort(), "a new folder of src/ goes into docs/architecture.md and this order")
+    const upward = [...edges].flatMap(([a, out]) =>
+      a === "." ? [] : [...out.keys()].filter((b) => order.indexOf(b) > order.indexOf(a)).map((b) => out.get(b)![0]!)
+    )
+    assert.deepStrictEqual(upward, [], "imports of a folder above the importer's (docs/architecture.md)")
     // the foundations: the cost algebra and the shared helpers import no other folder of src/
     assert.deepStrictEqual([...(edges.get("internal")?.keys() ?? [])], [])
     assert.deepStrictEqual([...(edges.get("cost")?.keys() ?? [])].filter((f) => f !== "internal"), [])

@@ -2,8 +2,10 @@
  * Numbers unchanged (issue 21): the compare pair, trained for 20 steps on the cpu backend with a
  * fixed seed, gives the losses recorded in tests/fixtures/regression.json before the redesign, bit
  * for bit, and the same static parameters and FLOPs. The run and every setting it uses are in
- * tests/support/regression.ts; the fixture was written by tests/fixtures/record-regression.ts.
- * (Two runs of it gave identical JSON, so the comparison is exact.)
+ * tests/support/regression.ts; the fixture was written by tests/fixtures/record-regression.ts on
+ * the tree of commit c19c380, before the redesign. (Two runs of it gave identical JSON, so the
+ * comparison is exact.) The ConceptMoE trains with the paper's ratio loss ("plain"), so that a
+ * retuned "pi" controller does not count as a change of numbers.
  */
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"

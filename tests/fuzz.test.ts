@@ -6,7 +6,7 @@
  * baseline in eight) the reallocation solver. Then 240 command lines through the CLI, in-process:
  * budget, reallocate, report, verify, train, generate, export and convert with bad flags, values
  * and files (missing, a directory, empty, not JSON, `__proto__`, 10^12 layers, 3,000-deep graphs,
- * broken checkpoints); the first five must succeed (among them the only real training, two tiny
+ * broken checkpoints, a 400-layer solver baseline); the first five must succeed (among them the only real training, two tiny
  * steps on cpu). Each case must end accepted, with exact, finite numbers, or refused with a typed
  * error whose message names what is wrong. A crash, an untyped error, a stack trace, "undefined"
  * or "internal" in a message is a defect; the suite expects 0. It writes only in a temp dir.
@@ -266,7 +266,9 @@ describe(`fuzz: ${cliCount} hostile command lines, in-process`, () => {
       tiny,
       example("hf/gpt2.json"),
       example("hf/deepseek-v3.json"),
-      example("conceptmoe-base-top.json")
+      example("conceptmoe-base-top.json"),
+      // deep enough that a solver search over every loop depth is refused by its limit on work
+      write("deep-layers.json", JSON.stringify({ kind: "moe", vocab: 64, hidden: 32, layers: 400, heads: 4, experts: 8, topK: 2, expertHidden: 32, contextLength: 256 }))
     ]
     const cr = rng(seed + 2)
     for (let i = 0; i < 12; i++) configs.push(write(`mutated-${i}.json`, JSON.stringify(mutate(cr, pick(cr, bases(cr))).json) ?? "null"))

@@ -287,3 +287,39 @@ describe("found by the fuzz suite (tests/fuzz.test.ts)", () => {
     assert.strictEqual(r.err, `error: "": the path is empty; expected a run directory or its checkpoint.safetensors`)
   })
 })
+
+describe("the solver's limit on work", () => {
+  const deep = (layers: number) => load({ kind: "moe", vocab: 64, hidden: 32, layers, heads: 4, experts: 8, topK: 2, expertHidden: 32, contextLength: 256 })
+
+  it.effect("a loop search over every depth of a 400-layer baseline (millions of layers to cost) is refused before it starts", () =>
+    Effect.gen(function*() {
+      const m = yield* deep(400)
+      const e = yield* Effect.flip(reallocate(m.decoder!, m.analysis, { ratio: 2, strategy: "loop", encoderLayers: 1, decoderLayers: 1 }))
+      assert.strictEqual(e._tag, "InvalidReallocation")
+      if (e._tag === "InvalidReallocation") assert.strictEqual(e.field, "loopLayers")
+      assert.strictEqual(
+        e.message,
+        "the loop search over this 400-layer baseline would build and cost more than 200,000 layers of candidate models (the solver's limit on work); fix the number of looped layers (loopLayers) or search a shallower baseline"
+      )
+    }))
+
+  it.effect("a search that runs past the limit stops with the same error; under it, the same search succeeds", () =>
+    Effect.gen(function*() {
+      const m = yield* deep(6)
+      const options = { ratio: 2, strategy: "loop", encoderLayers: 1, decoderLayers: 1, limit: 1 } as const
+      // this search costs 16 models of 6 layers (96 layers in all)
+      const e = yield* Effect.flip(reallocate(m.decoder!, m.analysis, { ...options, maxWork: 90 }))
+      assert.include(e.message, "would build and cost more than 90 layers of candidate models")
+      const ok = yield* reallocate(m.decoder!, m.analysis, { ...options, maxWork: 96 })
+      assert.deepStrictEqual(ok.map((c) => c.name), ["2L-top2-R2"])
+    }))
+
+  it("reallocate on the command line names --loop-layers", async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "conceptmoe-limits-"))
+    const file = path.join(dir, "deep.json")
+    fs.writeFileSync(file, JSON.stringify({ kind: "moe", vocab: 64, hidden: 32, layers: 400, heads: 4, experts: 8, topK: 2, expertHidden: 32, contextLength: 256 }))
+    const r = await runInProcess(["reallocate", file, "--ratio", "2", "--strategy", "loop", "--encoder-layers", "1", "--decoder-layers", "1"])
+    assert.strictEqual(r.code, 1)
+    assert.match(r.err, /^error: --loop-layers: the loop search over this 400-layer baseline would build and cost more than 200,000 layers/)
+  })
+})

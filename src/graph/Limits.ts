@@ -31,6 +31,13 @@ export const limits = {
   seqLen: 1 << 24,
   /** Passes of a looped block. */
   loopTimes: 1 << 10,
+  /**
+   * Work of one reallocation search, in layers of candidate models built and costed: about 150 µs
+   * a layer on a loaded 2-core machine, so at most about 30–40 s. The largest search of the examples
+   * (examples/hf/qwen3-30b-a3b.json, topk, overheads included) needs 127,536; a loop search tries every loop depth, so its work grows with the square
+   * of the layer count (a 400-layer baseline would need millions).
+   */
+  solverLayers: 200_000,
   /** Nesting depth and node count of a graph written node by node (the built-ins nest at most 7 deep). */
   depth: 256,
   nodes: 200_000

@@ -31,6 +31,7 @@ import { budgetOf, type Matched, match, relative } from "../cost/Budget.ts"
 import { baselineStages, conceptStages, type StageCost, stageCosts } from "../cost/Stages.ts"
 import { buildConceptMoE, type ConceptLayout, type ConceptSpec, conceptLayout, shortName } from "./ConceptMoE.ts"
 import type { DecoderConfig, DecoderLayer } from "./Decoder.ts"
+import { formatLimit, limits } from "../graph/Limits.ts"
 
 export type Strategy = "topk" | "loop" | "width"
 export const strategies: ReadonlyArray<Strategy> = ["topk", "loop", "width"]
@@ -60,6 +61,12 @@ export interface ReallocateOptions {
    * fewer and narrower concept-model experts (default true; false: the paper's search only).
    */
   readonly expertLever?: boolean
+  /**
+   * The most work one search may do, in layers of candidate models built and costed (default
+   * `limits.solverLayers`). A search that would do more fails with {@link InvalidReallocation}
+   * instead of running for minutes or hours.
+   */
+  readonly maxWork?: number
 }
 
 export interface Candidate {
@@ -169,10 +176,31 @@ export const reallocate = (
 
     const target = budgetOf(baselineAnalysis, exclude)
     const targetAll = budgetOf(baselineAnalysis)
+
+    // the search's work, in layers of models built and costed: a deep baseline (or a loop search over
+    // every depth of one) would otherwise run for hours. The least work a strategy can do is checked
+    // first, the rest as the search goes.
+    const maxWork = options.maxWork ?? limits.solverLayers
+    const L = baseline.layers.length
+    const tooMuch = () => {
+      const loop = options.strategy === "loop" && options.loopLayers === undefined
+      return new InvalidReallocation({
+        field: loop ? "loopLayers" : "baseline",
+        message: `the ${options.strategy} search over this ${formatLimit(L)}-layer baseline would build and cost more than ${formatLimit(maxWork)} layers of ` +
+          `candidate models (the solver's limit on work); ${loop ? "fix the number of looped layers (loopLayers) or " : ""}search a shallower baseline`
+      })
+    }
+    const least = L * (options.strategy === "loop" && options.loopLayers === undefined ? lc : 1) * Math.max(1, Math.ceil(Math.log2(E + 1)))
+    if (least > maxWork) return yield* tooMuch()
+    let work = 0
+    const exhausted = Symbol("exhausted")
+
     const cache = new Map<string, Evaluated | null>()
     const evaluate = (spec: ConceptSpec): Evaluated | null => {
       const key = JSON.stringify(spec)
       if (cache.has(key)) return cache.get(key)!
+      work += L
+      if (work > maxWork) throw exhausted
       const built = buildConceptMoE(baseline, spec)
       let out: Evaluated | null = null
       if (Result.isSuccess(built)) {
@@ -227,47 +255,52 @@ export const reallocate = (
 
     const tried: Array<Evaluated> = []
     let reason = ""
-    if (options.strategy === "topk") {
-      tried.push(...aroundTopK(base, E))
-      reason = `the concept model's top-k is between 1 and ${E} experts`
-      if (!fits(tried) && options.expertLever !== false) {
-        tried.push(...expertLever(base))
-        reason += `, or with fewer or narrower concept-model experts (expert count and hidden size set by the budget)`
-      }
-    } else if (options.strategy === "loop") {
-      if (options.loopLayers !== undefined && (options.loopLayers < 1 || options.loopLayers > lc)) {
-        return yield* new InvalidReallocation({
-          field: "loopLayers",
-          message: `loopLayers must be between 1 and the ${lc} concept-model layers, got ${options.loopLayers}; the nearest valid value is ${Math.min(Math.max(options.loopLayers, 1), lc)}`
-        })
-      }
-      const counts = options.loopLayers !== undefined ? [options.loopLayers] : Array.from({ length: lc }, (_, i) => i + 1)
-      for (const n of counts) tried.push(...aroundTopK({ ...base, loopLayers: n }, E))
-      reason = `looping ${options.loopLayers ?? `1..${lc}`} of ${lc} layers with top-k in 1..${E}`
-      if (!fits(tried) && options.expertLever !== false) {
-        for (const n of counts) tried.push(...expertLever({ ...base, loopLayers: n }))
-        reason += `, or with fewer or narrower concept-model experts (expert count and hidden size set by the budget)`
-      }
-    } else {
-      const m = moeLayer.mixer
-      if (m.kind !== "attention") {
-        return yield* new InvalidReallocation({ field: "strategy", message: "the width strategy needs an MHA/GQA attention baseline" })
-      }
-      const hd = m.spec.headDim
-      const group = m.spec.heads / m.spec.kvHeads
-      const h0 = moeLayer.ffn.spec.expertHidden
-      const maxHeads = Math.ceil(m.spec.heads * Math.sqrt(R) * 1.5)
-      for (let heads = m.spec.heads + group; heads <= maxHeads; heads += group) {
-        const w = heads / m.spec.heads
-        const hiddens = [...new Set([h0, Math.round((h0 * Math.sqrt(w)) / 8) * 8, Math.round((h0 * w) / 8) * 8])].filter((h) => h > 0)
-        for (const expertHidden of hiddens) {
-          const spec: ConceptSpec = { ...base, hidden: heads * hd, heads, kvHeads: heads / group, expertHidden }
-          const params = (e: number) => evaluate({ ...spec, experts: e, topK: Math.min(k0, e) })?.params ?? Infinity
-          const e = lastNonPositive(1, 4 * E, params)
-          for (const experts of [e, e + 1].filter((x) => x >= 1)) tried.push(...aroundTopK({ ...spec, experts }, experts))
+    try {
+      if (options.strategy === "topk") {
+        tried.push(...aroundTopK(base, E))
+        reason = `the concept model's top-k is between 1 and ${E} experts`
+        if (!fits(tried) && options.expertLever !== false) {
+          tried.push(...expertLever(base))
+          reason += `, or with fewer or narrower concept-model experts (expert count and hidden size set by the budget)`
         }
+      } else if (options.strategy === "loop") {
+        if (options.loopLayers !== undefined && (options.loopLayers < 1 || options.loopLayers > lc)) {
+          return yield* new InvalidReallocation({
+            field: "loopLayers",
+            message: `loopLayers must be between 1 and the ${lc} concept-model layers, got ${options.loopLayers}; the nearest valid value is ${Math.min(Math.max(options.loopLayers, 1), lc)}`
+          })
+        }
+        const counts = options.loopLayers !== undefined ? [options.loopLayers] : Array.from({ length: lc }, (_, i) => i + 1)
+        for (const n of counts) tried.push(...aroundTopK({ ...base, loopLayers: n }, E))
+        reason = `looping ${options.loopLayers ?? `1..${lc}`} of ${lc} layers with top-k in 1..${E}`
+        if (!fits(tried) && options.expertLever !== false) {
+          for (const n of counts) tried.push(...expertLever({ ...base, loopLayers: n }))
+          reason += `, or with fewer or narrower concept-model experts (expert count and hidden size set by the budget)`
+        }
+      } else {
+        const m = moeLayer.mixer
+        if (m.kind !== "attention") {
+          return yield* new InvalidReallocation({ field: "strategy", message: "the width strategy needs an MHA/GQA attention baseline" })
+        }
+        const hd = m.spec.headDim
+        const group = m.spec.heads / m.spec.kvHeads
+        const h0 = moeLayer.ffn.spec.expertHidden
+        const maxHeads = Math.ceil(m.spec.heads * Math.sqrt(R) * 1.5)
+        for (let heads = m.spec.heads + group; heads <= maxHeads; heads += group) {
+          const w = heads / m.spec.heads
+          const hiddens = [...new Set([h0, Math.round((h0 * Math.sqrt(w)) / 8) * 8, Math.round((h0 * w) / 8) * 8])].filter((h) => h > 0)
+          for (const expertHidden of hiddens) {
+            const spec: ConceptSpec = { ...base, hidden: heads * hd, heads, kvHeads: heads / group, expertHidden }
+            const params = (e: number) => evaluate({ ...spec, experts: e, topK: Math.min(k0, e) })?.params ?? Infinity
+            const e = lastNonPositive(1, 4 * E, params)
+            for (const experts of [e, e + 1].filter((x) => x >= 1)) tried.push(...aroundTopK({ ...spec, experts }, experts))
+          }
+        }
+        reason = "wider concept models (more heads of the same size) with the expert count set by the parameter budget"
       }
-      reason = "wider concept models (more heads of the same size) with the expert count set by the parameter budget"
+    } catch (e) {
+      if (e === exhausted) return yield* tooMuch()
+      throw e
     }
 
     // strategies 1 and 2: the experts closest to the baseline's shape first (the lever's widest

@@ -8,7 +8,7 @@ import { Effect, Layer, Schema } from "effect"
 import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
-import { ChunkerSpec, INTEGRAL_LIMIT, initialRatioControl, type RatioControl, ratioControlStep, ratioLossValue, ratioLossWeights } from "../src/blocks/Chunker.ts"
+import { ChunkerSpec, INTEGRAL_LIMIT, INTEGRATE_WITHIN, initialRatioControl, type RatioControl, ratioControlStep, ratioLossValue, ratioLossWeights } from "../src/blocks/Chunker.ts"
 import { layer as backendLayer } from "../src/runtime/Backend.ts"
 import { compressionSummary, lastValCompression, meanSampledR, secondHalf, windowedSampledR, within } from "../src/train/Compression.ts"
 import { byteTokenizer, sotuSplits } from "../src/train/Data.ts"
@@ -63,15 +63,22 @@ describe("the ratio controller", () => {
     assert.closeTo(dG, 2 * (0.3 * (2 * F - 1) + 0.01 * -4), 1e-6)
   })
 
-  it("the default is pi; the state integrates R·F − 1, clamped, deterministically", () => {
+  it("the default is pi; the state integrates R·F − 1 near the target only, clamped, deterministically", () => {
     assert.strictEqual(spec({}).ratioControl, "pi")
     let s: RatioControl = initialRatioControl
-    for (const f of [0.1, 0.2, 0.5, 0.7]) s = ratioControlStep(s, 2, f)
-    assert.closeTo(s.integral, (0.2 - 1) + (0.4 - 1) + 0 + (1.4 - 1), 1e-12)
-    let low: RatioControl = initialRatioControl
-    for (let i = 0; i < 200; i++) low = ratioControlStep(low, 4, 0)
-    assert.strictEqual(low.integral, -INTEGRAL_LIMIT)
-    assert.strictEqual(ratioControlStep(low, 4, 0.5).integral, -INTEGRAL_LIMIT + 1)
+    // errors 2F − 1: −0.2 and +0.1 are integrated; −0.8 and +0.4 (beyond ±INTEGRATE_WITHIN) are not
+    for (const f of [0.4, 0.1, 0.55, 0.7]) s = ratioControlStep(s, 2, f)
+    assert.closeTo(s.integral, -0.2 + 0.1, 1e-12)
+    // a start far below the target (few boundaries) leaves the integral at zero: no wind-up
+    let start: RatioControl = initialRatioControl
+    for (let i = 0; i < 20; i++) start = ratioControlStep(start, 4, 0.05)
+    assert.strictEqual(start.integral, 0)
+    // the clamp: 400 steps of error +0.2 reach +INTEGRAL_LIMIT and stay there
+    let high: RatioControl = initialRatioControl
+    for (let i = 0; i < 400; i++) high = ratioControlStep(high, 4, 0.3)
+    assert.strictEqual(high.integral, INTEGRAL_LIMIT)
+    assert.closeTo(ratioControlStep(high, 4, 0.2).integral, INTEGRAL_LIMIT - 0.2, 1e-12)
+    assert.strictEqual(INTEGRATE_WITHIN, 0.25)
   })
 })
 
@@ -107,15 +114,18 @@ describe("training with the ratio controller (cpu)", () => {
     Effect.gen(function*() {
       // a large integral weight, so that a lost state would change the losses
       const m = yield* load(concept({ ki: 0.05 }))
-      const whole = yield* train(m, settings(8), { out: tmp(), resume: false, quiet: true, data })
-      const out = tmp()
-      yield* train(m, settings(8), { out, resume: false, quiet: true, data, until: 4 })
-      const resumed = yield* train(m, settings(8), { out, resume: true, quiet: true, data })
-      assert.deepStrictEqual(resumed.metrics.map((x) => [x.loss, x.ratioLoss]), whole.metrics.map((x) => [x.loss, x.ratioLoss]))
-      // the state is not zero by step 4 (so the check above tests the resume of it)
-      assert.notStrictEqual(whole.metrics[4]!.ratioLoss, undefined)
+      const whole = yield* train(m, settings(30), { out: tmp(), resume: false, quiet: true, data })
+      // resume two steps after the integral first moves (it stays zero while the rate is far from 1/R)
       let s = initialRatioControl
-      for (const x of whole.metrics.slice(0, 4)) s = ratioControlStep(s, 2, x.boundaryRate!)
-      assert.notStrictEqual(s.integral, 0)
+      let moved = -1
+      for (const [i, x] of whole.metrics.entries()) {
+        s = ratioControlStep(s, 2, x.boundaryRate!)
+        if (moved < 0 && s.integral !== 0) moved = i + 1
+      }
+      assert.isTrue(moved > 0 && moved + 2 < 30, `the integral never moved before step 28 (first at ${moved})`)
+      const out = tmp()
+      yield* train(m, settings(30), { out, resume: false, quiet: true, data, until: moved + 2 })
+      const resumed = yield* train(m, settings(30), { out, resume: true, quiet: true, data })
+      assert.deepStrictEqual(resumed.metrics.map((x) => [x.loss, x.ratioLoss]), whole.metrics.map((x) => [x.loss, x.ratioLoss]))
     }).pipe(cpu), 300_000)
 })

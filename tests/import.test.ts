@@ -178,12 +178,12 @@ describe("DeepSeek's rotary features: stored as its checkpoints keep them", () =
 describe("DeepSeek's routing from config.json", () => {
   const moeSpec = (m: LoadedModel) => {
     const row = m.analysis.rows.find((r) => r.kind === "moe")!
-    return m.analysis.specs.get(row.path) as { groups: number; groupTopK: number | null; groupScore: string; routedScale: number; normalizeTopK: boolean; scoring: string }
+    return m.analysis.specs.get(row.path) as { groups: number; groupTopK: number | null; groupScore: string; routedScale: number; normalizeTopK: boolean; scoring: string; scoreBias: boolean }
   }
   it.effect("V3: group-limited (sum of each group's two best), renormalised, scaled; V2: groups with group_limited_greedy, scaled unless renormalised", () =>
     Effect.gen(function*() {
       const v3 = moeSpec(yield* load(JSON.parse(fs.readFileSync(path.join(root, "examples/hf/deepseek-v3.json"), "utf8"))))
-      assert.deepStrictEqual([v3.scoring, v3.groups, v3.groupTopK, v3.groupScore, v3.normalizeTopK, v3.routedScale], ["sigmoid", 8, 4, "top2", true, 2.5])
+      assert.deepStrictEqual([v3.scoring, v3.groups, v3.groupTopK, v3.groupScore, v3.normalizeTopK, v3.routedScale, v3.scoreBias], ["sigmoid", 8, 4, "top2", true, 2.5, true])
       const lite = moeSpec(yield* load(JSON.parse(fs.readFileSync(path.join(root, "examples/hf/deepseek-v2-lite.json"), "utf8"))))
       assert.deepStrictEqual([lite.scoring, lite.groups, lite.groupTopK, lite.normalizeTopK, lite.routedScale], ["softmax", 1, null, false, 1])
       const v2 = { ...small("deepseek-v2-lite.json"), n_routed_experts: 8, n_group: 4, topk_group: 2, topk_method: "group_limited_greedy", routed_scaling_factor: 16 }
@@ -323,21 +323,23 @@ describe("import: typed errors naming the file and the tensor", () => {
       assert.match(c.message, /has neither model\.safetensors nor model\.safetensors\.index\.json/)
     }).pipe(Effect.provide(NodeServices.layer)))
 
-  it.effect("DeepSeek-V3: buffers and multi-token-prediction layers are listed as not read, the score-correction bias as a note", () =>
+  it.effect("DeepSeek-V3: the score-correction bias is read; rotary buffers and multi-token-prediction layers are listed as not read", () =>
     Effect.gen(function*() {
       const { config, tensors, dir } = yield* setup("deepseek-v3.json")
       const more = new Map(tensors)
-      more.set("model.layers.1.mlp.gate.e_score_correction_bias", { shape: [4], data: new Float32Array(4) })
+      assert.deepStrictEqual(more.get("model.layers.1.mlp.gate.e_score_correction_bias")!.shape, [4])
+      more.set("model.layers.1.mlp.gate.e_score_correction_bias", { shape: [4], data: Float32Array.of(0.5, -0.25, 0, 1) })
       more.set("model.layers.2.embed_tokens.weight", { shape: [256, 32], data: new Float32Array(256 * 32) })
       more.set("model.layers.0.self_attn.rotary_emb.inv_freq", { shape: [2], data: new Float32Array(2) })
       writeDir(dir, config, more)
       const r = yield* importHf(dir)
-      assert.deepStrictEqual(r.ignored.map((i) => i.tensor).sort(), [
-        "model.layers.0.self_attn.rotary_emb.inv_freq",
-        "model.layers.1.mlp.gate.e_score_correction_bias",
-        "model.layers.2.embed_tokens.weight"
-      ])
-      assert.deepStrictEqual(r.notes, ["the score-correction bias (e_score_correction_bias) is not added to the scores that choose the experts (top-k over the plain sigmoid scores)"])
+      assert.deepStrictEqual(r.ignored.map((i) => i.tensor).sort(), ["model.layers.0.self_attn.rotary_emb.inv_freq", "model.layers.2.embed_tokens.weight"])
+      assert.deepStrictEqual([...r.params.get("layers/1/ffn/moe/router.scoreBias")!], [0.5, -0.25, 0, 1])
+      assert.deepStrictEqual(r.notes, [])
+      // without n_group: no groups, and a note
+      const { n_group: _g, topk_group: _t, ...ungrouped } = config
+      writeDir(dir, ungrouped, more)
+      assert.deepStrictEqual((yield* importHf(dir)).notes, ["no n_group: routed without groups (transformers' default is 8 groups)"])
     }).pipe(Effect.provide(NodeServices.layer)))
 })
 

@@ -53,7 +53,8 @@ class Block(nn.Module):
             self.children_in_order.append(child)
         for p in node["params"]:
             init = torch.zeros(p["torchShape"], dtype=torch.float32)
-            _declare(self, p["name"], nn.Parameter(init))
+            # a buffer (DeepSeek-V3's score-correction bias) is read, never trained: no gradient
+            _declare(self, p["name"], nn.Parameter(init, requires_grad=not p.get("buffer", False)))
 
     def p(self, name: str) -> torch.Tensor | None:
         """Own parameter by its name in the graph (``q.weight``), or None."""

@@ -1,5 +1,6 @@
-"""DeepSeek's routing as its Hugging Face modelling code does it, written here independently (group
-scores, masked_fill of the groups left out, top-k, renormalise, scale), against the MoE module that
+"""DeepSeek's routing as its Hugging Face modelling code does it, written here independently (the
+score-correction bias on the scores that choose, group scores, masked_fill of the groups left out,
+top-k, gates from the plain scores, renormalise, scale), against the MoE module that
 the graph of a DeepSeek config builds. The parity tests then carry the module's routing to this
 runtime (``hf_deepseek-*-grouped`` cases)."""
 import torch
@@ -13,8 +14,8 @@ D, H, E = 16, 8, 8
 
 def block(spec: dict) -> MoE:
     full = {"d": D, "experts": E, "expertHidden": H, "activation": "swiglu", "bias": False, "shared": None, "routerBias": False,
-            "normalizeTopK": False, "groups": 1, "groupTopK": None, "groupScore": "max", "routedScale": 1, **spec}
-    params = [{"name": "router.weight", "torchShape": [E, D]}] + [
+            "normalizeTopK": False, "groups": 1, "groupTopK": None, "groupScore": "max", "routedScale": 1, "scoreBias": False, **spec}
+    params = [{"name": "router.weight", "torchShape": [E, D]}] + ([{"name": "router.scoreBias", "torchShape": [E], "buffer": True}] if full["scoreBias"] else []) + [
         {"name": f"experts.{m}.weight", "torchShape": [E, H, D] if m != "down" else [E, D, H]} for m in ("gate", "up", "down")]
     m = MoE({"kind": "moe", "path": "moe", "spec": full, "params": params, "children": []}, [])
     g = torch.Generator().manual_seed(0)
@@ -35,9 +36,9 @@ def experts_out(m: MoE, x, idx, w):
     return out
 
 
-def v3_router(logits, top_k, n_group, topk_group, norm, scale):
+def v3_router(logits, bias, top_k, n_group, topk_group, norm, scale):
     scores = logits.sigmoid()
-    choice = scores.detach()
+    choice = scores.detach() + bias
     group_scores = choice.view(-1, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
     group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
     group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
@@ -72,13 +73,20 @@ def run(m, x):
 
 
 def test_deepseek_v3_group_limited_scaled():
-    # 8 experts in 4 groups, the best 2 groups, top-3, renormalised, ×2.5 (as transformers maps n_group 4, topk_group 2)
-    m = block({"topK": 3, "scoring": "sigmoid", "normalizeTopK": True, "groups": 4, "groupTopK": 2, "groupScore": "top2", "routedScale": 2.5})
+    # 8 experts in 4 groups, the best 2 groups, top-3, renormalised, ×2.5, a score-correction bias
+    # (as transformers maps n_group 4, topk_group 2, routed_scaling_factor 2.5, e_score_correction_bias)
+    m = block({"topK": 3, "scoring": "sigmoid", "normalizeTopK": True, "groups": 4, "groupTopK": 2, "groupScore": "top2", "routedScale": 2.5,
+               "scoreBias": True})
+    assert not m.get_parameter("router.scoreBias").requires_grad
     x = torch.randn(64, D, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
+        bias = m.get_parameter("router.scoreBias")
         logits = F.linear(x, m.get_parameter("router.weight"))
-        idx, w = v3_router(logits, 3, 4, 2, True, 2.5)
+        idx, w = v3_router(logits, bias, 3, 4, 2, True, 2.5)
         expected = experts_out(m, x, idx, w)
+        # the bias changes the choice for some tokens (else this would not test it)
+        unbiased, _ = v3_router(logits, torch.zeros_like(bias), 3, 4, 2, True, 2.5)
+        assert not torch.equal(torch.sort(idx, 1).values, torch.sort(unbiased, 1).values)
     got = run(m, x)
     assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
     # the groups change the choice for some tokens (else this would not test them)

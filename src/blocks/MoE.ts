@@ -9,8 +9,10 @@
  * Routing: the router's probabilities (softmax or sigmoid) choose each token's top-k; optionally
  * only among the experts of the `groupTopK` best of `groups` equal groups (DeepSeek's group-limited
  * routing; a group scores its largest probability, `max`, or the sum of its two largest, `top2`).
- * The gates are the chosen probabilities, renormalised to sum 1 with `normalizeTopK`, then times
- * `routedScale` (DeepSeek's routed scaling factor).
+ * With `scoreBias` (DeepSeek-V3), a buffer `router.scoreBias [E]` is added to the probabilities that
+ * choose the experts (and score the groups), not to the gates. The gates are the chosen
+ * probabilities, renormalised to sum 1 with `normalizeTopK`, then times `routedScale` (DeepSeek's
+ * routed scaling factor).
  *
  * Params: router d·E; experts E·m·d·h (m = 3 gated, 2 plain); shared m·d·h_s; gate d.
  * Activated per token: the router, k/E of the experts, the shared experts and gate.
@@ -52,7 +54,9 @@ export const MoESpec = Schema.Struct({
   /** A group's score: its largest probability, or the sum of its two largest. */
   groupScore: withDefault(Schema.Literals(["max", "top2"]), "max"),
   /** Factor on the routed experts' gates. */
-  routedScale: withDefault(PositiveNumber, 1)
+  routedScale: withDefault(PositiveNumber, 1),
+  /** A bias `[E]` on the scores that choose the experts (a buffer: DeepSeek-V3's score correction). */
+  scoreBias: withDefault(Schema.Boolean, false)
 }).pipe(Schema.check(crossCheck((s) =>
   s.topK > s.experts
     ? ["topK", `top-k (${s.topK}) exceeds the number of experts (${s.experts})`]
@@ -84,7 +88,7 @@ const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record
   if (ctx.dispatch === "grouped") return slotDispatch(ctx, s, x, p, probs, "grouped")
   if (typeof ctx.dispatch === "object") return slotDispatch(ctx, s, x, p, probs, ctx.dispatch)
   if (ctx.valid !== undefined) throw new Error(`sparse MoE dispatch does not take padded positions (at ${ctx.scope}); use dense or grouped dispatch`)
-  const { indices } = tf.topk(selectionScores(ctx, s, ctx.detach(probs)), s.topK)
+  const { indices } = tf.topk(selectionScores(ctx, s, ctx.detach(probs), p), s.topK)
   const chosen = ctx.read(indices) as Int32Array
   indices.dispose()
   // gate of each (token, slot): probs[n, e], gathered from the flat probabilities (differentiable)
@@ -172,7 +176,7 @@ const denseDispatch = (
   const { tf } = ctx
   const n = x.shape[0]!
   const E = s.experts
-  const { chosen, gates } = topGates(ctx, s, probs)
+  const { chosen, gates } = topGates(ctx, s, probs, p)
   const xs = tf.reshape(ctx.repeat(tf.reshape(x, [1, ...x.shape]), E), [E, ...x.shape])
   const ys = ops.ffn(ctx, xs, (name) => expertParam(ctx, p, name, E), s.activation)
   const routed = ctx.combine(ys, gates)
@@ -209,7 +213,7 @@ const slotDispatch = (
   const { tf } = ctx
   const [n, d] = x.shape as [number, number]
   const E = s.experts
-  const { chosen, gates } = topGates(ctx, s, probs)
+  const { chosen, gates } = topGates(ctx, s, probs, p)
   const v = ctx.valid
   const routedMask = v === undefined ? chosen : tf.mul(chosen, tf.reshape(v, [n, 1]))
   const layout = by === "grouped" ? { tile: groupRows(n, s.topK, E) } : { capacity: expertSlots(by.capacity, n, s.topK, E) }
@@ -236,22 +240,23 @@ const slotDispatch = (
  * The top-k as a 0/1 mask `[n, E]` (off the tape: a routing decision has no gradient) and the
  * gates, the router's probabilities on it (renormalised if the spec says so), zero elsewhere.
  */
-const topGates = (ctx: ForwardContext, s: MoESpec, probs: Tensor) => {
+const topGates = (ctx: ForwardContext, s: MoESpec, probs: Tensor, p: Readonly<Record<string, Tensor>>) => {
   const { tf } = ctx
-  const chosen = ctx.topMask(selectionScores(ctx, s, ctx.stop(probs)), s.topK)
+  const chosen = ctx.topMask(selectionScores(ctx, s, ctx.stop(probs), p), s.topK)
   const gates = tf.mul(probs, chosen)
   const normalised = s.normalizeTopK ? tf.div(gates, tf.sum(gates, 1, true)) : gates
   return { chosen, gates: s.routedScale === 1 ? normalised : tf.mul(normalised, s.routedScale) }
 }
 
 /**
- * The scores the top-k is taken over (off the tape): the probabilities, with group-limited routing
- * those outside the token's `groupTopK` best groups set to 0 (as DeepSeek's routers do; the
- * probabilities are positive, so top-k never picks them while enough others remain).
+ * The scores the top-k is taken over (off the tape): the probabilities plus the score bias, if any;
+ * with group-limited routing, those outside the token's `groupTopK` best groups set to 0 (as
+ * DeepSeek's routers do).
  */
-const selectionScores = (ctx: ForwardContext, s: MoESpec, probs: Tensor): Tensor => {
-  if (s.groups === 1 || s.groupTopK === null || s.groupTopK >= s.groups) return probs
+const selectionScores = (ctx: ForwardContext, s: MoESpec, stopped: Tensor, p: Readonly<Record<string, Tensor>>): Tensor => {
   const { tf } = ctx
+  const probs = s.scoreBias ? tf.add(stopped, ctx.stop(p["router.scoreBias"]!)) : stopped
+  if (s.groups === 1 || s.groupTopK === null || s.groupTopK >= s.groups) return probs
   const n = probs.shape[0]!
   const per = s.experts / s.groups
   const byGroup = tf.reshape(probs, [n * s.groups, per])
@@ -283,6 +288,7 @@ export const MoE: BlockKind<MoESpec> = {
   params: (s) => [
     { name: "router.weight", shape: [s.d, s.experts], part: "router" },
     ...(s.routerBias ? [{ name: "router.bias", shape: [s.experts], part: "router", init: "zeros" as const }] : []),
+    ...(s.scoreBias ? [{ name: "router.scoreBias", shape: [s.experts], part: "router", init: "zeros" as const, buffer: true as const }] : []),
     ...ffnParams({
       prefix: "experts.",
       d: s.d,

@@ -246,6 +246,6 @@ export const rotaryTableFlops = (c: Cost, seqLen: number): number => {
  */
 export interface Costed {
   readonly cost: Cost
-  readonly params: ReadonlyArray<{ readonly path: string; readonly part: string; readonly numel: number; readonly tiedTo?: string | undefined }>
+  readonly params: ReadonlyArray<{ readonly path: string; readonly part: string; readonly numel: number; readonly tiedTo?: string | undefined; readonly buffer?: true | undefined }>
   readonly rows: ReadonlyArray<{ readonly path: string; readonly flops: number }>
 }

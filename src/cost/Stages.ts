@@ -61,7 +61,7 @@ export const stageCosts = (
     })
     const kvElements = Cost.kvElements(sub, options.seqLen)
     out.set(s.name, {
-      params: a.params.filter((p) => p.tiedTo === undefined && under(p.path)).reduce((n, p) => n + p.numel, 0),
+      params: a.params.filter((p) => p.tiedTo === undefined && p.buffer !== true && under(p.path)).reduce((n, p) => n + p.numel, 0),
       matmulPerToken: a.rows.filter((r) => exactly.has(r.path)).reduce((n, r) => n + r.flops, 0),
       attentionMap: Cost.attentionMapFlops(sub, options.seqLen),
       attentionMapCausal: Cost.attentionMapFlops(sub, options.seqLen, true),

@@ -64,6 +64,8 @@ export interface ExportedParam {
   readonly file: string | ReadonlyArray<string> | null
   /** Rows (PyTorch layout) stored in another order in the file (DeepSeek's rotary features), or null. */
   readonly rowOrder: RowOrder | null
+  /** A buffer (no gradient reaches it; see `ParamDecl.buffer`). */
+  readonly buffer: boolean
 }
 
 export interface ExportedNode {
@@ -141,7 +143,8 @@ export const exportGraph = (
         transposed,
         tiedTo: p.tiedTo ?? null,
         file: p.tiedTo !== undefined ? null : names?.of(p) ?? nativeName(p.path),
-        rowOrder: (p.tiedTo === undefined ? names?.rows?.(kind, analysis.specs.get(path), p) : undefined) ?? null
+        rowOrder: (p.tiedTo === undefined ? names?.rows?.(kind, analysis.specs.get(path), p) : undefined) ?? null,
+        buffer: p.buffer === true
       }
       all.push(e)
       return e

@@ -233,7 +233,6 @@ const ignorable = (name: string, modelType: string, layers: number, tied: boolea
   if (/(^|\.)rotary_emb\.inv_freq$/.test(name)) return "rotary frequencies (recomputed)"
   if (modelType === "gpt2" && /(^|\.)attn\.(masked_)?bias$/.test(name)) return "GPT-2's causal-mask buffers"
   if (tied && name === "lm_head.weight") return "the output layer is tied to the embedding (its copy is not read)"
-  if (modelType === "deepseek_v3" && /\.mlp\.gate\.e_score_correction_bias$/.test(name)) return "DeepSeek-V3's score-correction bias (not applied: see notes)"
   const layer = /^model\.layers\.(\d+)\./.exec(name)
   if ((modelType === "deepseek_v3" || modelType === "deepseek_v2") && layer !== null && Number(layer[1]) >= layers) {
     return "multi-token-prediction layers (not built, as in transformers)"
@@ -245,9 +244,8 @@ const ignorable = (name: string, modelType: string, layers: number, tied: boolea
 const fidelityNotes = (config: Record<string, unknown>): Array<string> => {
   const notes: Array<string> = []
   const t = config["model_type"]
-  if (t === "deepseek_v3") {
-    notes.push("the score-correction bias (e_score_correction_bias) is not added to the scores that choose the experts (top-k over the plain sigmoid scores)")
-    if (config["n_group"] === undefined || config["n_group"] === null) notes.push("no n_group: routed without groups (transformers' default is 8 groups)")
+  if (t === "deepseek_v3" && (config["n_group"] === undefined || config["n_group"] === null)) {
+    notes.push("no n_group: routed without groups (transformers' default is 8 groups)")
   }
   if (config["rope_scaling"] !== undefined && config["rope_scaling"] !== null) notes.push("rope_scaling is not applied (plain RoPE)")
   return notes

@@ -15,6 +15,7 @@
  * | `layers/i/ffn/norm/weight`                 | `model.layers.i.post_attention_layernorm.weight`    |
  * | `layers/i/ffn/mlp/{gate,up,down}.weight`   | `model.layers.i.mlp.{gate,up,down}_proj.weight`     |
  * | `layers/i/ffn/moe/router.weight`           | `model.layers.i.mlp.gate.weight` (Mixtral: `block_sparse_moe.gate.weight`) |
+ * | `layers/i/ffn/moe/router.scoreBias` (a buffer) | `model.layers.i.mlp.gate.e_score_correction_bias` (DeepSeek-V3) |
  * | `layers/i/ffn/moe/experts.{gate,up,down}.weight` `[E, …]` | `….mlp.experts.e.{gate,up,down}_proj.weight` per expert (Mixtral: `block_sparse_moe.experts.e.{w1,w3,w2}.weight`) |
  * | `layers/i/ffn/moe/shared.{gate,up,down}.weight` | `….mlp.shared_expert.…` (Qwen2-MoE), `….mlp.shared_experts.…` (DeepSeek) |
  * | `layers/i/ffn/moe/sharedGate.weight`       | `….mlp.shared_expert_gate.weight`                   |
@@ -80,7 +81,7 @@ const leafName = (family: Family, where: "attn" | "mlp" | "moe", name: string, e
     return parts.length === 2 && to !== undefined ? `mlp.${to}.${suffix}` : undefined
   }
   const block = family === "mixtral" ? "block_sparse_moe" : "mlp"
-  if (parts.length === 2 && parts[0] === "router") return `${block}.gate.${suffix}`
+  if (parts.length === 2 && parts[0] === "router") return suffix === "scoreBias" ? (family === "deepseek" ? `mlp.gate.e_score_correction_bias` : undefined) : `${block}.gate.${suffix}`
   if (parts.length === 2 && parts[0] === "sharedGate") return family === "qwen2_moe" ? `mlp.shared_expert_gate.${suffix}` : undefined
   if (parts.length === 3 && parts[0] === "experts") {
     const to = family === "mixtral" ? mixtralExpert[parts[1]!] : proj[parts[1]!]

@@ -157,12 +157,12 @@ const capped = (problems: ReadonlyArray<GraphProblem>): ReadonlyArray<GraphProbl
     ? problems
     : [...problems.slice(0, 50), { path: "", kind: "graph", message: `and ${problems.length - 50} more problems` }]
 
-/** The parameter counts a leaf's own parameters contribute (tied ones count zero). */
+/** The parameter counts a leaf's own parameters contribute (tied ones and buffers count zero). */
 const ownParamCost = (own: ReadonlyArray<ParamEntry>): Cost.Cost => {
   const total = new Map<string, number>()
   const activated = new Map<string, number>()
   for (const p of own) {
-    if (p.tiedTo !== undefined) continue
+    if (p.tiedTo !== undefined || p.buffer === true) continue
     total.set(p.part, (total.get(p.part) ?? 0) + p.numel)
     const act = p.active === undefined ? p.numel : (p.numel / p.active.of) * p.active.used
     activated.set(p.part, (activated.get(p.part) ?? 0) + act)

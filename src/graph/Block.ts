@@ -43,6 +43,12 @@ export interface ParamDecl {
   readonly tiedTo?: string
   /** Initialisation: normal(0, std) (default std 0.02), zeros, ones, or the identity (square matrices). */
   readonly init?: "zeros" | "ones" | "identity" | { readonly normal: number }
+  /**
+   * A buffer: a value the model reads but no gradient reaches (DeepSeek-V3's score-correction bias,
+   * which its own balancing rule adjusts outside back-propagation). Stored, loaded and exported as a
+   * parameter, but not counted as one (as transformers does not count buffers).
+   */
+  readonly buffer?: true
 }
 
 /** A parameter with its absolute path, as listed by analysis. */

@@ -417,6 +417,8 @@ export const fromHf = (c: HfConfig, name: string): DecoderConfig => {
           groupScore: v3 ? "top2" : "max",
           // V3 scales after renormalising; V2 scales only the gates it does not renormalise
           routedScale: v3 || !(topK > 1 && c.norm_topk_prob) ? c.routed_scaling_factor : 1,
+          // V3's e_score_correction_bias: a buffer, not counted
+          scoreBias: v3,
           shared: c.n_shared_experts !== null && c.n_shared_experts > 0 ? { hidden: c.moe_intermediate_size * c.n_shared_experts } : null
         }
       }

@@ -85,10 +85,11 @@ export const release = (m: Lowered): void => {
   for (const v of m.variables.values()) v.dispose()
 }
 
-/** Total elements of the runtime's variables. */
+/** Total elements of the runtime's variables, buffers left out (as the static count leaves them). */
 export const runtimeParamCount = (m: Lowered): number => {
+  const buffers = new Set(m.analysis.params.filter((p) => p.buffer === true).map((p) => p.path))
   let n = 0
-  for (const v of m.variables.values()) n += v.size
+  for (const [path, v] of m.variables) if (!buffers.has(path)) n += v.size
   return n
 }
 

@@ -3,7 +3,9 @@
 Gates are the router's probabilities (softmax or sigmoid) on the chosen experts, renormalised to sum
 1 when ``normalizeTopK``, times ``routedScale``. With ``groups`` and ``groupTopK`` (DeepSeek's
 group-limited routing) the top-k is taken among the experts of each token's ``groupTopK`` best groups
-(a group scores its largest probability, ``max``, or the sum of its two largest, ``top2``); optional
+(a group scores its largest probability, ``max``, or the sum of its two largest, ``top2``); with
+``scoreBias`` the buffer ``router.scoreBias`` is added to the scores that choose (DeepSeek-V3's score
+correction), not to the gates; optional
 shared experts run on every token, optionally scaled by a sigmoid
 gate. In training, the Switch load-balancing loss ``E·Σ_e f_e·P_e`` (f: fraction of token-slot pairs
 routed to e, P: mean probability), weighted by the step's balance weight, joins the auxiliary losses.
@@ -49,8 +51,10 @@ class MoE(Block):
         return out
 
     def _selection(self, probs):
-        """The scores the top-k is taken over: outside each token's best groups, 0."""
+        """The scores the top-k is taken over: plus the score bias, if any; outside each token's best groups, 0."""
         s = self.spec
+        if s.get("scoreBias", False):
+            probs = probs + self.p("router.scoreBias").detach()
         groups, keep = s.get("groups", 1), s.get("groupTopK")
         if groups == 1 or keep is None or keep >= groups:
             return probs

@@ -6,8 +6,8 @@
  * baseline in eight) the reallocation solver. Then 240 command lines through the CLI, in-process:
  * budget, reallocate, report, verify, train, generate, export and convert with bad flags, values
  * and files (missing, a directory, empty, not JSON, `__proto__`, 10^12 layers, 3,000-deep graphs,
- * broken checkpoints, a 400-layer solver baseline); the first five must succeed (among them the only real training, two tiny
- * steps on cpu). Each case must end accepted, with exact, finite numbers, or refused with a typed
+ * broken checkpoints, a 400-layer solver baseline, DeepSeek-V3 to verify and train); the first
+ * five must succeed (among them the only real training, two tiny steps on cpu). Each case must end accepted, with exact, finite numbers, or refused with a typed
  * error whose message names what is wrong. A crash, an untyped error, a stack trace, "undefined"
  * or "internal" in a message is a defect; the suite expects 0. It writes only in a temp dir.
  *
@@ -272,8 +272,9 @@ describe(`fuzz: ${cliCount} hostile command lines, in-process`, () => {
     ]
     const cr = rng(seed + 2)
     for (let i = 0; i < 12; i++) configs.push(write(`mutated-${i}.json`, JSON.stringify(mutate(cr, pick(cr, bases(cr))).json) ?? "null"))
-    // verify builds the model's weights: only the tiny model and what is refused before building
-    const small = [...broken, tiny, example("compare/conceptmoe-tiny.json")]
+    // verify builds the model's weights: only the tiny models, DeepSeek-V3 (refused before it allocates its
+    // 671 billion parameters) and what is refused before building
+    const small = [...broken, tiny, example("compare/conceptmoe-tiny.json"), example("hf/deepseek-v3.json")]
     // checkpoints: empty, garbage, a header length of 2^62 (refused before allocating it), bad JSON, offsets past the end
     fs.mkdirSync(at("no-checkpoint"))
     const checkpoints = [
@@ -292,6 +293,7 @@ describe(`fuzz: ${cliCount} hostile command lines, in-process`, () => {
       ...broken,
       trainOk,
       write("train-long.json", JSON.stringify({ model: tiny, seqLen: 4096, batchSize: 2, steps: 2 })),
+      write("train-huge.json", JSON.stringify({ model: example("hf/deepseek-v3.json"), seqLen: 16, batchSize: 1, steps: 1 })),
       write("train-no-model.json", JSON.stringify({ seqLen: 16, batchSize: 2, steps: 2 })),
       write("train-bad.json", JSON.stringify({ model: tiny, seqLen: -16, batchSize: "2", steps: 1.5, optimizer: { lr: NaN } })),
       write("train-proto.json", JSON.stringify({ model: { kind: "__proto__" }, seqLen: 16, batchSize: 2, steps: 2 }))

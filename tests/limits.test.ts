@@ -6,7 +6,8 @@
  * - item 11 (config side): context lengths are bounded; `--seq-len` above the context is refused;
  * - item 13: numeric flags are range-checked (exit 2, naming the flag);
  * - exact totals past 2^53;
- * - defects the fuzz suite (tests/fuzz.test.ts) found.
+ * - defects the fuzz suite (tests/fuzz.test.ts) found; the solver's limit on work; models too
+ *   large to hold, refused before allocation.
  */
 import { NodeServices } from "@effect/platform-node"
 import { assert, describe, it } from "@effect/vitest"
@@ -25,10 +26,11 @@ import { conceptLayout, ConceptSpec } from "../src/models/ConceptMoE.ts"
 import type { DecoderConfig } from "../src/models/Decoder.ts"
 import { readJson } from "../src/models/Load.ts"
 import { reallocate } from "../src/models/Reallocate.ts"
+import { fitsInMemory } from "../src/runtime/Memory.ts"
 import { decode, read as readCheckpoint } from "../src/train/Checkpoint.ts"
 import { Schema } from "effect"
 import { runInProcess } from "./support/cli-in-process.ts"
-import { load, loadFile } from "./support/models.ts"
+import { load, loadFile, root } from "./support/models.ts"
 
 const refused = (json: unknown) => Effect.flip(load(json))
 
@@ -322,4 +324,32 @@ describe("the solver's limit on work", () => {
     assert.strictEqual(r.code, 1)
     assert.match(r.err, /^error: --loop-layers: the loop search over this 400-layer baseline would build and cost more than 200,000 layers/)
   })
+})
+
+describe("models too large to hold are refused before their weights are allocated", () => {
+  it("verify DeepSeek-V3 (671 billion parameters) on cpu: exit 1 naming the model, the memory needed and the memory there is", async () => {
+    const r = await runInProcess(["verify", "examples/hf/deepseek-v3.json", "--backend", "cpu", "--seq-len", "8", "--batch", "1"])
+    assert.strictEqual(r.code, 1)
+    assert.match(r.err, /^error: deepseek-v3: its 671,026,419,200 parameters need at least 2,499\.8 GiB to run \(float32 weights\); the cpu backend can use at most [0-9.,]+ GiB \(this machine's memory\)$/)
+  })
+
+  it("train DeepSeek-V3: refused before the run directory is created", async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "conceptmoe-limits-"))
+    const config = path.join(dir, "train.json")
+    fs.writeFileSync(config, JSON.stringify({ model: path.join(root, "examples/hf/deepseek-v3.json"), seqLen: 16, batchSize: 1, steps: 1 }))
+    const r = await runInProcess(["train", "--config", config, "--out", path.join(dir, "run"), "--backend", "cpu"])
+    assert.strictEqual(r.code, 1)
+    assert.include(r.err, "need at least 9,999.1 GiB to train (float32 weights, gradients and two AdamW moments)")
+    assert.isFalse(fs.existsSync(path.join(dir, "run")))
+  })
+
+  it.effect("the wasm backend's limit is its 4 GiB heap: Llama-3-8B's weights (29.9 GiB) cannot run there", () =>
+    Effect.gen(function*() {
+      const m = yield* loadFile("examples/hf/llama-3-8b.json")
+      const e = yield* Effect.flip(fitsInMemory(m.name, m.analysis, "wasm", "run"))
+      assert.include(e.message, "need at least 29.9 GiB to run (float32 weights); the wasm backend can use at most 4 GiB")
+      // the tiny MoE fits, to train too
+      const tiny = yield* loadFile("examples/compare/moe-tiny.json")
+      yield* fitsInMemory(tiny.name, tiny.analysis, "wasm", "train")
+    }))
 })

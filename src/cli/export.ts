@@ -11,6 +11,7 @@ import { BlockRegistry } from "../blocks/Registry.ts"
 import { loadTrained } from "../infer/Generate.ts"
 import { type LoadedModel, loadModel, readJson } from "../models/Load.ts"
 import { layer as backendLayer, Tensors } from "../runtime/Backend.ts"
+import { fitsInMemory } from "../runtime/Memory.ts"
 import { materialize, release } from "../runtime/Lower.ts"
 import { encode } from "../train/Checkpoint.ts"
 import { byteTokenizer, sotuSplits } from "../train/Data.ts"
@@ -61,6 +62,7 @@ export const exportCommand = Command.make(
           model = t.model
           settings = t.settings
         } else model = yield* loadModel(f.source)
+        yield* fitsInMemory(model.name, model.analysis, (yield* Tensors).name, "run")
         low = materialize(tf, model.analysis, f.seed)
       }
       const refSeed = mixSeedOf(f.seed)

@@ -10,6 +10,7 @@ import { loadTrained } from "../infer/Generate.ts"
 import { type LoadedModel, loadModel, modelFromJson, readJson } from "../models/Load.ts"
 import { ConfigError } from "../models/Errors.ts"
 import { layer as backendLayer, syncReads, Tensors } from "../runtime/Backend.ts"
+import { fitsInMemory } from "../runtime/Memory.ts"
 import { materialize, release } from "../runtime/Lower.ts"
 import { verify as verifyModel, verifyAsync } from "../runtime/Verify.ts"
 import { byteTokenizer, sotuSplits, validationBatches } from "../train/Data.ts"
@@ -139,9 +140,10 @@ export const verify = Command.make(
     const { model, ...report } = yield* withBackend(
       f.backend,
       Effect.gen(function*() {
-        const { description, tf } = yield* Tensors
+        const { description, name, tf } = yield* Tensors
         const loaded = checkpoint === undefined
-          ? yield* Effect.map(loadModel(Option.getOrThrow(f.config)), (model) => ({ model, low: materialize(tf, model.analysis, f.seed), step: undefined }))
+          ? yield* Effect.flatMap(loadModel(Option.getOrThrow(f.config)), (model) =>
+            Effect.map(fitsInMemory(model.name, model.analysis, name, "run"), () => ({ model, low: materialize(tf, model.analysis, f.seed), step: undefined })))
           : yield* loadTrained(checkpoint, Option.getOrUndefined(f.config))
         const data = sotuSplits(byteTokenizer, 0)
         const b = validationBatches(data.validation, f.batch, f.seqLen, 1)[0]!

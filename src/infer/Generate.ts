@@ -8,6 +8,7 @@ import { Effect, FileSystem, Path, Schema } from "effect"
 import { prng } from "../internal/Random.ts"
 import { type LoadedModel, loadModel, modelFromJson } from "../models/Load.ts"
 import { syncReads, Tensors } from "../runtime/Backend.ts"
+import { fitsInMemory } from "../runtime/Memory.ts"
 import { session } from "../runtime/Decode.ts"
 import { type Lowered, materialize, release } from "../runtime/Lower.ts"
 import { readChecked as readCheckpoint } from "../train/Checkpoint.ts"
@@ -66,6 +67,7 @@ export const loadTrained = (checkpoint: string, configFile?: string) =>
       }
       model = yield* modelFromJson(stored, `${file} (metadata "config")`)
     }
+    yield* fitsInMemory(model.name, model.analysis, (yield* Tensors).name, "run")
     const low = materialize(tf, model.analysis, 0)
     yield* loadParams(low, file, ck.tensors).pipe(Effect.tapError(() => Effect.sync(() => release(low))))
     return { model, low, file, step: ck.metadata.step }

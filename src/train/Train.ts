@@ -11,6 +11,7 @@ import type * as TF from "@tensorflow/tfjs"
 import { type LoadedModel, modelFromJson, parseJson } from "../models/Load.ts"
 import { lineChart, toSvg } from "../report/Plots.ts"
 import { Tensors } from "../runtime/Backend.ts"
+import { fitsInMemory } from "../runtime/Memory.ts"
 import { type Lowered, materialize, release, setRamp } from "../runtime/Lower.ts"
 import { CheckpointError, encode, type Metadata, readChecked, type SettingChange, type TensorData } from "./Checkpoint.ts"
 import { commit, ensureDir, lock as lockRun, removeStaleTemps } from "./RunDir.ts"
@@ -260,6 +261,7 @@ export const train = (
     if (settings.seqLen > model.contextLength) {
       return yield* new SettingsError({ field: "seqLen", message: `seqLen ${settings.seqLen} exceeds the context length of ${model.name} (${model.contextLength} tokens); use a seqLen of at most ${model.contextLength}` })
     }
+    yield* fitsInMemory(model.name, model.analysis, (yield* Tensors).name, "train")
     // the run directory: created, locked for this process, cleared of temporary files a killed run left
     yield* ensureDir(options.out)
     yield* lockRun(options.out)

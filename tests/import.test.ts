@@ -130,6 +130,22 @@ describe("import: the export's Hugging Face tensors read back bit for bit", () =
   }
 })
 
+describe("GPT-2 as the hub stores it", () => {
+  it.effect("names without the transformer. prefix, and the causal-mask buffers listed as not read", () =>
+    Effect.gen(function*() {
+      const config = small("gpt2.json")
+      const m = yield* load(config)
+      const values = randomParams(m, 13)
+      const tensors = new Map([...hfTensors(m, values)].map(([n, t]) => [n.replace(/^transformer\./, ""), t]))
+      tensors.set("h.0.attn.bias", { shape: [1, 1, 64, 64], data: new Float32Array(64 * 64) })
+      const dir = tmp()
+      writeDir(dir, config, tensors)
+      const r = yield* importHf(dir)
+      for (const [k, v] of values) assert.isTrue(sameBits(r.params.get(k)!, v), k)
+      assert.deepStrictEqual(r.ignored, [{ tensor: "h.0.attn.bias", why: "GPT-2's causal-mask buffers" }])
+    }).pipe(Effect.provide(NodeServices.layer)))
+})
+
 describe("DeepSeek's rotary features: stored as its checkpoints keep them", () => {
   it.effect("its modelling code's de-interleave (view(rope/2, 2).transpose) of the stored rows gives this runtime's rows", () =>
     Effect.gen(function*() {

@@ -283,6 +283,17 @@ describe("found by the fuzz suite (tests/fuzz.test.ts)", () => {
     assert.strictEqual(r.err, "error: --encoder-layers, --decoder-layers: encoderLayers (4) + decoderLayers (4) must leave at least one concept-model layer of the baseline's 6; at most 5 in total")
   })
 
+  it.effect("an odd head size under rotary positions names the config's fields, not the graph's rope.dim", () =>
+    Effect.gen(function*() {
+      const llama = { model_type: "llama", vocab_size: 8, hidden_size: 32, num_attention_heads: 32, num_hidden_layers: 1, intermediate_size: 8 }
+      assert.strictEqual((yield* refused(llama)).message, "inline.json: num_attention_heads: hidden_size (32) / num_attention_heads (32) gives a head size of 1, which is odd; rotary positions need an even head size")
+      assert.include((yield* refused({ ...llama, head_dim: 3 })).message, "head_dim: head_dim (3) is odd")
+      const moe = { kind: "moe", vocab: 8, hidden: 12, layers: 1, heads: 4, experts: 2, topK: 1, expertHidden: 8 }
+      assert.include((yield* refused(moe)).message, "heads: hidden (12) / heads (4) gives a head size of 3, which is odd")
+      // learned positions rotate nothing: the same shape is accepted
+      yield* load({ ...moe, positions: "learned" })
+    }))
+
   it("an empty --checkpoint says the path is empty", async () => {
     const r = await runInProcess(["generate", "--checkpoint", "", "--prompt", "a"])
     assert.strictEqual(r.code, 1)
@@ -330,7 +341,7 @@ describe("models too large to hold are refused before their weights are allocate
   it("verify DeepSeek-V3 (671 billion parameters) on cpu: exit 1 naming the model, the memory needed and the memory there is", async () => {
     const r = await runInProcess(["verify", "examples/hf/deepseek-v3.json", "--backend", "cpu", "--seq-len", "8", "--batch", "1"])
     assert.strictEqual(r.code, 1)
-    assert.match(r.err, /^error: deepseek-v3: its 671,026,419,200 parameters need at least 2,499\.8 GiB to run \(float32 weights\); the cpu backend can use at most [0-9.,]+ GiB \(this machine's memory\)$/)
+    assert.match(r.err, /^error: examples\/hf\/deepseek-v3\.json: deepseek-v3 has 671,026,419,200 parameters, which need at least 2,499\.8 GiB to run \(float32 weights\); the cpu backend can use at most [0-9.,]+ GiB \(this machine's memory\)$/)
   })
 
   it("train DeepSeek-V3: refused before the run directory is created", async () => {
@@ -346,10 +357,10 @@ describe("models too large to hold are refused before their weights are allocate
   it.effect("the wasm backend's limit is its 4 GiB heap: Llama-3-8B's weights (29.9 GiB) cannot run there", () =>
     Effect.gen(function*() {
       const m = yield* loadFile("examples/hf/llama-3-8b.json")
-      const e = yield* Effect.flip(fitsInMemory(m.name, m.analysis, "wasm", "run"))
+      const e = yield* Effect.flip(fitsInMemory(m, "wasm", "run"))
       assert.include(e.message, "need at least 29.9 GiB to run (float32 weights); the wasm backend can use at most 4 GiB")
       // the tiny MoE fits, to train too
       const tiny = yield* loadFile("examples/compare/moe-tiny.json")
-      yield* fitsInMemory(tiny.name, tiny.analysis, "wasm", "train")
+      yield* fitsInMemory(tiny, "wasm", "train")
     }))
 })

@@ -71,7 +71,9 @@ export const budget = Command.make(
           : `\nNOT matched within ±${tolerance * 100}% (${matched.failure.failed.join(", ")})`
       )
     }
-    if (matched._tag === "Failure") yield* reportFailure("budgets do not match")
+    if (matched._tag === "Failure") {
+      yield* reportFailure(`budgets do not match: ${config} and --against ${against.value} differ by more than ±${tolerance * 100}% in ${matched.failure.failed.join(", ")}`)
+    }
   }, handled)
 ).pipe(
   Command.withDescription("Static parameter, FLOP and KV-cache budget of a model config; no weights are allocated."),

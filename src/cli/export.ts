@@ -62,7 +62,7 @@ export const exportCommand = Command.make(
           model = t.model
           settings = t.settings
         } else model = yield* loadModel(f.source)
-        yield* fitsInMemory(model.name, model.analysis, (yield* Tensors).name, "run")
+        yield* fitsInMemory(model, (yield* Tensors).name, "run")
         low = materialize(tf, model.analysis, f.seed)
       }
       const refSeed = mixSeedOf(f.seed)

@@ -143,7 +143,7 @@ export const verify = Command.make(
         const { description, name, tf } = yield* Tensors
         const loaded = checkpoint === undefined
           ? yield* Effect.flatMap(loadModel(Option.getOrThrow(f.config)), (model) =>
-            Effect.map(fitsInMemory(model.name, model.analysis, name, "run"), () => ({ model, low: materialize(tf, model.analysis, f.seed), step: undefined })))
+            Effect.map(fitsInMemory(model, name, "run"), () => ({ model, low: materialize(tf, model.analysis, f.seed), step: undefined })))
           : yield* loadTrained(checkpoint, Option.getOrUndefined(f.config))
         const data = sotuSplits(byteTokenizer, 0)
         const b = validationBatches(data.validation, f.batch, f.seqLen, 1)[0]!

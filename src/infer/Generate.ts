@@ -67,7 +67,7 @@ export const loadTrained = (checkpoint: string, configFile?: string) =>
       }
       model = yield* modelFromJson(stored, `${file} (metadata "config")`)
     }
-    yield* fitsInMemory(model.name, model.analysis, (yield* Tensors).name, "run")
+    yield* fitsInMemory(model, (yield* Tensors).name, "run")
     const low = materialize(tf, model.analysis, 0)
     yield* loadParams(low, file, ck.tensors).pipe(Effect.tapError(() => Effect.sync(() => release(low))))
     return { model, low, file, step: ck.metadata.step }

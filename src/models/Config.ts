@@ -43,6 +43,7 @@ type Common = {
   readonly heads: number
   readonly kvHeads?: number
   readonly headDim?: number
+  readonly positions: "rope" | "learned" | "none"
 }
 
 const attentionChecks = (c: Common): readonly [string, string] | undefined => {
@@ -51,6 +52,13 @@ const attentionChecks = (c: Common): readonly [string, string] | undefined => {
   }
   if (c.kvHeads !== undefined && c.heads % c.kvHeads !== 0) {
     return ["kvHeads", `heads (${c.heads}) is not a multiple of kvHeads (${c.kvHeads})`]
+  }
+  // rotary positions rotate pairs of a head's channels
+  const size = c.headDim ?? c.hidden / c.heads
+  if (c.positions === "rope" && size % 2 !== 0) {
+    return c.headDim !== undefined
+      ? ["headDim", `headDim (${c.headDim}) is odd; rotary positions need an even head size`]
+      : ["heads", `hidden (${c.hidden}) / heads (${c.heads}) gives a head size of ${size}, which is odd; rotary positions need an even head size (or positions "learned" or "none")`]
   }
   return undefined
 }

@@ -32,12 +32,17 @@ const dim = (limit: LimitName, v: number) => withDefault(DimAtMost(limit), v)
 const count = (limit: LimitName, v: number) => withDefault(CountAtMost(limit), v)
 const num = (v: number) => withDefault(PositiveNumber, v)
 
+/** The head size divides the width, and is even: every model checked with this uses rotary positions, which rotate pairs. */
 const headsDivide = (hidden: string, heads: string) => (c: Record<string, unknown>) => {
   const h = c[hidden] as number
   const n = c[heads] as number
-  return c["head_dim"] == null && h % n !== 0
-    ? [heads, `${hidden} (${h}) is not divisible by ${heads} (${n}) and no head_dim is given`] as const
-    : undefined
+  const given = c["head_dim"] as number | null | undefined
+  if (given == null && h % n !== 0) return [heads, `${hidden} (${h}) is not divisible by ${heads} (${n}) and no head_dim is given`] as const
+  if (given != null && given % 2 !== 0) return ["head_dim", `head_dim (${given}) is odd; rotary positions need an even head size`] as const
+  if (given == null && (h / n) % 2 !== 0) {
+    return [heads, `${hidden} (${h}) / ${heads} (${n}) gives a head size of ${h / n}, which is odd; rotary positions need an even head size`] as const
+  }
+  return undefined
 }
 const kvDivide = (c: Record<string, unknown>) => {
   const n = c["num_attention_heads"] as number
@@ -217,6 +222,8 @@ const routingGroups = (c: Record<string, unknown>): number => {
 const deepseekTopK = (c: Record<string, unknown>) => {
   const e = c["n_routed_experts"] as number | null
   const k = c["num_experts_per_tok"] as number | null
+  const rope = c["qk_rope_head_dim"] as number
+  if (rope % 2 !== 0) return ["qk_rope_head_dim", `qk_rope_head_dim (${rope}) is odd; rotary positions need an even size`] as const
   if (e === null) return undefined
   if (k === null) return ["num_experts_per_tok", "is required when n_routed_experts is set"] as const
   if (k > e) return ["num_experts_per_tok", `num_experts_per_tok (${k}) exceeds n_routed_experts (${e})`] as const

@@ -37,19 +37,23 @@ export const allocatedParams = (analysis: Analysis): number => {
 const gib = (bytes: number) => `${(bytes / 1024 ** 3).toLocaleString("en-US", { maximumFractionDigits: bytes < 1024 ** 3 ? 3 : 1 })} GiB`
 
 /**
- * Fails with {@link ModelTooLarge} when `analysis`'s parameters, as float32, cannot fit in what
+ * Fails with {@link ModelTooLarge} when the model's parameters, as float32, cannot fit in what
  * `backend` can use: once to run the model (`use: "run"`), four times to train it.
  */
-export const fitsInMemory = (name: string, analysis: Analysis, backend: string, use: "run" | "train"): Effect.Effect<void, ModelTooLarge> =>
+export const fitsInMemory = (
+  model: { readonly name: string; readonly file: string; readonly analysis: Analysis },
+  backend: string,
+  use: "run" | "train"
+): Effect.Effect<void, ModelTooLarge> =>
   Effect.suspend(() => {
-    const params = allocatedParams(analysis)
+    const params = allocatedParams(model.analysis)
     const bytes = params * 4 * (use === "train" ? 4 : 1)
     const limit = memoryLimit(backend)
     if (bytes <= limit.bytes) return Effect.void
     return Effect.fail(
       new ModelTooLarge({
-        model: name,
-        message: `${name}: its ${params.toLocaleString("en-US")} parameters need at least ${gib(bytes)} to ` +
+        model: model.name,
+        message: `${model.file}: ${model.name} has ${params.toLocaleString("en-US")} parameters, which need at least ${gib(bytes)} to ` +
           (use === "train" ? "train (float32 weights, gradients and two AdamW moments)" : "run (float32 weights)") +
           `; the ${backend} backend can use at most ${gib(limit.bytes)} (${limit.why})`
       })

@@ -261,7 +261,7 @@ export const train = (
     if (settings.seqLen > model.contextLength) {
       return yield* new SettingsError({ field: "seqLen", message: `seqLen ${settings.seqLen} exceeds the context length of ${model.name} (${model.contextLength} tokens); use a seqLen of at most ${model.contextLength}` })
     }
-    yield* fitsInMemory(model.name, model.analysis, (yield* Tensors).name, "train")
+    yield* fitsInMemory(model, (yield* Tensors).name, "train")
     // the run directory: created, locked for this process, cleared of temporary files a killed run left
     yield* ensureDir(options.out)
     yield* lockRun(options.out)

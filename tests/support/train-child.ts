@@ -12,6 +12,7 @@ import * as path from "node:path"
 import { modelFromJson } from "../../src/models/Load.ts"
 import { layer as backendLayer } from "../../src/runtime/Backend.ts"
 import { byteTokenizer, type Document, streamOf } from "../../src/train/Data.ts"
+import * as Progress from "../../src/internal/Progress.ts"
 import * as Stop from "../../src/train/Stop.ts"
 import { train, TrainSettings } from "../../src/train/Train.ts"
 
@@ -43,7 +44,8 @@ const main = Effect.gen(function*() {
       process.exitCode = 1
     })
   ),
-  Effect.provide(Layer.merge(backendLayer("cpu"), nodeServices))
+  // progress as the command line prints it: plain lines (src/internal/Progress.ts)
+  Effect.provide(Layer.mergeAll(backendLayer("cpu"), nodeServices, Progress.layer))
 )
 
 if (import.meta.main) runMain(main, { disableErrorReporting: true })

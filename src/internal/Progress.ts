@@ -10,9 +10,11 @@
  * - Lines logged at Warn and above go to stderr, the rest to stdout, through the `Console` service
  *   (so a test that captures the console sees them).
  *
- * Without the layer (a library user), the lines go to whatever logger the program installed.
+ * Without the layer, the lines go to whatever logger the program installed (Effect's default one
+ * prefixes each with a timestamp and its level). Library users get this module as `Progress` from
+ * `conceptmoe/train`.
  *
- * @internal
+ * @since 0.4.0
  */
 import { Console, Context, Effect, Layer, Logger, LogLevel, References } from "effect"
 

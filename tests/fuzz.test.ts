@@ -7,8 +7,9 @@
  * budget, reallocate, report, verify, train, generate, export and convert with bad flags, values
  * and files (missing, a directory, empty, not JSON, `__proto__`, 10^12 layers, 3,000-deep graphs,
  * broken checkpoints, a 400-layer solver baseline, DeepSeek-V3 to verify and train); the first
- * five must succeed (among them the only real training, two tiny steps on cpu). Each case must end accepted, with exact, finite numbers, or refused with a typed
- * error whose message names what is wrong. A crash, an untyped error, a stack trace, "undefined"
+ * eight have known outcomes (among them the only real training, two tiny steps on cpu). Each case
+ * must end accepted, with exact, finite numbers, or refused with a typed error whose message names
+ * what is wrong. A crash, an untyped error, a stack trace, "undefined"
  * or "internal" in a message is a defect; the suite expects 0. It writes only in a temp dir.
  *
  * The seed is fixed (CONCEPTMOE_FUZZ_SEED overrides it; CONCEPTMOE_FUZZ_CONFIGS and
@@ -269,10 +270,10 @@ describe(`fuzz: ${cliCount} hostile command lines, in-process`, () => {
       tiny,
       example("hf/gpt2.json"),
       example("hf/deepseek-v3.json"),
-      example("conceptmoe-base-top.json"),
-      // deep enough that a solver search over every loop depth is refused by its limit on work
-      write("deep-layers.json", JSON.stringify({ kind: "moe", vocab: 64, hidden: 32, layers: 400, heads: 4, experts: 8, topK: 2, expertHidden: 32, contextLength: 256 }))
+      example("conceptmoe-base-top.json")
     ]
+    // for reallocate: deep enough that a search over every loop depth is refused by the solver's limit on work
+    const deep = write("deep-layers.json", JSON.stringify({ kind: "moe", vocab: 64, hidden: 32, layers: 400, heads: 4, experts: 8, topK: 2, expertHidden: 32, contextLength: 256 }))
     const cr = rng(seed + 2)
     for (let i = 0; i < 12; i++) configs.push(write(`mutated-${i}.json`, JSON.stringify(mutate(cr, pick(cr, bases(cr))).json) ?? "null"))
     // verify builds the model's weights: only the tiny models, DeepSeek-V3 (refused before it allocates its
@@ -352,7 +353,7 @@ describe(`fuzz: ${cliCount} hostile command lines, in-process`, () => {
       budget: { weight: 6, positional: () => pick(r, configs), flags: ["--seq-len", "--kv-bytes", "--tolerance", "--depth", "--format", "--against", "--exclude-parts", "--blocks"] },
       reallocate: {
         weight: 4,
-        positional: () => pick(r, configs),
+        positional: () => pick(r, [...configs, deep]),
         flags: ["--ratio", "--strategy", "--seq-len", "--tolerance", "--kv-bytes", "--encoder-layers", "--decoder-layers", "--loop-layers", "--limit", "--format", "--overheads", "--merge"],
         usual: [["--ratio", () => "2"], ["--strategy", () => "topk"]]
       },
@@ -377,22 +378,26 @@ describe(`fuzz: ${cliCount} hostile command lines, in-process`, () => {
     const codes = [0, 0, 0]
     const byCommand: Record<string, number> = {}
     const started = performance.now()
-    // first, command lines that must succeed: a real two-step training run (the run directory the
-    // hostile lines below resume, generate from and convert), and what reads it
+    // first, fixed command lines with known outcomes: a real two-step training run (the run directory
+    // the hostile lines below resume, generate from and convert), what reads it, and refusals that
+    // must come before any work (the solver's limit on work; a model too large to hold)
     const shared = at("run-shared")
-    const prelude: ReadonlyArray<ReadonlyArray<string>> = [
-      ["train", "--config", trainOk, "--out", shared, "--backend", "cpu"],
-      ["verify", "--checkpoint", shared, "--backend", "cpu", "--seq-len", "8", "--batch", "1"],
-      ["generate", "--checkpoint", shared, "--prompt", "a", "--max-tokens", "2", "--temperature", "0", "--backend", "cpu"],
-      ["budget", tiny, "--format", "json"],
-      ["reallocate", tiny, "--ratio", "2", "--strategy", "topk", "--encoder-layers", "1", "--decoder-layers", "1", "--limit", "1"]
+    const prelude: ReadonlyArray<readonly [number, ReadonlyArray<string>]> = [
+      [0, ["train", "--config", trainOk, "--out", shared, "--backend", "cpu"]],
+      [0, ["verify", "--checkpoint", shared, "--backend", "cpu", "--seq-len", "8", "--batch", "1"]],
+      [0, ["generate", "--checkpoint", shared, "--prompt", "a", "--max-tokens", "2", "--temperature", "0", "--backend", "cpu"]],
+      [0, ["budget", tiny, "--format", "json"]],
+      [0, ["reallocate", tiny, "--ratio", "2", "--strategy", "topk", "--encoder-layers", "1", "--decoder-layers", "1", "--limit", "1"]],
+      [1, ["reallocate", deep, "--ratio", "2", "--strategy", "loop", "--encoder-layers", "1", "--decoder-layers", "1"]],
+      [1, ["verify", example("hf/deepseek-v3.json"), "--backend", "cpu"]],
+      [1, ["train", "--config", at("train-huge.json"), "--out", at("run-huge"), "--backend", "cpu"]]
     ]
     for (let i = 0; i < cliCount; i++) {
-      const name = i < prelude.length ? prelude[i]![0]! : drawCommand()
+      const name = i < prelude.length ? prelude[i]![1][0]! : drawCommand()
       const spec = commands[name]!
       byCommand[name] = (byCommand[name] ?? 0) + 1
       const args: Array<string> = [name]
-      if (i < prelude.length) args.push(...prelude[i]!.slice(1))
+      if (i < prelude.length) args.push(...prelude[i]![1].slice(1))
       else {
         if (spec.positional !== undefined && r() < 0.92) args.push(spec.positional())
         for (let k = int(r, 0, 3); k > 0; k--) {
@@ -415,7 +420,7 @@ describe(`fuzz: ${cliCount} hostile command lines, in-process`, () => {
         continue
       }
       codes[ran.code]!++
-      if (i < prelude.length && ran.code !== 0) defects.push(`${where}: exit ${ran.code}, expected 0: ${ran.err.slice(0, 300)}`)
+      if (i < prelude.length && ran.code !== prelude[i]![0]) defects.push(`${where}: exit ${ran.code}, expected ${prelude[i]![0]}: ${ran.err.slice(0, 300)}`)
       if (bad.test(ran.err) || bad.test(ran.out)) defects.push(`${where}: ${JSON.stringify((ran.err + ran.out).match(/.*(undefined|internal|\n\s+at ).*/)?.[0])}`)
       if (ran.code === 0) {
         if (args.includes("--help")) continue

@@ -18,18 +18,14 @@ import { decode, decodeMetadata } from "../src/train/Checkpoint.ts"
 import { train } from "../src/train/Train.ts"
 import { load, root } from "./support/models.ts"
 import { childData, childSettings, tinyModel } from "./support/train-child.ts"
+import { prng } from "../src/internal/Random.ts"
 
 const child = path.join(root, "tests", "support", "train-child.ts")
 const steps = 60
 const killsPerLane = 10
 
-/** A small seeded generator (mulberry32), so the kill points are drawn the same way each run. */
-const random = (seed: number) => () => {
-  seed = (seed + 0x6d2b79f5) | 0
-  let t = Math.imul(seed ^ (seed >>> 15), 1 | seed)
-  t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t
-  return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-}
+/** The project's seeded generator, so the kill points are drawn the same way each run. */
+const random = prng
 
 const readRun = (dir: string) => {
   const file = path.join(dir, "checkpoint.safetensors")

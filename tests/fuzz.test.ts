@@ -29,6 +29,7 @@ import { limits } from "../src/graph/Limits.ts"
 import { ConfigError } from "../src/models/Errors.ts"
 import { modelFromJson } from "../src/models/Load.ts"
 import { reallocate, strategies } from "../src/models/Reallocate.ts"
+import { prng } from "../src/internal/Random.ts"
 import { runInProcess } from "./support/cli-in-process.ts"
 import { root } from "./support/models.ts"
 
@@ -36,17 +37,8 @@ const seed = Number(process.env["CONCEPTMOE_FUZZ_SEED"] ?? 20)
 const configCount = Number(process.env["CONCEPTMOE_FUZZ_CONFIGS"] ?? 10_000)
 const cliCount = Number(process.env["CONCEPTMOE_FUZZ_CLI"] ?? 240)
 
-/** mulberry32: a small seeded generator (the suite must not depend on Math.random). */
-const rng = (s: number) => {
-  let a = s >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
+/** The project's seeded generator (the suite must not depend on Math.random). */
+const rng = prng
 type Rand = () => number
 const pick = <A>(r: Rand, xs: ReadonlyArray<A>): A => xs[Math.floor(r() * xs.length)]!
 const int = (r: Rand, lo: number, hi: number) => lo + Math.floor(r() * (hi - lo + 1))

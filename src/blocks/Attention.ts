@@ -20,6 +20,7 @@ import { crossCheck, Dim, withDefault } from "../graph/Spec.ts"
 import type { ForwardContext, Tensor } from "../graph/Apply.ts"
 import * as ops from "./ops.ts"
 import { RopeSpec } from "./Rotary.ts"
+import { Unsupported } from "../internal/RunErrors.ts"
 
 export const AttentionSpec = Schema.Struct({
   d: Dim,
@@ -85,7 +86,9 @@ export const applyAttention = (
   let v: Tensor = ops.linear(ctx, x, p["v.weight"]!, p["v.bias"])
   if (joint) {
     const c = ctx.concept
-    if (c === undefined) throw new Error("joint-decoding attention runs after a concept stage, which sets the concept side input")
+    if (c === undefined) {
+      throw new Unsupported({ at: ctx.scope, problem: "joint-decoding attention runs after a concept stage, which sets the concept side input; place it after one" })
+    }
     q = tf.add(q, ops.linear(ctx, c, p["qc.weight"]!))
     k = tf.add(k, ops.linear(ctx, c, p["kc.weight"]!))
     v = tf.add(v, ops.linear(ctx, c, p["vc.weight"]!))

@@ -15,6 +15,7 @@ import { type Block, type BlockKind, leaf, type Named } from "../graph/Block.ts"
 import type { ForwardContext, Tensor, Tensor2D } from "../graph/Apply.ts"
 import type * as TF from "@tensorflow/tfjs"
 import { Dim } from "../graph/Spec.ts"
+import { Unsupported } from "../internal/RunErrors.ts"
 
 export const DechunkSpec = Schema.Struct({ d: Dim })
 export type DechunkSpec = typeof DechunkSpec.Type
@@ -62,7 +63,7 @@ const resets = (ctx: ForwardContext, P: Tensor, shape: ReadonlyArray<number>): T
 const applyDechunk = (ctx: ForwardContext, _s: DechunkSpec, y: Tensor): Tensor => {
   const { tf, cache } = ctx
   const ch = ctx.chunk
-  if (ch === undefined) throw new Error("a dechunk runs inside a concept stage, after its chunk module")
+  if (ch === undefined) throw new Unsupported({ at: ctx.scope, problem: "a dechunk runs inside a concept stage, after its chunk module; place it there" })
   if (ch.slots !== undefined) return staticDechunk(ctx, ch, y)
   const n = ch.boundaries.length
   const rows = ch.concepts.length

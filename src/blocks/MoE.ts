@@ -28,6 +28,7 @@ import { crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import type { ForwardContext, Tensor } from "../graph/Apply.ts"
 import { Activation, ffnMatrices, ffnParams } from "./MLP.ts"
 import * as ops from "./ops.ts"
+import { Unsupported } from "../internal/RunErrors.ts"
 
 export const SharedExperts = Schema.Struct({
   /** Neurons of the shared FFN (DeepSeek: n_shared · moe_intermediate_size). */
@@ -87,7 +88,9 @@ const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record
   if (ctx.dispatch === "dense") return denseDispatch(ctx, s, x, p, probs)
   if (ctx.dispatch === "grouped") return slotDispatch(ctx, s, x, p, probs, "grouped")
   if (typeof ctx.dispatch === "object") return slotDispatch(ctx, s, x, p, probs, ctx.dispatch)
-  if (ctx.valid !== undefined) throw new Error(`sparse MoE dispatch does not take padded positions (at ${ctx.scope}); use dense or grouped dispatch`)
+  if (ctx.valid !== undefined) {
+    throw new Unsupported({ at: ctx.scope, problem: "sparse MoE dispatch does not take padded positions (the empty slots of a static-shape concept stage); use dense or grouped dispatch" })
+  }
   const { indices } = tf.topk(selectionScores(ctx, s, ctx.detach(probs), p), s.topK)
   const chosen = ctx.read(indices) as Int32Array
   indices.dispose()

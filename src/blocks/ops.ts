@@ -5,6 +5,7 @@
  */
 import type { DecodeCache, ForwardContext, Tensor, Tensor2D } from "../graph/Apply.ts"
 import type { Activation } from "./MLP.ts"
+import { Unsupported } from "../internal/RunErrors.ts"
 
 /** x·W (+ b), counted as a weight product. */
 export const linear = (ctx: ForwardContext, x: Tensor, w: Tensor, b?: Tensor, product?: Product): Tensor2D => {
@@ -225,7 +226,7 @@ const attendCached = (
   options: Masking
 ): Tensor2D => {
   const { tf } = ctx
-  if (!options.causal) throw new Error(`attention at ${ctx.scope} is not causal: it cannot be decoded incrementally`)
+  if (!options.causal) throw new Unsupported({ at: ctx.scope, problem: "the attention is not causal (causal: false): it cannot be decoded incrementally" })
   const [N, KV, dqk] = k.shape as [number, number, number]
   const dv = v.shape[2]!
   const counts = ctx.layout

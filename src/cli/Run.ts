@@ -10,6 +10,7 @@ import { Cause, Console, Effect } from "effect"
 import { CliError, CliOutput, Command } from "effect/cli"
 import { ExitCode } from "./shared.ts"
 import * as Progress from "../internal/Progress.ts"
+import { isRunFailure } from "../internal/RunErrors.ts"
 
 /** What a run ended with: its exit code, and the unexpected failure (a bug) if there was one. */
 export interface Outcome {
@@ -64,10 +65,12 @@ export const runCli = <const Name extends string, Input, ContextInput, E, R>(
           return Effect.void
         }
         const error = failure._tag === "Some" ? failure.value : Cause.squash(cause)
-        if (failure._tag === "None") defect = error
+        // a typed error of the runtime thrown from tensor code that no Effect caught is the user's too
+        const expected = failure._tag === "Some" || isRunFailure(error)
+        if (!expected) defect = error
         const message = error instanceof Error ? error.message : String(error)
         exit.code = 1
-        return Console.error(`error: ${failure._tag === "Some" ? message : `unexpected failure, please report it: ${message}`}`).pipe(
+        return Console.error(`error: ${expected ? message : `unexpected failure, please report it: ${message}`}`).pipe(
           Effect.andThen(process.env["CONCEPTMOE_DEBUG"] !== undefined && error instanceof Error ? Console.error(error.stack) : Effect.void)
         )
       }),

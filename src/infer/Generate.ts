@@ -6,6 +6,7 @@
  */
 import { Effect, FileSystem, Path, Schema } from "effect"
 import { prng } from "../internal/Random.ts"
+import { attemptPromise, type RunFailure } from "../internal/RunErrors.ts"
 import { type LoadedModel, loadModel, modelFromJson } from "../models/Load.ts"
 import { syncReads, Tensors } from "../runtime/Backend.ts"
 import { fitsInMemory } from "../runtime/Memory.ts"
@@ -56,7 +57,7 @@ export const loadTrained = (checkpoint: string, configFile?: string) =>
       )
     )
     const file = info.type === "Directory" ? path.join(checkpoint, "checkpoint.safetensors") : checkpoint
-    const ck = yield* readCheckpoint(file)
+    const ck = yield* readCheckpoint(file, { optimizer: "skip" })
     let model: LoadedModel
     if (configFile !== undefined) {
       model = yield* loadModel(configFile)
@@ -125,10 +126,10 @@ export const generate = (
   prompt: string,
   settings: SamplingSettings,
   emit: (text: string) => void
-): Effect.Effect<GenerateStats, GenerateError> =>
+): Effect.Effect<GenerateStats, GenerateError | RunFailure> =>
   Effect.gen(function*() {
     const ids = yield* promptIds(model, tokenizer, prompt)
-    return yield* Effect.promise(async () => {
+    return yield* attemptPromise(async () => {
       const s = session(low, { rows: 1, maxLength: model.contextLength })
       // webgpu in Node reads only asynchronously: pieces that need host values go through feedAsync
       const sync = syncReads(low.tf)

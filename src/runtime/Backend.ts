@@ -129,6 +129,7 @@ export const load = (name: BackendName): Effect.Effect<Runtime, BackendError> =>
       }
       return { tf, name, description: `${name} (tfjs ${tf.version.tfjs}${detail})` } satisfies Runtime
     },
+    // everything thrown above (a package not installed, no adapter) is this backend's typed error
     catch: (e) => new BackendError({ backend: name, message: `cannot load backend ${name}: ${(e as Error).message}` })
   })
 

@@ -184,6 +184,8 @@ export const rowBuffer = (tf: Tf, rows: number, width: number, initial = 16, lay
     get capacity() {
       return capacity
     },
+    // the checks below are invariants between blocks and their caches (blocks compute the counts
+    // and shapes from a piece that the session has checked), not something an input can cause
     append(x, counts) {
       if (counts.length !== rows) throw new Error(`append: ${counts.length} row counts for a buffer of ${rows} rows`)
       const total = counts.reduce((a, c) => a + c, 0)

@@ -24,9 +24,11 @@
  * @since 0.3.0
  */
 import type { Tensor, Tf } from "../graph/Apply.ts"
+import { SettingError, Unsupported } from "../internal/RunErrors.ts"
 
 /**
- * Why a step cannot be recorded or replayed. `outputs` is set when the step itself ran to the end
+ * Why a step cannot be recorded or replayed: control flow, not a failure (the trainer catches it and
+ * runs the step through tfjs), so a plain class. `outputs` is set when the step itself ran to the end
  * (it was refused afterwards): its results, for the caller to read and free.
  */
 export class NotCapturable extends Error {
@@ -153,7 +155,9 @@ export interface StepProfile {
 const submitEvery = (): number => {
   const v = process.env["CONCEPTMOE_SUBMIT_EVERY"]
   const n = v === undefined || v === "" ? 128 : Number(v)
-  if (!Number.isInteger(n) || n < 0) throw new Error(`CONCEPTMOE_SUBMIT_EVERY="${v}": expected a whole number of dispatches ≥ 0 (0: one command buffer per step)`)
+  if (!Number.isInteger(n) || n < 0) {
+    throw new SettingError({ variable: "CONCEPTMOE_SUBMIT_EVERY", value: v ?? "", expected: "a whole number of dispatches ≥ 0 (0: one command buffer per step)" })
+  }
   return n
 }
 
@@ -623,7 +627,7 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
 
   const profile = async (values: ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]>, detail: "step" | "dispatches"): Promise<StepProfile> => {
     if (!(device as unknown as { features: { has: (f: string) => boolean } }).features.has("timestamp-query")) {
-      throw new Error("the GPU device has no timestamp queries (the adapter lacks the timestamp-query feature)")
+      throw new Unsupported({ at: "profile", problem: "the GPU device has no timestamp queries (the adapter lacks the timestamp-query feature)" })
     }
     const queries = detail === "step" ? 2 : 2 * dispatches
     const sets = Array.from({ length: Math.ceil(queries / QUERIES) }, (_, i) => device.createQuerySet({ type: "timestamp", count: Math.min(QUERIES, queries - i * QUERIES) }))

@@ -13,34 +13,12 @@
 import type { DecodeCache, RowBuffer, Tensor, Tensor2D } from "../graph/Apply.ts"
 import type { AnyBlock } from "../graph/Block.ts"
 import { joinPath } from "../graph/Analyze.ts"
+import { ContextOverflow, InvalidInput, NeedsFeedAsync, NotDecodable, Unsupported } from "../internal/RunErrors.ts"
 import { syncReads } from "./Backend.ts"
 import { bufferBytes, rowBuffer } from "./Cache.ts"
 import { forward, type Lowered, PendingRead } from "./Lower.ts"
 
-/** A kind in the graph that does not declare how it runs on a stream cut into pieces. */
-export class NotDecodable extends Error {
-  readonly path: string
-  readonly kind: string
-  constructor(path: string, kind: string) {
-    super(`block kind "${kind}" at ${path === "" ? "(root)" : path} does not declare \`stream\`: it cannot be decoded incrementally`)
-    this.path = path
-    this.kind = kind
-  }
-}
-
-/** A piece that would take a row past the session's maximum length. */
-export class ContextOverflow extends Error {
-  readonly length: number
-  readonly maxLength: number
-  constructor(length: number, maxLength: number) {
-    super(`${length} tokens exceed the model's context of ${maxLength}`)
-    this.length = length
-    this.maxLength = maxLength
-  }
-}
-
-/** `feed` on a backend that reads only asynchronously met a piece that needs a host value. */
-export class NeedsFeedAsync extends Error {}
+export { ContextOverflow, NeedsFeedAsync, NotDecodable } from "../internal/RunErrors.ts"
 
 export interface SessionOptions {
   /** Rows decoded together. */
@@ -96,7 +74,7 @@ export interface Session {
 /** Checks that every kind of the graph declares how it runs on a stream. */
 export const checkDecodable = (root: AnyBlock): void => {
   const walk = (b: AnyBlock, path: string) => {
-    if (b.kind.stream === undefined) throw new NotDecodable(path, b.kind.name)
+    if (b.kind.stream === undefined) throw new NotDecodable({ path, kind: b.kind.name })
     b.children.forEach((c, i) => walk(c, joinPath(path, c.name ?? `${i}`)))
   }
   walk(root, "")
@@ -134,9 +112,9 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
   let length = 0
   const compression = { tokens: 0, concepts: 0 }
   const check = (ids: Int32Array, n: number) => {
-    if (ids.length !== rows * n) throw new Error(`feed: expected ${rows}×${n} ids, got ${ids.length}`)
-    if (n <= 0) throw new Error("feed: a piece has at least one token per row")
-    if (options.maxLength !== undefined && length + n > options.maxLength) throw new ContextOverflow(length + n, options.maxLength)
+    if (!Number.isInteger(n) || n <= 0) throw new InvalidInput({ input: "feed n (tokens per row)", expected: "a whole number ≥ 1", got: `${n}` })
+    if (ids.length !== rows * n) throw new InvalidInput({ input: "feed ids", expected: `rows × n = ${rows}×${n} = ${rows * n} ids`, got: `${ids.length}` })
+    if (options.maxLength !== undefined && length + n > options.maxLength) throw new ContextOverflow({ length: length + n, maxLength: options.maxLength })
   }
   /** Runs a piece with host reads through `read`; commits the session's counters when it completes. */
   const run = (ids: Int32Array, n: number, read: ((t: Tensor) => Float32Array | Int32Array) | undefined): Tensor2D => {
@@ -167,7 +145,9 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
   /** {@link run}; if the piece stops half-way, the caches forget what it appended (see feedAsync). */
   let broken: string | undefined
   const attempt = (ids: Int32Array, n: number, read: ((t: Tensor) => Float32Array | Int32Array) | undefined): Tensor2D => {
-    if (broken !== undefined) throw new Error(`this decoding session stopped in the middle of a piece (${broken}); open a new one`)
+    if (broken !== undefined) {
+      throw new Unsupported({ at: "decoding session", problem: `it stopped in the middle of a piece (${broken}) and cannot go on; open a new one` })
+    }
     const lengths = new Map([...buffers.values()].flat().map((b) => [b, [...b.lengths]] as const))
     try {
       return run(ids, n, read)
@@ -183,7 +163,7 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
   const feed = (ids: Int32Array, n: number): Tensor2D => {
     check(ids, n)
     return attempt(ids, n, sync ? undefined : () => {
-      throw new NeedsFeedAsync(`this model reads host values while decoding (concept boundaries), which the ${tf.getBackend()} backend does only asynchronously: use feedAsync / prefillAsync`)
+      throw new NeedsFeedAsync({ backend: tf.getBackend() })
     })
   }
   const feedAsync = async (ids: Int32Array, n: number): Promise<Tensor2D> => {
@@ -196,12 +176,15 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
         return attempt(ids, n, (t) => {
           if (i < values.length) {
             const v = values[i++]!
+            // an invariant of this session (the same piece reads the same tensors), not an input
             if (v.length !== t.size) throw new Error(`a replayed read of ${v.length} values for a tensor of ${t.size}`)
             return v
           }
           // before its first read a piece has only appended to caches, which attempt undoes; a
           // later read could follow changes to block state that a second run would repeat
-          if (i > 0) throw new Error("decoding asynchronously takes at most one host read per piece (use dense or grouped MoE dispatch)")
+          if (i > 0) {
+            throw new Unsupported({ at: "feedAsync", problem: "decoding asynchronously takes at most one host read per piece; use dense or grouped MoE dispatch" })
+          }
           throw new PendingRead(t)
         })
       } catch (e) {
@@ -217,7 +200,9 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
   }
   /** The pieces of at most `chunk` tokens per row of a prompt `ids [rows, n]`. */
   const piecesOf = (ids: Int32Array, n: number, chunk: number) => {
-    if (ids.length !== rows * n) throw new Error(`prefill: expected ${rows}×${n} ids, got ${ids.length}`)
+    if (!Number.isInteger(n) || n <= 0) throw new InvalidInput({ input: "prefill n (tokens per row)", expected: "a whole number ≥ 1", got: `${n}` })
+    if (ids.length !== rows * n) throw new InvalidInput({ input: "prefill ids", expected: `rows × n = ${rows}×${n} = ${rows * n} ids`, got: `${ids.length}` })
+    if (!Number.isInteger(chunk) || chunk <= 0) throw new InvalidInput({ input: "prefill chunk", expected: "a whole number of tokens ≥ 1", got: `${chunk}` })
     const out: Array<readonly [Int32Array, number]> = []
     for (let s = 0; s < n; s += chunk) {
       const len = Math.min(chunk, n - s)

@@ -4,9 +4,11 @@
  *
  * @since 0.3.0
  */
+import { SettingError } from "../internal/RunErrors.ts"
+
 export const switchOn = (name: string): boolean => {
   const v = process.env[name]
   if (v === undefined || v === "" || v === "on") return true
   if (v === "off") return false
-  throw new Error(`${name}="${v}": expected on or off`)
+  throw new SettingError({ variable: name, value: v, expected: "on or off" })
 }

@@ -290,6 +290,7 @@ const installWasmMatMul = (tf: Tf): void => {
       const [m, k] = A.shape.slice(-2) as [number, number]
       const [k2, n] = B.shape.slice(-2) as [number, number]
       if (k !== k2) {
+        // tfjs's own message for this shape error (a block's bug; shapes from a user are checked before)
         for (const t of made) b.disposeData(t.dataId)
         throw new Error(`Error in matMul: inner shapes (${k}) and (${k2}) of tensors with shapes ${x.shape} and ${y.shape} and transposeA=${transposeA} and transposeB=${transposeB} must match.`)
       }

@@ -47,6 +47,7 @@
 import type * as TF from "@tensorflow/tfjs"
 import type { RouteLayout as Layout, Tensor, Tf } from "../graph/Apply.ts"
 import { switchOn } from "./Env.ts"
+import { Unsupported } from "../internal/RunErrors.ts"
 
 export interface AdamHyper {
   readonly beta1: number
@@ -297,7 +298,12 @@ export const layoutRows = (layout: Layout, n: number, k: number, E: number): num
 
 /** The tables hold pairs as float32 whole numbers e·n + i: exact below 2²⁴. */
 const checkCodes = (n: number, E: number) => {
-  if (n * E > 2 ** 24) throw new Error(`an MoE layer of ${E} experts over ${n} tokens has more token-expert pairs than float32 numbers them exactly (2^24); use fewer tokens per step or dense dispatch`)
+  if (n * E > 2 ** 24) {
+    throw new Unsupported({
+      at: "MoE routing",
+      problem: `an MoE layer of ${E} experts over ${n} tokens has more token-expert pairs than float32 numbers them exactly (2^24); use fewer tokens per step or dense dispatch`
+    })
+  }
 }
 
 /**

@@ -16,6 +16,7 @@ import { makeGroupedMatMul } from "./MatMul.ts"
 import { makeActivate, makeCombine, makeMaskedNll, makeMaskedSoftmax, makeRepeat, makeRmsNorm, makeRotate, makeRoute, makeSlots, makeTopMask } from "./Fused.ts"
 import { makeDetach, makeMatMul, makeOneHot, makeSte, makeStop } from "./Fixes.ts"
 import { prng } from "../internal/Random.ts"
+import { NotLowerable } from "../internal/RunErrors.ts"
 
 export interface Lowered {
   readonly tf: Tf
@@ -26,16 +27,7 @@ export interface Lowered {
   readonly nodeParams: ReadonlyMap<string, Readonly<Record<string, TF.Variable>>>
 }
 
-/** A kind in the graph that has no `apply`. */
-export class NotLowerable extends Error {
-  readonly path: string
-  readonly kind: string
-  constructor(path: string, kind: string) {
-    super(`block kind "${kind}" at ${path === "" ? "(root)" : path} has no tensor implementation (apply)`)
-    this.path = path
-    this.kind = kind
-  }
-}
+export { NotLowerable } from "../internal/RunErrors.ts"
 
 /** Mixes a seed and an index into a new 31-bit seed. */
 export const mixSeed = (seed: number, i: number): number => {
@@ -51,7 +43,7 @@ export const mixSeed = (seed: number, i: number): number => {
  */
 export const materialize = (tf: Tf, analysis: Analysis, seed: number): Lowered => {
   const check = (block: AnyBlock, path: string) => {
-    if (block.kind.apply === undefined) throw new NotLowerable(path, block.kind.name)
+    if (block.kind.apply === undefined) throw new NotLowerable({ path, kind: block.kind.name })
     block.children.forEach((c, i) => check(c, joinPath(path, c.name ?? `${i}`)))
   }
   check(analysis.root, "")
@@ -269,7 +261,7 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     chunk: undefined,
     auxLosses: [],
     flops,
-    compression: { tokens: 0, concepts: 0, boundaryProbSum: 0 },
+    compression: { tokens: 0, concepts: 0, boundaryProbSum: 0, thresholdConcepts: 0 },
     deviceCompression: undefined,
     conceptFeeds: options.concept,
     valid: undefined,
@@ -341,7 +333,10 @@ export const loss = (m: Lowered, batch: Batch, options: ForwardOptions) => {
   return { total: tf.add(ce, aux) as TF.Scalar, ce: ce as TF.Scalar, aux: aux as TF.Scalar, ctx, tokens }
 }
 
-/** Thrown by a recording pass at the first read it has no value for (see `Decode.feedAsync`). */
+/**
+ * Thrown by a recording pass at the first read it has no value for (see `Decode.feedAsync`): control
+ * flow, caught by the caller that reads the value and runs the pass again, never seen by a user.
+ */
 export class PendingRead {
   readonly tensor: Tensor
   constructor(tensor: Tensor) {
@@ -387,6 +382,7 @@ export const replay = (values: ReadonlyArray<Float32Array | Int32Array>) => {
   let i = 0
   return (t: Tensor): Float32Array | Int32Array => {
     const v = values[i++]
+    // an invariant (the pass replays the reads it recorded), not something an input can cause
     if (v === undefined || v.length !== t.size) throw new Error(`replayed read ${i - 1} does not match the pass (recorded ${values.length} reads)`)
     return v
   }

@@ -11,3 +11,5 @@ export * as Backend from "./Backend.ts"
 export * as Decode from "./Decode.ts"
 export * as Lower from "./Lower.ts"
 export * as Verify from "./Verify.ts"
+/** The typed errors of running a model that a user can cause, and `attempt` for calling tensor code from an Effect. */
+export * as RunErrors from "../internal/RunErrors.ts"

@@ -169,6 +169,34 @@ describe("conceptmoe train and verify: bad input", () => {
   })
 })
 
+describe("--blocks on the commands that run a model", () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "conceptmoe-blocks-"))
+  const config = path.join(dir, "train.json")
+  fs.writeFileSync(config, JSON.stringify({ model: path.join(root, "examples/extending/factorized-graph.json"), seqLen: 16, batchSize: 2, steps: 2, evalEvery: 2, evalBatches: 1, checkpointEvery: 2 }))
+
+  it("train and verify run the extension example's kind; a kind without apply is one line naming it, exit 1", () => {
+    const t = run("train", "--config", config, "--out", path.join(dir, "run"), "--backend", "cpu", "--blocks", "examples/extending/FactorizedMLP.ts", "--format", "json")
+    assert.strictEqual(t.code, 0, t.err)
+    assert.strictEqual(JSON.parse(t.out).steps, 2)
+    const v = run("verify", "examples/extending/factorized-graph.json", "--backend", "cpu", "--seq-len", "16", "--batch", "1", "--blocks", "examples/extending/FactorizedMLP.ts", "--format", "json")
+    assert.strictEqual(v.code, 0, v.err)
+    const report = JSON.parse(v.out)
+    assert.strictEqual(report.params.runtime, report.params.static)
+    assert.strictEqual(report.flops.executed, report.flops.staticAtMeasured)
+    // without --blocks the kind is unknown (exit 1); without apply it is costed but not run
+    assert.match(run("verify", "examples/extending/factorized-graph.json", "--backend", "cpu").err, /^error: .*unknown block kind "factorized-mlp"/)
+    const costOnly = ["--blocks", "tests/fixtures/cost-only-block.ts"]
+    assert.strictEqual(run("budget", "examples/extending/factorized-graph.json", ...costOnly).code, 0)
+    for (const r of [
+      run("train", "--config", config, "--out", path.join(dir, "refused"), "--backend", "cpu", ...costOnly),
+      run("verify", "examples/extending/factorized-graph.json", "--backend", "cpu", ...costOnly)
+    ]) {
+      assert.strictEqual(r.code, 1)
+      assert.strictEqual(r.err, `error: block kind "factorized-mlp" at ffn/mlp has no tensor implementation (apply)\n`)
+    }
+  }, 120_000)
+})
+
 describe("conceptmoe generate", () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "cmoe-gen-"))
   const model = { kind: "conceptmoe", baseline: { kind: "moe", vocab: 256, hidden: 32, layers: 4, heads: 2, experts: 4, topK: 1, expertHidden: 16, tiedEmbeddings: true, contextLength: 48 }, ratio: 2, encoderLayers: 1, decoderLayers: 1, topK: 2 }

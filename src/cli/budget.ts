@@ -8,10 +8,9 @@ import { Argument, Command, Flag } from "effect/cli"
 import { budgetOf, diff, match, renderDiff } from "../cost/Budget.ts"
 import { budgetReport, stringifyExact } from "../cost/Report.ts"
 import { conceptStages } from "../cost/Stages.ts"
-import { BlockRegistry } from "../blocks/Registry.ts"
 import { type LoadedModel, loadModel } from "../models/Load.ts"
 import { renderBudget } from "./render.ts"
-import { blocks, flagLimits, format, handled, intFlag, kvBytes, registryWith, reportFailure, seqLen, seqLenWithin, tolerance } from "./shared.ts"
+import { blocks, flagLimits, format, handled, intFlag, kvBytes, reportFailure, seqLen, seqLenWithin, tolerance, withBlocks } from "./shared.ts"
 
 const reportOf = (m: LoadedModel, T: number, bytesPerElement: number) =>
   budgetReport(m, { seqLen: T, bytesPerElement, ...(m.concept === undefined ? {} : { stages: conceptStages }) })
@@ -38,8 +37,7 @@ export const budget = Command.make(
     )
   },
   Effect.fn("budget")(function*({ against, blocks, config, depth, excludeParts, format, kvBytes, seqLen, tolerance }) {
-    const registry = yield* registryWith(blocks)
-    const load = (file: string) => loadModel(file).pipe(Effect.provideService(BlockRegistry, registry))
+    const load = (file: string) => withBlocks(blocks, loadModel(file))
     const model = yield* load(config)
     yield* seqLenWithin(seqLen, model)
     const T = Option.getOrElse(seqLen, () => model.contextLength)

@@ -17,6 +17,7 @@ import { limits } from "../graph/Limits.ts"
 import { flagLimits, format, handled, intFlag, numberFlag, positive, ratioFlag, tolerance, UsageError } from "./shared.ts"
 import { backend } from "./train.ts"
 import * as Stop from "../train/Stop.ts"
+import * as Progress from "../internal/Progress.ts"
 import { dataFlag, splitsFor, valFraction } from "./data.ts"
 
 const fixed = (x: number, digits = 4) => (Number.isFinite(x) ? x.toFixed(digits) : "-")
@@ -165,7 +166,12 @@ export const compare = Command.make(
       overheads: f.overheads,
       out: f.out,
       quiet: json
-    }).pipe(Effect.provide(backendLayer(Option.getOrUndefined(f.backend))), Effect.catchTag("Stopped", (e) => Stop.report(e, Stop.seriesHint(e)).pipe(Effect.as(undefined))))
+    }).pipe(
+      Effect.provide(backendLayer(Option.getOrUndefined(f.backend))),
+      // a run that ends early (a signal, divergence, a failure) leaves no progress bar under its message
+      Effect.ensuring(Progress.clear),
+      Effect.catchTag("Stopped", (e) => Stop.report(e, Stop.seriesHint(e)).pipe(Effect.as(undefined)))
+    )
     if (done === undefined) return
     const { report, runs, files } = done
     if (json) {

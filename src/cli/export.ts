@@ -7,7 +7,6 @@ import { Console, Effect, FileSystem, Option, Path, Schema } from "effect"
 import { Argument, Command, Flag } from "effect/cli"
 import { torchTensors, writeExport } from "../export/Export.ts"
 import { perturb, reference, referenceBatch } from "../export/Reference.ts"
-import { BlockRegistry } from "../blocks/Registry.ts"
 import { loadTrained } from "../infer/Generate.ts"
 import { type LoadedModel, loadModel, readJson } from "../models/Load.ts"
 import { layer as backendLayer, Tensors } from "../runtime/Backend.ts"
@@ -16,7 +15,7 @@ import { materialize, release } from "../runtime/Lower.ts"
 import { encode } from "../train/Checkpoint.ts"
 import { byteTokenizer, sotuSplits } from "../train/Data.ts"
 import { TrainSettings } from "../train/Train.ts"
-import { blocks, handled, registryWith, UsageError } from "./shared.ts"
+import { blocks, handled, UsageError, withBlocks } from "./shared.ts"
 import { loadTrainConfig } from "./train.ts"
 
 export const exportCommand = Command.make(
@@ -39,10 +38,9 @@ export const exportCommand = Command.make(
   Effect.fn("export")(function*(f) {
     const fs = yield* FileSystem.FileSystem
     const path = yield* Path.Path
-    const registry = yield* registryWith(f.blocks)
     const info = yield* fs.stat(f.source).pipe(Effect.mapError(() => new UsageError({ message: `${f.source}: no such config, run directory or checkpoint` })))
     const isCheckpoint = info.type === "Directory" || f.source.endsWith(".safetensors")
-    const result = yield* Effect.gen(function*() {
+    const result = yield* withBlocks(f.blocks, Effect.gen(function*() {
       const { tf } = yield* Tensors
       let model: LoadedModel
       let settings: TrainSettings = Schema.decodeUnknownSync(TrainSettings)({})
@@ -84,7 +82,7 @@ export const exportCommand = Command.make(
         yield* fs.writeFileString(path.join(f.out, "reference.json"), JSON.stringify(ref.reference))
       }
       return { model, graph, step }
-    }).pipe(Effect.provide(backendLayer("cpu")), Effect.provideService(BlockRegistry, registry))
+    }).pipe(Effect.provide(backendLayer("cpu"))))
     yield* Console.log(
       `${result.model.name}${isCheckpoint ? ` (step ${result.step})` : ""}: wrote ${f.out}/{graph.json, model.safetensors, conceptmoe_torch/, train.py} ` +
         `(${result.graph.params.filter((p) => p.file !== null).length} tensors, ${result.graph.names === "native" ? "native names" : `Hugging Face names (${result.graph.names})`})`

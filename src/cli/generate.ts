@@ -11,7 +11,7 @@ import { layer as backendLayer } from "../runtime/Backend.ts"
 import { release } from "../runtime/Lower.ts"
 import { byteTokenizer } from "../train/Data.ts"
 import { limits } from "../graph/Limits.ts"
-import { flagLimits, handled, intFlag, numberFlag } from "./shared.ts"
+import { blocks, flagLimits, handled, intFlag, numberFlag, withBlocks } from "./shared.ts"
 import { backend } from "./train.ts"
 
 /** The figures `generate` reports: counts, times, rates (tokens per second; null for no time), compression, cache. */
@@ -36,6 +36,7 @@ export const generate = Command.make(
     topK: intFlag("top-k", 0, limits.vocab).pipe(Flag.withDescription("sample among the k most likely tokens; 0 for all"), Flag.withDefault(40)),
     seed: intFlag("seed", 0, flagLimits.seed).pipe(Flag.withDescription("sampling seed"), Flag.withDefault(0)),
     config: Flag.String("config").pipe(Flag.withDescription("the model config, for checkpoints that do not store theirs"), Flag.optional),
+    blocks,
     backend,
     format: Flag.Literals("format", ["table", "json"]).pipe(
       Flag.withDescription("table: the text streamed to stdout, the figures on stderr; json: one JSON document on stdout with the text and the figures"),
@@ -51,7 +52,7 @@ export const generate = Command.make(
     const json = f.format === "json"
     const pieces: Array<string> = []
     const { stats, source } = yield* Effect.gen(function*() {
-      const { model, low, file, step } = yield* loadTrained(f.checkpoint, Option.getOrUndefined(f.config))
+      const { model, low, file, step } = yield* withBlocks(f.blocks, loadTrained(f.checkpoint, Option.getOrUndefined(f.config)))
       const ids = yield* promptIds(model, byteTokenizer, f.prompt).pipe(Effect.tapError(() => Effect.sync(() => release(low))))
       if (!json) yield* Console.error(`${model.name} from ${file} (step ${step}); prompt ${ids.length} bytes`)
       if (!json) yield* Effect.sync(() => process.stdout.write(f.prompt))

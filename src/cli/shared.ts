@@ -8,7 +8,7 @@ import { Flag } from "effect/cli"
 import * as path from "node:path"
 import { pathToFileURL } from "node:url"
 import { formatLimit, limits } from "../graph/Limits.ts"
-import { builtins, isBlockKind, register } from "../blocks/Registry.ts"
+import { BlockRegistry, builtins, isBlockKind, register } from "../blocks/Registry.ts"
 
 /** A bad command-line value: exit code 2, one line on stderr. */
 export class UsageError extends Schema.TaggedError<UsageError>()("UsageError", { message: Schema.String }) {}
@@ -97,6 +97,10 @@ export const registryWith = (modules: Option.Option<string>) =>
     }
     return registry
   })
+
+/** Runs `self` with the block kinds of `--blocks` registered (the built-ins without it). */
+export const withBlocks = <A, E, R>(modules: Option.Option<string>, self: Effect.Effect<A, E, R>) =>
+  Effect.flatMap(registryWith(modules), (registry) => Effect.provideService(self, BlockRegistry, registry))
 
 /**
  * Where a run of the command line records its exit code: 0, 1 (a failure), 2 (a usage error).

@@ -19,7 +19,7 @@ import * as Stop from "../train/Stop.ts"
 import * as Progress from "../internal/Progress.ts"
 import { problemsOf, formatPath } from "../graph/Spec.ts"
 import { limits } from "../graph/Limits.ts"
-import { flagLimits, format, handled, intFlag, positive, UsageError } from "./shared.ts"
+import { blocks, flagLimits, format, handled, intFlag, positive, UsageError, withBlocks } from "./shared.ts"
 import { dataFlag, splitsFor, valFraction } from "./data.ts"
 
 export const backend = Flag.String("backend").pipe(
@@ -82,11 +82,12 @@ export const train = Command.make(
     steps: intFlag("steps", 1, flagLimits.steps).pipe(Flag.withDescription("override the number of steps"), Flag.optional),
     data: dataFlag,
     valFraction,
-    format
+    format,
+    blocks
   },
   Effect.fn("train")(function*(f) {
     yield* positive("steps", f.steps)
-    const { model, settings: base } = yield* loadTrainConfig(f.config)
+    const { model, settings: base } = yield* withBlocks(f.blocks, loadTrainConfig(f.config))
     const settings = Option.isSome(f.steps) ? { ...base, steps: f.steps.value } : base
     const out = Option.getOrElse(f.out, () => `runs/${model.name}`)
     // --data: the user's bytes, refused when unreadable, empty or shorter than a batch (a resume checks their SHA-256)
@@ -95,7 +96,7 @@ export const train = Command.make(
       : undefined
     const again = [
       "conceptmoe train",
-      ...Stop.shellArgs(["--config", f.config, "--out", out, ...(Option.isSome(f.backend) ? ["--backend", f.backend.value] : []), ...(Option.isSome(f.steps) ? ["--steps", String(f.steps.value)] : []), ...(Option.isSome(f.data) ? ["--data", f.data.value] : []), ...(Option.isSome(f.valFraction) ? ["--val-fraction", String(f.valFraction.value)] : [])]),
+      ...Stop.shellArgs(["--config", f.config, "--out", out, ...(Option.isSome(f.blocks) ? ["--blocks", f.blocks.value] : []), ...(Option.isSome(f.backend) ? ["--backend", f.backend.value] : []), ...(Option.isSome(f.steps) ? ["--steps", String(f.steps.value)] : []), ...(Option.isSome(f.data) ? ["--data", f.data.value] : []), ...(Option.isSome(f.valFraction) ? ["--val-fraction", String(f.valFraction.value)] : [])]),
       "--resume"
     ].join(" ")
     const json = f.format === "json"
@@ -128,7 +129,8 @@ export const verify = Command.make(
     format,
     seqLen: intFlag("seq-len", 1, limits.seqLen).pipe(Flag.withDescription("tokens per row"), Flag.withDefault(128)),
     batch: intFlag("batch", 1, flagLimits.batch).pipe(Flag.withDescription("rows"), Flag.withDefault(4)),
-    seed: intFlag("seed", 0, flagLimits.seed).pipe(Flag.withDescription("parameter seed (configs only)"), Flag.withDefault(0))
+    seed: intFlag("seed", 0, flagLimits.seed).pipe(Flag.withDescription("parameter seed (configs only)"), Flag.withDefault(0)),
+    blocks
   },
   Effect.fn("verify")(function*(f) {
     yield* positive("seq-len", Option.some(f.seqLen))
@@ -139,7 +141,7 @@ export const verify = Command.make(
     const checkpoint = Option.getOrUndefined(f.checkpoint)
     const { model, ...report } = yield* withBackend(
       f.backend,
-      Effect.gen(function*() {
+      withBlocks(f.blocks, Effect.gen(function*() {
         const { description, name, tf } = yield* Tensors
         const loaded = checkpoint === undefined
           ? yield* Effect.flatMap(loadModel(Option.getOrThrow(f.config)), (model) =>
@@ -151,7 +153,7 @@ export const verify = Command.make(
           Effect.ensuring(Effect.sync(() => release(loaded.low)))
         )
         return { model: loaded.model, backend: description, ...(loaded.step === undefined ? {} : { checkpoint, step: loaded.step }), ...r }
-      })
+      }))
     )
     if (f.format === "json") {
       yield* Console.log(JSON.stringify(report, null, 2))

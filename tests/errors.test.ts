@@ -5,10 +5,11 @@
  * the command line (exit code 1, one `error:` line, no stack).
  */
 import { assert, describe, it, layer } from "@effect/vitest"
-import { Cause, Console, Effect, Exit } from "effect"
+import { Cause, ConfigProvider, Console, Effect, Exit } from "effect"
 import { Command } from "effect/cli"
 import { NodeServices } from "@effect/platform-node"
 import { spawnSync } from "node:child_process"
+import * as fs from "node:fs"
 import * as path from "node:path"
 import type { ForwardContext } from "../src/graph/Apply.ts"
 import { type AnyBlock, leaf } from "../src/graph/Block.ts"
@@ -25,11 +26,13 @@ import {
   SettingError,
   Unsupported
 } from "../src/internal/RunErrors.ts"
+import * as Settings from "../src/internal/Settings.ts"
 import { runCli } from "../src/cli/Run.ts"
-import { layer as backendLayer, resolveName, Tensors } from "../src/runtime/Backend.ts"
+import { layer as backendLayer, load, resolveName, Tensors } from "../src/runtime/Backend.ts"
+import { settingsOf } from "../src/runtime/Env.ts"
 import { session } from "../src/runtime/Decode.ts"
 import { forward, type Lowered, materialize, release } from "../src/runtime/Lower.ts"
-import { load, root } from "./support/models.ts"
+import { load as loadModel, root } from "./support/models.ts"
 
 const dense = { kind: "dense", vocab: 64, hidden: 24, layers: 2, heads: 3, ffnHidden: 40, contextLength: 16 }
 const moe = { kind: "moe", vocab: 64, hidden: 32, layers: 2, heads: 4, kvHeads: 2, experts: 4, topK: 2, expertHidden: 16 }
@@ -68,7 +71,7 @@ layer(backendLayer("cpu"))("typed errors of running a model", (it) => {
   it.effect("a decoding session given the wrong number of ids: InvalidInput naming the input, as thrown and through attempt", () =>
     Effect.gen(function*() {
       const { tf } = yield* Tensors
-      const m = yield* load(dense)
+      const m = yield* loadModel(dense)
       const low = materialize(tf, m.analysis, 1)
       const s = session(low, { rows: 2, maxLength: 16 })
       const e = thrown(() => s.feed(new Int32Array(5), 3))
@@ -95,7 +98,7 @@ layer(backendLayer("cpu"))("typed errors of running a model", (it) => {
   it.effect("a kind without `stream` is NotDecodable and one without `apply` NotLowerable, each naming the kind and the node", () =>
     Effect.gen(function*() {
       const { tf } = yield* Tensors
-      const m = yield* load(dense)
+      const m = yield* loadModel(dense)
       const low = materialize(tf, m.analysis, 1)
       const { stream: _, apply: __, ...bare } = { ...low.analysis.root.kind, name: "opaque" }
       const opaque = { ...low.analysis, root: { ...leaf(bare, {}), children: [] } }
@@ -112,7 +115,7 @@ layer(backendLayer("cpu"))("typed errors of running a model", (it) => {
   it.effect("attention that is not causal, decoded incrementally: Unsupported naming the node", () =>
     Effect.gen(function*() {
       const { tf } = yield* Tensors
-      const m = yield* load(dense)
+      const m = yield* loadModel(dense)
       const low = materialize(tf, m.analysis, 1)
       const specs = new Map([...low.analysis.specs].map(([p, s]) => [p, typeof s === "object" && s !== null && "causal" in s ? { ...s, causal: false } : s] as const))
       const bidirectional = { ...low, analysis: { ...low.analysis, specs } }
@@ -128,7 +131,7 @@ layer(backendLayer("cpu"))("typed errors of running a model", (it) => {
   it.effect("sparse MoE dispatch over padded positions: Unsupported naming the layer and the dispatch to use", () =>
     Effect.gen(function*() {
       const { tf } = yield* Tensors
-      const m = yield* load(moe)
+      const m = yield* loadModel(moe)
       const low = materialize(tf, m.analysis, 1)
       const n = 6
       const { ctx, logits } = forward(low, { rows: 1, length: n, ids: new Int32Array(n) }, { training: false, seed: 0, dispatch: "sparse" })
@@ -160,20 +163,65 @@ layer(backendLayer("cpu"))("typed errors of running a model", (it) => {
     }))
 })
 
+/** The environment `env` as a ConfigProvider (Effect's default one reads the environment once). */
+const withEnv = (env: Record<string, string>) => Effect.provideService(ConfigProvider.ConfigProvider, ConfigProvider.fromEnv({ env }))
+
 describe("environment settings", () => {
-  it.effect("an unknown CONCEPTMOE_BACKEND is a BackendError naming the variable and the backends", () =>
+  it.effect("a bad value of each setting is a SettingError naming the variable, its value and what was expected", () =>
     Effect.gen(function*() {
-      const saved = process.env["CONCEPTMOE_BACKEND"]
-      process.env["CONCEPTMOE_BACKEND"] = "nonsense"
-      try {
-        const e = yield* failureOf(resolveName(undefined))
-        assert.strictEqual(e._tag, "BackendError")
-        assert.strictEqual(e.message, "CONCEPTMOE_BACKEND: unknown backend \"nonsense\"; expected one of wasm, cpu, webgpu, tensorflow")
-      } finally {
-        if (saved === undefined) delete process.env["CONCEPTMOE_BACKEND"]
-        else process.env["CONCEPTMOE_BACKEND"] = saved
+      const cases: ReadonlyArray<readonly [Record<string, string>, string]> = [
+        [{ CONCEPTMOE_FUSED: "nonsense" }, "CONCEPTMOE_FUSED=\"nonsense\": expected on or off"],
+        [{ CONCEPTMOE_CAPTURE: "0" }, "CONCEPTMOE_CAPTURE=\"0\": expected on or off"],
+        [{ CONCEPTMOE_SUBMIT_EVERY: "-1" }, "CONCEPTMOE_SUBMIT_EVERY=\"-1\": expected a whole number of dispatches ≥ 0 (0: one command buffer per step)"],
+        [{ CONCEPTMOE_SUBMIT_EVERY: "1.5" }, "CONCEPTMOE_SUBMIT_EVERY=\"1.5\": expected a whole number of dispatches ≥ 0 (0: one command buffer per step)"]
+      ]
+      for (const [env, message] of cases) {
+        const e = yield* failureOf(Settings.runtime.pipe(withEnv(env)))
+        assert.instanceOf(e, SettingError)
+        assert.strictEqual(e._tag, "SettingError")
+        assert.strictEqual(e.message, message)
       }
+      // loading a backend resolves them: CONCEPTMOE_MATMUL is checked against the kernels on any backend
+      const m = yield* failureOf(load("cpu").pipe(withEnv({ CONCEPTMOE_MATMUL: "bad" })))
+      assert.strictEqual(m._tag, "SettingError")
+      assert.match(m.message, /^CONCEPTMOE_MATMUL="bad": expected auto, tfjs or a kernel TMxTNxTK\/RMxRN/)
+      const b = yield* failureOf(resolveName(undefined).pipe(withEnv({ CONCEPTMOE_BACKEND: "nonsense" })))
+      assert.strictEqual(b._tag, "SettingError")
+      assert.strictEqual(b.message, "CONCEPTMOE_BACKEND=\"nonsense\": expected one of wasm, cpu, webgpu, tensorflow")
+      // --backend names the flag
+      const f = yield* failureOf(resolveName("tpu"))
+      assert.strictEqual(f.message, "--backend: unknown backend \"tpu\"; expected one of wasm, cpu, webgpu, tensorflow")
     }))
+
+  it.effect("good values are read, defaults fill the rest, and a backend load keeps them for the tensor code", () =>
+    Effect.gen(function*() {
+      assert.strictEqual(yield* resolveName(undefined).pipe(withEnv({ CONCEPTMOE_BACKEND: "cpu" })), "cpu")
+      assert.strictEqual(yield* resolveName(undefined).pipe(withEnv({})), "wasm")
+      assert.deepStrictEqual(yield* Settings.runtime.pipe(withEnv({})), Settings.defaults)
+      assert.deepStrictEqual(
+        yield* Settings.runtime.pipe(withEnv({ CONCEPTMOE_FUSED: "off", CONCEPTMOE_CAPTURE: "on", CONCEPTMOE_SUBMIT_EVERY: "0", CONCEPTMOE_MATMUL: "tfjs", DAWN_FLAGS: "backend=vulkan" })),
+        { fused: false, capture: true, submitEvery: 0, matmul: "tfjs", dawnFlags: "backend=vulkan" }
+      )
+      assert.isTrue(yield* Settings.get(Settings.debug).pipe(withEnv({ CONCEPTMOE_DEBUG: "1" })))
+      assert.isFalse(yield* Settings.get(Settings.debug).pipe(withEnv({})))
+      const { tf } = yield* load("cpu").pipe(withEnv({ CONCEPTMOE_FUSED: "off", CONCEPTMOE_SUBMIT_EVERY: "7" }))
+      try {
+        assert.strictEqual(settingsOf(tf).fused, false)
+        assert.strictEqual(settingsOf(tf).submitEvery, 7)
+      } finally {
+        yield* load("cpu").pipe(withEnv({}))
+      }
+      assert.deepStrictEqual(settingsOf(tf), Settings.defaults)
+    }))
+
+  it("docs/performance.md lists every setting with its default", () => {
+    const doc = fs.readFileSync(path.join(root, "docs", "performance.md"), "utf8")
+    for (const s of Settings.all) {
+      const row = doc.split("\n").find((l) => l.startsWith(`| \`${s.variable}\` |`))
+      assert.isDefined(row, s.variable)
+      assert.include(row!.split("|")[2], s.default, s.variable)
+    }
+  })
 })
 
 describe("the command line", () => {
@@ -195,12 +243,12 @@ describe("the command line", () => {
 
   it("conceptmoe with a bad environment setting exits 1 with one line naming the variable, and no stack", () => {
     const r = spawnSync(process.execPath, [path.join(root, "bin", "conceptmoe.js"), "verify", path.join(root, "examples", "dense-small.json")], {
-      env: { ...process.env, CONCEPTMOE_BACKEND: "nonsense" },
+      env: { ...process.env, CONCEPTMOE_FUSED: "nonsense" },
       encoding: "utf8",
       timeout: 120_000
     })
     assert.strictEqual(r.status, 1, r.stderr)
-    assert.strictEqual(r.stderr, "error: CONCEPTMOE_BACKEND: unknown backend \"nonsense\"; expected one of wasm, cpu, webgpu, tensorflow\n")
+    assert.strictEqual(r.stderr, "error: CONCEPTMOE_FUSED=\"nonsense\": expected on or off\n")
     assert.notMatch(r.stderr, /\n\s+at /)
   }, 130_000)
 })

@@ -5,7 +5,7 @@
  * . .lavapipe/env.sh`) and skips, saying why, where none does (CI).
  */
 import { assert, beforeAll, describe, it } from "@effect/vitest"
-import { Effect, Schema } from "effect"
+import { ConfigProvider, Effect, Schema } from "effect"
 import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { gpuErrors } from "../src/runtime/Fixes.ts"
@@ -62,6 +62,8 @@ describe.skipIf(!available)("webgpu against cpu", () => {
   const tf: Tf = gpu._tag === "Success" ? gpu.success.tf : (undefined as never)
   // tfjs's matmul unless a test says otherwise (auto would tune every shape the tests run)
   beforeAll(() => useMatMul(tf, "tfjs"))
+  /** Loads the backend again, with the environment as it is now: the runtime reads CONCEPTMOE_* when a backend loads. */
+  const reload = () => Effect.runPromise(loadBackend("webgpu").pipe(Effect.provideService(ConfigProvider.ConfigProvider, ConfigProvider.fromEnv())))
 
   const onBoth = async (f: () => Tensor) => {
     const out: Array<Float32Array> = []
@@ -101,7 +103,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
   /** Steps through `trainStepAsync` (eager), a captured trainer (recorded) and, with `withTfjs`, one that never records. */
   const trainBoth = async (cfg: Record<string, unknown>, steps: number, withTfjs = false) => {
     const m = await Effect.runPromise(load(cfg))
-    await tf.setBackend("webgpu")
+    await reload()
     const run = async (recorded: boolean | "tfjs") => {
       const low = materialize(tf, m.analysis, 5)
       const opt = newOptimizer(low)
@@ -180,6 +182,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
         recorded.params.forEach((p, i) => assert.deepStrictEqual(Array.from(p), Array.from(eager.params[i]!), `parameter ${i}`))
       } finally {
         delete process.env["CONCEPTMOE_SUBMIT_EVERY"]
+        await reload()
       }
     }
   })
@@ -192,6 +195,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       assert.deepStrictEqual(off.recorded.losses, off.eager.losses)
     } finally {
       delete process.env["CONCEPTMOE_CAPTURE"]
+      await reload()
     }
     // op-by-op AdamW uploads the learning rate as a scalar each step: the two recordings differ
     process.env["CONCEPTMOE_FUSED"] = "off"
@@ -201,6 +205,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       assert.deepStrictEqual(dense.recorded.losses, dense.eager.losses)
     } finally {
       delete process.env["CONCEPTMOE_FUSED"]
+      await reload()
     }
   })
 

@@ -11,6 +11,7 @@ import { CliError, CliOutput, Command } from "effect/cli"
 import { ExitCode } from "./shared.ts"
 import * as Progress from "../internal/Progress.ts"
 import { isRunFailure } from "../internal/RunErrors.ts"
+import * as Settings from "../internal/Settings.ts"
 
 /** What a run ended with: its exit code, and the unexpected failure (a bug) if there was one. */
 export interface Outcome {
@@ -71,7 +72,10 @@ export const runCli = <const Name extends string, Input, ContextInput, E, R>(
         const message = error instanceof Error ? error.message : String(error)
         exit.code = 1
         return Console.error(`error: ${expected ? message : `unexpected failure, please report it: ${message}`}`).pipe(
-          Effect.andThen(process.env["CONCEPTMOE_DEBUG"] !== undefined && error instanceof Error ? Console.error(error.stack) : Effect.void)
+          Effect.andThen(Settings.get(Settings.debug).pipe(
+            Effect.orElseSucceed(() => false),
+            Effect.flatMap((debug) => (debug && error instanceof Error ? Console.error(error.stack) : Effect.void))
+          ))
         )
       }),
       Effect.provideService(ExitCode, exit),

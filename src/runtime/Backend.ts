@@ -12,17 +12,22 @@
  *   untested here.
  *
  * The choice comes from a flag or `CONCEPTMOE_BACKEND`. Loading a backend installs our fixes
- * (`Fixes.ts`) once.
+ * (`Fixes.ts`) once, and resolves the runtime's environment settings (`internal/Settings.ts`) for
+ * the tensor code (`Env.ts`): a bad value fails the load with a `SettingError` naming the variable.
  *
  * @since 0.1.0
  */
-import { Context, Effect, Layer, Schema } from "effect"
+import { Context, Effect, Layer, Option, Schema } from "effect"
 import type { Tf } from "../graph/Apply.ts"
+import { SettingError } from "../internal/RunErrors.ts"
+import * as Settings from "../internal/Settings.ts"
+import { backendNames, type BackendName } from "../internal/Settings.ts"
+import { useSettings } from "./Env.ts"
 import { install } from "./Fixes.ts"
-import { matMulMode, parseMode, tilesName, useMatMul } from "./MatMul.ts"
+import { type MatMulMode, matMulMode, parseMode, tilesName, useMatMul } from "./MatMul.ts"
 
-export const backendNames = ["wasm", "cpu", "webgpu", "tensorflow"] as const
-export type BackendName = typeof backendNames[number]
+export { backendNames }
+export type { BackendName }
 
 /** A backend could not be loaded: which, and why. */
 export class BackendError extends Schema.TaggedError<BackendError>()("BackendError", {
@@ -63,8 +68,19 @@ export const dawnFlags = (given: string | undefined): Array<string> => {
   return flags.map((f, j) => (j === i ? `${f},timestamp_quantization` : f))
 }
 
-/** Loads tfjs and a backend, and installs the fixes. */
-export const load = (name: BackendName): Effect.Effect<Runtime, BackendError> =>
+/** The runtime's settings, with `CONCEPTMOE_MATMUL` checked against the kernels. */
+const runtimeSettings = Effect.flatMap(Settings.runtime, (settings) => {
+  const mode = parseMode(settings.matmul)
+  return mode === undefined
+    ? Effect.fail(new SettingError({ variable: Settings.matmul.variable, value: settings.matmul, expected: Settings.matmul.expected }))
+    : Effect.succeed({ settings, mode })
+})
+
+/** Loads tfjs and a backend, installs the fixes, and resolves the runtime's settings for it. */
+export const load = (name: BackendName): Effect.Effect<Runtime, BackendError | SettingError> =>
+  Effect.flatMap(runtimeSettings, ({ settings, mode }) => loadWith(name, settings, mode))
+
+const loadWith = (name: BackendName, settings: Settings.RuntimeSettings, matmul: MatMulMode): Effect.Effect<Runtime, BackendError> =>
   Effect.tryPromise({
     try: async () => {
       const tf = (await import("@tensorflow/tfjs")) as unknown as Tf
@@ -82,7 +98,7 @@ export const load = (name: BackendName): Effect.Effect<Runtime, BackendError> =>
         }
         Object.assign(globalThis, webgpu.globals)
         Object.defineProperty(globalThis, "navigator", {
-          value: { gpu: webgpu.create(dawnFlags(process.env["DAWN_FLAGS"])) },
+          value: { gpu: webgpu.create(dawnFlags(settings.dawnFlags)) },
           configurable: true
         })
         await dynamicImport("@tensorflow/tfjs-backend-webgpu")
@@ -109,17 +125,11 @@ export const load = (name: BackendName): Effect.Effect<Runtime, BackendError> =>
       if (!ok) throw new Error(name === "webgpu" ? "no WebGPU adapter was found" : "setBackend returned false")
       await tf.ready()
       install(tf, backendName)
+      useSettings(tf, settings)
       if (name === "webgpu") {
         // the matmul mode is set once per process, when the backend first loads (loading it again,
         // e.g. for another layer, keeps the kernels chosen so far)
-        if (matMulMode() === "unset") {
-          const given = process.env["CONCEPTMOE_MATMUL"]
-          const mode = parseMode(given)
-          if (mode === undefined) {
-            throw new Error(`CONCEPTMOE_MATMUL="${given}": expected auto, tfjs or a kernel TMxTNxTK/RMxRN[/v4[/db|/db2]][/kS], e.g. 128x128x8/8x8/v4 (≤ 256 threads, ≤ 16 KiB of workgroup memory, db2 counting its two tiles; v4: RM, RN, TK divisible by 4)`)
-          }
-          useMatMul(tf, mode)
-        }
+        if (matMulMode() === "unset") useMatMul(tf, matmul)
         const mode = matMulMode()
         detail = `, matmul ${typeof mode === "object" ? tilesName(mode) : mode}`
       }
@@ -133,17 +143,14 @@ export const load = (name: BackendName): Effect.Effect<Runtime, BackendError> =>
     catch: (e) => new BackendError({ backend: name, message: `cannot load backend ${name}: ${(e as Error).message}` })
   })
 
-/** The backend named by `name`, else by `CONCEPTMOE_BACKEND`, else wasm. */
-export const resolveName = (name: string | undefined): Effect.Effect<BackendName, BackendError> => {
-  const chosen = name ?? process.env["CONCEPTMOE_BACKEND"] ?? "wasm"
-  return (backendNames as ReadonlyArray<string>).includes(chosen)
-    ? Effect.succeed(chosen as BackendName)
-    : Effect.fail(new BackendError({
-      backend: chosen,
-      message: `${name !== undefined ? "--backend" : "CONCEPTMOE_BACKEND"}: unknown backend "${chosen}"; expected one of ${backendNames.join(", ")}`
-    }))
+/** The backend named by `name` (the `--backend` flag), else by `CONCEPTMOE_BACKEND`, else wasm. */
+export const resolveName = (name: string | undefined): Effect.Effect<BackendName, BackendError | SettingError> => {
+  if (name === undefined) return Effect.map(Settings.get(Settings.backend), Option.getOrElse((): BackendName => "wasm"))
+  return (backendNames as ReadonlyArray<string>).includes(name)
+    ? Effect.succeed(name as BackendName)
+    : Effect.fail(new BackendError({ backend: name, message: `--backend: unknown backend "${name}"; expected one of ${backendNames.join(", ")}` }))
 }
 
 /** A layer providing {@link Tensors} for a backend. */
-export const layer = (name?: string): Layer.Layer<Tensors, BackendError> =>
+export const layer = (name?: string): Layer.Layer<Tensors, BackendError | SettingError> =>
   Layer.effect(Tensors, Effect.flatMap(resolveName(name), load))

@@ -24,7 +24,8 @@
  * @since 0.3.0
  */
 import type { Tensor, Tf } from "../graph/Apply.ts"
-import { SettingError, Unsupported } from "../internal/RunErrors.ts"
+import { Unsupported } from "../internal/RunErrors.ts"
+import { settingsOf } from "./Env.ts"
 
 /**
  * Why a step cannot be recorded or replayed: control flow, not a failure (the trainer catches it and
@@ -146,19 +147,6 @@ export interface StepProfile {
   readonly gpuMs: number
   /** With `"dispatches"`: each dispatch's program (tfjs's class, or our kernel's name), output shape and µs. */
   readonly dispatches?: ReadonlyArray<{ readonly program: string; readonly shape: string; readonly us: number }>
-}
-
-/**
- * Dispatches per command buffer of a replay (`CONCEPTMOE_SUBMIT_EVERY`, default 128; 0: the whole
- * step in one): the GPU starts on the first part while the host encodes the next.
- */
-const submitEvery = (): number => {
-  const v = process.env["CONCEPTMOE_SUBMIT_EVERY"]
-  const n = v === undefined || v === "" ? 128 : Number(v)
-  if (!Number.isInteger(n) || n < 0) {
-    throw new SettingError({ variable: "CONCEPTMOE_SUBMIT_EVERY", value: v ?? "", expected: "a whole number of dispatches ≥ 0 (0: one command buffer per step)" })
-  }
-  return n
 }
 
 /** The timestamp queries of one profiled replay. */
@@ -554,7 +542,9 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     let enc = device.createCommandEncoder()
     const passes = plan.filter((c) => c.op === "pass").length
     // untimed: submitted in parts, so that the GPU starts on the first while the rest is encoded
-    const split = timing === undefined ? submitEvery() : 0
+    // dispatches per command buffer (CONCEPTMOE_SUBMIT_EVERY, 0: the whole step in one): the GPU
+    // starts on the first part while the host encodes the next
+    const split = timing === undefined ? settingsOf(tf).submitEvery : 0
     let sinceSubmit = 0
     let pass = 0
     let query = 0

@@ -1,14 +1,31 @@
 /**
- * On/off settings read from the environment (`CONCEPTMOE_FUSED`, `CONCEPTMOE_CAPTURE`): unset,
- * `on` or `off`; anything else is an error that names the variable.
+ * The environment settings of the tensor code (`internal/Settings.ts`), kept with the tensor
+ * library they were resolved for: `Backend.load` reads them through Effect's `Config` and
+ * {@link useSettings}; the synchronous code that runs inside tfjs (kernels, capture) reads them with
+ * {@link settingsOf}. A tensor library that no backend load has seen runs with the defaults.
  *
  * @since 0.3.0
  */
-import { SettingError } from "../internal/RunErrors.ts"
+import { ConfigProvider, Effect } from "effect"
+import type { Tf } from "../graph/Apply.ts"
+import * as Settings from "../internal/Settings.ts"
 
-export const switchOn = (name: string): boolean => {
-  const v = process.env[name]
-  if (v === undefined || v === "" || v === "on") return true
-  if (v === "off") return false
-  throw new SettingError({ variable: name, value: v, expected: "on or off" })
+// keyed by the library's environment object, so two copies of tfjs keep their own settings
+const resolved = new WeakMap<object, Settings.RuntimeSettings>()
+
+/** Keeps `settings` for the tensor library `tf` (each backend load resolves them again). */
+export const useSettings = (tf: Tf, settings: Settings.RuntimeSettings): void => {
+  resolved.set(tf.env(), settings)
 }
+
+/** The settings resolved for `tf` when its backend loaded, else the defaults. */
+export const settingsOf = (tf: Tf): Settings.RuntimeSettings => resolved.get(tf.env()) ?? Settings.defaults
+
+/**
+ * An on/off setting (`CONCEPTMOE_FUSED`, `CONCEPTMOE_CAPTURE`) read from the environment as it is
+ * now; a value other than on or off throws its `SettingError`.
+ *
+ * @deprecated Read the value resolved when the backend loaded: `settingsOf(tf).capture`.
+ */
+export const switchOn = (name: string): boolean =>
+  Effect.runSync(Settings.get(Settings.onOff(name, "")).pipe(Effect.provideService(ConfigProvider.ConfigProvider, ConfigProvider.fromEnv())))

@@ -46,7 +46,7 @@
  */
 import type * as TF from "@tensorflow/tfjs"
 import type { RouteLayout as Layout, Tensor, Tf } from "../graph/Apply.ts"
-import { switchOn } from "./Env.ts"
+import { settingsOf } from "./Env.ts"
 import { Unsupported } from "../internal/RunErrors.ts"
 
 export interface AdamHyper {
@@ -88,7 +88,7 @@ export const adamw = (
   h: AdamHyper,
   stepValues: Tensor
 ): { w: Tensor; m: Tensor; v: Tensor } => {
-  if (tf.getBackend() === "webgpu" && switchOn("CONCEPTMOE_FUSED") && registerWebGpu(tf)) {
+  if (tf.getBackend() === "webgpu" && settingsOf(tf).fused && registerWebGpu(tf)) {
     const run = (name: string, inputs: Record<string, Tensor>, attrs: Record<string, number>) => runKernel(tf, name, inputs, attrs)
     const m2 = run(kernels.m, { x: m, g, s: scale }, { beta: h.beta1 })
     const v2 = run(kernels.v, { x: v, g, s: scale }, { beta: h.beta2 })
@@ -493,7 +493,7 @@ export const makeMaskedSoftmax = (tf: Tf) => {
 }
 
 /** Whether our fused kernels run: on webgpu, unless `CONCEPTMOE_FUSED=off` (registers them once). */
-export const fusedOn = (tf: Tf) => tf.getBackend() === "webgpu" && switchOn("CONCEPTMOE_FUSED") && registerWebGpu(tf)
+export const fusedOn = (tf: Tf) => tf.getBackend() === "webgpu" && settingsOf(tf).fused && registerWebGpu(tf)
 
 /**
  * RMSNorm of `x [..., d]` with weight `g [d]`: x·g / √(mean(x²) + eps) over the last axis. On webgpu
@@ -528,7 +528,7 @@ export const makeRmsNorm = (tf: Tf) => {
  * `exp` or `erf` per element (softmax, GELU, the loss) stay tfjs's wasm ops, faster than a
  * JavaScript `Math.exp`. Each is tested against the cpu backend's ops (tests/wasm-kernels.test.ts).
  */
-export const wasmFused = (tf: Tf): boolean => tf.getBackend() === "wasm" && switchOn("CONCEPTMOE_FUSED") && registerWasm(tf)
+export const wasmFused = (tf: Tf): boolean => tf.getBackend() === "wasm" && settingsOf(tf).fused && registerWasm(tf)
 
 const wasmKernels = { adamw: "ConceptmoeAdamW", sumSquares: "ConceptmoeSumSquaresAll" } as const
 

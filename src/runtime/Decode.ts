@@ -86,36 +86,10 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
   const { tf } = m
   const sync = syncReads(tf)
   const rows = options.rows
-  const states = new Map<string, unknown>()
-  const buffers = new Map<string, Array<RowBuffer>>()
-  let scope = ""
-  const cache: DecodeCache = {
-    rows,
-    state: <A>(s: string, init: () => A): A => {
-      if (!states.has(s)) {
-        scope = s
-        states.set(s, init())
-      }
-      return states.get(s) as A
-    },
-    buffer: (r, width, layout) => {
-      const b = rowBuffer(tf, r, width, options.initialCapacity ?? 64, layout)
-      const list = buffers.get(scope) ?? []
-      list.push(b)
-      buffers.set(scope, list)
-      return b
-    },
-    forcedBoundary: options.forcedBoundary === undefined
-      ? undefined
-      : (row, position) => position === 0 || options.forcedBoundary!(row, position)
-  }
+  const { cache, states, buffers } = sessionCache(tf, options)
   let length = 0
   const compression = { tokens: 0, concepts: 0 }
-  const check = (ids: Int32Array, n: number) => {
-    if (!Number.isInteger(n) || n <= 0) throw new InvalidInput({ input: "feed n (tokens per row)", expected: "a whole number ≥ 1", got: `${n}` })
-    if (ids.length !== rows * n) throw new InvalidInput({ input: "feed ids", expected: `rows × n = ${rows}×${n} = ${rows * n} ids`, got: `${ids.length}` })
-    if (options.maxLength !== undefined && length + n > options.maxLength) throw new ContextOverflow({ length: length + n, maxLength: options.maxLength })
-  }
+  const check = (ids: Int32Array, n: number) => checkPiece(ids, n, rows, length, options.maxLength)
   /** Runs a piece with host reads through `read`; commits the session's counters when it completes. */
   const run = (ids: Int32Array, n: number, read: ((t: Tensor) => Float32Array | Int32Array) | undefined): Tensor2D => {
     const positions = new Int32Array(rows * n)
@@ -198,26 +172,8 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
       }
     }
   }
-  /** The pieces of at most `chunk` tokens per row of a prompt `ids [rows, n]`. */
-  const piecesOf = (ids: Int32Array, n: number, chunk: number) => {
-    if (!Number.isInteger(n) || n <= 0) throw new InvalidInput({ input: "prefill n (tokens per row)", expected: "a whole number ≥ 1", got: `${n}` })
-    if (ids.length !== rows * n) throw new InvalidInput({ input: "prefill ids", expected: `rows × n = ${rows}×${n} = ${rows * n} ids`, got: `${ids.length}` })
-    if (!Number.isInteger(chunk) || chunk <= 0) throw new InvalidInput({ input: "prefill chunk", expected: "a whole number of tokens ≥ 1", got: `${chunk}` })
-    const out: Array<readonly [Int32Array, number]> = []
-    for (let s = 0; s < n; s += chunk) {
-      const len = Math.min(chunk, n - s)
-      const piece = new Int32Array(rows * len)
-      for (let r = 0; r < rows; r++) piece.set(ids.subarray(r * n + s, r * n + s + len), r * len)
-      out.push([piece, len])
-    }
-    return out
-  }
-  /** Each row's last position of a piece's logits `[rows, vocab]`; frees the piece's logits. */
-  const lastOf = (logits: Tensor2D, len: number): Tensor2D => {
-    const last = tf.tidy(() => tf.gather(logits, tf.tensor1d(Array.from({ length: rows }, (_, r) => r * len + len - 1), "int32")) as Tensor2D)
-    logits.dispose()
-    return last
-  }
+  const piecesOf = (ids: Int32Array, n: number, chunk: number) => promptPieces(ids, n, rows, chunk)
+  const lastOf = (logits: Tensor2D, len: number) => lastPositions(tf, logits, rows, len)
   return {
     rows,
     get length() {
@@ -241,28 +197,94 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
       }
       return last!
     },
-    cacheBytes: () => {
-      const byScope = new Map<string, { allocated: number; used: number }>()
-      let total = 0
-      let used = 0
-      for (const [s, list] of buffers) {
-        const allocated = list.reduce((a, b) => a + bufferBytes(b), 0)
-        const held = list.reduce((a, b) => a + b.lengths.reduce((x, l) => x + l, 0) * b.width * 4, 0)
-        byScope.set(s, { allocated, used: held })
-        total += allocated
-        used += held
-      }
-      return { total, used, byScope }
-    },
+    cacheBytes: () => cacheBytesOf(buffers),
     compression,
-    dispose: () => {
-      for (const list of buffers.values()) for (const b of list) b.dispose()
-      // block state holds kept tensors (the chunk module's key, the pending sum, the EMA); buffers are freed above
-      for (const st of states.values()) {
-        for (const v of Object.values(st as Record<string, unknown>)) if (v instanceof tf.Tensor) v.dispose()
-      }
-      buffers.clear()
-      states.clear()
-    }
+    dispose: () => disposeCaches(tf, states, buffers)
   }
+}
+
+/**
+ * The {@link DecodeCache} of a session: block state by scope, and the row buffers each scope made
+ * (so that their bytes can be counted and a stopped piece's appends undone).
+ */
+const sessionCache = (tf: Lowered["tf"], options: SessionOptions) => {
+  const states = new Map<string, unknown>()
+  const buffers = new Map<string, Array<RowBuffer>>()
+  let scope = ""
+  const cache: DecodeCache = {
+    rows: options.rows,
+    state: <A>(s: string, init: () => A): A => {
+      if (!states.has(s)) {
+        scope = s
+        states.set(s, init())
+      }
+      return states.get(s) as A
+    },
+    buffer: (r, width, layout) => {
+      const b = rowBuffer(tf, r, width, options.initialCapacity ?? 64, layout)
+      const list = buffers.get(scope) ?? []
+      list.push(b)
+      buffers.set(scope, list)
+      return b
+    },
+    forcedBoundary: options.forcedBoundary === undefined
+      ? undefined
+      : (row, position) => position === 0 || options.forcedBoundary!(row, position)
+  }
+  return { cache, states, buffers }
+}
+
+/** Checks a piece of `n` tokens per row for a session of `rows` rows that has consumed `length`. */
+const checkPiece = (ids: Int32Array, n: number, rows: number, length: number, maxLength: number | undefined): void => {
+  if (!Number.isInteger(n) || n <= 0) throw new InvalidInput({ input: "feed n (tokens per row)", expected: "a whole number ≥ 1", got: `${n}` })
+  if (ids.length !== rows * n) throw new InvalidInput({ input: "feed ids", expected: `rows × n = ${rows}×${n} = ${rows * n} ids`, got: `${ids.length}` })
+  if (maxLength !== undefined && length + n > maxLength) throw new ContextOverflow({ length: length + n, maxLength })
+}
+
+/** The pieces of at most `chunk` tokens per row of a prompt `ids [rows, n]`. */
+const promptPieces = (ids: Int32Array, n: number, rows: number, chunk: number): Array<readonly [Int32Array, number]> => {
+  if (!Number.isInteger(n) || n <= 0) throw new InvalidInput({ input: "prefill n (tokens per row)", expected: "a whole number ≥ 1", got: `${n}` })
+  if (ids.length !== rows * n) throw new InvalidInput({ input: "prefill ids", expected: `rows × n = ${rows}×${n} = ${rows * n} ids`, got: `${ids.length}` })
+  if (!Number.isInteger(chunk) || chunk <= 0) throw new InvalidInput({ input: "prefill chunk", expected: "a whole number of tokens ≥ 1", got: `${chunk}` })
+  const out: Array<readonly [Int32Array, number]> = []
+  for (let s = 0; s < n; s += chunk) {
+    const len = Math.min(chunk, n - s)
+    const piece = new Int32Array(rows * len)
+    for (let r = 0; r < rows; r++) piece.set(ids.subarray(r * n + s, r * n + s + len), r * len)
+    out.push([piece, len])
+  }
+  return out
+}
+
+/** Each row's last position of a piece's logits `[rows, vocab]`; frees the piece's logits. */
+const lastPositions = (tf: Lowered["tf"], logits: Tensor2D, rows: number, len: number): Tensor2D => {
+  const last = tf.tidy(() => tf.gather(logits, tf.tensor1d(Array.from({ length: rows }, (_, r) => r * len + len - 1), "int32")) as Tensor2D)
+  logits.dispose()
+  return last
+}
+
+/** Bytes of a session's row buffers, allocated and used, in all and by scope. */
+const cacheBytesOf = (buffers: ReadonlyMap<string, ReadonlyArray<RowBuffer>>): CacheBytes => {
+  const byScope = new Map<string, { allocated: number; used: number }>()
+  let total = 0
+  let used = 0
+  for (const [s, list] of buffers) {
+    const allocated = list.reduce((a, b) => a + bufferBytes(b), 0)
+    const held = list.reduce((a, b) => a + b.lengths.reduce((x, l) => x + l, 0) * b.width * 4, 0)
+    byScope.set(s, { allocated, used: held })
+    total += allocated
+    used += held
+  }
+  return { total, used, byScope }
+}
+
+/** Frees a session's row buffers and the tensors its blocks keep in their state. */
+const disposeCaches = (tf: Lowered["tf"], states: Map<string, unknown>, buffers: Map<string, Array<RowBuffer>>): void => {
+  for (const list of buffers.values()) for (const b of list) b.dispose()
+  // block state holds kept tensors (the chunk module's key, the pending sum, the EMA); buffers are freed above
+  for (const st of states.values()) {
+    for (const v of Object.values(st as Record<string, unknown>)) if (v instanceof tf.Tensor) v.dispose()
+  }
+  buffers.clear()
+  states.clear()
 }

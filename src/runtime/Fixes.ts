@@ -35,180 +35,220 @@ const zeroGradKernels = ["Equal", "NotEqual", "Greater", "GreaterEqual", "Less",
 
 const installed = new Set<string>()
 
-/** Registers the missing gradients (once) and, on wasm, the missing kernel. */
+/** Registers the missing gradients (once) and, per backend, our kernels (once each). */
 export const install = (tf: Tf, backend: string): void => {
   if (!installed.has("grads")) {
-    for (const kernelName of zeroGradKernels) {
-      if (tf.getGradient(kernelName) === undefined) {
-        tf.registerGradient({
-          kernelName,
-          inputsToSave: ["a", "b"].slice(0, kernelName === "LogicalNot" ? 0 : 2),
-          gradFunc: (dy: Tensor | Array<Tensor>, saved: Array<Tensor>) => {
-            const d = Array.isArray(dy) ? dy[0]! : dy
-            // float zeros whatever the inputs' dtype (tfjs requires float gradients, even for int inputs)
-            const zeros = (t: Tensor) => tf.zeros(t.shape, "float32")
-            return kernelName === "LogicalNot"
-              ? { x: () => zeros(d) }
-              : { a: () => zeros(saved[0] ?? d), b: () => zeros(saved[1] ?? d) }
-          }
-        })
-      }
-    }
+    installZeroGradients(tf)
     installed.add("grads")
   }
   if (backend === "wasm" && !installed.has("wasm") && tf.getKernel("UnsortedSegmentSum", "wasm") === undefined) {
-    tf.registerKernel({
-      kernelName: "UnsortedSegmentSum",
-      backendName: "wasm",
-      kernelFunc: ({ attrs, backend: b, inputs }) => {
-        const wasm = b as unknown as {
-          makeOutput: (shape: Array<number>, dtype: string) => { dataId: unknown; shape: Array<number>; dtype: string }
-          typedArrayFromHeap: (t: unknown) => Float32Array
-        }
-        const x = inputs["x"] as unknown as { dataId: unknown; shape: Array<number> }
-        const ids = inputs["segmentIds"] as unknown as { dataId: unknown }
-        const numSegments = (attrs as { numSegments: number }).numSegments
-        const out = wasm.makeOutput([numSegments, ...x.shape.slice(1)], "float32")
-        // views of the heap, taken after the output's allocation (which may grow the heap)
-        const xs = wasm.typedArrayFromHeap(x)
-        const seg = wasm.typedArrayFromHeap(ids)
-        const inner = x.shape.slice(1).reduce((a, c) => a * c, 1)
-        const o = wasm.typedArrayFromHeap(out)
-        o.fill(0)
-        for (let i = 0; i < seg.length; i++) {
-          const s = seg[i]!
-          if (s < 0 || s >= numSegments) continue
-          for (let j = 0; j < inner; j++) o[s * inner + j]! += xs[i * inner + j]!
-        }
-        return out as never
-      }
-    })
+    installWasmSegmentSum(tf)
     installed.add("wasm")
   }
   if (backend === "wasm" && !installed.has("wasm-slice")) {
-    // tfjs-backend-wasm 4.22's Slice copies its whole input out of the heap (readSync) before taking
-    // the slice: slicing one expert out of a stacked [E, d, h] parameter, or a prefix out of a KV
-    // cache, costs the whole tensor. This one reads the heap in place.
-    tf.unregisterKernel("Slice", "wasm")
-    tf.registerKernel({
-      kernelName: "Slice",
-      backendName: "wasm",
-      kernelFunc: ({ attrs, backend: b, inputs }) => {
-        const wasm = b as unknown as {
-          makeOutput: (shape: Array<number>, dtype: string) => { dataId: unknown; shape: Array<number>; dtype: string }
-          typedArrayFromHeap: (t: unknown) => Float32Array | Int32Array
-        }
-        const x = inputs["x"] as unknown as { dataId: unknown; shape: Array<number>; dtype: string }
-        const [begin, size] = tf.slice_util.parseSliceParams(x as never, (attrs as { begin: Array<number> }).begin, (attrs as { size: Array<number> }).size)
-        const out = wasm.makeOutput(size!, x.dtype)
-        const src = wasm.typedArrayFromHeap(x)
-        const dst = wasm.typedArrayFromHeap(out)
-        stridedCopy(src, x.shape, begin!, size!, dst)
-        return out as never
-      }
-    })
+    installWasmSlice(tf)
     installed.add("wasm-slice")
   }
   if (backend === "wasm" && !installed.has("wasm-matmul")) {
     installWasmMatMul(tf)
     installWasmGather(tf)
-    // 10. Identity shares the data (as the cpu backend's and wasm's own Reshape do) instead of
-    // copying it: tfjs clones every tensor a kernel saves for its gradient (1,791 copies in a
-    // ConceptMoE step); tensors are immutable, and the reference count frees the data once
-    tf.unregisterKernel("Identity", "wasm")
-    tf.registerKernel({
-      kernelName: "Identity",
-      backendName: "wasm",
-      kernelFunc: ({ inputs, backend: b }) => {
-        const x = inputs["x"] as unknown as Info
-        ;(b as unknown as { incRef: (id: unknown) => void }).incRef(x.dataId)
-        return { dataId: x.dataId, shape: [...x.shape], dtype: x.dtype } as never
-      }
-    })
+    installWasmIdentity(tf)
     installed.add("wasm-matmul")
   }
   if (backend === "cpu" && !installed.has("cpu")) {
-    tf.unregisterKernel("UnsortedSegmentSum", "cpu")
-    tf.registerKernel({
-      kernelName: "UnsortedSegmentSum",
-      backendName: "cpu",
-      kernelFunc: ({ attrs, backend: b, inputs }) => {
-        const cpu = b as unknown as {
-          data: { get: (id: unknown) => { values: ArrayLike<number> } }
-          makeTensorInfo: (shape: Array<number>, dtype: string, values: Float32Array) => unknown
-        }
-        const x = inputs["x"] as unknown as { dataId: unknown; shape: Array<number> }
-        const ids = inputs["segmentIds"] as unknown as { dataId: unknown }
-        const numSegments = (attrs as { numSegments: number }).numSegments
-        const xs = cpu.data.get(x.dataId).values
-        const seg = cpu.data.get(ids.dataId).values
-        const inner = x.shape.slice(1).reduce((a, c) => a * c, 1)
-        const o = new Float32Array(numSegments * inner)
-        for (let i = 0; i < seg.length; i++) {
-          const s = seg[i]!
-          if (s < 0 || s >= numSegments) continue
-          for (let j = 0; j < inner; j++) o[s * inner + j]! += xs[i * inner + j]!
-        }
-        return cpu.makeTensorInfo([numSegments, ...x.shape.slice(1)], "float32", o) as never
-      }
-    })
+    installCpuSegmentSum(tf)
     installed.add("cpu")
   }
   if (backend === "webgpu" && !installed.has("webgpu")) {
     const gpu = tf.backend() as unknown as WebGpuBackend
-    const stock = tf.getKernel("AddN", "webgpu")!.kernelFunc
-    const most = Math.max(2, gpu.device.limits.maxStorageBuffersPerShaderStage - 1)
-    tf.unregisterKernel("AddN", "webgpu")
-    tf.registerKernel({
-      kernelName: "AddN",
-      backendName: "webgpu",
-      kernelFunc: (args) => {
-        let xs = args.inputs as unknown as Array<{ dataId: unknown }>
-        const made: Array<{ dataId: unknown }> = []
-        while (xs.length > most) {
-          const next: Array<{ dataId: unknown }> = []
-          for (let i = 0; i < xs.length; i += most) {
-            const group = xs.slice(i, i + most)
-            if (group.length === 1) next.push(group[0]!)
-            else {
-              const part = stock({ ...args, inputs: group as never }) as unknown as { dataId: unknown }
-              made.push(part)
-              next.push(part)
-            }
-          }
-          xs = next
-        }
-        const out = stock({ ...args, inputs: xs as never })
-        for (const t of made) gpu.disposeData(t.dataId)
-        return out
-      }
-    })
-    const cumsum = tf.getKernel("Cumsum", "webgpu")!.kernelFunc
-    const reverse = tf.getKernel("Reverse", "webgpu")!.kernelFunc
-    tf.unregisterKernel("Cumsum", "webgpu")
-    tf.registerKernel({
-      kernelName: "Cumsum",
-      backendName: "webgpu",
-      kernelFunc: (args) => {
-        const a = args.attrs as { axis: number; exclusive: boolean; reverse: boolean }
-        if (!a.reverse) return cumsum(args)
-        const x = args.inputs["x"] as unknown as { shape: Array<number> }
-        const axis = a.axis < 0 ? a.axis + x.shape.length : a.axis
-        const flip = (t: unknown) => reverse({ ...args, inputs: { x: t } as never, attrs: { dims: [axis] } }) as unknown as { dataId: unknown }
-        const flipped = flip(x)
-        const summed = cumsum({ ...args, inputs: { x: flipped } as never, attrs: { ...a, axis, reverse: false } }) as unknown as { dataId: unknown }
-        const out = flip(summed)
-        gpu.disposeData(flipped.dataId)
-        gpu.disposeData(summed.dataId)
-        return out as never
-      }
-    })
-    gpu.device.addEventListener("uncapturederror", (event: unknown) => {
-      const e = event as { error?: { message?: string } }
-      if (gpuErrorLog.length < 16) gpuErrorLog.push(String(e.error?.message ?? e).split("\n")[0]!)
-    })
+    installWebGpuAddN(tf, gpu)
+    installWebGpuCumsum(tf, gpu)
+    logGpuErrors(gpu)
     installed.add("webgpu")
   }
+}
+
+/** Fix 2: zero gradients for the comparison and logical kernels that tfjs leaves without one. */
+const installZeroGradients = (tf: Tf): void => {
+  for (const kernelName of zeroGradKernels) {
+    if (tf.getGradient(kernelName) === undefined) {
+      tf.registerGradient({
+        kernelName,
+        inputsToSave: ["a", "b"].slice(0, kernelName === "LogicalNot" ? 0 : 2),
+        gradFunc: (dy: Tensor | Array<Tensor>, saved: Array<Tensor>) => {
+          const d = Array.isArray(dy) ? dy[0]! : dy
+          // float zeros whatever the inputs' dtype (tfjs requires float gradients, even for int inputs)
+          const zeros = (t: Tensor) => tf.zeros(t.shape, "float32")
+          return kernelName === "LogicalNot"
+            ? { x: () => zeros(d) }
+            : { a: () => zeros(saved[0] ?? d), b: () => zeros(saved[1] ?? d) }
+        }
+      })
+    }
+  }
+}
+
+/** Fix 3: wasm has no `UnsortedSegmentSum`: one loop over the heap. */
+const installWasmSegmentSum = (tf: Tf): void => {
+  tf.registerKernel({
+    kernelName: "UnsortedSegmentSum",
+    backendName: "wasm",
+    kernelFunc: ({ attrs, backend: b, inputs }) => {
+      const wasm = b as unknown as {
+        makeOutput: (shape: Array<number>, dtype: string) => { dataId: unknown; shape: Array<number>; dtype: string }
+        typedArrayFromHeap: (t: unknown) => Float32Array
+      }
+      const x = inputs["x"] as unknown as { dataId: unknown; shape: Array<number> }
+      const ids = inputs["segmentIds"] as unknown as { dataId: unknown }
+      const numSegments = (attrs as { numSegments: number }).numSegments
+      const out = wasm.makeOutput([numSegments, ...x.shape.slice(1)], "float32")
+      // views of the heap, taken after the output's allocation (which may grow the heap)
+      const xs = wasm.typedArrayFromHeap(x)
+      const seg = wasm.typedArrayFromHeap(ids)
+      const inner = x.shape.slice(1).reduce((a, c) => a * c, 1)
+      const o = wasm.typedArrayFromHeap(out)
+      o.fill(0)
+      for (let i = 0; i < seg.length; i++) {
+        const s = seg[i]!
+        if (s < 0 || s >= numSegments) continue
+        for (let j = 0; j < inner; j++) o[s * inner + j]! += xs[i * inner + j]!
+      }
+      return out as never
+    }
+  })
+}
+
+/** wasm's `Slice`, reading the heap in place. */
+const installWasmSlice = (tf: Tf): void => {
+  // tfjs-backend-wasm 4.22's Slice copies its whole input out of the heap (readSync) before taking
+  // the slice: slicing one expert out of a stacked [E, d, h] parameter, or a prefix out of a KV
+  // cache, costs the whole tensor. This one reads the heap in place.
+  tf.unregisterKernel("Slice", "wasm")
+  tf.registerKernel({
+    kernelName: "Slice",
+    backendName: "wasm",
+    kernelFunc: ({ attrs, backend: b, inputs }) => {
+      const wasm = b as unknown as {
+        makeOutput: (shape: Array<number>, dtype: string) => { dataId: unknown; shape: Array<number>; dtype: string }
+        typedArrayFromHeap: (t: unknown) => Float32Array | Int32Array
+      }
+      const x = inputs["x"] as unknown as { dataId: unknown; shape: Array<number>; dtype: string }
+      const [begin, size] = tf.slice_util.parseSliceParams(x as never, (attrs as { begin: Array<number> }).begin, (attrs as { size: Array<number> }).size)
+      const out = wasm.makeOutput(size!, x.dtype)
+      const src = wasm.typedArrayFromHeap(x)
+      const dst = wasm.typedArrayFromHeap(out)
+      stridedCopy(src, x.shape, begin!, size!, dst)
+      return out as never
+    }
+  })
+}
+
+/** Fix 10: wasm's `Identity`, sharing the data. */
+const installWasmIdentity = (tf: Tf): void => {
+  // 10. Identity shares the data (as the cpu backend's and wasm's own Reshape do) instead of
+  // copying it: tfjs clones every tensor a kernel saves for its gradient (1,791 copies in a
+  // ConceptMoE step); tensors are immutable, and the reference count frees the data once
+  tf.unregisterKernel("Identity", "wasm")
+  tf.registerKernel({
+    kernelName: "Identity",
+    backendName: "wasm",
+    kernelFunc: ({ inputs, backend: b }) => {
+      const x = inputs["x"] as unknown as Info
+      ;(b as unknown as { incRef: (id: unknown) => void }).incRef(x.dataId)
+      return { dataId: x.dataId, shape: [...x.shape], dtype: x.dtype } as never
+    }
+  })
+}
+
+/** Fix 3: cpu's `UnsortedSegmentSum` in linear time (the stock kernel loops over every segment for every row). */
+const installCpuSegmentSum = (tf: Tf): void => {
+  tf.unregisterKernel("UnsortedSegmentSum", "cpu")
+  tf.registerKernel({
+    kernelName: "UnsortedSegmentSum",
+    backendName: "cpu",
+    kernelFunc: ({ attrs, backend: b, inputs }) => {
+      const cpu = b as unknown as {
+        data: { get: (id: unknown) => { values: ArrayLike<number> } }
+        makeTensorInfo: (shape: Array<number>, dtype: string, values: Float32Array) => unknown
+      }
+      const x = inputs["x"] as unknown as { dataId: unknown; shape: Array<number> }
+      const ids = inputs["segmentIds"] as unknown as { dataId: unknown }
+      const numSegments = (attrs as { numSegments: number }).numSegments
+      const xs = cpu.data.get(x.dataId).values
+      const seg = cpu.data.get(ids.dataId).values
+      const inner = x.shape.slice(1).reduce((a, c) => a * c, 1)
+      const o = new Float32Array(numSegments * inner)
+      for (let i = 0; i < seg.length; i++) {
+        const s = seg[i]!
+        if (s < 0 || s >= numSegments) continue
+        for (let j = 0; j < inner; j++) o[s * inner + j]! += xs[i * inner + j]!
+      }
+      return cpu.makeTensorInfo([numSegments, ...x.shape.slice(1)], "float32", o) as never
+    }
+  })
+}
+
+/** Fix 6: webgpu's `AddN` of more inputs than a shader stage may bind, summed in groups. */
+const installWebGpuAddN = (tf: Tf, gpu: WebGpuBackend): void => {
+  const stock = tf.getKernel("AddN", "webgpu")!.kernelFunc
+  const most = Math.max(2, gpu.device.limits.maxStorageBuffersPerShaderStage - 1)
+  tf.unregisterKernel("AddN", "webgpu")
+  tf.registerKernel({
+    kernelName: "AddN",
+    backendName: "webgpu",
+    kernelFunc: (args) => {
+      let xs = args.inputs as unknown as Array<{ dataId: unknown }>
+      const made: Array<{ dataId: unknown }> = []
+      while (xs.length > most) {
+        const next: Array<{ dataId: unknown }> = []
+        for (let i = 0; i < xs.length; i += most) {
+          const group = xs.slice(i, i + most)
+          if (group.length === 1) next.push(group[0]!)
+          else {
+            const part = stock({ ...args, inputs: group as never }) as unknown as { dataId: unknown }
+            made.push(part)
+            next.push(part)
+          }
+        }
+        xs = next
+      }
+      const out = stock({ ...args, inputs: xs as never })
+      for (const t of made) gpu.disposeData(t.dataId)
+      return out
+    }
+  })
+}
+
+/** Fix 7: webgpu's reverse `Cumsum` as reverse → forward cumsum → reverse. */
+const installWebGpuCumsum = (tf: Tf, gpu: WebGpuBackend): void => {
+  const cumsum = tf.getKernel("Cumsum", "webgpu")!.kernelFunc
+  const reverse = tf.getKernel("Reverse", "webgpu")!.kernelFunc
+  tf.unregisterKernel("Cumsum", "webgpu")
+  tf.registerKernel({
+    kernelName: "Cumsum",
+    backendName: "webgpu",
+    kernelFunc: (args) => {
+      const a = args.attrs as { axis: number; exclusive: boolean; reverse: boolean }
+      if (!a.reverse) return cumsum(args)
+      const x = args.inputs["x"] as unknown as { shape: Array<number> }
+      const axis = a.axis < 0 ? a.axis + x.shape.length : a.axis
+      const flip = (t: unknown) => reverse({ ...args, inputs: { x: t } as never, attrs: { dims: [axis] } }) as unknown as { dataId: unknown }
+      const flipped = flip(x)
+      const summed = cumsum({ ...args, inputs: { x: flipped } as never, attrs: { ...a, axis, reverse: false } }) as unknown as { dataId: unknown }
+      const out = flip(summed)
+      gpu.disposeData(flipped.dataId)
+      gpu.disposeData(summed.dataId)
+      return out as never
+    }
+  })
+}
+
+/** Fix 6: collects the first validation errors the device reports (see `gpuErrors`). */
+const logGpuErrors = (gpu: WebGpuBackend): void => {
+  gpu.device.addEventListener("uncapturederror", (event: unknown) => {
+    const e = event as { error?: { message?: string } }
+    if (gpuErrorLog.length < 16) gpuErrorLog.push(String(e.error?.message ?? e).split("\n")[0]!)
+  })
 }
 
 /** The parts of tfjs-backend-wasm's backend that our wasm kernels use. */

@@ -43,15 +43,27 @@ export const transposeLast = (data: Float32Array, shape: ReadonlyArray<number>):
   return out
 }
 
-/** The analysed graph of a model, with Hugging Face names where its format has them. */
-export const graphOf = (model: LoadedModel): ExportedGraph | UnsupportedKind => {
+/**
+ * The analysed graph of a model, with Hugging Face names where its format has them. `anyKind`:
+ * names and layouts even under block kinds without a PyTorch module (for checkpoints, which need
+ * no module).
+ */
+export const graphOf = (model: LoadedModel, options?: { readonly anyKind?: boolean }): ExportedGraph | UnsupportedKind => {
   const hf = hfNames(model.format, model.analysis.params)
   return exportGraph(
     model.analysis,
     model.name,
-    hf === undefined ? undefined : { scheme: model.format, of: (p) => hf.get(p.path), rows: (kind, spec, p) => hfRowOrder(model.format, kind, spec, p.name) }
+    hf === undefined ? undefined : { scheme: model.format, of: (p) => hf.get(p.path), rows: (kind, spec, p) => hfRowOrder(model.format, kind, spec, p.name) },
+    options
   )
 }
+
+/**
+ * What the file layout of one parameter needs: its path, its name(s) in the file, its PyTorch shape,
+ * whether it is transposed, and its row order. The exported graph's parameters have it, and so does
+ * a standard-layout checkpoint's `layout` metadata (train/Checkpoint.ts).
+ */
+export type FileParam = Pick<ExportedParam, "path" | "file" | "torchShape" | "transposed" | "rowOrder">
 
 /** Reorders the rows (axis 0) of `data`: to the file's order (`toFile`) or back to ours. */
 const reorderRows = (data: Float32Array, rows: number, o: RowOrder, toFile: boolean): Float32Array => {
@@ -65,14 +77,20 @@ const reorderRows = (data: Float32Array, rows: number, o: RowOrder, toFile: bool
   return out
 }
 
+/** A parameter's shape in this runtime's layout (`[in, out]` matrices), from its PyTorch shape. */
+export const ourShape = (p: Pick<FileParam, "torchShape" | "transposed">): ReadonlyArray<number> => {
+  const s = p.torchShape
+  return p.transposed && s.length >= 2 ? [...s.slice(0, -2), s[s.length - 1]!, s[s.length - 2]!] : s
+}
+
 /** A parameter's value in our layout → PyTorch layout as stored in the file (transposed, rows reordered). */
-export const toFileLayout = (p: ExportedParam, data: Float32Array): Float32Array => {
-  const t = p.transposed ? transposeLast(data, p.shape) : data
+export const toFileLayout = (p: FileParam, data: Float32Array): Float32Array => {
+  const t = p.transposed ? transposeLast(data, ourShape(p)) : data
   return p.rowOrder === null ? t : reorderRows(t, p.torchShape[0]!, p.rowOrder, true)
 }
 
 /** The inverse of {@link toFileLayout}: the file's PyTorch layout → ours. */
-export const fromFileLayout = (p: ExportedParam, data: Float32Array): Float32Array => {
+export const fromFileLayout = (p: FileParam, data: Float32Array): Float32Array => {
   const t = p.rowOrder === null ? data : reorderRows(data, p.torchShape[0]!, p.rowOrder, false)
   return p.transposed ? transposeLast(t, p.torchShape) : t
 }
@@ -81,7 +99,7 @@ export const fromFileLayout = (p: ExportedParam, data: Float32Array): Float32Arr
  * The tensors of `model.safetensors`: each owned parameter (ours, by path, `[in, out]` layout) in
  * PyTorch layout under its file name(s).
  */
-export const torchTensors = (graph: ExportedGraph, params: ReadonlyMap<string, Float32Array>): Map<string, TensorData> => {
+export const torchTensors = (graph: { readonly params: ReadonlyArray<FileParam> }, params: ReadonlyMap<string, Float32Array>): Map<string, TensorData> => {
   const out = new Map<string, TensorData>()
   for (const p of graph.params) {
     if (p.file === null) continue
@@ -98,10 +116,10 @@ export const torchTensors = (graph: ExportedGraph, params: ReadonlyMap<string, F
 }
 
 /** The inverse of {@link torchTensors}: our layout by parameter path, from `model.safetensors` tensors. */
-export const fromTorchTensors = (graph: ExportedGraph, tensors: ReadonlyMap<string, TensorData>, file: string) =>
+export const fromTorchTensors = (graph: { readonly params: ReadonlyArray<FileParam> }, tensors: ReadonlyMap<string, TensorData>, file: string) =>
   Effect.gen(function*() {
     const out = new Map<string, Float32Array>()
-    const take = (p: ExportedParam, name: string, shape: ReadonlyArray<number>) => {
+    const take = (p: FileParam, name: string, shape: ReadonlyArray<number>) => {
       const t = tensors.get(name)
       if (t === undefined) return Effect.fail(new ExportError({ file, message: `has no tensor ${name} (parameter ${p.path})` }))
       if (t.shape.join(",") !== shape.join(",")) return Effect.fail(new ExportError({ file, message: `${name} has shape [${t.shape}], expected [${shape}]` }))

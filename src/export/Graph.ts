@@ -115,7 +115,9 @@ export const exportGraph = (
     readonly scheme: string
     readonly of: (p: ParamEntry) => string | ReadonlyArray<string> | undefined
     readonly rows?: (kind: string, spec: unknown, p: ParamEntry) => RowOrder | undefined
-  }
+  },
+  /** `anyKind`: name and lay out every parameter even under kinds without a PyTorch module (checkpoints). */
+  options?: { readonly anyKind?: boolean }
 ): ExportedGraph | UnsupportedKind => {
   const byNode = new Map<string, Array<ParamEntry>>()
   for (const p of analysis.params) {
@@ -130,7 +132,7 @@ export const exportGraph = (
     if (!torchKinds.has(kind)) {
       const source = (block.kind as WithTorchModule).pytorch
       if (typeof source === "string") userModules[kind] = source
-      else failure ??= new UnsupportedKind({ kind, path })
+      else if (options?.anyKind !== true) failure ??= new UnsupportedKind({ kind, path })
     }
     const params = (byNode.get(path) ?? []).map((p): ExportedParam => {
       const transposed = isTransposed(kind, p)

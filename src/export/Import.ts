@@ -25,7 +25,7 @@ import * as fs from "node:fs"
 import { fromFileLayout, graphOf } from "./Export.ts"
 import { UnsupportedKind } from "./Graph.ts"
 import { gpt2Source } from "./Names.ts"
-import { encode, type TensorData } from "../train/Checkpoint.ts"
+import { checkpointFiles, type TensorData } from "../train/Checkpoint.ts"
 import { commit, ensureDir } from "../train/RunDir.ts"
 import { TrainSettings } from "../train/Step.ts"
 import { type LoadedModel, modelFromJson, readJson } from "../models/Load.ts"
@@ -330,9 +330,10 @@ export interface ImportedRun extends Imported {
 
 /**
  * Imports a checkpoint directory into a new run directory `out`: `model.json` (the config, named),
- * `train.json` (default training settings, seqLen at most the context length, `model: "model.json"`) and `checkpoint.safetensors`
- * (step 0, the weights as `param/<path>`, Adam moments zero, the config in the metadata). Written
- * atomically; an `out` that already holds a checkpoint is refused.
+ * `train.json` (default training settings, seqLen at most the context length, `model: "model.json"`),
+ * `checkpoint.safetensors` (step 0, the weights in the standard layout: the names and layout read,
+ * the config in the metadata) and `optimizer.safetensors` (Adam moments zero; `train/Checkpoint.ts`).
+ * Written atomically; an `out` that already holds a checkpoint is refused.
  */
 export const importRun = (dir: string, out: string, options: { readonly name?: string } = {}) =>
   Effect.gen(function*() {
@@ -366,7 +367,7 @@ export const importRun = (dir: string, out: string, options: { readonly name?: s
     yield* commit([
       { file: files.model, bytes: JSON.stringify(model.config, null, 2) + "\n" },
       { file: files.train, bytes: JSON.stringify({ model: "model.json", ...settings }, null, 2) + "\n" },
-      { file: files.checkpoint, bytes: encode(tensors, metadata) }
+      ...checkpointFiles(model, files.checkpoint, tensors, metadata)
     ])
     return { ...imported, files } satisfies ImportedRun
   })

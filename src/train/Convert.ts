@@ -27,7 +27,7 @@
  * @since 0.4.0
  */
 import { Effect, Path, Result, Schema } from "effect"
-import { encode, readChecked, type TensorData } from "./Checkpoint.ts"
+import { checkpointFiles, readChecked, type TensorData } from "./Checkpoint.ts"
 import { commit, ensureDir } from "./RunDir.ts"
 import { budgetOf, relative } from "../cost/Budget.ts"
 import type { Matched } from "../cost/Budget.ts"
@@ -233,7 +233,8 @@ export const convertRun = (checkpointDir: string, out: string, options: ConvertO
   Effect.gen(function*() {
     const path = yield* Path.Path
     const file = path.join(checkpointDir, "checkpoint.safetensors")
-    const ck = yield* readChecked(file)
+    // the model, and the run's settings from its optimizer file when there
+    const ck = yield* readChecked(file, { optimizer: "optional" })
     if (ck.metadata.config === undefined) {
       return yield* new ConvertError({ field: "checkpoint", message: `${file} records no model config (metadata "config"): it was not written by conceptmoe train` })
     }
@@ -266,7 +267,7 @@ export const convertRun = (checkpointDir: string, out: string, options: ConvertO
     yield* commit([
       { file: files.model, bytes: JSON.stringify(conversion.config, null, 2) + "\n" },
       { file: files.train, bytes: JSON.stringify(train, null, 2) + "\n" },
-      { file: files.checkpoint, bytes: encode(tensors, metadata) }
+      ...checkpointFiles(conversion.model, files.checkpoint, tensors, metadata)
     ])
     return {
       ...conversion,

@@ -149,21 +149,36 @@ const removeTemp = (tmp: string) => {
   temps.delete(tmp)
 }
 
+/** One file of a {@link commit}. */
+export interface CommitFile {
+  readonly file: string
+  readonly bytes: Uint8Array | string
+  /** Runs right before this file's rename, once every temporary is written (e.g. keeping the file it replaces). */
+  readonly before?: () => void
+  /** Runs once every file of the commit is renamed (e.g. removing what `before` kept). */
+  readonly after?: () => void
+}
+
 /**
  * Writes files as one step: every temporary written and fsynced, then renamed in the given order
  * (the directory fsynced after each). Put the commit point (the checkpoint) last. On failure no
  * temporary file is left behind and the files not yet renamed keep their previous content.
  */
-export const commit = (files: ReadonlyArray<{ readonly file: string; readonly bytes: Uint8Array | string }>) =>
+export const commit = (files: ReadonlyArray<CommitFile>) =>
   Effect.gen(function*() {
-    const written: Array<readonly [string, string]> = []
+    const written: Array<readonly [string, string, CommitFile]> = []
     yield* Effect.gen(function*() {
-      for (const f of files) written.push([yield* writeTemp(f.file, f.bytes), f.file])
-      for (const [tmp, file] of written) {
+      for (const f of files) written.push([yield* writeTemp(f.file, f.bytes), f.file, f])
+      for (const [tmp, file, f] of written) {
+        if (f.before !== undefined) {
+          yield* attempt("prepare", file, f.before)
+          yield* syncDir(path.dirname(file))
+        }
         yield* attempt("rename", `${tmp} -> ${file}`, () => fs.renameSync(tmp, file))
         temps.delete(tmp)
         yield* syncDir(path.dirname(file))
       }
+      for (const [, file, f] of written) if (f.after !== undefined) yield* attempt("finish", file, f.after)
     }).pipe(Effect.ensuring(Effect.sync(() => {
       for (const [tmp] of written) if (temps.has(tmp)) removeTemp(tmp)
     })))

@@ -13,7 +13,7 @@ import { lineChart, toSvg } from "../report/Plots.ts"
 import { Tensors } from "../runtime/Backend.ts"
 import { fitsInMemory } from "../runtime/Memory.ts"
 import { type Lowered, materialize, release, setRamp } from "../runtime/Lower.ts"
-import { CheckpointError, encode, type Metadata, readChecked, type SettingChange, type TensorData } from "./Checkpoint.ts"
+import { CheckpointError, checkpointFiles, type Metadata, readChecked, type SettingChange, type TensorData } from "./Checkpoint.ts"
 import { commit, ensureDir, lock as lockRun, removeStaleTemps } from "./RunDir.ts"
 import * as Stop from "./Stop.ts"
 import * as Progress from "../internal/Progress.ts"
@@ -371,7 +371,7 @@ export const train = (
           ...(changes.length === 0 ? {} : { changes: JSON.stringify(changes) })
         }
         const lines = metrics.map((m) => JSON.stringify(m)).join("\n") + "\n"
-        yield* commit([{ file: metricsFile, bytes: lines }, { file: checkpointFile, bytes: encode(tensors, metadata) }])
+        yield* commit([{ file: metricsFile, bytes: lines }, ...checkpointFiles(model, checkpointFile, tensors, metadata)])
         lastCheckpoint = checkpointFile
         lastStep = step
       })

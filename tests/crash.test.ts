@@ -14,7 +14,7 @@ import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import { layer as backendLayer } from "../src/runtime/Backend.ts"
-import { decode, decodeMetadata } from "../src/train/Checkpoint.ts"
+import { decode, decodeMetadata, readChecked } from "../src/train/Checkpoint.ts"
 import { train } from "../src/train/Train.ts"
 import { load, root } from "./support/models.ts"
 import { childData, childSettings, tinyModel } from "./support/train-child.ts"
@@ -36,6 +36,9 @@ const readRun = (dir: string) => {
   if (!fs.existsSync(file)) return { step: 0, metrics, tensors: undefined }
   const ck = Effect.runSync(decode(fs.readFileSync(file), file))
   const meta = Effect.runSync(decodeMetadata(ck.metadata, file))
+  // the optimizer state beside the model (Checkpoint.ts): its moments are compared too
+  const opt = path.join(dir, "optimizer.safetensors")
+  if (fs.existsSync(opt)) for (const [n, t] of Effect.runSync(decode(fs.readFileSync(opt), opt)).tensors) ck.tensors.set(n, t)
   return { step: meta.step, metrics, tensors: ck.tensors }
 }
 
@@ -91,6 +94,10 @@ const lane = async (dir: string, kills: number, rand: () => number) => {
       const metrics = readRun(dir)
       if (metrics.metrics.length > metrics.step) metricsAhead++
       step = checkAfterKill(dir, step)
+      // the model file and its optimizer state load as a pair, as a resume reads them
+      if (fs.existsSync(path.join(dir, "checkpoint.safetensors"))) {
+        await Effect.runPromise(readChecked(path.join(dir, "checkpoint.safetensors")).pipe(Effect.provide(NodeServices.layer)))
+      }
       continue
     }
     assert.strictEqual(exit.code, 0, stderr)

@@ -54,6 +54,9 @@ const readRun = (dir: string) => {
   const file = path.join(dir, "checkpoint.safetensors")
   const ck = Effect.runSync(decode(fs.readFileSync(file), file))
   const step = Effect.runSync(decodeMetadata(ck.metadata, file)).step
+  // the optimizer state beside the model (Checkpoint.ts): its moments are compared too
+  const opt = path.join(dir, "optimizer.safetensors")
+  for (const [n, t] of Effect.runSync(decode(fs.readFileSync(opt), opt)).tensors) ck.tensors.set(n, t)
   const metrics = fs.readFileSync(path.join(dir, "metrics.jsonl"), "utf8").trim().split("\n").map((l) => JSON.parse(l) as { step: number; loss: number })
   return { step, metrics, tensors: ck.tensors }
 }

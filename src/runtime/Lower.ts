@@ -261,7 +261,7 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     chunk: undefined,
     auxLosses: [],
     flops,
-    compression: { tokens: 0, concepts: 0, boundaryProbSum: 0, thresholdConcepts: 0 },
+    compression: { tokens: 0, concepts: 0, boundaryProbSum: 0 },
     deviceCompression: undefined,
     conceptFeeds: options.concept,
     valid: undefined,

@@ -17,7 +17,7 @@ import { UnsupportedKind } from "../src/export/Graph.ts"
 import { gpt2Source } from "../src/export/Names.ts"
 import type { LoadedModel } from "../src/models/Load.ts"
 import { importHf } from "../src/export/Import.ts"
-import { encode, type TensorData } from "../src/train/Checkpoint.ts"
+import { decode, encode, type TensorData } from "../src/train/Checkpoint.ts"
 import { load, root } from "./support/models.ts"
 
 /** Hugging Face config fields set small (the example configs shrunk, same model_type). */
@@ -422,6 +422,15 @@ describe.skipIf(!hasTorch)("a checkpoint of the exported train.py", () => {
     const p = spawnSync(python, ["train.py", "--out", "run"], { cwd: exported, encoding: "utf8", timeout: 300_000 })
     assert.strictEqual(p.status, 0, p.stderr.slice(-3000))
     const ck = path.join(exported, "run")
+    // the standard layout: the export's tensors under the export's names, bit for bit, with a checkpoint's metadata
+    const readRaw = (f: string) => Effect.runSync(decode(fs.readFileSync(f), f))
+    const written = readRaw(path.join(ck, "checkpoint.safetensors"))
+    const weights = readRaw(path.join(ck, "model.safetensors"))
+    assert.strictEqual(written.metadata["conceptmoe"], "checkpoint/2")
+    assert.strictEqual(written.metadata["names"], "conceptmoe/moe")
+    assert.deepStrictEqual([...written.tensors.keys()].sort(), [...weights.tensors.keys()].sort())
+    for (const [n, t] of weights.tensors) assert.isTrue(Buffer.from(written.tensors.get(n)!.data.buffer).equals(Buffer.from(t.data.buffer)), n)
+    assert.deepStrictEqual(written.tensors.get("model.layers.1.mlp.experts.3.up_proj.weight")!.shape, [16, 32])
     const v = run("verify", "--checkpoint", ck, "--backend", "cpu", "--seq-len", "16", "--batch", "2", "--format", "json")
     assert.strictEqual(v.status, 0, v.stderr)
     const vr = JSON.parse(v.stdout) as { step: number; params: { static: number; runtime: number }; flops: { staticAtMeasured: number; executed: number } }

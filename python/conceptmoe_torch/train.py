@@ -13,9 +13,11 @@ parallelism. ConceptMoE boundaries are drawn from the global batch's sequence of
 
 DDP by default; ``--fsdp`` shards with FSDP2 (``fully_shard``) each layer of every stack of layers,
 then the root. Backend: NCCL on CUDA (``--bf16`` runs the forward under bf16 autocast), gloo on CPU.
-Writes ``OUT/checkpoint.safetensors`` in the TypeScript runtime's layout (``param/<graph path>``,
-matrices ``[in, out]``, the model config in the metadata), which ``conceptmoe generate --checkpoint OUT``
-reads, and ``OUT/model.safetensors`` in the export's layout.
+Writes ``OUT/checkpoint.safetensors``: the export's tensors and names (PyTorch layout) with the
+metadata of a ``conceptmoe train`` checkpoint in the standard layout (``conceptmoe: checkpoint/2``,
+step, model config, naming scheme and ``layout``), which ``conceptmoe generate/verify --checkpoint
+OUT`` read (no optimizer state: ``conceptmoe train --resume`` cannot continue it); and
+``OUT/model.safetensors``, the same tensors as an export's weights file.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from safetensors.torch import save_file
 from .context import mix_seed
 from .data import load_stream, train_batch
 from .graph import build_model
-from .weights import file_tensors, load_weights, to_ours
+from .weights import file_tensors, load_weights
 from .blocks.chunk import ratio_control_step
 
 
@@ -189,10 +191,14 @@ def save(model, out: str, step: int, rank: int, export: str, log: list) -> None:
         return
     os.makedirs(out, exist_ok=True)
     graph = json.load(open(os.path.join(export, "graph.json")))
-    ours = {f"param/{p['path']}": to_ours(p, values[p["path"]]) for p in model.owned()}
-    meta = {"step": str(step), "model": graph["name"], "format": "conceptmoe/v1", "config": json.dumps(graph["config"]), "trainer": "pytorch"}
-    _atomic(lambda f: save_file(ours, f, metadata=meta), os.path.join(out, "checkpoint.safetensors"))
-    _atomic(lambda f: save_file(file_tensors(model, values), f, metadata={"format": "pt", "step": str(step)}), os.path.join(out, "model.safetensors"))
+    tensors = file_tensors(model, values)
+    # what reading it back needs, per parameter path: its name(s) here, PyTorch shape, transposition, row order
+    layout = {p["path"]: {"file": p["file"], "shape": p["torchShape"], "transposed": p["transposed"],
+                          **({} if p.get("rowOrder") is None else {"rowOrder": p["rowOrder"]})} for p in model.owned()}
+    meta = {"format": "pt", "conceptmoe": "checkpoint/2", "step": str(step), "model": graph["name"], "config": json.dumps(graph["config"]),
+            "names": graph["names"], "layout": json.dumps(layout), "trainer": "pytorch"}
+    _atomic(lambda f: save_file(tensors, f, metadata=meta), os.path.join(out, "checkpoint.safetensors"))
+    _atomic(lambda f: save_file(tensors, f, metadata={"format": "pt", "step": str(step)}), os.path.join(out, "model.safetensors"))
     _atomic(lambda f: open(f, "w").write("".join(json.dumps(m) + "\n" for m in log)), os.path.join(out, "metrics.jsonl"))
 
 

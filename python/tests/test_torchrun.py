@@ -1,6 +1,7 @@
 """train.py: two gloo processes under torchrun, with DDP and with FSDP2, train a tiny model a few
 steps and end where one process with the same global batch ends (relative norm 1e-5 per tensor);
-the checkpoint loads back into ``conceptmoe generate``'s reader layout (``param/<path>``, [in, out])."""
+the checkpoint is the export's tensors and names with a ``conceptmoe train`` checkpoint's metadata
+(standard layout), which ``conceptmoe generate`` and ``verify`` read."""
 import os
 import shutil
 import subprocess
@@ -49,6 +50,7 @@ def test_two_processes_match_one(runs, mode):
 
 def test_checkpoint_layout(runs):
     single, _ = runs["single"]
-    assert single["param/embed/weight"].shape == (256, 32)
-    # matrices in the runtime's [in, out] layout
-    assert single["param/layers/0/ffn/mlp/up.weight"].shape == (32, 48)
+    # the export's names (a dense config is named as Llama) and PyTorch layout: matrices [out, in]
+    assert single["model.embed_tokens.weight"].shape == (256, 32)
+    assert single["model.layers.0.mlp.up_proj.weight"].shape == (48, 32)
+    assert not any(k.startswith("param/") for k in single)

@@ -69,7 +69,7 @@ export const trainSummary = (model: string, out: string, steps: number, r: Train
   })),
   ...(r.compression === undefined ? {} : { compression: r.compression }),
   ...(r.resumed === undefined ? {} : { resumed: r.resumed }),
-  files: ["checkpoint.safetensors", "metrics.jsonl", "loss.svg"].map((f) => `${out}/${f}`)
+  files: ["checkpoint.safetensors", "optimizer.safetensors", "metrics.jsonl", "loss.svg"].map((f) => `${out}/${f}`)
 })
 
 export const train = Command.make(
@@ -110,7 +110,7 @@ export const train = Command.make(
       yield* Console.log(JSON.stringify(trainSummary(model.name, out, settings.steps, r), null, 2))
       return
     }
-    yield* Console.log(`final validation ${r.finalValBitsPerByte.toFixed(4)} bits/byte; ${r.tokensPerSecond.toFixed(0)} tokens/s; wrote ${out}/{checkpoint.safetensors,metrics.jsonl,loss.svg}`)
+    yield* Console.log(`final validation ${r.finalValBitsPerByte.toFixed(4)} bits/byte; ${r.tokensPerSecond.toFixed(0)} tokens/s; wrote ${out}/{checkpoint.safetensors,optimizer.safetensors,metrics.jsonl,loss.svg}`)
   }, handled)
 ).pipe(Command.withDescription("Train a model on the State of the Union corpus, or on your own bytes with --data (byte-level), with checkpoints, metrics and a loss plot."))
 

@@ -105,7 +105,7 @@ export const inSeries = (finished: ReadonlyArray<string>, total: number) => <A, 
 /** For `compare`: which runs finished (and where their results are), which stopped, and how many did not start. */
 export const seriesHint = (e: Stopped): string =>
   [
-    ...(e.finished ?? []).map((dir) => `finished: ${dir} (checkpoint.safetensors, metrics.jsonl, loss.svg)`),
+    ...(e.finished ?? []).map((dir) => `finished: ${dir} (checkpoint.safetensors, optimizer.safetensors, metrics.jsonl, loss.svg)`),
     `stopped: ${e.out} at step ${e.step} of ${e.steps} (its checkpoint and metrics so far)`,
     ...(e.remaining === undefined || e.remaining <= 0 ? [] : [`not started: ${e.remaining} more run(s)`]),
     "no comparison was written (summary.json, losses.svg); run compare again to train the pair"

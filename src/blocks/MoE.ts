@@ -85,9 +85,9 @@ const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record
   const E = s.experts
   const logits = ops.linear(ctx, x, p["router.weight"]!, p["router.bias"])
   const probs = s.scoring === "softmax" ? tf.softmax(logits) : tf.sigmoid(logits)
-  if (ctx.dispatch === "dense") return denseDispatch(ctx, s, x, p, probs)
-  if (ctx.dispatch === "grouped") return slotDispatch(ctx, s, x, p, probs, "grouped")
-  if (typeof ctx.dispatch === "object") return slotDispatch(ctx, s, x, p, probs, ctx.dispatch)
+  if (ctx.dispatch === "dense") return denseDispatch({ ctx, s, x, p, probs })
+  if (ctx.dispatch === "grouped") return slotDispatch({ ctx, s, x, p, probs }, "grouped")
+  if (typeof ctx.dispatch === "object") return slotDispatch({ ctx, s, x, p, probs }, ctx.dispatch)
   if (ctx.valid !== undefined) {
     throw new Unsupported({ at: ctx.scope, problem: "sparse MoE dispatch does not take padded positions (the empty slots of a static-shape concept stage); use dense or grouped dispatch" })
   }
@@ -131,22 +131,23 @@ const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record
   const routed = tf.unsortedSegmentSum(tf.concat(outs, 0), tf.tensor1d(targets, "int32"), n)
   const counts = new Float32Array(E)
   for (let i = 0; i < n * s.topK; i++) counts[chosen[i]!]! += 1 / (n * s.topK)
-  return withShared(ctx, s, x, p, probs, routed, () => tf.tensor1d(counts))
+  return withShared({ ctx, s, x, p, probs }, routed, () => tf.tensor1d(counts))
+}
+
+/** What every dispatch works from: the layer's input, spec and parameters, and the router's probabilities `[n, E]`. */
+interface Routing {
+  readonly ctx: ForwardContext
+  readonly s: MoESpec
+  readonly x: Tensor
+  readonly p: Readonly<Record<string, Tensor>>
+  readonly probs: Tensor
 }
 
 /**
  * Adds the shared experts to the routed output and, in training, the Switch-style load-balancing
  * loss E·Σ_e f_e·P_e (f: the fraction of token-slot pairs routed to e; P: the mean probability).
  */
-const withShared = (
-  ctx: ForwardContext,
-  s: MoESpec,
-  x: Tensor,
-  p: Readonly<Record<string, Tensor>>,
-  probs: Tensor,
-  routed: Tensor,
-  fraction: () => Tensor
-): Tensor => {
+const withShared = ({ ctx, s, x, p, probs }: Routing, routed: Tensor, fraction: () => Tensor): Tensor => {
   const { tf } = ctx
   let y = routed
   if (s.shared !== null) {
@@ -169,13 +170,8 @@ const withShared = (
  * router's probabilities on each token's top-k and zero elsewhere. Same values and gradients as the
  * sparse path; E/k times its expert FLOPs.
  */
-const denseDispatch = (
-  ctx: ForwardContext,
-  s: MoESpec,
-  x: Tensor,
-  p: Readonly<Record<string, Tensor>>,
-  probs: Tensor
-): Tensor => {
+const denseDispatch = (r: Routing): Tensor => {
+  const { ctx, s, x, p, probs } = r
   const { tf } = ctx
   const n = x.shape[0]!
   const E = s.experts
@@ -183,7 +179,7 @@ const denseDispatch = (
   const xs = tf.reshape(ctx.repeat(tf.reshape(x, [1, ...x.shape]), E), [E, ...x.shape])
   const ys = ops.ffn(ctx, xs, (name) => expertParam(ctx, p, name, E), s.activation)
   const routed = ctx.combine(ys, gates)
-  return withShared(ctx, s, x, p, probs, routed, () => routedFraction(ctx, chosen, n, s.topK))
+  return withShared(r, routed, () => routedFraction(ctx, chosen, n, s.topK))
 }
 
 /** Slots per expert of a capacity dispatch over `n` tokens: ceil(factor·n·k/E), at least 1, at most n. */
@@ -205,14 +201,8 @@ export const groupRows = (n: number, topK: number, experts: number): number =>
  * kept to `ctx.expertRouting`. Without drops, the sparse path's values and gradients; the balance
  * loss counts the routing before drops, as the Switch Transformer's.
  */
-const slotDispatch = (
-  ctx: ForwardContext,
-  s: MoESpec,
-  x: Tensor,
-  p: Readonly<Record<string, Tensor>>,
-  probs: Tensor,
-  by: "grouped" | { readonly capacity: number }
-): Tensor => {
+const slotDispatch = (r: Routing, by: "grouped" | { readonly capacity: number }): Tensor => {
+  const { ctx, s, x, p, probs } = r
   const { tf } = ctx
   const [n, d] = x.shape as [number, number]
   const E = s.experts
@@ -236,7 +226,7 @@ const slotDispatch = (
     const kept = tf.sum(tf.cast(tf.greaterEqual(tokens, 0), "float32"))
     ctx.expertRouting = before === undefined ? { routed: pairs, kept } : { routed: tf.add(before.routed, pairs), kept: tf.add(before.kept, kept) }
   }
-  return withShared(ctx, s, x, p, probs, routed, () => routedFraction(ctx, chosen, n, s.topK))
+  return withShared(r, routed, () => routedFraction(ctx, chosen, n, s.topK))
 }
 
 /**

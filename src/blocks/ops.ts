@@ -187,13 +187,7 @@ const attendRows = (ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor, R: num
  * and values are appended to the node's KV cache and the queries attend over the whole cache
  * (a decoded row is one document).
  */
-export const attend = (
-  ctx: ForwardContext,
-  q: Tensor,
-  k: Tensor,
-  v: Tensor,
-  options: Masking
-): Tensor2D => {
+export const attend = (ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor, options: Masking): Tensor2D => {
   const { tf } = ctx
   const rows = ctx.layout
   if (ctx.cache !== undefined) return attendCached(ctx, ctx.cache, q, k, v, options)
@@ -205,26 +199,28 @@ export const attend = (
       return documentMask(ctx, R * L === all.size ? all : tf.slice(all, [start], [R * L]), R, L)
     })
   if (rows.every((r) => r === L0)) return attendRows(ctx, q, k, v, rows.length, L0, options, documents(rows.length, L0, 0)) as Tensor2D
-  const parts: Array<Tensor> = []
-  let start = 0
-  for (const L of rows) {
-    if (L > 0) {
-      const s = (t: Tensor) => tf.slice(t, [start, 0, 0], [L, -1, -1])
-      parts.push(attendRows(ctx, s(q), s(k), s(v), 1, L, options, documents(1, L, start)))
-    }
-    start += L
-  }
-  return tf.concat(parts, 0) as Tensor2D
+  return eachRow(ctx, rows, (_, start, L) => {
+    const s = (t: Tensor) => tf.slice(t, [start, 0, 0], [L, -1, -1])
+    return attendRows(ctx, s(q), s(k), s(v), 1, L, options, documents(1, L, start))
+  })
 }
 
-const attendCached = (
-  ctx: ForwardContext,
-  cache: DecodeCache,
-  q: Tensor,
-  k: Tensor,
-  v: Tensor,
-  options: Masking
-): Tensor2D => {
+/**
+ * A ragged batch one row at a time: `f(row, start, count)` for each row with positions (`counts`
+ * per row, rows one after the other), the results concatenated in order.
+ */
+const eachRow = (ctx: ForwardContext, counts: ReadonlyArray<number>, f: (row: number, start: number, count: number) => Tensor): Tensor2D => {
+  const parts: Array<Tensor> = []
+  let start = 0
+  counts.forEach((n, b) => {
+    if (n > 0) parts.push(f(b, start, n))
+    start += n
+  })
+  return ctx.tf.concat(parts, 0) as Tensor2D
+}
+
+/** {@link attend} while decoding: the new keys and values appended to the node's cache, the queries over all of it. */
+const attendCached = (ctx: ForwardContext, cache: DecodeCache, q: Tensor, k: Tensor, v: Tensor, options: Masking): Tensor2D => {
   const { tf } = ctx
   if (!options.causal) throw new Unsupported({ at: ctx.scope, problem: "the attention is not causal (causal: false): it cannot be decoded incrementally" })
   const [N, KV, dqk] = k.shape as [number, number, number]
@@ -250,15 +246,10 @@ const attendCached = (
     const { kt, vt } = stored(0, R, past[0]! + n0)
     return attendStored(ctx, q, kt, vt, R, n0, past[0]! + n0, past[0]!, options) as Tensor2D
   }
-  const parts: Array<Tensor> = []
-  let start = 0
-  counts.forEach((n, b) => {
-    if (n === 0) return
+  return eachRow(ctx, counts, (b, start, n) => {
     const { kt, vt } = stored(b, 1, past[b]! + n)
-    parts.push(attendStored(ctx, tf.slice(q, [start, 0, 0], [n, -1, -1]), kt, vt, 1, n, past[b]! + n, past[b]!, options))
-    start += n
+    return attendStored(ctx, tf.slice(q, [start, 0, 0], [n, -1, -1]), kt, vt, 1, n, past[b]! + n, past[b]!, options)
   })
-  return tf.concat(parts, 0) as Tensor2D
 }
 
 /** Attention over stored (feature-major) keys and values; frees its intermediates at once. */

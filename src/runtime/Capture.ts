@@ -260,8 +260,68 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
   const variables = variablesOf(tf)
   const before = new Map(variables.map((v) => [v, bufferOf(be, v)] as const))
   flush(be)
+  const rec = newRecording(feedBuffers, variables, before)
+  const outputs = recordStep(tf, be, rec, step)
+  const refuse = (why: string): never => {
+    releasePins(rec.held)
+    throw new NotCapturable(why, outputs)
+  }
+  if (rec.failure !== undefined) refuse(rec.failure)
+  const { state, after } = stateOf(tf, be, variables, before, refuse)
+  for (const b of rec.held) unpool(bm, b)
+  // the recording reads the state from the buffers it had before: bring them up to date
+  if (state.length > 0) {
+    const enc = be.device.createCommandEncoder()
+    for (const [from, to] of state) enc.copyBufferToBuffer(from, 0, to, 0, from.size)
+    be.queue.submit([enc.finish()])
+  }
+  const plan = replayPlan(rec.commands)
+  const dispatches = rec.commands.reduce((n, c) => n + (c.op === "pass" ? c.commands.filter((p) => p.op === "dispatch").length : 0), 0)
+  const replaying: Replaying = { tf, be, plan, state, after, feedBuffers, outputs, held: rec.held, disposed: false }
+  const captured: Captured = {
+    dispatches,
+    uploads: rec.uploads.length,
+    outputs,
+    run: (values) => replayRecording(replaying, values),
+    profile: (values, detail) => profileRecording(replaying, values, detail, dispatches),
+    dispose: () => disposeRecording(replaying)
+  }
+  recorded.set(captured, { uploads: rec.uploads, commands: rec.commands })
+  return captured
+}
 
-  // buffers the recording uses, pinned as soon as they are seen (tfjs may release them mid-step)
+/** What a recording collects while the step runs (see {@link patchDevice}). */
+interface Recording {
+  /** Buffers the recording uses, pinned as soon as they are seen (tfjs may release them mid-step). */
+  readonly held: Set<GpuBuffer>
+  readonly hold: (b: GpuBuffer) => void
+  /** Stable names for buffers, to compare two recordings: feed i, variable i, new i (in creation order). */
+  readonly names: Map<GpuBuffer, string>
+  created: number
+  readonly nameOf: (b: GpuBuffer) => string
+  /** The buffers of each bind group, by name. */
+  readonly groups: Map<unknown, Array<string>>
+  /** False once the step has ended: encoders tfjs still holds then behave as ordinary ones. */
+  active: boolean
+  readonly uploads: Array<Uint8Array>
+  /** What was written into mappable staging buffers, uploaded when copied from. */
+  readonly staged: Map<GpuBuffer, Uint8Array>
+  /** The commands of each finished command buffer. */
+  readonly encoded: Map<unknown, Array<Command>>
+  /** The commands submitted, in order. */
+  readonly commands: Array<Command>
+  /** The first reason the step cannot be recorded. */
+  failure: string | undefined
+  readonly fail: (why: string) => never
+  /** The program behind the dispatches being encoded (see {@link patchDevice}). */
+  label: string
+}
+
+const newRecording = (
+  feedBuffers: ReadonlyMap<Tensor, GpuBuffer>,
+  variables: ReadonlyArray<Tensor>,
+  before: ReadonlyMap<Tensor, GpuBuffer>
+): Recording => {
   const held = new Set<GpuBuffer>()
   const hold = (b: GpuBuffer) => {
     if (held.has(b)) return
@@ -269,48 +329,89 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     pins.set(b, (pins.get(b) ?? 0) + 1)
   }
   for (const b of [...feedBuffers.values(), ...before.values()]) hold(b)
-  // stable names for buffers, to compare two recordings: feed i, variable i, new i (in creation order)
   const names = new Map<GpuBuffer, string>()
   ;[...feedBuffers.values()].forEach((b, i) => names.set(b, `feed ${i}`))
   variables.forEach((v, i) => names.set(before.get(v)!, `variable ${i}`))
-  let created = 0
-  const nameOf = (b: GpuBuffer) => names.get(b) ?? `existing ${globalName(b)}`
-  const groups = new Map<unknown, Array<string>>()
-  let active = true
-  const uploads: Array<Uint8Array> = []
-  const staged = new Map<GpuBuffer, Uint8Array>()
-  const encoded = new Map<unknown, Array<Command>>()
-  const commands: Array<Command> = []
-  let failure: string | undefined
-  const fail = (why: string): never => {
-    failure ??= why
-    throw new NotCapturable(why)
+  const rec: Recording = {
+    held,
+    hold,
+    names,
+    created: 0,
+    nameOf: (b) => names.get(b) ?? `existing ${globalName(b)}`,
+    groups: new Map(),
+    active: true,
+    uploads: [],
+    staged: new Map(),
+    encoded: new Map(),
+    commands: [],
+    failure: undefined,
+    fail: (why) => {
+      rec.failure ??= why
+      throw new NotCapturable(why)
+    },
+    label: "?"
   }
+  return rec
+}
 
+/** Lets go of a recording's pins (a buffer that another recording holds stays pinned). */
+const releasePins = (held: ReadonlySet<GpuBuffer>) => {
+  for (const b of held) {
+    const n = (pins.get(b) ?? 1) - 1
+    if (n > 0) pins.set(b, n)
+    else pins.delete(b)
+  }
+}
+
+/** Runs the step with the device patched to record it, and restores the device whatever happens. */
+const recordStep = (tf: Tf, be: Backend, rec: Recording, step: () => ReadonlyArray<Tensor>): ReadonlyArray<Tensor> => {
+  const saved = patchDevice(tf, be, rec)
+  try {
+    const outputs = step().map((t) => tf.keep(t))
+    flush(be)
+    return outputs
+  } catch (e) {
+    // what tfjs encoded for the stopped step goes out as it is; the recording is dropped
+    rec.active = false
+    flush(be)
+    releasePins(rec.held)
+    throw e
+  } finally {
+    rec.active = false
+    restoreDevice(tf, be, saved)
+  }
+}
+
+/** The functions of the device, queue, pool and backend that {@link patchDevice} replaces. */
+const savedHooks = (tf: Tf, be: Backend) => ({
+  createCommandEncoder: be.device.createCommandEncoder,
+  createBuffer: be.device.createBuffer,
+  createBindGroup: be.device.createBindGroup,
+  writeBuffer: be.queue.writeBuffer,
+  submit: be.queue.submit,
+  acquire: be.bufferManager.acquireBuffer,
+  read: be.read,
+  readSync: be.readSync,
+  runProgram: be.runWebGPUProgram,
+  cpuForward: tf.env().getBool("WEBGPU_CPU_FORWARD")
+})
+type Saved = ReturnType<typeof savedHooks>
+
+/** Makes the device record into `rec` what tfjs encodes, uploads and submits; returns what it replaced. */
+const patchDevice = (tf: Tf, be: Backend, rec: Recording): Saved => {
   const device = be.device
   const queue = be.queue
-  const saved = {
-    createCommandEncoder: device.createCommandEncoder,
-    createBuffer: device.createBuffer,
-    createBindGroup: device.createBindGroup,
-    writeBuffer: queue.writeBuffer,
-    submit: queue.submit,
-    acquire: bm.acquireBuffer,
-    read: be.read,
-    readSync: be.readSync,
-    runProgram: be.runWebGPUProgram,
-    cpuForward: tf.env().getBool("WEBGPU_CPU_FORWARD")
-  }
+  const bm = be.bufferManager
+  const saved = savedHooks(tf, be)
   // the program behind each dispatch, for profiles: tfjs's class, or our kernels' own key (read
   // before tfjs extends it with the shapes)
-  let label = "?"
   be.runWebGPUProgram = function(program, ...rest) {
-    const outer = label
-    label = `${program.constructor.name !== "Object" ? program.constructor.name : String(program.shaderKey)}\u0000${(program.outputShape ?? []).join("×") || "scalar"}`
+    const outer = rec.label
+    rec.label = `${program.constructor.name !== "Object" ? program.constructor.name : String(program.shaderKey)}\u0000${(program.outputShape ?? []).join("×") || "scalar"}`
     try {
       return saved.runProgram.call(this, program, ...rest)
     } finally {
-      label = outer
+      rec.label = outer
     }
   }
   // (restored as soon as the step ends)
@@ -318,15 +419,49 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     const d = this.tensorMap.get(dataId)
     // values already on the host are not a read-back
     if (d?.values !== null && d?.values !== undefined) return d.values
-    return fail("the step reads a tensor back to the host")
+    return rec.fail("the step reads a tensor back to the host")
   }
   be.read = readBack
   be.readSync = readBack
+  patchCreation(device, rec, saved)
+  device.createCommandEncoder = function() {
+    return recordingEncoder(saved.createCommandEncoder.call(this), rec)
+  }
+  patchQueue(queue, rec, saved)
+  // no buffer reuse within the step: no aliasing, constants stay where they were uploaded. tfjs's
+  // pool keeps a free list per size and usage, made on a first acquisition that may reuse: make it
+  bm.acquireBuffer = function(size, usage, mappedAtCreation, _reuse) {
+    const key = `${size}_${usage}`
+    if (!this.freeBuffers.has(key)) this.freeBuffers.set(key, [])
+    return saved.acquire.call(this, size, usage, mappedAtCreation, false)
+  }
+  tf.env().set("WEBGPU_CPU_FORWARD", false)
+  return saved
+}
+
+/** Puts back what {@link patchDevice} replaced. */
+const restoreDevice = (tf: Tf, be: Backend, saved: Saved) => {
+  const device = be.device
+  const queue = be.queue
+  device.createCommandEncoder = saved.createCommandEncoder
+  device.createBuffer = saved.createBuffer
+  device.createBindGroup = saved.createBindGroup
+  queue.writeBuffer = saved.writeBuffer
+  queue.submit = saved.submit
+  be.bufferManager.acquireBuffer = saved.acquire
+  be.read = saved.read
+  be.readSync = saved.readSync
+  be.runWebGPUProgram = saved.runProgram
+  tf.env().set("WEBGPU_CPU_FORWARD", saved.cpuForward)
+}
+
+/** New buffers (named, held; what is written into them at creation recorded as uploads) and bind groups (their buffers named). */
+const patchCreation = (device: Device, rec: Recording, saved: Saved) => {
   device.createBuffer = function(desc) {
     const b = saved.createBuffer.call(this, desc)
     if ((desc.usage & (MAP_READ | MAP_WRITE)) === 0) {
-      hold(b)
-      names.set(b, `new ${created++}`)
+      rec.hold(b)
+      rec.names.set(b, `new ${rec.created++}`)
     }
     if (desc.mappedAtCreation === true) {
       const ranges: Array<ArrayBuffer> = []
@@ -344,8 +479,8 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
           bytes.set(new Uint8Array(r), o)
           o += r.byteLength
         }
-        if ((b.usage & MAP_WRITE) !== 0) staged.set(b, bytes)
-        else uploads.push(bytes)
+        if ((b.usage & MAP_WRITE) !== 0) rec.staged.set(b, bytes)
+        else rec.uploads.push(bytes)
         unmap()
       }
     }
@@ -355,133 +490,108 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     const bound: Array<GpuBuffer> = []
     for (const e of desc.entries) {
       if (e.resource.buffer !== undefined) {
-        hold(e.resource.buffer)
+        rec.hold(e.resource.buffer)
         bound.push(e.resource.buffer)
       }
     }
     const group = saved.createBindGroup.call(this, desc)
-    groups.set(group, bound.map(nameOf))
+    rec.groups.set(group, bound.map(rec.nameOf))
     return group
   }
-  device.createCommandEncoder = function() {
-    const enc = saved.createCommandEncoder.call(this)
-    const mine: Array<Command> = []
-    const begin = enc.beginComputePass.bind(enc)
-    const copy = enc.copyBufferToBuffer.bind(enc)
-    const clear = enc.clearBuffer.bind(enc)
-    const finish = enc.finish.bind(enc)
-    // once the capture is over, the encoder tfjs may still hold behaves as an ordinary one
-    enc.beginComputePass = (desc) => {
-      if (!active) return begin(desc)
-      if (desc?.timestampWrites !== undefined) fail("the step is being profiled (timestamp queries)")
-      const pass = begin(desc)
-      const recorded: Array<PassCommand> = []
-      mine.push({ op: "pass", commands: recorded })
-      const setPipeline = pass.setPipeline.bind(pass)
-      const setBindGroup = pass.setBindGroup.bind(pass)
-      const dispatch = pass.dispatchWorkgroups.bind(pass)
-      pass.setPipeline = (pipeline) => {
-        if (active) recorded.push({ op: "pipeline", pipeline })
-        setPipeline(pipeline)
-      }
-      pass.setBindGroup = (index, group, offsets) => {
-        const o = offsets === undefined ? undefined : [...offsets]
-        if (active) recorded.push({ op: "bind", index, group, offsets: o, buffers: groups.get(group) ?? [] })
-        if (o === undefined) setBindGroup(index, group)
-        else setBindGroup(index, group, o)
-      }
-      pass.dispatchWorkgroups = (x, y = 1, z = 1) => {
-        if (active) recorded.push({ op: "dispatch", x, y, z, label })
-        dispatch(x, y, z)
-      }
-      pass.dispatchWorkgroupsIndirect = () => fail("an indirect dispatch")
-      return pass
+}
+
+/** A command encoder that records its passes, copies and clears into `rec` while the step runs. */
+const recordingEncoder = (enc: CommandEncoder, rec: Recording): CommandEncoder => {
+  const mine: Array<Command> = []
+  const begin = enc.beginComputePass.bind(enc)
+  const copy = enc.copyBufferToBuffer.bind(enc)
+  const clear = enc.clearBuffer.bind(enc)
+  const finish = enc.finish.bind(enc)
+  // once the capture is over, the encoder tfjs may still hold behaves as an ordinary one
+  enc.beginComputePass = (desc) => {
+    if (!rec.active) return begin(desc)
+    if (desc?.timestampWrites !== undefined) rec.fail("the step is being profiled (timestamp queries)")
+    const pass = begin(desc)
+    const recorded: Array<PassCommand> = []
+    mine.push({ op: "pass", commands: recorded })
+    const setPipeline = pass.setPipeline.bind(pass)
+    const setBindGroup = pass.setBindGroup.bind(pass)
+    const dispatch = pass.dispatchWorkgroups.bind(pass)
+    pass.setPipeline = (pipeline) => {
+      if (rec.active) recorded.push({ op: "pipeline", pipeline })
+      setPipeline(pipeline)
     }
-    enc.copyBufferToBuffer = (src, srcOffset, dst, dstOffset, size) => {
-      if (!active) return copy(src, srcOffset, dst, dstOffset, size)
-      const data = staged.get(src)
-      if (data !== undefined) uploads.push(data.slice(srcOffset, srcOffset + size))
-      else if ((dst.usage & MAP_READ) !== 0) fail("the step reads a tensor back to the host")
-      else {
-        mine.push({ op: "copy", src, srcOffset, dst, dstOffset, size, names: [nameOf(src), nameOf(dst)] })
-        hold(src)
-      }
-      hold(dst)
-      copy(src, srcOffset, dst, dstOffset, size)
+    pass.setBindGroup = (index, group, offsets) => {
+      const o = offsets === undefined ? undefined : [...offsets]
+      if (rec.active) recorded.push({ op: "bind", index, group, offsets: o, buffers: rec.groups.get(group) ?? [] })
+      if (o === undefined) setBindGroup(index, group)
+      else setBindGroup(index, group, o)
     }
-    enc.clearBuffer = (buffer, offset, size) => {
-      if (active) mine.push({ op: "clear", buffer, offset, size })
-      clear(buffer, offset, size)
+    pass.dispatchWorkgroups = (x, y = 1, z = 1) => {
+      if (rec.active) recorded.push({ op: "dispatch", x, y, z, label: rec.label })
+      dispatch(x, y, z)
     }
-    const resolve = enc.resolveQuerySet.bind(enc)
-    enc.resolveQuerySet = (...a) => (active ? fail("the step is being profiled (query sets)") : resolve(...a))
-    enc.finish = () => {
-      const done = finish()
-      encoded.set(done, mine)
-      return done
-    }
-    return enc
+    pass.dispatchWorkgroupsIndirect = () => rec.fail("an indirect dispatch")
+    return pass
   }
+  enc.copyBufferToBuffer = (src, srcOffset, dst, dstOffset, size) => {
+    if (!rec.active) return copy(src, srcOffset, dst, dstOffset, size)
+    const data = rec.staged.get(src)
+    if (data !== undefined) rec.uploads.push(data.slice(srcOffset, srcOffset + size))
+    else if ((dst.usage & MAP_READ) !== 0) rec.fail("the step reads a tensor back to the host")
+    else {
+      mine.push({ op: "copy", src, srcOffset, dst, dstOffset, size, names: [rec.nameOf(src), rec.nameOf(dst)] })
+      rec.hold(src)
+    }
+    rec.hold(dst)
+    copy(src, srcOffset, dst, dstOffset, size)
+  }
+  enc.clearBuffer = (buffer, offset, size) => {
+    if (rec.active) mine.push({ op: "clear", buffer, offset, size })
+    clear(buffer, offset, size)
+  }
+  const resolve = enc.resolveQuerySet.bind(enc)
+  enc.resolveQuerySet = (...a) => (rec.active ? rec.fail("the step is being profiled (query sets)") : resolve(...a))
+  enc.finish = () => {
+    const done = finish()
+    rec.encoded.set(done, mine)
+    return done
+  }
+  return enc
+}
+
+/** Writes recorded as uploads; submitted command buffers' commands appended to the recording. */
+const patchQueue = (queue: Queue, rec: Recording, saved: Saved) => {
   queue.writeBuffer = function(buffer, offset, data, dataOffset, size) {
     const view = ArrayBuffer.isView(data) ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength) : new Uint8Array(data)
     const start = dataOffset ?? 0
-    uploads.push(view.slice(start, size === undefined ? undefined : start + size))
-    hold(buffer)
+    rec.uploads.push(view.slice(start, size === undefined ? undefined : start + size))
+    rec.hold(buffer)
     if (dataOffset === undefined) saved.writeBuffer.call(this, buffer, offset, data)
     else saved.writeBuffer.call(this, buffer, offset, data, dataOffset, size)
   }
   queue.submit = function(buffers) {
     for (const b of buffers) {
-      const recordedCommands = encoded.get(b)
-      if (recordedCommands === undefined) fail("a command buffer encoded outside the capture was submitted inside it")
-      commands.push(...recordedCommands!)
+      const recordedCommands = rec.encoded.get(b)
+      if (recordedCommands === undefined) rec.fail("a command buffer encoded outside the capture was submitted inside it")
+      rec.commands.push(...recordedCommands!)
     }
     saved.submit.call(this, buffers)
   }
-  // no buffer reuse within the step: no aliasing, constants stay where they were uploaded. tfjs's
-  // pool keeps a free list per size and usage, made on a first acquisition that may reuse: make it
-  bm.acquireBuffer = function(size, usage, mappedAtCreation, _reuse) {
-    const key = `${size}_${usage}`
-    if (!this.freeBuffers.has(key)) this.freeBuffers.set(key, [])
-    return saved.acquire.call(this, size, usage, mappedAtCreation, false)
-  }
-  tf.env().set("WEBGPU_CPU_FORWARD", false)
+}
 
-  let outputs: ReadonlyArray<Tensor> = []
-  const release = () => {
-    for (const b of held) {
-      const n = (pins.get(b) ?? 1) - 1
-      if (n > 0) pins.set(b, n)
-      else pins.delete(b)
-    }
-  }
-  try {
-    outputs = step().map((t) => tf.keep(t))
-    flush(be)
-  } catch (e) {
-    // what tfjs encoded for the stopped step goes out as it is; the recording is dropped
-    active = false
-    flush(be)
-    release()
-    throw e
-  } finally {
-    active = false
-    device.createCommandEncoder = saved.createCommandEncoder
-    device.createBuffer = saved.createBuffer
-    device.createBindGroup = saved.createBindGroup
-    queue.writeBuffer = saved.writeBuffer
-    queue.submit = saved.submit
-    bm.acquireBuffer = saved.acquire
-    be.read = saved.read
-    be.readSync = saved.readSync
-    be.runWebGPUProgram = saved.runProgram
-    tf.env().set("WEBGPU_CPU_FORWARD", saved.cpuForward)
-  }
-  const refuse = (why: string): never => {
-    release()
-    throw new NotCapturable(why, outputs)
-  }
-  if (failure !== undefined) refuse(failure)
+/**
+ * The variables' buffers after the step, and the state a replay copies back: each variable the step
+ * assigned, from its new buffer into the one the recording reads. Refuses a step that created or
+ * disposed variables, or assigned two that share their storage.
+ */
+const stateOf = (
+  tf: Tf,
+  be: Backend,
+  variables: ReadonlyArray<Tensor>,
+  before: ReadonlyMap<Tensor, GpuBuffer>,
+  refuse: (why: string) => never
+) => {
   const now = variablesOf(tf)
   if (now.length !== variables.length || now.some((v) => !before.has(v))) refuse("the step created or disposed variables")
   const state: Array<readonly [GpuBuffer, GpuBuffer]> = []
@@ -496,15 +606,14 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     targets.add(before.get(v)!)
     state.push([b, before.get(v)!])
   }
-  for (const b of held) unpool(bm, b)
-  // the recording reads the state from the buffers it had before: bring them up to date
-  if (state.length > 0) {
-    const enc = device.createCommandEncoder()
-    for (const [from, to] of state) enc.copyBufferToBuffer(from, 0, to, 0, from.size)
-    queue.submit([enc.finish()])
-  }
-  // what run encodes: consecutive passes as one (dispatches in a pass are ordered as across passes),
-  // a pipeline set only when it changes
+  return { state, after }
+}
+
+/**
+ * What a replay encodes: consecutive passes as one (dispatches in a pass are ordered as across
+ * passes), a pipeline set only when it changes.
+ */
+const replayPlan = (commands: ReadonlyArray<Command>): Array<Command> => {
   const plan: Array<Command> = []
   for (const c of commands) {
     const last = plan[plan.length - 1]
@@ -523,144 +632,162 @@ export const capture = (tf: Tf, feeds: ReadonlyArray<Tensor>, step: () => Readon
     })
     c.commands.splice(0, c.commands.length, ...kept)
   }
-  const dispatches = commands.reduce((n, c) => n + (c.op === "pass" ? c.commands.filter((p) => p.op === "dispatch").length : 0), 0)
-  let disposed = false
+  return plan
+}
 
-  /** Writes the feeds, encodes the replay (timestamps as `timing` asks), submits, marks host copies stale. */
-  const replay = (values: ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]>, timing?: Timing) => {
-    if (disposed) throw new NotCapturable("the recording was disposed")
-    for (const [v, b] of after) {
-      if (v.isDisposed || bufferOf(be, v) !== b) throw new NotCapturable("a variable was assigned outside the recorded step; capture again")
-    }
-    flush(be)
-    for (const [t, data] of values) {
-      const b = feedBuffers.get(t)
-      if (b === undefined) throw new NotCapturable("a feed that was not given to capture")
-      checkFeed(t, data)
-      queue.writeBuffer(b, 0, data)
-    }
-    let enc = device.createCommandEncoder()
-    const passes = plan.filter((c) => c.op === "pass").length
-    // untimed: submitted in parts, so that the GPU starts on the first while the rest is encoded
-    // dispatches per command buffer (CONCEPTMOE_SUBMIT_EVERY, 0: the whole step in one): the GPU
-    // starts on the first part while the host encodes the next
-    const split = timing === undefined ? settingsOf(tf).submitEvery : 0
-    let sinceSubmit = 0
-    let pass = 0
-    let query = 0
-    // one pass per dispatch: the pipeline and bind groups in force are set again in each
-    let pipeline: unknown
-    const bound = new Map<number, Extract<PassCommand, { op: "bind" }>>()
-    for (const c of plan) {
-      if (c.op === "pass") {
-        if (timing?.detail === "dispatches") {
-          for (const p of c.commands) {
-            if (p.op === "pipeline") pipeline = p.pipeline
-            else if (p.op === "bind") bound.set(p.index, p)
-            else {
-              const q = query++
-              const one = enc.beginComputePass({ timestampWrites: { querySet: timing.sets[Math.floor(q / (QUERIES / 2))]!, beginningOfPassWriteIndex: (2 * q) % QUERIES, endOfPassWriteIndex: (2 * q + 1) % QUERIES } })
-              one.setPipeline(pipeline)
-              for (const b of bound.values()) setBind(one, b)
-              one.dispatchWorkgroups(p.x, p.y, p.z)
-              one.end()
-            }
-          }
-          continue
-        }
-        const first = pass === 0
-        const last = ++pass === passes
-        const writes = timing === undefined || !(first || last)
-          ? undefined
-          : { querySet: timing.sets[0]!, ...(first ? { beginningOfPassWriteIndex: 0 } : {}), ...(last ? { endOfPassWriteIndex: 1 } : {}) }
-        let one = enc.beginComputePass(writes === undefined ? undefined : { timestampWrites: writes })
-        bound.clear()
-        c.commands.forEach((p, i) => {
-          if (p.op === "pipeline") one.setPipeline(pipeline = p.pipeline)
-          else if (p.op === "bind") {
-            setBind(one, p)
-            bound.set(p.index, p)
-          } else {
+/** A finished recording, as its replays, profiles and disposal use it. */
+interface Replaying {
+  readonly tf: Tf
+  readonly be: Backend
+  readonly plan: ReadonlyArray<Command>
+  readonly state: ReadonlyArray<readonly [GpuBuffer, GpuBuffer]>
+  readonly after: ReadonlyMap<Tensor, GpuBuffer>
+  readonly feedBuffers: ReadonlyMap<Tensor, GpuBuffer>
+  readonly outputs: ReadonlyArray<Tensor>
+  readonly held: ReadonlySet<GpuBuffer>
+  disposed: boolean
+}
+
+/** Writes the feeds, encodes the replay (timestamps as `timing` asks), submits, marks host copies stale. */
+const replayRecording = (r: Replaying, values: ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]>, timing?: Timing) => {
+  const { tf, be, plan, state, after, feedBuffers, outputs } = r
+  const device = be.device
+  const queue = be.queue
+  if (r.disposed) throw new NotCapturable("the recording was disposed")
+  for (const [v, b] of after) {
+    if (v.isDisposed || bufferOf(be, v) !== b) throw new NotCapturable("a variable was assigned outside the recorded step; capture again")
+  }
+  flush(be)
+  for (const [t, data] of values) {
+    const b = feedBuffers.get(t)
+    if (b === undefined) throw new NotCapturable("a feed that was not given to capture")
+    checkFeed(t, data)
+    queue.writeBuffer(b, 0, data)
+  }
+  let enc = device.createCommandEncoder()
+  const passes = plan.filter((c) => c.op === "pass").length
+  // untimed: submitted in parts, so that the GPU starts on the first while the rest is encoded
+  // dispatches per command buffer (CONCEPTMOE_SUBMIT_EVERY, 0: the whole step in one): the GPU
+  // starts on the first part while the host encodes the next
+  const split = timing === undefined ? settingsOf(tf).submitEvery : 0
+  let sinceSubmit = 0
+  let pass = 0
+  let query = 0
+  // one pass per dispatch: the pipeline and bind groups in force are set again in each
+  let pipeline: unknown
+  const bound = new Map<number, Extract<PassCommand, { op: "bind" }>>()
+  for (const c of plan) {
+    if (c.op === "pass") {
+      if (timing?.detail === "dispatches") {
+        for (const p of c.commands) {
+          if (p.op === "pipeline") pipeline = p.pipeline
+          else if (p.op === "bind") bound.set(p.index, p)
+          else {
+            const q = query++
+            const one = enc.beginComputePass({ timestampWrites: { querySet: timing.sets[Math.floor(q / (QUERIES / 2))]!, beginningOfPassWriteIndex: (2 * q) % QUERIES, endOfPassWriteIndex: (2 * q + 1) % QUERIES } })
+            one.setPipeline(pipeline)
+            for (const b of bound.values()) setBind(one, b)
             one.dispatchWorkgroups(p.x, p.y, p.z)
-            if (split > 0 && ++sinceSubmit >= split && i < c.commands.length - 1) {
-              one.end()
-              queue.submit([enc.finish()])
-              enc = device.createCommandEncoder()
-              sinceSubmit = 0
-              one = enc.beginComputePass()
-              one.setPipeline(pipeline)
-              for (const b of bound.values()) setBind(one, b)
-            }
+            one.end()
           }
-        })
-        one.end()
-      } else if (c.op === "copy") enc.copyBufferToBuffer(c.src, c.srcOffset, c.dst, c.dstOffset, c.size)
-      else enc.clearBuffer(c.buffer, c.offset, c.size)
-    }
-    for (const [from, to] of state) enc.copyBufferToBuffer(from, 0, to, 0, from.size)
-    if (timing !== undefined) {
-      timing.sets.forEach((set, i) => {
-        const count = Math.min(QUERIES, timing.queries - i * QUERIES)
-        enc.resolveQuerySet(set, 0, count, timing.resolve, i * QUERIES * 8)
-      })
-      enc.copyBufferToBuffer(timing.resolve, 0, timing.read, 0, timing.queries * 8)
-    }
-    queue.submit([enc.finish()])
-    // values tfjs cached on the host are stale now
-    for (const t of [...outputs, ...after.keys(), ...feedBuffers.keys()]) {
-      const d = be.tensorMap.get((t as unknown as { dataId: unknown }).dataId)
-      if (d !== undefined && d.resource !== null) d.values = null
-    }
-  }
-
-  const run = (values: ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]>) => replay(values)
-
-  const profile = async (values: ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]>, detail: "step" | "dispatches"): Promise<StepProfile> => {
-    if (!(device as unknown as { features: { has: (f: string) => boolean } }).features.has("timestamp-query")) {
-      throw new Unsupported({ at: "profile", problem: "the GPU device has no timestamp queries (the adapter lacks the timestamp-query feature)" })
-    }
-    const queries = detail === "step" ? 2 : 2 * dispatches
-    const sets = Array.from({ length: Math.ceil(queries / QUERIES) }, (_, i) => device.createQuerySet({ type: "timestamp", count: Math.min(QUERIES, queries - i * QUERIES) }))
-    const resolve = device.createBuffer({ size: queries * 8, usage: QUERY_RESOLVE | COPY_SRC })
-    const read = device.createBuffer({ size: queries * 8, usage: MAP_READ | COPY_DST })
-    try {
-      replay(values, { detail, sets, resolve, read, queries })
-      await read.mapAsync(1)
-      const ns = new BigUint64Array(read.getMappedRange().slice(0))
-      read.unmap()
-      const gpuMs = Number(ns[queries - 1]! - ns[0]!) / 1e6
-      if (detail === "step") return { gpuMs }
-      const labels = plan.flatMap((c) => (c.op === "pass" ? c.commands.flatMap((p) => (p.op === "dispatch" ? [p.label] : [])) : []))
-      return {
-        gpuMs,
-        dispatches: labels.map((l, i) => {
-          const [program, shape] = l.split("\u0000") as [string, string | undefined]
-          return { program, shape: shape ?? "", us: Number(ns[2 * i + 1]! - ns[2 * i]!) / 1e3 }
-        })
+        }
+        continue
       }
-    } finally {
-      for (const set of sets) set.destroy()
-      resolve.destroy()
-      read.destroy()
-    }
+      const first = pass === 0
+      const last = ++pass === passes
+      const writes = timing === undefined || !(first || last)
+        ? undefined
+        : { querySet: timing.sets[0]!, ...(first ? { beginningOfPassWriteIndex: 0 } : {}), ...(last ? { endOfPassWriteIndex: 1 } : {}) }
+      let one = enc.beginComputePass(writes === undefined ? undefined : { timestampWrites: writes })
+      bound.clear()
+      c.commands.forEach((p, i) => {
+        if (p.op === "pipeline") one.setPipeline(pipeline = p.pipeline)
+        else if (p.op === "bind") {
+          setBind(one, p)
+          bound.set(p.index, p)
+        } else {
+          one.dispatchWorkgroups(p.x, p.y, p.z)
+          if (split > 0 && ++sinceSubmit >= split && i < c.commands.length - 1) {
+            one.end()
+            queue.submit([enc.finish()])
+            enc = device.createCommandEncoder()
+            sinceSubmit = 0
+            one = enc.beginComputePass()
+            one.setPipeline(pipeline)
+            for (const b of bound.values()) setBind(one, b)
+          }
+        }
+      })
+      one.end()
+    } else if (c.op === "copy") enc.copyBufferToBuffer(c.src, c.srcOffset, c.dst, c.dstOffset, c.size)
+    else enc.clearBuffer(c.buffer, c.offset, c.size)
   }
-
-  const dispose = () => {
-    if (disposed) return
-    disposed = true
-    for (const t of outputs) t.dispose()
-    const owned = new Set([...bm.usedBuffers.values()].flat())
-    release()
-    for (const b of held) {
-      if (pins.has(b) || owned.has(b)) continue
-      b.destroy()
-      bm.numBytesAllocated -= b.size
-    }
+  for (const [from, to] of state) enc.copyBufferToBuffer(from, 0, to, 0, from.size)
+  if (timing !== undefined) {
+    timing.sets.forEach((set, i) => {
+      const count = Math.min(QUERIES, timing.queries - i * QUERIES)
+      enc.resolveQuerySet(set, 0, count, timing.resolve, i * QUERIES * 8)
+    })
+    enc.copyBufferToBuffer(timing.resolve, 0, timing.read, 0, timing.queries * 8)
   }
+  queue.submit([enc.finish()])
+  // values tfjs cached on the host are stale now
+  for (const t of [...outputs, ...after.keys(), ...feedBuffers.keys()]) {
+    const d = be.tensorMap.get((t as unknown as { dataId: unknown }).dataId)
+    if (d !== undefined && d.resource !== null) d.values = null
+  }
+}
 
-  const captured: Captured = { dispatches, uploads: uploads.length, outputs, run, profile, dispose }
-  recorded.set(captured, { uploads, commands })
-  return captured
+/** A replay timed with timestamp queries (see {@link Captured.profile}). */
+const profileRecording = async (
+  r: Replaying,
+  values: ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]>,
+  detail: "step" | "dispatches",
+  dispatches: number
+): Promise<StepProfile> => {
+  const device = r.be.device
+  if (!(device as unknown as { features: { has: (f: string) => boolean } }).features.has("timestamp-query")) {
+    throw new Unsupported({ at: "profile", problem: "the GPU device has no timestamp queries (the adapter lacks the timestamp-query feature)" })
+  }
+  const queries = detail === "step" ? 2 : 2 * dispatches
+  const sets = Array.from({ length: Math.ceil(queries / QUERIES) }, (_, i) => device.createQuerySet({ type: "timestamp", count: Math.min(QUERIES, queries - i * QUERIES) }))
+  const resolve = device.createBuffer({ size: queries * 8, usage: QUERY_RESOLVE | COPY_SRC })
+  const read = device.createBuffer({ size: queries * 8, usage: MAP_READ | COPY_DST })
+  try {
+    replayRecording(r, values, { detail, sets, resolve, read, queries })
+    await read.mapAsync(1)
+    const ns = new BigUint64Array(read.getMappedRange().slice(0))
+    read.unmap()
+    const gpuMs = Number(ns[queries - 1]! - ns[0]!) / 1e6
+    if (detail === "step") return { gpuMs }
+    const labels = r.plan.flatMap((c) => (c.op === "pass" ? c.commands.flatMap((p) => (p.op === "dispatch" ? [p.label] : [])) : []))
+    return {
+      gpuMs,
+      dispatches: labels.map((l, i) => {
+        const [program, shape] = l.split("\u0000") as [string, string | undefined]
+        return { program, shape: shape ?? "", us: Number(ns[2 * i + 1]! - ns[2 * i]!) / 1e3 }
+      })
+    }
+  } finally {
+    for (const set of sets) set.destroy()
+    resolve.destroy()
+    read.destroy()
+  }
+}
+
+/** Frees the outputs and the recording's buffers that no live tensor owns and no other recording holds. */
+const disposeRecording = (r: Replaying) => {
+  if (r.disposed) return
+  r.disposed = true
+  const bm = r.be.bufferManager
+  for (const t of r.outputs) t.dispose()
+  const owned = new Set([...bm.usedBuffers.values()].flat())
+  releasePins(r.held)
+  for (const b of r.held) {
+    if (pins.has(b) || owned.has(b)) continue
+    b.destroy()
+    bm.numBytesAllocated -= b.size
+  }
 }
 
 const recorded = new WeakMap<Captured, { readonly uploads: ReadonlyArray<Uint8Array>; readonly commands: ReadonlyArray<Command> }>()

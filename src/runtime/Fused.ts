@@ -783,7 +783,31 @@ const registerWebGpu = (tf: Tf): boolean => {
   const backend = tf.backend() as unknown as Partial<WebGpuBackend>
   registered = typeof backend.runWebGPUProgram === "function"
   if (!registered) return false
+  const k = registrar(tf)
+  registerAdam(k)
+  registerNorms(k)
+  registerActivations(k)
+  registerRowKernels(k)
+  registerCombine(k)
+  registerRouting(k)
+  registerSlots(k)
+  registerRotary(k)
+  return true
+}
+
+/** How our webgpu kernels are registered, by the shape of their program. */
+interface Registrar {
   /** Registers `kernelName` for webgpu: its inputs by name, f32 uniforms from the attributes of the same names. */
+  readonly register: (kernelName: string, inputs: Array<string>, uniforms: Array<string>, program: (shapes: Array<Array<number>>, attrs: Record<string, number>) => Program) => void
+  /** A flat elementwise kernel over the first input's shape. */
+  readonly define: (kernelName: string, inputs: Array<string>, uniforms: Array<string>, body: string) => void
+  /** A kernel with a workgroup per row of the first input `[rows, width]`. */
+  readonly defineRows: (kernelName: string, inputs: Array<string>, uniforms: Array<string>, perRow: boolean, code: string) => void
+  /** A flat kernel whose output shape comes from the inputs' shapes. */
+  readonly flat: (kernelName: string, inputs: Array<string>, out: (shapes: Array<Array<number>>) => Array<number>, body: string) => void
+}
+
+const registrar = (tf: Tf): Registrar => {
   const register = (kernelName: string, inputs: Array<string>, uniforms: Array<string>, program: (shapes: Array<Array<number>>, attrs: Record<string, number>) => Program) =>
     tf.registerKernel({
       kernelName,
@@ -796,6 +820,15 @@ const registerWebGpu = (tf: Tf): boolean => {
     })
   const define = (kernelName: string, inputs: Array<string>, uniforms: Array<string>, body: string) =>
     register(kernelName, inputs, uniforms, (shapes) => flatProgram(kernelName, shapes[0]!, inputs, uniforms, body))
+  const defineRows = (kernelName: string, inputs: Array<string>, uniforms: Array<string>, perRow: boolean, code: string) =>
+    register(kernelName, inputs, uniforms, (shapes) => rowWise(kernelName, inputs[0]!, shapes[0]![0]!, shapes[0]![1]!, inputs, uniforms, perRow, code))
+  const flat = (kernelName: string, inputs: Array<string>, out: (shapes: Array<Array<number>>) => Array<number>, body: string) =>
+    register(kernelName, inputs, [], (shapes) => flatProgram(kernelName, out(shapes), inputs, [], body))
+  return { register, define, defineRows, flat }
+}
+
+/** AdamW's first and second moments and the weight update. */
+const registerAdam = ({ define }: Registrar): void => {
   const moment = (square: boolean) => `
           let gs = G[index] * S[0];
           let value = uniforms.beta * X[index] + (1.0 - uniforms.beta) * ${square ? "gs * gs" : "gs"};`
@@ -805,8 +838,10 @@ const registerWebGpu = (tf: Tf): boolean => {
           let w = W[index];
           let update = (M[index] / H[1]) / (sqrt(V[index] / H[2]) + uniforms.eps);
           let value = w - H[0] * uniforms.lrScale * (update + uniforms.decay * w);`)
-  const defineRows = (kernelName: string, inputs: Array<string>, uniforms: Array<string>, perRow: boolean, code: string) =>
-    register(kernelName, inputs, uniforms, (shapes) => rowWise(kernelName, inputs[0]!, shapes[0]![0]!, shapes[0]![1]!, inputs, uniforms, perRow, code))
+}
+
+/** RMSNorm and its two gradients. */
+const registerNorms = ({ defineRows }: Registrar): void => {
   const squares = "let v = X[base]; sa = sa + v * v;"
   defineRows(kernels.norm, ["X", "G"], ["eps"], false, normCode(squares, "result[base] = X[base] * r * G[c];"))
   // dx = r·g·dy − x·r³·Σ(dy·g·x)/d
@@ -816,21 +851,10 @@ const registerWebGpu = (tf: Tf): boolean => {
   ))
   // per row: dy·x·r, summed over rows into dg by tfjs
   defineRows(kernels.normDg, ["X", "DY"], ["eps"], false, normCode(squares, "result[base] = DY[base] * X[base] * r;"))
-  // rotate-half: out1 = x1·cos ∓ x2·sin, out2 = x2·cos ± x1·sin (the lower signs undo the rotation)
-  const rotation = (back: boolean) => `
-          let hd = uniforms.xShape.z;
-          let dim = i32(uniforms.dim);
-          let half = dim / 2;
-          let j = index % hd;
-          let t = index / (uniforms.xShape.y * hd);
-          var value = X[index];
-          if (j < dim) {
-            let f = j % half;
-            let c = C[t * half + f];
-            let sn = ${back ? "-" : ""}S[t * half + f];
-            if (j < half) { value = X[index] * c - X[index + half] * sn; }
-            else { value = X[index] * c + X[index - half] * sn; }
-          }`
+}
+
+/** GELU (exact) and SiLU, with their gradients. */
+const registerActivations = ({ define }: Registrar): void => {
   // erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), as tfjs's own kernels
   const erf = `
           let z = abs(x) * 0.7071067811865476;
@@ -852,6 +876,10 @@ const registerWebGpu = (tf: Tf): boolean => {
           let x = X[index];
           let sg = 1.0 / (1.0 + exp(-x));
           let value = DY[index] * sg * (1.0 + x * (1.0 - sg));`)
+}
+
+/** Row kernels: the masked attention softmax and its gradient, Σx² by chunks, the masked NLL and its gradient. */
+const registerRowKernels = ({ defineRows }: Registrar): void => {
   // attention rows: logits S·scale + M[row mod n]
   const logit = "S[row * width + c] * uniforms.scale + M[(row % uniforms.mShape.x) * width + c]"
   defineRows(kernels.softmax, ["S", "M"], ["scale"], false, `
@@ -893,9 +921,11 @@ const registerWebGpu = (tf: Tf): boolean => {
           if (c == Y[row]) { g = g - 1.0; }
           result[row * width + c] = g * scale;
         }`))
+}
+
+/** The MoE top-k mask, the repeat's gradient and the weighted combine of expert outputs with its gradients. */
+const registerCombine = ({ define, flat }: Registrar): void => {
   // makeRepeat's gradient (X [o, t, m] → [o, m]) and makeCombine: Y [E, n, d], G [n, E], DY [n, d]
-  const flat = (kernelName: string, inputs: Array<string>, out: (shapes: Array<Array<number>>) => Array<number>, body: string) =>
-    register(kernelName, inputs, [], (shapes) => flatProgram(kernelName, out(shapes), inputs, [], body))
   // E, n, d from a rank-3 shape uniform; `value` as the sum of `term` over `v` < `count`
   const dims = (shape: string) => `let E = uniforms.${shape}.x; let n = uniforms.${shape}.y; let d = uniforms.${shape}.z;`
   const sum = (v: string, count: string, term: string) =>
@@ -927,6 +957,10 @@ const registerWebGpu = (tf: Tf): boolean => {
           ${dims("yShape")}
           let i = index / E; let e = index % E;
           ${sum("j", "d", "Y[(e * n + i) * d + j] * DY[i * d + j]")}`)
+}
+
+/** Expert dispatch by slots: the slot of each pair, the pair of each row, the expert of each group, sums by group. */
+const registerRouting = ({ register }: Registrar): void => {
   // expert dispatch by slots (makeRoute, makeSlots): M [n, E] mask, C [E] its column sums, P [E, n]
   // slots, T [rows] pairs (e·n + i), W [n, E]; a layout by capacity, or by tile (capacity 0)
   const route = (kernelName: string, tokens: boolean): void =>
@@ -1022,6 +1056,10 @@ const registerWebGpu = (tf: Tf): boolean => {
             s = s + X[g * size + j];
           }
           let value = s;`))
+}
+
+/** Rows to slots and back (with the gate weights), and the gradient by the weights. */
+const registerSlots = ({ flat }: Registrar): void => {
   // row s holds pair v = e·n + i (n: the rows of X): X's row i, times W[i, e] if weighted; zero when empty
   const toSlots = (weighted: boolean) => `
           let d = uniforms.xShape.y;
@@ -1049,7 +1087,25 @@ const registerWebGpu = (tf: Tf): boolean => {
           var s = 0.0;
           if (p >= 0) { for (var j = 0; j < d; j = j + 1) { s = s + DY[i * d + j] * Y[p * d + j]; } }
           let value = s;`)
+}
+
+/** The rotary embedding and its inverse (the gradient). */
+const registerRotary = ({ define }: Registrar): void => {
+  // rotate-half: out1 = x1·cos ∓ x2·sin, out2 = x2·cos ± x1·sin (the lower signs undo the rotation)
+  const rotation = (back: boolean) => `
+          let hd = uniforms.xShape.z;
+          let dim = i32(uniforms.dim);
+          let half = dim / 2;
+          let j = index % hd;
+          let t = index / (uniforms.xShape.y * hd);
+          var value = X[index];
+          if (j < dim) {
+            let f = j % half;
+            let c = C[t * half + f];
+            let sn = ${back ? "-" : ""}S[t * half + f];
+            if (j < half) { value = X[index] * c - X[index + half] * sn; }
+            else { value = X[index] * c + X[index - half] * sn; }
+          }`
   define(kernels.rotate, ["X", "C", "S"], ["dim"], rotation(false))
   define(kernels.unrotate, ["X", "C", "S"], ["dim"], rotation(true))
-  return true
 }

@@ -8,7 +8,9 @@
  *   the order given, the directory fsynced after each rename. The checkpoint is renamed last: it is
  *   the commit point. A kill before it leaves the previous checkpoint, with metrics that reach at
  *   least as far (resume drops the lines past the checkpoint's step); a kill after it leaves the new
- *   step whole.
+ *   step whole. A checkpoint is two files (`Checkpoint.checkpointFiles`): the optimizer state, then
+ *   the model, the commit point; a file's `before` and `after` hooks keep the optimizer state that
+ *   pairs with the current model until the new model file is renamed.
  * - **Temporary files** are removed on every exit path (the scope's end, `process.exit`, a second
  *   signal) and, for a process that was killed, by the next one that takes the lock.
  * - **Errors** keep the operating system's reason (`EACCES`, `ENOSPC`, …) and the path.

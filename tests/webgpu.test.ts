@@ -16,7 +16,7 @@ import { describeTuning, groupedProducts, makeGroupedMatMul, kernelNames, matMul
 import { verify, verifyAsync } from "../src/runtime/Verify.ts"
 import { capture, NotCapturable, type StepProfile, writeFeeds } from "../src/runtime/Capture.ts"
 import { capturedTrainer } from "../src/train/Captured.ts"
-import { session } from "../src/runtime/Decode.ts"
+import { NeedsFeedAsync, session } from "../src/runtime/Decode.ts"
 import { forward, recordReads, replay } from "../src/runtime/Lower.ts"
 import { type Batch, type Lowered, materialize, release } from "../src/runtime/Lower.ts"
 import { evaluate, evaluateAsync, newOptimizer, trainStep, trainStepAsync, TrainSettings } from "../src/train/Step.ts"
@@ -256,6 +256,16 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     }
     tf.dispose([x, v, y, a, b, shared])
     assert.deepStrictEqual(gpuErrors(), [])
+  })
+
+  it("feed (synchronous) refuses a piece that needs a host value on webgpu: NeedsFeedAsync, naming feedAsync", async () => {
+    const m = await Effect.runPromise(load(webgpuModels[2]![1]))
+    await tf.setBackend("webgpu")
+    const low = materialize(tf, m.analysis, 3)
+    const s = session(low, { rows: 1 })
+    assert.throws(() => s.feed(Int32Array.of(1, 2, 3, 4), 4), NeedsFeedAsync, "this model reads host values while decoding (concept boundaries), which the webgpu backend does only asynchronously: use feedAsync / prefillAsync")
+    s.dispose()
+    release(low)
   })
 
   for (const [name, cfg] of webgpuModels) {

@@ -127,6 +127,239 @@ const lastNonPositive = (lo: number, hi: number, f: (x: number) => number): numb
   return a
 }
 
+type MoELayer = DecoderLayer & { ffn: { kind: "moe" } }
+
+/** R above 1, and at most the sequence length when one is given (at least one concept per sequence). */
+const checkRatio = (R: number, seqLen: number | undefined): Effect.Effect<void, InvalidReallocation> => {
+  if (!(R > 1) || !Number.isFinite(R)) {
+    return Effect.fail(new InvalidReallocation({ field: "ratio", message: `the compression ratio R must be a finite number above 1, got ${R}` }))
+  }
+  if (seqLen !== undefined && R > seqLen) {
+    return Effect.fail(new InvalidReallocation({
+      field: "ratio",
+      message: `R=${R} leaves less than one concept in a sequence of ${seqLen} tokens; at most ${seqLen}`
+    }))
+  }
+  return Effect.void
+}
+
+/** The fields every candidate starts from: the options' layer split, merge and loop count; nothing looped. */
+const baseSpec = (options: ReallocateOptions): ConceptSpec => ({
+  ratio: options.ratio,
+  encoderLayers: options.encoderLayers ?? 4,
+  decoderLayers: options.decoderLayers ?? 4,
+  merge: options.merge ?? "sum",
+  tau: 6,
+  lambda: 0.03,
+  jointDecoding: options.jointDecoding ?? true,
+  loopLayers: 0,
+  loopTimes: options.loopTimes ?? 2
+})
+
+/** The concept model's layers (those the split leaves between encoder and decoder) and its first MoE layer. */
+const conceptModelOf = (baseline: DecoderConfig, base: ConceptSpec): Effect.Effect<{ readonly layers: number; readonly moe: MoELayer }, InvalidReallocation> =>
+  Effect.gen(function*() {
+    const layout = conceptLayout(baseline, base)
+    if (Result.isFailure(layout)) return yield* new InvalidReallocation(layout.failure)
+    const layers = baseline.layers.slice(...layout.success.concept)
+    const moe = layers.find((l) => l.ffn.kind === "moe") as MoELayer | undefined
+    if (moe === undefined) {
+      return yield* new InvalidReallocation({ field: "baseline", message: "the baseline's concept-model layers have no MoE FFN: there are no experts to reallocate" })
+    }
+    return { layers: layers.length, moe }
+  })
+
+/** Thrown by {@link Search.evaluate} when the search has done its allowed work. */
+const exhausted = Symbol("exhausted")
+
+/**
+ * The search's tools over one baseline: candidates built, costed against the budget and cached
+ * (counting the work done; past `maxWork` an evaluation throws {@link exhausted}), the top-k and
+ * expert-count bisections, the expert lever and the candidates' names.
+ */
+interface Search {
+  /** The baseline's experts in the concept model (E), its depth there (lc), and its first MoE layer there. */
+  readonly E: number
+  readonly lc: number
+  readonly moe: MoELayer
+  /** The top-k values around where FLOPs cross the target, for fixed other fields. */
+  readonly aroundTopK: (spec: ConceptSpec, experts: number) => Array<Evaluated>
+  /** The expert counts around where parameters cross the target (top-k at most the baseline's), each with {@link aroundTopK}. */
+  readonly aroundExperts: (spec: ConceptSpec, keep?: (experts: number) => boolean) => Array<Evaluated>
+  /** Fewer and/or narrower concept-model experts (see {@link makeSearch}). */
+  readonly expertLever: (spec: ConceptSpec) => Array<Evaluated>
+  readonly nameOf: (e: Evaluated) => string
+}
+
+const makeSearch = (
+  baseline: DecoderConfig,
+  target: { readonly params: number; readonly matmulPerToken: number },
+  exclude: ReadonlyArray<string>,
+  conceptModel: { readonly layers: number; readonly moe: MoELayer },
+  options: ReallocateOptions,
+  maxWork: number
+): Search => {
+  const { moe } = conceptModel
+  const E = moe.ffn.spec.experts
+  const k0 = moe.ffn.spec.topK
+  const L = baseline.layers.length
+  let work = 0
+  const cache = new Map<string, Evaluated | null>()
+  const evaluate = (spec: ConceptSpec): Evaluated | null => {
+    const key = JSON.stringify(spec)
+    if (cache.has(key)) return cache.get(key)!
+    work += L
+    if (work > maxWork) throw exhausted
+    const built = buildConceptMoE(baseline, spec)
+    let out: Evaluated | null = null
+    if (Result.isSuccess(built)) {
+      const a = analyzeResult(built.success.graph, { input: "ids" })
+      if (Result.isSuccess(a)) {
+        const b = budgetOf(a.success, exclude)
+        out = {
+          spec,
+          layout: built.success.layout,
+          analysis: a.success,
+          params: relative(target.params, b.params),
+          flops: relative(target.matmulPerToken, b.matmulPerToken)
+        }
+      }
+    }
+    cache.set(key, out)
+    return out
+  }
+  const aroundTopK = (spec: ConceptSpec, experts: number): Array<Evaluated> => {
+    const at = (k: number) => evaluate({ ...spec, topK: k })
+    const k = lastNonPositive(1, experts, (x) => at(x)?.flops ?? Infinity)
+    return [k - 1, k, k + 1, k + 2].filter((x) => x >= 1 && x <= experts).map(at).filter((e): e is Evaluated => e !== null)
+  }
+  const aroundExperts = (spec: ConceptSpec, keep: (experts: number) => boolean = () => true): Array<Evaluated> => {
+    const params = (e: number) => evaluate({ ...spec, experts: e, topK: Math.min(k0, e) })?.params ?? Infinity
+    const e = lastNonPositive(1, 4 * E, params)
+    return [e, e + 1].filter((x) => x >= 1 && keep(x)).flatMap((experts) => aroundTopK({ ...spec, experts }, experts))
+  }
+  /**
+   * The lever for budgets that count the chunk module and joint decoding: fewer and/or narrower
+   * concept-model experts pay for their parameters. For each expert hidden size (multiples of 8 up
+   * to the baseline's, and the baseline's), the expert count is set by the parameter budget and
+   * the top-k by the FLOPs. Past 256 such sizes (experts wider than 2,048) the step grows so that
+   * 256 sizes are tried: each size builds and costs a few models, and an expert a million wide
+   * would otherwise mean a million models.
+   */
+  const expertLever = (spec: ConceptSpec): Array<Evaluated> => {
+    const h0 = moe.ffn.spec.expertHidden
+    const step = 8 * Math.max(1, Math.ceil(h0 / 8 / 256))
+    const hiddens = [...new Set([...Array.from({ length: Math.floor(h0 / step) }, (_, i) => step * (i + 1)), h0])].filter((h) => h <= h0)
+    return hiddens.flatMap((h) => aroundExperts(h === h0 ? spec : { ...spec, expertHidden: h }, (experts) => !(experts === E && h === h0)))
+  }
+  /** The short name, with `-h<size>` where the lever narrowed the experts (the width strategy's names are unchanged). */
+  const nameOf = (e: Evaluated) =>
+    shortName(e.spec, e.layout, k0, baseline.d).replace(/-R[^-]*$/, (r) =>
+      options.strategy !== "width" && e.spec.expertHidden !== undefined && e.spec.expertHidden !== moe.ffn.spec.expertHidden ? `-h${e.spec.expertHidden}${r}` : r)
+  return { E, lc: conceptModel.layers, moe, aroundTopK, aroundExperts, expertLever, nameOf }
+}
+
+/** What a strategy's search tried, and the constraint it searched under (for a miss's message). */
+interface Tried {
+  readonly tried: ReadonlyArray<Evaluated>
+  readonly reason: string
+}
+
+const leverReason = `, or with fewer or narrower concept-model experts (expert count and hidden size set by the budget)`
+
+/** Strategy 1: more activated experts; then, when nothing fits and the lever is on, fewer or narrower ones. */
+const searchTopK = (s: Search, base: ConceptSpec, options: ReallocateOptions, fits: (xs: ReadonlyArray<Evaluated>) => boolean): Tried => {
+  const tried = s.aroundTopK(base, s.E)
+  if (fits(tried) || options.expertLever === false) return { tried, reason: `the concept model's top-k is between 1 and ${s.E} experts` }
+  return { tried: [...tried, ...s.expertLever(base)], reason: `the concept model's top-k is between 1 and ${s.E} experts${leverReason}` }
+}
+
+/** Strategy 2: as {@link searchTopK}, for each number of looped layers (or the one given). */
+const searchLoop = (
+  s: Search,
+  base: ConceptSpec,
+  options: ReallocateOptions,
+  fits: (xs: ReadonlyArray<Evaluated>) => boolean
+): Result.Result<Tried, InvalidReallocation> => {
+  const { lc } = s
+  if (options.loopLayers !== undefined && (options.loopLayers < 1 || options.loopLayers > lc)) {
+    return Result.fail(new InvalidReallocation({
+      field: "loopLayers",
+      message: `loopLayers must be between 1 and the ${lc} concept-model layers, got ${options.loopLayers}; the nearest valid value is ${Math.min(Math.max(options.loopLayers, 1), lc)}`
+    }))
+  }
+  const counts = options.loopLayers !== undefined ? [options.loopLayers] : Array.from({ length: lc }, (_, i) => i + 1)
+  const tried = counts.flatMap((n) => s.aroundTopK({ ...base, loopLayers: n }, s.E))
+  const reason = `looping ${options.loopLayers ?? `1..${lc}`} of ${lc} layers with top-k in 1..${s.E}`
+  if (fits(tried) || options.expertLever === false) return Result.succeed({ tried, reason })
+  return Result.succeed({ tried: [...tried, ...counts.flatMap((n) => s.expertLever({ ...base, loopLayers: n }))], reason: reason + leverReason })
+}
+
+/** Strategy 3: more heads of the same size (up to 1.5·√R times as many), with wider experts set by the budget. */
+const searchWidth = (s: Search, base: ConceptSpec): Result.Result<Tried, InvalidReallocation> => {
+  const m = s.moe.mixer
+  if (m.kind !== "attention") {
+    return Result.fail(new InvalidReallocation({ field: "strategy", message: "the width strategy needs an MHA/GQA attention baseline" }))
+  }
+  const hd = m.spec.headDim
+  const group = m.spec.heads / m.spec.kvHeads
+  const h0 = s.moe.ffn.spec.expertHidden
+  const maxHeads = Math.ceil(m.spec.heads * Math.sqrt(base.ratio) * 1.5)
+  const tried: Array<Evaluated> = []
+  for (let heads = m.spec.heads + group; heads <= maxHeads; heads += group) {
+    const w = heads / m.spec.heads
+    const hiddens = [...new Set([h0, Math.round((h0 * Math.sqrt(w)) / 8) * 8, Math.round((h0 * w) / 8) * 8])].filter((h) => h > 0)
+    for (const expertHidden of hiddens) tried.push(...s.aroundExperts({ ...base, hidden: heads * hd, heads, kvHeads: heads / group, expertHidden }))
+  }
+  return Result.succeed({ tried, reason: "wider concept models (more heads of the same size) with the expert count set by the parameter budget" })
+}
+
+/**
+ * The matches within tolerance, at most `limit`, each spec once. Strategies 1 and 2: the experts
+ * closest to the baseline's shape first (the lever's widest experts that match; fewer, larger
+ * experts also dispatch fewer products), then the closest match.
+ */
+const bestWithin = (tried: ReadonlyArray<Evaluated>, tolerance: number, options: ReallocateOptions, baselineExpertHidden: number): Array<Evaluated> => {
+  const shape = (e: Evaluated) => (options.strategy === "width" ? 0 : -(e.spec.expertHidden ?? baselineExpertHidden))
+  return tried
+    .filter((e) => score(e) <= tolerance)
+    .sort((a, b) => shape(a) - shape(b) || score(a) - score(b))
+    .filter((e, i, all) => all.findIndex((x) => JSON.stringify(x.spec) === JSON.stringify(e.spec)) === i)
+    .slice(0, options.limit ?? 10)
+}
+
+/** Nothing within tolerance: why, and the nearest miss. */
+const noMatch = (search: Search, t: Tried, options: ReallocateOptions, tolerance: number): NoReallocation => {
+  const nearest = [...t.tried].sort((a, b) => score(a) - score(b))[0]
+  return new NoReallocation({
+    strategy: options.strategy,
+    ratio: options.ratio,
+    tolerance,
+    reason: t.tried.length === 0 ? `no buildable configuration (${t.reason})` : `nothing within tolerance (${t.reason})`,
+    nearest: nearest === undefined ? null : { name: search.nameOf(nearest), params: nearest.params, flops: nearest.flops }
+  })
+}
+
+/** A match as a candidate: its proof under the chosen convention and its residual with every part counted. */
+const toCandidate = (
+  search: Search,
+  e: Evaluated,
+  baselineAnalysis: Analysis,
+  match_: { readonly tolerance: number; readonly exclude: ReadonlyArray<string> }
+): Effect.Effect<Candidate> =>
+  Effect.map(match(baselineAnalysis, e.analysis, match_).pipe(Effect.orDie), (matched) => {
+    const targetAll = budgetOf(baselineAnalysis)
+    const all = budgetOf(e.analysis)
+    return {
+      name: search.nameOf(e),
+      spec: e.spec,
+      layout: e.layout,
+      analysis: e.analysis,
+      matched,
+      residualAll: { params: relative(targetAll.params, all.params), flops: relative(targetAll.matmulPerToken, all.matmulPerToken) }
+    }
+  })
+
 /**
  * Searches ConceptMoE configurations for a baseline. Succeeds with the candidates within tolerance,
  * best first; fails with {@link InvalidReallocation} for bad input or {@link NoReallocation} when
@@ -140,203 +373,41 @@ export const reallocate = (
   options: ReallocateOptions
 ): Effect.Effect<ReadonlyArray<Candidate>, InvalidReallocation | NoReallocation> =>
   Effect.gen(function*() {
-    const R = options.ratio
     const tolerance = options.tolerance ?? 0.01
     const exclude = options.overheads === "include" ? [] : [...overheadParts]
-    if (!(R > 1) || !Number.isFinite(R)) {
-      return yield* new InvalidReallocation({ field: "ratio", message: `the compression ratio R must be a finite number above 1, got ${R}` })
-    }
-    if (options.seqLen !== undefined && R > options.seqLen) {
-      return yield* new InvalidReallocation({
-        field: "ratio",
-        message: `R=${R} leaves less than one concept in a sequence of ${options.seqLen} tokens; at most ${options.seqLen}`
-      })
-    }
-    const base: ConceptSpec = {
-      ratio: R,
-      encoderLayers: options.encoderLayers ?? 4,
-      decoderLayers: options.decoderLayers ?? 4,
-      merge: options.merge ?? "sum",
-      tau: 6,
-      lambda: 0.03,
-      jointDecoding: options.jointDecoding ?? true,
-      loopLayers: 0,
-      loopTimes: options.loopTimes ?? 2
-    }
-    const layout = conceptLayout(baseline, base)
-    if (Result.isFailure(layout)) return yield* new InvalidReallocation(layout.failure)
-    const conceptLayers = baseline.layers.slice(...layout.success.concept)
-    const moeLayer = conceptLayers.find((l) => l.ffn.kind === "moe") as (DecoderLayer & { ffn: { kind: "moe" } }) | undefined
-    if (moeLayer === undefined) {
-      return yield* new InvalidReallocation({ field: "baseline", message: "the baseline's concept-model layers have no MoE FFN: there are no experts to reallocate" })
-    }
-    const E = moeLayer.ffn.spec.experts
-    const k0 = moeLayer.ffn.spec.topK
-    const lc = conceptLayers.length
-
-    const target = budgetOf(baselineAnalysis, exclude)
-    const targetAll = budgetOf(baselineAnalysis)
-
+    yield* checkRatio(options.ratio, options.seqLen)
+    const base = baseSpec(options)
+    const conceptModel = yield* conceptModelOf(baseline, base)
     // the search's work, in layers of models built and costed: a deep baseline (or a loop search over
     // every depth of one) would otherwise run for hours. The least work a strategy can do is checked
     // first, the rest as the search goes.
     const maxWork = options.maxWork ?? limits.solverLayers
     const L = baseline.layers.length
-    const tooMuch = () => {
-      const loop = options.strategy === "loop" && options.loopLayers === undefined
-      return new InvalidReallocation({
-        field: loop ? "loopLayers" : "baseline",
-        message: `the ${options.strategy} search over this ${formatLimit(L)}-layer baseline would build and cost more than ${formatLimit(maxWork)} layers of ` +
-          `candidate models (the solver's limit on work); ${loop ? "fix the number of looped layers (loopLayers) or " : ""}search a shallower baseline`
-      })
-    }
-    const least = L * (options.strategy === "loop" && options.loopLayers === undefined ? lc : 1) * Math.max(1, Math.ceil(Math.log2(E + 1)))
-    if (least > maxWork) return yield* tooMuch()
-    let work = 0
-    const exhausted = Symbol("exhausted")
-
-    const cache = new Map<string, Evaluated | null>()
-    const evaluate = (spec: ConceptSpec): Evaluated | null => {
-      const key = JSON.stringify(spec)
-      if (cache.has(key)) return cache.get(key)!
-      work += L
-      if (work > maxWork) throw exhausted
-      const built = buildConceptMoE(baseline, spec)
-      let out: Evaluated | null = null
-      if (Result.isSuccess(built)) {
-        const a = analyzeResult(built.success.graph, { input: "ids" })
-        if (Result.isSuccess(a)) {
-          const b = budgetOf(a.success, exclude)
-          out = {
-            spec,
-            layout: built.success.layout,
-            analysis: a.success,
-            params: relative(target.params, b.params),
-            flops: relative(target.matmulPerToken, b.matmulPerToken)
-          }
-        }
-      }
-      cache.set(key, out)
-      return out
-    }
-    /** Evaluates the top-k values around where FLOPs cross the target, for fixed other fields. */
-    const aroundTopK = (spec: ConceptSpec, experts: number): Array<Evaluated> => {
-      const at = (k: number) => evaluate({ ...spec, topK: k })
-      const k = lastNonPositive(1, experts, (x) => at(x)?.flops ?? Infinity)
-      return [k - 1, k, k + 1, k + 2].filter((x) => x >= 1 && x <= experts).map(at).filter((e): e is Evaluated => e !== null)
-    }
-
-    /**
-     * The lever for budgets that count the chunk module and joint decoding: fewer and/or narrower
-     * concept-model experts pay for their parameters. For each expert hidden size (multiples of 8 up
-     * to the baseline's, and the baseline's), the expert count is set by the parameter budget and
-     * the top-k by the FLOPs. Past 256 such sizes (experts wider than 2,048) the step grows so that
-     * 256 sizes are tried: each size builds and costs a few models, and an expert a million wide
-     * would otherwise mean a million models.
-     */
-    const expertLever = (spec: ConceptSpec): Array<Evaluated> => {
-      const h0 = moeLayer.ffn.spec.expertHidden
-      const step = 8 * Math.max(1, Math.ceil(h0 / 8 / 256))
-      const hiddens = [...new Set([...Array.from({ length: Math.floor(h0 / step) }, (_, i) => step * (i + 1)), h0])].filter((h) => h <= h0)
-      const out: Array<Evaluated> = []
-      for (const h of hiddens) {
-        const shaped: ConceptSpec = h === h0 ? spec : { ...spec, expertHidden: h }
-        const params = (e: number) => evaluate({ ...shaped, experts: e, topK: Math.min(k0, e) })?.params ?? Infinity
-        const e = lastNonPositive(1, 4 * E, params)
-        for (const experts of [e, e + 1].filter((x) => x >= 1 && !(x === E && h === h0))) out.push(...aroundTopK({ ...shaped, experts }, experts))
-      }
-      return out
-    }
-    /** The short name, with `-h<size>` where the lever narrowed the experts (the width strategy's names are unchanged). */
-    const nameOf = (e: Evaluated) =>
-      shortName(e.spec, e.layout, k0, baseline.d).replace(/-R[^-]*$/, (r) =>
-        options.strategy !== "width" && e.spec.expertHidden !== undefined && e.spec.expertHidden !== moeLayer.ffn.spec.expertHidden ? `-h${e.spec.expertHidden}${r}` : r)
+    const loopAll = options.strategy === "loop" && options.loopLayers === undefined
+    const tooMuch = new InvalidReallocation({
+      field: loopAll ? "loopLayers" : "baseline",
+      message: `the ${options.strategy} search over this ${formatLimit(L)}-layer baseline would build and cost more than ${formatLimit(maxWork)} layers of ` +
+        `candidate models (the solver's limit on work); ${loopAll ? "fix the number of looped layers (loopLayers) or " : ""}search a shallower baseline`
+    })
+    const search = makeSearch(baseline, budgetOf(baselineAnalysis, exclude), exclude, conceptModel, options, maxWork)
+    const least = L * (loopAll ? search.lc : 1) * Math.max(1, Math.ceil(Math.log2(search.E + 1)))
+    if (least > maxWork) return yield* tooMuch
     const fits = (xs: ReadonlyArray<Evaluated>) => xs.some((e) => score(e) <= tolerance)
-
-    const tried: Array<Evaluated> = []
-    let reason = ""
+    let searched: Result.Result<Tried, InvalidReallocation>
     try {
-      if (options.strategy === "topk") {
-        tried.push(...aroundTopK(base, E))
-        reason = `the concept model's top-k is between 1 and ${E} experts`
-        if (!fits(tried) && options.expertLever !== false) {
-          tried.push(...expertLever(base))
-          reason += `, or with fewer or narrower concept-model experts (expert count and hidden size set by the budget)`
-        }
-      } else if (options.strategy === "loop") {
-        if (options.loopLayers !== undefined && (options.loopLayers < 1 || options.loopLayers > lc)) {
-          return yield* new InvalidReallocation({
-            field: "loopLayers",
-            message: `loopLayers must be between 1 and the ${lc} concept-model layers, got ${options.loopLayers}; the nearest valid value is ${Math.min(Math.max(options.loopLayers, 1), lc)}`
-          })
-        }
-        const counts = options.loopLayers !== undefined ? [options.loopLayers] : Array.from({ length: lc }, (_, i) => i + 1)
-        for (const n of counts) tried.push(...aroundTopK({ ...base, loopLayers: n }, E))
-        reason = `looping ${options.loopLayers ?? `1..${lc}`} of ${lc} layers with top-k in 1..${E}`
-        if (!fits(tried) && options.expertLever !== false) {
-          for (const n of counts) tried.push(...expertLever({ ...base, loopLayers: n }))
-          reason += `, or with fewer or narrower concept-model experts (expert count and hidden size set by the budget)`
-        }
-      } else {
-        const m = moeLayer.mixer
-        if (m.kind !== "attention") {
-          return yield* new InvalidReallocation({ field: "strategy", message: "the width strategy needs an MHA/GQA attention baseline" })
-        }
-        const hd = m.spec.headDim
-        const group = m.spec.heads / m.spec.kvHeads
-        const h0 = moeLayer.ffn.spec.expertHidden
-        const maxHeads = Math.ceil(m.spec.heads * Math.sqrt(R) * 1.5)
-        for (let heads = m.spec.heads + group; heads <= maxHeads; heads += group) {
-          const w = heads / m.spec.heads
-          const hiddens = [...new Set([h0, Math.round((h0 * Math.sqrt(w)) / 8) * 8, Math.round((h0 * w) / 8) * 8])].filter((h) => h > 0)
-          for (const expertHidden of hiddens) {
-            const spec: ConceptSpec = { ...base, hidden: heads * hd, heads, kvHeads: heads / group, expertHidden }
-            const params = (e: number) => evaluate({ ...spec, experts: e, topK: Math.min(k0, e) })?.params ?? Infinity
-            const e = lastNonPositive(1, 4 * E, params)
-            for (const experts of [e, e + 1].filter((x) => x >= 1)) tried.push(...aroundTopK({ ...spec, experts }, experts))
-          }
-        }
-        reason = "wider concept models (more heads of the same size) with the expert count set by the parameter budget"
-      }
+      searched = options.strategy === "topk"
+        ? Result.succeed(searchTopK(search, base, options, fits))
+        : options.strategy === "loop"
+        ? searchLoop(search, base, options, fits)
+        : searchWidth(search, base)
     } catch (e) {
-      if (e === exhausted) return yield* tooMuch()
+      if (e === exhausted) return yield* tooMuch
       throw e
     }
-
-    // strategies 1 and 2: the experts closest to the baseline's shape first (the lever's widest
-    // experts that match; fewer, larger experts also dispatch fewer products), then the closest match
-    const shape = (e: Evaluated) => (options.strategy === "width" ? 0 : -(e.spec.expertHidden ?? moeLayer.ffn.spec.expertHidden))
-    const within = tried
-      .filter((e) => score(e) <= tolerance)
-      .sort((a, b) => shape(a) - shape(b) || score(a) - score(b))
-      .filter((e, i, all) => all.findIndex((x) => JSON.stringify(x.spec) === JSON.stringify(e.spec)) === i)
-      .slice(0, options.limit ?? 10)
-    if (within.length === 0) {
-      const nearest = [...tried].sort((a, b) => score(a) - score(b))[0]
-      return yield* new NoReallocation({
-        strategy: options.strategy,
-        ratio: R,
-        tolerance,
-        reason: tried.length === 0 ? `no buildable configuration (${reason})` : `nothing within tolerance (${reason})`,
-        nearest: nearest === undefined
-          ? null
-          : { name: nameOf(nearest), params: nearest.params, flops: nearest.flops }
-      })
-    }
-    const out: Array<Candidate> = []
-    for (const e of within) {
-      const matched = yield* match(baselineAnalysis, e.analysis, { tolerance, exclude }).pipe(Effect.orDie)
-      const all = budgetOf(e.analysis)
-      out.push({
-        name: nameOf(e),
-        spec: e.spec,
-        layout: e.layout,
-        analysis: e.analysis,
-        matched,
-        residualAll: { params: relative(targetAll.params, all.params), flops: relative(targetAll.matmulPerToken, all.matmulPerToken) }
-      })
-    }
-    return out
+    if (Result.isFailure(searched)) return yield* searched.failure
+    const within = bestWithin(searched.success.tried, tolerance, options, conceptModel.moe.ffn.spec.expertHidden)
+    if (within.length === 0) return yield* noMatch(search, searched.success, options, tolerance)
+    return yield* Effect.forEach(within, (e) => toCandidate(search, e, baselineAnalysis, { tolerance, exclude }))
   })
 
 /** What `conceptmoe reallocate --format json` prints for each candidate. */

@@ -1,5 +1,5 @@
 /**
- * `--format json` on train, report and generate: one JSON document on stdout, with the numbers the
+ * `--format json` on train, report, generate and export: one JSON document on stdout, with the numbers the
  * table view shows (run in-process, tests/support/cli-in-process.ts).
  */
 import { assert, describe, it } from "@effect/vitest"
@@ -70,6 +70,23 @@ describe("generate --format json", () => {
     assert.strictEqual(long.generatedTokens, 3)
     assert.strictEqual(long.stop, "context")
   }, 120_000)
+})
+
+describe("export --format json", () => {
+  it("the model, the step (null for a config), the tensors written and every file of the directory", async () => {
+    const dest = path.join(dir, "export")
+    const r = await runInProcess(["export", path.join(root, "examples/moe-small.json"), "--to", "pytorch", "--out", dest, "--format", "json"])
+    assert.strictEqual(r.code, 0, r.err)
+    const j = JSON.parse(r.out)
+    assert.strictEqual(j.model, "moe-small")
+    assert.isNull(j.step)
+    assert.strictEqual(j.out, dest)
+    const graph = JSON.parse(fs.readFileSync(path.join(dest, "graph.json"), "utf8"))
+    assert.strictEqual(j.tensors, graph.params.filter((p: { file: string | null }) => p.file !== null).length)
+    assert.strictEqual(j.names, graph.names)
+    assert.deepStrictEqual(j.files, fs.readdirSync(dest).sort().map((f) => path.join(dest, f)))
+    assert.includeMembers(j.files, ["graph.json", "model.safetensors", "train.py"].map((f) => path.join(dest, f)))
+  }, 60_000)
 })
 
 describe("report --format json", () => {

@@ -151,6 +151,25 @@ describe("conceptmoe report", () => {
     assert.include(md, "| loop | 2 | 2L-top8-R2 |")
     assert.strictEqual(JSON.parse(fs.readFileSync(path.join(out, "candidates.json"), "utf8")).length, 2)
   })
+
+  it("a field the solver refuses is led by the flag that sets it (report, compare), or by the baseline's file", () => {
+    const out = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "conceptmoe-report-")), "r")
+    const ratio = run("report", "examples/moe-base.json", "--ratio", "2,5000", "--strategy", "topk", "--seq-len", "1024", "--out", out)
+    assert.strictEqual(ratio.code, 1)
+    assert.strictEqual(ratio.err, "error: --ratio: R=5000 leaves less than one concept in a sequence of 1024 tokens; at most 1024\n")
+    // moe-tiny has 6 layers: the default split (4 + 4) leaves no concept model
+    const split = /^error: --encoder-layers, --decoder-layers: encoderLayers \(4\) \+ decoderLayers \(4\) must leave at least one concept-model layer of the baseline's 6; at most 5 in total\n$/
+    for (const command of ["report", "compare"]) {
+      const r = run(command, "examples/compare/moe-tiny.json", "--ratio", "2", "--strategy", "topk", "--out", out)
+      assert.strictEqual(r.code, 1, command)
+      assert.match(r.err, split, command)
+    }
+    assert.strictEqual(run("report", "examples/compare/moe-tiny.json", "--ratio", "2", "--strategy", "topk", "--encoder-layers", "1", "--decoder-layers", "1", "--out", out).code, 0)
+    // no flag sets joint decoding: the baseline's file leads
+    const mla = run("reallocate", "examples/hf/deepseek-v3.json", "--ratio", "2", "--strategy", "topk")
+    assert.strictEqual(mla.code, 1)
+    assert.match(mla.err, /^error: examples\/hf\/deepseek-v3\.json: joint decoding is defined for multi-head/)
+  }, 60_000)
 })
 
 describe("conceptmoe train and verify: bad input", () => {

@@ -8,8 +8,8 @@
 import { Console, Effect, Option, Schema } from "effect"
 import { Argument, Command, Flag } from "effect/cli"
 import { formatNumber, formatPercent, renderTable } from "../internal/Table.ts"
-import { loadModel, modelFromJson, readJson } from "../models/Load.ts"
-import { reallocate as solve, strategies } from "../models/Reallocate.ts"
+import { loadModel, modelFromJson } from "../models/Load.ts"
+import { strategies } from "../models/Reallocate.ts"
 import { layer as backendLayer } from "../runtime/Backend.ts"
 import { type ComparisonReport, compareMatched, lossBands, matchModels, type Overheads } from "../train/Compare.ts"
 import { TrainSettings } from "../train/Train.ts"
@@ -19,6 +19,7 @@ import { backend } from "./train.ts"
 import * as Stop from "../train/Stop.ts"
 import * as Progress from "../internal/Progress.ts"
 import { dataFlag, splitsFor, valFraction } from "./data.ts"
+import { loadBaseline, solveOn, solverOptions } from "./baseline.ts"
 
 const fixed = (x: number, digits = 4) => (Number.isFinite(x) ? x.toFixed(digits) : "-")
 const signed = (x: number, digits = 4) => (x >= 0 ? "+" : "") + x.toFixed(digits)
@@ -126,20 +127,12 @@ export const compare = Command.make(
     if (f.warmup < 0) return yield* new UsageError({ message: `--warmup must be 0 or more, got ${f.warmup}` })
     const json = f.format === "json"
     const say = (s: string) => (json ? Effect.void : Console.log(s))
-    const base = yield* modelFromJson(yield* readJson(f.baseline), f.baseline)
-    if (base.decoder === undefined) return yield* new UsageError({ message: `${f.baseline}: the baseline must be a decoder config` })
+    const baseline = yield* loadBaseline(f.baseline)
+    const base = baseline.model
     const concept = Option.isSome(f.candidate)
       ? yield* loadModel(f.candidate.value)
       : yield* Effect.gen(function*() {
-        const [best] = yield* solve(base.decoder!, base.analysis, {
-          ratio: f.ratio,
-          strategy: f.strategy,
-          tolerance: f.tolerance,
-          overheads: f.overheads,
-          encoderLayers: f.encoderLayers,
-          decoderLayers: f.decoderLayers,
-          limit: 1
-        })
+        const [best] = yield* solveOn(baseline, { ...solverOptions(f), limit: 1 }, ["--ratio", "--strategy", "--encoder-layers", "--decoder-layers"])
         const { ratio, ...rest } = best!.spec
         return yield* modelFromJson({ kind: "conceptmoe", name: best!.name, baseline: base.config, ratio, ...rest }, f.baseline)
       })

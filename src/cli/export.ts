@@ -15,7 +15,7 @@ import { materialize, release } from "../runtime/Lower.ts"
 import { encode } from "../train/Checkpoint.ts"
 import { byteTokenizer, sotuSplits } from "../train/Data.ts"
 import { TrainSettings } from "../train/Train.ts"
-import { blocks, handled, UsageError, withBlocks } from "./shared.ts"
+import { blocks, format, handled, UsageError, withBlocks } from "./shared.ts"
 import { loadTrainConfig } from "./train.ts"
 
 export const exportCommand = Command.make(
@@ -33,7 +33,8 @@ export const exportCommand = Command.make(
       Flag.withDefault(false)
     ),
     config: Flag.String("config").pipe(Flag.withDescription("the model config, for checkpoints that do not store theirs"), Flag.optional),
-    blocks
+    blocks,
+    format
   },
   Effect.fn("export")(function*(f) {
     const fs = yield* FileSystem.FileSystem
@@ -83,9 +84,22 @@ export const exportCommand = Command.make(
       }
       return { model, graph, step }
     }).pipe(Effect.provide(backendLayer("cpu"))))
+    const tensors = result.graph.params.filter((p) => p.file !== null).length
+    if (f.format === "json") {
+      const files = [...(yield* fs.readDirectory(f.out))].sort()
+      yield* Console.log(JSON.stringify({
+        model: result.model.name,
+        step: isCheckpoint ? result.step : null,
+        out: f.out,
+        tensors,
+        names: result.graph.names,
+        files: files.map((name) => path.join(f.out, name))
+      }, null, 2))
+      return
+    }
     yield* Console.log(
       `${result.model.name}${isCheckpoint ? ` (step ${result.step})` : ""}: wrote ${f.out}/{graph.json, model.safetensors, conceptmoe_torch/, train.py} ` +
-        `(${result.graph.params.filter((p) => p.file !== null).length} tensors, ${result.graph.names === "native" ? "native names" : `Hugging Face names (${result.graph.names})`})`
+        `(${tensors} tensors, ${result.graph.names === "native" ? "native names" : `Hugging Face names (${result.graph.names})`})`
     )
   }, handled)
 ).pipe(Command.withDescription("Export a model (a config, or a trained checkpoint) to a self-contained PyTorch directory: graph, weights, Python package, torchrun train.py."))

@@ -6,18 +6,10 @@
 import { Console, Effect, Option } from "effect"
 import { Argument, Command, Flag } from "effect/cli"
 import { formatNumber, formatPercent, renderTable } from "../internal/Table.ts"
-import { modelFromJson, readJson } from "../models/Load.ts"
-import { candidateReport, InvalidReallocation, reallocate as solve, strategies } from "../models/Reallocate.ts"
+import { candidateReport, strategies } from "../models/Reallocate.ts"
 import { limits } from "../graph/Limits.ts"
-import { flagLimits, format, handled, intFlag, kvBytes, ratioFlag, seqLen, seqLenWithin, tolerance, UsageError } from "./shared.ts"
-
-/** The flags (or the baseline file) behind a field the solver refuses, so that the message names what to change. */
-const flagsOf = (field: string, baseline: string): string =>
-  field === "encoderLayers" || field === "decoderLayers" ? "--encoder-layers, --decoder-layers"
-  : field === "loopLayers" ? "--loop-layers"
-  : field === "ratio" ? "--ratio"
-  : field === "strategy" ? "--strategy"
-  : baseline
+import { flagLimits, format, handled, intFlag, kvBytes, ratioFlag, seqLen, tolerance } from "./shared.ts"
+import { loadBaseline, seqLenFor, solveOn, solverOptions } from "./baseline.ts"
 
 export const reallocate = Command.make(
   "reallocate",
@@ -42,25 +34,16 @@ export const reallocate = Command.make(
     limit: intFlag("limit", 1, flagLimits.candidates).pipe(Flag.withDescription("at most this many candidates"), Flag.withDefault(10))
   },
   Effect.fn("reallocate")(function*(f) {
-    const json = yield* readJson(f.baseline)
-    const model = yield* modelFromJson(json, f.baseline)
-    if (model.decoder === undefined) {
-      return yield* new UsageError({ message: `${f.baseline}: the baseline must be a decoder config (moe, or a Hugging Face MoE), not ${model.format}` })
-    }
-    yield* seqLenWithin(f.seqLen, model)
-    const T = Option.getOrElse(f.seqLen, () => model.contextLength)
-    const candidates = yield* solve(model.decoder, model.analysis, {
-      ratio: f.ratio,
-      strategy: f.strategy,
-      tolerance: f.tolerance,
-      overheads: f.overheads,
-      encoderLayers: f.encoderLayers,
-      decoderLayers: f.decoderLayers,
+    const baseline = yield* loadBaseline(f.baseline)
+    const { json, model } = baseline
+    const T = yield* seqLenFor(f.seqLen, model)
+    const candidates = yield* solveOn(baseline, {
+      ...solverOptions(f),
       merge: f.merge,
       limit: f.limit,
       seqLen: T,
       ...(Option.isSome(f.loopLayers) ? { loopLayers: f.loopLayers.value } : {})
-    }).pipe(Effect.mapError((e) => e._tag === "InvalidReallocation" ? new InvalidReallocation({ field: e.field, message: `${flagsOf(e.field, f.baseline)}: ${e.message}` }) : e))
+    }, ["--ratio", "--strategy", "--encoder-layers", "--decoder-layers", "--loop-layers"])
     const reports = candidates.map((c) => candidateReport(c, json, { seqLen: T, bytesPerElement: f.kvBytes }))
     if (f.format === "json") {
       yield* Console.log(JSON.stringify(reports, null, 2))

@@ -4,14 +4,14 @@
  *
  * @since 0.1.0
  */
-import { Console, Effect, Option } from "effect"
+import { Console, Effect } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { Argument, Command, Flag } from "effect/cli"
-import { modelFromJson, readJson } from "../models/Load.ts"
-import { reallocate as solve, type Strategy, strategies } from "../models/Reallocate.ts"
+import { type Strategy, strategies } from "../models/Reallocate.ts"
 import { type ReportEntry, reportFiles, writeFiles } from "../report/Reallocation.ts"
 import { limits } from "../graph/Limits.ts"
-import { format, handled, kvBytes, seqLen, seqLenWithin, tolerance, UsageError } from "./shared.ts"
+import { format, handled, intFlag, kvBytes, seqLen, tolerance, UsageError } from "./shared.ts"
+import { loadBaseline, seqLenFor, solveOn } from "./baseline.ts"
 
 /**
  * One strategy and ratio of `report --format json`: the candidate with its spec, parameters, FLOPs
@@ -41,6 +41,8 @@ export const report = Command.make(
     ratios: Flag.String("ratio").pipe(Flag.withDescription("comma-separated target ratios, e.g. 1.5,2"), Flag.withDefault("1.5,2")),
     strategies: Flag.String("strategy").pipe(Flag.withDescription(`comma-separated strategies among ${strategies.join(", ")}`), Flag.withDefault("topk,loop,width")),
     out: Flag.String("out").pipe(Flag.withDescription("directory to write the report into"), Flag.withDefault("report")),
+    encoderLayers: intFlag("encoder-layers", 0, limits.layers).pipe(Flag.withDescription("baseline layers that become the encoder"), Flag.withDefault(4)),
+    decoderLayers: intFlag("decoder-layers", 0, limits.layers).pipe(Flag.withDescription("baseline layers that become the decoder"), Flag.withDefault(4)),
     seqLen,
     tolerance,
     kvBytes,
@@ -56,17 +58,15 @@ export const report = Command.make(
     if (chosen.length === 0 || unknown.length > 0) {
       return yield* new UsageError({ message: `--strategy: unknown ${unknown.join(", ") || "(none given)"}; expected ${strategies.join(", ")}` })
     }
-    const json = yield* readJson(f.baseline)
-    const model = yield* modelFromJson(json, f.baseline)
-    if (model.decoder === undefined) {
-      return yield* new UsageError({ message: `${f.baseline}: the baseline must be a decoder config (moe, or a Hugging Face MoE), not ${model.format}` })
-    }
-    yield* seqLenWithin(f.seqLen, model)
-    const T = Option.getOrElse(f.seqLen, () => model.contextLength)
+    const baseline = yield* loadBaseline(f.baseline)
+    const { json, model } = baseline
+    const T = yield* seqLenFor(f.seqLen, model)
     const entries: Array<ReportEntry> = []
+    const options = { tolerance: f.tolerance, encoderLayers: f.encoderLayers, decoderLayers: f.decoderLayers, seqLen: T, limit: 1 }
     for (const strategy of chosen as ReadonlyArray<Strategy>) {
       for (const ratio of ratios) {
-        const r = yield* Effect.result(solve(model.decoder, model.analysis, { ratio, strategy, tolerance: f.tolerance, seqLen: T, limit: 1 }))
+        // a refused field names the flag behind it: one --ratio of the list, or the layer split
+        const r = yield* Effect.result(solveOn(baseline, { ...options, ratio, strategy }, ["--ratio", "--strategy", "--encoder-layers", "--decoder-layers"]))
         if (r._tag === "Success") entries.push({ strategy, ratio, result: { _tag: "found", candidate: r.success[0]! } })
         else if (r.failure._tag === "NoReallocation") entries.push({ strategy, ratio, result: { _tag: "none", error: r.failure } })
         else return yield* r.failure

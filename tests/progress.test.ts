@@ -1,15 +1,18 @@
 /**
  * Progress through Effect's logger (src/internal/Progress.ts): the time left and the bar, the
- * logger on a terminal and elsewhere, and `--log-level warn` silencing the progress of `train`.
+ * logger on a terminal and elsewhere, `--log-level warn` silencing the progress of `train`, the bar
+ * of `bench inference`, and `compare` leaving no bar behind when it is stopped.
  */
+import { NodeServices } from "@effect/platform-node"
 import { assert, describe, it } from "@effect/vitest"
-import { Console, Effect, References } from "effect"
+import { Console, Effect, Fiber, References } from "effect"
 import { TestClock } from "effect/testing"
 import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
+import { runCli } from "../src/cli/Run.ts"
 import * as Progress from "../src/internal/Progress.ts"
-import { runInProcess } from "./support/cli-in-process.ts"
+import { cli, runInProcess } from "./support/cli-in-process.ts"
 
 describe("time left", () => {
   it("formatDuration: seconds, minutes and seconds, hours and minutes; ? when unknown", () => {
@@ -112,5 +115,59 @@ describe("train and --log-level", () => {
     // the same run: the same metrics
     const metrics = (d: string) => fs.readFileSync(path.join(dir, d, "metrics.jsonl"), "utf8").split("\n").map((l) => (l === "" ? l : JSON.parse(l).loss))
     assert.deepStrictEqual(metrics("b"), metrics("a"))
+  }, 120_000)
+})
+
+/** The command line run in-process on a recording terminal (`tty`: whether it is one). */
+const onTerminal = (args: ReadonlyArray<string>, tty: boolean) => {
+  const writes: Array<string> = []
+  const out: Array<string> = []
+  const console = { ...globalThis.console, log: (...a: Array<unknown>) => void out.push(a.join(" ")), error: (...a: Array<unknown>) => void out.push(a.join(" ")) }
+  const fiber = Effect.runFork(runCli(cli, args, "test").pipe(
+    Effect.provideService(Progress.Terminal, { tty, columns: 100, write: (t) => void writes.push(t) }),
+    Effect.provideService(Console.Console, console as unknown as Console.Console),
+    Effect.provide(NodeServices.layer)
+  ))
+  return { fiber, writes, out }
+}
+
+const erase = "\r\x1b[K"
+
+describe("bench inference: progress", () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "cmoe-bench-progress-"))
+  // the baseline and its 6 variants (R 1.5, 2, 4; topk and loop), one length: 7 measurements
+  const args = (out: string) => ["bench", "inference", "--quick", "--baseline", "examples/compare/moe-tiny.json", "--lengths", "16", "--rows", "1", "--backend", "cpu", "--out", path.join(dir, out)]
+
+  it("on a terminal a bar per measurement with the time left, erased at the end; elsewhere the plain lines; --format json neither", async () => {
+    const t = onTerminal(args("tty"), true)
+    const exit = await Effect.runPromise(Fiber.join(t.fiber))
+    assert.strictEqual(exit.code, 0, t.out.join("\n"))
+    const bars = t.writes.filter((w) => w !== erase)
+    assert.deepStrictEqual(bars.map((b) => b.match(/ (\d+)\/7 /)?.[1]), ["1", "2", "3", "4", "5", "6"])
+    assert.match(bars[0]!, /^bench moe-tiny \[=*>? *\] 1\/7 14% ETA \?$/)
+    assert.match(bars[5]!, /^bench moe-tiny \[=+> *\] 6\/7 85% ETA \d+s$/)
+    assert.strictEqual(t.writes.at(-1), erase)
+    assert.strictEqual(t.out.filter((l) => /^(prefill|decode) +L= +16 /.test(l)).length, 12)
+
+    const plain = onTerminal(args("plain"), false)
+    assert.strictEqual((await Effect.runPromise(Fiber.join(plain.fiber))).code, 0)
+    assert.deepStrictEqual(plain.writes, [])
+    assert.strictEqual(plain.out.filter((l) => /^(prefill|decode) +L= +16 /.test(l)).length, 12)
+
+    const json = onTerminal([...args("json"), "--format", "json"], true)
+    assert.strictEqual((await Effect.runPromise(Fiber.join(json.fiber))).code, 0)
+    assert.deepStrictEqual(json.writes, [])
+    assert.strictEqual(JSON.parse(json.out.join("\n")).length, 12)
+  }, 180_000)
+})
+
+describe("compare: progress", () => {
+  it("stopped mid-run (the fiber interrupted), it leaves no bar on the terminal", async () => {
+    const out = fs.mkdtempSync(path.join(os.tmpdir(), "cmoe-compare-progress-"))
+    const t = onTerminal(["compare", "examples/compare/moe-tiny.json", "--encoder-layers", "2", "--decoder-layers", "2", "--steps", "1000", "--batch", "1", "--seq-len", "16", "--eval-every", "1000", "--eval-batches", "1", "--backend", "cpu", "--out", out], true)
+    for (let i = 0; i < 600 && !t.writes.some((w) => w.includes(" 3/1000 ")); i++) await new Promise((r) => setTimeout(r, 100))
+    assert.isTrue(t.writes.some((w) => w.startsWith("moe-tiny [") && w.includes(" 3/1000 ")), t.out.join("\n"))
+    await Effect.runPromise(Fiber.interrupt(t.fiber))
+    assert.strictEqual(t.writes.at(-1), erase)
   }, 120_000)
 })

@@ -14,6 +14,7 @@ import { toSvg } from "../report/Plots.ts"
 import { layer as backendLayer } from "../runtime/Backend.ts"
 import { flagLimits, format, handled, intFlag, UsageError } from "./shared.ts"
 import { backend } from "./train.ts"
+import * as Progress from "../internal/Progress.ts"
 
 const quickSettings: BenchSettings = {
   ratios: [1.5, 2, 4],
@@ -128,8 +129,10 @@ const inference = Command.make(
     if (base.decoder === undefined || base.concept !== undefined) {
       return yield* new UsageError({ message: `${f.baseline}: the baseline must be a decoder (MoE) config` })
     }
-    const result = yield* run(base, json, settings, (line) => process.stderr.write(`${line}\n`)).pipe(
-      Effect.provide(backendLayer(Option.getOrUndefined(f.backend)))
+    const result = yield* run(base, json, settings, { quiet: f.format === "json" }).pipe(
+      Effect.provide(backendLayer(Option.getOrUndefined(f.backend))),
+      // a run that ends early leaves no progress bar under its message
+      Effect.ensuring(Progress.clear)
     )
     const fs = yield* FileSystem.FileSystem
     const path = yield* Path.Path

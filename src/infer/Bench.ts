@@ -26,6 +26,7 @@ import { reallocate, type Strategy } from "../models/Reallocate.ts"
 import { Tensors } from "../runtime/Backend.ts"
 import { session } from "../runtime/Decode.ts"
 import { type Lowered, materialize, release } from "../runtime/Lower.ts"
+import * as Progress from "../internal/Progress.ts"
 
 export interface BenchSettings {
   readonly ratios: ReadonlyArray<number>
@@ -171,10 +172,13 @@ const measure = async (c: Contender, settings: BenchSettings, length: number, vo
 }
 
 /**
- * Runs the benchmark on the current backend. `log` receives a progress line per measurement.
+ * Runs the benchmark on the current backend. Its progress goes through Effect's logger
+ * (`internal/Progress.ts`): a line per measured row, and a tick per measurement (on the command
+ * line's terminal, a bar with the time left); `quiet`: neither.
  */
-export const run = (baseline: LoadedModel, baselineJson: unknown, settings: BenchSettings, log: (line: string) => void) =>
+export const run = (baseline: LoadedModel, baselineJson: unknown, settings: BenchSettings, options: { readonly quiet?: boolean } = {}) =>
   Effect.gen(function*() {
+    const log = (line: string) => (options.quiet === true ? Effect.void : Progress.line(line))
     const { tf, description } = yield* Tensors
     if (baseline.decoder === undefined) return yield* Effect.die(new Error("the baseline must be a decoder config"))
     const vocab = baseline.decoder.vocab
@@ -197,7 +201,7 @@ export const run = (baseline: LoadedModel, baselineJson: unknown, settings: Benc
     const maxLength = Math.max(...settings.lengths)
     for (const c of contenders) {
       if (c.model.contextLength < maxLength + settings.decodeSteps + 1) {
-        log(`note: ${c.model.name} has context ${c.model.contextLength}; measuring up to ${maxLength + settings.decodeSteps + 1} positions (rotary positions extrapolate)`)
+        yield* log(`note: ${c.model.name} has context ${c.model.contextLength}; measuring up to ${maxLength + settings.decodeSteps + 1} positions (rotary positions extrapolate)`)
         break
       }
     }
@@ -207,6 +211,8 @@ export const run = (baseline: LoadedModel, baselineJson: unknown, settings: Benc
     const rows: Array<BenchRow> = []
     const caches: Array<CacheRow> = []
     const layers = baseline.decoder.layers.length
+    const measurements = settings.lengths.reduce((n, length) => n + (length <= settings.repeatUpTo ? settings.repeats : 1) * contenders.length, 0)
+    let measured = 0
     for (const length of settings.lengths) {
       const times = { prefill: contenders.map(() => [] as Array<number>), decode: contenders.map(() => [] as Array<number>) }
       const compression = { prefill: contenders.map(() => 1), decode: contenders.map(() => 1) }
@@ -217,6 +223,7 @@ export const run = (baseline: LoadedModel, baselineJson: unknown, settings: Benc
           const i = (j + rep) % contenders.length
           const c = contenders[i]!
           const m = yield* Effect.promise(() => measure(c, settings, length, vocab))
+          if (options.quiet !== true) yield* Progress.tick(`bench ${baseline.name}`, ++measured, measurements)
           for (const phase of ["prefill", "decode"] as const) {
             times[phase][i]!.push(m[phase].ms)
             compression[phase][i] = m[phase].compression
@@ -228,6 +235,7 @@ export const run = (baseline: LoadedModel, baselineJson: unknown, settings: Benc
           }
         }
       }
+      const lines: Array<string> = []
       for (const phase of ["prefill", "decode"] as const) {
         const base = median(times[phase][0]!)
         contenders.forEach((c, i) => {
@@ -251,12 +259,13 @@ export const run = (baseline: LoadedModel, baselineJson: unknown, settings: Benc
             boundaries: "forced"
           }
           rows.push(row)
-          log(
+          lines.push(
             `${phase.padEnd(7)} L=${String(length).padStart(5)}  ${c.model.name.padEnd(16)} ${ms.toFixed(1).padStart(9)} ms vs ${base.toFixed(1).padStart(9)} ms  ` +
               `speedup ${(row.speedupMeasured * 100).toFixed(1).padStart(6)}% (predicted ${(row.speedupPredicted * 100).toFixed(1).padStart(6)}%)  R ${row.compression.toFixed(2)}`
           )
         })
       }
+      for (const line of lines) yield* log(line)
     }
     const models = contenders.map((c) => ({
       name: c.model.name,

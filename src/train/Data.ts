@@ -62,9 +62,8 @@ export const shuffled = <A>(xs: ReadonlyArray<A>, seed: number): Array<A> => {
   return out
 }
 
-/** Concatenates documents (in a seeded order) into one stream. */
-export const streamOf = (docs: ReadonlyArray<Document>, tokenizer: Tokenizer, seed: number): Stream => {
-  const parts = shuffled(docs, seed).map((d) => tokenizer.encode(d.text))
+/** Documents' tokens one after another, in the given order, with where each document starts. */
+const concatenated = (parts: ReadonlyArray<Int32Array | Uint8Array>): Stream => {
   const total = parts.reduce((n, p) => n + p.length, 0)
   const tokens = new Int32Array(total)
   const starts: Array<number> = []
@@ -76,6 +75,10 @@ export const streamOf = (docs: ReadonlyArray<Document>, tokenizer: Tokenizer, se
   }
   return { tokens, starts, documents: parts.length }
 }
+
+/** Concatenates documents (in a seeded order) into one stream. */
+export const streamOf = (docs: ReadonlyArray<Document>, tokenizer: Tokenizer, seed: number): Stream =>
+  concatenated(shuffled(docs, seed).map((d) => tokenizer.encode(d.text)))
 
 /** The SOTU train (< 2000) and validation (≥ 2000) streams. */
 export const sotuSplits = (tokenizer: Tokenizer, seed: number) => {
@@ -136,18 +139,7 @@ export class DataMismatch extends Schema.TaggedError<DataMismatch>()("DataMismat
 const sha256 = (bytes: Uint8Array | string): string => createHash("sha256").update(bytes).digest("hex")
 
 /** A stream of raw bytes from byte documents (token = byte; in the given order). */
-export const byteStream = (docs: ReadonlyArray<Uint8Array>): Stream => {
-  const total = docs.reduce((n, d) => n + d.length, 0)
-  const tokens = new Int32Array(total)
-  const starts: Array<number> = []
-  let o = 0
-  for (const d of docs) {
-    starts.push(o)
-    tokens.set(d, o)
-    o += d.length
-  }
-  return { tokens, starts, documents: docs.length }
-}
+export const byteStream = (docs: ReadonlyArray<Uint8Array>): Stream => concatenated(docs)
 
 /** Whether document `i` (0-based, in sorted order) validates: every round(1/f)-th one for fraction f (the 10th, 20th, … for 0.1). */
 export const validatesDocument = (i: number, valFraction: number): boolean =>

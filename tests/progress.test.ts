@@ -110,7 +110,7 @@ describe("train and --log-level", () => {
     const warn = await runInProcess(["train", "--config", config, "--out", path.join(dir, "b"), "--backend", "cpu", "--log-level", "warn"])
     assert.strictEqual(warn.code, 0, warn.err)
     assert.notMatch(warn.out, /step|training p/)
-    assert.match(warn.out, /^final validation \d+\.\d{4} bits\/byte; \d+ tokens\/s; wrote .*b\/\{checkpoint\.safetensors,metrics\.jsonl,loss\.svg\}$/)
+    assert.match(warn.out, /^final validation \d+\.\d{4} bits\/byte; \d+ tokens\/s; wrote .*b\/\{checkpoint\.safetensors,optimizer\.safetensors,metrics\.jsonl,loss\.svg\}$/)
     assert.strictEqual(warn.err, "")
     // the same run: the same metrics
     const metrics = (d: string) => fs.readFileSync(path.join(dir, d, "metrics.jsonl"), "utf8").split("\n").map((l) => (l === "" ? l : JSON.parse(l).loss))

@@ -78,16 +78,46 @@ class Context:
         self._seeds += 1
         return s
 
-    def rope_tables(self, dim: int, base: float):
-        """cos and sin ``[N, 1, dim/2]`` for the current positions (float32, as the runtime)."""
-        key = (id(self.positions), dim, base)
+    def rope_tables(self, dim: int, base: float, scaling: dict | None = None):
+        """cos and sin ``[N, 1, dim/2]`` for the current positions (float32, as the runtime), under a
+        rotary ``scaling`` when given (``rope_frequencies``)."""
+        key = (id(self.positions), dim, base, None if scaling is None else tuple(sorted(scaling.items())))
         if key not in self._memo:
             half = dim // 2
-            inverse = torch.tensor([base ** (-(2 * j) / dim) for j in range(half)], dtype=torch.float32, device=self.device)
+            freqs, attention = rope_frequencies(dim, base, scaling)
+            inverse = torch.tensor(freqs, dtype=torch.float32, device=self.device)
             angles = self.positions.to(torch.float32).reshape(-1, 1, 1) * inverse.reshape(1, 1, half)
-            self._memo[key] = (torch.cos(angles), torch.sin(angles), self.positions)
+            cos, sin = torch.cos(angles), torch.sin(angles)
+            if attention != 1:
+                cos, sin = cos * attention, sin * attention
+            self._memo[key] = (cos, sin, self.positions)
         cos, sin, _ = self._memo[key]
         return cos, sin
+
+
+def rope_frequencies(dim: int, base: float, scaling: dict | None) -> tuple[list[float], float]:
+    """The inverse frequency of each rotated pair and the factor on cos and sin. ``linear``: each
+    divided by ``factor``; ``yarn``: a ramp over the pairs from the plain frequency (below ``low``) to
+    the one divided by ``factor`` (above ``high``), where ``low`` and ``high`` are the pairs at which a
+    wave of ``originalContext`` turns ``betaFast`` and ``betaSlow`` times."""
+    plain = [base ** (-(2 * j) / dim) for j in range(dim // 2)]
+    if scaling is None:
+        return plain, 1.0
+    factor = scaling["factor"]
+    if scaling["type"] == "linear":
+        return [f / factor for f in plain], 1.0
+
+    def pair_at(turns: float) -> float:
+        return dim * math.log(scaling["originalContext"] / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = pair_at(scaling.get("betaFast", 32)), pair_at(scaling.get("betaSlow", 1))
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = [min(1.0, max(0.0, (j - low) / (high - low))) for j in range(dim // 2)]
+    return [(f / factor) * r + f * (1 - r) for f, r in zip(plain, ramp)], scaling.get("attention", 1.0)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

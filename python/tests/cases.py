@@ -90,6 +90,13 @@ def cases() -> dict[str, dict]:
     v2 = small_hf(json.load(open(os.path.join(ROOT, "examples", "hf", "deepseek-v2-lite.json"))))
     out["hf_deepseek-v2-grouped"] = {**v2, "n_routed_experts": 8, "n_group": 4, "topk_group": 1, "topk_method": "group_limited_greedy",
                                      "routed_scaling_factor": 16.0}
+    # rotary scaling from rope_scaling (linear; YaRN with a ramp inside the head, and DeepSeek's mscale on the scores)
+    llama = small_hf(json.load(open(os.path.join(ROOT, "examples", "hf", "llama-3-8b.json"))))
+    out["hf_llama-linear"] = {**llama, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    out["hf_llama-yarn"] = {**llama, "rope_theta": 10.0, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                                                           "beta_fast": 8.0, "attention_factor": 1.2}}
+    out["hf_deepseek-v3-yarn"] = {**v3, "rope_scaling": {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 16, "beta_fast": 32,
+                                                          "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}}
     out["gqa_window"] = {"kind": "dense", "name": "gqa-window", "vocab": 64, "hidden": 32, "layers": 2, "heads": 4, "kvHeads": 2,
                          "ffnHidden": 48, "window": 5, "tiedEmbeddings": False, "contextLength": 64}
     out["dense_variants"] = {"kind": "dense", "name": "dense-variants", "vocab": 64, "hidden": 32, "layers": 2, "heads": 4, "ffnHidden": 48,

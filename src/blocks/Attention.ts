@@ -19,7 +19,7 @@ import { type Block, type BlockKind, leaf, type Named, type ParamDecl } from "..
 import { crossCheck, Dim, withDefault } from "../graph/Spec.ts"
 import type { ForwardContext, Tensor } from "../graph/Apply.ts"
 import * as ops from "./ops.ts"
-import { RopeSpec } from "./Rotary.ts"
+import { RopeSpec, ropeTablesOf } from "./Rotary.ts"
 import { Unsupported } from "../internal/RunErrors.ts"
 
 export const AttentionSpec = Schema.Struct({
@@ -104,7 +104,7 @@ export const applyAttention = (
     k3 = ops.rmsNorm(ctx, k3, p["kNorm.weight"]!, 1e-6)
   }
   if (s.rope !== null) {
-    const tables = ops.ropeTables(ctx, s.rope.dim, s.rope.base)
+    const tables = ropeTablesOf(ctx, s.rope)
     q3 = ops.applyRope(ctx, q3, s.rope.dim, tables)
     k3 = ops.applyRope(ctx, k3, s.rope.dim, tables)
   }

@@ -9,7 +9,9 @@
  * FLOPs/token: 2 × the matmul weights above (part "attention"). Attention map: 2·H·(nope+rope+v)
  * per query–key pair. KV cache: the latent, r_kv + rope elements per position (what MLA inference
  * caches; a naive cache of decompressed K and V would hold H·(nope+rope+v)). Packed documents are
- * masked apart as in {@link ops.attend}.
+ * masked apart as in {@link ops.attend}. `ropeScaling` scales the rotary frequencies (`Rotary.ts`);
+ * `scoreScale` multiplies the scores' 1/√(nope+rope) (DeepSeek under YaRN: `mscale_all_dim`'s mscale
+ * squared), applied to the queries.
  *
  * @since 0.1.0
  */
@@ -18,6 +20,7 @@ import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf, type Named, type ParamDecl } from "../graph/Block.ts"
 import { Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import * as ops from "./ops.ts"
+import { RopeScaling, ropeTablesOf } from "./Rotary.ts"
 
 export const MLASpec = Schema.Struct({
   d: Dim,
@@ -29,6 +32,8 @@ export const MLASpec = Schema.Struct({
   vHeadDim: Dim,
   bias: withDefault(Schema.Boolean, false),
   ropeBase: withDefault(PositiveNumber, 10000),
+  ropeScaling: Schema.optionalKey(Schema.NullOr(RopeScaling)),
+  scoreScale: Schema.optionalKey(PositiveNumber),
   window: withDefault(Schema.NullOr(Dim), null),
   causal: withDefault(Schema.Boolean, true)
 })
@@ -95,10 +100,11 @@ export const MLA: BlockKind<MLASpec> = {
     const latent = ops.rmsNorm(ctx, tf.slice(kvA, [0, 0], [n, s.kvLoraRank]), p["kvANorm.weight"]!, 1e-6)
     const kRope = tf.reshape(tf.slice(kvA, [0, s.kvLoraRank], [n, rope]), [n, 1, rope])
     const kv = tf.reshape(ops.linear(ctx, latent, p["kvB.weight"]!), [n, H, nope + s.vHeadDim])
-    const tables = ops.ropeTables(ctx, rope, s.ropeBase)
+    const tables = ropeTablesOf(ctx, { dim: rope, base: s.ropeBase, scaling: s.ropeScaling ?? null })
     const qRot = ops.applyRope(ctx, tf.slice(q3, [0, 0, nope], [n, H, rope]), rope, tables)
     const kRot = ops.applyRope(ctx, kRope, rope, tables)
-    const qFull = tf.concat([tf.slice(q3, [0, 0, 0], [n, H, nope]), qRot], 2)
+    const qJoined = tf.concat([tf.slice(q3, [0, 0, 0], [n, H, nope]), qRot], 2)
+    const qFull = s.scoreScale === undefined || s.scoreScale === 1 ? qJoined : tf.mul(qJoined, s.scoreScale)
     const kFull = tf.concat([tf.slice(kv, [0, 0, 0], [n, H, nope]), tf.tile(kRot, [1, H, 1])], 2)
     const v = tf.slice(kv, [0, 0, nope], [n, H, s.vHeadDim])
     const out = ops.attend(ctx, qFull, kFull, v, { causal: s.causal, window: s.window })

@@ -247,7 +247,9 @@ const fidelityNotes = (config: Record<string, unknown>): Array<string> => {
   if (t === "deepseek_v3" && (config["n_group"] === undefined || config["n_group"] === null)) {
     notes.push("no n_group: routed without groups (transformers' default is 8 groups)")
   }
-  if (config["rope_scaling"] !== undefined && config["rope_scaling"] !== null) notes.push("rope_scaling is not applied (plain RoPE)")
+  const scaling = config["rope_scaling"] as { readonly rope_type?: unknown; readonly type?: unknown } | null | undefined
+  const type = scaling == null ? undefined : scaling.rope_type ?? scaling.type ?? "default"
+  if (type !== undefined && type !== "default" && type !== "linear" && type !== "yarn") notes.push(`rope_scaling of type ${JSON.stringify(type)} is not applied (plain RoPE; linear and yarn are)`)
   return notes
 }
 

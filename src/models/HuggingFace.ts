@@ -17,6 +17,10 @@
  *   best) and `routed_scaling_factor` (V3 after renormalising, V2 only when it does not renormalise)
  *   as transformers; an absent `n_group` means no groups (transformers' V3 default is 8). V3's
  *   score-correction bias, a buffer, is not modelled: its top-k is over the plain scores.
+ * - `rope_scaling` of type `linear` or `yarn` (`rope_type`, or the older `type`) scales the rotary
+ *   frequencies as transformers' rope init functions do (`blocks/Rotary.ts`, {@link ropeScalingOf});
+ *   DeepSeek under it also multiplies its attention scale by `mscale_all_dim`'s mscale squared. Other
+ *   types (`dynamic`, `longrope`, `llama3`) are read but not applied (plain RoPE; `import` says so).
  *
  * @since 0.1.0
  */
@@ -24,6 +28,7 @@ import { Schema } from "effect"
 import type { Activation } from "../blocks/MLP.ts"
 import { CountAtMost, DimAtMost, limits, type LimitName } from "../graph/Limits.ts"
 import { crossCheck, PositiveNumber, withDefault } from "../graph/Spec.ts"
+import type { RopeScaling } from "../blocks/Rotary.ts"
 import { attentionMixer, type DecoderConfig, type DecoderLayer, type FFN, type Mixer } from "./Decoder.ts"
 
 const optionalDim = (limit: LimitName) => Schema.optionalKey(Schema.NullOr(DimAtMost(limit)))
@@ -66,6 +71,59 @@ const all = (...checks: ReadonlyArray<(c: Record<string, unknown>) => readonly [
     return undefined
   }))
 
+/** `rope_scaling` as transformers configs write it (the keys read; others are ignored). */
+const HfRopeScaling = Schema.Struct({
+  rope_type: Schema.optionalKey(Schema.String),
+  type: Schema.optionalKey(Schema.String),
+  factor: Schema.optionalKey(Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(1)))),
+  original_max_position_embeddings: Schema.optionalKey(Schema.Int.pipe(Schema.check(Schema.isGreaterThan(0)))),
+  attention_factor: Schema.optionalKey(Schema.NullOr(PositiveNumber)),
+  beta_fast: Schema.optionalKey(Schema.NullOr(PositiveNumber)),
+  beta_slow: Schema.optionalKey(Schema.NullOr(PositiveNumber)),
+  mscale: Schema.optionalKey(Schema.NullOr(Schema.Finite)),
+  mscale_all_dim: Schema.optionalKey(Schema.NullOr(Schema.Finite)),
+  truncate: Schema.optionalKey(Schema.Boolean)
+})
+type HfRopeScaling = typeof HfRopeScaling.Type
+const ropeScalingField = Schema.optionalKey(Schema.NullOr(HfRopeScaling))
+
+/** YaRN's attention temperature for a scale `s` (1 at or below 1). */
+const yarnMscale = (s: number, m = 1) => (s <= 1 ? 1 : 0.1 * m * Math.log(s) + 1)
+
+/** The type of a config's `rope_scaling` (`rope_type`, or the older `type`), or undefined when it has none. */
+export const ropeScalingType = (c: { readonly rope_scaling?: HfRopeScaling | null | undefined }): string | undefined =>
+  c.rope_scaling == null ? undefined : c.rope_scaling.rope_type ?? c.rope_scaling.type ?? "default"
+
+/**
+ * The rotary scaling a config's `rope_scaling` asks for, resolved as transformers' rope init
+ * functions resolve it: `linear` divides the frequencies by `factor`; `yarn` takes the original
+ * context from `original_max_position_embeddings` (the factor is then `max_position_embeddings`
+ * over it) or `max_position_embeddings`, the attention factor from `attention_factor`, or from
+ * `mscale` and `mscale_all_dim` when both are given (`(0.1·mscale·ln f + 1) / (0.1·mscale_all_dim·ln f
+ * + 1)`), or `0.1·ln f + 1`; `beta_fast` 32 and `beta_slow` 1 when absent. Null for none, `default`
+ * and the types not applied.
+ */
+export const ropeScalingOf = (c: { readonly rope_scaling?: HfRopeScaling | null | undefined; readonly max_position_embeddings: number }): RopeScaling | null => {
+  const r = c.rope_scaling
+  const type = ropeScalingType(c)
+  if (r == null || r.factor === undefined) return null
+  if (type === "linear") return { type: "linear", factor: r.factor }
+  if (type !== "yarn") return null
+  const original = r.original_max_position_embeddings
+  const factor = original === undefined ? r.factor : c.max_position_embeddings / original
+  const attention = r.attention_factor ??
+    (r.mscale && r.mscale_all_dim ? yarnMscale(factor, r.mscale) / yarnMscale(factor, r.mscale_all_dim) : yarnMscale(factor))
+  return {
+    type: "yarn",
+    factor,
+    originalContext: original ?? c.max_position_embeddings,
+    betaFast: r.beta_fast || 32,
+    betaSlow: r.beta_slow || 1,
+    attention,
+    truncate: r.truncate ?? true
+  }
+}
+
 const HfActivation = withDefault(Schema.Literals(["silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"]), "silu")
 
 export const Gpt2Config = Schema.Struct({
@@ -97,7 +155,8 @@ const llamaFields = {
   max_position_embeddings: dim("seqLen", 2048),
   rms_norm_eps: num(1e-6),
   tie_word_embeddings: bool(false),
-  rope_theta: num(10000)
+  rope_theta: num(10000),
+  rope_scaling: ropeScalingField
 }
 
 export const LlamaConfig = Schema.Struct({
@@ -202,6 +261,7 @@ const deepseekFields = {
   rms_norm_eps: num(1e-6),
   tie_word_embeddings: bool(false),
   rope_theta: num(10000),
+  rope_scaling: ropeScalingField,
   attention_bias: bool(false),
   norm_topk_prob: bool(false),
   scoring_func: withDefault(Schema.String, "softmax"),
@@ -304,14 +364,32 @@ const gqa = (c: {
   readonly num_key_value_heads?: number | null | undefined
   readonly head_dim?: number | null | undefined
   readonly rope_theta: number
-}, extra: Parameters<typeof attentionMixer>[1] = {}): Mixer =>
-  attentionMixer({
+  readonly rope_scaling?: HfRopeScaling | null | undefined
+  readonly max_position_embeddings: number
+}, extra: Parameters<typeof attentionMixer>[1] = {}): Mixer => {
+  const scaling = ropeScalingOf(c)
+  const headDim = c.head_dim ?? c.hidden_size / c.num_attention_heads
+  return attentionMixer({
     hidden: c.hidden_size,
     heads: c.num_attention_heads,
     kvHeads: c.num_key_value_heads,
     headDim: c.head_dim,
     ropeBase: c.rope_theta
-  }, extra)
+  }, scaling === null ? extra : { ...extra, rope: { dim: headDim, base: c.rope_theta, scaling } })
+}
+
+/**
+ * DeepSeek's rotary scaling, and the factor on its attention scale: under a `rope_scaling` with
+ * `mscale_all_dim`, transformers multiplies `1/√(nope+rope)` by `(0.1·mscale_all_dim·ln factor + 1)²`
+ * (the config's `factor`).
+ */
+const deepseekRope = (c: { readonly rope_scaling?: HfRopeScaling | null | undefined; readonly max_position_embeddings: number }) => {
+  const scaling = ropeScalingOf(c)
+  const r = c.rope_scaling
+  const all = r?.mscale_all_dim
+  const score = r != null && r.factor !== undefined && all ? yarnMscale(r.factor, all) ** 2 : 1
+  return { ...(scaling === null ? {} : { ropeScaling: scaling }), ...(score === 1 ? {} : { scoreScale: score }) }
+}
 
 const layers = (n: number, f: (i: number) => DecoderLayer): ReadonlyArray<DecoderLayer> => Array.from({ length: n }, (_, i) => f(i))
 
@@ -403,7 +481,8 @@ export const fromHf = (c: HfConfig, name: string): DecoderConfig => {
           qkRopeHeadDim: c.qk_rope_head_dim,
           vHeadDim: c.v_head_dim,
           bias: c.attention_bias,
-          ropeBase: c.rope_theta
+          ropeBase: c.rope_theta,
+          ...deepseekRope(c)
         }
       }
       const dense: FFN = { kind: "mlp", spec: { hidden: c.intermediate_size } }

@@ -30,7 +30,7 @@ def apply_attention(block: Block, ctx, x, joint: bool):
         q = rms_norm(q, p("qNorm.weight"), 1e-6)
         k = rms_norm(k, p("kNorm.weight"), 1e-6)
     if s["rope"] is not None:
-        cos, sin = ctx.rope_tables(s["rope"]["dim"], s["rope"]["base"])
+        cos, sin = ctx.rope_tables(s["rope"]["dim"], s["rope"]["base"], s["rope"].get("scaling"))
         q = rotate(q, s["rope"]["dim"], cos, sin)
         k = rotate(k, s["rope"]["dim"], cos, sin)
     out = attend(ctx, q, k, v.reshape(n, s["kvHeads"], s["headDim"]), s["causal"], s["window"])

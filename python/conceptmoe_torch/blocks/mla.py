@@ -1,5 +1,6 @@
 """DeepSeek multi-head latent attention: low-rank queries (optional) and a compressed KV latent,
-RMSNorm (eps 1e-6) on the latents, rotary on a separate per-head part shared by all heads' keys."""
+RMSNorm (eps 1e-6) on the latents, rotary on a separate per-head part shared by all heads' keys
+(``ropeScaling``: scaled frequencies; ``scoreScale``: a factor on the scores, applied to the queries)."""
 import torch
 
 from ..context import attend, linear, rms_norm, rotate
@@ -21,8 +22,10 @@ class MLA(Block):
         latent = rms_norm(kv_a[:, :r], p("kvANorm.weight"), 1e-6)
         k_rope = kv_a[:, r:r + rope].reshape(n, 1, rope)
         kv = linear(latent, p("kvB.weight")).reshape(n, H, nope + dv)
-        cos, sin = ctx.rope_tables(rope, s["ropeBase"])
+        cos, sin = ctx.rope_tables(rope, s["ropeBase"], s.get("ropeScaling"))
         q_full = torch.cat([q[:, :, :nope], rotate(q[:, :, nope:], rope, cos, sin)], dim=2)
+        if s.get("scoreScale", 1) != 1:
+            q_full = q_full * s["scoreScale"]
         k_full = torch.cat([kv[:, :, :nope], rotate(k_rope, rope, cos, sin).expand(n, H, rope)], dim=2)
         out = attend(ctx, q_full, k_full, kv[:, :, nope:], s["causal"], s["window"])
         return linear(out, p("o.weight"), p("o.bias"))

@@ -7,6 +7,6 @@ from ..graph import Block, register
 class Rotary(Block):
     def forward(self, ctx, x):
         s = self.spec
-        cos, sin = ctx.rope_tables(s["dim"], s["base"])
+        cos, sin = ctx.rope_tables(s["dim"], s["base"], s.get("scaling"))
         y = rotate(x.reshape(x.shape[0], s["heads"], s["headDim"]), s["dim"], cos, sin)
         return y.reshape(x.shape[0], -1)

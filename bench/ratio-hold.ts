@@ -7,7 +7,7 @@
  *
  * Run: node bench/ratio-hold.ts [--baseline examples/compare/moe-tiny.json] [--strategies topk,loop,width]
  *   [--ratios 1.5,2,4] [--steps 100] [--batch 8] [--seq-len 128] [--control pi|plain] [--kp K] [--ki K]
- *   [--lambda L] [--encoder-layers 2] [--decoder-layers 2] [--backend wasm] [--seed 0] [--json FILE]
+ *   [--lambda L] [--threshold-weight W] [--chunk-lr M] [--encoder-layers 2] [--decoder-layers 2] [--backend wasm] [--seed 0] [--json FILE]
  * A (strategy, R) that the solver cannot match is listed as such.
  */
 import { NodeServices } from "@effect/platform-node"
@@ -35,7 +35,8 @@ const overrides = {
   ratioControl: control,
   ...(process.argv.includes("--kp") ? { kp: Number(arg("kp", "")) } : {}),
   ...(process.argv.includes("--ki") ? { ki: Number(arg("ki", "")) } : {}),
-  ...(process.argv.includes("--lambda") ? { lambda: Number(arg("lambda", "")) } : {})
+  ...(process.argv.includes("--lambda") ? { lambda: Number(arg("lambda", "")) } : {}),
+  ...(process.argv.includes("--threshold-weight") ? { thresholdWeight: Number(arg("threshold-weight", "")) } : {})
 }
 const settings = Schema.decodeUnknownSync(TrainSettings)({
   steps,
@@ -44,7 +45,8 @@ const settings = Schema.decodeUnknownSync(TrainSettings)({
   seed: Number(arg("seed", "0")),
   evalEvery: steps,
   checkpointEvery: steps,
-  logEvery: steps
+  logEvery: steps,
+  ...(process.argv.includes("--chunk-lr") ? { optimizer: { partLr: { chunk: Number(arg("chunk-lr", "1")) } } } : {})
 })
 const baselineJson = JSON.parse(fs.readFileSync(baselineFile, "utf8"))
 const data = sotuSplits(byteTokenizer, settings.seed)
@@ -99,6 +101,8 @@ const program = Effect.gen(function*() {
       console.error(`${strategy} R ${ratio} ${model.name}: ${JSON.stringify(row)} (${((performance.now() - t0) / 1000).toFixed(0)} s)`)
       const perStep = result.metrics.map((m) => m.compression?.toFixed(2)).join(" ")
       console.error(`  sampled R per step: ${perStep}`)
+      const perStepThreshold = result.metrics.map((m) => (m.thresholdRate === undefined ? "-" : (1 / m.thresholdRate).toFixed(2))).join(" ")
+      console.error(`  threshold R (p ≥ ½) of the training batch per step: ${perStepThreshold}`)
     }
   }
   const f = (x: number | undefined) => (x === undefined ? "-" : x.toFixed(2))

@@ -100,7 +100,7 @@ describe("continual-training conversion", () => {
   })
 
   it("the ramp: R_s from 1 to R; at s = 1 the model is the paper's (the same logits as without a ramp); between, the boundaries are floored", async () => {
-    const chunk = { d: 8, ratio: 3, tau: 6, lambda: 0.03, ratioControl: "pi" as const, kp: 0.3, ki: 0.01 }
+    const chunk = { d: 8, ratio: 3, tau: 6, lambda: 0.03, ratioControl: "pi" as const, kp: 0.3, ki: 0.01, thresholdWeight: 0.5 }
     assert.strictEqual(rampSpec(chunk, undefined).ratio, 3)
     assert.strictEqual(rampSpec(chunk, 1).ratio, 3)
     assert.closeTo(rampSpec(chunk, 0.25).ratio, 1.5, 1e-12)

@@ -8,7 +8,7 @@ import { Effect, Layer, Schema } from "effect"
 import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
-import { ChunkerSpec, INTEGRAL_LIMIT, INTEGRATE_WITHIN, initialRatioControl, type RatioControl, ratioControlStep, ratioLossValue, ratioLossWeights } from "../src/blocks/Chunker.ts"
+import { ChunkerSpec, controlledRate, INTEGRAL_LIMIT, INTEGRATE_WITHIN, initialRatioControl, type RatioControl, ratioControlStep, ratioLossValue, ratioLossWeights } from "../src/blocks/Chunker.ts"
 import { layer as backendLayer } from "../src/runtime/Backend.ts"
 import { compressionSummary, lastValCompression, meanSampledR, secondHalf, windowedSampledR, within } from "../src/train/Compression.ts"
 import { byteTokenizer, sotuSplits } from "../src/train/Data.ts"
@@ -80,6 +80,15 @@ describe("the ratio controller", () => {
     assert.closeTo(ratioControlStep(high, 4, 0.2).integral, INTEGRAL_LIMIT - 0.2, 1e-12)
     assert.strictEqual(INTEGRATE_WITHIN, 0.25)
   })
+
+  it("pi holds the mean of the sampled rate and the rate at p ≥ ½ (thresholdWeight ½ by default); plain the sampled one", () => {
+    assert.strictEqual(spec({}).thresholdWeight, 0.5)
+    assert.closeTo(controlledRate(spec({}), 0.3, 0.2), 0.25, 1e-15)
+    assert.closeTo(controlledRate(spec({ thresholdWeight: 0.25 }), 0.3, 0.2), 0.275, 1e-15)
+    assert.strictEqual(controlledRate(spec({ thresholdWeight: 0 }), 0.3, 0.2), 0.3)
+    assert.strictEqual(controlledRate(spec({ ratioControl: "plain", thresholdWeight: 1 }), 0.3, 0.2), 0.3)
+    assert.throws(() => spec({ thresholdWeight: 1.5 }))
+  })
 })
 
 const tiny = { kind: "moe", name: "tiny", vocab: 256, hidden: 16, layers: 3, heads: 2, experts: 2, topK: 1, expertHidden: 16, tiedEmbeddings: true, contextLength: 32 }
@@ -91,14 +100,19 @@ const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), "conceptmoe-ratio-"))
 const cpu = Effect.provide(Layer.merge(backendLayer("cpu"), NodeServices.layer))
 
 describe("training with the ratio controller (cpu)", () => {
-  it.effect("the default holds the sampled R of every 10-step window of the second half near 2; the paper's λ = 0.03 does not", () =>
+  it.effect("the default holds the R of every 10-step window of the second half near 2 (the mean of sampled and threshold rates; 60 steps); the paper's λ = 0.03 does not", () =>
     Effect.gen(function*() {
-      const held = yield* train(yield* load(concept({})), settings(40), { out: tmp(), resume: false, quiet: true, data })
+      const held = yield* train(yield* load(concept({})), settings(60), { out: tmp(), resume: false, quiet: true, data })
       const plain = yield* train(yield* load(concept({ ratioControl: "plain" })), settings(40), { out: tmp(), resume: false, quiet: true, data })
       const h = held.compression!
       const p = plain.compression!
-      assert.isTrue(within(h.windows!.min, 2, 0.15) && within(h.windows!.max, 2, 0.15), `default: windows ${JSON.stringify(h.windows)}`)
-      assert.isTrue(within(h.meanSampledR, 2, 0.1), `default: mean ${h.meanSampledR}`)
+      // the rate held (Chunker.controlledRate) over 10-step windows of the second half, as R
+      const heldRates = secondHalf(held.metrics).map((m) => ({ step: m.step, boundaryRate: (m.boundaryRate! + m.thresholdRate!) / 2 }))
+      const heldR = windowedSampledR(heldRates, 10).map((w) => w.r!)
+      assert.isTrue(heldR.every((r) => within(r, 2, 0.1)), `default: held R per window ${heldR.join(", ")}`)
+      // and so the sampled R (training's compute) and the threshold R (inference's), each on its side
+      assert.isTrue(within(h.windows!.min, 2, 0.1) && within(h.windows!.max, 2, 0.1), `default: windows ${JSON.stringify(h.windows)}`)
+      assert.isTrue(within(h.valCompression, 2, 0.15), `default: threshold R ${h.valCompression}`)
       // the plain loss lets R run far off (10–30 in this run's second half)
       assert.isAbove(p.windows!.max, 4, `plain: windows ${JSON.stringify(p.windows)}`)
       // the log carries F, G, the ratio loss and the sampled R per step, the threshold R at the evaluation
@@ -106,7 +120,9 @@ describe("training with the ratio controller (cpu)", () => {
       assert.closeTo(m.compression!, 1 / m.boundaryRate!, 1e-12)
       assert.isTrue(m.boundaryProb! > 0 && m.boundaryProb! < 1)
       assert.isTrue(Number.isFinite(m.ratioLoss!))
-      assert.strictEqual(held.metrics[39]!.valCompression, h.valCompression)
+      // the rate at p ≥ ½ of the training batch: at least the forced row starts (1 of 32 tokens)
+      assert.isTrue(m.thresholdRate! >= 1 / 32 && m.thresholdRate! <= 1, `thresholdRate ${m.thresholdRate}`)
+      assert.strictEqual(held.metrics[59]!.valCompression, h.valCompression)
       assert.isDefined(h.valCompression)
     }).pipe(cpu), 300_000)
 
@@ -119,7 +135,7 @@ describe("training with the ratio controller (cpu)", () => {
       let s = initialRatioControl
       let moved = -1
       for (const [i, x] of whole.metrics.entries()) {
-        s = ratioControlStep(s, 2, x.boundaryRate!)
+        s = ratioControlStep(s, 2, controlledRate(spec({ ki: 0.05 }), x.boundaryRate!, x.thresholdRate!))
         if (moved < 0 && s.integral !== 0) moved = i + 1
       }
       assert.isTrue(moved > 0 && moved + 2 < 30, `the integral never moved before step 28 (first at ${moved})`)

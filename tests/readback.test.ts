@@ -131,7 +131,7 @@ layer(backendLayer("cpu"))("without synchronous reads", (it) => {
           const r = {
             ...base,
             total: scalar(1.5), ce: scalar(1.25), aux: scalar(0.25),
-            deviceStats: concepts ? { concepts: scalar(40), boundaryProbSum: scalar(41.5), dropped: scalar(2) } : undefined,
+            deviceStats: concepts ? { concepts: scalar(40), boundaryProbSum: scalar(41.5), dropped: scalar(2), threshold: scalar(37) } : undefined,
             routing: routing ? { routed: scalar(96), kept: scalar(90) } : undefined
           } as unknown as Parameters<typeof packStats>[1]
           const packed = packStats(tf, r)
@@ -140,7 +140,7 @@ layer(backendLayer("cpu"))("without synchronous reads", (it) => {
           assert.strictEqual(tf.memory().numTensors, before)
           assert.deepStrictEqual(readStats(values, { concepts, routing }), {
             loss: 1.5, ce: 1.25, aux: 0.25,
-            ...(concepts ? { concepts: 40, boundaryProbSum: 41.5, dropped: 2 } : {}),
+            ...(concepts ? { concepts: 40, boundaryProbSum: 41.5, dropped: 2, thresholdConcepts: 37 } : {}),
             ...(routing ? { expertPairs: 96, expertDropped: 6 } : {})
           })
         }

@@ -3,11 +3,11 @@
  * cost (for ConceptMoE at the measured compression), and backends agree.
  */
 import { assert, describe, it, layer } from "@effect/vitest"
-import { Effect } from "effect"
+import { ConfigProvider, Effect, Result } from "effect"
 import * as fs from "node:fs"
 import * as path from "node:path"
 import { dawnFlags, Tensors, layer as backendLayer, load } from "../src/runtime/Backend.ts"
-import { switchOn } from "../src/runtime/Env.ts"
+import * as Settings from "../src/internal/Settings.ts"
 import { loss, materialize } from "../src/runtime/Lower.ts"
 import { verify } from "../src/runtime/Verify.ts"
 import { load as loadJson, loadFile, root } from "./support/models.ts"
@@ -110,18 +110,13 @@ describe("Dawn's flags", () => {
 describe("on/off settings", () => {
   it("read unset, on and off, and name the variable on anything else", () => {
     const name = "CONCEPTMOE_TEST_SWITCH"
-    try {
-      delete process.env[name]
-      assert.isTrue(switchOn(name))
-      process.env[name] = "on"
-      assert.isTrue(switchOn(name))
-      process.env[name] = "off"
-      assert.isFalse(switchOn(name))
-      process.env[name] = "0"
-      assert.throws(() => switchOn(name), /CONCEPTMOE_TEST_SWITCH="0": expected on or off/)
-    } finally {
-      delete process.env[name]
-    }
+    const read = (env: Record<string, string>) =>
+      Effect.runSync(Effect.result(Settings.get(Settings.onOff(name, "")).pipe(Effect.provideService(ConfigProvider.ConfigProvider, ConfigProvider.fromEnv({ env })))))
+    assert.deepStrictEqual(read({}), Result.succeed(true))
+    assert.deepStrictEqual(read({ [name]: "on" }), Result.succeed(true))
+    assert.deepStrictEqual(read({ [name]: "off" }), Result.succeed(false))
+    const bad = read({ [name]: "0" })
+    assert.isTrue(Result.isFailure(bad) && /CONCEPTMOE_TEST_SWITCH="0": expected on or off/.test(bad.failure.message), JSON.stringify(bad))
   })
 })
 

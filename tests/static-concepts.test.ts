@@ -35,20 +35,28 @@ const seed = 12345
  * Loss parts and gradients of one training pass (the static one with `capacity`), plus its
  * boundaries; MoE layers dispatch densely unless `dispatch` says otherwise.
  */
-const pass = (tf: Tf, low: ReturnType<typeof materialize>, capacity?: number, dispatch: Dispatch = "dense") => {
+const pass = (tf: Tf, low: ReturnType<typeof materialize>, capacity?: number, dispatch: Dispatch = "dense", integral?: number) => {
   const feeds = capacity === undefined ? undefined : (() => {
     const v = conceptFeedValues(batch, seed)
-    return { random: tf.tensor1d(v.random), documentStart: tf.tensor1d(v.documentStart), capacity }
+    return {
+      random: tf.tensor1d(v.random),
+      documentStart: tf.tensor1d(v.documentStart),
+      capacity,
+      ...(integral === undefined ? {} : { ratioIntegral: tf.tensor1d([integral]) })
+    }
   })()
   const vars = [...low.variables.values()]
-  let info: { boundaries: Array<number>; concepts: number; dropped: number; ce: number; aux: number } | undefined
+  let info: { boundaries: Array<number>; concepts: number; threshold: number; dropped: number; ce: number; aux: number } | undefined
   const { value, grads } = tf.variableGrads(() => {
-    const r = loss(low, batch, { training: true, seed, dispatch, ...(feeds === undefined ? {} : { concept: feeds }) })
+    // the host path takes the controller's integral as a constant, the static one as a feed
+    const control = integral === undefined || feeds !== undefined ? {} : { ratioControl: { integral } }
+    const r = loss(low, batch, { training: true, seed, dispatch, ...control, ...(feeds === undefined ? {} : { concept: feeds }) })
     const ch = r.ctx.chunk!
     const dc = r.ctx.deviceCompression
     info = {
       boundaries: ch.slots === undefined ? Array.from(ch.boundaries) : Array.from(ch.slots.b.dataSync()),
       concepts: dc === undefined ? r.ctx.compression.concepts : dc.concepts.dataSync()[0]!,
+      threshold: dc === undefined ? r.ctx.compression.thresholdConcepts : dc.threshold.dataSync()[0]!,
       dropped: dc === undefined ? 0 : dc.dropped.dataSync()[0]!,
       ce: r.ce.dataSync()[0]!,
       aux: r.aux.dataSync()[0]!
@@ -57,7 +65,7 @@ const pass = (tf: Tf, low: ReturnType<typeof materialize>, capacity?: number, di
   }, vars)
   const out = { total: value.dataSync()[0]!, grads: vars.map((v) => Array.from(grads[v.name]!.dataSync())), ...info! }
   tf.dispose([value, ...Object.values(grads)])
-  if (feeds !== undefined) tf.dispose([feeds.random, feeds.documentStart])
+  if (feeds !== undefined) tf.dispose([feeds.random, feeds.documentStart, ...(feeds.ratioIntegral === undefined ? [] : [feeds.ratioIntegral])])
   return out
 }
 
@@ -81,6 +89,8 @@ describe("static-shape ConceptMoE training", () => {
         assert.deepInclude(tf.memory(), { numTensors: before.numTensors, numBytes: before.numBytes })
         assert.deepStrictEqual(fixed.boundaries, host.boundaries)
         assert.strictEqual(fixed.concepts, host.concepts)
+        // the boundaries at p ≥ ½ (the controller's second rate): the same count on both paths
+        assert.strictEqual(fixed.threshold, host.threshold)
         assert.strictEqual(fixed.dropped, 0)
         assert.closeTo(fixed.ce, host.ce, 1e-5)
         // the ratio and balance losses (balance over real concepts only, not the padding)
@@ -94,6 +104,21 @@ describe("static-shape ConceptMoE training", () => {
       release(low)
     })
   }
+
+  it("the ratio controller's integral fed as a tensor (as a recorded step replays it) gives the host path's loss and gradients", async () => {
+    const m = await Effect.runPromise(load(variants[0]![1]))
+    const low = materialize(tf, m.analysis, 7)
+    const without = pass(tf, low, 2, "dense", 0)
+    for (const integral of [3, -7.5]) {
+      const host = pass(tf, low, undefined, "dense", integral)
+      const fixed = pass(tf, low, 2, "dense", integral)
+      assert.closeTo(fixed.aux, host.aux, 1e-6)
+      fixed.grads.forEach((g, i) => assert.isAtMost(maxDiff(g, host.grads[i]!), 1e-5, `gradient ${i}`))
+      // and the integral does change the loss (ki·R/(R−1)·I·G with G of order ½)
+      assert.isAbove(Math.abs(fixed.aux - without.aux), 0.05)
+    }
+    release(low)
+  })
 
   it("a concept model with bidirectional attention does not attend to the padded slots", async () => {
     const m = await Effect.runPromise(load(variants[0]![1]))

@@ -20,12 +20,16 @@ import type { ForwardContext, Tensor, Tensor2D } from "../graph/Apply.ts"
 import { crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import * as ops from "./ops.ts"
 import { prng } from "../internal/Random.ts"
+import { Unsupported } from "../internal/RunErrors.ts"
 
 const NonNegative = Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0)))
 
 /** Default gains of `ratioControl: "pi"` (chosen by measurement: docs/training.md, "Compression control"). */
 export const DEFAULT_KP = 0.3
 export const DEFAULT_KI = 0.03
+export const DEFAULT_THRESHOLD_WEIGHT = 0.5
+
+const UnitInterval = Schema.Finite.pipe(Schema.check(Schema.isBetween({ minimum: 0, maximum: 1 })))
 
 export const ChunkerSpec = Schema.Struct({
   d: Dim,
@@ -44,7 +48,13 @@ export const ChunkerSpec = Schema.Struct({
   /** Proportional weight of "pi" (the ratio loss's weight in that mode). */
   kp: withDefault(NonNegative, DEFAULT_KP),
   /** Integral weight of "pi". */
-  ki: withDefault(NonNegative, DEFAULT_KI)
+  ki: withDefault(NonNegative, DEFAULT_KI),
+  /**
+   * What "pi" holds at 1/R: the rate (1 − w)·F + w·F½, F the sampled boundary rate (training's
+   * compute) and F½ the rate at p ≥ ½ on the same batch (inference's). 0 holds the sampled rate
+   * alone. See {@link controlledRate}.
+   */
+  thresholdWeight: withDefault(UnitInterval, DEFAULT_THRESHOLD_WEIGHT)
 }).pipe(Schema.check(crossCheck((s) => s.ratio <= 1 ? ["ratio", `the compression ratio must exceed 1, got ${s.ratio}`] : undefined)))
 export type ChunkerSpec = typeof ChunkerSpec.Type
 
@@ -84,6 +94,17 @@ export const ratioControlStep = (state: RatioControl, ratio: number, boundaryRat
 }
 
 /**
+ * The boundary rate the controller of `s` holds at 1/R, from a batch's sampled rate F and its rate
+ * at threshold F½ (p ≥ ½): F for "plain" (the paper's loss), (1 − w)·F + w·F½ for "pi" (w =
+ * `thresholdWeight`). The sharpened Bernoulli fires on some p just under ½ and skips some just over,
+ * so F and F½ differ where many p sit near ½ (at R 4 the threshold R ran 20–40% above the sampled
+ * one: docs/training.md, "Compression control"); holding their mean splits that gap between
+ * training's compression and inference's instead of putting all of it on inference.
+ */
+export const controlledRate = (s: ChunkerSpec, F: number, thresholdF: number): number =>
+  s.ratioControl === "plain" ? F : (1 - s.thresholdWeight) * F + s.thresholdWeight * thresholdF
+
+/**
  * The ratio loss's weights for a step: L = a·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) + b·G, F without
  * gradient, G = mean p. "plain": a = λ, b = 0 (the paper). "pi": a = kp, b = ki·R/(R−1)·integral,
  * so ∂L/∂G = R/(R−1)·(kp·(R·F − 1) + ki·integral).
@@ -118,7 +139,7 @@ const applyChunker = (ctx: ForwardContext, spec: ChunkerSpec, x: Tensor, p: Read
   const n = x.shape[0]!
   const rows = ctx.layout
   const d = x.shape[1]!
-  if (cache !== undefined && ctx.training) throw new Error("incremental decoding runs in evaluation mode")
+  if (cache !== undefined && ctx.training) throw new Unsupported({ at: ctx.scope, problem: "incremental decoding runs in evaluation mode (training: false)" })
   // decoding: the previous token's unit key of each row, and the tokens seen per row
   const state = cache?.state(ctx.scope, () => ({ prevK: tf.keep(tf.zeros([rows.length, d])) as Tensor, seen: new Array<number>(rows.length).fill(0) }))
   const carried = state === undefined ? 0 : rows.length
@@ -190,7 +211,15 @@ const applyChunker = (ctx: ForwardContext, spec: ChunkerSpec, x: Tensor, p: Read
     state.prevK = next
     rows.forEach((L, r) => (state.seen[r]! += L))
   }
-  const F = count / n
+  let sum = 0
+  let atThreshold = 0
+  for (let i = 0; i < n && host !== undefined; i++) {
+    sum += host[i]!
+    if (host[i]! >= 0.5) atThreshold++
+  }
+  if (host === undefined) atThreshold = count
+  // the controlled rate (controlledRate: the sampled one, or its mean with the rate at p ≥ ½)
+  const F = controlledRate(s, count / n, atThreshold / n)
   const G = tf.mean(probs)
   const R = s.ratio
   // L = a·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) + b·G (ratioLossWeights)
@@ -201,9 +230,8 @@ const applyChunker = (ctx: ForwardContext, spec: ChunkerSpec, x: Tensor, p: Read
   ctx.chunk = { h: x as Tensor2D, p: probs, boundaries, receive, concepts }
   ctx.compression.tokens += n
   ctx.compression.concepts += count
-  let sum = 0
-  for (let i = 0; i < n && host !== undefined; i++) sum += host[i]!
   ctx.compression.boundaryProbSum += sum
+  ctx.compression.thresholdConcepts += atThreshold
   return x
 }
 
@@ -230,7 +258,7 @@ const staticBoundaries = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, probs:
   const n = x.shape[0]!
   const L = rows[0] ?? 0
   if (ctx.chunk !== undefined || !rows.every((r) => r === L)) {
-    throw new Error(`static-shape concept stages need one stage over rows of equal length (at ${ctx.scope})`)
+    throw new Unsupported({ at: ctx.scope, problem: "static-shape concept stages need one stage over rows of equal length" })
   }
   const R = rows.length
   const C = conceptSlots(L, s.ratio, feeds.capacity)
@@ -238,7 +266,7 @@ const staticBoundaries = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, probs:
   for (let r = 0; r < R; r++) {
     let count = 1
     for (let i = 1; i < L; i++) if (ctx.documentStarts.has(r * L + i)) count++
-    if (count > C) throw new Error(`row ${r} has ${count} forced boundaries (its start and document starts), more than its ${C} concept slots; raise conceptCapacity or train it on the host path`)
+    if (count > C) throw new Unsupported({ at: ctx.scope, problem: `row ${r} has ${count} forced boundaries (its start and document starts), more than its ${C} concept slots; raise conceptCapacity or train it on the host path` })
   }
   // the sampling and the capping have no gradient: computed off the tape, as the host path does
   const pr = ctx.stop(probs)
@@ -254,22 +282,34 @@ const staticBoundaries = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, probs:
   const receive = tf.cast(tf.reshape(tf.add(tf.sub(tf.cumsum(b2, 1), 1), rowBase), [n]), "int32")
   const sampled = tf.sum(sampled2)
   const count = tf.sum(b)
+  // the boundaries evaluation would take (p ≥ ½; forced ones have p = 1)
+  const atThreshold = tf.sum(tf.cast(tf.greaterEqual(pr, 0.5), "float32"))
   const G = tf.mean(probs)
   const ratio = s.ratio
-  const F = tf.div(count, n)
+  // the controlled rate, as controlledRate computes it on the host
+  const wt = s.ratioControl === "plain" ? 0 : s.thresholdWeight
+  const F = tf.div(wt === 0 ? count : tf.add(tf.mul(count, 1 - wt), tf.mul(atThreshold, wt)), n)
   // L = a·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) + b·G (ratioLossWeights)
   const w = ratioLossWeights(s, ctx.ratioControl)
   const paper = tf.mul(tf.add(tf.mul(tf.mul(G, F), ratio - 1), tf.mul(tf.sub(1, G), tf.sub(1, F))), (ratio / (ratio - 1)) * w.a)
-  const ratioLoss = w.b === 0 ? paper : tf.add(paper, tf.mul(G, w.b))
-  if (w.a > 0 || w.b !== 0) ctx.auxLosses.push(ratioLoss)
+  // b = ki·R/(R−1)·integral, from the fed integral when there is one (ratioLossWeights with integral 1 gives the factor)
+  const fed = feeds.ratioIntegral !== undefined && s.ratioControl === "pi" && s.ki > 0
+  const integralWeight = fed ? tf.mul(tf.reshape(ctx.stop(feeds.ratioIntegral!), []), ratioLossWeights(s, { integral: 1 }).b) : w.b
+  const ratioLoss = integralWeight === 0 ? paper : tf.add(paper, tf.mul(G, integralWeight))
+  if (w.a > 0 || integralWeight !== 0) ctx.auxLosses.push(ratioLoss)
   ctx.chunk = { h: x as Tensor2D, p: probs, boundaries: new Uint8Array(0), receive: new Int32Array(0), concepts: [], slots: { b, receive, capacity: C, documentStart: feeds.documentStart } }
   ctx.compression.tokens += n
   const probSum = tf.sum(pr)
   const dropped = tf.sub(sampled, count)
   const before = ctx.deviceCompression
   ctx.deviceCompression = before === undefined
-    ? { concepts: count, boundaryProbSum: probSum, dropped }
-    : { concepts: tf.add(before.concepts, count), boundaryProbSum: tf.add(before.boundaryProbSum, probSum), dropped: tf.add(before.dropped, dropped) }
+    ? { concepts: count, boundaryProbSum: probSum, dropped, threshold: atThreshold }
+    : {
+      concepts: tf.add(before.concepts, count),
+      boundaryProbSum: tf.add(before.boundaryProbSum, probSum),
+      dropped: tf.add(before.dropped, dropped),
+      threshold: tf.add(before.threshold, atThreshold)
+    }
   return x
 }
 
@@ -297,5 +337,6 @@ export const chunker = <const D extends number>(
     readonly ratioControl?: "plain" | "pi"
     readonly kp?: number
     readonly ki?: number
+    readonly thresholdWeight?: number
   } & Named
 ): Block<D, D> => leaf(Chunker, spec)

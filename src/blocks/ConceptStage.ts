@@ -21,6 +21,7 @@ import type { Tensor1D } from "@tensorflow/tfjs"
 import { crossCheck, PositiveNumber } from "../graph/Spec.ts"
 import { Chunker } from "./Chunker.ts"
 import { Dechunk } from "./Dechunk.ts"
+import { Unsupported } from "../internal/RunErrors.ts"
 
 export const ConceptStageSpec = Schema.Struct({
   ratio: PositiveNumber,
@@ -44,7 +45,7 @@ const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: 
     concepts: new Array<number>(rows.length).fill(0),
     pending: spec.merge === "sum" ? tf.keep(tf.zeros([rows.length, d])) as Tensor : undefined
   }))
-  if (state !== undefined && ctx.documentStarts.size > 0) throw new Error("incremental decoding does not take document starts inside a row")
+  if (state !== undefined && ctx.documentStarts.size > 0) throw new Unsupported({ at: ctx.scope, problem: "incremental decoding does not take document starts inside a row" })
   chunk(x)
   const ch = ctx.chunk!
   if (ch.slots !== undefined) return staticStage(ctx, spec, x, ch, body, de)

@@ -69,6 +69,12 @@ export interface ConceptFeeds {
   readonly random: Tensor
   readonly documentStart: Tensor
   readonly capacity: number
+  /**
+   * The ratio controller's integral (`Chunker.RatioControl`) as a scalar tensor, so that a recorded
+   * step replays with each step's value instead of the one it was recorded with. Without it the
+   * pass's `ratioControl` is used as a constant.
+   */
+  readonly ratioIntegral?: Tensor
 }
 
 /**
@@ -151,13 +157,16 @@ export interface ForwardContext {
   readonly auxLosses: Array<Tensor>
   /** Executed matmul FLOPs, when counting. */
   readonly flops: FlopCounter
-  /** Measured compression: tokens and concepts seen by concept stages. */
-  readonly compression: { tokens: number; concepts: number; boundaryProbSum: number }
+  /**
+   * Measured compression: tokens and concepts seen by concept stages, the sum of their boundary
+   * probabilities, and the concepts the same pass would have at evaluation (p ≥ ½, forced included).
+   */
+  readonly compression: { tokens: number; concepts: number; boundaryProbSum: number; thresholdConcepts: number }
   /**
    * With {@link ConceptFeeds}: the same measures on the device (concepts, Σ boundary probability,
    * sampled boundaries dropped for want of slots), summed over the stages.
    */
-  deviceCompression: { readonly concepts: Tensor; readonly boundaryProbSum: Tensor; readonly dropped: Tensor } | undefined
+  deviceCompression: { readonly concepts: Tensor; readonly boundaryProbSum: Tensor; readonly dropped: Tensor; readonly threshold: Tensor } | undefined
   /** Static-shape ConceptMoE training inputs, if the step runs with them. */
   readonly conceptFeeds: ConceptFeeds | undefined
   /**

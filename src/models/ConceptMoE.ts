@@ -45,6 +45,8 @@ export const conceptFields = {
   /** Gains of `ratioControl` "pi" (defaults in `Chunker.ts`). */
   kp: Schema.optionalKey(Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0)))),
   ki: Schema.optionalKey(Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0)))),
+  /** With "pi": the weight of the rate at p ≥ ½ in the rate held at 1/R (0 to 1; default ½; blocks/Chunker.ts). */
+  thresholdWeight: Schema.optionalKey(Schema.Finite.pipe(Schema.check(Schema.isBetween({ minimum: 0, maximum: 1 })))),
   jointDecoding: withDefault(Schema.Boolean, true),
   /**
    * A model converted from a trained MoE (`train/Convert.ts`): training ramps from every token a boundary
@@ -235,6 +237,7 @@ export const buildConceptMoE = (
         ...(s.ratioControl === undefined ? {} : { ratioControl: s.ratioControl }),
         ...(s.kp === undefined ? {} : { kp: s.kp }),
         ...(s.ki === undefined ? {} : { ki: s.ki }),
+        ...(s.thresholdWeight === undefined ? {} : { thresholdWeight: s.thresholdWeight }),
         name: "chunk"
       }),
       sequence(body, { name: "model" }) as Block<number, number>,

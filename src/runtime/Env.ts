@@ -6,7 +6,6 @@
  *
  * @since 0.3.0
  */
-import { ConfigProvider, Effect } from "effect"
 import type { Tf } from "../graph/Apply.ts"
 import * as Settings from "../internal/Settings.ts"
 
@@ -20,12 +19,3 @@ export const useSettings = (tf: Tf, settings: Settings.RuntimeSettings): void =>
 
 /** The settings resolved for `tf` when its backend loaded, else the defaults. */
 export const settingsOf = (tf: Tf): Settings.RuntimeSettings => resolved.get(tf.env()) ?? Settings.defaults
-
-/**
- * An on/off setting (`CONCEPTMOE_FUSED`, `CONCEPTMOE_CAPTURE`) read from the environment as it is
- * now; a value other than on or off throws its `SettingError`.
- *
- * @deprecated Read the value resolved when the backend loaded: `settingsOf(tf).capture`.
- */
-export const switchOn = (name: string): boolean =>
-  Effect.runSync(Settings.get(Settings.onOff(name, "")).pipe(Effect.provideService(ConfigProvider.ConfigProvider, ConfigProvider.fromEnv())))

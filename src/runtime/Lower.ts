@@ -123,19 +123,8 @@ export interface ForwardOptions {
    * batch (`train/Parallel.ts`) continues the whole batch's stream after the rows before it.
    */
   readonly drawOffset?: number
-  /** A converted model's ramp position s ∈ [0, 1] (`ForwardContext.ramp`); default: {@link setRamp}'s, else none. */
+  /** A converted model's ramp position s ∈ [0, 1] (`ForwardContext.ramp`); default none (s = 1, the paper's model). */
   readonly ramp?: number
-}
-
-const ramps = new WeakMap<Lowered, number>()
-
-/**
- * Sets the ramp position s ∈ [0, 1] of a converted model (`train/Convert.ts`) for the passes that
- * follow (training steps and evaluations); `undefined` clears it (s = 1, the paper's model).
- */
-export const setRamp = (m: Lowered, s: number | undefined): void => {
-  if (s === undefined) ramps.delete(m)
-  else ramps.set(m, Math.min(1, Math.max(0, s)))
 }
 
 export interface Feeds {
@@ -247,7 +236,7 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
       return byKey.get(key) as T
     },
     documentStarts: starts,
-    ramp: options.ramp ?? ramps.get(m),
+    ramp: options.ramp === undefined ? undefined : Math.min(1, Math.max(0, options.ramp)),
     // packed documents: each row's documents from the batch's document starts, or (fed positions,
     // which change every step of a captured step) from the fed positions on the device
     documents: options.cache !== undefined
@@ -261,7 +250,7 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     chunk: undefined,
     auxLosses: [],
     flops,
-    compression: { tokens: 0, concepts: 0, boundaryProbSum: 0 },
+    compression: { tokens: 0, concepts: 0, boundaryProbSum: 0, thresholdConcepts: 0 },
     deviceCompression: undefined,
     conceptFeeds: options.concept,
     valid: undefined,

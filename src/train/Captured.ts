@@ -22,8 +22,8 @@ import { type Batch, conceptFeedValues, type Feeds, feedValues, type Lowered, mi
 import type { ConceptFeeds } from "../graph/Apply.ts"
 import { conceptSlots } from "../blocks/Chunker.ts"
 import { type TuneRow, tuneMatMuls, watchProducts } from "../runtime/MatMul.ts"
-import { switchOn } from "../runtime/Env.ts"
-import { failOnGpuErrors, type Optimizer, packStats, readStats, stepInputValues, stepOnDevice, stepOptions, trainStepAsync, type TrainSettings } from "./Step.ts"
+import { settingsOf } from "../runtime/Env.ts"
+import { failOnGpuErrors, type Optimizer, packStats, type PassOptions, readStats, stepInputValues, stepOnDevice, stepOptions, trainStepAsync, type TrainSettings } from "./Step.ts"
 
 export type Mode =
   | { readonly mode: "warming" }
@@ -38,6 +38,8 @@ export interface StepResult {
   readonly tokens: number
   readonly concepts: number
   readonly boundaryProbSum: number
+  /** Concepts the step's batch would have at evaluation (p ≥ ½). */
+  readonly thresholdConcepts: number
   /** Sampled boundaries dropped for want of concept slots (static-shape ConceptMoE steps). */
   readonly dropped?: number
   /** Token-expert pairs routed, and dropped for want of expert slots, over the MoE layers (capacity dispatch). */
@@ -46,13 +48,19 @@ export interface StepResult {
   readonly profile?: StepProfile
 }
 
+export interface StepCallOptions {
+  readonly profile?: "step" | "dispatches"
+  readonly pass?: PassOptions
+}
+
 export interface CapturedTrainer {
   /**
    * One step: loss parts, learning rate and stage statistics, as `trainStepAsync`. With `profile`,
    * a replayed step is timed on the GPU (`Captured.profile`) and the result has `profile`; other
-   * steps run as usual.
+   * steps run as usual. `pass`: the step's ramp and ratio controller state (`Step.PassOptions`); the
+   * controller's integral is a feed, so a replay uses each step's value.
    */
-  readonly step: (batch: Batch, step: number, options?: { readonly profile?: "step" | "dispatches" }) => Promise<StepResult>
+  readonly step: (batch: Batch, step: number, options?: StepCallOptions) => Promise<StepResult>
   /** Whether steps are replayed, and if not why. */
   readonly mode: () => Mode
   /**
@@ -92,10 +100,15 @@ export const capturedTrainer = (
   const ratio = stages.length === 1 ? (low.analysis.specs.get(stages[0]!.path) as { ratio: number }).ratio : undefined
   const concept: ConceptFeeds | undefined = ratio === undefined
     ? undefined
-    : { random: tf.keep(tf.zeros([n], "float32")), documentStart: tf.keep(tf.zeros([n], "float32")), capacity: settings.conceptCapacity }
+    : {
+      random: tf.keep(tf.zeros([n], "float32")),
+      documentStart: tf.keep(tf.zeros([n], "float32")),
+      capacity: settings.conceptCapacity,
+      ratioIntegral: tf.keep(tf.zeros([1], "float32"))
+    }
   const slots = ratio === undefined ? 0 : conceptSlots(length, ratio, settings.conceptCapacity)
-  const feedList: ReadonlyArray<Tensor> = [feeds.ids, feeds.positions, feeds.labels, feeds.mask, stepValues, ...(concept === undefined ? [] : [concept.random, concept.documentStart])]
-  const valuesOf = (batch: Batch, step: number): ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]> => {
+  const feedList: ReadonlyArray<Tensor> = [feeds.ids, feeds.positions, feeds.labels, feeds.mask, stepValues, ...(concept === undefined ? [] : [concept.random, concept.documentStart, concept.ratioIntegral!])]
+  const valuesOf = (batch: Batch, step: number, pass: PassOptions): ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]> => {
     if (batch.rows * batch.length !== n) throw new Error(`a captured trainer for ${rows}×${length} tokens got a batch of ${batch.rows}×${batch.length}`)
     const v = feedValues(batch)
     const c = concept === undefined ? undefined : conceptFeedValues(batch, mixSeed(settings.seed, step))
@@ -105,7 +118,11 @@ export const capturedTrainer = (
       [feeds.labels, v.labels],
       [feeds.mask, v.mask],
       [stepValues, Float32Array.from(stepInputValues(settings, step))],
-      ...(concept === undefined || c === undefined ? [] : [[concept.random, c.random], [concept.documentStart, c.documentStart]] as const)
+      ...(concept === undefined || c === undefined ? [] : [
+        [concept.random, c.random],
+        [concept.documentStart, c.documentStart],
+        [concept.ratioIntegral!, Float32Array.of(pass.ratioControl?.integral ?? 0)]
+      ] as const)
     ]
   }
   /** Whether every row's forced boundaries (its start, its documents' starts) fit the concept slots. */
@@ -116,7 +133,7 @@ export const capturedTrainer = (
   }
   let mode: Mode = options.record === false
     ? { mode: "eager", reason: "recording turned off" }
-    : !switchOn("CONCEPTMOE_CAPTURE")
+    : !settingsOf(tf).capture
     ? { mode: "eager", reason: "CONCEPTMOE_CAPTURE=off" }
     : { mode: "warming" }
   let first: Captured | undefined
@@ -138,14 +155,14 @@ export const capturedTrainer = (
   const read = async (outputs: ReadonlyArray<Tensor>) => {
     const values = await outputs[0]!.data()
     failOnGpuErrors()
-    return { concepts: 0, boundaryProbSum: 0, ...readStats(values, { concepts: concept !== undefined, routing: routes }), ...(concept === undefined ? {} : { tokens: n }) }
+    return { concepts: 0, boundaryProbSum: 0, thresholdConcepts: 0, ...readStats(values, { concepts: concept !== undefined, routing: routes }), ...(concept === undefined ? {} : { tokens: n }) }
   }
-  const eagerStep = (batch: Batch, step: number) => {
+  const eagerStep = (batch: Batch, step: number, pass: PassOptions) => {
     // every op on the GPU, as in a recording (tfjs otherwise runs small ops on the CPU)
     const cpuForward = tf.env().getBool("WEBGPU_CPU_FORWARD")
     tf.env().set("WEBGPU_CPU_FORWARD", false)
     try {
-      const r = stepOnDevice(low, opt, batch, settings, step, undefined, { feeds, stepValues, ...(concept === undefined ? {} : { concept }) })
+      const r = stepOnDevice(low, opt, batch, settings, step, undefined, { feeds, stepValues, ...(concept === undefined ? {} : { concept }) }, pass)
       routes = r.routing !== undefined
       return { outputs: [packStats(tf, r)] as ReadonlyArray<Tensor>, lr: r.lr, tokens: r.stats.tokens }
     } finally {
@@ -154,33 +171,34 @@ export const capturedTrainer = (
   }
   const meta = (step: number) => ({ lr: stepInputValues(settings, step)[0]!, tokens: 0 })
 
-  const step = async (batch: Batch, s: number, options: { readonly profile?: "step" | "dispatches" } = {}): Promise<StepResult> => {
+  const step = async (batch: Batch, s: number, options: StepCallOptions = {}): Promise<StepResult> => {
+    const pass = options.pass ?? {}
     const call = calls++
     if (call === 0) stepZero = watchProducts()
     // the products step 0 ran (not, e.g., an evaluation's), before anything is recorded
     if (call === 1) tuned = await tuneMatMuls(tf, { products: stepZero?.() ?? new Set() })
     // a batch whose forced boundaries alone overflow the concept slots takes the host path (a
     // replay after it records again: the variables changed outside the recording)
-    if (concept !== undefined && !fitsSlots(batch)) return trainStepAsync(low, opt, batch, settings, s)
+    if (concept !== undefined && !fitsSlots(batch)) return trainStepAsync(low, opt, batch, settings, s, pass)
     if (!checked) {
       checked = true
       // only a step without host reads can be recorded
-      if (concept !== undefined) writeFeeds(tf, valuesOf(batch, s))
-      const reads = await recordReads(low, batch, { ...stepOptions(low, settings, s), ...(concept === undefined ? {} : { feeds, concept }) })
+      if (concept !== undefined) writeFeeds(tf, valuesOf(batch, s, pass))
+      const reads = await recordReads(low, batch, { ...stepOptions(low, settings, s, pass), ...(concept === undefined ? {} : { feeds, concept }) })
       if (reads.length > 0) {
         readsHost = true
         if (mode.mode === "warming") mode = { mode: "eager", reason: `the model reads ${reads.length} host value(s) per step (concept boundaries)` }
       }
     }
-    if (readsHost) return trainStepAsync(low, opt, batch, settings, s)
+    if (readsHost) return trainStepAsync(low, opt, batch, settings, s, pass)
     if (recording !== undefined) {
       const t0 = performance.now()
       let profile: StepProfile | undefined
       try {
-        if (options.profile === undefined) recording.run(valuesOf(batch, s))
+        if (options.profile === undefined) recording.run(valuesOf(batch, s, pass))
         else {
           // the replay is encoded and submitted before profile's first await
-          const timed = recording.profile(valuesOf(batch, s), options.profile)
+          const timed = recording.profile(valuesOf(batch, s, pass), options.profile)
           issued = performance.now() - t0
           profile = await timed
         }
@@ -197,12 +215,12 @@ export const capturedTrainer = (
       opt.step = s + 1
       return { ...meta(s), ...(await read(recording.outputs)), ...(profile === undefined ? {} : { profile }) }
     }
-    writeFeeds(tf, valuesOf(batch, s))
+    writeFeeds(tf, valuesOf(batch, s, pass))
     // the first step runs through tfjs alone: it compiles the shaders and fills tfjs's caches, which
     // a recording would otherwise see as uploads that the next step does not repeat
     if (mode.mode === "eager" || phase++ === 0) {
       const t0 = performance.now()
-      const r = eagerStep(batch, s)
+      const r = eagerStep(batch, s, pass)
       issued = performance.now() - t0
       const values = await read(r.outputs)
       tf.dispose([...r.outputs])
@@ -210,7 +228,7 @@ export const capturedTrainer = (
     }
     let c: Captured
     try {
-      c = capture(tf, feedList, () => eagerStep(batch, s).outputs)
+      c = capture(tf, feedList, () => eagerStep(batch, s, pass).outputs)
     } catch (e) {
       first?.dispose()
       first = undefined

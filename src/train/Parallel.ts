@@ -30,7 +30,9 @@ import { Worker } from "node:worker_threads"
 import type * as TF from "@tensorflow/tfjs"
 import type { Tensor } from "../graph/Apply.ts"
 import { type Batch, loss, type Lowered } from "../runtime/Lower.ts"
-import { applyGradients, type Optimizer, stepInputValues, stepOptions, type TrainSettings } from "./Step.ts"
+import { applyGradients, type Optimizer, type PassOptions, stepInputValues, stepOptions, type TrainSettings } from "./Step.ts"
+
+export type { PassOptions }
 
 /** The threads a training run uses: `settings.threads`, or else every core on wasm (one elsewhere). */
 export const trainingThreads = (settings: { readonly threads?: number | null }, backend: string): number =>
@@ -46,6 +48,7 @@ export interface ShardResult {
   readonly tokens: number
   readonly concepts: number
   readonly boundaryProbSum: number
+  readonly thresholdConcepts: number
   readonly grads: Array<Float32Array>
 }
 
@@ -81,18 +84,16 @@ export const sliceBatch = (batch: Batch, from: number, rows: number): Batch => {
 export const shardGradients = (low: Lowered, batch: Batch, settings: TrainSettings, step: number, drawOffset: number, pass: PassOptions = {}): ShardResult => {
   const { tf } = low
   const vars = [...low.variables.values()]
-  let info = { targets: 0, tokens: 0, concepts: 0, boundaryProbSum: 0 }
+  let info = { targets: 0, tokens: 0, concepts: 0, boundaryProbSum: 0, thresholdConcepts: 0 }
   const tensors = tf.tidy(() => {
     let ce: Tensor | undefined
     let aux: Tensor | undefined
     const { grads, value } = tf.variableGrads(() => {
       const r = loss(low, batch, {
-        ...stepOptions(low, settings, step),
-        drawOffset,
-        ...(pass.ramp === undefined ? {} : { ramp: pass.ramp }),
-        ...(pass.ratioControl === undefined ? {} : { ratioControl: pass.ratioControl })
+        ...stepOptions(low, settings, step, pass),
+        drawOffset
       })
-      info = { targets: r.tokens, tokens: r.ctx.compression.tokens, concepts: r.ctx.compression.concepts, boundaryProbSum: r.ctx.compression.boundaryProbSum }
+      info = { targets: r.tokens, ...r.ctx.compression }
       ce = tf.keep(r.ce)
       aux = tf.keep(r.aux)
       return r.total
@@ -123,14 +124,6 @@ export const combineGradients = (parts: ReadonlyArray<ShardResult>, weights: Rea
     return out
   })
 
-/**
- * Per-step pass options that live outside the settings: a converted model's ramp position and the
- * ratio controller's state (set on this thread's model by the trainer, sent to the workers).
- */
-export interface PassOptions {
-  readonly ramp?: number | undefined
-  readonly ratioControl?: { readonly integral: number } | undefined
-}
 
 export interface ParallelTrainer {
   /** One optimisation step on `batch`, with the same result as `Step.trainStep`. */
@@ -142,6 +135,7 @@ export interface ParallelTrainer {
     readonly tokens: number
     readonly concepts: number
     readonly boundaryProbSum: number
+    readonly thresholdConcepts: number
     /** Never set here (the device paths' counts of dropped boundaries and token-expert pairs). */
     readonly dropped?: number
     readonly expertPairs?: number
@@ -207,7 +201,6 @@ export const parallelTrainer = async (low: Lowered, opt: Optimizer, config: unkn
       const rows = shardRows(batch.rows, threads)
       const starts = rows.map((_, s) => rows.slice(0, s).reduce((a, r) => a + r, 0))
       const params = vars.map((v) => v.dataSync() as Float32Array)
-      const given: PassOptions = { ...pass, ratioControl: pass.ratioControl ?? (stepOptions(low, settings, step) as PassOptions).ratioControl }
       // the workers' shards first, then ours on this thread while they run
       const asked = workers.slice(0, rows.length - 1).map((w, i) => {
         const s = i + 1
@@ -215,13 +208,13 @@ export const parallelTrainer = async (low: Lowered, opt: Optimizer, config: unkn
         return ask(w, {
           kind: "step",
           step,
-          pass: given,
+          pass,
           drawOffset: drawsBefore(batch, starts[s]!),
           batch: { ...shard, documentStarts: shard.documentStarts === undefined ? undefined : [...shard.documentStarts] },
           params: params.map((p) => p.slice())
         })
       })
-      const mine = shardGradients(low, sliceBatch(batch, 0, rows[0]!), settings, step, 0, given)
+      const mine = shardGradients(low, sliceBatch(batch, 0, rows[0]!), settings, step, 0, pass)
       const replies = await Promise.all(asked)
       const parts: Array<ShardResult> = [mine]
       for (const r of replies) {
@@ -243,7 +236,8 @@ export const parallelTrainer = async (low: Lowered, opt: Optimizer, config: unkn
         lr: stepInputValues(settings, step)[0],
         tokens: sum((p) => p.tokens),
         concepts: sum((p) => p.concepts),
-        boundaryProbSum: sum((p) => p.boundaryProbSum)
+        boundaryProbSum: sum((p) => p.boundaryProbSum),
+        thresholdConcepts: sum((p) => p.thresholdConcepts)
       }
     }
   }

@@ -86,6 +86,22 @@ export const newOptimizer = (low: Lowered): Optimizer => {
   return { m, v, step: 0 }
 }
 
+/**
+ * What a training pass takes from the trainer's state rather than the settings, given with each
+ * step: a converted model's ramp position (`ForwardContext.ramp`, `train/Convert.ts`) and the ratio
+ * controller's state (`Chunker.RatioControl`). Absent: no ramp, the controller's initial state.
+ */
+export interface PassOptions {
+  readonly ramp?: number | undefined
+  readonly ratioControl?: { readonly integral: number } | undefined
+}
+
+/** The fields of {@link PassOptions} that are set, as pass options of `Lower.loss`. */
+const passFields = (pass: PassOptions) => ({
+  ...(pass.ramp === undefined ? {} : { ramp: pass.ramp }),
+  ...(pass.ratioControl === undefined ? {} : { ratioControl: pass.ratioControl })
+})
+
 /** A step's device inputs, for a step that is recorded and replayed (`Captured.ts`). */
 export interface StepInputs {
   readonly feeds: Feeds
@@ -108,26 +124,27 @@ export const stepOnDevice = (
   settings: TrainSettings,
   step: number,
   read: ((t: TF.Tensor) => Float32Array | Int32Array) | undefined,
-  inputs?: StepInputs
+  inputs?: StepInputs,
+  pass: PassOptions = {}
 ) => {
   const { tf } = low
   const [lr] = stepInputValues(settings, step)
   const vars = [...low.variables.values()]
-  let stats = { tokens: 0, concepts: 0, boundaryProbSum: 0 }
+  let stats = { tokens: 0, concepts: 0, boundaryProbSum: 0, thresholdConcepts: 0 }
   let parts: { ce: TF.Scalar; aux: TF.Scalar } | undefined
-  let deviceStats: { concepts: Tensor; boundaryProbSum: Tensor; dropped: Tensor } | undefined
+  let deviceStats: { concepts: Tensor; boundaryProbSum: Tensor; dropped: Tensor; threshold: Tensor } | undefined
   let routing: { routed: Tensor; kept: Tensor } | undefined
   const total = tf.tidy(() => {
     const { grads, value } = tf.variableGrads(() => {
       const r = loss(low, batch, {
-        ...stepOptions(low, settings, step),
+        ...stepOptions(low, settings, step, pass),
         ...(read === undefined ? {} : { read }),
         ...(inputs === undefined ? {} : { feeds: inputs.feeds }),
         ...(inputs?.concept === undefined ? {} : { concept: inputs.concept })
       })
-      stats = { tokens: r.ctx.compression.tokens, concepts: r.ctx.compression.concepts, boundaryProbSum: r.ctx.compression.boundaryProbSum }
+      stats = { ...r.ctx.compression }
       const dc = r.ctx.deviceCompression
-      if (dc !== undefined) deviceStats = { concepts: tf.keep(dc.concepts), boundaryProbSum: tf.keep(dc.boundaryProbSum), dropped: tf.keep(dc.dropped) }
+      if (dc !== undefined) deviceStats = { concepts: tf.keep(dc.concepts), boundaryProbSum: tf.keep(dc.boundaryProbSum), dropped: tf.keep(dc.dropped), threshold: tf.keep(dc.threshold) }
       const er = r.ctx.expertRouting
       if (er !== undefined) routing = { routed: tf.keep(er.routed), kept: tf.keep(er.kept) }
       parts = { ce: tf.keep(r.ce), aux: tf.keep(r.aux) }
@@ -175,23 +192,15 @@ export const applyGradients = (low: Lowered, opt: Optimizer, gs: ReadonlyArray<T
   })
 }
 
-/** The ratio controller's state each lowered model trains with next (see {@link setRatioControl}). */
-const ratioControls = new WeakMap<Lowered, { readonly integral: number }>()
-
 /**
- * Sets the ratio controller's state (`Chunker.RatioControl`) that the next training steps of `low`
- * use; the trainer sets it before each step. Unset: the initial state.
+ * A training pass's options, with the step's {@link PassOptions}: on webgpu MoE layers dispatch
+ * grouped, or by capacity with `expertCapacity`; on wasm grouped.
  */
-export const setRatioControl = (low: Lowered, control: { readonly integral: number }): void => {
-  ratioControls.set(low, control)
-}
-
-/** A training pass's options: on webgpu MoE layers dispatch grouped, or by capacity with `expertCapacity`; on wasm grouped. */
-export const stepOptions = (low: Lowered, settings: TrainSettings, step: number) => ({
+export const stepOptions = (low: Lowered, settings: TrainSettings, step: number, pass: PassOptions = {}) => ({
   training: true,
   seed: mixSeed(settings.seed, step),
   balanceWeight: settings.balanceWeight,
-  ...(ratioControls.has(low) ? { ratioControl: ratioControls.get(low)! } : {}),
+  ...passFields(pass),
   ...(low.tf.getBackend() === "webgpu" ? { dispatch: settings.expertCapacity === null ? "grouped" as const : { capacity: settings.expertCapacity } } : {}),
   // wasm: grouped too (the same routing and loss as sparse; a few dozen ops per MoE layer instead of
   // a gather, slices and products per expert: moe-tiny's step 9,713 → 2,751 kernels)
@@ -205,7 +214,7 @@ export const stepOptions = (low: Lowered, settings: TrainSettings, step: number)
  */
 export const packStats = (tf: Tf, r: ReturnType<typeof stepOnDevice>): Tensor => {
   const d = r.deviceStats
-  const parts = [r.total, r.ce, r.aux, ...(d === undefined ? [] : [d.concepts, d.boundaryProbSum, d.dropped]), ...(r.routing === undefined ? [] : [r.routing.routed, r.routing.kept])]
+  const parts = [r.total, r.ce, r.aux, ...(d === undefined ? [] : [d.concepts, d.boundaryProbSum, d.dropped, d.threshold]), ...(r.routing === undefined ? [] : [r.routing.routed, r.routing.kept])]
   const packed = tf.tidy(() => tf.concat(parts.map((t) => tf.reshape(t, [1]))))
   tf.dispose(parts)
   return packed
@@ -213,12 +222,12 @@ export const packStats = (tf: Tf, r: ReturnType<typeof stepOnDevice>): Tensor =>
 
 /** The values of {@link packStats}: the static ConceptMoE's counts and the routing where the step had them. */
 export const readStats = (v: ArrayLike<number>, has: { readonly concepts: boolean; readonly routing: boolean }) => {
-  const at = has.concepts ? 6 : 3
+  const at = has.concepts ? 7 : 3
   return {
     loss: v[0]!,
     ce: v[1]!,
     aux: v[2]!,
-    ...(has.concepts ? { concepts: v[3]!, boundaryProbSum: v[4]!, dropped: v[5]! } : {}),
+    ...(has.concepts ? { concepts: v[3]!, boundaryProbSum: v[4]!, dropped: v[5]!, thresholdConcepts: v[6]! } : {}),
     ...(has.routing ? { expertPairs: v[at]!, expertDropped: v[at]! - v[at + 1]! } : {})
   }
 }
@@ -238,8 +247,8 @@ const stepResult = (r: ReturnType<typeof stepOnDevice>, values: readonly [number
 }
 
 /** One optimisation step; returns the loss parts and the stage statistics. */
-export const trainStep = (low: Lowered, opt: Optimizer, batch: Batch, settings: TrainSettings, step: number) => {
-  const r = stepOnDevice(low, opt, batch, settings, step, undefined)
+export const trainStep = (low: Lowered, opt: Optimizer, batch: Batch, settings: TrainSettings, step: number, pass: PassOptions = {}) => {
+  const r = stepOnDevice(low, opt, batch, settings, step, undefined, undefined, pass)
   return stepResult(r, [r.total.dataSync()[0]!, r.ce.dataSync()[0]!, r.aux.dataSync()[0]!])
 }
 
@@ -247,9 +256,9 @@ export const trainStep = (low: Lowered, opt: Optimizer, batch: Batch, settings: 
  * The same step for backends that read only asynchronously (webgpu in Node): the host decisions
  * (boundaries; MoE routing unless dispatch is dense) are read in an untaped recording pass first.
  */
-export const trainStepAsync = async (low: Lowered, opt: Optimizer, batch: Batch, settings: TrainSettings, step: number) => {
-  const reads = await recordReads(low, batch, stepOptions(low, settings, step))
-  const r = stepOnDevice(low, opt, batch, settings, step, replay(reads))
+export const trainStepAsync = async (low: Lowered, opt: Optimizer, batch: Batch, settings: TrainSettings, step: number, pass: PassOptions = {}) => {
+  const reads = await recordReads(low, batch, stepOptions(low, settings, step, pass))
+  const r = stepOnDevice(low, opt, batch, settings, step, replay(reads), undefined, pass)
   const packed = packStats(low.tf, r)
   const values = await packed.data()
   packed.dispose()
@@ -269,9 +278,9 @@ export const failOnGpuErrors = (): void => {
 export { syncReads } from "../runtime/Backend.ts"
 
 /** One validation batch: its mean cross-entropy (a tensor, kept), tokens and compression counts. */
-const evalBatch = (low: Lowered, b: Batch, read?: (t: TF.Tensor) => Float32Array | Int32Array) =>
+const evalBatch = (low: Lowered, b: Batch, ramp: number | undefined, read?: (t: TF.Tensor) => Float32Array | Int32Array) =>
   low.tf.tidy(() => {
-    const x = loss(low, b, { training: false, seed: 0, ...(read === undefined ? {} : { read }) })
+    const x = loss(low, b, { training: false, seed: 0, ...(ramp === undefined ? {} : { ramp }), ...(read === undefined ? {} : { read }) })
     return { ce: x.ce, tokens: x.tokens, concepts: x.ctx.compression.concepts, seen: x.ctx.compression.tokens }
   })
 
@@ -286,21 +295,24 @@ const summarize = (parts: ReadonlyArray<EvalPart>) => {
   }
 }
 
-/** Mean validation bits per byte (cross-entropy in bits per token of the byte tokenizer). */
-export const evaluate = (low: Lowered, batches: ReadonlyArray<Batch>): { readonly bitsPerByte: number; readonly compression: number | undefined } =>
+/**
+ * Mean validation bits per byte (cross-entropy in bits per token of the byte tokenizer); a
+ * converted model is evaluated at its ramp position `ramp` (default: none, the paper's model).
+ */
+export const evaluate = (low: Lowered, batches: ReadonlyArray<Batch>, ramp?: number): { readonly bitsPerByte: number; readonly compression: number | undefined } =>
   summarize(batches.map((b) => {
-    const r = evalBatch(low, b)
+    const r = evalBatch(low, b, ramp)
     const ce = r.ce.dataSync()[0]!
     r.ce.dispose()
     return { ...r, ce }
   }))
 
 /** {@link evaluate} for backends that read only asynchronously (reads recorded first). */
-export const evaluateAsync = async (low: Lowered, batches: ReadonlyArray<Batch>) => {
+export const evaluateAsync = async (low: Lowered, batches: ReadonlyArray<Batch>, ramp?: number) => {
   const parts: Array<EvalPart> = []
   for (const b of batches) {
-    const reads = await recordReads(low, b, { training: false, seed: 0 })
-    const r = evalBatch(low, b, replay(reads))
+    const reads = await recordReads(low, b, { training: false, seed: 0, ...(ramp === undefined ? {} : { ramp }) })
+    const r = evalBatch(low, b, ramp, replay(reads))
     const ce = (await r.ce.data())[0]!
     r.ce.dispose()
     parts.push({ ...r, ce })

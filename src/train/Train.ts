@@ -12,7 +12,7 @@ import { type LoadedModel, modelFromJson, parseJson } from "../models/Load.ts"
 import { lineChart, toSvg } from "../report/Plots.ts"
 import { Tensors } from "../runtime/Backend.ts"
 import { fitsInMemory } from "../runtime/Memory.ts"
-import { type Lowered, materialize, release, setRamp } from "../runtime/Lower.ts"
+import { type Lowered, materialize, release } from "../runtime/Lower.ts"
 import { CheckpointError, checkpointFiles, type Metadata, readChecked, type SettingChange, type TensorData } from "./Checkpoint.ts"
 import { commit, ensureDir, lock as lockRun, removeStaleTemps } from "./RunDir.ts"
 import * as Stop from "./Stop.ts"
@@ -21,8 +21,8 @@ import { type DataInfo, DataMismatch, type Stream, sotuData, trainBatch, validat
 import { capturedTrainer } from "./Captured.ts"
 import { parallelTrainer, trainingThreads } from "./Parallel.ts"
 import { describeTuning, takeChoices, tunedChoices } from "../runtime/MatMul.ts"
-import { evaluate, evaluateAsync, newOptimizer, type Optimizer, setRatioControl, syncReads, trainStep, type TrainSettings } from "./Step.ts"
-import { type ChunkerSpec, initialRatioControl, rampSpec, type RatioControl, ratioControlStep, ratioLossValue } from "../blocks/Chunker.ts"
+import { evaluate, evaluateAsync, newOptimizer, type Optimizer, type PassOptions, syncReads, trainStep, type TrainSettings } from "./Step.ts"
+import { type ChunkerSpec, controlledRate, initialRatioControl, rampSpec, type RatioControl, ratioControlStep, ratioLossValue } from "../blocks/Chunker.ts"
 import { compressionSummary, type CompressionSummary } from "./Compression.ts"
 
 export * from "./Step.ts"
@@ -83,6 +83,11 @@ export interface StepMetrics {
   readonly boundaryRate?: number
   /** Mean boundary probability G over the step's tokens (the ratio loss's differentiable part). */
   readonly boundaryProb?: number
+  /**
+   * The boundary rate the step's batch would have at evaluation (tokens with p ≥ ½, forced ones
+   * included, over tokens): the training-time counterpart of `valCompression`.
+   */
+  readonly thresholdRate?: number
   /** The ratio loss as added to the step's loss (weighted; `Chunker.ratioLossValue`). */
   readonly ratioLoss?: number
   readonly valBitsPerByte?: number
@@ -325,7 +330,9 @@ export const train = (
         )
       } else if (chunk !== undefined) {
         // a checkpoint written before the controller: its state from the restored metrics
-        for (const m of metrics) if (m.boundaryRate !== undefined) control = ratioControlStep(control, rampSpec(chunk, rampAt(m.step)).ratio, m.boundaryRate)
+        for (const m of metrics) {
+          if (m.boundaryRate !== undefined) control = ratioControlStep(control, rampSpec(chunk, rampAt(m.step)).ratio, controlledRate(chunk, m.boundaryRate, m.thresholdRate ?? m.boundaryRate))
+        }
       }
       yield* log(`resumed ${model.name} from ${checkpointFile} at step ${start}`)
       // the matmul kernels the run had chosen (webgpu, CONCEPTMOE_MATMUL=auto): the same ones again
@@ -353,7 +360,7 @@ export const train = (
     const save = (step: number, checked: number | undefined) =>
       Effect.gen(function*() {
         const probe = validation.length > 0 ? validation.slice(0, 1) : [trainBatch(data.train, settings.batchSize, settings.seqLen, settings.seed, step)]
-        const loss = checked ?? (sync ? evaluate(low, probe) : yield* Effect.promise(() => evaluateAsync(low, probe))).bitsPerByte
+        const loss = checked ?? (sync ? evaluate(low, probe, rampAt(step - 1)) : yield* Effect.promise(() => evaluateAsync(low, probe, rampAt(step - 1)))).bitsPerByte
         const tensors = yield* Effect.promise(() => checkpointTensors(low, opt))
         const bad = Number.isFinite(loss) ? [...tensors].find(([, t]) => !t.data.every(Number.isFinite))?.[0] : undefined
         if (!Number.isFinite(loss) || bad !== undefined) {
@@ -391,14 +398,14 @@ export const train = (
     for (let step = start; step < end; step++) {
       const batch = trainBatch(data.train, settings.batchSize, settings.seqLen, settings.seed, step)
       const used = control
-      setRatioControl(low, used)
-      setRamp(low, rampAt(step))
+      // the trainer's state this step's passes take (Step.PassOptions)
+      const pass: PassOptions = { ramp: rampAt(step), ...(chunk === undefined ? {} : { ratioControl: used }) }
       const t0 = performance.now()
       const r = trainer !== undefined
-        ? yield* Effect.promise(() => trainer.step(batch, step))
+        ? yield* Effect.promise(() => trainer.step(batch, step, { pass }))
         : parallel !== undefined
-        ? yield* Effect.promise(() => parallel.step(batch, step, { ramp: rampAt(step) }))
-        : trainStep(low, opt, batch, settings, step)
+        ? yield* Effect.promise(() => parallel.step(batch, step, pass))
+        : trainStep(low, opt, batch, settings, step, pass)
       const now = trainer?.mode()
       if (step === start + 1 && trainer !== undefined && trainer.tuned().length > 0) yield* log(`matmul: ${describeTuning(trainer.tuned())}`)
       if (now !== undefined && now.mode !== mode) {
@@ -419,10 +426,12 @@ export const train = (
         return yield* new DivergedError({ step, loss: r.loss, checkpoint: lastCheckpoint, checkpointStep: lastStep, during: "step" })
       }
       const F = r.concepts > 0 ? r.concepts / r.tokens : undefined
-      if (chunk !== undefined && F !== undefined) control = ratioControlStep(control, rampSpec(chunk, rampAt(step)).ratio, F)
+      // the rate the controller holds (Chunker.controlledRate): sampled, or its mean with the rate at p ≥ ½
+      const held = chunk === undefined || F === undefined ? undefined : controlledRate(chunk, F, r.thresholdConcepts / r.tokens)
+      if (chunk !== undefined && held !== undefined) control = ratioControlStep(control, rampSpec(chunk, rampAt(step)).ratio, held)
       const last = step === end - 1
       const doEval = (step + 1) % settings.evalEvery === 0 || last
-      const val = !doEval ? undefined : sync ? evaluate(low, validation) : yield* Effect.promise(() => evaluateAsync(low, validation))
+      const val = !doEval ? undefined : sync ? evaluate(low, validation, rampAt(step)) : yield* Effect.promise(() => evaluateAsync(low, validation, rampAt(step)))
       const m: StepMetrics = {
         step,
         loss: r.loss,
@@ -430,8 +439,8 @@ export const train = (
         aux: r.aux,
         lr: r.lr,
         tokensPerSecond: (batch.rows * batch.length) / (dt / 1000),
-        ...(F === undefined ? {} : { compression: r.tokens / r.concepts, boundaryRate: F, boundaryProb: r.boundaryProbSum / r.tokens }),
-        ...(F === undefined || chunk === undefined ? {} : { ratioLoss: ratioLossValue(rampSpec(chunk, rampAt(step)), used, F, r.boundaryProbSum / r.tokens) }),
+        ...(F === undefined ? {} : { compression: r.tokens / r.concepts, boundaryRate: F, boundaryProb: r.boundaryProbSum / r.tokens, thresholdRate: r.thresholdConcepts / r.tokens }),
+        ...(held === undefined || chunk === undefined ? {} : { ratioLoss: ratioLossValue(rampSpec(chunk, rampAt(step)), used, held, r.boundaryProbSum / r.tokens) }),
         ...("dropped" in r && r.dropped !== undefined && r.dropped > 0 ? { droppedBoundaries: r.dropped } : {}),
         ...(experts === undefined || experts.dropped === 0 ? {} : { droppedExpertPairs: experts.dropped / experts.routed }),
         ...(val === undefined ? {} : { valBitsPerByte: val.bitsPerByte }),
@@ -446,7 +455,7 @@ export const train = (
         windowStart = now
         yield* log(
           `step ${String(step + 1).padStart(5)}/${settings.steps}  loss ${r.loss.toFixed(4)}  ${tps.toFixed(0)} tok/s  lr ${r.lr.toExponential(2)}` +
-            (m.compression === undefined ? "" : `  R ${m.compression.toFixed(2)}  F ${m.boundaryRate!.toFixed(3)}  G ${m.boundaryProb!.toFixed(3)}`) +
+            (m.compression === undefined ? "" : `  R ${m.compression.toFixed(2)}  F ${m.boundaryRate!.toFixed(3)}  F(p≥½) ${m.thresholdRate!.toFixed(3)}  G ${m.boundaryProb!.toFixed(3)}`) +
             (m.ratioLoss === undefined ? "" : `  ratio loss ${m.ratioLoss.toFixed(4)}`) +
             (windowDropped === 0 ? "" : `  ${windowDropped} sampled boundaries dropped (concept slots full; conceptCapacity)`) +
             (windowExperts.dropped === 0 ? "" : `  ${(100 * windowExperts.dropped / windowExperts.routed).toFixed(1)}% of token-expert pairs dropped (expert slots full; expertCapacity)`) +

@@ -213,6 +213,8 @@ describe("--blocks on the commands that run a model", () => {
       assert.strictEqual(r.code, 1)
       assert.strictEqual(r.err, `error: block kind "factorized-mlp" at ffn/mlp has no tensor implementation (apply)\n`)
     }
+    // the refused train left no run directory behind
+    assert.isFalse(fs.existsSync(path.join(dir, "refused")))
   }, 120_000)
 })
 

@@ -113,7 +113,7 @@ describe("folder dependencies", () => {
     })
     assert.deepStrictEqual(found, [], `import cycles between folders: ${explain.join(" | ")}`)
     // the order of docs/architecture.md: each folder imports only folders before it
-    const order = ["internal", "cost", "graph", "blocks", "models", "report", "runtime", "train", "infer", "export", "cli"]
+    const order = ["internal", "cost", "graph", "blocks", "models", "layout", "report", "runtime", "train", "infer", "export", "cli"]
     const folders = fs.readdirSync(src, { withFileTypes: true }).filter((d) => d.isDirectory()).map((d) => d.name).sort()
     assert.deepStrictEqual(folders, [...order].sort(), "a new folder of src/ goes into docs/architecture.md and this order")
     const upward = [...edges].flatMap(([a, out]) =>

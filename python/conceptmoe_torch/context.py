@@ -70,7 +70,7 @@ class Context:
         self.aux_losses: list[torch.Tensor] = []
         self.chunk = None
         self.concept: torch.Tensor | None = None
-        self.compression = {"tokens": 0, "concepts": 0}
+        self.compression = {"tokens": 0, "concepts": 0, "threshold": 0}
         self._memo: dict = {}
 
     def next_seed(self) -> int:

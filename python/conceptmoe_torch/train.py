@@ -35,7 +35,7 @@ from .context import mix_seed
 from .data import load_stream, train_batch
 from .graph import build_model
 from .weights import file_tensors, load_weights
-from .blocks.chunk import ratio_control_step
+from .blocks.chunk import controlled_rate, ratio_control_step
 
 
 def learning_rate(o: dict, steps: int, step: int) -> float:
@@ -159,11 +159,13 @@ def main(argv=None) -> None:
             if q.grad is not None:
                 q.grad.mul_(scale)
         opt.step()
-        stats = torch.tensor([ce_local.item(), aux.item() / world, ctx.compression["tokens"], ctx.compression["concepts"]], dtype=torch.float64)
+        stats = torch.tensor([ce_local.item(), aux.item() / world, ctx.compression["tokens"], ctx.compression["concepts"],
+                              ctx.compression.get("threshold", 0)], dtype=torch.float64)
         if distributed:
             dist.all_reduce(stats)
         if stats[2] > 0:
-            integral = ratio_control_step(integral, _ratio(model), stats[3].item() / stats[2].item())
+            held = controlled_rate(_chunk_spec(model), stats[3].item() / stats[2].item(), stats[4].item() / stats[2].item())
+            integral = ratio_control_step(integral, _ratio(model), held)
         log.append({"step": step, "loss": stats[0].item() + stats[1].item(), "ce": stats[0].item(), "lr": lr, "seconds": time.time() - t0})
         if rank == 0 and ((step + 1) % s["logEvery"] == 0 or step == s["steps"] - 1 or step == 0):
             print(f"step {step + 1:5d}/{s['steps']}  loss {log[-1]['loss']:.4f}  lr {lr:.2e}  ({world} process{'es' if world > 1 else ''}, {'FSDP' if a.fsdp and distributed else 'DDP' if distributed else 'single'})", flush=True)
@@ -172,11 +174,16 @@ def main(argv=None) -> None:
         dist.destroy_process_group()
 
 
-def _ratio(model) -> float:
+def _chunk_spec(model) -> dict:
+    """The chunk module's spec (an empty one for a model without a concept stage)."""
     for m in model.root.modules():
         if getattr(m, "kind", None) == "chunk":
-            return m.spec["ratio"]
-    return 1.0
+            return m.spec
+    return {}
+
+
+def _ratio(model) -> float:
+    return _chunk_spec(model).get("ratio", 1.0)
 
 
 def save(model, out: str, step: int, rank: int, export: str, log: list) -> None:

@@ -4,7 +4,7 @@
  * mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3) becomes this runtime's model (the
  * graph built from `config.json`, `HuggingFace.ts`) with the checkpoint's weights.
  *
- * Names and layouts come from the export's table (`export/Names.ts`, read backwards): the tensor of
+ * Names and layouts come from the export's table (`layout/Names.ts`, read backwards): the tensor of
  * each parameter, transposed from PyTorch's `[out, in]` to this runtime's `[in, out]`, experts
  * stacked from one tensor each, DeepSeek's interleaved rotary features put back in halves. GPT-2's `Conv1D` matrices are `[in, out]` already and its fused
  * `c_attn` is split in thirds (`gpt2Source`). Tensors stored as float32, bfloat16 or float16 are
@@ -22,9 +22,9 @@
  */
 import { Effect, Path, Schema } from "effect"
 import * as fs from "node:fs"
-import { fromFileLayout, graphOf } from "./Export.ts"
-import { UnsupportedKind } from "./Graph.ts"
-import { gpt2Source } from "./Names.ts"
+import { fromFileLayout, graphOf } from "../layout/Tensors.ts"
+import { UnsupportedKind } from "../layout/Graph.ts"
+import { gpt2Source } from "../layout/Names.ts"
 import { checkpointFiles, type TensorData } from "../train/Checkpoint.ts"
 import { commit, ensureDir } from "../train/RunDir.ts"
 import { TrainSettings } from "../train/Step.ts"

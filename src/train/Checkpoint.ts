@@ -8,7 +8,7 @@
  * **Two layouts.** A run directory's checkpoint is two files ({@link checkpointFiles}):
  *
  * - `checkpoint.safetensors`, the model in the standard layout: the tensors and names of an export's
- *   `model.safetensors` (`export/Export.ts`: Hugging Face names where the model type has them, the
+ *   `model.safetensors` (`layout/Tensors.ts`: Hugging Face names where the model type has them, the
  *   native name `encoder.0.mixer.attn.q.weight` otherwise; matrices `[out, in]` as `torch.nn.Linear`
  *   keeps them; experts one tensor each), with metadata `format: "pt"`, `conceptmoe: "checkpoint/2"`,
  *   `step`, `model`, `config`, `names` (the naming scheme), `layout` (each parameter path's file
@@ -33,8 +33,8 @@ import { Effect, FileSystem, Schema } from "effect"
 import { createHash } from "node:crypto"
 import * as fs from "node:fs"
 import * as nodePath from "node:path"
-import { type FileParam, fromTorchTensors, graphOf, ourShape, torchTensors } from "../export/Export.ts"
-import { UnsupportedKind } from "../export/Graph.ts"
+import { type FileParam, fromTorchTensors, graphOf, ourShape, type TensorData, torchTensors } from "../layout/Tensors.ts"
+import { UnsupportedKind } from "../layout/Graph.ts"
 import { formatPath, problemsOf } from "../graph/Spec.ts"
 import type { LoadedModel } from "../models/Load.ts"
 import { commit, type CommitFile } from "./RunDir.ts"
@@ -143,10 +143,7 @@ export const decodeMetadata = (raw: Record<string, string>, file: string): Effec
     })
   )
 
-export interface TensorData {
-  readonly shape: ReadonlyArray<number>
-  readonly data: Float32Array
-}
+export type { TensorData }
 
 /** Serialises tensors and metadata to safetensors bytes. */
 export const encode = (tensors: ReadonlyMap<string, TensorData>, metadata: Record<string, string>): Uint8Array => {

@@ -4,8 +4,9 @@ p_n = ½(1 − cos(W_q h_n, W_k h_{n−1})) clipped to [0, 1], with p = 1 and a 
 row start and document start. Boundaries: imposed ones where the caller gives them (``boundaries=``
 of ``Model.forward``; forced ones are kept), else b_n ~ Bernoulli(sharpen_τ(p_n)) in training, drawn
 with the runtime's generator and seed so that both sides sample the same boundaries, else p_n ≥ ½.
-The ratio loss a·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) + b·G (F: boundary rate, a constant; G: mean p;
-a, b from :func:`ratio_loss_weights`) joins the auxiliary losses in training.
+The ratio loss a·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) + b·G (F: the controlled boundary rate, a
+constant, see :func:`controlled_rate`; G: mean p; a, b from :func:`ratio_loss_weights`) joins the
+auxiliary losses in training.
 """
 import torch
 
@@ -25,9 +26,20 @@ def ratio_loss_weights(s: dict, integral: float) -> tuple[float, float]:
     return s["kp"], s["ki"] * s["ratio"] / (s["ratio"] - 1) * integral
 
 
-def ratio_control_step(integral: float, ratio: float, boundary_rate: float) -> float:
-    """The controller's integral after a step of sampled boundary rate F: integral + R·F − 1, within ±50."""
-    return max(-50.0, min(50.0, integral + ratio * boundary_rate - 1))
+def controlled_rate(s: dict, sampled: float, threshold: float) -> float:
+    """The boundary rate the controller holds at 1/R: the sampled one with ``"plain"``, else
+    (1 − w)·F + w·F½ (F½: the rate at p ≥ ½ on the same batch, w = ``thresholdWeight``)."""
+    if s.get("ratioControl", "plain") == "plain":
+        return sampled
+    w = s.get("thresholdWeight", 0.5)
+    return (1 - w) * sampled + w * threshold
+
+
+def ratio_control_step(integral: float, ratio: float, rate: float) -> float:
+    """The controller's integral after a step whose held rate was ``rate``: integral + R·rate − 1 when
+    that error is within ±0.25 (anti-windup), clamped to ±50."""
+    e = ratio * rate - 1
+    return integral if abs(e) > 0.25 else max(-50.0, min(50.0, integral + e))
 
 
 def unit(t):
@@ -73,11 +85,14 @@ class Chunk(Block):
             concepts.append(int(counts[start:start + length].sum()))
             start += length
         count = sum(concepts)
+        # boundaries at p ≥ ½ (forced ones have p = 1), whichever boundaries the pass took
+        threshold = int((probs.detach() >= 0.5).sum())
         a, b_weight = ratio_loss_weights(s, ctx.ratio_integral)
         if ctx.training and (a > 0 or b_weight != 0):
-            F, G, R = count / n, probs.mean(), s["ratio"]
+            F, G, R = controlled_rate(s, count / n, threshold / n), probs.mean(), s["ratio"]
             ctx.aux_losses.append((G * ((R - 1) * F) + (1 - G) * (1 - F)) * (R / (R - 1) * a) + G * b_weight)
         ctx.chunk = {"h": x, "p": probs, "b": b, "concepts": concepts, "receive": torch.cumsum(counts, 0) - 1}
         ctx.compression["tokens"] += n
         ctx.compression["concepts"] += count
+        ctx.compression["threshold"] += threshold
         return x

@@ -75,17 +75,11 @@ export interface CapturedTrainer {
 }
 
 /**
- * A trainer for batches of `rows × length` tokens on the webgpu backend. `record: false` (or
- * `CONCEPTMOE_CAPTURE=off`) runs every step through tfjs.
+ * The device inputs of a recorded step and how a batch fills them: the token feeds, `[lr, c1, c2]`,
+ * and for a ConceptMoE (one concept stage, static shapes) its draws, document starts and the ratio
+ * controller's integral; `fitsSlots` says whether a batch's forced boundaries fit the concept slots.
  */
-export const capturedTrainer = (
-  low: Lowered,
-  opt: Optimizer,
-  settings: TrainSettings,
-  rows: number,
-  length: number,
-  options: { readonly record?: boolean } = {}
-): CapturedTrainer => {
+const stepFeeds = (low: Lowered, settings: TrainSettings, rows: number, length: number) => {
   const { tf } = low
   const n = rows * length
   const feeds: Feeds = {
@@ -131,11 +125,32 @@ export const capturedTrainer = (
     for (const t of batch.documentStarts ?? []) if (t % batch.length !== 0) forced[Math.floor(t / batch.length)]! += 1
     return forced.every((f) => f <= slots)
   }
-  let mode: Mode = options.record === false
+  return { feeds, stepValues, concept, feedList, valuesOf, fitsSlots }
+}
+
+/** Recording unless it is turned off (`record: false`, or `CONCEPTMOE_CAPTURE=off`). */
+const initialMode = (tf: Lowered["tf"], record: boolean | undefined): Mode =>
+  record === false
     ? { mode: "eager", reason: "recording turned off" }
     : !settingsOf(tf).capture
     ? { mode: "eager", reason: "CONCEPTMOE_CAPTURE=off" }
     : { mode: "warming" }
+
+/**
+ * A trainer for batches of `rows × length` tokens on the webgpu backend. `record: false` (or
+ * `CONCEPTMOE_CAPTURE=off`) runs every step through tfjs.
+ */
+export const capturedTrainer = (
+  low: Lowered,
+  opt: Optimizer,
+  settings: TrainSettings,
+  rows: number,
+  length: number,
+  options: { readonly record?: boolean } = {}
+): CapturedTrainer => {
+  const { tf } = low
+  const { feeds, stepValues, concept, feedList, valuesOf, fitsSlots } = stepFeeds(low, settings, rows, length)
+  let mode = initialMode(tf, options.record)
   let first: Captured | undefined
   let recording: Captured | undefined
   let calls = 0
@@ -155,7 +170,7 @@ export const capturedTrainer = (
   const read = async (outputs: ReadonlyArray<Tensor>) => {
     const values = await outputs[0]!.data()
     failOnGpuErrors()
-    return { concepts: 0, boundaryProbSum: 0, thresholdConcepts: 0, ...readStats(values, { concepts: concept !== undefined, routing: routes }), ...(concept === undefined ? {} : { tokens: n }) }
+    return { concepts: 0, boundaryProbSum: 0, thresholdConcepts: 0, ...readStats(values, { concepts: concept !== undefined, routing: routes }), ...(concept === undefined ? {} : { tokens: rows * length }) }
   }
   const eagerStep = (batch: Batch, step: number, pass: PassOptions) => {
     // every op on the GPU, as in a recording (tfjs otherwise runs small ops on the CPU)

@@ -81,9 +81,10 @@ describe("the ratio controller", () => {
     assert.strictEqual(INTEGRATE_WITHIN, 0.25)
   })
 
-  it("pi holds the mean of the sampled rate and the rate at p ≥ ½ (thresholdWeight ½ by default); plain the sampled one", () => {
-    assert.strictEqual(spec({}).thresholdWeight, 0.5)
-    assert.closeTo(controlledRate(spec({}), 0.3, 0.2), 0.25, 1e-15)
+  it("pi holds the sampled rate by default, or its mix with the rate at p ≥ ½ (thresholdWeight); plain the sampled one", () => {
+    assert.strictEqual(spec({}).thresholdWeight, 0)
+    assert.strictEqual(controlledRate(spec({}), 0.3, 0.2), 0.3)
+    assert.closeTo(controlledRate(spec({ thresholdWeight: 0.5 }), 0.3, 0.2), 0.25, 1e-15)
     assert.closeTo(controlledRate(spec({ thresholdWeight: 0.25 }), 0.3, 0.2), 0.275, 1e-15)
     assert.strictEqual(controlledRate(spec({ thresholdWeight: 0 }), 0.3, 0.2), 0.3)
     assert.strictEqual(controlledRate(spec({ ratioControl: "plain", thresholdWeight: 1 }), 0.3, 0.2), 0.3)
@@ -100,19 +101,19 @@ const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), "conceptmoe-ratio-"))
 const cpu = Effect.provide(Layer.merge(backendLayer("cpu"), NodeServices.layer))
 
 describe("training with the ratio controller (cpu)", () => {
-  it.effect("the default holds the R of every 10-step window of the second half near 2 (the mean of sampled and threshold rates; 60 steps); the paper's λ = 0.03 does not", () =>
+  it.effect("the default holds the sampled R of every 10-step window of the second half near 2 (60 steps), thresholdWeight ½ the mean of sampled and threshold rates; the paper's λ = 0.03 does neither", () =>
     Effect.gen(function*() {
       const held = yield* train(yield* load(concept({})), settings(60), { out: tmp(), resume: false, quiet: true, data })
+      const mixed = yield* train(yield* load(concept({ thresholdWeight: 0.5 })), settings(60), { out: tmp(), resume: false, quiet: true, data })
       const plain = yield* train(yield* load(concept({ ratioControl: "plain" })), settings(40), { out: tmp(), resume: false, quiet: true, data })
       const h = held.compression!
       const p = plain.compression!
-      // the rate held (Chunker.controlledRate) over 10-step windows of the second half, as R
-      const heldRates = secondHalf(held.metrics).map((m) => ({ step: m.step, boundaryRate: (m.boundaryRate! + m.thresholdRate!) / 2 }))
-      const heldR = windowedSampledR(heldRates, 10).map((w) => w.r!)
-      assert.isTrue(heldR.every((r) => within(r, 2, 0.1)), `default: held R per window ${heldR.join(", ")}`)
-      // and so the sampled R (training's compute) and the threshold R (inference's), each on its side
       assert.isTrue(within(h.windows!.min, 2, 0.1) && within(h.windows!.max, 2, 0.1), `default: windows ${JSON.stringify(h.windows)}`)
       assert.isTrue(within(h.valCompression, 2, 0.15), `default: threshold R ${h.valCompression}`)
+      // with thresholdWeight ½, the rate held (Chunker.controlledRate) over 10-step windows of the second half, as R
+      const mixedRates = secondHalf(mixed.metrics).map((m) => ({ step: m.step, boundaryRate: (m.boundaryRate! + m.thresholdRate!) / 2 }))
+      const mixedR = windowedSampledR(mixedRates, 10).map((w) => w.r!)
+      assert.isTrue(mixedR.every((r) => within(r, 2, 0.1)), `thresholdWeight ½: held R per window ${mixedR.join(", ")}`)
       // the plain loss lets R run far off (10–30 in this run's second half)
       assert.isAbove(p.windows!.max, 4, `plain: windows ${JSON.stringify(p.windows)}`)
       // the log carries F, G, the ratio loss and the sampled R per step, the threshold R at the evaluation

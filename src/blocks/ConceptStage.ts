@@ -97,7 +97,7 @@ const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: 
       state.pending = next
     }
   }
-  const saved = { layout: ctx.layout, positions: ctx.positions, documents: ctx.documents }
+  const tokenDocuments = ctx.documents
   // a concept's document is its boundary token's (a document start is a forced boundary, so no
   // concept spans two); its position counts from its document's first concept, as token positions do
   const positions = new Int32Array(total)
@@ -118,17 +118,10 @@ const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: 
     }
     start += L
   })
-  ctx.layout = ch.concepts
-  ctx.positions = positions
-  if (saved.documents !== undefined) {
-    let t: Tensor | undefined
-    ctx.documents = () => t ??= tf.tensor1d(documents)
-  }
+  let t: Tensor | undefined
+  const stream = { layout: ch.concepts, positions, ...(tokenDocuments === undefined ? {} : { documents: () => t ??= tf.tensor1d(documents) }) }
   // decoding a piece in which no row closed a chunk: the concept model has nothing to run on
-  const y = total === 0 ? tf.zeros([0, d]) : body(merged)
-  ctx.layout = saved.layout
-  ctx.positions = saved.positions
-  ctx.documents = saved.documents
+  const y = total === 0 ? tf.zeros([0, d]) : inConceptStream(ctx, stream, () => body(merged))
   ctx.chunk = ch
   if (state !== undefined) ch.concepts.forEach((M, r) => (state.concepts[r]! += M))
   return de(total === 0 ? y : rampResidual(ctx, y, merged))
@@ -186,24 +179,45 @@ const staticStage = (
     merged = tf.unsortedSegmentSum(x, seg as Tensor1D, trash + 1)
   }
   merged = tf.slice(merged, [0, 0], [trash, -1])
-  const saved = { layout: ctx.layout, positions: ctx.positions, valid: ctx.valid, documents: ctx.documents }
-  if (saved.documents !== undefined) {
-    // each concept slot takes its boundary token's document (padding slots take 0: their outputs
-    // are never received by a token)
-    const tokens = ctx.stop(saved.documents())
-    const slots = ctx.stop(tf.slice(tf.unsortedSegmentSum(tf.mul(tokens, b), closes as Tensor1D, trash + 1), [0], [trash]))
-    ctx.documents = () => slots
-  }
-  ctx.layout = rows.map(() => C)
-  ctx.positions = Int32Array.from({ length: trash }, (_, i) => i % C)
-  ctx.valid = tf.reshape(tf.cast(tf.less(tf.tensor2d(Array.from({ length: R }, () => Array.from({ length: C }, (_, k) => k))), count), "float32"), [trash])
-  const y = body(merged)
-  ctx.layout = saved.layout
-  ctx.positions = saved.positions
-  ctx.valid = saved.valid
-  ctx.documents = saved.documents
+  const tokenDocuments = ctx.documents
+  // each concept slot takes its boundary token's document (padding slots take 0: their outputs
+  // are never received by a token)
+  const slots = tokenDocuments === undefined
+    ? undefined
+    : ctx.stop(tf.slice(tf.unsortedSegmentSum(tf.mul(ctx.stop(tokenDocuments()), b), closes as Tensor1D, trash + 1), [0], [trash]))
+  const y = inConceptStream(ctx, {
+    layout: rows.map(() => C),
+    positions: Int32Array.from({ length: trash }, (_, i) => i % C),
+    valid: tf.reshape(tf.cast(tf.less(tf.tensor2d(Array.from({ length: R }, () => Array.from({ length: C }, (_, k) => k))), count), "float32"), [trash]),
+    ...(slots === undefined ? {} : { documents: () => slots })
+  }, () => body(merged))
   ctx.chunk = ch
   return de(rampResidual(ctx, y, merged))
+}
+
+/**
+ * Runs `f` (the concept model) with the context's description of the token stream replaced by the
+ * concept stream's (`layout`, `positions`, and where given `valid` and `documents`), and restores the
+ * token stream's on every exit path, a failure inside the concept model included.
+ */
+const inConceptStream = <A>(
+  ctx: ForwardContext,
+  stream: { readonly layout: ForwardContext["layout"]; readonly positions: ForwardContext["positions"]; readonly valid?: ForwardContext["valid"]; readonly documents?: ForwardContext["documents"] },
+  f: () => A
+): A => {
+  const saved = { layout: ctx.layout, positions: ctx.positions, valid: ctx.valid, documents: ctx.documents }
+  ctx.layout = stream.layout
+  ctx.positions = stream.positions
+  if ("valid" in stream) ctx.valid = stream.valid
+  if ("documents" in stream) ctx.documents = stream.documents
+  try {
+    return f()
+  } finally {
+    ctx.layout = saved.layout
+    ctx.positions = saved.positions
+    ctx.valid = saved.valid
+    ctx.documents = saved.documents
+  }
 }
 
 export const ConceptStage: BlockKind<ConceptStageSpec> = {

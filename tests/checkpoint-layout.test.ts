@@ -29,6 +29,16 @@ const data = sotuSplits(byteTokenizer, 0)
 const settings = (extra: Record<string, unknown> = {}) =>
   Schema.decodeUnknownSync(TrainSettings)({ seqLen: 16, batchSize: 2, steps: 4, logEvery: 100, evalEvery: 100, evalBatches: 1, checkpointEvery: 2, ...extra })
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), "conceptmoe-layout-"))
+
+/** A run of `settings()` in `whole` (its result `ref`), and the same run stopped after step 2 in `out`. */
+const uninterruptedAndStopped = (m: Parameters<typeof train>[0]) =>
+  Effect.gen(function*() {
+    const whole = tmp()
+    const ref = yield* train(m, settings(), { out: whole, resume: false, quiet: true, data })
+    const out = tmp()
+    yield* train(m, settings(), { out, resume: false, quiet: true, data, until: 2 })
+    return { whole, ref, out }
+  })
 const cpu = Effect.provide(Layer.merge(backendLayer("cpu"), NodeServices.layer))
 const ckFile = (out: string) => path.join(out, "checkpoint.safetensors")
 const optFile = (out: string) => path.join(out, "optimizer.safetensors")
@@ -138,10 +148,7 @@ describe("checkpoints in the older single-file layout still load", () => {
   it.effect("param/… [in, out] with the moments in the same file: generate and verify read it, and resume equals the uninterrupted run bit for bit", () =>
     Effect.gen(function*() {
       const m = yield* load(moe)
-      const whole = tmp()
-      const ref = yield* train(m, settings(), { out: whole, resume: false, quiet: true, data })
-      const out = tmp()
-      yield* train(m, settings(), { out, resume: false, quiet: true, data, until: 2 })
+      const { whole, ref, out } = yield* uninterruptedAndStopped(m)
       const old = yield* writeOldLayout(out)
       assert.isTrue(raw(ckFile(out)).tensors.has("param/layers/1/ffn/moe/experts.up.weight"))
       assert.isFalse(fs.existsSync(optFile(out)))
@@ -170,10 +177,7 @@ describe("the pair of files (a kill between the two renames)", () => {
   it.effect("optimizer renamed, model not: the previous optimizer file is kept and read, twice over; resume equals the uninterrupted run; a stray pair is a typed error", () =>
     Effect.gen(function*() {
       const m = yield* load(moe)
-      const whole = tmp()
-      const ref = yield* train(m, settings(), { out: whole, resume: false, quiet: true, data })
-      const out = tmp()
-      yield* train(m, settings(), { out, resume: false, quiet: true, data, until: 2 })
+      const { whole, ref, out } = yield* uninterruptedAndStopped(m)
       const at2 = yield* read(ckFile(out))
       // the step-4 commit of the same run, cut off after the optimizer file's rename
       const four = yield* read(ckFile(whole))

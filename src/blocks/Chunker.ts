@@ -103,8 +103,13 @@ export const ratioControlStep = (state: RatioControl, ratio: number, boundaryRat
  * more often and the sampled windows less often, no better overall, so the default is 0
  * (docs/training.md, "Compression control").
  */
-export const controlledRate = (s: ChunkerSpec, F: number, thresholdF: number): number =>
-  s.ratioControl === "plain" ? F : (1 - s.thresholdWeight) * F + s.thresholdWeight * thresholdF
+export const controlledRate = (s: ChunkerSpec, F: number, thresholdF: number): number => {
+  const w = thresholdWeightOf(s)
+  return (1 - w) * F + w * thresholdF
+}
+
+/** The weight of the rate at p ≥ ½ in the controlled rate: `thresholdWeight` with "pi", 0 with "plain". */
+const thresholdWeightOf = (s: ChunkerSpec): number => (s.ratioControl === "plain" ? 0 : s.thresholdWeight)
 
 /**
  * The ratio loss's weights for a step: L = a·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) + b·G, F without
@@ -213,13 +218,14 @@ const applyChunker = (ctx: ForwardContext, spec: ChunkerSpec, x: Tensor, p: Read
     state.prevK = next
     rows.forEach((L, r) => (state.seen[r]! += L))
   }
+  // Σp and the boundaries at p ≥ ½ (imposed boundaries, with no host probabilities, stand for those)
   let sum = 0
-  let atThreshold = 0
-  for (let i = 0; i < n && host !== undefined; i++) {
-    sum += host[i]!
-    if (host[i]! >= 0.5) atThreshold++
+  let above = 0
+  for (const p of host ?? []) {
+    sum += p
+    if (p >= 0.5) above++
   }
-  if (host === undefined) atThreshold = count
+  const atThreshold = host === undefined ? count : above
   // the controlled rate (controlledRate: the sampled one, or its mean with the rate at p ≥ ½)
   const F = controlledRate(s, count / n, atThreshold / n)
   const G = tf.mean(probs)
@@ -289,7 +295,7 @@ const staticBoundaries = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, probs:
   const G = tf.mean(probs)
   const ratio = s.ratio
   // the controlled rate, as controlledRate computes it on the host
-  const wt = s.ratioControl === "plain" ? 0 : s.thresholdWeight
+  const wt = thresholdWeightOf(s)
   const F = tf.div(wt === 0 ? count : tf.add(tf.mul(count, 1 - wt), tf.mul(atThreshold, wt)), n)
   // L = a·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) + b·G (ratioLossWeights)
   const w = ratioLossWeights(s, ctx.ratioControl)

@@ -126,6 +126,16 @@ const sameModel = (model: LoadedModel, meta: Metadata, file: string, step: numbe
     return raw.map((d): SettingChange => ({ step, field: `model.${d.field}`, from: d.from, to: d.to }))
   })
 
+/**
+ * The ratio controller after a step with metrics `m` (`Chunker.ratioControlStep` on the rate it
+ * holds); unchanged for a model without one concept stage. The trainer folds it over its steps, and
+ * a resume over the restored metrics of a checkpoint written before the controller.
+ */
+export const nextControl = (control: RatioControl, chunk: ChunkerSpec | undefined, ramp: number | undefined, m: StepMetrics): RatioControl =>
+  chunk === undefined || m.boundaryRate === undefined
+    ? control
+    : ratioControlStep(control, rampSpec(chunk, ramp).ratio, controlledRate(chunk, m.boundaryRate, m.thresholdRate ?? m.boundaryRate))
+
 /** What a resumed run continues from. */
 export interface Resumed {
   readonly start: number
@@ -198,9 +208,7 @@ export const resumeRun = (args: {
       )
     } else if (chunk !== undefined) {
       // a checkpoint written before the controller: its state from the restored metrics
-      for (const m of metrics) {
-        if (m.boundaryRate !== undefined) control = ratioControlStep(control, rampSpec(chunk, rampAt(m.step)).ratio, controlledRate(chunk, m.boundaryRate, m.thresholdRate ?? m.boundaryRate))
-      }
+      for (const m of metrics) control = nextControl(control, chunk, rampAt(m.step), m)
     }
     yield* log(`resumed ${model.name} from ${checkpointFile} at step ${start}`)
     // the matmul kernels the run had chosen (webgpu, CONCEPTMOE_MATMUL=auto): the same ones again

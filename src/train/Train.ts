@@ -11,22 +11,21 @@ import type { LoadedModel } from "../models/Load.ts"
 import { lineChart, toSvg } from "../report/Plots.ts"
 import { Tensors } from "../runtime/Backend.ts"
 import { fitsInMemory } from "../runtime/Memory.ts"
-import { type Lowered, materialize, release } from "../runtime/Lower.ts"
+import { type Batch, type Lowered, materialize, release } from "../runtime/Lower.ts"
 import { attempt, attemptPromise, type RunFailure } from "../internal/RunErrors.ts"
 import { CheckpointError, checkpointFiles, type SettingChange, type TensorData } from "./Checkpoint.ts"
 import { commit, ensureDir, lock as lockRun, removeStaleTemps } from "./RunDir.ts"
 import * as Stop from "./Stop.ts"
 import * as Progress from "../internal/Progress.ts"
-import { type Batch } from "../runtime/Lower.ts"
 import { type DataInfo, type Stream, sotuData, trainBatch, validationBatches } from "./Data.ts"
 import { capturedTrainer, type StepResult } from "./Captured.ts"
 import { parallelTrainer, trainingThreads } from "./Parallel.ts"
 import { describeTuning, tunedChoices } from "../runtime/MatMul.ts"
 import { evaluate, evaluateAsync, newOptimizer, type Optimizer, type PassOptions, syncReads, trainStep, type TrainSettings } from "./Step.ts"
-import { type ChunkerSpec, controlledRate, initialRatioControl, rampSpec, type RatioControl, ratioControlStep, ratioLossValue } from "../blocks/Chunker.ts"
+import { type ChunkerSpec, controlledRate, initialRatioControl, rampSpec, type RatioControl, ratioLossValue } from "../blocks/Chunker.ts"
 import { compressionSummary, type CompressionSummary } from "./Compression.ts"
 import type { StepMetrics } from "./Metrics.ts"
-import { resumeRun } from "./Resume.ts"
+import { nextControl, resumeRun } from "./Resume.ts"
 
 export * from "./Step.ts"
 export type { StepMetrics } from "./Metrics.ts"
@@ -143,12 +142,6 @@ const stepMetrics = (
     ...(val?.compression === undefined ? {} : { valCompression: val.compression })
   }
 }
-
-/** The ratio controller after a step (Chunker.ratioControlStep on the held rate); unchanged for models without one stage. */
-const nextControl = (control: RatioControl, chunk: ChunkerSpec | undefined, ramp: number | undefined, m: StepMetrics): RatioControl =>
-  chunk === undefined || m.boundaryRate === undefined
-    ? control
-    : ratioControlStep(control, rampSpec(chunk, ramp).ratio, controlledRate(chunk, m.boundaryRate, m.thresholdRate ?? m.boundaryRate))
 
 /** Counts between two progress lines: tokens, dropped boundaries and token-expert pairs. */
 class ProgressWindow {

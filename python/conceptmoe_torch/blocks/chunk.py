@@ -85,8 +85,9 @@ class Chunk(Block):
             concepts.append(int(counts[start:start + length].sum()))
             start += length
         count = sum(concepts)
-        # boundaries at p ≥ ½ (forced ones have p = 1), whichever boundaries the pass took
-        threshold = int((probs.detach() >= 0.5).sum())
+        # boundaries at p ≥ ½ (forced ones have p = 1), whichever boundaries the pass took; only
+        # training uses them (and at evaluation they are the boundaries)
+        threshold = int((probs.detach() >= 0.5).sum()) if ctx.training else count
         a, b_weight = ratio_loss_weights(s, ctx.ratio_integral)
         if ctx.training and (a > 0 or b_weight != 0):
             F, G, R = controlled_rate(s, count / n, threshold / n), probs.mean(), s["ratio"]

@@ -21,8 +21,10 @@
  *    but leaves it out of the pipeline-cache key, so after the first length every other length reuses
  *    a stale shader and sums the wrong elements (the dechunk EMA's gradient was off by 30%). It now
  *    runs as reverse → forward cumsum → reverse, whose shaders depend on no length.
- * 8. wasm: `BatchMatMul` of batches or with transpose flags through XNNPACK's fast 2-D path, one
- *    product per matrix on views of the heap (the stock kernel's scalar loop ran at 0.5–3 GFLOP/s).
+ * 8. wasm: `BatchMatMul` through our SIMD kernel (`wasm/Gemm.ts`: transposes read in place, batches
+ *    in one call; 1.5–3.5× XNNPACK's time on the training steps' shapes), or, with
+ *    `CONCEPTMOE_MATMUL=tfjs`, through XNNPACK's fast 2-D path, one product per matrix on views of the
+ *    heap (the stock kernel's scalar loop ran at 0.5–3 GFLOP/s).
  * 9. wasm: `GatherV2` as memory copies over the heap (the stock kernel took up to 95 ms a call).
  * 10. wasm: `Identity` (tfjs's clone of every tensor saved for a gradient) shares the data instead
  *    of copying it, as the cpu backend's does.
@@ -30,6 +32,8 @@
  * @since 0.1.0
  */
 import type { FlopCounter, Tensor, Tf } from "../graph/Apply.ts"
+import { settingsOf } from "./Env.ts"
+import { type Gemm, makeGemm } from "./wasm/Gemm.ts"
 
 const zeroGradKernels = ["Equal", "NotEqual", "Greater", "GreaterEqual", "Less", "LessEqual", "LogicalAnd", "LogicalOr", "LogicalNot"]
 
@@ -256,6 +260,9 @@ interface WasmBackend {
   readonly wasm: {
     cwrap: (name: string, ret: null, args: Array<string>) => (...a: Array<unknown>) => void
     tfjs: { registerTensor: (id: number, size: number, offset: number) => void; disposeData: (id: number) => void }
+    readonly asm?: { readonly memory?: WebAssembly.Memory }
+    _malloc: (bytes: number) => number
+    _free: (pointer: number) => void
   }
   dataIdNextNumber: number
   readonly dataIdMap: { get: (dataId: unknown) => { id: number; memoryOffset: number } }
@@ -266,7 +273,11 @@ interface WasmBackend {
 type Info = { dataId: unknown; shape: Array<number>; dtype: string }
 
 /**
- * 8. wasm: `BatchMatMul` whose every product takes XNNPACK's fast path. tfjs-backend-wasm 4.22 runs
+ * 8. wasm: `BatchMatMul` through our kernel (`wasm/Gemm.ts`), every product of at least
+ *    {@link fastRowsAtLeast} rows per matrix: one call for the whole batch, transpose flags as strides
+ *    (no Transpose kernel). Measured on this project's 2-core machine (`node bench/wasm-matmul.ts`):
+ *    see docs/performance.md. With `CONCEPTMOE_MATMUL=tfjs`, or where the engine lacks 128-bit SIMD,
+ *    as before: every product takes XNNPACK's fast path. tfjs-backend-wasm 4.22 runs
  *    only un-transposed products of one matrix each there (36–40 GFLOP/s for a 1024×512×128
  *    product on one core); a batch of matrices, or a transpose flag, falls to a scalar loop of
  *    0.5–3 GFLOP/s (attention's `[32, 128, 32]·[32, 32, 128]` took 30–60 ms). This kernel transposes
@@ -290,6 +301,8 @@ const installWasmMatMul = (tf: Tf): void => {
   const stock = tf.getKernel("BatchMatMul", "wasm")!
   const transpose = tf.getKernel("Transpose", "wasm")!.kernelFunc
   let product: ((...a: Array<unknown>) => void) | undefined
+  // our kernel over this backend's heap, made on the first product (null: none on this engine)
+  let gemm: Gemm | null | undefined
   tf.unregisterKernel("BatchMatMul", "wasm")
   tf.registerKernel({
     kernelName: "BatchMatMul",
@@ -306,11 +319,13 @@ const installWasmMatMul = (tf: Tf): void => {
       // one matrix each and no flags: the stock kernel's fast path already; other dtypes and
       // batches that broadcast in other ways: the stock kernel
       const rows = transposeA ? x.shape[x.shape.length - 1]! : x.shape[x.shape.length - 2]!
-      if (
-        (ba === 1 && bb === 1 && !transposeA && !transposeB) || rows < fastRowsAtLeast || x.dtype !== "float32" || y.dtype !== "float32" ||
-        (ba !== bb && ba !== 1 && bb !== 1)
-      ) {
+      const plain = ba === 1 && bb === 1 && !transposeA && !transposeB && settingsOf(tf).matmul === "tfjs"
+      if (plain || rows < fastRowsAtLeast || x.dtype !== "float32" || y.dtype !== "float32" || (ba !== bb && ba !== 1 && bb !== 1)) {
         return stock.kernelFunc(args)
+      }
+      if (settingsOf(tf).matmul !== "tfjs") {
+        gemm ??= b.wasm.asm?.memory === undefined ? null : (makeGemm({ memory: b.wasm.asm.memory, malloc: b.wasm._malloc, free: b.wasm._free }) ?? null)
+        if (gemm !== null) return ours(b, gemm, x, y, transposeA, transposeB, ba, bb) as never
       }
       product ??= b.wasm.cwrap("BatchMatMul", null, ["number", "array", "number", "number", "array", "number", "number", "number", "number"])
       const made: Array<Info> = []
@@ -360,6 +375,31 @@ const installWasmMatMul = (tf: Tf): void => {
       return out as never
     }
   })
+}
+
+/** Fix 8 through our kernel: the whole batch in one call, the flags as strides. */
+const ours = (b: WasmBackend, gemm: Gemm, x: Info, y: Info, transposeA: boolean, transposeB: boolean, ba: number, bb: number): Info => {
+  const [m, k] = (transposeA ? x.shape.slice(-2).reverse() : x.shape.slice(-2)) as [number, number]
+  const [k2, n] = (transposeB ? y.shape.slice(-2).reverse() : y.shape.slice(-2)) as [number, number]
+  if (k !== k2) {
+    throw new Error(`Error in matMul: inner shapes (${k}) and (${k2}) of tensors with shapes ${x.shape} and ${y.shape} and transposeA=${transposeA} and transposeB=${transposeB} must match.`)
+  }
+  const batchShape = (ba >= bb ? x : y).shape.slice(0, -2)
+  const out = b.makeOutput([...batchShape, m, n], "float32")
+  gemm.product({
+    a: b.dataIdMap.get(x.dataId).memoryOffset,
+    b: b.dataIdMap.get(y.dataId).memoryOffset,
+    c: b.dataIdMap.get(out.dataId).memoryOffset,
+    batch: Math.max(ba, bb),
+    aBatched: ba > 1,
+    bBatched: bb > 1,
+    m,
+    k,
+    n,
+    transposeA,
+    transposeB
+  })
+  return out
 }
 
 /**

@@ -1,0 +1,117 @@
+/**
+ * A small WebAssembly assembler: the instructions our wasm kernels use, as byte arrays, and a module
+ * of exported functions that imports one memory (tfjs-backend-wasm's heap, so that a kernel reads
+ * and writes tensors where they lie). Only what `Gemm.ts` needs; each instruction is named after its
+ * WebAssembly text form.
+ *
+ * @since 0.4.0
+ */
+
+export type Code = ReadonlyArray<number>
+
+/** Unsigned LEB128. */
+export const uleb = (n: number): Array<number> => {
+  const out: Array<number> = []
+  let v = n >>> 0
+  do {
+    const byte = v & 0x7f
+    v >>>= 7
+    out.push(v === 0 ? byte : byte | 0x80)
+  } while (v !== 0)
+  return out
+}
+
+/** Signed LEB128 (32-bit). */
+export const sleb = (n: number): Array<number> => {
+  const out: Array<number> = []
+  let v = n | 0
+  for (;;) {
+    const byte = v & 0x7f
+    v >>= 7
+    if ((v === 0 && (byte & 0x40) === 0) || (v === -1 && (byte & 0x40) !== 0)) {
+      out.push(byte)
+      return out
+    }
+    out.push(byte | 0x80)
+  }
+}
+
+const vec = (items: ReadonlyArray<Code>): Array<number> => [...uleb(items.length), ...items.flat()]
+const name = (s: string): Array<number> => vec([...new TextEncoder().encode(s)].map((b) => [b]))
+const section = (id: number, body: Code): Array<number> => [id, ...uleb(body.length), ...body]
+
+export const i32 = 0x7f
+export const v128 = 0x7b
+type ValueType = typeof i32 | typeof v128
+
+// control
+export const block = (...body: ReadonlyArray<Code>): Code => [0x02, 0x40, ...body.flat(), 0x0b]
+export const loop = (...body: ReadonlyArray<Code>): Code => [0x03, 0x40, ...body.flat(), 0x0b]
+export const if_ = (cond: Code, then: ReadonlyArray<Code>, otherwise: ReadonlyArray<Code> = []): Code =>
+  otherwise.length === 0 ? [...cond, 0x04, 0x40, ...then.flat(), 0x0b] : [...cond, 0x04, 0x40, ...then.flat(), 0x05, ...otherwise.flat(), 0x0b]
+export const br = (depth: number): Code => [0x0c, ...uleb(depth)]
+export const brIf = (depth: number): Code => [0x0d, ...uleb(depth)]
+
+// locals
+export const get = (i: number): Code => [0x20, ...uleb(i)]
+export const set = (i: number): Code => [0x21, ...uleb(i)]
+export const tee = (i: number): Code => [0x22, ...uleb(i)]
+
+// i32
+export const const32 = (n: number): Code => [0x41, ...sleb(n)]
+export const add = [0x6a] as Code
+export const sub = [0x6b] as Code
+export const mul = [0x6c] as Code
+export const ltS = [0x48] as Code
+export const geS = [0x4e] as Code
+export const eq = [0x46] as Code
+export const gtS = [0x4a] as Code
+export const and = [0x71] as Code
+export const shl = [0x74] as Code
+/** `select`: of two values, the first where the condition (on top) is non-zero. */
+export const select = [0x1b] as Code
+
+// f32 scalars
+export const f32Load = (offset = 0): Code => [0x2a, 2, ...uleb(offset)]
+export const f32Store = (offset = 0): Code => [0x38, 2, ...uleb(offset)]
+export const f32Zero: Code = [0x43, 0, 0, 0, 0]
+
+// 128-bit SIMD
+const simd = (op: number, ...immediates: ReadonlyArray<number>): Code => [0xfd, ...uleb(op), ...immediates]
+export const v128Load = (offset = 0): Code => simd(0x00, 4, ...uleb(offset))
+export const v128Store = (offset = 0): Code => simd(0x0b, 4, ...uleb(offset))
+/** Loads one f32 into all four lanes. */
+export const load32Splat = (offset = 0): Code => simd(0x09, 2, ...uleb(offset))
+export const v128Zero: Code = simd(0x0c, ...new Array<number>(16).fill(0))
+export const f32x4Add = simd(0xe4)
+export const f32x4Mul = simd(0xe6)
+/** Relaxed SIMD: a·b + c, fused where the hardware has an FMA (one rounding), else two roundings. */
+export const f32x4RelaxedMadd = simd(0x105)
+
+/** A function of the module: its name, parameter count (all i32), extra locals and body. */
+export interface Func {
+  readonly name: string
+  readonly params: number
+  readonly locals: ReadonlyArray<readonly [count: number, type: ValueType]>
+  readonly body: ReadonlyArray<Code>
+}
+
+/**
+ * The binary of a module that imports `env.memory` and exports `functions` (each takes i32
+ * parameters and returns nothing).
+ */
+export const moduleBytes = (functions: ReadonlyArray<Func>): Uint8Array<ArrayBuffer> => {
+  const types = functions.map((f) => [0x60, ...vec(new Array<Code>(f.params).fill([i32])), 0])
+  const bodies = functions.map((f) => {
+    const code = [...vec(f.locals.map(([count, type]) => [...uleb(count), type])), ...f.body.flat(), 0x0b]
+    return [...uleb(code.length), ...code]
+  })
+  return new Uint8Array([
+    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00,
+    ...section(1, vec(types)),
+    ...section(2, vec([[...name("env"), ...name("memory"), 0x02, 0x00, 0x01]])),
+    ...section(3, vec(functions.map((_, i) => uleb(i)))),
+    ...section(7, vec(functions.map((f, i) => [...name(f.name), 0x00, ...uleb(i)]))),
+    ...section(10, vec(bodies))
+  ])
+}

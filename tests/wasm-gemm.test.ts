@@ -1,0 +1,128 @@
+/**
+ * Our SIMD matrix product on the wasm backend (src/runtime/wasm/Gemm.ts, fix 8 in Fixes.ts): the
+ * assembler's encodings, and every product through tfjs's `BatchMatMul` equal to the cpu backend's
+ * (values and gradients), over transposes, edges (rows not a multiple of 4, columns not of 8), a
+ * K of 1, broadcast batches and the small products that stay on the stock kernel.
+ */
+import { assert, describe, it } from "@effect/vitest"
+import { Effect } from "effect"
+import type { Tensor, Tf } from "../src/graph/Apply.ts"
+import * as Settings from "../src/internal/Settings.ts"
+import { load } from "../src/runtime/Backend.ts"
+import { settingsOf, useSettings } from "../src/runtime/Env.ts"
+import { moduleBytes, sleb, uleb } from "../src/runtime/wasm/Assemble.ts"
+
+const runtime = (name: "cpu" | "wasm") => Effect.runPromise(load(name)).then((r) => r.tf)
+
+/** The largest |a − b| over the largest |b| (b the reference). */
+const relativeError = (a: ArrayLike<number>, b: ArrayLike<number>): number => {
+  assert.strictEqual(a.length, b.length)
+  let err = 0
+  let scale = 0
+  for (let i = 0; i < a.length; i++) {
+    err = Math.max(err, Math.abs(a[i]! - b[i]!))
+    scale = Math.max(scale, Math.abs(b[i]!))
+  }
+  return err / Math.max(scale, 1e-30)
+}
+
+/** Deterministic operands (the same on both backends). */
+const operand = (tf: Tf, shape: ReadonlyArray<number>, seed: number): Tensor => {
+  const n = shape.reduce((a, b) => a * b, 1)
+  return tf.tensor(Array.from({ length: n }, (_, i) => Math.sin(i * 12.9898 + seed * 78.233) * 2), [...shape], "float32")
+}
+
+/** `[batchA, batchB, m, k, n]`: A is `[batchA, m, k]` (`[batchA, k, m]` transposed), B likewise; a batch of 1 broadcasts. */
+const shapes: ReadonlyArray<readonly [number, number, number, number, number]> = [
+  [1, 1, 16, 8, 8], // whole blocks and panels
+  [1, 1, 17, 5, 13], // a row past the blocks, columns past the panels
+  [1, 1, 35, 1, 3], // K of 1, fewer columns than a panel
+  [1, 1, 64, 33, 24],
+  [2, 2, 18, 7, 9], // a batch
+  [1, 3, 19, 6, 10], // A broadcast over B's batch
+  [3, 1, 21, 7, 19], // B broadcast over A's batch
+  [2, 2, 4, 6, 5], // fewer rows than the kernel takes: the stock kernel
+  [1, 1, 1, 9, 40]
+]
+
+const products = (tf: Tf): Array<Float32Array> => {
+  const out: Array<Float32Array> = []
+  for (const [ba, bb, m, k, n] of shapes) {
+    for (const [ta, tb] of [[false, false], [true, false], [false, true], [true, true]] as const) {
+      const a = operand(tf, [ba, ...(ta ? [k, m] : [m, k])], m + k)
+      const b = operand(tf, [bb, ...(tb ? [n, k] : [k, n])], n + 2 * k)
+      out.push(tf.matMul(a, b, ta, tb).dataSync() as Float32Array)
+      tf.dispose([a, b])
+    }
+  }
+  return out
+}
+
+describe("wasm matrix product (our SIMD kernel)", () => {
+  it("encodes LEB128 numbers as the WebAssembly format does, and assembles a module the engine accepts", () => {
+    assert.deepStrictEqual(uleb(0), [0])
+    assert.deepStrictEqual(uleb(127), [0x7f])
+    assert.deepStrictEqual(uleb(128), [0x80, 0x01])
+    assert.deepStrictEqual(uleb(624485), [0xe5, 0x8e, 0x26])
+    assert.deepStrictEqual(sleb(-1), [0x7f])
+    assert.deepStrictEqual(sleb(63), [0x3f])
+    assert.deepStrictEqual(sleb(64), [0xc0, 0x00])
+    assert.deepStrictEqual(sleb(-123456), [0xc0, 0xbb, 0x78])
+    assert.isTrue(WebAssembly.validate(moduleBytes([{ name: "f", params: 2, locals: [], body: [] }])))
+  })
+
+  it("equals the cpu backend on every layout: transposes, edges, K of 1, broadcast batches", async () => {
+    const cpu = products(await runtime("cpu"))
+    const wasm = products(await runtime("wasm"))
+    assert.strictEqual(wasm.length, shapes.length * 4)
+    for (let i = 0; i < cpu.length; i++) {
+      const [ba, bb, m, k, n] = shapes[Math.floor(i / 4)]!
+      assert.isBelow(relativeError(wasm[i]!, cpu[i]!), 1e-5, `case ${i}: batches ${ba}/${bb}, ${m}×${k}×${n}, flags ${i % 4}`)
+    }
+  })
+
+  it("runs the products (not XNNPACK's): its sums differ in the last bits from `CONCEPTMOE_MATMUL=tfjs`'s, both equal to cpu's", async () => {
+    const tf = await runtime("wasm")
+    const before = settingsOf(tf)
+    const run = () => {
+      const a = operand(tf, [512, 300], 1)
+      const b = operand(tf, [300, 40], 2)
+      const out = tf.matMul(a, b).dataSync() as Float32Array
+      tf.dispose([a, b])
+      return out
+    }
+    const ours = run()
+    useSettings(tf, { ...before, matmul: "tfjs" })
+    let xnnpack: Float32Array
+    try {
+      xnnpack = run()
+    } finally {
+      useSettings(tf, before)
+    }
+    const ctf = await runtime("cpu")
+    const a = operand(ctf, [512, 300], 1)
+    const b = operand(ctf, [300, 40], 2)
+    const reference = ctf.matMul(a, b).dataSync()
+    assert.isBelow(relativeError(ours, reference), 1e-5)
+    assert.isBelow(relativeError(xnnpack, reference), 1e-5)
+    assert.isAbove(ours.filter((v, i) => v !== xnnpack[i]).length, 0)
+    assert.strictEqual(Settings.defaults.matmul, "auto")
+  })
+
+  it("gives the cpu backend's gradients for each pair of transpose flags", async () => {
+    const grads: Record<string, Array<Float32Array>> = {}
+    for (const name of ["cpu", "wasm"] as const) {
+      const tf = await runtime(name)
+      for (const [ta, tb] of [[false, false], [true, false], [false, true], [true, true]] as const) {
+        const a = operand(tf, ta ? [24, 37] : [37, 24], 3)
+        const b = operand(tf, tb ? [19, 24] : [24, 19], 4)
+        const g = tf.grads((x: Tensor, y: Tensor) => tf.sum(tf.square(tf.matMul(x, y, ta, tb))))([a, b])
+        ;(grads[`${ta}${tb}`] ??= []).push(...g.map((t) => t.dataSync() as Float32Array))
+      }
+    }
+    for (const [key, [ca, cb, wa, wb]] of Object.entries(grads)) {
+      assert.isBelow(relativeError(wa!, ca!), 1e-5, `dA ${key}`)
+      assert.isBelow(relativeError(wb!, cb!), 1e-5, `dB ${key}`)
+    }
+  })
+})

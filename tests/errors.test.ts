@@ -139,7 +139,7 @@ layer(backendLayer("cpu"))("typed errors of running a model", (it) => {
       const at = pathsOf(low.analysis.root, MoE.name)[0]!
       const valid = tf.ones([n])
       const x = tf.zeros([n, 32])
-      const padded: ForwardContext = { ...ctx, scope: at, valid, dispatch: "sparse" }
+      const padded: ForwardContext = { ...ctx, scope: at, stream: { ...ctx.stream, valid } }
       const e = thrown(() => MoE.apply!(padded, low.analysis.specs.get(at) as never, x, low.nodeParams.get(at)!, []))
       assert.instanceOf(e, Unsupported)
       assert.strictEqual((e as Unsupported).message, `${at}: sparse MoE dispatch does not take padded positions (the empty slots of a static-shape concept stage); use dense or grouped dispatch`)

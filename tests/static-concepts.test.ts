@@ -6,7 +6,8 @@
  */
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
-import type { Dispatch, Tensor, Tf } from "../src/graph/Apply.ts"
+import type { Tensor, Tf } from "../src/graph/Apply.ts"
+import type { Dispatch } from "../src/blocks/MoE.ts"
 import { conceptSlots } from "../src/blocks/Chunker.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
 import { type Batch, conceptFeedValues, loss, materialize, release } from "../src/runtime/Lower.ts"

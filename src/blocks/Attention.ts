@@ -9,7 +9,7 @@
  * FLOPs/token: 2·d·hd·(2H + 2KV) for the projections (part "attention").
  * Attention map per layer over n positions: 2·H·(hd + hd)·pairs(n), pairs = n² full, n(n+1)/2 causal,
  * capped by `window`. KV cache: 2·KV·hd elements per position. Rows that pack several documents
- * attend within each document only (`ops.attend` with `ctx.documents`); the map's cost is the row's.
+ * attend within each document only (`ops.attend` with the stream's `documents`); the map's cost is the row's.
  *
  * @since 0.1.0
  */
@@ -20,7 +20,6 @@ import { crossCheck, Dim, withDefault } from "../graph/Spec.ts"
 import type { ForwardContext, Tensor } from "../graph/Apply.ts"
 import * as ops from "./ops.ts"
 import { RopeSpec, ropeTablesOf } from "./Rotary.ts"
-import { Unsupported } from "../internal/RunErrors.ts"
 
 export const AttentionSpec = Schema.Struct({
   d: Dim,
@@ -69,26 +68,23 @@ const params = (s: AttentionSpec): Array<ParamDecl> => {
 }
 
 /**
- * Runs attention; with `joint`, the concept side input of the context is projected by `qc`, `kc`,
- * `vc` and added to q, k, v (ConceptMoE joint decoding).
+ * Runs attention; with a `concept` per token (ConceptMoE joint decoding), it is projected by `qc`,
+ * `kc`, `vc` and added to q, k, v.
  */
 export const applyAttention = (
   ctx: ForwardContext,
   s: AttentionSpec,
   x: Tensor,
   p: Readonly<Record<string, Tensor>>,
-  joint: boolean
+  concept?: Tensor
 ): Tensor => {
   const { tf } = ctx
   const n = x.shape[0]!
   let q: Tensor = ops.linear(ctx, x, p["q.weight"]!, p["q.bias"])
   let k: Tensor = ops.linear(ctx, x, p["k.weight"]!, p["k.bias"])
   let v: Tensor = ops.linear(ctx, x, p["v.weight"]!, p["v.bias"])
-  if (joint) {
-    const c = ctx.concept
-    if (c === undefined) {
-      throw new Unsupported({ at: ctx.scope, problem: "joint-decoding attention runs after a concept stage, which sets the concept side input; place it after one" })
-    }
+  if (concept !== undefined) {
+    const c = concept
     q = tf.add(q, ops.linear(ctx, c, p["qc.weight"]!))
     k = tf.add(k, ops.linear(ctx, c, p["kc.weight"]!))
     v = tf.add(v, ops.linear(ctx, c, p["vc.weight"]!))
@@ -134,7 +130,7 @@ export const Attention: BlockKind<AttentionSpec> = {
       kv: [{ path, elements: 2 * s.kvHeads * s.headDim, window: s.window, passes: 1, rate: 1 }]
     }),
   stream: "stateful",
-  apply: (ctx, s, x, p) => applyAttention(ctx, s, x, p, false)
+  apply: (ctx, s, x, p) => applyAttention(ctx, s, x, p)
 }
 
 /** Constructor argument: `kvHeads` defaults to `heads`, `headDim` to `d / heads`. */

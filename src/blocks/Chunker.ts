@@ -17,6 +17,7 @@ import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf, type Named } from "../graph/Block.ts"
 import type { ForwardContext, Tensor, Tensor2D } from "../graph/Apply.ts"
+import { type ChunkState, type ConceptFeeds, ConceptOps } from "./ConceptContext.ts"
 import { crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import * as ops from "./ops.ts"
 import { prng } from "../internal/Random.ts"
@@ -134,17 +135,19 @@ export const sharpen = (p: number, tau: number): number => (p > 0.5 ? p ** (1 / 
 /**
  * Boundary probabilities and boundaries of the token stream. Row starts and document starts are
  * forced boundaries with p = 1. Training samples b ~ Bernoulli(sharpen_τ(p)); evaluation takes
- * p ≥ ½. Adds λ·L_ratio to the auxiliary losses and records the state for the dechunk.
+ * p ≥ ½. Adds λ·L_ratio to the auxiliary losses, adds its measures to the pass's, and hands its
+ * {@link ChunkState} to the concept stage running it (`StageScope.chunked`), for the dechunk.
  *
  * Decoding incrementally, the first new token of a row compares with the row's previous token,
  * whose key the chunk module keeps; `receive` then indexes `[carried concept of each row; new
  * concepts]` (a token with no new boundary before it in this piece receives its row's carried one).
  */
 const applyChunker = (ctx: ForwardContext, spec: ChunkerSpec, x: Tensor, p: Readonly<Record<string, Tensor>>): Tensor => {
-  const s = rampSpec(spec, ctx.ramp)
+  const concepts = ctx.get(ConceptOps)
+  const s = rampSpec(spec, concepts.ramp)
   const { tf, cache } = ctx
   const n = x.shape[0]!
-  const rows = ctx.layout
+  const rows = ctx.stream.layout
   const d = x.shape[1]!
   if (cache !== undefined && ctx.training) throw new Unsupported({ at: ctx.scope, problem: "incremental decoding runs in evaluation mode (training: false)" })
   // decoding: the previous token's unit key of each row, and the tokens seen per row
@@ -157,7 +160,7 @@ const applyChunker = (ctx: ForwardContext, spec: ChunkerSpec, x: Tensor, p: Read
     const seen = state?.seen[r] ?? 0
     for (let i = 0; i < L; i++) {
       prev[start + i] = i === 0 ? (state === undefined ? start : r) : carried + start + i - 1
-      if (seen + i === 0 || ctx.documentStarts.has(start + i)) forced[start + i] = 1
+      if (seen + i === 0 || ctx.stream.documentStarts.has(start + i)) forced[start + i] = 1
     }
     start += L
   })
@@ -167,13 +170,13 @@ const applyChunker = (ctx: ForwardContext, spec: ChunkerSpec, x: Tensor, p: Read
   const keys = state === undefined ? k : tf.concat([state.prevK, k], 0)
   const cos = tf.sum(tf.mul(q, tf.gather(keys, tf.tensor1d(prev, "int32"))), -1)
   const raw0 = tf.clipByValue(tf.mul(tf.sub(1, cos), 0.5), 0, 1)
-  // a converted model's ramp (ForwardContext.ramp): p floored at 1 − s·(1 − p)
-  const raw = ctx.ramp === undefined ? raw0 : tf.sub(1, tf.mul(tf.sub(1, raw0), ctx.ramp))
-  const feeds = ctx.training && state === undefined ? ctx.conceptFeeds : undefined
+  // a converted model's ramp (ConceptOps.ramp): p floored at 1 − s·(1 − p)
+  const raw = concepts.ramp === undefined ? raw0 : tf.sub(1, tf.mul(tf.sub(1, raw0), concepts.ramp))
+  const feeds = ctx.training && state === undefined ? concepts.feeds : undefined
   // static shapes: the forced boundaries are the row starts (constant) and the fed document starts
   const f = feeds === undefined ? tf.tensor1d(forced) : tf.maximum(tf.tensor1d(forced.map((_, t) => (prev[t] === t ? 1 : 0))), feeds.documentStart)
   const probs = tf.add(f, tf.mul(tf.sub(1, f), raw))
-  if (feeds !== undefined) return staticBoundaries(ctx, s, x, probs, f, feeds)
+  if (feeds !== undefined) return staticBoundaries(ctx, concepts, s, x, probs, f, feeds)
   const imposed = cache?.forcedBoundary
   // imposed boundaries (benchmarks) need no probabilities on the host
   const host = imposed === undefined ? ctx.read(probs) : undefined
@@ -192,7 +195,7 @@ const applyChunker = (ctx: ForwardContext, spec: ChunkerSpec, x: Tensor, p: Read
     }
     start += L
   })
-  const concepts: Array<number> = []
+  const perRow: Array<number> = []
   const receive = new Int32Array(n)
   let offset = carried
   start = 0
@@ -202,7 +205,7 @@ const applyChunker = (ctx: ForwardContext, spec: ChunkerSpec, x: Tensor, p: Read
       m += boundaries[start + i]!
       receive[start + i] = m === 0 ? r : offset + m - 1
     }
-    concepts.push(m)
+    perRow.push(m)
     offset += m
     start += L
   })
@@ -231,20 +234,17 @@ const applyChunker = (ctx: ForwardContext, spec: ChunkerSpec, x: Tensor, p: Read
   const G = tf.mean(probs)
   const R = s.ratio
   // L = a·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) + b·G (ratioLossWeights)
-  const w = ratioLossWeights(s, ctx.ratioControl)
+  const w = ratioLossWeights(s, concepts.ratioControl)
   const paper = tf.mul(tf.add(tf.mul(G, (R - 1) * F), tf.mul(tf.sub(1, G), 1 - F)), (R / (R - 1)) * w.a)
   const ratioLoss = w.b === 0 ? paper : tf.add(paper, tf.mul(G, w.b))
   if (ctx.training && (w.a > 0 || w.b !== 0)) ctx.auxLosses.push(ratioLoss)
-  ctx.chunk = { h: x as Tensor2D, p: probs, boundaries, receive, concepts }
-  ctx.compression.tokens += n
-  ctx.compression.concepts += count
-  ctx.compression.boundaryProbSum += sum
-  ctx.compression.thresholdConcepts += atThreshold
+  concepts.measure({ tokens: n, concepts: count, boundaryProbSum: sum, thresholdConcepts: atThreshold })
+  concepts.stage().chunked?.({ h: x as Tensor2D, p: probs, boundaries, receive, concepts: perRow })
   return x
 }
 
 /**
- * The spec a converted model's chunk module runs with at ramp position s (`ForwardContext.ramp`,
+ * The spec a converted model's chunk module runs with at ramp position s (`ConceptOps.ramp`,
  * `train/Convert.ts`): target R_s = 1 + s·(R − 1), at least 1 + 10⁻³·(R − 1) (at s = 0 every p is
  * 1, so the ratio loss has no gradient whatever R_s is). Unchanged without a ramp.
  */
@@ -260,12 +260,13 @@ export const conceptSlots = (length: number, ratio: number, capacity: number): n
  * one is dropped when the boundaries up to it plus the forced ones still to come would exceed C).
  * The same ratio loss, with F measured on the device.
  */
-const staticBoundaries = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, probs: Tensor, forced: Tensor, feeds: NonNullable<ForwardContext["conceptFeeds"]>): Tensor => {
+const staticBoundaries = (ctx: ForwardContext, concepts: ConceptOps, s: ChunkerSpec, x: Tensor, probs: Tensor, forced: Tensor, feeds: ConceptFeeds): Tensor => {
   const { tf } = ctx
-  const rows = ctx.layout
+  const rows = ctx.stream.layout
   const n = x.shape[0]!
   const L = rows[0] ?? 0
-  if (ctx.chunk !== undefined || !rows.every((r) => r === L)) {
+  // an earlier chunk module of the pass (they all run with the feeds) has measured on the device
+  if (concepts.measured().device !== undefined || !rows.every((r) => r === L)) {
     throw new Unsupported({ at: ctx.scope, problem: "static-shape concept stages need one stage over rows of equal length" })
   }
   const R = rows.length
@@ -273,7 +274,7 @@ const staticBoundaries = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, probs:
   // forced boundaries are always kept: a row with more of them than slots cannot run this way
   for (let r = 0; r < R; r++) {
     let count = 1
-    for (let i = 1; i < L; i++) if (ctx.documentStarts.has(r * L + i)) count++
+    for (let i = 1; i < L; i++) if (ctx.stream.documentStarts.has(r * L + i)) count++
     if (count > C) throw new Unsupported({ at: ctx.scope, problem: `row ${r} has ${count} forced boundaries (its start and document starts), more than its ${C} concept slots; raise conceptCapacity or train it on the host path` })
   }
   // the sampling and the capping have no gradient: computed off the tape, as the host path does
@@ -298,26 +299,18 @@ const staticBoundaries = (ctx: ForwardContext, s: ChunkerSpec, x: Tensor, probs:
   const wt = thresholdWeightOf(s)
   const F = tf.div(wt === 0 ? count : tf.add(tf.mul(count, 1 - wt), tf.mul(atThreshold, wt)), n)
   // L = a·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) + b·G (ratioLossWeights)
-  const w = ratioLossWeights(s, ctx.ratioControl)
+  const w = ratioLossWeights(s, concepts.ratioControl)
   const paper = tf.mul(tf.add(tf.mul(tf.mul(G, F), ratio - 1), tf.mul(tf.sub(1, G), tf.sub(1, F))), (ratio / (ratio - 1)) * w.a)
   // b = ki·R/(R−1)·integral, from the fed integral when there is one (ratioLossWeights with integral 1 gives the factor)
   const fed = feeds.ratioIntegral !== undefined && s.ratioControl === "pi" && s.ki > 0
   const integralWeight = fed ? tf.mul(tf.reshape(ctx.stop(feeds.ratioIntegral!), []), ratioLossWeights(s, { integral: 1 }).b) : w.b
   const ratioLoss = integralWeight === 0 ? paper : tf.add(paper, tf.mul(G, integralWeight))
   if (w.a > 0 || integralWeight !== 0) ctx.auxLosses.push(ratioLoss)
-  ctx.chunk = { h: x as Tensor2D, p: probs, boundaries: new Uint8Array(0), receive: new Int32Array(0), concepts: [], slots: { b, receive, capacity: C, documentStart: feeds.documentStart } }
-  ctx.compression.tokens += n
+  const state: ChunkState = { h: x as Tensor2D, p: probs, boundaries: new Uint8Array(0), receive: new Int32Array(0), concepts: [], slots: { b, receive, capacity: C, documentStart: feeds.documentStart } }
+  concepts.measure({ tokens: n, concepts: 0, boundaryProbSum: 0, thresholdConcepts: 0 })
   const probSum = tf.sum(pr)
-  const dropped = tf.sub(sampled, count)
-  const before = ctx.deviceCompression
-  ctx.deviceCompression = before === undefined
-    ? { concepts: count, boundaryProbSum: probSum, dropped, threshold: atThreshold }
-    : {
-      concepts: tf.add(before.concepts, count),
-      boundaryProbSum: tf.add(before.boundaryProbSum, probSum),
-      dropped: tf.add(before.dropped, dropped),
-      threshold: tf.add(before.threshold, atThreshold)
-    }
+  concepts.measureDevice({ concepts: count, boundaryProbSum: probSum, dropped: tf.sub(sampled, count), threshold: atThreshold })
+  concepts.stage().chunked?.(state)
   return x
 }
 

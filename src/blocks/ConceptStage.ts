@@ -16,11 +16,12 @@
 import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type AnyBlock, type Block, type BlockKind, make, type Named } from "../graph/Block.ts"
-import type { ChildApply, ForwardContext, Tensor } from "../graph/Apply.ts"
+import type { ChildApply, ForwardContext, Tensor, Tensor2D, TokenStream } from "../graph/Apply.ts"
 import type { Tensor1D } from "@tensorflow/tfjs"
 import { crossCheck, PositiveNumber } from "../graph/Spec.ts"
 import { Chunker } from "./Chunker.ts"
 import { Dechunk } from "./Dechunk.ts"
+import { type ChunkState, ConceptOps } from "./ConceptContext.ts"
 import { Unsupported } from "../internal/RunErrors.ts"
 
 export const ConceptStageSpec = Schema.Struct({
@@ -34,21 +35,39 @@ export type ConceptStageSpec = typeof ConceptStageSpec.Type
  * (φ(m−1), φ(m)] of each chunk (a chunk closed by a document start keeps only that token, so no
  * document leaks into the next); `last` takes the boundary token. Tokens after a row's last
  * boundary close no chunk and merge into nothing.
+ *
+ * The stage hands its children what they need, each for the time it runs (`ConceptOps.inStage`):
+ * the chunk module a place for its chunk state, the concept model nothing (it runs on the concept
+ * stream), the dechunk that chunk state and a place for the dechunked concept, which the stage then
+ * reports (`ConceptOps.finished`) for the joint-decoding attention after it.
  */
 const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: unknown, children: ReadonlyArray<ChildApply>): Tensor => {
   const { tf, cache } = ctx
-  const [chunk, body, de] = children as [ChildApply, ChildApply, ChildApply]
-  const rows = ctx.layout
+  const concepts = ctx.get(ConceptOps)
+  const [chunkChild, body, deChild] = children as [ChildApply, ChildApply, ChildApply]
+  const rows = ctx.stream.layout
   const d = x.shape[1]!
   // decoding: concepts emitted so far per row, and (sum) each row's tokens since its last boundary
   const state = cache?.state(ctx.scope, () => ({
     concepts: new Array<number>(rows.length).fill(0),
     pending: spec.merge === "sum" ? tf.keep(tf.zeros([rows.length, d])) as Tensor : undefined
   }))
-  if (state !== undefined && ctx.documentStarts.size > 0) throw new Unsupported({ at: ctx.scope, problem: "incremental decoding does not take document starts inside a row" })
-  chunk(x)
-  const ch = ctx.chunk!
-  if (ch.slots !== undefined) return staticStage(ctx, spec, x, ch, body, de)
+  if (state !== undefined && ctx.stream.documentStarts.size > 0) throw new Unsupported({ at: ctx.scope, problem: "incremental decoding does not take document starts inside a row" })
+  let handed: ChunkState | undefined
+  concepts.inStage({ chunked: (c) => (handed = c) }, () => chunkChild(x))
+  // connect checks that child 0 is a chunk module, which always hands its state over
+  if (handed === undefined) throw new Error(`${ctx.scope}: the chunk module handed no state to its concept stage`)
+  const ch: ChunkState = handed
+  // the concept model runs with no stage scope; the dechunk gets the chunk state, and hands back the concept
+  const model = (f: () => Tensor) => concepts.inStage({}, f)
+  const de = (y: Tensor): Tensor => {
+    let concept: Tensor2D | undefined
+    const z = concepts.inStage({ chunk: ch, dechunked: (c) => (concept = c) }, () => deChild(y))
+    if (concept === undefined) throw new Error(`${ctx.scope}: the dechunk handed no concept to its concept stage`)
+    concepts.finished(ch, concept)
+    return z
+  }
+  if (ch.slots !== undefined) return staticStage(ctx, concepts, spec, x, ch, (m) => model(() => body(m)), de)
   const n = ch.boundaries.length
   const total = ch.concepts.reduce((a, b) => a + b, 0)
   let start = 0
@@ -74,7 +93,7 @@ const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: 
         }
         // a chunk closed by a document start holds only that token
         if (next === -1) seg[t] = total + r
-        else seg[t] = ctx.documentStarts.has(next) && t !== next ? total + rows.length : k
+        else seg[t] = ctx.stream.documentStarts.has(next) && t !== next ? total + rows.length : k
       }
       offset += ch.concepts[r]!
       first += L
@@ -97,7 +116,7 @@ const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: 
       state.pending = next
     }
   }
-  const tokenDocuments = ctx.documents
+  const tokenDocuments = ctx.stream.documents
   // a concept's document is its boundary token's (a document start is a forced boundary, so no
   // concept spans two); its position counts from its document's first concept, as token positions do
   const positions = new Int32Array(total)
@@ -109,7 +128,7 @@ const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: 
     let doc = 0
     for (let i = 0; i < L; i++) {
       const t = start + i
-      const opens = i > 0 && ctx.documentStarts.has(t)
+      const opens = i > 0 && ctx.stream.documentStarts.has(t)
       if (opens) doc++
       if (ch.boundaries[t] !== 1) continue
       if (opens) pos = 0
@@ -119,41 +138,46 @@ const applyStage = (ctx: ForwardContext, spec: ConceptStageSpec, x: Tensor, _p: 
     start += L
   })
   let t: Tensor | undefined
-  const stream = { layout: ch.concepts, positions, ...(tokenDocuments === undefined ? {} : { documents: () => t ??= tf.tensor1d(documents) }) }
+  const stream: TokenStream = {
+    ...ctx.stream,
+    layout: ch.concepts,
+    positions,
+    ...(tokenDocuments === undefined ? {} : { documents: () => t ??= tf.tensor1d(documents) })
+  }
   // decoding a piece in which no row closed a chunk: the concept model has nothing to run on
-  const y = total === 0 ? tf.zeros([0, d]) : inConceptStream(ctx, stream, () => body(merged))
-  ctx.chunk = ch
+  const y = total === 0 ? tf.zeros([0, d]) : model(() => ctx.withStream(stream, () => body(merged)))
   if (state !== undefined) ch.concepts.forEach((M, r) => (state.concepts[r]! += M))
-  return de(total === 0 ? y : rampResidual(ctx, y, merged))
+  return de(total === 0 ? y : rampResidual(ctx, concepts, y, merged))
 }
 
 /**
- * A converted model's ramp (`ForwardContext.ramp` = s): the dechunk gets ĉ − (1 − s)·c, where c is
+ * A converted model's ramp (`ConceptOps.ramp` = s): the dechunk gets ĉ − (1 − s)·c, where c is
  * the concept model's input. The decoder input z = ĥ + ĉ^ema of the paper counts ĥ twice when every
  * token is its own concept (c = ĥ and ĉ = ĥ + what the concept model adds); at s = 0 this is
  * z = ĥ + (ĉ − ĥ) = ĉ, the source MoE's residual stream, and from s = 1 on it is the paper's.
  */
-const rampResidual = (ctx: ForwardContext, y: Tensor, merged: Tensor): Tensor =>
-  ctx.ramp === undefined || ctx.ramp >= 1 ? y : ctx.tf.sub(y, ctx.tf.mul(merged, 1 - ctx.ramp))
+const rampResidual = (ctx: ForwardContext, concepts: ConceptOps, y: Tensor, merged: Tensor): Tensor =>
+  concepts.ramp === undefined || concepts.ramp >= 1 ? y : ctx.tf.sub(y, ctx.tf.mul(merged, 1 - concepts.ramp))
 
 /**
  * The stage with static shapes (the chunk module ran with `ConceptFeeds`): every row's concepts in
  * `C` slots, the unused ones zero, so the concept model runs on `[rows·C, d]` with uniform rows
- * (its attention is causal, so real concepts, which come first, never see the padding; `ctx.valid`
- * tells MoE balance losses which slots are real). Merges as `applyStage` does, with segment sums
+ * (its attention is causal, so real concepts, which come first, never see the padding; the concept
+ * stream's `valid` tells MoE balance losses which slots are real). Merges as `applyStage` does, with segment sums
  * over device indices.
  */
 const staticStage = (
   ctx: ForwardContext,
+  concepts: ConceptOps,
   spec: ConceptStageSpec,
   x: Tensor,
-  ch: NonNullable<ForwardContext["chunk"]>,
+  ch: ChunkState,
   body: ChildApply,
   de: ChildApply
 ): Tensor => {
   const { tf } = ctx
   const { b, receive, capacity: C, documentStart } = ch.slots!
-  const rows = ctx.layout
+  const rows = ctx.stream.layout
   const R = rows.length
   const L = rows[0]!
   const n = R * L
@@ -179,45 +203,21 @@ const staticStage = (
     merged = tf.unsortedSegmentSum(x, seg as Tensor1D, trash + 1)
   }
   merged = tf.slice(merged, [0, 0], [trash, -1])
-  const tokenDocuments = ctx.documents
+  const tokenDocuments = ctx.stream.documents
   // each concept slot takes its boundary token's document (padding slots take 0: their outputs
   // are never received by a token)
   const slots = tokenDocuments === undefined
     ? undefined
     : ctx.stop(tf.slice(tf.unsortedSegmentSum(tf.mul(ctx.stop(tokenDocuments()), b), closes as Tensor1D, trash + 1), [0], [trash]))
-  const y = inConceptStream(ctx, {
+  const stream: TokenStream = {
+    ...ctx.stream,
     layout: rows.map(() => C),
     positions: Int32Array.from({ length: trash }, (_, i) => i % C),
     valid: tf.reshape(tf.cast(tf.less(tf.tensor2d(Array.from({ length: R }, () => Array.from({ length: C }, (_, k) => k))), count), "float32"), [trash]),
     ...(slots === undefined ? {} : { documents: () => slots })
-  }, () => body(merged))
-  ctx.chunk = ch
-  return de(rampResidual(ctx, y, merged))
-}
-
-/**
- * Runs `f` (the concept model) with the context's description of the token stream replaced by the
- * concept stream's (`layout`, `positions`, and where given `valid` and `documents`), and restores the
- * token stream's on every exit path, a failure inside the concept model included.
- */
-const inConceptStream = <A>(
-  ctx: ForwardContext,
-  stream: { readonly layout: ForwardContext["layout"]; readonly positions: ForwardContext["positions"]; readonly valid?: ForwardContext["valid"]; readonly documents?: ForwardContext["documents"] },
-  f: () => A
-): A => {
-  const saved = { layout: ctx.layout, positions: ctx.positions, valid: ctx.valid, documents: ctx.documents }
-  ctx.layout = stream.layout
-  ctx.positions = stream.positions
-  if ("valid" in stream) ctx.valid = stream.valid
-  if ("documents" in stream) ctx.documents = stream.documents
-  try {
-    return f()
-  } finally {
-    ctx.layout = saved.layout
-    ctx.positions = saved.positions
-    ctx.valid = saved.valid
-    ctx.documents = saved.documents
   }
+  const y = ctx.withStream(stream, () => body(merged))
+  return de(rampResidual(ctx, concepts, y, merged))
 }
 
 export const ConceptStage: BlockKind<ConceptStageSpec> = {

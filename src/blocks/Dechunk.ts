@@ -16,6 +16,7 @@ import type { ForwardContext, Tensor, Tensor2D } from "../graph/Apply.ts"
 import type * as TF from "@tensorflow/tfjs"
 import { Dim } from "../graph/Spec.ts"
 import { Unsupported } from "../internal/RunErrors.ts"
+import { type ChunkState, ConceptOps } from "./ConceptContext.ts"
 
 export const DechunkSpec = Schema.Struct({ d: Dim })
 export type DechunkSpec = typeof DechunkSpec.Type
@@ -59,12 +60,17 @@ const resets = (ctx: ForwardContext, P: Tensor, shape: ReadonlyArray<number>): T
  * EMA over each row's concepts, then plug-back to tokens and the STE-weighted residual. Decoding
  * incrementally, each row's last EMA value is carried: the new concepts continue it (it enters the
  * row's matrix as a concept with P = 1), and tokens before the row's first new boundary receive it.
+ *
+ * The chunk state comes from the concept stage running it (`StageScope.chunk`), and the dechunked
+ * concept per token goes back to it (`StageScope.dechunked`).
  */
 const applyDechunk = (ctx: ForwardContext, _s: DechunkSpec, y: Tensor): Tensor => {
   const { tf, cache } = ctx
-  const ch = ctx.chunk
+  const stage = ctx.get(ConceptOps).stage()
+  const ch = stage.chunk
   if (ch === undefined) throw new Unsupported({ at: ctx.scope, problem: "a dechunk runs inside a concept stage, after its chunk module; place it there" })
-  if (ch.slots !== undefined) return staticDechunk(ctx, ch, y)
+  const handBack = (concept: Tensor2D) => stage.dechunked?.(concept)
+  if (ch.slots !== undefined) return staticDechunk(ctx, ch, y, handBack)
   const n = ch.boundaries.length
   const rows = ch.concepts.length
   const d = ch.h.shape[1]!
@@ -102,7 +108,7 @@ const applyDechunk = (ctx: ForwardContext, _s: DechunkSpec, y: Tensor): Tensor =
   }
   const B = tf.tensor1d(Float32Array.from(ch.boundaries))
   const confidence = tf.add(tf.mul(B, ch.p), tf.mul(tf.sub(1, B), tf.sub(1, ch.p)))
-  ctx.concept = cz
+  handBack(cz)
   return tf.add(ch.h, tf.mul(cz, tf.reshape(ctx.ste(confidence), [n, 1])))
 }
 
@@ -110,7 +116,7 @@ const applyDechunk = (ctx: ForwardContext, _s: DechunkSpec, y: Tensor): Tensor =
  * The dechunk with static shapes (`ConceptStage`'s padded slots): the EMA of every row at once as
  * `[rows, C, C]` matrices (a padded slot has P = 0, so it weighs nothing), then the same plug-back.
  */
-const staticDechunk = (ctx: ForwardContext, ch: NonNullable<ForwardContext["chunk"]>, y: Tensor): Tensor => {
+const staticDechunk = (ctx: ForwardContext, ch: ChunkState, y: Tensor, handBack: (concept: Tensor2D) => void): Tensor => {
   const { tf } = ctx
   const { b, receive, capacity: C } = ch.slots!
   const n = b.shape[0]!
@@ -128,7 +134,7 @@ const staticDechunk = (ctx: ForwardContext, ch: NonNullable<ForwardContext["chun
   const table = tf.reshape(ctx.matMul(weights, tf.reshape(y, [R, C, d]), "other"), [R * C, d])
   const cz = tf.gather(table, receive) as Tensor2D
   const confidence = tf.add(tf.mul(b, ch.p), tf.mul(tf.sub(1, b), tf.sub(1, ch.p)))
-  ctx.concept = cz
+  handBack(cz)
   return tf.add(ch.h, tf.mul(cz, tf.reshape(ctx.ste(confidence), [n, 1])))
 }
 

@@ -13,7 +13,19 @@
  */
 import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf } from "../graph/Block.ts"
+import type { ForwardContext, Tensor } from "../graph/Apply.ts"
+import { Unsupported } from "../internal/RunErrors.ts"
 import { applyAttention, Attention, type AttentionArgs, AttentionSpec } from "./Attention.ts"
+import { ConceptOps } from "./ConceptContext.ts"
+
+/** The concept per token of the concept stage before this layer (`ConceptOps.concept`). */
+const conceptOf = (ctx: ForwardContext): Tensor => {
+  const c = ctx.get(ConceptOps).concept()
+  if (c === undefined) {
+    throw new Unsupported({ at: ctx.scope, problem: "joint-decoding attention runs after a concept stage, which sets the concept side input; place it after one" })
+  }
+  return c
+}
 
 export const JointAttention: BlockKind<AttentionSpec> = {
   name: "joint-attention",
@@ -32,7 +44,7 @@ export const JointAttention: BlockKind<AttentionSpec> = {
       Cost.make({ flops: { jointDecoding: 2 * s.d * s.headDim * (s.heads + 2 * s.kvHeads) } })
     ),
   stream: "stateful",
-  apply: (ctx, s, x, p) => applyAttention(ctx, s, x, p, true)
+  apply: (ctx, s, x, p) => applyAttention(ctx, s, x, p, conceptOf(ctx))
 }
 
 /** @category constructors */

@@ -25,7 +25,7 @@ import { Schema } from "effect"
 import * as Cost from "../cost/Cost.ts"
 import { type Block, type BlockKind, leaf, type Named } from "../graph/Block.ts"
 import { crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
-import type { ForwardContext, Tensor } from "../graph/Apply.ts"
+import { ContextKey, type ForwardContext, type RouteLayout, type Tensor } from "../graph/Apply.ts"
 import { Activation, ffnMatrices, ffnParams } from "./MLP.ts"
 import * as ops from "./ops.ts"
 import { Unsupported } from "../internal/RunErrors.ts"
@@ -74,24 +74,86 @@ export const MoESpec = Schema.Struct({
 export type MoESpec = typeof MoESpec.Type
 
 /**
+ * How MoE layers dispatch: `sparse` reads the routing back and runs each expert on its tokens
+ * (executed FLOPs = activated FLOPs, nothing dropped). The others stay on the device (no read):
+ * `dense` runs every expert on every token, weighted by a gate that is zero outside the top-k (E/k
+ * times the expert FLOPs); `grouped` sorts the token-expert pairs by expert into groups of rows of
+ * one expert each (an expert's last group padded) and runs each group with its expert's weights
+ * (nothing dropped; static shapes, so every step runs the worst case, n·k rows plus room for each
+ * expert's padding); `{ capacity: c }` runs each expert on
+ * `ceil(c·n·k/E)` rows (at most n) filled by its tokens in order, and a token-expert pair that finds
+ * its expert's rows full is dropped (its output from that expert is zero), as in GShard and the
+ * Switch Transformer (c·k/E of dense's expert FLOPs; c ≥ E/k never drops).
+ */
+export type Dispatch = "sparse" | "dense" | "grouped" | { readonly capacity: number }
+
+export type { RouteLayout } from "../graph/Apply.ts"
+
+/**
+ * What an MoE layer needs from the context beyond tensor operations: how to dispatch, the weight
+ * of its balance loss, the routing primitives (fused kernels where the runtime has them), and where
+ * it counts the pairs a capacity dispatch keeps. Provided by the runtime (`Lower.forward`).
+ */
+export interface MoeOps {
+  /** How MoE layers dispatch (see {@link Dispatch}). */
+  readonly dispatch: Dispatch
+  /** Weight of the Switch-style load-balancing loss. */
+  readonly balanceWeight: number
+  /** 1 where a score of `scores [n, E]` is among the `k` largest of its row, else 0 (no gradient). */
+  readonly topMask: (scores: Tensor, k: number) => Tensor
+  /** A dense dispatch's combine: `ys [E, n, d]`, `gates [n, E]` → Σ_e gates[n, e]·ys[e, n, :]. */
+  readonly combine: (ys: Tensor, gates: Tensor) => Tensor
+  /**
+   * The routing tables for `mask [n, E]` (k experts per token) in a layout of rows by capacity or by
+   * groups of `tile` rows per expert: `slots [E, n]` (the row of pair (i, e), or −1), `tokens [rows]`
+   * (each row's pair as e·n + i, or −1) and, by tile, `groups` (each group's expert); earlier tokens
+   * first; no gradient.
+   */
+  readonly route: (mask: Tensor, layout: RouteLayout, k: number) => {
+    readonly slots: Tensor
+    readonly tokens: Tensor
+    readonly groups?: Tensor
+  }
+  /** `x [n, d]` → `[rows, d]`: each row's token (zeros where empty), by {@link MoeOps.route}'s tables. */
+  readonly toSlots: (x: Tensor, tokens: Tensor, slots: Tensor) => Tensor
+  /** `ys [rows, d]` → `[n, d]`: Σ_e w[i, e]·ys[slots[e, i]] over the experts that kept token i. */
+  readonly fromSlots: (ys: Tensor, slots: Tensor, tokens: Tensor, w: Tensor) => Tensor
+  /** `w [E, ...]` → `[G, ...]`: each group's expert's parameter (differentiable in w). */
+  readonly gatherGroups: (w: Tensor, groups: Tensor) => Tensor
+  /**
+   * `x [G, T, a]` times each group's expert's matrix of `w [E, a, b]` → `[G, T, b]`, counted as
+   * weight FLOPs; the same as `matMul(x, gatherGroups(w, groups))`, without the gather where the
+   * runtime can.
+   */
+  readonly groupedMatMul: (x: Tensor, w: Tensor, groups: Tensor) => Tensor
+  /** Adds a capacity dispatch's token-expert pairs routed and kept (scalars on the device) to the pass's count. */
+  readonly countRouting: (routed: Tensor, kept: Tensor) => void
+}
+
+/** The context key of {@link MoeOps}. */
+export const MoeOps = ContextKey<MoeOps>("conceptmoe/MoeOps")
+
+/**
  * Sparse dispatch: route, group the tokens of each expert, run each expert on its tokens only, and
  * scatter the gated outputs back. Executed expert FLOPs are exactly the activated ones (N·k
  * token-expert pairs). Adds the Switch-style load-balancing loss E·Σ_e f_e·P_e, weighted by
- * `ctx.lossWeights.balance`.
+ * {@link MoeOps}' `balanceWeight`.
  */
 const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record<string, Tensor>>): Tensor => {
   const { tf } = ctx
+  const moe = ctx.get(MoeOps)
   const n = x.shape[0]!
   const E = s.experts
   const logits = ops.linear(ctx, x, p["router.weight"]!, p["router.bias"])
   const probs = s.scoring === "softmax" ? tf.softmax(logits) : tf.sigmoid(logits)
-  if (ctx.dispatch === "dense") return denseDispatch({ ctx, s, x, p, probs })
-  if (ctx.dispatch === "grouped") return slotDispatch({ ctx, s, x, p, probs }, "grouped")
-  if (typeof ctx.dispatch === "object") return slotDispatch({ ctx, s, x, p, probs }, ctx.dispatch)
-  if (ctx.valid !== undefined) {
+  const r: Routing = { ctx, moe, s, x, p, probs }
+  if (moe.dispatch === "dense") return denseDispatch(r)
+  if (moe.dispatch === "grouped") return slotDispatch(r, "grouped")
+  if (typeof moe.dispatch === "object") return slotDispatch(r, moe.dispatch)
+  if (ctx.stream.valid !== undefined) {
     throw new Unsupported({ at: ctx.scope, problem: "sparse MoE dispatch does not take padded positions (the empty slots of a static-shape concept stage); use dense or grouped dispatch" })
   }
-  const { indices } = tf.topk(selectionScores(ctx, s, ctx.detach(probs), p), s.topK)
+  const { indices } = tf.topk(selectionScores(r, ctx.detach(probs)), s.topK)
   const chosen = ctx.read(indices) as Int32Array
   indices.dispose()
   // gate of each (token, slot): probs[n, e], gathered from the flat probabilities (differentiable)
@@ -131,12 +193,13 @@ const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record
   const routed = tf.unsortedSegmentSum(tf.concat(outs, 0), tf.tensor1d(targets, "int32"), n)
   const counts = new Float32Array(E)
   for (let i = 0; i < n * s.topK; i++) counts[chosen[i]!]! += 1 / (n * s.topK)
-  return withShared({ ctx, s, x, p, probs }, routed, () => tf.tensor1d(counts))
+  return withShared(r, routed, () => tf.tensor1d(counts))
 }
 
 /** What every dispatch works from: the layer's input, spec and parameters, and the router's probabilities `[n, E]`. */
 interface Routing {
   readonly ctx: ForwardContext
+  readonly moe: MoeOps
   readonly s: MoESpec
   readonly x: Tensor
   readonly p: Readonly<Record<string, Tensor>>
@@ -147,7 +210,7 @@ interface Routing {
  * Adds the shared experts to the routed output and, in training, the Switch-style load-balancing
  * loss E·Σ_e f_e·P_e (f: the fraction of token-slot pairs routed to e; P: the mean probability).
  */
-const withShared = ({ ctx, s, x, p, probs }: Routing, routed: Tensor, fraction: () => Tensor): Tensor => {
+const withShared = ({ ctx, moe, s, x, p, probs }: Routing, routed: Tensor, fraction: () => Tensor): Tensor => {
   const { tf } = ctx
   let y = routed
   if (s.shared !== null) {
@@ -155,11 +218,11 @@ const withShared = ({ ctx, s, x, p, probs }: Routing, routed: Tensor, fraction: 
     if (s.shared.gate) shared = tf.mul(shared, tf.sigmoid(ops.linear(ctx, x, p["sharedGate.weight"]!)))
     y = tf.add(y, shared)
   }
-  if (ctx.training && ctx.lossWeights.balance > 0) {
+  if (ctx.training && moe.balanceWeight > 0) {
     // over the real positions only (padded concept slots do not count)
-    const v = ctx.valid
+    const v = ctx.stream.valid
     const meanProbs = v === undefined ? tf.mean(probs, 0) : tf.div(tf.sum(tf.mul(probs, tf.reshape(v, [-1, 1])), 0), tf.maximum(tf.sum(v), 1))
-    ctx.auxLosses.push(tf.mul(tf.sum(tf.mul(meanProbs, fraction())), s.experts * ctx.lossWeights.balance))
+    ctx.auxLosses.push(tf.mul(tf.sum(tf.mul(meanProbs, fraction())), s.experts * moe.balanceWeight))
   }
   return y
 }
@@ -171,14 +234,14 @@ const withShared = ({ ctx, s, x, p, probs }: Routing, routed: Tensor, fraction: 
  * sparse path; E/k times its expert FLOPs.
  */
 const denseDispatch = (r: Routing): Tensor => {
-  const { ctx, s, x, p, probs } = r
+  const { ctx, moe, s, x, p } = r
   const { tf } = ctx
   const n = x.shape[0]!
   const E = s.experts
-  const { chosen, gates } = topGates(ctx, s, probs, p)
+  const { chosen, gates } = topGates(r)
   const xs = tf.reshape(ctx.repeat(tf.reshape(x, [1, ...x.shape]), E), [E, ...x.shape])
   const ys = ops.ffn(ctx, xs, (name) => expertParam(ctx, p, name, E), s.activation)
-  const routed = ctx.combine(ys, gates)
+  const routed = moe.combine(ys, gates)
   return withShared(r, routed, () => routedFraction(ctx, chosen, n, s.topK))
 }
 
@@ -192,40 +255,35 @@ export const groupRows = (n: number, topK: number, experts: number): number =>
 
 /**
  * Grouped and capacity dispatch, without reading the routing back (see `Dispatch`): the pairs get
- * rows (`ctx.route`: by groups of {@link groupRows} rows of one expert each, or {@link expertSlots}
- * rows per expert filled in order, the pairs beyond dropped); padded positions (`ctx.valid`) are not
+ * rows (`MoeOps.route`: by groups of {@link groupRows} rows of one expert each, or {@link expertSlots}
+ * rows per expert filled in order, the pairs beyond dropped); padded positions (`stream.valid`) are not
  * routed. The tokens are gathered into their rows, the experts run as one batched product per
  * matrix (`[G, T, d]` groups, each with its expert's matrix of `[E, d, h]` through
- * `ctx.groupedMatMul`, which reads it in place where the runtime can; or `[E, C, d] × [E, d, h]`),
+ * `MoeOps.groupedMatMul`, which reads it in place where the runtime can; or `[E, C, d] × [E, d, h]`),
  * and the gated outputs are gathered back per token. A capacity dispatch adds the pairs routed and
- * kept to `ctx.expertRouting`. Without drops, the sparse path's values and gradients; the balance
+ * kept to the pass's count (`MoeOps.countRouting`). Without drops, the sparse path's values and gradients; the balance
  * loss counts the routing before drops, as the Switch Transformer's.
  */
 const slotDispatch = (r: Routing, by: "grouped" | { readonly capacity: number }): Tensor => {
-  const { ctx, s, x, p, probs } = r
+  const { ctx, moe, s, x, p } = r
   const { tf } = ctx
   const [n, d] = x.shape as [number, number]
   const E = s.experts
-  const { chosen, gates } = topGates(ctx, s, probs, p)
-  const v = ctx.valid
+  const { chosen, gates } = topGates(r)
+  const v = ctx.stream.valid
   const routedMask = v === undefined ? chosen : tf.mul(chosen, tf.reshape(v, [n, 1]))
   const layout = by === "grouped" ? { tile: groupRows(n, s.topK, E) } : { capacity: expertSlots(by.capacity, n, s.topK, E) }
-  const { slots, tokens, groups } = ctx.route(routedMask, layout, s.topK)
+  const { slots, tokens, groups } = moe.route(routedMask, layout, s.topK)
   const rows = tokens.shape[0]!
   const batch = groups === undefined ? E : groups.shape[0]!
-  const xs = tf.reshape(ctx.toSlots(x, tokens, slots), [batch, rows / batch, d])
+  const xs = tf.reshape(moe.toSlots(x, tokens, slots), [batch, rows / batch, d])
   // by groups: the matrices are read in place per group's expert, the biases gathered per group
   const ys = ops.ffn(ctx, xs, (name) => {
     const w = expertParam(ctx, p, name, E)
-    return w === undefined || groups === undefined || name.endsWith(".weight") ? w : ctx.gatherGroups(w, groups)
-  }, s.activation, groups === undefined ? undefined : (x, w) => ctx.groupedMatMul(x, w, groups))
-  const routed = ctx.fromSlots(tf.reshape(ys, [rows, d]), slots, tokens, gates)
-  if (by !== "grouped") {
-    const before = ctx.expertRouting
-    const pairs = tf.sum(routedMask)
-    const kept = tf.sum(tf.cast(tf.greaterEqual(tokens, 0), "float32"))
-    ctx.expertRouting = before === undefined ? { routed: pairs, kept } : { routed: tf.add(before.routed, pairs), kept: tf.add(before.kept, kept) }
-  }
+    return w === undefined || groups === undefined || name.endsWith(".weight") ? w : moe.gatherGroups(w, groups)
+  }, s.activation, groups === undefined ? undefined : (x, w) => moe.groupedMatMul(x, w, groups))
+  const routed = moe.fromSlots(tf.reshape(ys, [rows, d]), slots, tokens, gates)
+  if (by !== "grouped") moe.countRouting(tf.sum(routedMask), tf.sum(tf.cast(tf.greaterEqual(tokens, 0), "float32")))
   return withShared(r, routed, () => routedFraction(ctx, chosen, n, s.topK))
 }
 
@@ -233,9 +291,10 @@ const slotDispatch = (r: Routing, by: "grouped" | { readonly capacity: number })
  * The top-k as a 0/1 mask `[n, E]` (off the tape: a routing decision has no gradient) and the
  * gates, the router's probabilities on it (renormalised if the spec says so), zero elsewhere.
  */
-const topGates = (ctx: ForwardContext, s: MoESpec, probs: Tensor, p: Readonly<Record<string, Tensor>>) => {
+const topGates = (r: Routing) => {
+  const { ctx, moe, s, probs } = r
   const { tf } = ctx
-  const chosen = ctx.topMask(selectionScores(ctx, s, ctx.stop(probs), p), s.topK)
+  const chosen = moe.topMask(selectionScores(r, ctx.stop(probs)), s.topK)
   const gates = tf.mul(probs, chosen)
   const normalised = s.normalizeTopK ? tf.div(gates, tf.sum(gates, 1, true)) : gates
   return { chosen, gates: s.routedScale === 1 ? normalised : tf.mul(normalised, s.routedScale) }
@@ -246,15 +305,15 @@ const topGates = (ctx: ForwardContext, s: MoESpec, probs: Tensor, p: Readonly<Re
  * with group-limited routing, those outside the token's `groupTopK` best groups set to 0 (as
  * DeepSeek's routers do).
  */
-const selectionScores = (ctx: ForwardContext, s: MoESpec, stopped: Tensor, p: Readonly<Record<string, Tensor>>): Tensor => {
+const selectionScores = ({ ctx, moe, s, p }: Routing, stopped: Tensor): Tensor => {
   const { tf } = ctx
   const probs = s.scoreBias ? tf.add(stopped, ctx.stop(p["router.scoreBias"]!)) : stopped
   if (s.groups === 1 || s.groupTopK === null || s.groupTopK >= s.groups) return probs
   const n = probs.shape[0]!
   const per = s.experts / s.groups
   const byGroup = tf.reshape(probs, [n * s.groups, per])
-  const score = s.groupScore === "max" ? tf.max(byGroup, 1) : tf.sum(tf.mul(byGroup, ctx.topMask(byGroup, 2)), 1)
-  const keep = ctx.topMask(tf.reshape(score, [n, s.groups]), s.groupTopK)
+  const score = s.groupScore === "max" ? tf.max(byGroup, 1) : tf.sum(tf.mul(byGroup, moe.topMask(byGroup, 2)), 1)
+  const keep = moe.topMask(tf.reshape(score, [n, s.groups]), s.groupTopK)
   return tf.mul(probs, tf.reshape(tf.tile(tf.reshape(keep, [n, s.groups, 1]), [1, 1, per]), [n, s.experts]))
 }
 
@@ -267,7 +326,7 @@ const expertParam = (ctx: ForwardContext, p: Readonly<Record<string, Tensor>>, n
 /** The fraction of (real) token-slot pairs routed to each expert, from the top-k mask `[n, E]`. */
 const routedFraction = (ctx: ForwardContext, chosen: Tensor, n: number, topK: number) => {
   const { tf } = ctx
-  const v = ctx.valid
+  const v = ctx.stream.valid
   return v === undefined
     ? tf.div(tf.sum(chosen, 0), n * topK)
     : tf.div(tf.sum(tf.mul(chosen, tf.reshape(v, [n, 1])), 0), tf.mul(tf.maximum(tf.sum(v), 1), topK))

@@ -173,14 +173,14 @@ const attendRows = (ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor, R: num
   const kt = tf.reshape(tf.transpose(tf.reshape(k, [R, L, KV, dqk]), [0, 2, 3, 1]), [R * KV, dqk, L])
   const v3 = tf.reshape(tf.transpose(tf.reshape(v, [R, L, KV, dv]), [0, 2, 1, 3]), [R * KV, L, dv])
   // causal attention never sees the padding (it follows the real positions of each row)
-  return attendCore(ctx, q, kt, { v: v3 }, R, L, L, 0, options, options.causal ? undefined : ctx.valid, documents)
+  return attendCore(ctx, q, kt, { v: v3 }, R, L, L, 0, options, options.causal ? undefined : ctx.stream.valid, documents)
 }
 
 /**
  * Scaled dot-product attention of `q [N, H, dqk]`, `k [N, KV, dqk]`, `v [N, KV, dv]` over the rows of
  * the context's layout (each row attends within itself). Returns `[N, H·dv]`.
  *
- * With `ctx.documents` (rows packing several documents), a query attends only to keys of its own
+ * With `ctx.stream.documents` (rows packing several documents), a query attends only to keys of its own
  * document: the block-diagonal mask is made once per pass and stream ({@link documentMask}).
  *
  * While decoding incrementally (`ctx.cache`), the inputs are each row's new positions: their keys
@@ -189,10 +189,10 @@ const attendRows = (ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor, R: num
  */
 export const attend = (ctx: ForwardContext, q: Tensor, k: Tensor, v: Tensor, options: Masking): Tensor2D => {
   const { tf } = ctx
-  const rows = ctx.layout
+  const rows = ctx.stream.layout
   if (ctx.cache !== undefined) return attendCached(ctx, ctx.cache, q, k, v, options)
   const L0 = rows[0] ?? 0
-  const docs = ctx.documents
+  const docs = ctx.stream.documents
   const documents = (R: number, L: number, start: number) =>
     docs === undefined ? undefined : ctx.memo(`documents/${R}/${L}/${start}`, () => {
       const all = docs()
@@ -225,7 +225,7 @@ const attendCached = (ctx: ForwardContext, cache: DecodeCache, q: Tensor, k: Ten
   if (!options.causal) throw new Unsupported({ at: ctx.scope, problem: "the attention is not causal (causal: false): it cannot be decoded incrementally" })
   const [N, KV, dqk] = k.shape as [number, number, number]
   const dv = v.shape[2]!
-  const counts = ctx.layout
+  const counts = ctx.stream.layout
   const R = counts.length
   // keys and values are stored feature-major ([rows, KV·d, capacity]): Kᵀ and Vᵀ need no transpose
   const state = cache.state(ctx.scope, () => ({ k: cache.buffer(R, KV * dqk, "columns"), v: cache.buffer(R, KV * dv, "columns") }))

@@ -98,7 +98,7 @@ export interface BlockKind<S = any> {
   /**
    * How `apply` behaves when a sequence arrives in pieces (prefill, then decode with caches):
    * `"local"` — the kind itself mixes no positions (each output position reads only its own input
-   * position, `ctx.positions` and its children); `"stateful"` — it mixes positions and keeps what
+   * position, `ctx.stream.positions` and its children); `"stateful"` — it mixes positions and keeps what
    * it needs across pieces through `ctx.cache`. Kinds without it cannot be decoded incrementally.
    */
   readonly stream?: "local" | "stateful"

@@ -118,13 +118,8 @@ export const Loop: BlockKind<typeof LoopSpec.Type> = {
   stream: "local",
   apply: (ctx, spec, x, _p, children) => {
     // each pass has its own scope, so stateful children (KV caches) keep one state per pass
-    const scope = ctx.scope
     let y = x
-    for (let i = 0; i < spec.times; i++) {
-      ctx.scope = `${scope}#${i}`
-      y = children.reduce((z, f) => f(z), y)
-    }
-    ctx.scope = scope
+    for (let i = 0; i < spec.times; i++) y = ctx.withScope(`${ctx.scope}#${i}`, () => children.reduce((z, f) => f(z), y))
     return y
   }
 }

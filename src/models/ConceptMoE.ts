@@ -50,7 +50,7 @@ export const conceptFields = {
   jointDecoding: withDefault(Schema.Boolean, true),
   /**
    * A model converted from a trained MoE (`train/Convert.ts`): training ramps from every token a boundary
-   * (the source's function) to the target R over this many steps (`ForwardContext.ramp`).
+   * (the source's function) to the target R over this many steps (`ConceptOps.ramp`).
    */
   rampSteps: Schema.optionalKey(Dim),
   /** Activated experts in the concept model (strategies 1–3); default: the baseline's. */

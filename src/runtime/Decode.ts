@@ -32,7 +32,7 @@ export interface SessionOptions {
   readonly forcedBoundary?: (row: number, position: number) => boolean
   /** Initial cache capacity per row, in positions (grown by doubling). */
   readonly initialCapacity?: number
-  /** MoE dispatch (see `ForwardContext.dispatch`); by default the runtime's. */
+  /** MoE dispatch (see `MoE.Dispatch`); by default the runtime's. */
   readonly dispatch?: "sparse" | "dense"
 }
 

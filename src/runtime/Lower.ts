@@ -10,13 +10,15 @@
 import type * as TF from "@tensorflow/tfjs"
 import type { Analysis } from "../graph/Analyze.ts"
 import { joinPath } from "../graph/Analyze.ts"
-import type { ChildApply, ConceptFeeds, DecodeCache, Dispatch, FlopCounter, ForwardContext, Tensor, Tensor2D, Tf } from "../graph/Apply.ts"
+import type { ChildApply, ContextKey, DecodeCache, FlopCounter, ForwardContext, Provision, Tensor, Tensor2D, Tf, TokenStream } from "../graph/Apply.ts"
 import type { AnyBlock } from "../graph/Block.ts"
+import { type ChunkState, type Compression, type ConceptFeeds, ConceptOps, type DeviceCompression, makeConceptOps } from "../blocks/ConceptContext.ts"
+import { type Dispatch, MoeOps } from "../blocks/MoE.ts"
 import { makeGroupedMatMul } from "./MatMul.ts"
 import { makeActivate, makeCombine, makeMaskedNll, makeMaskedSoftmax, makeRepeat, makeRmsNorm, makeRotate, makeRoute, makeSlots, makeTopMask } from "./Fused.ts"
 import { makeDetach, makeMatMul, makeOneHot, makeSte, makeStop } from "./Fixes.ts"
 import { prng } from "../internal/Random.ts"
-import { NotLowerable } from "../internal/RunErrors.ts"
+import { NotLowerable, Unsupported } from "../internal/RunErrors.ts"
 
 export interface Lowered {
   readonly tf: Tf
@@ -123,8 +125,30 @@ export interface ForwardOptions {
    * batch (`train/Parallel.ts`) continues the whole batch's stream after the rows before it.
    */
   readonly drawOffset?: number
-  /** A converted model's ramp position s ∈ [0, 1] (`ForwardContext.ramp`); default none (s = 1, the paper's model). */
+  /** A converted model's ramp position s ∈ [0, 1] (`ConceptOps.ramp`); default none (s = 1, the paper's model). */
   readonly ramp?: number
+  /**
+   * Implementations of context keys for the pass (`Apply.provide(key, make)`): a user kind's own
+   * keys, or replacements of the runtime's (`MoE.MoeOps`, `ConceptContext.ConceptOps`); a later one
+   * wins.
+   */
+  readonly provide?: ReadonlyArray<Provision>
+}
+
+/**
+ * The context of a finished pass as its caller sees it: the blocks' {@link ForwardContext} plus
+ * read-only views of what the pass measured. Decoding, `verify`, the trainer and the export's
+ * reference values read these; no block does.
+ */
+export interface PassContext extends ForwardContext {
+  /** Tokens and concepts seen by the concept stages, Σ boundary probability, concepts at p ≥ ½ (summed over stages). */
+  readonly compression: Compression
+  /** With `ConceptFeeds`: the same measures on the device, summed over the stages. */
+  readonly deviceCompression: DeviceCompression | undefined
+  /** The chunk state of the last concept stage that ran (its boundaries, concepts per row), or undefined. */
+  readonly chunk: ChunkState | undefined
+  /** Token-expert pairs routed and kept by capacity dispatches, summed over the layers (on the device), or undefined. */
+  readonly expertRouting: { readonly routed: Tensor; readonly kept: Tensor } | undefined
 }
 
 export interface Feeds {
@@ -201,42 +225,47 @@ const hostDocuments = (rows: number, length: number, starts: ReadonlySet<number>
   return out
 }
 
-/** Runs the graph on a batch; returns the logits `[rows · T, vocab]` and the context. */
-export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { readonly logits: Tensor2D; readonly ctx: ForwardContext } => {
-  const { tf } = m
-  const starts = batch.documentStarts ?? new Set<number>()
-  const positions = options.positions ?? positionsOf(batch)
-  const flops: FlopCounter = { weights: 0, attentionMap: 0, other: 0 }
-  let seedCounter = 0
-  const positionTensors = new WeakMap<Int32Array, Tensor>()
-  if (options.feeds !== undefined) positionTensors.set(positions, options.feeds.positions)
-  const memos = new WeakMap<Int32Array, Map<string, unknown>>()
-  const matMul = makeMatMul(tf, flops)
+/** The runtime's implementation of `MoE.MoeOps` for a pass, and the pass's count of routed and kept pairs. */
+const moeOps = (tf: Tf, flops: FlopCounter, options: ForwardOptions) => {
   const slots = makeSlots(tf)
   // the fallback's product is counted with the grouped one's, not again
   const uncounted = makeMatMul(tf, { weights: 0, attentionMap: 0, other: 0 })
   const groupedMatMul = makeGroupedMatMul(tf, (x, w, groups) => uncounted(x, slots.gatherGroups(w, groups), "weights"))
+  let routing: { readonly routed: Tensor; readonly kept: Tensor } | undefined
+  const ops: MoeOps = {
+    dispatch: options.concept !== undefined
+      ? options.dispatch === undefined || options.dispatch === "sparse" ? "grouped" : options.dispatch
+      : options.dispatch ?? (tf.getBackend() === "webgpu" ? "grouped" : "sparse"),
+    balanceWeight: options.balanceWeight ?? 0.01,
+    topMask: makeTopMask(tf, makeOneHot(tf)),
+    combine: makeCombine(tf),
+    route: makeRoute(tf),
+    ...slots,
+    groupedMatMul: (x, w, groups) => {
+      flops.weights += 2 * x.size * w.shape[2]!
+      return groupedMatMul(x, w, groups)
+    },
+    countRouting: (routed, kept) => {
+      routing = routing === undefined ? { routed, kept } : { routed: tf.add(routing.routed, routed), kept: tf.add(routing.kept, kept) }
+    }
+  }
+  return { ops, routing: () => routing }
+}
+
+/** Runs the graph on a batch; returns the logits `[rows · T, vocab]` and the pass's context. */
+export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { readonly logits: Tensor2D; readonly ctx: PassContext } => {
+  const { tf } = m
+  const starts = batch.documentStarts ?? new Set<number>()
+  const flops: FlopCounter = { weights: 0, attentionMap: 0, other: 0 }
+  let seedCounter = 0
+  const positionTensors = new WeakMap<Int32Array, Tensor>()
+  const memos = new WeakMap<Int32Array, Map<string, unknown>>()
   let tokenDocuments: Tensor | undefined
-  const ctx: ForwardContext = {
-    tf,
-    training: options.training,
-    cache: options.cache,
-    scope: "",
+  let scope = ""
+  let stream: TokenStream = {
     layout: Array.from({ length: batch.rows }, () => batch.length),
-    positions,
-    positionIds: () => {
-      let t = positionTensors.get(ctx.positions)
-      if (t === undefined) positionTensors.set(ctx.positions, t = tf.tensor1d(ctx.positions, "int32"))
-      return t
-    },
-    memo: <T>(key: string, make: () => T): T => {
-      let byKey = memos.get(ctx.positions)
-      if (byKey === undefined) memos.set(ctx.positions, byKey = new Map())
-      if (!byKey.has(key)) byKey.set(key, make())
-      return byKey.get(key) as T
-    },
+    positions: options.positions ?? positionsOf(batch),
     documentStarts: starts,
-    ramp: options.ramp === undefined ? undefined : Math.min(1, Math.max(0, options.ramp)),
     // packed documents: each row's documents from the batch's document starts, or (fed positions,
     // which change every step of a captured step) from the fed positions on the device
     documents: options.cache !== undefined
@@ -246,59 +275,112 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
       : starts.size > 0
       ? () => tokenDocuments ??= tf.tensor1d(hostDocuments(batch.rows, batch.length, starts))
       : undefined,
-    concept: undefined,
-    chunk: undefined,
+    valid: undefined
+  }
+  if (options.feeds !== undefined) positionTensors.set(stream.positions, options.feeds.positions)
+  const moe = moeOps(tf, flops, options)
+  // the extensions: the runtime's own, then the caller's (a later provision of a key wins)
+  const provisions = new Map<string, Provision["make"]>([
+    [MoeOps.id, () => moe.ops],
+    [ConceptOps.id, () =>
+      makeConceptOps(tf, {
+        ramp: options.ramp === undefined ? undefined : Math.min(1, Math.max(0, options.ramp)),
+        feeds: options.concept,
+        ratioControl: options.ratioControl
+      })]
+  ])
+  for (const p of options.provide ?? []) provisions.set(p.id, p.make)
+  const extensions = new Map<string, unknown>()
+  const get = <S>(key: ContextKey<S>): S => {
+    if (extensions.has(key.id)) return extensions.get(key.id) as S
+    const make = provisions.get(key.id) ?? key.make
+    if (make === undefined) {
+      throw new Unsupported({ at: scope, problem: `needs the context extension "${key.id}", which nothing provides: pass it in the forward options' \`provide\` (Apply.provide), or give the key a default (\`make\`)` })
+    }
+    const value = make(ctx) as S
+    extensions.set(key.id, value)
+    return value
+  }
+  const ctx: PassContext = {
+    tf,
+    training: options.training,
+    cache: options.cache,
+    get scope() {
+      return scope
+    },
+    get stream() {
+      return stream
+    },
+    withScope: <A>(inner: string, f: () => A): A => {
+      const outer = scope
+      scope = inner
+      try {
+        return f()
+      } finally {
+        scope = outer
+      }
+    },
+    withStream: <A>(inner: TokenStream, f: () => A): A => {
+      const outer = stream
+      stream = inner
+      try {
+        return f()
+      } finally {
+        stream = outer
+      }
+    },
+    get,
+    positionIds: () => {
+      let t = positionTensors.get(stream.positions)
+      if (t === undefined) positionTensors.set(stream.positions, t = tf.tensor1d(stream.positions, "int32"))
+      return t
+    },
+    memo: <T>(key: string, make: () => T): T => {
+      let byKey = memos.get(stream.positions)
+      if (byKey === undefined) memos.set(stream.positions, byKey = new Map())
+      if (!byKey.has(key)) byKey.set(key, make())
+      return byKey.get(key) as T
+    },
     auxLosses: [],
     flops,
-    compression: { tokens: 0, concepts: 0, boundaryProbSum: 0, thresholdConcepts: 0 },
-    deviceCompression: undefined,
-    conceptFeeds: options.concept,
-    valid: undefined,
     nextSeed: () => {
       const i = seedCounter++
       // the PRNG (internal/Random.ts, mulberry32) adds 0x6d2b79f5 to its state per draw: skipping k draws is
       // starting k·0x6d2b79f5 further on (tests/parallel.test.ts checks it against the stream)
       return i === 0 && options.drawOffset ? (mixSeed(options.seed, 0) + Math.imul(options.drawOffset, 0x6d2b79f5)) >>> 0 : mixSeed(options.seed, i)
     },
-    ratioControl: options.ratioControl,
-    matMul,
-    groupedMatMul: (x, w, groups) => {
-      flops.weights += 2 * x.size * w.shape[2]!
-      return groupedMatMul(x, w, groups)
-    },
+    matMul: makeMatMul(tf, flops),
     detach: makeDetach(tf),
     stop: makeStop(tf),
     ste: makeSte(tf),
     rmsNorm: makeRmsNorm(tf),
     rotate: makeRotate(tf),
     activate: makeActivate(tf),
-    topMask: makeTopMask(tf, makeOneHot(tf)),
     softmax: makeMaskedSoftmax(tf),
     repeat: makeRepeat(tf),
-    combine: makeCombine(tf),
-    route: makeRoute(tf),
-    ...slots,
     oneHot: makeOneHot(tf),
     read: options.read ?? ((t) => t.dataSync() as Float32Array | Int32Array),
-    dispatch: options.concept !== undefined
-      ? options.dispatch === undefined || options.dispatch === "sparse" ? "grouped" : options.dispatch
-      : options.dispatch ?? (tf.getBackend() === "webgpu" ? "grouped" : "sparse"),
-    expertRouting: undefined,
-    lossWeights: { balance: options.balanceWeight ?? 0.01 }
+    // what the pass measured, read-only
+    get compression() {
+      return get(ConceptOps).measured().host
+    },
+    get deviceCompression() {
+      return get(ConceptOps).measured().device
+    },
+    get chunk() {
+      return get(ConceptOps).measured().chunk
+    },
+    get expertRouting() {
+      return moe.routing()
+    }
   }
   // a child's scope extends its parent's scope at call time (a loop adds `#pass` to its own)
-  const run = (block: AnyBlock, path: string, scope: string, x: Tensor): Tensor => {
+  const run = (block: AnyBlock, path: string, inner: string, x: Tensor): Tensor => {
     const children: Array<ChildApply> = block.children.map((c, i) => {
       const name = c.name ?? `${i}`
-      return (y: Tensor) => run(c, joinPath(path, name), joinPath(ctx.scope, name), y)
+      return (y: Tensor) => run(c, joinPath(path, name), joinPath(scope, name), y)
     })
-    const outer = ctx.scope
-    ctx.scope = scope
-    try {
-      return block.kind.apply!(ctx, m.analysis.specs.get(path), x, m.nodeParams.get(path) ?? {}, children)
-    } finally {
-      ctx.scope = outer
-    }
+    return ctx.withScope(inner, () => block.kind.apply!(ctx, m.analysis.specs.get(path), x, m.nodeParams.get(path) ?? {}, children))
   }
   const logits = run(m.analysis.root, "", "", options.feeds?.ids ?? tf.tensor1d(batch.ids, "int32")) as Tensor2D
   return { logits, ctx }

@@ -19,7 +19,7 @@
 import type { Tensor } from "../graph/Apply.ts"
 import { type Captured, capture, difference, NotCapturable, type StepProfile, writeFeeds } from "../runtime/Capture.ts"
 import { type Batch, conceptFeedValues, type Feeds, feedValues, type Lowered, mixSeed, recordReads } from "../runtime/Lower.ts"
-import type { ConceptFeeds } from "../graph/Apply.ts"
+import type { ConceptFeeds } from "../blocks/ConceptContext.ts"
 import { conceptSlots } from "../blocks/Chunker.ts"
 import { type TuneRow, tuneMatMuls, watchProducts } from "../runtime/MatMul.ts"
 import { settingsOf } from "../runtime/Env.ts"

@@ -15,7 +15,7 @@
  * - `exact`: top-k unchanged, nothing looped (not matched: it spends less): at ramp position 0 its
  *   logits are the source's.
  * - The converted config has `rampSteps`: training ramps s from 0 to 1 over them
- *   (`ForwardContext.ramp`). At s the chunk module floors p at 1 − s·(1 − p) and aims at
+ *   (`ConceptOps.ramp` in blocks/ConceptContext.ts). At s the chunk module floors p at 1 − s·(1 − p) and aims at
  *   R_s = 1 + s·(R − 1), and the dechunk gets ĉ − (1 − s)·c (c the concept model's input). At s = 0
  *   every token is a boundary, the EMA is the identity, and the decoder input is ĥ + (ĉ − ĥ) = ĉ: the
  *   source's residual stream, where the paper's z = ĥ + ĉ would count ĥ twice. From s = 1 on it is the

@@ -10,7 +10,8 @@ import type * as TF from "@tensorflow/tfjs"
 import { Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import { gpuErrors } from "../runtime/Fixes.ts"
 import { adamStepValues, adamw, makeSumSquares } from "../runtime/Fused.ts"
-import type { ConceptFeeds, Tensor, Tf } from "../graph/Apply.ts"
+import type { Tensor, Tf } from "../graph/Apply.ts"
+import type { ConceptFeeds } from "../blocks/ConceptContext.ts"
 import { type Batch, type Feeds, loss, type Lowered, mixSeed, recordReads, replay } from "../runtime/Lower.ts"
 
 const Fraction = Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0), Schema.isLessThan(1)))
@@ -44,7 +45,7 @@ export const TrainSettings = Schema.Struct({
    */
   conceptCapacity: withDefault(PositiveNumber, 1.5),
   /**
-   * How MoE layers train on the device (webgpu; `Dispatch` in graph/Apply.ts). `null` (the default):
+   * How MoE layers train on the device (webgpu; `Dispatch` in blocks/MoE.ts). `null` (the default):
    * grouped dispatch, the token-expert pairs sorted by expert into groups of rows (nothing dropped;
    * every step runs the worst case's rows, n·k plus room for each expert's padding). A factor: each
    * expert takes at most ceil(expertCapacity·n·k/E) of the layer's n tokens, in order, and the pairs
@@ -88,7 +89,7 @@ export const newOptimizer = (low: Lowered): Optimizer => {
 
 /**
  * What a training pass takes from the trainer's state rather than the settings, given with each
- * step: a converted model's ramp position (`ForwardContext.ramp`, `train/Convert.ts`) and the ratio
+ * step: a converted model's ramp position (`ConceptOps.ramp`, `train/Convert.ts`) and the ratio
  * controller's state (`Chunker.RatioControl`). Absent: no ramp, the controller's initial state.
  */
 export interface PassOptions {

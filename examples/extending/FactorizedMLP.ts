@@ -9,9 +9,13 @@
  * sizes, the parameters, the cost, and how it runs on tensors (`apply`, written against the exported
  * `Apply` types only), so `lower`, `train`, `verify` and `generate` run it too. Registration (for
  * JSON graphs) is one call; see docs/extending.md.
+ *
+ * It also declares a context key of its own, {@link Bottleneck}: what it needs from the context
+ * beyond tensor operations, here a watcher of its rank-r intermediate values, which a caller can
+ * provide for a pass (docs/extending.md, "Context keys").
  */
 import { Schema } from "effect"
-import { type Apply, Block, Cost, Spec } from "conceptmoe"
+import { Apply, Block, Cost, Spec } from "conceptmoe"
 
 export const FactorizedMLPSpec = Schema.Struct({
   d: Spec.Dim,
@@ -29,9 +33,24 @@ const factor = (name: string, dIn: number, rank: number, dOut: number): Readonly
   { name: `${name}.b`, shape: [rank, dOut], part: "mlp" }
 ]
 
+/**
+ * Sees each rank-r intermediate `x·A` (`[n, rank]`) of a factorised product: `scope` is the node's
+ * path, `name` the matrix (`gate`, `up`, `down`). By default it sees nothing; a caller provides a
+ * watcher for a pass with `Lower.forward(…, { provide: [Apply.provide(Bottleneck, () => watcher)] })`.
+ */
+export interface Bottleneck {
+  readonly observe: (scope: string, name: string, h: Apply.Tensor) => void
+}
+
+/** The context key of {@link Bottleneck}, with its default (made once per pass when nothing provides it). */
+export const Bottleneck = Apply.ContextKey<Bottleneck>("factorized-mlp/Bottleneck", { make: () => ({ observe: () => {} }) })
+
 /** `x·A·B`: both products counted as weight FLOPs (so `verify` checks the static cost). */
-const product = (ctx: Apply.ForwardContext, x: Apply.Tensor, p: Readonly<Record<string, Apply.Tensor>>, name: string) =>
-  ctx.matMul(ctx.matMul(x, p[`${name}.a`]!, "weights"), p[`${name}.b`]!, "weights")
+const product = (ctx: Apply.ForwardContext, x: Apply.Tensor, p: Readonly<Record<string, Apply.Tensor>>, name: string) => {
+  const h = ctx.matMul(x, p[`${name}.a`]!, "weights")
+  ctx.get(Bottleneck).observe(ctx.scope, name, h)
+  return ctx.matMul(h, p[`${name}.b`]!, "weights")
+}
 
 /** SwiGLU: down(silu(gate(x)) · up(x)), each matrix through its rank-r factors. */
 const applyFactorized: Apply.ApplyFn<FactorizedMLPSpec> = (ctx, _s, x, p) =>

@@ -2,14 +2,17 @@
  * The wasm backend's faster paths against the cpu backend: our BatchMatMul (fix 8 in
  * src/runtime/Fixes.ts: batches and transpose flags through XNNPACK's 2-D path) and our JavaScript
  * kernels over the wasm heap (src/runtime/Fused.ts: RMSNorm, the rotary embedding, AdamW, the
- * clipping's Σx²), values and gradients, and a whole training step.
+ * clipping's Σx², the masked cross-entropy, exact GELU), values and gradients, and a whole training
+ * step; with `CONCEPTMOE_FUSED=off` the same functions run tfjs's ops.
  */
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Schema } from "effect"
 import type { Tensor } from "../src/graph/Apply.ts"
 import { modelFromJson } from "../src/models/Load.ts"
 import { load } from "../src/runtime/Backend.ts"
-import { adamStepValues, adamw, makeRmsNorm, makeRotate, makeSumSquares, wasmFused } from "../src/runtime/Fused.ts"
+import { settingsOf, useSettings } from "../src/runtime/Env.ts"
+import { makeOneHot } from "../src/runtime/Fixes.ts"
+import { adamStepValues, adamw, makeActivate, makeMaskedNll, makeRmsNorm, makeRotate, makeSumSquares, wasmFused } from "../src/runtime/Fused.ts"
 import { loss, materialize, release } from "../src/runtime/Lower.ts"
 import { newOptimizer, stepOptions, trainStep, TrainSettings } from "../src/train/Step.ts"
 
@@ -37,6 +40,40 @@ const onBoth = async (f: (tf: Awaited<ReturnType<typeof runtime>>["tf"]) => Arra
     }))
   }
   return { cpu: out[0]!, wasm: out[1]! }
+}
+
+/** Element by element: |a − b| ≤ tol · max(1, |b|). */
+const closeEach = (a: ArrayLike<number>, b: ArrayLike<number>, tol: number, what: string) => {
+  assert.strictEqual(a.length, b.length, `${what}: lengths`)
+  for (let i = 0; i < a.length; i++) {
+    if (!(Math.abs(a[i]! - b[i]!) <= tol * Math.max(1, Math.abs(b[i]!)))) assert.fail(`${what}: index ${i}: ${a[i]} vs ${b[i]}`)
+  }
+}
+
+type Tfjs = Awaited<ReturnType<typeof runtime>>["tf"]
+
+/**
+ * Runs `f` on cpu, on wasm and on wasm with `CONCEPTMOE_FUSED=off` (the same inputs): each run's
+ * values and the kernels it ran.
+ */
+const onRoutes = async (f: (tf: Tfjs) => Array<Tensor>) => {
+  const run = async (tf: Tfjs) => {
+    const profile = await tf.profile(() => tf.tidy(() => f(tf)) as never)
+    const outs = profile.result as unknown as Array<Tensor>
+    const values = outs.map((t) => t.dataSync() as Float32Array)
+    tf.dispose(outs)
+    return { values, kernels: profile.kernelNames }
+  }
+  const cpu = await run((await runtime("cpu")).tf)
+  const { tf } = await runtime("wasm")
+  const fused = await run(tf)
+  const before = settingsOf(tf)
+  useSettings(tf, { ...before, fused: false })
+  try {
+    return { cpu, fused, off: await run(tf) }
+  } finally {
+    useSettings(tf, before)
+  }
 }
 
 describe("wasm kernels equal cpu", () => {
@@ -133,6 +170,52 @@ describe("wasm kernels equal cpu", () => {
       return [ss, next.w, next.m, next.v]
     })
     for (let i = 0; i < 4; i++) close(wasm[i]!, cpu[i]!, 1e-5, ["Σx²", "w", "m", "v"][i]!)
+  })
+
+  it("masked cross-entropy: value and gradient, masked rows, labels outside the vocabulary, logits of ±80", async () => {
+    // 37 rows of 29 logits: every third row spans ±80, the others ±4; rows 5 and 20 masked, rows 11
+    // and 30 with labels −1 and 29 (no target), so they add nothing
+    const [n, V] = [37, 29]
+    const { cpu, fused, off } = await onRoutes((tf) => {
+      const logits = tf.tensor2d(Float32Array.from({ length: n * V }, (_, i) => {
+        const [r, c] = [Math.floor(i / V), i % V]
+        return ((((r * 31 + c * 17) % 23) - 11) / 11) * (r % 3 === 0 ? 80 : 4) + Math.sin(i) * 0.01
+      }), [n, V])
+      const labels = tf.tensor1d(Array.from({ length: n }, (_, r) => (r === 11 ? -1 : r === 30 ? V : (r * 7) % V)), "int32")
+      const mask = tf.tensor1d(Array.from({ length: n }, (_, r) => (r === 5 || r === 20 ? 0 : 1 + (r % 4) * 0.25)))
+      const nll = makeMaskedNll(tf, makeOneHot(tf))
+      const dl = tf.grad((l: Tensor) => tf.mul(nll(l, labels, mask), 2.5))(logits)
+      return [nll(logits, labels, mask), dl]
+    })
+    for (const [route, got] of [["fused", fused], ["off", off]] as const) {
+      closeEach(got.values[0]!, cpu.values[0]!, 1e-5, `${route} value`)
+      closeEach(got.values[1]!, cpu.values[1]!, 1e-5, `${route} gradient`)
+    }
+    // the gradient of a masked row and of a row without a target is zero; others are not
+    const dl = fused.values[1]!
+    for (const r of [5, 11, 20, 30]) assert.isTrue(dl.slice(r * V, (r + 1) * V).every((v) => v === 0), `row ${r}`)
+    assert.isTrue(dl.slice(3 * V, 4 * V).some((v) => v !== 0))
+    assert.includeMembers(fused.kernels, ["ConceptmoeMaskedNll", "ConceptmoeMaskedNllGrad"])
+    assert.isFalse(off.kernels.some((k) => k.startsWith("Conceptmoe")), off.kernels.join(" "))
+  })
+
+  it("exact GELU: value and gradient (odd sizes, large and tiny inputs); SiLU stays op by op", async () => {
+    const { cpu, fused, off } = await onRoutes((tf) => {
+      // [5, 7, 11]: a normal spread, and every 13th value from ±80 down to ±1e-4
+      const x = tf.tensor3d(Float32Array.from({ length: 385 }, (_, i) => (i % 13 === 0 ? (i % 2 ? 80 : -80) / 10 ** (i % 5) : Math.sin(i * 0.7) * 3.1)), [5, 7, 11])
+      const dy = tf.randomNormal([5, 7, 11], 0, 1, "float32", 21)
+      const activate = makeActivate(tf)
+      const outs: Array<Tensor> = []
+      for (const a of ["gelu", "silu"] as const) outs.push(activate(x, a), tf.grad((t: Tensor) => activate(t, a))(x, dy as never))
+      return outs
+    })
+    for (const [route, got] of [["fused", fused], ["off", off]] as const) {
+      for (let i = 0; i < 4; i++) closeEach(got.values[i]!, cpu.values[i]!, 1e-5, `${route} ${["GELU", "GELU gradient", "SiLU", "SiLU gradient"][i]}`)
+    }
+    assert.includeMembers(fused.kernels, ["ConceptmoeGelu", "ConceptmoeGeluGrad"])
+    // slower on wasm than tfjs's Sigmoid and Mul (bench/wasm-elementwise.ts): not registered there
+    assert.notInclude(fused.kernels, "ConceptmoeSilu")
+    assert.isFalse(off.kernels.some((k) => k.startsWith("Conceptmoe")), off.kernels.join(" "))
   })
 
   it("a dense training step: loss and parameters after three steps", async () => {

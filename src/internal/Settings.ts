@@ -61,7 +61,7 @@ export const backend: Setting<Option.Option<BackendName>> = {
 }
 
 /** Our fused kernels: WGSL on webgpu, JavaScript loops over the heap on wasm. */
-export const fused = onOff("CONCEPTMOE_FUSED", "`off`: none of our fused kernels (the WGSL ones on webgpu, the wasm ones for AdamW, Σx², RMSNorm and rotary); every op through tfjs")
+export const fused = onOff("CONCEPTMOE_FUSED", "`off`: none of our fused kernels (the WGSL ones on webgpu, the wasm ones for AdamW, Σx², RMSNorm, rotary, the loss and GELU); every op through tfjs")
 
 /** Recording training steps on webgpu and replaying them. */
 export const capture = onOff("CONCEPTMOE_CAPTURE", "`off`: every training step on webgpu runs through tfjs (no recording, no replay)")

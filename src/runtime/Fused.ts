@@ -1,8 +1,10 @@
 /**
  * Fused kernels: hot chains of elementwise ops written as one WGSL program each and registered with
  * tfjs for the webgpu backend, where every op is one dispatch (tens of µs of host time) and every JS
- * number operand one buffer upload. Other backends run the same maths op by op. Each kernel is tested
- * against the cpu backend (tests/webgpu.test.ts).
+ * number operand one buffer upload. Some are also JavaScript loops over the wasm backend's heap,
+ * under the same names, where they beat tfjs's wasm ops (see {@link wasmFused}); the makers below
+ * take the fused route wherever the backend has the kernel. The cpu backend runs the same maths op
+ * by op. Each kernel is tested against it (tests/webgpu.test.ts, tests/wasm-kernels.test.ts).
  *
  * - `adamw`: the AdamW update of one parameter, three dispatches (first moment, second moment,
  *   weights) instead of about fifteen plus nine scalar uploads; the clipping scale stays a tensor.
@@ -160,7 +162,7 @@ export const makeMaskedNll = (tf: Tf, oneHot: (indices: Tensor, depth: number) =
     const picked = tf.sum(tf.mul(tf.logSoftmax(logits), oneHot(labels, logits.shape[1]!)), -1)
     return tf.neg(tf.sum(tf.mul(picked, mask)))
   }
-  if (!fusedOn(tf)) return ops
+  if (!hasKernel(tf, kernels.nll)) return ops
   const run = (name: string, inputs: Record<string, Tensor>) => runKernel(tf, name, inputs)
   return (logits: Tensor, labels: Tensor, mask: Tensor): Tensor => {
     const f = tf.customGrad(((l: Tensor, save: (ts: Array<Tensor>) => void) => {
@@ -195,7 +197,9 @@ export const makeActivate = (tf: Tf) => {
         return tf.relu(x)
     }
   }
-  if (!fusedOn(tf)) return ops
+  const geluOn = hasKernel(tf, kernels.gelu)
+  const siluOn = hasKernel(tf, kernels.silu)
+  if (!geluOn && !siluOn) return ops
   const run = (name: string, inputs: Record<string, Tensor>) => runKernel(tf, name, inputs)
   const fused = (forward: string, backward: string) =>
     tf.customGrad(((x: Tensor, save: (ts: Array<Tensor>) => void) => {
@@ -205,7 +209,7 @@ export const makeActivate = (tf: Tf) => {
   const gelu = fused(kernels.gelu, kernels.geluGrad)
   const silu = fused(kernels.silu, kernels.siluGrad)
   return (x: Tensor, a: Activation): Tensor =>
-    a === "gelu" || a === "geglu" ? gelu(x) as Tensor : a === "silu" || a === "swiglu" ? silu(x) as Tensor : ops(x, a)
+    geluOn && (a === "gelu" || a === "geglu") ? gelu(x) as Tensor : siluOn && (a === "silu" || a === "swiglu") ? silu(x) as Tensor : ops(x, a)
 }
 
 /**
@@ -223,7 +227,7 @@ export const makeRotate = (tf: Tf) => {
     const r2 = tf.add(tf.mul(x2, cos), tf.mul(x1, sin))
     return dim === hd ? tf.concat([r1, r2], 2) : tf.concat([r1, r2, tf.slice(x, [0, 0, dim], [n, heads, hd - dim])], 2)
   }
-  if (!fusedOn(tf) && !wasmFused(tf)) return ops
+  if (!hasKernel(tf, kernels.rotate)) return ops
   const run = (name: string, x: Tensor, cos: Tensor, sin: Tensor, dim: number) => runKernel(tf, name, { x, c: cos, s: sin }, { dim })
   return (x: Tensor, dim: number, cos: Tensor, sin: Tensor): Tensor => {
     // the kernel reads one table row per position: tables that would broadcast go op by op
@@ -478,7 +482,7 @@ export const sumChunks = (size: number): number => {
  */
 export const makeMaskedSoftmax = (tf: Tf) => {
   const ops = (scores: Tensor, scale: number, mask: Tensor): Tensor => tf.softmax(tf.add(tf.mul(scores, scale), mask))
-  if (!fusedOn(tf)) return ops
+  if (!hasKernel(tf, kernels.softmax)) return ops
   const run = (name: string, inputs: Record<string, Tensor>, scale: number) => runKernel(tf, name, inputs, { scale })
   return (scores: Tensor, scale: number, mask: Tensor): Tensor => {
     const len = scores.shape[scores.rank - 1]!
@@ -496,12 +500,19 @@ export const makeMaskedSoftmax = (tf: Tf) => {
 export const fusedOn = (tf: Tf) => tf.getBackend() === "webgpu" && settingsOf(tf).fused && registerWebGpu(tf)
 
 /**
+ * Whether our kernel `name` runs on the current backend: ours are on ({@link fusedOn},
+ * {@link wasmFused}) and the backend has this one (wasm has only those that beat its op-by-op route).
+ * The makers that use it take one route on both backends.
+ */
+const hasKernel = (tf: Tf, name: string): boolean => (fusedOn(tf) || wasmFused(tf)) && tf.getKernel(name, tf.getBackend()) !== undefined
+
+/**
  * RMSNorm of `x [..., d]` with weight `g [d]`: x·g / √(mean(x²) + eps) over the last axis. On webgpu
  * fused (see the module doc), elsewhere op by op.
  */
 export const makeRmsNorm = (tf: Tf) => {
   const ops = (x: Tensor, g: Tensor, eps: number) => tf.mul(tf.mul(x, tf.rsqrt(tf.add(tf.mean(tf.mul(x, x), -1, true), eps))), g)
-  if (!fusedOn(tf) && !wasmFused(tf)) return ops
+  if (!hasKernel(tf, kernels.norm)) return ops
   const run = (name: string, inputs: Record<string, Tensor>, eps: number) => runKernel(tf, name, inputs, { eps })
   return (x: Tensor, g: Tensor, eps: number): Tensor => {
     const d = x.shape[x.rank - 1]!
@@ -522,11 +533,24 @@ export const makeRmsNorm = (tf: Tf) => {
 
 /**
  * Whether our wasm kernels run: on wasm, unless `CONCEPTMOE_FUSED=off` (registers them once). They
- * are JavaScript loops over the wasm heap, one tfjs kernel each where op by op takes many: on these
- * models a kernel's dispatch costs more than its arithmetic. Only kernels whose loops are plain
- * arithmetic are here (AdamW, the clipping's Σx², RMSNorm and the rotary embedding); those with an
- * `exp` or `erf` per element (softmax, GELU, the loss) stay tfjs's wasm ops, faster than a
- * JavaScript `Math.exp`. Each is tested against the cpu backend's ops (tests/wasm-kernels.test.ts).
+ * are JavaScript loops over the wasm heap, one tfjs kernel each where op by op takes many, kept
+ * only where they beat tfjs's ops at a training step's shapes (`node bench/wasm-elementwise.ts`,
+ * which times both in one process). tfjs's wasm elementwise ops run SIMD (a product by a scalar
+ * over [1024, 512] takes about 0.3 ms, a scalar JavaScript loop about 0.7 ms), so a JavaScript kernel
+ * wins by replacing several ops, or slow ones, not by its arithmetic:
+ *
+ * - AdamW, the clipping's Σx², RMSNorm and the rotary embedding: plain arithmetic replacing many ops.
+ * - The masked cross-entropy (`makeMaskedNll`), forward and backward: one pass per row instead of
+ *   tfjs's log-softmax and the one-hot (whose broadcast Equal alone costs about 17 ms at [1024, 256]);
+ *   about 11× faster forward, 6× forward + backward at logits [1024, 256].
+ * - Exact GELU, forward and backward: one exp and the erf polynomial per element instead of tfjs's
+ *   Erf (not SIMD), Exp and about 8 SIMD ops; about 1.05× forward, 1.2× forward + backward at
+ *   [1024, 512].
+ *
+ * Not here, measured slower (the script registers them as candidates): SiLU (about 0.2× forward,
+ * 0.4× forward + backward: tfjs's Sigmoid and Mul are SIMD) and attention's masked softmax (0.3×,
+ * 0.6×: tfjs's Softmax is one SIMD kernel). The exps use {@link expNonPositive}, about twice as fast
+ * as `Math.exp`. Each kernel is tested against the cpu backend's ops (tests/wasm-kernels.test.ts).
  */
 export const wasmFused = (tf: Tf): boolean => tf.getBackend() === "wasm" && settingsOf(tf).fused && registerWasm(tf)
 
@@ -535,7 +559,7 @@ const wasmKernels = { adamw: "ConceptmoeAdamW", sumSquares: "ConceptmoeSumSquare
 /** The parts of tfjs-backend-wasm's backend that our kernels use. */
 interface WasmBackend {
   makeOutput: (shape: Array<number>, dtype: string) => TF.TensorInfo
-  typedArrayFromHeap: (t: TF.TensorInfo) => Float32Array
+  typedArrayFromHeap: (t: TF.TensorInfo) => Float32Array | Int32Array
 }
 
 let wasmRegistered: boolean | undefined
@@ -554,7 +578,7 @@ const registerWasm = (tf: Tf): boolean => {
   const register = (
     kernelName: string,
     outputs: (shapes: Array<Array<number>>) => Array<Array<number>>,
-    run: (xs: Array<Float32Array>, outs: Array<Float32Array>, shapes: Array<Array<number>>, attrs: Record<string, number>) => void
+    run: (xs: Array<Float32Array | Int32Array>, outs: Array<Float32Array>, shapes: Array<Array<number>>, attrs: Record<string, number>) => void
   ) =>
     tf.registerKernel({
       kernelName,
@@ -564,7 +588,7 @@ const registerWasm = (tf: Tf): boolean => {
         const given = Object.values(inputs) as Array<TF.TensorInfo>
         const shapes = given.map((t) => [...t.shape])
         const made = outputs(shapes).map((shape) => wasm.makeOutput(shape, "float32"))
-        run(given.map((t) => wasm.typedArrayFromHeap(t)), made.map((t) => wasm.typedArrayFromHeap(t)), shapes, attrs as unknown as Record<string, number>)
+        run(given.map((t) => wasm.typedArrayFromHeap(t)), made.map((t) => wasm.typedArrayFromHeap(t) as Float32Array), shapes, attrs as unknown as Record<string, number>)
         return made.length === 1 ? made[0]! : made
       }
     })
@@ -605,7 +629,7 @@ const registerWasm = (tf: Tf): boolean => {
     }
   })
   // rotate-half of x [n, heads, hd] with tables [n, 1, dim/2]; back: the inverse rotation
-  const rotation = (back: boolean) => (xs: Array<Float32Array>, outs: Array<Float32Array>, shapes: Array<Array<number>>, a: Record<string, number>) => {
+  const rotation = (back: boolean) => (xs: Array<Float32Array | Int32Array>, outs: Array<Float32Array>, shapes: Array<Array<number>>, a: Record<string, number>) => {
     const [x, c, sn] = xs as [Float32Array, Float32Array, Float32Array]
     const y = outs[0]!
     const [n, heads, hd] = shapes[0] as [number, number, number]
@@ -654,7 +678,82 @@ const registerWasm = (tf: Tf): boolean => {
     for (const x of xs) for (let i = 0; i < x.length; i++) total += x[i]! * x[i]!
     out![0] = total
   })
+  // the loss per row (makeMaskedNll): mask·(log Σ exp − the label's logit); a label outside [0, V)
+  // contributes nothing, as with the one-hot of the op-by-op path. The labels are int32.
+  register(kernels.nll, (sh) => [[sh[0]![0]!, 1]], ([l, y, m], [out], [shape]) => {
+    const V = shape![1]!
+    for (let row = 0, base = 0; base < l!.length; row++, base += V) {
+      const label = y![row]!
+      out![row] = label >= 0 && label < V ? m![row]! * (logSumExp(l!, base, V) - l![base + label]!) : 0
+    }
+  })
+  // its gradient: (softmax − one-hot)·mask·dy per row
+  register(kernels.nllGrad, (sh) => [sh[0]!], ([l, y, m, dy], [g], [shape]) => {
+    const V = shape![1]!
+    for (let row = 0, base = 0; base < l!.length; row++, base += V) {
+      const label = y![row]!
+      const valid = label >= 0 && label < V
+      const scale = valid ? m![row]! * dy![0]! : 0
+      // e^(l − max) into the gradient first, then scaled by mask·dy / Σ (one exp per element)
+      let top = -Infinity
+      for (let c = 0; c < V; c++) top = Math.max(top, l![base + c]!)
+      let total = 0
+      for (let c = 0; c < V; c++) total += g![base + c] = expNonPositive(l![base + c]! - top)
+      const k = scale / total
+      for (let c = 0; c < V; c++) g![base + c] = g![base + c]! * k
+      if (valid) g![base + label] = (expNonPositive(l![base + label]! - top) / total - 1) * scale
+    }
+  })
+  // exact GELU x·Φ(x) and its derivative Φ(x) + x·φ(x) (one exp each: e^(−x²/2) serves erf and φ)
+  register(kernels.gelu, (sh) => [sh[0]!], ([x], [y]) => {
+    for (let i = 0; i < x!.length; i++) {
+      const v = x![i]!
+      y![i] = 0.5 * v * (1 + erfWith(v, expNonPositive(-0.5 * v * v)))
+    }
+  })
+  register(kernels.geluGrad, (sh) => [sh[0]!], ([x, dy], [dx]) => {
+    for (let i = 0; i < x!.length; i++) {
+      const v = x![i]!
+      const e = expNonPositive(-0.5 * v * v)
+      dx![i] = dy![i]! * (0.5 * (1 + erfWith(v, e)) + v * e * 0.3989422804014327)
+    }
+  })
   return true
+}
+
+const expTable = Float64Array.from({ length: 10200 }, (_, k) => 2 ** (-k / 64))
+
+/**
+ * e^x for x ≤ 0 (all our wasm kernels need; x > 0.005 is out of its table), for the wasm kernels
+ * and bench/wasm-elementwise.ts: V8's `Math.exp` costs about twice tfjs's wasm Exp per element, this
+ * about as much. x = −k·ln2/64 + r with |r| ≤ ln2/128: e^x = 2^(−k/64)·e^r, the first from a table,
+ * the second by its Taylor series to r⁴ (relative error about 5e-14). Arguments below −110 count as
+ * −110, whose float32 value is 0 (the kernels' sums are in double precision). NaN stays NaN.
+ *
+ * @internal
+ */
+export const expNonPositive = (x: number): number => {
+  const c = x < -110 ? -110 : x
+  // round to nearest by truncating a non-negative number (Math.round costs as much as Math.exp)
+  const k = (c * -92.33248261689366 + 0.5) | 0
+  const r = c + k * 0.010830424696249145
+  return (1 + r * (1 + r * (0.5 + r * (0.16666666666666666 + r * 0.041666666666666664)))) * expTable[k]!
+}
+
+/** erf(x/√2) given e = e^(−x²/2), by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), as tfjs's cpu Erf and our WGSL. */
+const erfWith = (x: number, e: number): number => {
+  const q = 1 / (1 + 0.3275911 * Math.abs(x) * Math.SQRT1_2)
+  const v = 1 - q * (0.254829592 + q * (-0.284496736 + q * (1.421413741 + q * (-1.453152027 + q * 1.061405429)))) * e
+  return x < 0 ? -v : v
+}
+
+/** log Σ exp of `x[base … base+n)` (max first, the sum in double precision). */
+const logSumExp = (x: ArrayLike<number>, base: number, n: number): number => {
+  let top = -Infinity
+  for (let c = 0; c < n; c++) top = Math.max(top, x[base + c]!)
+  let total = 0
+  for (let c = 0; c < n; c++) total += expNonPositive(x[base + c]! - top)
+  return top + Math.log(total)
 }
 
 /** tfjs-backend-webgpu's program interface (the fields a flat elementwise program needs). */

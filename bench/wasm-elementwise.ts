@@ -1,0 +1,128 @@
+/**
+ * Our JavaScript kernels on tfjs-backend-wasm (src/runtime/Fused.ts) against tfjs's ops one by one,
+ * at the shapes of a dense 2-layer d128 training step (batch 8×128, vocab 256, 4 heads): the masked
+ * cross-entropy over logits [1024, 256] and exact GELU over [1024, 512] (registered), and two
+ * candidates this script registers itself to show why they are not: SiLU over [1024, 512] and
+ * attention's masked softmax over [32, 128, 128] (one row kernel each way, as on webgpu). Forward
+ * alone and forward + backward, timed in alternating rounds in one process (the median round of
+ * each), so that the ratio holds on a loaded machine.
+ * Run: node bench/wasm-elementwise.ts [rounds]
+ */
+import type * as TF from "@tensorflow/tfjs"
+import { Effect } from "effect"
+import type { Tensor } from "../src/graph/Apply.ts"
+import { load } from "../src/runtime/Backend.ts"
+import { settingsOf, useSettings } from "../src/runtime/Env.ts"
+import { makeOneHot } from "../src/runtime/Fixes.ts"
+import { expNonPositive, makeActivate, makeMaskedNll, makeMaskedSoftmax, wasmFused } from "../src/runtime/Fused.ts"
+
+const rounds = Number(process.argv[2] ?? 7)
+const { tf } = await Effect.runPromise(load("wasm"))
+if (!wasmFused(tf)) throw new Error("our wasm kernels are off (CONCEPTMOE_FUSED=off?)")
+
+/** The makers' functions with our kernels (`fused`) and without (`ops`: CONCEPTMOE_FUSED=off). */
+const build = (fused: boolean) => {
+  const saved = settingsOf(tf)
+  useSettings(tf, { ...saved, fused })
+  const made = { nll: makeMaskedNll(tf, makeOneHot(tf)), activate: makeActivate(tf), softmax: makeMaskedSoftmax(tf) }
+  useSettings(tf, saved)
+  return made
+}
+const ops = build(false)
+
+// the candidates, under the names the makers look for (as Fused.ts registers its wasm kernels)
+interface Heap {
+  makeOutput: (shape: Array<number>, dtype: string) => TF.TensorInfo
+  typedArrayFromHeap: (t: TF.TensorInfo) => Float32Array
+}
+const candidate = (kernelName: string, run: (xs: Array<Float32Array>, out: Float32Array, shapes: Array<Array<number>>, scale: number) => void) =>
+  tf.registerKernel({
+    kernelName,
+    backendName: "wasm",
+    kernelFunc: ({ inputs, backend, attrs }) => {
+      const heap = backend as unknown as Heap
+      const given = Object.values(inputs) as Array<TF.TensorInfo>
+      const out = heap.makeOutput([...given[0]!.shape], "float32")
+      run(given.map((t) => heap.typedArrayFromHeap(t)), heap.typedArrayFromHeap(out), given.map((t) => [...t.shape]), (attrs as { scale?: number }).scale ?? 1)
+      return out
+    }
+  })
+const sigmoid = (x: number) => {
+  const e = expNonPositive(-Math.abs(x))
+  return x >= 0 ? 1 / (1 + e) : e / (1 + e)
+}
+candidate("ConceptmoeSilu", ([x], y) => {
+  for (let i = 0; i < x!.length; i++) y[i] = x![i]! * sigmoid(x![i]!)
+})
+candidate("ConceptmoeSiluGrad", ([x, dy], dx) => {
+  for (let i = 0; i < x!.length; i++) {
+    const s = sigmoid(x![i]!)
+    dx[i] = dy![i]! * s * (1 + x![i]! * (1 - s))
+  }
+})
+candidate("ConceptmoeMaskedSoftmax", ([s, m], p, [shape, mshape], scale) => {
+  const len = shape![1]!
+  for (let row = 0, base = 0; base < s!.length; row++, base += len) {
+    const mb = (row % mshape![0]!) * len
+    let top = -Infinity
+    for (let c = 0; c < len; c++) top = Math.max(top, s![base + c]! * scale + m![mb + c]!)
+    let total = 0
+    for (let c = 0; c < len; c++) total += p[base + c] = expNonPositive(s![base + c]! * scale + m![mb + c]! - top)
+    for (let c = 0; c < len; c++) p[base + c] = p[base + c]! / total
+  }
+})
+candidate("ConceptmoeMaskedSoftmaxGrad", ([p, dp], ds, [shape], scale) => {
+  const len = shape![1]!
+  for (let base = 0; base < p!.length; base += len) {
+    let dot = 0
+    for (let c = 0; c < len; c++) dot += p![base + c]! * dp![base + c]!
+    for (let c = 0; c < len; c++) ds[base + c] = scale * p![base + c]! * (dp![base + c]! - dot)
+  }
+})
+const ours = build(true)
+
+const n = 1024
+const V = 256
+const logits = tf.mul(tf.randomNormal([n, V], 0, 1, "float32", 1), 4)
+const labels = tf.tensor1d(Array.from({ length: n }, (_, i) => (i * 37) % V), "int32")
+const mask = tf.tensor1d(Array.from({ length: n }, (_, i) => (i % 97 === 0 ? 0 : 1)))
+const hidden = tf.randomNormal([n, 512], 0, 1, "float32", 2)
+const dHidden = tf.randomNormal([n, 512], 0, 1, "float32", 3)
+const scores = tf.randomNormal([32, 128, 128], 0, 4, "float32", 4)
+const dScores = tf.randomNormal([32, 128, 128], 0, 1, "float32", 5)
+const causal = tf.tensor2d(Float32Array.from({ length: 128 * 128 }, (_, i) => (i % 128 <= Math.floor(i / 128) ? 0 : -1e9)), [128, 128])
+
+type Made = ReturnType<typeof build>
+const cases: Array<[string, (m: Made) => Tensor, (m: Made) => Tensor]> = [
+  ["masked NLL [1024,256]", (m) => m.nll(logits, labels, mask), (m) => tf.grad((l: Tensor) => m.nll(l, labels, mask))(logits)],
+  ["GELU [1024,512]", (m) => m.activate(hidden, "gelu"), (m) => tf.grad((x: Tensor) => m.activate(x, "gelu"))(hidden, dHidden as TF.Tensor)],
+  ["SiLU* [1024,512]", (m) => m.activate(hidden, "silu"), (m) => tf.grad((x: Tensor) => m.activate(x, "silu"))(hidden, dHidden as TF.Tensor)],
+  ["softmax* [32,128,128]", (m) => m.softmax(scores, 1 / Math.sqrt(32), causal), (m) => tf.grad((s: Tensor) => m.softmax(s, 1 / Math.sqrt(32), causal))(scores, dScores as TF.Tensor)]
+]
+
+/** ms per call of `f` over `calls` calls. */
+const time = (f: () => Tensor, calls: number) => {
+  const t = performance.now()
+  // the wasm backend runs each kernel when called: no read needed (a read would copy the result)
+  for (let i = 0; i < calls; i++) tf.tidy(f).dispose()
+  return (performance.now() - t) / calls
+}
+const median = (xs: Array<number>) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!
+
+console.log(`wasm backend, ${rounds} alternating rounds of about 100 ms each, median ms per call (* a candidate, not registered)`)
+console.log("kernel                  pass      ours ms   ops ms   ops ÷ ours")
+for (const [name, forward, both] of cases) {
+  for (const [pass, f] of [["forward", forward], ["fwd+bwd", both]] as const) {
+    // warm up both (JIT, kernel setup), then alternate
+    const calls = Math.max(3, Math.round(100 / Math.max(0.5, time(() => f(ops), 3))))
+    time(() => f(ours), calls)
+    const a: Array<number> = []
+    const b: Array<number> = []
+    for (let r = 0; r < rounds; r++) {
+      a.push(time(() => f(ours), calls))
+      b.push(time(() => f(ops), calls))
+    }
+    const [x, y] = [median(a), median(b)]
+    console.log(`${name.padEnd(23)} ${pass.padEnd(8)} ${x.toFixed(2).padStart(8)} ${y.toFixed(2).padStart(8)} ${(y / x).toFixed(2).padStart(11)}`)
+  }
+}

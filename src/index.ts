@@ -23,6 +23,7 @@ export * as Apply from "./graph/Apply.ts"
 
 export * as Attention from "./blocks/Attention.ts"
 export * as Chunker from "./blocks/Chunker.ts"
+export * as ConceptContext from "./blocks/ConceptContext.ts"
 export * as ConceptStage from "./blocks/ConceptStage.ts"
 export * as Dechunk from "./blocks/Dechunk.ts"
 export * as JointAttention from "./blocks/JointAttention.ts"

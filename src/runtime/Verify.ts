@@ -88,6 +88,7 @@ export const verify = (m: Lowered, batch: Batch, seed = 0, read?: ForwardOptions
     const { ctx } = forward(m, batch, { training: false, seed, dispatch: "sparse", ...(read === undefined ? {} : { read }) })
     flops = { ...ctx.flops }
     compression = { tokens: ctx.compression.tokens, concepts: ctx.compression.concepts }
+    // the pass's read-only measures (Lower.PassContext): the last concept stage's concepts per row
     perRow = ctx.chunk?.concepts
   })
   const tokens = batch.rows * batch.length

@@ -5,16 +5,21 @@
  * candidates this script registers itself to show why they are not: SiLU over [1024, 512] and
  * attention's masked softmax over [32, 128, 128] (one row kernel each way, as on webgpu). Forward
  * alone and forward + backward, timed in alternating rounds in one process (the median round of
- * each), so that the ratio holds on a loaded machine.
+ * each), so that the ratio holds on a loaded machine. Then whole training steps of that model
+ * (forward, backward, clipping, AdamW; the trainer's `trainStep`) with the loss and GELU kernels in
+ * and out, alternating (the other wasm kernels, RMSNorm, rotary, AdamW and Σx², stay in).
  * Run: node bench/wasm-elementwise.ts [rounds]
  */
 import type * as TF from "@tensorflow/tfjs"
-import { Effect } from "effect"
+import { Effect, Schema } from "effect"
 import type { Tensor } from "../src/graph/Apply.ts"
 import { load } from "../src/runtime/Backend.ts"
 import { settingsOf, useSettings } from "../src/runtime/Env.ts"
 import { makeOneHot } from "../src/runtime/Fixes.ts"
 import { expNonPositive, makeActivate, makeMaskedNll, makeMaskedSoftmax, wasmFused } from "../src/runtime/Fused.ts"
+import { materialize } from "../src/runtime/Lower.ts"
+import { modelFromJson } from "../src/models/Load.ts"
+import { newOptimizer, trainStep, TrainSettings } from "../src/train/Step.ts"
 
 const rounds = Number(process.argv[2] ?? 7)
 const { tf } = await Effect.runPromise(load("wasm"))
@@ -126,3 +131,44 @@ for (const [name, forward, both] of cases) {
     console.log(`${name.padEnd(23)} ${pass.padEnd(8)} ${x.toFixed(2).padStart(8)} ${y.toFixed(2).padStart(8)} ${(y / x).toFixed(2).padStart(11)}`)
   }
 }
+
+// whole steps: the candidates out, then our loss and GELU kernels in and out by (un)registering them
+// (the makers look for a kernel when each forward pass builds its context)
+for (const k of ["ConceptmoeSilu", "ConceptmoeSiluGrad", "ConceptmoeMaskedSoftmax", "ConceptmoeMaskedSoftmaxGrad"]) tf.unregisterKernel(k, "wasm")
+const mine = new Map(["ConceptmoeMaskedNll", "ConceptmoeMaskedNllGrad", "ConceptmoeGelu", "ConceptmoeGeluGrad"].map((k) => [k, tf.getKernel(k, "wasm")!]))
+const useMine = (on: boolean) => {
+  for (const [k, config] of mine) {
+    const has = tf.getKernel(k, "wasm") !== undefined
+    if (on && !has) tf.registerKernel(config)
+    if (!on && has) tf.unregisterKernel(k, "wasm")
+  }
+}
+const config = { kind: "dense", vocab: 256, hidden: 128, layers: 2, heads: 4, ffnHidden: 512, activation: "gelu", contextLength: 256 }
+const model = await Effect.runPromise(modelFromJson(config, "dense-2L-d128.json"))
+const settings = Schema.decodeUnknownSync(TrainSettings)({ steps: 1000, batchSize: 8, seqLen: 128 })
+const batch = {
+  rows: 8,
+  length: 128,
+  ids: Int32Array.from({ length: 1024 }, (_, i) => (i * 7 + (i % 13) * 5) % 256),
+  targets: Int32Array.from({ length: 1024 }, (_, i) => (i * 11 + 3) % 256)
+}
+const low = materialize(tf, model.analysis, 1)
+const opt = newOptimizer(low)
+let step = 0
+const steps = (on: boolean, count: number) => {
+  useMine(on)
+  const t = performance.now()
+  for (let i = 0; i < count; i++) trainStep(low, opt, batch, settings, step++)
+  return (performance.now() - t) / count
+}
+steps(true, 2)
+steps(false, 2)
+const a: Array<number> = []
+const b: Array<number> = []
+for (let r = 0; r < rounds; r++) {
+  a.push(steps(true, 3))
+  b.push(steps(false, 3))
+}
+useMine(true)
+const [x, y] = [median(a), median(b)]
+console.log(`training step, dense 2L-d128, batch 8×128: ${x.toFixed(1)} ms with our loss and GELU kernels, ${y.toFixed(1)} ms without (${(y / x).toFixed(2)}×, ${(y - x).toFixed(1)} ms saved)`)

@@ -1,20 +1,41 @@
 /**
  * MoE dispatch on the device by rows (`Dispatch` `grouped`, how MoE layers train on webgpu, and
- * `{ capacity }`, with `expertCapacity`), on the cpu backend: the routing tables and row gathers on
- * hand-checked values and against a plain loop. Whole models against the sparse path:
- * tests/readback.test.ts.
+ * `{ capacity }`, with `expertCapacity`): the routing tables and row gathers on hand-checked values
+ * and against a plain loop, on the cpu backend (op by op) and on wasm (our heap kernels,
+ * src/runtime/wasm/Moe.ts, under the names of the webgpu ones). Whole models against the sparse
+ * path: tests/readback.test.ts.
  */
-import { assert, describe, it } from "@effect/vitest"
+import { assert, beforeAll, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
 import type { Tensor } from "../src/graph/Apply.ts"
 import { expertSlots, groupRows } from "../src/blocks/MoE.ts"
 import { load as loadBackend } from "../src/runtime/Backend.ts"
-import { makeRoute, makeSlots } from "../src/runtime/Fused.ts"
+import { makeOneHot } from "../src/runtime/Fixes.ts"
+import { makeRoute, makeSlots, makeTopMask } from "../src/runtime/Fused.ts"
 import { routeByLoop, routingMask } from "./support/routing.ts"
 
 const { tf } = await Effect.runPromise(loadBackend("cpu"))
 
-describe("MoE grouped and capacity dispatch", () => {
+for (const backend of ["cpu", "wasm"] as const) {
+describe(`MoE grouped and capacity dispatch (${backend})`, () => {
+  beforeAll(() => Effect.runPromise(loadBackend(backend)))
+
+  it("the top-k mask: 1 where a score is among the k largest of its row, ties to the lower index", () => {
+    const scores = [0.5, 0.1, 0.5, 0.9, 0.2, 0.2, 0.2, 0.2, -1, 3, 3, 3]
+    const mask = Array.from(makeTopMask(tf, makeOneHot(tf))(tf.tensor2d(scores, [3, 4]), 2).dataSync())
+    assert.deepStrictEqual(mask, [1, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 0])
+  })
+
+  it("an expert's parameter gradient through gatherGroups sums its groups", () => {
+    const w = tf.tensor3d(Array.from({ length: 3 * 2 * 2 }, (_, i) => i), [3, 2, 2])
+    // groups of experts 0, 0, 2, 2, 2 (expert 1 has none)
+    const groups = tf.tensor1d([0, 0, 2, 2, 2])
+    const { gatherGroups } = makeSlots(tf)
+    const dy = tf.tensor3d(Array.from({ length: 5 * 4 }, (_, i) => i + 1), [5, 2, 2])
+    const g = tf.grad((x: Tensor) => tf.sum(tf.mul(gatherGroups(x, groups), dy)))(w)
+    assert.deepStrictEqual(Array.from(g.dataSync()), [1 + 5, 2 + 6, 3 + 7, 4 + 8, 0, 0, 0, 0, 9 + 13 + 17, 10 + 14 + 18, 11 + 15 + 19, 12 + 16 + 20])
+  })
+
   it("routes, gathers into slots and back, with gradients, on hand-checked values", () => {
     // 7 tokens, 3 experts, 2 slots each; token 6 is routed nowhere (padding)
     const mask = tf.tensor2d([1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0, 0], [7, 3])
@@ -77,3 +98,4 @@ describe("MoE grouped and capacity dispatch", () => {
     assert.strictEqual(expertSlots(0.01, 32, 2, 6), 1)
   })
 })
+}

@@ -101,7 +101,11 @@ describe("data-parallel training steps", () => {
     for (const [threads, rows] of [[2, 4], [3, 5]] as const) {
       const r = await both("wasm", configs.dense, threads, rows, 3)
       close(r.results.map((x) => x.par.loss), r.results.map((x) => x.one.loss), 1e-5, `losses, ${threads} threads`)
-      for (const p of r.params) close(p.par, p.one, 1e-5, `${p.k}, ${threads} threads`)
+      // the products' sums run over a shard's rows instead of the batch's, so gradients differ in
+      // their last bits, and AdamW's g/√v turns that into up to ~2e-5 on a parameter whose
+      // gradient nearly cancels; a gradient taken or combined wrongly moves parameters by about the
+      // learning rate (3e-3 per step)
+      for (const p of r.params) close(p.par, p.one, 5e-5, `${p.k}, ${threads} threads`)
     }
   })
 

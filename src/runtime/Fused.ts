@@ -50,6 +50,7 @@ import type * as TF from "@tensorflow/tfjs"
 import type { RouteLayout as Layout, Tensor, Tf } from "../graph/Apply.ts"
 import { settingsOf } from "./Env.ts"
 import { Unsupported } from "../internal/RunErrors.ts"
+import { registerWasmMoe } from "./wasm/Moe.ts"
 
 export interface AdamHyper {
   readonly beta1: number
@@ -352,7 +353,7 @@ export const makeRoute = (tf: Tf) => {
     const tokens = tf.sub(tf.slice(filled, [0], [rows]), 1)
     return { slots, tokens, ...(groups === undefined ? {} : { groups }) }
   })
-  if (!fusedOn(tf)) return ops
+  if (!hasKernel(tf, kernels.routeSlots)) return ops
   return (mask: Tensor, layout: Layout, k: number) => {
     const [n, E] = mask.shape as [number, number]
     checkCodes(n, E)
@@ -392,7 +393,7 @@ export const makeSlots = (tf: Tf) => {
     return tf.sum(tf.mul(rows, tf.reshape(w, [n, E, 1])), 1)
   }
   const opsGroups = (w: Tensor, groups: Tensor): Tensor => tf.gather(w, tf.cast(groups, "int32"))
-  if (!fusedOn(tf)) return { toSlots: opsTo, fromSlots: opsFrom, gatherGroups: opsGroups }
+  if (!hasKernel(tf, kernels.fromSlots)) return { toSlots: opsTo, fromSlots: opsFrom, gatherGroups: opsGroups }
   const run = (name: string, inputs: Record<string, Tensor>) => runKernel(tf, name, inputs)
   // the tables are saved with the inputs: tfjs frees a pass's other tensors before its backward
   const toSlots = (x: Tensor, tokens: Tensor, slots: Tensor): Tensor => {
@@ -444,7 +445,7 @@ export const makeTopMask = (tf: Tf, oneHot: (indices: Tensor, depth: number) => 
     const [n, E] = scores.shape as [number, number]
     return tf.sum(tf.reshape(oneHot(tf.reshape(tf.topk(scores, k).indices, [n * k]), E), [n, k, E]), 1)
   }
-  if (!fusedOn(tf)) return ops
+  if (!hasKernel(tf, kernels.topMask)) return ops
   return (scores: Tensor, k: number): Tensor => runKernel(tf, kernels.topMask, { p: scores }, { k })
 }
 
@@ -723,6 +724,8 @@ const registerWasm = (tf: Tf): boolean => {
       dx![i] = dy![i]! * ((v < 0 ? half : 1 - half) + v * e * 0.3989422804014327)
     }
   })
+  // the MoE layer's routing and slots (wasm/Moe.ts)
+  registerWasmMoe(tf, kernels)
   return true
 }
 

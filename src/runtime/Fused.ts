@@ -155,8 +155,8 @@ const kernels = {
 
 /**
  * Σ_rows mask·(−log softmax(logits)[label]) of `logits [n, V]`, `labels [n]` int32 and `mask [n]`
- * (a scalar; the gradient flows into the logits only). On webgpu fused (see the module doc),
- * elsewhere op by op through `oneHot`.
+ * (a scalar; the gradient flows into the logits only). On webgpu and wasm fused (see the module
+ * doc and {@link wasmFused}), elsewhere op by op through `oneHot`.
  */
 export const makeMaskedNll = (tf: Tf, oneHot: (indices: Tensor, depth: number) => Tensor) => {
   const ops = (logits: Tensor, labels: Tensor, mask: Tensor): Tensor => {
@@ -179,7 +179,7 @@ export const makeMaskedNll = (tf: Tf, oneHot: (indices: Tensor, depth: number) =
 
 export type Activation = "swiglu" | "silu" | "geglu" | "gelu" | "gelu_tanh" | "relu"
 
-/** An activation (GLU kinds: of the gate). On webgpu GELU and SiLU are fused (see the module doc). */
+/** An activation (GLU kinds: of the gate). Fused: GELU on webgpu and wasm, SiLU on webgpu (see the module doc and {@link wasmFused}). */
 export const makeActivate = (tf: Tf) => {
   const ops = (x: Tensor, a: Activation): Tensor => {
     switch (a) {
@@ -216,7 +216,7 @@ export const makeActivate = (tf: Tf) => {
 /**
  * Rotates the first `dim` features of each head of `x [n, heads, hd]` by the angles whose cos and sin
  * are `cos`, `sin [n, 1, dim/2]` (HF's rotate_half convention); features past `dim` pass through. On
- * webgpu fused (see the module doc), elsewhere op by op.
+ * webgpu and wasm fused (see the module doc), elsewhere op by op.
  */
 export const makeRotate = (tf: Tf) => {
   const ops = (x: Tensor, dim: number, cos: Tensor, sin: Tensor): Tensor => {
@@ -509,7 +509,7 @@ const hasKernel = (tf: Tf, name: string): boolean => (fusedOn(tf) || wasmFused(t
 
 /**
  * RMSNorm of `x [..., d]` with weight `g [d]`: x·g / √(mean(x²) + eps) over the last axis. On webgpu
- * fused (see the module doc), elsewhere op by op.
+ * and wasm fused (see the module doc), elsewhere op by op.
  */
 export const makeRmsNorm = (tf: Tf) => {
   const ops = (x: Tensor, g: Tensor, eps: number) => tf.mul(tf.mul(x, tf.rsqrt(tf.add(tf.mean(tf.mul(x, x), -1, true), eps))), g)
@@ -547,8 +547,10 @@ export const makeRmsNorm = (tf: Tf) => {
  * - Exact GELU, forward and backward: one exp and the erf polynomial per element instead of tfjs's
  *   Erf (not SIMD), Exp and about 8 SIMD ops; about 1.35× forward and forward + backward at
  *   [1024, 512].
+ * - The MoE layer's routing and slots (`makeTopMask`, `makeRoute`, `makeSlots`): src/runtime/wasm/Moe.ts.
  *
- * Together about 30 ms of a 2-layer d128 model's 210 ms training step (the script's last line).
+ * The loss and GELU together save about 30 ms of a 2-layer d128 model's 210 ms training step (the
+ * script's last line).
  * Not here, measured slower (the script registers them as candidates): SiLU (about 0.2× forward,
  * 0.4× forward + backward: tfjs's Sigmoid and Mul are SIMD) and attention's masked softmax (0.3×,
  * 0.5×: tfjs's Softmax is one SIMD kernel). The exps use {@link expNonPositive}, about twice as fast

@@ -64,13 +64,15 @@ layer(backendLayer("cpu"))("without synchronous reads", (it) => {
         const sparse = run({ dispatch: "sparse" })
         const dense = run({ dispatch: "dense" })
         // 6 experts, top-2: a factor of 3 gives every expert a row per token
-        for (const dispatch of ["dense", "grouped", { capacity: 3 }] as const) {
+        for (const dispatch of ["dense", "grouped", "fitted", { capacity: 3 }] as const) {
           const other = dispatch === "dense" ? dense : run({ dispatch })
           assert.closeTo(other.loss, sparse.loss, 1e-5, JSON.stringify(dispatch))
           sparse.grads.forEach((g, i) => assert.isAtMost(maxDiff(other.grads[i]!, g), 1e-5, `${JSON.stringify(dispatch)} ${[...low.variables.keys()][i]}`))
-          // they read nothing back but the boundaries: one read per concept stage
+          // they read nothing back but the boundaries (one read per concept stage) and, fitted, each
+          // MoE layer's counts
           const reads = yield* Effect.promise(() => recordReads(low, batch, { ...options, dispatch }))
-          assert.strictEqual(reads.length, m.concept === undefined ? 0 : 1)
+          const layers = m.analysis.rows.filter((r) => r.kind === "moe").length
+          assert.strictEqual(reads.length, (m.concept === undefined ? 0 : 1) + (dispatch === "fitted" ? layers : 0))
         }
         // a capacity dispatch counts the pairs routed and kept: with a row for each, all kept
         const moeLayers = m.analysis.rows.filter((r) => r.kind === "moe").length

@@ -80,12 +80,15 @@ export type MoESpec = typeof MoESpec.Type
  * times the expert FLOPs); `grouped` sorts the token-expert pairs by expert into groups of rows of
  * one expert each (an expert's last group padded) and runs each group with its expert's weights
  * (nothing dropped; static shapes, so every step runs the worst case, n·k rows plus room for each
- * expert's padding); `{ capacity: c }` runs each expert on
+ * expert's padding); `fitted` is `grouped` in as many groups as the step's routing needs (each
+ * expert's pairs padded to whole groups: its counts read back, one read per layer, so the shapes
+ * change from step to step; for backends that read synchronously, where it spends less than the
+ * worst case: wasm trains with it); `{ capacity: c }` runs each expert on
  * `ceil(c·n·k/E)` rows (at most n) filled by its tokens in order, and a token-expert pair that finds
  * its expert's rows full is dropped (its output from that expert is zero), as in GShard and the
  * Switch Transformer (c·k/E of dense's expert FLOPs; c ≥ E/k never drops).
  */
-export type Dispatch = "sparse" | "dense" | "grouped" | { readonly capacity: number }
+export type Dispatch = "sparse" | "dense" | "grouped" | "fitted" | { readonly capacity: number }
 
 export type { RouteLayout } from "../graph/Apply.ts"
 
@@ -148,7 +151,7 @@ const applyMoE = (ctx: ForwardContext, s: MoESpec, x: Tensor, p: Readonly<Record
   const probs = s.scoring === "softmax" ? tf.softmax(logits) : tf.sigmoid(logits)
   const r: Routing = { ctx, moe, s, x, p, probs }
   if (moe.dispatch === "dense") return denseDispatch(r)
-  if (moe.dispatch === "grouped") return slotDispatch(r, "grouped")
+  if (moe.dispatch === "grouped" || moe.dispatch === "fitted") return slotDispatch(r, moe.dispatch)
   if (typeof moe.dispatch === "object") return slotDispatch(r, moe.dispatch)
   if (ctx.stream.valid !== undefined) {
     throw new Unsupported({ at: ctx.scope, problem: "sparse MoE dispatch does not take padded positions (the empty slots of a static-shape concept stage); use dense or grouped dispatch" })
@@ -264,7 +267,7 @@ export const groupRows = (n: number, topK: number, experts: number): number =>
  * kept to the pass's count (`MoeOps.countRouting`). Without drops, the sparse path's values and gradients; the balance
  * loss counts the routing before drops, as the Switch Transformer's.
  */
-const slotDispatch = (r: Routing, by: "grouped" | { readonly capacity: number }): Tensor => {
+const slotDispatch = (r: Routing, by: "grouped" | "fitted" | { readonly capacity: number }): Tensor => {
   const { ctx, moe, s, x, p } = r
   const { tf } = ctx
   const [n, d] = x.shape as [number, number]
@@ -272,7 +275,7 @@ const slotDispatch = (r: Routing, by: "grouped" | { readonly capacity: number })
   const { chosen, gates } = topGates(r)
   const v = ctx.stream.valid
   const routedMask = v === undefined ? chosen : tf.mul(chosen, tf.reshape(v, [n, 1]))
-  const layout = by === "grouped" ? { tile: groupRows(n, s.topK, E) } : { capacity: expertSlots(by.capacity, n, s.topK, E) }
+  const layout = typeof by === "object" ? { capacity: expertSlots(by.capacity, n, s.topK, E) } : groupLayout(ctx, routedMask, groupRows(n, s.topK, E), by === "fitted")
   const { slots, tokens, groups } = moe.route(routedMask, layout, s.topK)
   const rows = tokens.shape[0]!
   const batch = groups === undefined ? E : groups.shape[0]!
@@ -283,8 +286,22 @@ const slotDispatch = (r: Routing, by: "grouped" | { readonly capacity: number })
     return w === undefined || groups === undefined || name.endsWith(".weight") ? w : moe.gatherGroups(w, groups)
   }, s.activation, groups === undefined ? undefined : (x, w) => moe.groupedMatMul(x, w, groups))
   const routed = moe.fromSlots(tf.reshape(ys, [rows, d]), slots, tokens, gates)
-  if (by !== "grouped") moe.countRouting(tf.sum(routedMask), tf.sum(tf.cast(tf.greaterEqual(tokens, 0), "float32")))
+  if (typeof by === "object") moe.countRouting(tf.sum(routedMask), tf.sum(tf.cast(tf.greaterEqual(tokens, 0), "float32")))
   return withShared(r, routed, () => routedFraction(ctx, chosen, n, s.topK))
+}
+
+/**
+ * Groups of `tile` rows: the worst case, or (`fitted`) each expert's pairs of this pass padded to
+ * whole groups (at least one group), from its counts read back.
+ */
+const groupLayout = (ctx: ForwardContext, routedMask: Tensor, tile: number, fitted: boolean): { readonly tile: number; readonly rows?: number } => {
+  if (!fitted) return { tile }
+  const sums = ctx.tf.sum(routedMask, 0)
+  const counts = ctx.read(sums)
+  sums.dispose()
+  let rows = 0
+  for (const c of counts) rows += Math.ceil(Math.round(c) / tile) * tile
+  return { tile, rows: Math.max(tile, rows) }
 }
 
 /**

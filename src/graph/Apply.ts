@@ -199,7 +199,10 @@ export interface ForwardContext {
  * `{ capacity: C }` gives each expert C rows (expert e's at e·C); `{ tile: T }` packs the pairs
  * expert by expert, each expert's rows padded to a multiple of T (a group), nothing dropped.
  */
-export type RouteLayout = { readonly capacity: number } | { readonly tile: number }
+export type RouteLayout =
+  | { readonly capacity: number }
+  /** `rows`: the rows the groups take (whole groups); by default the worst case, room for every pair plus each expert's padding. */
+  | { readonly tile: number; readonly rows?: number }
 
 /** A child as a callable. */
 export type ChildApply = (x: Tensor) => Tensor

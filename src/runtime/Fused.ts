@@ -299,7 +299,7 @@ export type { RouteLayout as Layout } from "../graph/Apply.ts"
 
 /** Rows of a layout for n tokens routed to k of E experts each (a multiple of T for tiles). */
 export const layoutRows = (layout: Layout, n: number, k: number, E: number): number =>
-  "capacity" in layout ? E * layout.capacity : Math.ceil((n * k + E * (layout.tile - 1)) / layout.tile) * layout.tile
+  "capacity" in layout ? E * layout.capacity : layout.rows ?? Math.ceil((n * k + E * (layout.tile - 1)) / layout.tile) * layout.tile
 
 /** The tables hold pairs as float32 whole numbers e·n + i: exact below 2²⁴. */
 const checkCodes = (n: number, E: number) => {

@@ -203,9 +203,11 @@ export const stepOptions = (low: Lowered, settings: TrainSettings, step: number,
   balanceWeight: settings.balanceWeight,
   ...passFields(pass),
   ...(low.tf.getBackend() === "webgpu" ? { dispatch: settings.expertCapacity === null ? "grouped" as const : { capacity: settings.expertCapacity } } : {}),
-  // wasm: grouped too (the same routing and loss as sparse; a few dozen ops per MoE layer instead of
-  // a gather, slices and products per expert: moe-tiny's step 9,713 → 2,751 kernels)
-  ...(low.tf.getBackend() === "wasm" && settings.expertCapacity === null ? { dispatch: "grouped" as const } : {})
+  // wasm: grouped in as many groups as the step needs (the same routing and loss as sparse; a few
+  // dozen ops per MoE layer instead of a gather, slices and products per expert: moe-tiny's step
+  // 9,713 → 2,751 kernels; fitted: moe-tiny's 2,048 pairs per layer
+  // in 2,048 rows or a few groups more, instead of the worst case's 3,072)
+  ...(low.tf.getBackend() === "wasm" && settings.expertCapacity === null ? { dispatch: "fitted" as const } : {})
 }) as const
 
 /**

@@ -244,24 +244,26 @@ describe("wasm kernels equal cpu", () => {
 })
 
 describe("MoE training on wasm", () => {
-  it("dispatches grouped: its loss and gradients equal the sparse dispatch's", async () => {
+  it("dispatches grouped (fitted to the step's routing, and the worst case): loss and gradients equal the sparse dispatch's", async () => {
     const { tf } = await runtime("wasm")
     const config = { kind: "moe", vocab: 64, hidden: 32, layers: 2, heads: 2, experts: 4, topK: 2, expertHidden: 16, tiedEmbeddings: true, contextLength: 32 }
     const m = await Effect.runPromise(modelFromJson(config, "moe.json"))
     const settings = Schema.decodeUnknownSync(TrainSettings)({ steps: 10, batchSize: 2, seqLen: 32 })
-    assert.strictEqual(stepOptions({ tf } as never, settings, 0).dispatch, "grouped")
+    assert.strictEqual(stepOptions({ tf } as never, settings, 0).dispatch, "fitted")
     const low = materialize(tf, m.analysis, 4)
     const batch = { rows: 2, length: 32, ids: Int32Array.from({ length: 64 }, (_, i) => (i * 7) % 64), targets: Int32Array.from({ length: 64 }, (_, i) => (i * 5 + 1) % 64) }
     const vars = [...low.variables.values()]
-    const run = (dispatch: "sparse" | "grouped") =>
+    const run = (dispatch: "sparse" | "grouped" | "fitted") =>
       tf.tidy(() => {
         const { grads, value } = tf.variableGrads(() => loss(low, batch, { ...stepOptions(low, settings, 0), dispatch }).total, vars)
         return [value.dataSync()[0]!, ...vars.map((v) => grads[v.name]!.dataSync() as Float32Array)] as const
       })
     const [sparseLoss, ...sparse] = run("sparse")
-    const [groupedLoss, ...grouped] = run("grouped")
-    close([groupedLoss], [sparseLoss], 1e-6, "loss")
-    grouped.forEach((g, i) => close(g, sparse[i]!, 1e-5, `gradient ${i}`))
+    for (const dispatch of ["grouped", "fitted"] as const) {
+      const [groupedLoss, ...grouped] = run(dispatch)
+      close([groupedLoss], [sparseLoss], 1e-6, `${dispatch} loss`)
+      grouped.forEach((g, i) => close(g, sparse[i]!, 1e-5, `${dispatch} gradient ${i}`))
+    }
     release(low)
   })
 })

@@ -50,6 +50,7 @@ import type * as TF from "@tensorflow/tfjs"
 import type { RouteLayout as Layout, Tensor, Tf } from "../graph/Apply.ts"
 import { settingsOf } from "./Env.ts"
 import { Unsupported } from "../internal/RunErrors.ts"
+import { makeAdamW } from "./wasm/AdamW.ts"
 import { registerWasmMoe } from "./wasm/Moe.ts"
 
 export interface AdamHyper {
@@ -657,15 +658,15 @@ const registerWasm = (tf: Tf): boolean => {
   }
   register(kernels.rotate, (sh) => [sh[0]!], rotation(false))
   register(kernels.unrotate, (sh) => [sh[0]!], rotation(true))
-  // AdamW of one parameter: the three outputs w', m', v' (see `adamw`); h = [lr, c1, c2], s = the clipping factor
+  // AdamW of one parameter: the three outputs w', m', v' (see `adamw`); h = [lr, c1, c2], s = the
+  // clipping factor; in SIMD over the heap (wasm/AdamW.ts) where the engine has it
+  const memory = (tf.backend() as unknown as { wasm?: { asm?: { memory?: WebAssembly.Memory } } }).wasm?.asm?.memory
+  const simdAdamW = memory === undefined ? undefined : makeAdamW(memory)
   register(wasmKernels.adamw, (sh) => [sh[0]!, sh[0]!, sh[0]!], ([w, g, m, v, s, h], [w2, m2, v2], _, a) => {
-    const b1 = a["beta1"]!
-    const b2 = a["beta2"]!
-    const eps = a["eps"]!
-    const decay = a["decay"]!
-    const scale = s![0]!
     const [lr, c1, c2] = [h![0]!, h![1]!, h![2]!]
-    const rate = lr * a["lrScale"]!
+    const scalars = { scale: s![0]!, beta1: a["beta1"]!, beta2: a["beta2"]!, eps: a["eps"]!, decay: a["decay"]!, rate: lr * a["lrScale"]!, c1, c2 }
+    if (simdAdamW !== undefined) return simdAdamW(w as Float32Array, g as Float32Array, m as Float32Array, v as Float32Array, [w2!, m2!, v2!], scalars)
+    const { beta1: b1, beta2: b2, eps, decay, rate, scale } = scalars
     for (let i = 0; i < w!.length; i++) {
       const gs = g![i]! * scale
       const mi = b1 * m![i]! + (1 - b1) * gs

@@ -41,8 +41,9 @@ const name = (s: string): Array<number> => vec([...new TextEncoder().encode(s)].
 const section = (id: number, body: Code): Array<number> => [id, ...uleb(body.length), ...body]
 
 export const i32 = 0x7f
+export const f32 = 0x7d
 export const v128 = 0x7b
-type ValueType = typeof i32 | typeof v128
+type ValueType = typeof i32 | typeof f32 | typeof v128
 
 // control
 export const block = (...body: ReadonlyArray<Code>): Code => [0x02, 0x40, ...body.flat(), 0x0b]
@@ -83,25 +84,28 @@ export const v128Store = (offset = 0): Code => simd(0x0b, 4, ...uleb(offset))
 /** Loads one f32 into all four lanes. */
 export const load32Splat = (offset = 0): Code => simd(0x09, 2, ...uleb(offset))
 export const v128Zero: Code = simd(0x0c, ...new Array<number>(16).fill(0))
+export const f32x4Splat = simd(0x13)
+export const f32x4Sqrt = simd(0xe3)
 export const f32x4Add = simd(0xe4)
+export const f32x4Sub = simd(0xe5)
 export const f32x4Mul = simd(0xe6)
+export const f32x4Div = simd(0xe7)
 /** Relaxed SIMD: a·b + c, fused where the hardware has an FMA (one rounding), else two roundings. */
 export const f32x4RelaxedMadd = simd(0x105)
 
-/** A function of the module: its name, parameter count (all i32), extra locals and body. */
+/** A function of the module: its name, parameters (a count of i32s, or their types), extra locals and body. */
 export interface Func {
   readonly name: string
-  readonly params: number
+  readonly params: number | ReadonlyArray<ValueType>
   readonly locals: ReadonlyArray<readonly [count: number, type: ValueType]>
   readonly body: ReadonlyArray<Code>
 }
 
 /**
- * The binary of a module that imports `env.memory` and exports `functions` (each takes i32
- * parameters and returns nothing).
+ * The binary of a module that imports `env.memory` and exports `functions` (each returns nothing).
  */
 export const moduleBytes = (functions: ReadonlyArray<Func>): Uint8Array<ArrayBuffer> => {
-  const types = functions.map((f) => [0x60, ...vec(new Array<Code>(f.params).fill([i32])), 0])
+  const types = functions.map((f) => [0x60, ...vec((typeof f.params === "number" ? new Array<ValueType>(f.params).fill(i32) : f.params).map((t) => [t])), 0])
   const bodies = functions.map((f) => {
     const code = [...vec(f.locals.map(([count, type]) => [...uleb(count), type])), ...f.body.flat(), 0x0b]
     return [...uleb(code.length), ...code]

@@ -12,7 +12,7 @@ import { modelFromJson } from "../src/models/Load.ts"
 import { load } from "../src/runtime/Backend.ts"
 import { settingsOf, useSettings } from "../src/runtime/Env.ts"
 import { makeOneHot } from "../src/runtime/Fixes.ts"
-import { adamStepValues, adamw, makeActivate, makeMaskedNll, makeRmsNorm, makeRotate, makeSumSquares, wasmFused } from "../src/runtime/Fused.ts"
+import { adamStepValues, adamw, makeActivate, makeMaskedSoftmax, makeMaskedNll, makeRmsNorm, makeRotate, makeSumSquares, wasmFused } from "../src/runtime/Fused.ts"
 import { loss, materialize, release } from "../src/runtime/Lower.ts"
 import { newOptimizer, stepOptions, trainStep, TrainSettings } from "../src/train/Step.ts"
 
@@ -199,7 +199,7 @@ describe("wasm kernels equal cpu", () => {
     assert.isFalse(off.kernels.some((k) => k.startsWith("Conceptmoe")), off.kernels.join(" "))
   })
 
-  it("exact GELU: value and gradient (odd sizes, large and tiny inputs); SiLU stays op by op", async () => {
+  it("exact GELU: value and gradient (odd sizes, large and tiny inputs); SiLU: the gradient fused, the value op by op", async () => {
     const { cpu, fused, off } = await onRoutes((tf) => {
       // [5, 7, 11]: a normal spread, and every 13th value from ±80 down to ±1e-4
       const x = tf.tensor3d(Float32Array.from({ length: 385 }, (_, i) => (i % 13 === 0 ? (i % 2 ? 80 : -80) / 10 ** (i % 5) : Math.sin(i * 0.7) * 3.1)), [5, 7, 11])
@@ -212,10 +212,31 @@ describe("wasm kernels equal cpu", () => {
     for (const [route, got] of [["fused", fused], ["off", off]] as const) {
       for (let i = 0; i < 4; i++) closeEach(got.values[i]!, cpu.values[i]!, 1e-5, `${route} ${["GELU", "GELU gradient", "SiLU", "SiLU gradient"][i]}`)
     }
-    assert.includeMembers(fused.kernels, ["ConceptmoeGelu", "ConceptmoeGeluGrad"])
+    assert.includeMembers(fused.kernels, ["ConceptmoeGelu", "ConceptmoeGeluGrad", "ConceptmoeSiluGrad"])
     // slower on wasm than tfjs's Sigmoid and Mul (bench/wasm-elementwise.ts): not registered there
     assert.notInclude(fused.kernels, "ConceptmoeSilu")
     assert.isFalse(off.kernels.some((k) => k.startsWith("Conceptmoe")), off.kernels.join(" "))
+  })
+
+  it("attention's masked softmax: the gradient fused (rows of 4k and of other widths), the value op by op; masked entries exactly 0", async () => {
+    for (const len of [16, 7]) {
+      const { cpu, fused, off } = await onRoutes((tf) => {
+        const scores = tf.randomNormal([3, 2, len, len], 0, 4, "float32", 31)
+        const mask = tf.tensor2d(Array.from({ length: len * len }, (_, i) => (i % len <= Math.floor(i / len) ? 0 : -1e9)), [len, len])
+        const dy = tf.randomNormal([3, 2, len, len], 0, 1, "float32", 32)
+        const softmax = makeMaskedSoftmax(tf)
+        return [softmax(scores, 0.3, mask), tf.grad((t: Tensor) => softmax(t, 0.3, mask))(scores, dy as never)]
+      })
+      for (const [route, got] of [["fused", fused], ["off", off]] as const) {
+        closeEach(got.values[0]!, cpu.values[0]!, 1e-5, `${route} softmax ${len}`)
+        closeEach(got.values[1]!, cpu.values[1]!, 1e-5, `${route} softmax gradient ${len}`)
+      }
+      // above the diagonal: masked, so 0 and no gradient
+      assert.strictEqual(fused.values[0]![1], 0)
+      assert.strictEqual(fused.values[1]![1], 0)
+      assert.include(fused.kernels, "ConceptmoeMaskedSoftmaxGrad")
+      assert.notInclude(fused.kernels, "ConceptmoeMaskedSoftmax")
+    }
   })
 
   it("a dense training step: loss and parameters after three steps", async () => {

@@ -51,6 +51,7 @@ import type { RouteLayout as Layout, Tensor, Tf } from "../graph/Apply.ts"
 import { settingsOf } from "./Env.ts"
 import { Unsupported } from "../internal/RunErrors.ts"
 import { makeAdamW } from "./wasm/AdamW.ts"
+import { makeSimd } from "./wasm/Simd.ts"
 import { registerWasmMoe } from "./wasm/Moe.ts"
 
 export interface AdamHyper {
@@ -199,17 +200,21 @@ export const makeActivate = (tf: Tf) => {
         return tf.relu(x)
     }
   }
-  const geluOn = hasKernel(tf, kernels.gelu)
-  const siluOn = hasKernel(tf, kernels.silu)
+  // a kind is fused where the backend has its gradient kernel; its forward pass runs our kernel
+  // where the backend has that too, else op by op (wasm: SiLU's, whose tfjs ops are faster)
+  const geluOn = hasKernel(tf, kernels.geluGrad)
+  const siluOn = hasKernel(tf, kernels.siluGrad)
   if (!geluOn && !siluOn) return ops
   const run = (name: string, inputs: Record<string, Tensor>) => runKernel(tf, name, inputs)
-  const fused = (forward: string, backward: string) =>
-    tf.customGrad(((x: Tensor, save: (ts: Array<Tensor>) => void) => {
+  const fused = (forward: string, backward: string, kind: Activation) => {
+    const value = hasKernel(tf, forward) ? (x: Tensor) => run(forward, { x }) : (x: Tensor) => ops(x, kind)
+    return tf.customGrad(((x: Tensor, save: (ts: Array<Tensor>) => void) => {
       save([x])
-      return { value: run(forward, { x }), gradFunc: (dy: Tensor, [sx]: Array<Tensor>) => [run(backward, { x: sx!, dy })] }
+      return { value: value(x), gradFunc: (dy: Tensor, [sx]: Array<Tensor>) => [run(backward, { x: sx!, dy })] }
     }) as unknown as Parameters<Tf["customGrad"]>[0])
-  const gelu = fused(kernels.gelu, kernels.geluGrad)
-  const silu = fused(kernels.silu, kernels.siluGrad)
+  }
+  const gelu = fused(kernels.gelu, kernels.geluGrad, "gelu")
+  const silu = fused(kernels.silu, kernels.siluGrad, "silu")
   return (x: Tensor, a: Activation): Tensor =>
     geluOn && (a === "gelu" || a === "geglu") ? gelu(x) as Tensor : siluOn && (a === "silu" || a === "swiglu") ? silu(x) as Tensor : ops(x, a)
 }
@@ -484,13 +489,16 @@ export const sumChunks = (size: number): number => {
  */
 export const makeMaskedSoftmax = (tf: Tf) => {
   const ops = (scores: Tensor, scale: number, mask: Tensor): Tensor => tf.softmax(tf.add(tf.mul(scores, scale), mask))
-  if (!hasKernel(tf, kernels.softmax)) return ops
+  // fused where the backend has the gradient kernel; the forward pass our kernel where it has that
+  // too, else op by op (wasm: tfjs's softmax is faster than ours)
+  if (!hasKernel(tf, kernels.softmaxGrad)) return ops
   const run = (name: string, inputs: Record<string, Tensor>, scale: number) => runKernel(tf, name, inputs, { scale })
+  const forward = hasKernel(tf, kernels.softmax)
   return (scores: Tensor, scale: number, mask: Tensor): Tensor => {
     const len = scores.shape[scores.rank - 1]!
     const rows = scores.size / len
     const f = tf.customGrad(((s2: Tensor, save: (ts: Array<Tensor>) => void) => {
-      const value = run(kernels.softmax, { s: s2, m: mask }, scale)
+      const value = forward ? run(kernels.softmax, { s: s2, m: mask }, scale) : tf.reshape(ops(tf.reshape(s2, scores.shape), scale, mask), [rows, len])
       save([value])
       return { value, gradFunc: (dp: Tensor, [pr]: Array<Tensor>) => [run(kernels.softmaxGrad, { p: pr!, dp }, scale)] }
     }) as unknown as Parameters<Tf["customGrad"]>[0])
@@ -712,21 +720,46 @@ const registerWasm = (tf: Tf): boolean => {
   // exact GELU x·Φ(x) and its derivative Φ(x) + x·φ(x), with Φ(x) = 1 − t/2 for x ≥ 0 and t/2
   // below, t = 1 − erf(|x|/√2) (one exp each: e^(−x²/2) serves t and φ). The forward pass as
   // (x + |x|)/2 − |x|·t/2, without a branch on the sign (a fifth faster on random signs)
-  register(kernels.gelu, (sh) => [sh[0]!], ([x], [y]) => {
-    for (let i = 0; i < x!.length; i++) {
-      const v = x![i]!
-      const z = Math.abs(v)
-      y![i] = 0.5 * (v + z) - 0.5 * z * erfTail(z, expNonPositive(-0.5 * v * v))
-    }
-  })
-  register(kernels.geluGrad, (sh) => [sh[0]!], ([x, dy], [dx]) => {
-    for (let i = 0; i < x!.length; i++) {
-      const v = x![i]!
-      const e = expNonPositive(-0.5 * v * v)
-      const half = 0.5 * erfTail(Math.abs(v), e)
-      dx![i] = dy![i]! * ((v < 0 ? half : 1 - half) + v * e * 0.3989422804014327)
-    }
-  })
+  // exact GELU x·Φ(x) = (x + |x|)/2 − |x|·(1 − erf(|x|/√2))/2, and Φ(x) + x·φ(x)
+  const gelu = (v: number) => {
+    const z = Math.abs(v)
+    return 0.5 * (v + z) - 0.5 * z * erfTail(z, expNonPositive(-0.5 * v * v))
+  }
+  const geluGrad = (v: number, d: number) => {
+    const e = expNonPositive(-0.5 * v * v)
+    const half = 0.5 * erfTail(Math.abs(v), e)
+    return d * ((v < 0 ? half : 1 - half) + v * e * 0.3989422804014327)
+  }
+  // SiLU's gradient σ(x)·(1 + x·(1 − σ(x)))
+  const siluGrad = (v: number, d: number) => {
+    const sg = 1 / (1 + Math.exp(-v))
+    return d * sg * (1 + v * (1 - sg))
+  }
+  // in SIMD where the engine has it (wasm/Simd.ts: four elements a step, the last n mod 4 by the
+  // scalar formulas above), else JavaScript loops
+  const simd = memory === undefined ? undefined : makeSimd(memory, { siluGrad, gelu, geluGrad })
+  const each = (f: (v: number) => number) => ([x]: Array<Float32Array | Int32Array>, [y]: Array<Float32Array>) => {
+    for (let i = 0; i < x!.length; i++) y![i] = f(x![i]!)
+  }
+  const each2 = (f: (v: number, d: number) => number) => ([x, dy]: Array<Float32Array | Int32Array>, [y]: Array<Float32Array>) => {
+    for (let i = 0; i < x!.length; i++) y![i] = f(x![i]!, dy![i]!)
+  }
+  register(kernels.gelu, (sh) => [sh[0]!], simd === undefined ? each(gelu) : ([x], [y]) => simd.gelu(x as Float32Array, y!))
+  register(kernels.geluGrad, (sh) => [sh[0]!], simd === undefined ? each2(geluGrad) : ([x, dy], [y]) => simd.geluGrad(x as Float32Array, dy as Float32Array, y!))
+  if (simd !== undefined) {
+    // only in SIMD: in JavaScript (Math.exp) slower than tfjs's ops; their forward passes stay op by op
+    register(kernels.siluGrad, (sh) => [sh[0]!], ([x, dy], [y]) => simd.siluGrad(x as Float32Array, dy as Float32Array, y!))
+    // attention's softmax gradient scale·p·(dp − Σ p·dp) per row (rows of a width off multiples of 4 in JavaScript)
+    register(kernels.softmaxGrad, (sh) => [sh[0]!], ([p, dp], [out], [shape], a) => {
+      const width = shape![shape!.length - 1]!
+      if (width % 4 === 0) return simd.softmaxGrad(p as Float32Array, dp as Float32Array, out!, width, a["scale"]!)
+      for (let base = 0; base < p!.length; base += width) {
+        let dot = 0
+        for (let c = 0; c < width; c++) dot += p![base + c]! * dp![base + c]!
+        for (let c = 0; c < width; c++) out![base + c] = a["scale"]! * p![base + c]! * (dp![base + c]! - dot)
+      }
+    })
+  }
   // the MoE layer's routing and slots (wasm/Moe.ts)
   registerWasmMoe(tf, kernels)
   return true

@@ -76,6 +76,7 @@ export const select = [0x1b] as Code
 export const f32Load = (offset = 0): Code => [0x2a, 2, ...uleb(offset)]
 export const f32Store = (offset = 0): Code => [0x38, 2, ...uleb(offset)]
 export const f32Zero: Code = [0x43, 0, 0, 0, 0]
+export const f32Add = [0x92] as Code
 
 // 128-bit SIMD
 const simd = (op: number, ...immediates: ReadonlyArray<number>): Code => [0xfd, ...uleb(op), ...immediates]
@@ -84,6 +85,22 @@ export const v128Store = (offset = 0): Code => simd(0x0b, 4, ...uleb(offset))
 /** Loads one f32 into all four lanes. */
 export const load32Splat = (offset = 0): Code => simd(0x09, 2, ...uleb(offset))
 export const v128Zero: Code = simd(0x0c, ...new Array<number>(16).fill(0))
+/** Four copies of a float32 constant. */
+export const f32x4Const = (x: number): Code => simd(0x0c, ...new Uint8Array(new Float32Array([x, x, x, x]).buffer))
+/** Four copies of an int32 constant. */
+export const i32x4Const = (x: number): Code => simd(0x0c, ...new Uint8Array(new Int32Array([x, x, x, x]).buffer))
+export const f32x4ExtractLane = (lane: number): Code => simd(0x1f, lane)
+export const v128And = simd(0x4e)
+export const v128Bitselect = simd(0x52)
+export const f32x4Ge = simd(0x46)
+export const f32x4Nearest = simd(0x6a)
+export const i32x4Shl = simd(0xab)
+export const i32x4Add = simd(0xae)
+export const f32x4Abs = simd(0xe0)
+export const f32x4Neg = simd(0xe1)
+export const f32x4Min = simd(0xe8)
+export const f32x4Max = simd(0xe9)
+export const i32x4TruncSatF32x4S = simd(0xf8)
 export const f32x4Splat = simd(0x13)
 export const f32x4Sqrt = simd(0xe3)
 export const f32x4Add = simd(0xe4)

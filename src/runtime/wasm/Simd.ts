@@ -1,0 +1,224 @@
+/**
+ * Elementwise and row kernels in 128-bit SIMD over tfjs-backend-wasm's heap, four floats per step:
+ * the gradient of attention's masked softmax, exact GELU and its gradient, SiLU's gradient. tfjs's
+ * own wasm ops are SIMD too, but one op per pass over memory (the softmax's gradient was five ops);
+ * JavaScript loops are one pass but scalar, and `Math.exp` costs about 2.4× tfjs's Exp. Here each
+ * is one pass with an exp in SIMD. The forward passes of the softmax and SiLU stay tfjs's: there its
+ * few ops (XNNPACK's softmax) were faster than ours (docs/performance.md).
+ *
+ * exp(x): Cephes' single-precision method (x = k·ln 2 + r, |r| ≤ ln 2 / 2, e^r by a degree-7
+ * polynomial, 2^k put into the exponent bits), relative error about 2e-7; arguments are clamped to
+ * [−87, 88] and e^x is 0 below −87 (so that no result is subnormal, which x86 computes about a hundred times slower; a masked attention score, −1e9, gives exactly 0). The erf
+ * of GELU is Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), as tfjs's cpu Erf and our WGSL.
+ * Each kernel takes whole groups of 4 (the caller finishes a tail in JavaScript).
+ *
+ * @since 0.4.0
+ */
+import {
+  add,
+  block,
+  br,
+  brIf,
+  type Code,
+  const32,
+  f32,
+  f32Add,
+  f32x4Abs,
+  f32x4Add,
+  f32x4Const,
+  f32x4Div,
+  f32x4ExtractLane,
+  f32x4Ge,
+  f32x4Max,
+  f32x4Min,
+  f32x4Mul,
+  f32x4Nearest,
+  f32x4Neg,
+  f32x4Splat,
+  f32x4Sub,
+  type Func,
+  geS,
+  get,
+  i32,
+  i32x4Add,
+  i32x4Const,
+  i32x4Shl,
+  i32x4TruncSatF32x4S,
+  loop,
+  moduleBytes,
+  mul,
+  set,
+  v128,
+  v128And,
+  v128Bitselect,
+  v128Load,
+  v128Store
+} from "./Assemble.ts"
+
+const vmul = (a: Code, b: Code): Code => [...a, ...b, ...f32x4Mul]
+const vadd = (a: Code, b: Code): Code => [...a, ...b, ...f32x4Add]
+const vsub = (a: Code, b: Code): Code => [...a, ...b, ...f32x4Sub]
+const vdiv = (a: Code, b: Code): Code => [...a, ...b, ...f32x4Div]
+const k = f32x4Const
+
+/** Locals of a function: parameters first, then i32, f32 and v128 locals in that order. */
+const frame = (params: ReadonlyArray<typeof i32 | typeof f32>, i32s: number, f32s: number, v128s: number) => {
+  const p = params.length
+  return {
+    param: (j: number) => j,
+    int: (j: number) => p + j,
+    float: (j: number) => p + i32s + j,
+    vec: (j: number) => p + i32s + f32s + j,
+    locals: [[i32s, i32], [f32s, f32], [v128s, v128]] as ReadonlyArray<readonly [number, typeof i32 | typeof f32 | typeof v128]>
+  }
+}
+
+const low = -87
+const high = 88
+
+/**
+ * e^x of the vector `x` (Code that pushes it; evaluated twice), with three scratch v128 locals; leaves
+ * the result on the stack.
+ */
+const exp = (x: Code, [xl, fx, p]: readonly [number, number, number]): Code => [
+  ...x, ...k(high), ...f32x4Min, ...k(low), ...f32x4Max, ...set(xl),
+  ...vmul(get(xl), k(Math.LOG2E)), ...f32x4Nearest, ...set(fx),
+  // r = x − k·ln 2, ln 2 in two parts
+  ...vsub(vsub(get(xl), vmul(get(fx), k(0.693359375))), vmul(get(fx), k(-2.12194440e-4))), ...set(xl),
+  ...k(1.9875691500e-4),
+  ...[1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1].flatMap((c) => [...get(xl), ...f32x4Mul, ...k(c), ...f32x4Add]),
+  ...set(p),
+  // e^r = p·r² + r + 1, times 2^k from the exponent bits
+  ...vadd(vadd(vmul(vmul(get(p), get(xl)), get(xl)), get(xl)), k(1)),
+  ...get(fx), ...i32x4TruncSatF32x4S, ...i32x4Const(127), ...i32x4Add, ...const32(23), ...i32x4Shl,
+  ...f32x4Mul,
+  // 0 below the clamp
+  ...x, ...k(low), ...f32x4Ge, ...v128And
+]
+
+/** The sum of a vector's four lanes (op: f32.add) as an f32, from a v128 local. */
+const lanes = (v: number, op: Code): Code => [
+  ...get(v), ...f32x4ExtractLane(0), ...get(v), ...f32x4ExtractLane(1), ...op, ...get(v), ...f32x4ExtractLane(2), ...op, ...get(v), ...f32x4ExtractLane(3), ...op
+]
+
+/** A loop over byte offsets `c` = 0, 16, … < `bytes` (locals), running `body`. */
+const each = (c: number, bytes: number, body: ReadonlyArray<Code>): Code =>
+  [...const32(0), ...set(c), ...block(loop(get(c), get(bytes), geS, brIf(1), ...body, get(c), const32(16), add, set(c), br(0)))]
+
+const at = (base: number, c: number): Code => [...get(base), ...get(c), ...add]
+
+// softmaxGrad(p, dp, out, rows, width, scale): out = scale·p·(dp − Σ p·dp) per row
+const softmaxGradFunc: Func = (() => {
+  const f = frame([i32, i32, i32, i32, i32, f32], 4, 0, 3)
+  const [p, dp, out, rows, width, scale] = [0, 1, 2, 3, 4, 5].map(f.param) as [number, number, number, number, number, number]
+  const [row, c, base, bytes] = [0, 1, 2, 3].map(f.int) as [number, number, number, number]
+  const [sc, acc, dot] = [0, 1, 2].map(f.vec) as [number, number, number]
+  const ld = (ptr: number): Code => [...get(ptr), ...get(base), ...add, ...get(c), ...add, ...v128Load(0)]
+  const perRow: Array<Code> = [
+    get(row), get(rows), geS, brIf(1),
+    get(row), get(bytes), mul, set(base),
+    k(0), set(acc),
+    each(c, bytes, [vadd(get(acc), vmul(ld(p), ld(dp))), set(acc)]),
+    lanes(acc, f32Add), f32x4Splat, set(dot),
+    each(c, bytes, [get(out), get(base), add, get(c), add, vmul(vmul(get(sc), ld(p)), vsub(ld(dp), get(dot))), v128Store(0)]),
+    get(row), const32(1), add, set(row), br(0)
+  ]
+  return {
+    name: "softmaxGrad",
+    params: [i32, i32, i32, i32, i32, f32],
+    locals: f.locals,
+    body: [get(scale), f32x4Splat, set(sc), get(width), const32(4), mul, set(bytes), const32(0), set(row), block(loop(...perRow))]
+  }
+})()
+
+/** An elementwise function `name(x, [dy,] out, n4)`: `value(x, dy)` pushes the result from the v128 locals x (and dy). */
+const elementwise = (name: string, withDy: boolean, value: (x: number, dy: number, t: readonly [number, number, number, number, number]) => Code): Func => {
+  const params = withDy ? [i32, i32, i32, i32] as const : [i32, i32, i32] as const
+  const f = frame(params, 2, 0, 7)
+  const [xp, dyp, out, n4] = withDy ? [0, 1, 2, 3] : [0, -1, 1, 2]
+  const [c, bytes] = [0, 1].map(f.int) as [number, number]
+  const [x, dy, ...t] = [0, 1, 2, 3, 4, 5, 6].map(f.vec) as [number, number, number, number, number, number, number]
+  return {
+    name,
+    params: [...params],
+    locals: f.locals,
+    body: [
+      get(n4!), const32(4), mul, set(bytes),
+      each(c, bytes, [
+        at(xp!, c), v128Load(0), set(x),
+        ...(withDy ? [[...at(dyp!, c), ...v128Load(0), ...set(dy)]] : []),
+        at(out!, c), value(x, dy, t as unknown as readonly [number, number, number, number, number]), v128Store(0)
+      ])
+    ]
+  }
+}
+
+// σ(x) = 1 / (1 + e^(−x))
+const sigmoid = (x: number, t: readonly [number, number, number, number, number]): Code =>
+  vdiv(k(1), vadd(k(1), exp([...get(x), ...f32x4Neg], [t[0], t[1], t[2]])))
+
+// σ(x)·(1 + x·(1 − σ(x)))·dy
+const siluGradFunc = elementwise("siluGrad", true, (x, dy, t) => [
+  ...sigmoid(x, t), ...set(t[3]),
+  ...vmul(get(dy), vmul(get(t[3]), vadd(k(1), vmul(get(x), vsub(k(1), get(t[3]))))))
+])
+
+// x·Φ(x) = (x + |x|)/2 − |x|·tail/2, tail = 1 − erf(|x|/√2) = q·poly(q)·e^(−x²/2), q = 1/(1 + 0.2316…·|x|)
+const tail = (x: number, t: readonly [number, number, number, number, number]): Code => [
+  ...vdiv(k(1), vadd(k(1), vmul(k(0.23164188826636045), [...get(x), ...f32x4Abs]))), ...set(t[3]),
+  ...k(1.061405429),
+  ...[-1.453152027, 1.421413741, -0.284496736, 0.254829592].flatMap((c) => [...get(t[3]), ...f32x4Mul, ...k(c), ...f32x4Add]),
+  ...get(t[3]), ...f32x4Mul,
+  ...exp(vmul(vmul(get(x), get(x)), k(-0.5)), [t[0], t[1], t[2]]), ...f32x4Mul
+]
+const geluFunc = elementwise("gelu", false, (x, _, t) => [
+  ...tail(x, t), ...set(t[4]),
+  ...vsub(vmul(vadd(get(x), [...get(x), ...f32x4Abs]), k(0.5)), vmul(vmul([...get(x), ...f32x4Abs], get(t[4])), k(0.5)))
+])
+// Φ(x) + x·φ(x): Φ = 1 − tail/2 for x ≥ 0, tail/2 below
+const geluGradFunc = elementwise("geluGrad", true, (x, dy, t) => [
+  ...vmul(tail(x, t), k(0.5)), ...set(t[4]),
+  ...vsub(k(1), get(t[4])), ...get(t[4]), ...get(x), ...k(0), ...f32x4Ge, ...v128Bitselect,
+  ...vmul(vmul(get(x), exp(vmul(vmul(get(x), get(x)), k(-0.5)), [t[0], t[1], t[2]])), k(0.3989422804014327)),
+  ...f32x4Add,
+  ...get(dy), ...f32x4Mul
+])
+
+/** The kernels, on views of the heap (whole groups of 4; see {@link makeSimd} for tails). */
+export interface Simd {
+  readonly softmaxGrad: (p: Float32Array, dp: Float32Array, out: Float32Array, width: number, scale: number) => void
+  readonly siluGrad: (x: Float32Array, dy: Float32Array, out: Float32Array) => void
+  readonly gelu: (x: Float32Array, out: Float32Array) => void
+  readonly geluGrad: (x: Float32Array, dy: Float32Array, out: Float32Array) => void
+}
+
+/**
+ * The kernels over `memory` (tfjs-backend-wasm's), or undefined where the engine has no SIMD. The
+ * row kernels take rows whose width is a multiple of 4; the elementwise ones finish the last n mod 4
+ * elements with `tail` (the caller's scalar formula).
+ */
+export const makeSimd = (memory: WebAssembly.Memory, tails: {
+  readonly siluGrad: (x: number, dy: number) => number
+  readonly gelu: (x: number) => number
+  readonly geluGrad: (x: number, dy: number) => number
+}): Simd | undefined => {
+  const bytes = moduleBytes([softmaxGradFunc, siluGradFunc, geluFunc, geluGradFunc])
+  if (!WebAssembly.validate(bytes)) return undefined
+  const x = new WebAssembly.Instance(new WebAssembly.Module(bytes), { env: { memory } }).exports as Record<string, (...a: Array<number>) => void>
+  const unary = (name: string, scalar: (v: number) => number) => (v: Float32Array, out: Float32Array) => {
+    const n4 = v.length - (v.length % 4)
+    if (n4 > 0) x[name]!(v.byteOffset, out.byteOffset, n4)
+    for (let i = n4; i < v.length; i++) out[i] = scalar(v[i]!)
+  }
+  const binary = (name: string, scalar: (v: number, d: number) => number) => (v: Float32Array, dy: Float32Array, out: Float32Array) => {
+    const n4 = v.length - (v.length % 4)
+    if (n4 > 0) x[name]!(v.byteOffset, dy.byteOffset, out.byteOffset, n4)
+    for (let i = n4; i < v.length; i++) out[i] = scalar(v[i]!, dy[i]!)
+  }
+  return {
+    softmaxGrad: (p, dp, out, width, scale) => x["softmaxGrad"]!(p.byteOffset, dp.byteOffset, out.byteOffset, p.length / width, width, scale),
+    siluGrad: binary("siluGrad", tails.siluGrad),
+    gelu: unary("gelu", tails.gelu),
+    geluGrad: binary("geluGrad", tails.geluGrad)
+  }
+}

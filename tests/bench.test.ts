@@ -9,7 +9,7 @@ import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import * as Cost from "../src/cost/Cost.ts"
-import { decodeFlops, forcedEvery, prefillFlops } from "../src/infer/Bench.ts"
+import { decodeFlops, forcedEvery, prefillFlops, timeModel } from "../src/infer/Bench.ts"
 import { load, root } from "./support/models.ts"
 
 const moe = { kind: "moe", vocab: 256, hidden: 32, layers: 6, heads: 4, experts: 8, topK: 2, expertHidden: 24, tiedEmbeddings: true, contextLength: 4096 }
@@ -32,6 +32,19 @@ describe("inference prediction", () => {
       assert.isBelow(speedup(256), speedup(4096))
       assert.isBelow(speedup(1 << 20), (6 / (2 + 4 / 4)) - 1)
     }))
+
+  it("the time model: a·FLOPs with the phase's ms per GFLOP, plus b·kernels", () => {
+    const c = { msPerGflopPrefill: 20, msPerGflopDecode: 500, usPerKernel: 10 }
+    // 3 GFLOP at 20 ms/GFLOP = 60 ms; 1,000 kernels at 10 µs = 10 ms
+    assert.closeTo(timeModel(c, "prefill", 3e9, 1000), 70, 1e-9)
+    // 0.02 GFLOP at 500 ms/GFLOP = 10 ms; 800 kernels = 8 ms
+    assert.closeTo(timeModel(c, "decode", 2e7, 800), 18, 1e-9)
+    // a variant with half the FLOPs but 1.5× the kernels: 5 + 12 = 17 ms, so +5.9% where the FLOP prediction says +100%
+    const base = timeModel(c, "decode", 2e7, 800)
+    const concept = timeModel(c, "decode", 1e7, 1200)
+    assert.closeTo(concept, 17, 1e-9)
+    assert.closeTo(base / concept - 1, 18 / 17 - 1, 1e-12)
+  })
 
   it("forced boundaries close one concept every R tokens, at different steps on different rows", () => {
     for (const R of [1.5, 2, 4]) {
@@ -60,6 +73,14 @@ describe("conceptmoe bench inference", () => {
     assert.strictEqual(rows.length, 24)
     for (const row of rows) {
       for (const key of ["model", "ratio", "strategy", "phase", "length", "speedupMeasured", "speedupPredicted"]) assert.property(row, key)
+      // the time ratio and the time model's numbers, from the row's own measured and predicted values
+      const x = row as Record<string, number>
+      assert.closeTo(x["timeRatio"]!, (1 + x["speedupMeasured"]!) / (1 + x["speedupPredicted"]!), 1e-9)
+      assert.closeTo(x["speedupPredicted"]!, x["flopsBaseline"]! / x["flopsConcept"]! - 1, 1e-9)
+      assert.isAbove(x["kernelsBaseline"]!, 0)
+      assert.isAbove(x["kernelsConcept"]!, 0)
+      assert.closeTo(x["speedupTimeModel"]!, x["msModelBaseline"]! / x["msModelConcept"]! - 1, 1e-9)
+      assert.closeTo(x["timeRatioModel"]!, (1 + x["speedupMeasured"]!) / (1 + x["speedupTimeModel"]!), 1e-9)
       assert.oneOf(row["phase"], ["prefill", "decode"])
       assert.oneOf(row["strategy"], ["topk", "loop"])
       assert.strictEqual(row["boundaries"], "forced")
@@ -72,6 +93,16 @@ describe("conceptmoe bench inference", () => {
     const saved = JSON.parse(fs.readFileSync(path.join(out, "inference.json"), "utf8"))
     assert.strictEqual(saved.rows.length, 24)
     assert.strictEqual(saved.models.length, 7)
+    // the calibration the time model used, and each row's time model from it and the row's FLOPs and kernels
+    const c = saved.calibration
+    for (const key of ["msPerGflopPrefill", "msPerGflopDecode", "usPerKernel"]) assert.isAbove(c[key], 0)
+    for (const row of saved.rows) {
+      const a = row.phase === "prefill" ? c.msPerGflopPrefill : c.msPerGflopDecode
+      assert.closeTo(row.msModelConcept, (a * row.flopsConcept) / 1e9 + (c.usPerKernel * row.kernelsConcept) / 1000, 1e-9)
+    }
+    // a decode step of the baseline runs the same kernels whatever the length (no per-expert kernels: fitted dispatch on wasm)
+    const decode = saved.rows.filter((x: { phase: string }) => x.phase === "decode")
+    assert.strictEqual(decode[0].kernelsBaseline, decode[decode.length - 1].kernelsBaseline)
     // cache bytes per model and part: the baseline first, then each variant's smaller concept-model cache at R ≥ 2 (topk)
     const at32 = saved.caches.filter((c: { length: number }) => c.length === Math.max(...saved.caches.map((x: { length: number }) => x.length)))
     assert.strictEqual(at32.length, 7)

@@ -43,7 +43,7 @@ const percent = (x: number) => `${x >= 0 ? "+" : ""}${(x * 100).toFixed(1)}%`
 /** The table view: one line per (phase, length, variant), then the KV-cache bytes at the longest length. */
 export const renderBench = (r: BenchResult): string => {
   const table = renderTable(
-    ["phase", "length", "model", "R", "strategy", "MoE ms", "ConceptMoE ms", "measured", "predicted", "measured/predicted", "attn share"],
+    ["phase", "length", "model", "R", "strategy", "MoE ms", "ConceptMoE ms", "measured", "predicted", "time ratio", "kernels MoE / ConceptMoE", "model MoE ms", "model ConceptMoE ms", "time ratio (model)", "attn share"],
     r.rows.map((x) => [
       x.phase,
       formatNumber(x.length),
@@ -54,10 +54,14 @@ export const renderBench = (r: BenchResult): string => {
       x.msConcept.toFixed(1),
       percent(x.speedupMeasured),
       percent(x.speedupPredicted),
-      x.speedupPredicted > 0 ? (x.speedupMeasured / x.speedupPredicted).toFixed(2) : "-",
+      x.timeRatio.toFixed(2),
+      `${formatNumber(Math.round(x.kernelsBaseline))} / ${formatNumber(Math.round(x.kernelsConcept))}`,
+      x.msModelBaseline.toFixed(1),
+      x.msModelConcept.toFixed(1),
+      x.timeRatioModel.toFixed(2),
       `${(x.attentionShare * 100).toFixed(0)}%`
     ]),
-    [1, 3, 5, 6, 7, 8, 9, 10]
+    [1, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
   )
   const longest = Math.max(...r.caches.map((c) => c.length))
   const caches = renderTable(
@@ -73,7 +77,10 @@ export const renderBench = (r: BenchResult): string => {
     ]),
     [1, 2, 3, 4, 5, 6]
   )
-  return `${table}\n\nKV-cache bytes (float32, ${r.settings.rows} rows) after ${formatNumber(longest)} positions; for the baseline, "concept model" is the layers the variants compress:\n${caches}`
+  const c = r.calibration
+  const legend = `time ratio: (1 + measured speedup) / (1 + predicted), 1 when the runtime delivers the FLOP prediction; ` +
+    `time model: ms = a·FLOPs + b·kernels, a = ${c.msPerGflopPrefill.toFixed(1)} ms/GFLOP (prefill), ${c.msPerGflopDecode.toFixed(1)} ms/GFLOP (decode), b = ${c.usPerKernel.toFixed(1)} µs per kernel (calibrated on this machine before the run)`
+  return `${table}\n${legend}\n\nKV-cache bytes (float32, ${r.settings.rows} rows) after ${formatNumber(longest)} positions; for the baseline, "concept model" is the layers the variants compress:\n${caches}`
 }
 
 /** Measured (solid) and predicted (dashed) speedups against length, one panel per phase. */

@@ -65,7 +65,37 @@ export interface BenchRow {
   /** Compression measured by the concept stages during this measurement. */
   readonly compression: number
   readonly boundaries: "forced"
+  /** (1 + measured speedup) / (1 + predicted): the measured time ratio over the FLOP prediction's. */
+  readonly timeRatio: number
+  /** Predicted FLOPs of the phase, all rows: a whole prefill, or one decode step. */
+  readonly flopsBaseline: number
+  readonly flopsConcept: number
+  /** tfjs kernels the phase ran: a whole prefill, or one decode step (mean of the timed steps). */
+  readonly kernelsBaseline: number
+  readonly kernelsConcept: number
+  /** The time model's milliseconds (see {@link timeModel}) and the speedup it predicts. */
+  readonly msModelBaseline: number
+  readonly msModelConcept: number
+  readonly speedupTimeModel: number
+  /** (1 + measured speedup) / (1 + the time model's). */
+  readonly timeRatioModel: number
 }
+
+/**
+ * The time model's constants, measured on this machine by {@link calibrate} before the models run:
+ * milliseconds per FLOP of a prefill's products (hundreds of rows) and of a decode step's (1–2
+ * rows per product), and milliseconds per kernel (tiny kernels: the fixed cost of one tfjs kernel,
+ * host work included).
+ */
+export interface Calibration {
+  readonly msPerGflopPrefill: number
+  readonly msPerGflopDecode: number
+  readonly usPerKernel: number
+}
+
+/** Predicted milliseconds of a phase: a·FLOPs + b·kernels, with a the phase's ms per FLOP and b the ms per kernel. */
+export const timeModel = (c: Calibration, phase: "prefill" | "decode", flops: number, kernels: number): number =>
+  ((phase === "prefill" ? c.msPerGflopPrefill : c.msPerGflopDecode) * flops) / 1e9 + (c.usPerKernel * kernels) / 1000
 
 export interface CacheRow {
   readonly model: string
@@ -85,6 +115,7 @@ export interface BenchResult {
   readonly models: ReadonlyArray<{ readonly name: string; readonly ratio: number | null; readonly strategy: Strategy | null; readonly params: number; readonly flopsPerToken: number }>
   readonly rows: ReadonlyArray<BenchRow>
   readonly caches: ReadonlyArray<CacheRow>
+  readonly calibration: Calibration
 }
 
 /** Predicted FLOPs of a prefill of `length` tokens (one row). */
@@ -116,10 +147,10 @@ const median = (xs: ReadonlyArray<number>) => {
 }
 
 /** Deterministic token ids (the model is untrained; only the shapes matter for speed). */
-const tokens = (rows: number, length: number, vocab: number, salt: number) =>
+export const tokens = (rows: number, length: number, vocab: number, salt: number) =>
   new Int32Array(rows * length).map((_, i) => (i * 31 + salt * 17 + ((i * i) % 97)) % vocab)
 
-interface Contender {
+export interface Contender {
   readonly model: LoadedModel
   readonly low: Lowered
   readonly ratio: number | null
@@ -134,6 +165,70 @@ const partOf = (scope: string, baseline: boolean, encoderLayers: number, layers:
 }
 
 /**
+ * Counts the kernels tfjs's engine runs from now until `stop` (registered kernels, those run inside
+ * other kernels and custom gradients included; the custom-gradient scopes themselves not).
+ */
+export const kernelCounter = (tf: Lowered["tf"]) => {
+  const engine = tf.engine() as unknown as { runKernelFunc: (p: { readonly kernelName?: string }) => unknown }
+  const own = Object.prototype.hasOwnProperty.call(engine, "runKernelFunc")
+  const original = engine.runKernelFunc
+  const counter = { count: 0, stop: () => {} }
+  engine.runKernelFunc = function(this: unknown, p: { readonly kernelName?: string }) {
+    if (p.kernelName != null) counter.count++
+    return original.call(this, p)
+  }
+  counter.stop = () => {
+    if (own) engine.runKernelFunc = original
+    else delete (engine as { runKernelFunc?: unknown }).runKernelFunc
+  }
+  return counter
+}
+
+/** Milliseconds per call of `f` (its result disposed), after one untimed call. */
+const timeOf = (f: () => { dispose(): void }, n: number) => {
+  f().dispose()
+  const t = performance.now()
+  for (let i = 0; i < n; i++) f().dispose()
+  return (performance.now() - t) / n
+}
+
+/**
+ * Measures the time model's constants on the current backend with generic products and tiny
+ * kernels (never the benchmarked models): per FLOP, a 2-D product and the two batched products of
+ * attention at 512 rows (prefill) and at 1–2 rows (decode), 2,048 keys; per kernel, a cycle of
+ * tiny element-wise, reshape, slice and concat kernels on `[2, 128]` tensors (a decode step's
+ * activations), the median of 7 timings after 3 untimed.
+ */
+export const calibrate = (tf: Lowered["tf"]): Calibration => {
+  const perGflop = (rows: number, batchRows: number) => {
+    const a = tf.randomNormal([rows, 128]), w = tf.randomNormal([128, 512])
+    const q = tf.randomNormal([8, batchRows, 32]), k = tf.randomNormal([8, 32, 2048]), p = tf.randomNormal([8, batchRows, 2048]), v = tf.randomNormal([8, 2048, 32])
+    const n = rows > 2 ? 4 : 40
+    const ms = timeOf(() => tf.matMul(a, w), n) + timeOf(() => tf.matMul(q, k), n) + timeOf(() => tf.matMul(p, v), n)
+    const flops = 2 * rows * 128 * 512 + 2 * 2 * 8 * batchRows * 32 * 2048
+    for (const t of [a, w, q, k, p, v]) t.dispose()
+    return (ms / flops) * 1e9
+  }
+  const x = tf.randomNormal([2, 128])
+  const cycle = 100
+  const cycles = () =>
+    timeOf(() =>
+      tf.tidy(() => {
+        let y = x
+        for (let i = 0; i < cycle; i++) {
+          const z = tf.sigmoid(tf.mul(tf.add(y, x), x))
+          y = tf.reshape(tf.concat([tf.slice(z, [0, 0], [2, 64]), tf.slice(z, [0, 64], [2, 64])], 1), [2, 128])
+        }
+        return y
+      }), 3)
+  // 3 untimed (the JIT), then the median of 7 (garbage collection and the other processes of a shared machine move single runs)
+  const ms = median(Array.from({ length: 10 }, cycles).slice(3))
+  x.dispose()
+  // per cycle: add, mul, sigmoid, 2 slices, concat, reshape
+  return { msPerGflopPrefill: perGflop(512, 256), msPerGflopDecode: perGflop(2, 1), usPerKernel: (ms * 1000) / (cycle * 7) }
+}
+
+/**
  * One measurement: a prefill of `length` tokens per row, then `decodeSteps` timed single-token steps.
  * Each phase ends with a read of its last logits, so the time includes the device's work (webgpu
  * runs asynchronously; on cpu and wasm the read is immediate).
@@ -142,29 +237,39 @@ const measure = async (c: Contender, settings: BenchSettings, length: number, vo
   const rows = settings.rows
   const s = session(c.low, { rows, ...(c.ratio === null ? {} : { forcedBoundary: forcedEvery(c.ratio) }) })
   const ids = tokens(rows, length, vocab, 1)
-  // with imposed boundaries nothing is read back while decoding: feed runs on every backend
+  // with imposed boundaries a piece reads back at most the fitted dispatch's counts, on wasm, which reads synchronously: feed runs on every backend
   const done = async (t: Tensor) => {
     await t.data()
     t.dispose()
   }
-  const t0 = performance.now()
-  await done(s.prefill(ids, length, settings.chunk))
-  const prefillMs = performance.now() - t0
-  const afterPrefill = { ...s.compression }
-  await done(s.feed(tokens(rows, 1, vocab, 2), 1))
-  const before = { ...s.compression }
-  const t1 = performance.now()
-  let last: Tensor | undefined
-  for (let i = 0; i < settings.decodeSteps; i++) {
-    last?.dispose()
-    last = s.feed(tokens(rows, 1, vocab, 3 + i), 1)
+  const counter = kernelCounter(c.low.tf)
+  let prefillMs = 0, prefillKernels = 0, decodeMs = 0, decodeKernels = 0
+  let afterPrefill = { ...s.compression }, before = { ...s.compression }
+  try {
+    const t0 = performance.now()
+    await done(s.prefill(ids, length, settings.chunk))
+    prefillMs = performance.now() - t0
+    prefillKernels = counter.count
+    afterPrefill = { ...s.compression }
+    await done(s.feed(tokens(rows, 1, vocab, 2), 1))
+    before = { ...s.compression }
+    const beforeKernels = counter.count
+    const t1 = performance.now()
+    let last: Tensor | undefined
+    for (let i = 0; i < settings.decodeSteps; i++) {
+      last?.dispose()
+      last = s.feed(tokens(rows, 1, vocab, 3 + i), 1)
+    }
+    if (last !== undefined) await done(last)
+    decodeMs = (performance.now() - t1) / settings.decodeSteps
+    decodeKernels = (counter.count - beforeKernels) / settings.decodeSteps
+  } finally {
+    counter.stop()
   }
-  if (last !== undefined) await done(last)
-  const decodeMs = (performance.now() - t1) / settings.decodeSteps
   const ratio = (tokens: number, concepts: number) => (concepts > 0 ? tokens / concepts : 1)
   const out = {
-    prefill: { ms: prefillMs, compression: ratio(afterPrefill.tokens, afterPrefill.concepts) },
-    decode: { ms: decodeMs, compression: ratio(s.compression.tokens - before.tokens, s.compression.concepts - before.concepts) },
+    prefill: { ms: prefillMs, kernels: prefillKernels, compression: ratio(afterPrefill.tokens, afterPrefill.concepts) },
+    decode: { ms: decodeMs, kernels: decodeKernels, compression: ratio(s.compression.tokens - before.tokens, s.compression.concepts - before.concepts) },
     bytes: s.cacheBytes()
   }
   s.dispose()
@@ -172,16 +277,13 @@ const measure = async (c: Contender, settings: BenchSettings, length: number, vo
 }
 
 /**
- * Runs the benchmark on the current backend. Its progress goes through Effect's logger
- * (`internal/Progress.ts`): a line per measured row, and a tick per measurement (on the command
- * line's terminal, a bar with the time left); `quiet`: neither.
+ * The baseline (materialized) and, per strategy and ratio, the solver's best `Matched` ConceptMoE
+ * variant of it (materialized), in that order.
  */
-export const run = (baseline: LoadedModel, baselineJson: unknown, settings: BenchSettings, options: { readonly quiet?: boolean } = {}) =>
+export const contendersOf = (baseline: LoadedModel, baselineJson: unknown, settings: Pick<BenchSettings, "ratios" | "strategies" | "tolerance" | "encoderLayers" | "decoderLayers">) =>
   Effect.gen(function*() {
-    const log = (line: string) => (options.quiet === true ? Effect.void : Progress.line(line))
-    const { tf, description } = yield* Tensors
+    const { tf } = yield* Tensors
     if (baseline.decoder === undefined) return yield* Effect.die(new Error("the baseline must be a decoder config"))
-    const vocab = baseline.decoder.vocab
     const contenders: Array<Contender> = [{ model: baseline, low: materialize(tf, baseline.analysis, 0), ratio: null, strategy: null }]
     for (const strategy of settings.strategies) {
       for (const ratio of settings.ratios) {
@@ -198,6 +300,21 @@ export const run = (baseline: LoadedModel, baselineJson: unknown, settings: Benc
         contenders.push({ model, low: materialize(tf, model.analysis, 0), ratio, strategy })
       }
     }
+    return contenders
+  })
+
+/**
+ * Runs the benchmark on the current backend. Its progress goes through Effect's logger
+ * (`internal/Progress.ts`): a line per measured row, and a tick per measurement (on the command
+ * line's terminal, a bar with the time left); `quiet`: neither.
+ */
+export const run = (baseline: LoadedModel, baselineJson: unknown, settings: BenchSettings, options: { readonly quiet?: boolean } = {}) =>
+  Effect.gen(function*() {
+    const log = (line: string) => (options.quiet === true ? Effect.void : Progress.line(line))
+    const { description } = yield* Tensors
+    if (baseline.decoder === undefined) return yield* Effect.die(new Error("the baseline must be a decoder config"))
+    const vocab = baseline.decoder.vocab
+    const contenders = yield* contendersOf(baseline, baselineJson, settings)
     const maxLength = Math.max(...settings.lengths)
     for (const c of contenders) {
       if (c.model.contextLength < maxLength + settings.decodeSteps + 1) {
@@ -208,6 +325,7 @@ export const run = (baseline: LoadedModel, baselineJson: unknown, settings: Benc
     // warm-up: every model once at the shortest length (kernel setup, JIT), untimed
     const shortest = Math.min(...settings.lengths)
     for (const c of contenders) yield* Effect.promise(() => measure(c, { ...settings, decodeSteps: 2 }, shortest, vocab))
+    const calibration = calibrate(contenders[0]!.low.tf)
     const rows: Array<BenchRow> = []
     const caches: Array<CacheRow> = []
     const layers = baseline.decoder.layers.length
@@ -215,6 +333,7 @@ export const run = (baseline: LoadedModel, baselineJson: unknown, settings: Benc
     let measured = 0
     for (const length of settings.lengths) {
       const times = { prefill: contenders.map(() => [] as Array<number>), decode: contenders.map(() => [] as Array<number>) }
+      const kernels = { prefill: contenders.map(() => 0), decode: contenders.map(() => 0) }
       const compression = { prefill: contenders.map(() => 1), decode: contenders.map(() => 1) }
       const repeats = length <= settings.repeatUpTo ? settings.repeats : 1
       for (let rep = 0; rep < repeats; rep++) {
@@ -227,6 +346,7 @@ export const run = (baseline: LoadedModel, baselineJson: unknown, settings: Benc
           for (const phase of ["prefill", "decode"] as const) {
             times[phase][i]!.push(m[phase].ms)
             compression[phase][i] = m[phase].compression
+            kernels[phase][i] = m[phase].kernels
           }
           if (rep === 0) {
             const parts = { encoder: 0, conceptModel: 0, decoder: 0 }
@@ -242,6 +362,11 @@ export const run = (baseline: LoadedModel, baselineJson: unknown, settings: Benc
           if (i === 0) return
           const ms = median(times[phase][i]!)
           const flops = phase === "prefill" ? prefillFlops : decodeFlops
+          const flopsBaseline = settings.rows * flops(baseline.analysis, length)
+          const flopsConcept = settings.rows * flops(c.model.analysis, length)
+          const msModelBaseline = timeModel(calibration, phase, flopsBaseline, kernels[phase][0]!)
+          const msModelConcept = timeModel(calibration, phase, flopsConcept, kernels[phase][i]!)
+          const speedupPredicted = flopsBaseline / flopsConcept - 1
           const row: BenchRow = {
             model: c.model.name,
             baseline: baseline.name,
@@ -253,15 +378,24 @@ export const run = (baseline: LoadedModel, baselineJson: unknown, settings: Benc
             msBaseline: base,
             msConcept: ms,
             speedupMeasured: base / ms - 1,
-            speedupPredicted: flops(baseline.analysis, length) / flops(c.model.analysis, length) - 1,
+            speedupPredicted,
             attentionShare: attentionShare(baseline.analysis, phase, length),
             compression: compression[phase][i]!,
-            boundaries: "forced"
+            boundaries: "forced",
+            timeRatio: base / ms / (1 + speedupPredicted),
+            flopsBaseline,
+            flopsConcept,
+            kernelsBaseline: kernels[phase][0]!,
+            kernelsConcept: kernels[phase][i]!,
+            msModelBaseline,
+            msModelConcept,
+            speedupTimeModel: msModelBaseline / msModelConcept - 1,
+            timeRatioModel: (base / ms) / (msModelBaseline / msModelConcept)
           }
           rows.push(row)
           lines.push(
             `${phase.padEnd(7)} L=${String(length).padStart(5)}  ${c.model.name.padEnd(16)} ${ms.toFixed(1).padStart(9)} ms vs ${base.toFixed(1).padStart(9)} ms  ` +
-              `speedup ${(row.speedupMeasured * 100).toFixed(1).padStart(6)}% (predicted ${(row.speedupPredicted * 100).toFixed(1).padStart(6)}%)  R ${row.compression.toFixed(2)}`
+              `speedup ${(row.speedupMeasured * 100).toFixed(1).padStart(6)}% (predicted ${(row.speedupPredicted * 100).toFixed(1).padStart(6)}%, time model ${(row.speedupTimeModel * 100).toFixed(1).padStart(6)}%)  R ${row.compression.toFixed(2)}`
           )
         })
       }
@@ -275,5 +409,5 @@ export const run = (baseline: LoadedModel, baselineJson: unknown, settings: Benc
       flopsPerToken: Cost.matmulPerToken(c.model.analysis.cost)
     }))
     for (const c of contenders) release(c.low)
-    return { backend: description, settings, models, rows, caches } satisfies BenchResult
+    return { backend: description, settings, models, rows, caches, calibration } satisfies BenchResult
   })

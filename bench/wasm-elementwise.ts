@@ -1,13 +1,13 @@
 /**
- * Our JavaScript kernels on tfjs-backend-wasm (src/runtime/Fused.ts) against tfjs's ops one by one,
- * at the shapes of a dense 2-layer d128 training step (batch 8×128, vocab 256, 4 heads): the masked
- * cross-entropy over logits [1024, 256] and exact GELU over [1024, 512] (registered), and two
- * candidates this script registers itself to show why they are not: SiLU over [1024, 512] and
- * attention's masked softmax over [32, 128, 128] (one row kernel each way, as on webgpu). Forward
- * alone and forward + backward, timed in alternating rounds in one process (the median round of
- * each), so that the ratio holds on a loaded machine. Then whole training steps of that model
- * (forward, backward, clipping, AdamW; the trainer's `trainStep`) with the loss and GELU kernels in
- * and out, alternating (the other wasm kernels, RMSNorm, rotary, AdamW and Σx², stay in).
+ * Our wasm kernels (src/runtime/wasm/Kernels.ts, Simd.ts) against tfjs's ops one by one, at the
+ * shapes of a dense 2-layer d128 training step (batch 8×128, vocab 256, 4 heads): the masked
+ * cross-entropy over logits [1024, 256], exact GELU and SiLU over [1024, 512] and attention's masked
+ * softmax over [32, 128, 128] (SiLU and the softmax: forward op by op, as the makers run them on
+ * wasm, and our gradient kernel). Forward alone and forward + backward, timed in alternating rounds
+ * in one process (the median round of each), so that the ratio holds on a loaded machine. Then whole
+ * training steps of that model (forward, backward, clipping, AdamW; the trainer's `trainStep`) with
+ * those kernels in and out, alternating (the other wasm kernels, RMSNorm, rotary, AdamW and Σx²,
+ * and our matmul stay in).
  * Run: node bench/wasm-elementwise.ts [rounds]
  */
 import type * as TF from "@tensorflow/tfjs"
@@ -16,7 +16,7 @@ import type { Tensor } from "../src/graph/Apply.ts"
 import { load } from "../src/runtime/Backend.ts"
 import { settingsOf, useSettings } from "../src/runtime/Env.ts"
 import { makeOneHot } from "../src/runtime/Fixes.ts"
-import { expNonPositive, makeActivate, makeMaskedNll, makeMaskedSoftmax, wasmFused } from "../src/runtime/Fused.ts"
+import { makeActivate, makeMaskedNll, makeMaskedSoftmax, wasmFused } from "../src/runtime/Fused.ts"
 import { materialize } from "../src/runtime/Lower.ts"
 import { modelFromJson } from "../src/models/Load.ts"
 import { newOptimizer, trainStep, TrainSettings } from "../src/train/Step.ts"
@@ -35,55 +35,6 @@ const build = (fused: boolean) => {
 }
 const ops = build(false)
 
-// the candidates, under the names the makers look for (as Fused.ts registers its wasm kernels)
-interface Heap {
-  makeOutput: (shape: Array<number>, dtype: string) => TF.TensorInfo
-  typedArrayFromHeap: (t: TF.TensorInfo) => Float32Array
-}
-const candidate = (kernelName: string, run: (xs: Array<Float32Array>, out: Float32Array, shapes: Array<Array<number>>, scale: number) => void) =>
-  tf.registerKernel({
-    kernelName,
-    backendName: "wasm",
-    kernelFunc: ({ inputs, backend, attrs }) => {
-      const heap = backend as unknown as Heap
-      const given = Object.values(inputs) as Array<TF.TensorInfo>
-      const out = heap.makeOutput([...given[0]!.shape], "float32")
-      run(given.map((t) => heap.typedArrayFromHeap(t)), heap.typedArrayFromHeap(out), given.map((t) => [...t.shape]), (attrs as { scale?: number }).scale ?? 1)
-      return out
-    }
-  })
-const sigmoid = (x: number) => {
-  const e = expNonPositive(-Math.abs(x))
-  return x >= 0 ? 1 / (1 + e) : e / (1 + e)
-}
-candidate("ConceptmoeSilu", ([x], y) => {
-  for (let i = 0; i < x!.length; i++) y[i] = x![i]! * sigmoid(x![i]!)
-})
-candidate("ConceptmoeSiluGrad", ([x, dy], dx) => {
-  for (let i = 0; i < x!.length; i++) {
-    const s = sigmoid(x![i]!)
-    dx[i] = dy![i]! * s * (1 + x![i]! * (1 - s))
-  }
-})
-candidate("ConceptmoeMaskedSoftmax", ([s, m], p, [shape, mshape], scale) => {
-  const len = shape![1]!
-  for (let row = 0, base = 0; base < s!.length; row++, base += len) {
-    const mb = (row % mshape![0]!) * len
-    let top = -Infinity
-    for (let c = 0; c < len; c++) top = Math.max(top, s![base + c]! * scale + m![mb + c]!)
-    let total = 0
-    for (let c = 0; c < len; c++) total += p[base + c] = expNonPositive(s![base + c]! * scale + m![mb + c]! - top)
-    for (let c = 0; c < len; c++) p[base + c] = p[base + c]! / total
-  }
-})
-candidate("ConceptmoeMaskedSoftmaxGrad", ([p, dp], ds, [shape], scale) => {
-  const len = shape![1]!
-  for (let base = 0; base < p!.length; base += len) {
-    let dot = 0
-    for (let c = 0; c < len; c++) dot += p![base + c]! * dp![base + c]!
-    for (let c = 0; c < len; c++) ds[base + c] = scale * p![base + c]! * (dp![base + c]! - dot)
-  }
-})
 const ours = build(true)
 
 const n = 1024
@@ -101,8 +52,8 @@ type Made = ReturnType<typeof build>
 const cases: Array<[string, (m: Made) => Tensor, (m: Made) => Tensor]> = [
   ["masked NLL [1024,256]", (m) => m.nll(logits, labels, mask), (m) => tf.grad((l: Tensor) => m.nll(l, labels, mask))(logits)],
   ["GELU [1024,512]", (m) => m.activate(hidden, "gelu"), (m) => tf.grad((x: Tensor) => m.activate(x, "gelu"))(hidden, dHidden as TF.Tensor)],
-  ["SiLU* [1024,512]", (m) => m.activate(hidden, "silu"), (m) => tf.grad((x: Tensor) => m.activate(x, "silu"))(hidden, dHidden as TF.Tensor)],
-  ["softmax* [32,128,128]", (m) => m.softmax(scores, 1 / Math.sqrt(32), causal), (m) => tf.grad((s: Tensor) => m.softmax(s, 1 / Math.sqrt(32), causal))(scores, dScores as TF.Tensor)]
+  ["SiLU [1024,512]", (m) => m.activate(hidden, "silu"), (m) => tf.grad((x: Tensor) => m.activate(x, "silu"))(hidden, dHidden as TF.Tensor)],
+  ["softmax [32,128,128]", (m) => m.softmax(scores, 1 / Math.sqrt(32), causal), (m) => tf.grad((s: Tensor) => m.softmax(s, 1 / Math.sqrt(32), causal))(scores, dScores as TF.Tensor)]
 ]
 
 /** ms per call of `f` over `calls` calls. */
@@ -114,7 +65,7 @@ const time = (f: () => Tensor, calls: number) => {
 }
 const median = (xs: Array<number>) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!
 
-console.log(`wasm backend, ${rounds} alternating rounds of about 100 ms each, median ms per call (* a candidate, not registered)`)
+console.log(`wasm backend, ${rounds} alternating rounds of about 100 ms each, median ms per call (SiLU and softmax: forward op by op, our gradient kernel)`)
 console.log("kernel                  pass      ours ms   ops ms   ops ÷ ours")
 for (const [name, forward, both] of cases) {
   for (const [pass, f] of [["forward", forward], ["fwd+bwd", both]] as const) {
@@ -132,10 +83,9 @@ for (const [name, forward, both] of cases) {
   }
 }
 
-// whole steps: the candidates out, then our loss and GELU kernels in and out by (un)registering them
-// (the makers look for a kernel when each forward pass builds its context)
-for (const k of ["ConceptmoeSilu", "ConceptmoeSiluGrad", "ConceptmoeMaskedSoftmax", "ConceptmoeMaskedSoftmaxGrad"]) tf.unregisterKernel(k, "wasm")
-const mine = new Map(["ConceptmoeMaskedNll", "ConceptmoeMaskedNllGrad", "ConceptmoeGelu", "ConceptmoeGeluGrad"].map((k) => [k, tf.getKernel(k, "wasm")!]))
+// whole steps: our loss, activation and softmax kernels in and out by (un)registering them (the
+// makers look for a kernel when each forward pass builds its context)
+const mine = new Map(["ConceptmoeMaskedNll", "ConceptmoeMaskedNllGrad", "ConceptmoeGelu", "ConceptmoeGeluGrad", "ConceptmoeSiluGrad", "ConceptmoeMaskedSoftmaxGrad"].map((k) => [k, tf.getKernel(k, "wasm")!]))
 const useMine = (on: boolean) => {
   for (const [k, config] of mine) {
     const has = tf.getKernel(k, "wasm") !== undefined
@@ -171,4 +121,4 @@ for (let r = 0; r < rounds; r++) {
 }
 useMine(true)
 const [x, y] = [median(a), median(b)]
-console.log(`training step, dense 2L-d128, batch 8×128: ${x.toFixed(1)} ms with our loss and GELU kernels, ${y.toFixed(1)} ms without (${(y / x).toFixed(2)}×, ${(y - x).toFixed(1)} ms saved)`)
+console.log(`training step, dense 2L-d128, batch 8×128: ${x.toFixed(1)} ms with our loss, activation and softmax kernels, ${y.toFixed(1)} ms without (${(y / x).toFixed(2)}×, ${(y - x).toFixed(1)} ms saved)`)

@@ -9,8 +9,8 @@
 import { Effect } from "effect"
 import type { Tensor } from "../../src/graph/Apply.ts"
 import { load } from "../../src/runtime/Backend.ts"
-import { gpuErrors } from "../../src/runtime/Fixes.ts"
-import { kernelNames, parseTiles, useMatMul } from "../../src/runtime/MatMul.ts"
+import { gpuErrors } from "../../src/runtime/webgpu/Fixes.ts"
+import { kernelNames, parseTiles, useMatMul } from "../../src/runtime/webgpu/MatMul.ts"
 
 const { tf } = await Effect.runPromise(load("webgpu"))
 const sizes = (process.argv[2] ?? "1024,2048,4096").split(",").map(Number)

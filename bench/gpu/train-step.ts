@@ -33,7 +33,7 @@ import { type Batch, materialize, release } from "../../src/runtime/Lower.ts"
 import { capturedTrainer } from "../../src/train/Captured.ts"
 import { newOptimizer, syncReads, trainStep, trainStepAsync, TrainSettings } from "../../src/train/Step.ts"
 import { countDispatches, type Counts } from "./dispatches.ts"
-import { describeTuning } from "../../src/runtime/MatMul.ts"
+import { describeTuning } from "../../src/runtime/webgpu/MatMul.ts"
 import * as Cost from "../../src/cost/Cost.ts"
 
 const here = import.meta.dirname

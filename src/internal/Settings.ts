@@ -77,7 +77,7 @@ export const submitEvery: Setting<number> = {
 
 /**
  * The webgpu matmul: `auto`, `tfjs` or a kernel name. The value is checked against the kernels when
- * the runtime reads it (`runtime/MatMul.ts` knows them), with this setting's {@link SettingError}.
+ * the runtime reads it (`runtime/webgpu/MatMul.ts` knows them), with this setting's {@link SettingError}.
  */
 export const matmul: Setting<string> = {
   variable: "CONCEPTMOE_MATMUL",
@@ -86,7 +86,7 @@ export const matmul: Setting<string> = {
     "auto, tfjs or a kernel TMxTNxTK/RMxRN[/v4[/db|/db2]][/kS], e.g. 128x128x8/8x8/v4 (≤ 256 threads, ≤ 16 KiB of workgroup memory, db2 counting its two tiles; v4: RM, RN, TK divisible by 4)",
   default: "auto",
   description:
-    "webgpu only. `auto`: matmul kernels tuned per product shape after step 0 (choices stored in checkpoints); `tfjs`: tfjs's kernel (and the MoE grouped products as gathered weights and tfjs's kernel); a kernel name (`128x128x8/8x8/v4`, see `kernelNames` in `src/runtime/MatMul.ts`): that kernel wherever it applies"
+    "webgpu only. `auto`: matmul kernels tuned per product shape after step 0 (choices stored in checkpoints); `tfjs`: tfjs's kernel (and the MoE grouped products as gathered weights and tfjs's kernel); a kernel name (`128x128x8/8x8/v4`, see `kernelNames` in `src/runtime/webgpu/MatMul.ts`): that kernel wherever it applies"
 }
 
 /** Flags for Dawn's `create` (webgpu). */

@@ -6,7 +6,7 @@
  * - `webgpu`: tfjs-backend-webgpu on the npm package `webgpu` (Dawn), loaded only when both are
  *   installed and an adapter exists; `DAWN_FLAGS` (space-separated) go to Dawn's `create`
  *   ({@link dawnFlags}: timestamps unquantized unless they say otherwise); `CONCEPTMOE_MATMUL`
- *   chooses the matmul (`MatMul.ts`);
+ *   chooses the matmul (`webgpu/MatMul.ts`);
  * - `tensorflow`: tfjs-node-gpu or tfjs-node, loaded only when installed. They cannot be installed
  *   on this project's machines (their install script downloads libtensorflow), so this path is
  *   untested here.
@@ -24,7 +24,9 @@ import * as Settings from "../internal/Settings.ts"
 import { backendNames, type BackendName } from "../internal/Settings.ts"
 import { useSettings } from "./Env.ts"
 import { install } from "./Fixes.ts"
-import { type MatMulMode, matMulMode, parseMode, tilesName, useMatMul } from "./MatMul.ts"
+import { registerWasmKernels } from "./wasm/Kernels.ts"
+import { registerWebGpuKernels } from "./webgpu/Kernels.ts"
+import { type MatMulMode, matMulMode, parseMode, tilesName, useMatMul } from "./webgpu/MatMul.ts"
 
 export { backendNames }
 export type { BackendName }
@@ -58,7 +60,7 @@ const dynamicImport = (specifier: string): Promise<unknown> => import(specifier)
  * `enable-dawn-features=disable_robustness`), with Dawn's timestamp quantization turned off unless
  * they name it. Dawn rounds GPU timestamps to 32.768 µs by default (a browser's defence against
  * timing attacks); kernels of a few µs then time as 0 or 32.8 µs, and the matmul tuner
- * (`MatMul.ts`) and the step profile read garbage.
+ * (`webgpu/MatMul.ts`) and the step profile read garbage.
  */
 export const dawnFlags = (given: string | undefined): Array<string> => {
   const flags = (given ?? "").split(/\s+/).filter((s) => s !== "")
@@ -125,6 +127,9 @@ const loadWith = (name: BackendName, settings: Settings.RuntimeSettings, matmul:
       if (!ok) throw new Error(name === "webgpu" ? "no WebGPU adapter was found" : "setBackend returned false")
       await tf.ready()
       install(tf, backendName)
+      // our kernels, registered by the backend's folder (the makers of Fused.ts run them)
+      if (name === "wasm") registerWasmKernels(tf)
+      if (name === "webgpu") registerWebGpuKernels(tf)
       useSettings(tf, settings)
       if (name === "webgpu") {
         // the matmul mode is set once per process, when the backend first loads (loading it again,

@@ -14,7 +14,7 @@ import type { ChildApply, ContextKey, DecodeCache, FlopCounter, ForwardContext, 
 import type { AnyBlock } from "../graph/Block.ts"
 import { type ChunkState, type Compression, type ConceptFeeds, ConceptOps, type DeviceCompression, makeConceptOps } from "../blocks/ConceptContext.ts"
 import { type Dispatch, MoeOps } from "../blocks/MoE.ts"
-import { makeGroupedMatMul } from "./MatMul.ts"
+import { makeGroupedMatMul } from "./webgpu/MatMul.ts"
 import { makeActivate, makeCombine, makeMaskedNll, makeMaskedSoftmax, makeRepeat, makeRmsNorm, makeRotate, makeRoute, makeSlots, makeTopMask } from "./Fused.ts"
 import { makeDetach, makeMatMul, makeOneHot, makeSte, makeStop } from "./Fixes.ts"
 import { prng } from "../internal/Random.ts"
@@ -113,7 +113,7 @@ export interface ForwardOptions {
   /**
    * Device tensors to use instead of uploading the batch's host arrays: token ids `[n]` int32,
    * positions `[n]` int32, labels `[n]` int32 (targets with −1 as 0) and mask `[n]` float32 (1 where
-   * there is a target). A captured step (`Capture.ts`) feeds new values into them each step.
+   * there is a target). A captured step (`webgpu/Capture.ts`) feeds new values into them each step.
    */
   readonly feeds?: Feeds
   /** Static-shape ConceptMoE training (see `ConceptFeeds`); MoE layers then stay on the device (`grouped` unless `dispatch` says `dense` or a capacity). */

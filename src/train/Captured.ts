@@ -1,5 +1,5 @@
 /**
- * Training steps that are recorded once and replayed (`runtime/Capture.ts`) on webgpu, for models
+ * Training steps that are recorded once and replayed (`runtime/webgpu/Capture.ts`) on webgpu, for models
  * whose step reads nothing back to the host: dense and MoE models (routing stays on the device) and
  * ConceptMoE models with static shapes (`ConceptFeeds`: padded concept slots, boundaries on the
  * device); a model that still reads host values trains step by step through tfjs.
@@ -12,16 +12,16 @@
  * why. Results equal the eager steps' (tests/webgpu.test.ts).
  *
  * With `CONCEPTMOE_MATMUL=auto` (the default), the matmul products of step 0 are tuned before step 1
- * (`runtime/MatMul.ts`): step 0 runs tfjs's kernel, later steps the fastest that agrees with it.
+ * (`runtime/webgpu/MatMul.ts`): step 0 runs tfjs's kernel, later steps the fastest that agrees with it.
  *
  * @since 0.3.0
  */
 import type { Tensor } from "../graph/Apply.ts"
-import { type Captured, capture, difference, NotCapturable, type StepProfile, writeFeeds } from "../runtime/Capture.ts"
+import { type Captured, capture, difference, NotCapturable, type StepProfile, writeFeeds } from "../runtime/webgpu/Capture.ts"
 import { type Batch, conceptFeedValues, type Feeds, feedValues, type Lowered, mixSeed, recordReads } from "../runtime/Lower.ts"
 import type { ConceptFeeds } from "../blocks/ConceptContext.ts"
 import { conceptSlots } from "../blocks/Chunker.ts"
-import { type TuneRow, tuneMatMuls, watchProducts } from "../runtime/MatMul.ts"
+import { type TuneRow, tuneMatMuls, watchProducts } from "../runtime/webgpu/MatMul.ts"
 import { settingsOf } from "../runtime/Env.ts"
 import { failOnGpuErrors, type Optimizer, packStats, type PassOptions, readStats, stepInputValues, stepOnDevice, stepOptions, trainStepAsync, type TrainSettings } from "./Step.ts"
 

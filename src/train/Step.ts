@@ -8,7 +8,7 @@
 import { Schema } from "effect"
 import type * as TF from "@tensorflow/tfjs"
 import { Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
-import { gpuErrors } from "../runtime/Fixes.ts"
+import { gpuErrors } from "../runtime/webgpu/Fixes.ts"
 import { adamStepValues, adamw, makeSumSquares } from "../runtime/Fused.ts"
 import type { Tensor, Tf } from "../graph/Apply.ts"
 import type { ConceptFeeds } from "../blocks/ConceptContext.ts"

@@ -32,9 +32,9 @@
  * @since 0.3.0
  */
 import type * as TF from "@tensorflow/tfjs"
-import type { Tensor, Tf } from "../graph/Apply.ts"
+import type { Tensor, Tf } from "../../graph/Apply.ts"
 import { submitPending } from "./Capture.ts"
-import { fusedOn, runKernel } from "./Fused.ts"
+import { fusedOn, runKernel } from "../Fused.ts"
 
 export interface Tiles {
   /** Output rows and columns per workgroup, and the depth of one pass through workgroup memory. */

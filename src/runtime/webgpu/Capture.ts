@@ -23,9 +23,9 @@
  *
  * @since 0.3.0
  */
-import type { Tensor, Tf } from "../graph/Apply.ts"
-import { Unsupported } from "../internal/RunErrors.ts"
-import { settingsOf } from "./Env.ts"
+import type { Tensor, Tf } from "../../graph/Apply.ts"
+import { Unsupported } from "../../internal/RunErrors.ts"
+import { settingsOf } from "../Env.ts"
 
 /**
  * Why a step cannot be recorded or replayed: control flow, not a failure (the trainer catches it and

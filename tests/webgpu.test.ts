@@ -340,7 +340,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
         useMatMul(tf, parseTiles(name)!)
         for (const [i, c] of products.entries()) assert.isAtMost(await productDiff(c, i), 1e-4, `${name}, case ${i}`)
         // the kernel ran (vec4 and split kernels on the products they cover), not tfjs's in its place
-        assert.isAbove(matMulChoices()[name] ?? 0, 0, name)
+        assert.isAbove(matMulChoices(tf)[name] ?? 0, 0, name)
       }
       // a training step with one gives the cpu's loss
       useMatMul(tf, parseTiles("64x64x16/4x4/v4/k4")!)
@@ -372,7 +372,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
   }, 240_000)
 
   it("the matmul tuner times the candidates per product, refuses one that computes something else, and keeps the fastest", async () => {
-    const stock = stockKernel()!
+    const stock = stockKernel(tf)!
     // B·A for square operands: a kernel that runs and is wrong
     const wrong: MatMulKernel = {
       name: "wrong",
@@ -425,11 +425,11 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     const square = products.filter((c) => (c[1].at(-1) === c[1].at(-2) || c[3]) && c[1].at(-1)! > 1)
     try {
       useMatMul(tf, "auto", { candidates })
-      const before = matMulTuning().length
+      const before = matMulTuning(tf).length
       for (const [i, c] of square.entries()) await productDiff(c, i)
       const rows = await tuneMatMuls(tf, { reps: 2 })
       assert.isAtLeast(rows.length, 4)
-      assert.strictEqual(matMulTuning().length, before + rows.length)
+      assert.strictEqual(matMulTuning(tf).length, before + rows.length)
       for (const r of rows) {
         assert.include(["tfjs", "64x64x16/4x4/v4", "32x32x32/4x4"], r.chosen, r.product)
         assert.notProperty(r.us, "wrong")
@@ -462,14 +462,14 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       // what tuning chose is what runs
       const wins = new Map<string, number>()
       for (const r of rows) wins.set(r.chosen, (wins.get(r.chosen) ?? 0) + 1)
-      for (const [k, n] of wins) assert.isAtLeast(matMulChoices()[k] ?? 0, n, k)
+      for (const [k, n] of wins) assert.isAtLeast(matMulChoices(tf)[k] ?? 0, n, k)
       // a new mode set while a tuning awaits the GPU: the tuning stops and keeps nothing
       useMatMul(tf, "auto", { candidates })
       for (const [i, c] of square.entries()) await productDiff(c, i)
       const pending = tuneMatMuls(tf, { reps: 1 })
       useMatMul(tf, "auto", { candidates })
       assert.deepStrictEqual(await pending, [])
-      assert.deepStrictEqual(tunedChoices(), {})
+      assert.deepStrictEqual(tunedChoices(tf), {})
     } finally {
       useMatMul(tf, "tfjs")
     }
@@ -490,7 +490,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       }
       await tf.setBackend("webgpu")
       try {
-        useMatMul(tf, "auto", { candidates: [stockKernel()!, tiledKernel(tf, parseTiles("32x32x16/4x4/v4")!), tiledKernel(tf, parseTiles("32x32x32/4x4")!)] })
+        useMatMul(tf, "auto", { candidates: [stockKernel(tf)!, tiledKernel(tf, parseTiles("32x32x16/4x4/v4")!), tiledKernel(tf, parseTiles("32x32x32/4x4")!)] })
         const low = materialize(tf, m.analysis, 5)
         const opt = newOptimizer(low)
         const trainer = capturedTrainer(low, opt, settings, 2, 16)
@@ -804,7 +804,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
           const outs = profile.result as unknown as Array<Tensor>
           results.push(await Promise.all(outs.map((t) => t.data())) as Array<Float32Array>)
           ran.set(mode, profile.kernelNames.includes("ConceptmoeGroupedMatMul") && profile.kernelNames.includes("ConceptmoeGroupedMatMulSum") && !profile.kernelNames.includes("GatherV2"))
-          choices.set(mode, matMulChoices())
+          choices.set(mode, matMulChoices(tf))
           tf.dispose([groups, x, w, v, ...outs])
         }
         const [cpu, ...webgpu] = results
@@ -930,9 +930,9 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       for (const [key, name] of grouped) assert.strictEqual(name, fallback && key.includes("]ᵀ·") ? "tfjs" : "32x32x16/4x4/v4/k2", key)
       if (fallback) assert.strictEqual(stored["8x[32x32]·[32x32]"], "tfjs", JSON.stringify(stored))
       fresh()
-      const tunings = matMulTuning().length
+      const tunings = matMulTuning(tf).length
       const resumed = await go(out, true)
-      assert.strictEqual(matMulTuning().length, tunings, JSON.stringify(matMulTuning().slice(tunings).map((r) => [r.product, r.chosen])))
+      assert.strictEqual(matMulTuning(tf).length, tunings, JSON.stringify(matMulTuning(tf).slice(tunings).map((r) => [r.product, r.chosen])))
       assert.deepStrictEqual(resumed.metrics.map((x) => x.loss), whole.metrics.map((x) => x.loss))
       // bit for bit: the parameters and Adam's moments at the end
       const [a, b] = [await checkpoint(wholeOut), await checkpoint(out)]

@@ -134,8 +134,8 @@ const loadWith = (name: BackendName, settings: Settings.RuntimeSettings, matmul:
       if (name === "webgpu") {
         // the matmul mode is set once per process, when the backend first loads (loading it again,
         // e.g. for another layer, keeps the kernels chosen so far)
-        if (matMulMode() === "unset") useMatMul(tf, matmul)
-        const mode = matMulMode()
+        if (matMulMode(tf) === "unset") useMatMul(tf, matmul)
+        const mode = matMulMode(tf)
         detail = `, matmul ${typeof mode === "object" ? tilesName(mode) : mode}`
       }
       if (name === "wasm") {

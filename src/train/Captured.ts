@@ -189,7 +189,7 @@ export const capturedTrainer = (
   const step = async (batch: Batch, s: number, options: StepCallOptions = {}): Promise<StepResult> => {
     const pass = options.pass ?? {}
     const call = calls++
-    if (call === 0) stepZero = watchProducts()
+    if (call === 0) stepZero = watchProducts(tf)
     // the products step 0 ran (not, e.g., an evaluation's), before anything is recorded
     if (call === 1) tuned = await tuneMatMuls(tf, { products: stepZero?.() ?? new Set() })
     // a batch whose forced boundaries alone overflow the concept slots takes the host path (a

@@ -303,7 +303,7 @@ export const train = (model: LoadedModel, settings: TrainSettings, options: Trai
           step: String(step),
           model: model.name,
           format: "conceptmoe/v1",
-          ...(Object.keys(tunedChoices()).length > 0 ? { matmul: JSON.stringify(tunedChoices()) } : {}),
+          ...(Object.keys(tunedChoices(tf)).length > 0 ? { matmul: JSON.stringify(tunedChoices(tf)) } : {}),
           ...(chunk === undefined ? {} : { ratioControl: JSON.stringify(control) }),
           config: JSON.stringify(model.config),
           settings: JSON.stringify(settings),

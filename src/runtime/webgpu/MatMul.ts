@@ -499,9 +499,20 @@ interface State {
   readonly report: Array<TuneRow>
   /** Counts the calls to `useMatMul`: a tuning that sees it change stops and keeps nothing. */
   generation: number
+  /** Key sets of {@link watchProducts}' callers. */
+  readonly watchers: Set<Set<string>>
+  /** Seeds of the tuner's operands: every tuning draws its own. */
+  drawn: number
 }
 
-let state: State | undefined
+/**
+ * The matmul state of the webgpu backend of each tensor library (keyed by its environment object,
+ * as the runtime's settings are: `Env.ts`), made when the backend loads (`useMatMul`): the mode, the
+ * products seen and the tuner's choices, which a checkpoint stores as an opaque record
+ * ({@link tunedChoices}, {@link takeChoices}).
+ */
+const states = new WeakMap<object, State>()
+const stateOf = (tf: Tf): State | undefined => states.get(tf.env())
 
 /** The kernel a product (kept under `key`) runs with now. */
 const kernelFor = (s: State, p: Product, key = productKey(p)): MatMulKernel => {
@@ -517,12 +528,14 @@ const kernelFor = (s: State, p: Product, key = productKey(p)): MatMulKernel => {
  * go to tfjs's kernel.
  */
 export const useMatMul = (tf: Tf, mode: MatMulMode, options: { readonly candidates?: ReadonlyArray<MatMulKernel> } = {}): void => {
+  let state = stateOf(tf)
   if (state === undefined) {
     const original = tf.getKernel("BatchMatMul", "webgpu")?.kernelFunc as KernelFunc | undefined
     if (original === undefined) return
     const stock: MatMulKernel = { name: "tfjs", covers: () => true, kernelFunc: original }
-    const s: State = { stock, mode, fixed: undefined, candidates: [], chosen: new Map(), seen: new Map(), grouped: new Map(), forced: undefined, report: [], generation: 0 }
+    const s: State = { stock, mode, fixed: undefined, candidates: [], chosen: new Map(), seen: new Map(), grouped: new Map(), forced: undefined, report: [], generation: 0, watchers: new Set(), drawn: 0 }
     state = s
+    states.set(tf.env(), s)
     tf.unregisterKernel("BatchMatMul", "webgpu")
     tf.registerKernel({
       kernelName: "BatchMatMul",
@@ -549,10 +562,10 @@ export const useMatMul = (tf: Tf, mode: MatMulMode, options: { readonly candidat
 }
 
 /** The matmul mode now (`unset` before the webgpu backend loaded). */
-export const matMulMode = (): MatMulMode | "unset" => state?.mode ?? "unset"
+export const matMulMode = (tf: Tf): MatMulMode | "unset" => stateOf(tf)?.mode ?? "unset"
 
 /** tfjs's own `BatchMatMul` for webgpu, as a candidate (e.g. to build a candidate list around it). */
-export const stockKernel = (): MatMulKernel | undefined => state?.stock
+export const stockKernel = (tf: Tf): MatMulKernel | undefined => stateOf(tf)?.stock
 
 /** Parses `CONCEPTMOE_MATMUL`: `auto` (also when unset), `tfjs` or a kernel name. */
 export const parseMode = (value: string | undefined): MatMulMode | undefined => {
@@ -574,27 +587,26 @@ export interface TuneRow {
 }
 
 /** Every tuning result so far, and the choices per product. */
-export const matMulTuning = (): ReadonlyArray<TuneRow> => state?.report ?? []
+export const matMulTuning = (tf: Tf): ReadonlyArray<TuneRow> => stateOf(tf)?.report ?? []
 
 /**
  * Starts noting the products that run; the function it returns stops and gives their keys (for
  * {@link tuneMatMuls}'s `products`).
  */
-export const watchProducts = (): (() => ReadonlySet<string>) => {
+export const watchProducts = (tf: Tf): (() => ReadonlySet<string>) => {
   const keys = new Set<string>()
-  watchers.add(keys)
+  const watchers = stateOf(tf)?.watchers
+  watchers?.add(keys)
   return () => {
-    watchers.delete(keys)
+    watchers?.delete(keys)
     return keys
   }
 }
 
-const watchers = new Set<Set<string>>()
-
 /** Notes a product as seen (for the tuner) and tells the watchers its key. */
 const noteSeen = (s: State, key: string, p: Product) => {
   s.seen.set(key, p)
-  for (const w of watchers) w.add(key)
+  for (const w of s.watchers) w.add(key)
 }
 
 /** How the tuner draws operands for one product, computes tfjs's result, and runs a candidate. */
@@ -606,7 +618,7 @@ interface TuneTask {
   readonly owned: ReadonlyArray<Tensor>
 }
 
-const draw = (tf: Tf, shape: Array<number>, std: number) => tf.randomNormal(shape, 0, std, "float32", ++drawn)
+const draw = (tf: Tf, s: State, shape: Array<number>, std: number) => tf.randomNormal(shape, 0, std, "float32", ++s.drawn)
 
 /** A product through tfjs's `BatchMatMul`, with the candidate (or tfjs's kernel) forced. */
 const plainTask = (tf: Tf, s: State, p: Product): TuneTask => {
@@ -617,7 +629,7 @@ const plainTask = (tf: Tf, s: State, p: Product): TuneTask => {
     return tf.matMul(x, y, p.transposeA, p.transposeB) as Tensor
   }
   return {
-    operands: () => [draw(tf, shapeOf(p.batchA, p.m, p.k, p.transposeA), 1 / Math.sqrt(p.k)), draw(tf, shapeOf(p.batchB, p.k, p.n, p.transposeB), 1)],
+    operands: () => [draw(tf, s, shapeOf(p.batchA, p.m, p.k, p.transposeA), 1 / Math.sqrt(p.k)), draw(tf, s, shapeOf(p.batchB, p.k, p.n, p.transposeB), 1)],
     reference: (a, b) => product(s.stock, a, b),
     run: product,
     owned: []
@@ -641,21 +653,21 @@ const groupedTask = (tf: Tf, s: State, g: GroupedPart): TuneTask => {
   switch (g.role) {
     case "forward":
       return {
-        operands: () => [draw(tf, [G, T, a], 1 / Math.sqrt(a)), draw(tf, [E, a, b], 1)],
+        operands: () => [draw(tf, s, [G, T, a], 1 / Math.sqrt(a)), draw(tf, s, [E, a, b], 1)],
         reference: (x, w) => stock(() => tf.matMul(x, tf.gather(w, index))),
         run: (c, x, w) => runKernel(tf, groupedKernels.product, { a: x, b: w, q: table }, { tiles: c.name, transposeB: false }),
         owned
       }
     case "dx":
       return {
-        operands: () => [draw(tf, [G, T, b], 1 / Math.sqrt(b)), draw(tf, [E, a, b], 1)],
+        operands: () => [draw(tf, s, [G, T, b], 1 / Math.sqrt(b)), draw(tf, s, [E, a, b], 1)],
         reference: (dy, w) => stock(() => tf.matMul(dy, tf.gather(w, index), false, true)),
         run: (c, dy, w) => runKernel(tf, groupedKernels.product, { a: dy, b: w, q: table }, { tiles: c.name, transposeB: true }),
         owned
       }
     case "dw":
       return {
-        operands: () => [draw(tf, [G, T, a], 1 / Math.sqrt((G * T) / E)), draw(tf, [G, T, b], 1)],
+        operands: () => [draw(tf, s, [G, T, a], 1 / Math.sqrt((G * T) / E)), draw(tf, s, [G, T, b], 1)],
         reference: (x, dy) => stock(() => tf.unsortedSegmentSum(tf.matMul(x, dy, true, false), index, E)),
         run: (c, x, dy) => runKernel(tf, groupedKernels.sum, { a: x, b: dy, q: table }, { tiles: c.name, experts: E }),
         owned
@@ -680,7 +692,7 @@ export const tuneMatMuls = async (
   tf: Tf,
   options: { readonly reps?: number; readonly products?: ReadonlySet<string> } = {}
 ): Promise<ReadonlyArray<TuneRow>> => {
-  const s = state
+  const s = stateOf(tf)
   if (s === undefined || s.mode !== "auto" || tf.getBackend() !== "webgpu") return []
   const generation = s.generation
   // tfjs reports a kernel time of 0 without timestamp queries: time by the wall clock then
@@ -797,8 +809,6 @@ const deviceError = async (tf: Tf, f: () => void): Promise<string | undefined> =
   return thrown ?? errors[0]
 }
 
-/** Seeds of the tuner's operands: every tuning draws its own. */
-let drawn = 0
 
 /** The one number of a scalar made by `f`, read asynchronously. */
 const valueOf = async (tf: Tf, f: () => Tensor): Promise<number> => {
@@ -811,8 +821,9 @@ const valueOf = async (tf: Tf, f: () => Tensor): Promise<number> => {
 }
 
 /** How many products use each kernel now, e.g. `{ "128x128x8/8x8/v4": 5, tfjs: 2 }`. */
-export const matMulChoices = (): Record<string, number> => {
+export const matMulChoices = (tf: Tf): Record<string, number> => {
   const counts: Record<string, number> = {}
+  const state = stateOf(tf)
   if (state === undefined) return counts
   for (const [key, p] of state.seen) {
     // a grouped product that falls back runs as the gathers and products that are counted themselves
@@ -852,8 +863,10 @@ export const describeTuning = (rows: ReadonlyArray<TuneRow>): string => {
 }
 
 /** The tuner's choices now, product key → kernel name (`tfjs` for tfjs's kernel); empty unless `auto`. */
-export const tunedChoices = (): Record<string, string> =>
-  state === undefined || state.mode !== "auto" ? {} : Object.fromEntries([...state.chosen].map(([key, k]) => [key, k.name]))
+export const tunedChoices = (tf: Tf): Record<string, string> => {
+  const state = stateOf(tf)
+  return state === undefined || state.mode !== "auto" ? {} : Object.fromEntries([...state.chosen].map(([key, k]) => [key, k.name]))
+}
 
 /**
  * Takes choices that {@link tunedChoices} gave (e.g. stored with a checkpoint), so that a resumed run
@@ -862,7 +875,7 @@ export const tunedChoices = (): Record<string, string> =>
  * names it does not know (their products are tuned as usual).
  */
 export const takeChoices = (tf: Tf, choices: Readonly<Record<string, string>>): { readonly taken: number; readonly unknown: ReadonlyArray<string> } => {
-  const s = state
+  const s = stateOf(tf)
   if (s === undefined || s.mode !== "auto") return { taken: 0, unknown: [] }
   let taken = 0
   const unknown: Array<string> = []
@@ -901,7 +914,7 @@ export const makeGroupedMatMul = (tf: Tf, fallback: (x: Tensor, w: Tensor, group
   return (x: Tensor, w: Tensor, groups: Tensor): Tensor => {
     const [G, T, a] = x.shape as [number, number, number]
     const [E, , b] = w.shape as [number, number, number]
-    const tiles = groupedTiles({ G, T, a, b, E })
+    const tiles = groupedTiles(tf, { G, T, a, b, E })
     if (tiles === undefined) return fallback(x, w, groups)
     // the table is saved with the inputs: tfjs frees a pass's other tensors before its backward
     const f = tf.customGrad(((x2: Tensor, w2: Tensor, save: (ts: Array<Tensor>) => void) => {
@@ -939,8 +952,8 @@ export const groupedKey = (p: Product): string => `grouped ${productKey(p)}`
  * Our tiles for each of a grouped product's parts (noted as products seen, for the tuner), or
  * undefined where any of them has none (see {@link makeGroupedMatMul}).
  */
-const groupedTiles = (shape: GroupedShape): Record<GroupedPart["role"], string> | undefined => {
-  const s = state
+const groupedTiles = (tf: Tf, shape: GroupedShape): Record<GroupedPart["role"], string> | undefined => {
+  const s = stateOf(tf)
   if (s === undefined) return undefined
   const out: Partial<Record<GroupedPart["role"], string>> = {}
   let all = true
@@ -1000,13 +1013,10 @@ const defaultTiles = (p: Product): string =>
     return !t.vec4 || (p.m % 4 === 0 && p.n % 4 === 0 && p.k % 4 === 0)
   })!
 
-let groupedRegistered: boolean | undefined
-
 /** Registers the grouped kernels for webgpu (once); false where the backend cannot run our programs. */
 const registerGrouped = (tf: Tf): boolean => {
-  if (groupedRegistered !== undefined) return groupedRegistered
-  groupedRegistered = typeof (tf.backend() as unknown as Partial<WebGpuBackend>).runWebGPUProgram === "function"
-  if (!groupedRegistered) return false
+  if (typeof (tf.backend() as unknown as Partial<WebGpuBackend>).runWebGPUProgram !== "function") return false
+  if (tf.getKernel(groupedKernels.product, "webgpu") !== undefined) return true
   const info = (args: KernelArgs, name: string) => args.inputs[name] as TF.TensorInfo
   type Attrs = { tiles: string; transposeB: boolean; experts: number }
   // each kernel: its inputs a, b, q and attributes → a program's output and its shape

@@ -33,12 +33,11 @@ export interface SessionOptions {
   /** Initial cache capacity per row, in positions (grown by doubling). */
   readonly initialCapacity?: number
   /**
-   * MoE dispatch (see `MoE.Dispatch`). By default, on wasm, `fitted` for pieces of at most
-   * {@link fittedUpTo} tokens in all (decode steps: the pairs in as many groups as the routing
-   * needs, a fixed number of kernels per layer whatever the top-k, where `sparse` runs each chosen
-   * expert as its own kernels; 1.3–1.6× faster decode steps of `bench inference`'s models) and
-   * `sparse` for longer ones (prompt pieces: no rows padded to whole groups); elsewhere the
-   * runtime's default.
+   * MoE dispatch (see `MoE.Dispatch`). By default `fitted` on wasm: a piece's pairs in as many
+   * groups as its routing needs, a fixed number of kernels per layer whatever the top-k, where
+   * `sparse` runs each chosen expert as its own kernels (decode steps of `bench inference`'s models
+   * 1.3–1.6× faster; 4096-token prompts as fast or faster, with a third of the kernels, though
+   * each expert's rows are padded to whole groups); elsewhere the runtime's default.
    */
   readonly dispatch?: ForwardOptions["dispatch"]
 }
@@ -87,16 +86,13 @@ export const checkDecodable = (root: AnyBlock): void => {
   walk(root, "")
 }
 
-/** Tokens of a piece (all rows) up to which a session on wasm dispatches MoE layers `fitted` (see `SessionOptions.dispatch`). */
-export const fittedUpTo = 16
-
 /** Opens a decoding session on a lowered model (evaluation mode). */
 export const session = (m: Lowered, options: SessionOptions): Session => {
   checkDecodable(m.analysis.root)
   const { tf } = m
   const sync = syncReads(tf)
   const rows = options.rows
-  const dispatchOf = (tokens: number) => options.dispatch ?? (tf.getBackend() === "wasm" ? (tokens <= fittedUpTo ? "fitted" : "sparse") : undefined)
+  const dispatch = options.dispatch ?? (tf.getBackend() === "wasm" ? "fitted" : undefined)
   const { cache, states, buffers } = sessionCache(tf, options)
   let length = 0
   const compression = { tokens: 0, concepts: 0 }
@@ -105,7 +101,6 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
   const run = (ids: Int32Array, n: number, read: ((t: Tensor) => Float32Array | Int32Array) | undefined): Tensor2D => {
     const positions = new Int32Array(rows * n)
     for (let r = 0; r < rows; r++) for (let i = 0; i < n; i++) positions[r * n + i] = length + i
-    const dispatch = dispatchOf(rows * n)
     const logits = tf.tidy(() => {
       try {
         const { ctx, logits } = forward(m, { rows, length: n, ids }, {

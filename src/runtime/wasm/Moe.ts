@@ -61,19 +61,18 @@ const expertRows = (counts: ArrayLike<number>, a: Record<string, number>): { fir
 
 /** Registers the kernels for wasm under `names`. */
 export const registerWasmMoe = (tf: Tf, names: MoeKernelNames): void => {
-  // P [n, E] → 1 where a score is among the k largest of its row (ties to the lower index)
+  // P [n, E] → 1 where a score is among the k largest of its row (ties to the lower index): k
+  // passes of a row's largest not yet taken, the first of equals, which takes them in the order of
+  // rank (the webgpu kernel counts each one's rank: the same set)
   registerHeapKernel(tf, names.topMask, (sh) => [sh[0]!], ([p], [out], [shape], a) => {
     const E = shape![1]!
-    const k = a["k"]!
+    const k = Math.min(a["k"]!, E)
+    out!.fill(0)
     for (let base = 0; base < p!.length; base += E) {
-      for (let e = 0; e < E; e++) {
-        const v = p![base + e]!
-        let rank = 0
-        for (let j = 0; j < E; j++) {
-          const w = p![base + j]!
-          if (w > v || (w === v && j < e)) rank++
-        }
-        out![base + e] = rank < k ? 1 : 0
+      for (let pass = 0; pass < k; pass++) {
+        let best = -1
+        for (let e = 0; e < E; e++) if (out![base + e] === 0 && (best < 0 || p![base + e]! > p![base + best]!)) best = e
+        out![base + best] = 1
       }
     }
   })

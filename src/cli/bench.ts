@@ -33,7 +33,7 @@ const quickSettings: BenchSettings = {
 const fullSettings: BenchSettings = {
   ...quickSettings,
   lengths: [256, 512, 1024, 2048, 4096, 8192],
-  decodeSteps: 8,
+  decodeSteps: 24,
   repeats: 3,
   repeatUpTo: 1024
 }

@@ -7,7 +7,7 @@
  * concepts at different steps) and labelled `forced`: the variants are untrained, and random
  * boundaries would not hold R. Each measurement prefills a `rows`-row batch of L tokens in pieces
  * (`chunk` tokens) through the KV caches (the prefill time), then times `decodeSteps` single-token
- * steps of the same batch (the decode time at KV length L). Models alternate in rotating order.
+ * steps of the same batch (the decode time at KV length L: the mean step). Models alternate in rotating order.
  *
  * Predicted time ∝ weight-matmul FLOPs + attention-map FLOPs (causal pairs), from the analysis:
  * prefill of L tokens: F·L + Σ 2·H·(d_qk + d_v)·pairs(rate·L) per attention pass; one decode step
@@ -37,7 +37,7 @@ export interface BenchSettings {
   readonly lengths: ReadonlyArray<number>
   /** Rows of the batch (prefilled together, then decoded together). */
   readonly rows: number
-  /** Decode steps timed at each KV length (after one untimed warm-up step). */
+  /** Decode steps timed at each KV length (after one untimed warm-up step); their mean is kept. */
   readonly decodeSteps: number
   /** Repetitions of each measurement up to `repeatUpTo` tokens (the median is kept); longer lengths run once. */
   readonly repeats: number
@@ -229,9 +229,10 @@ export const calibrate = (tf: Lowered["tf"]): Calibration => {
 }
 
 /**
- * One measurement: a prefill of `length` tokens per row, then `decodeSteps` timed single-token steps.
- * Each phase ends with a read of its last logits, so the time includes the device's work (webgpu
- * runs asynchronously; on cpu and wasm the read is immediate).
+ * One measurement: a prefill of `length` tokens per row, then `decodeSteps` timed single-token steps
+ * (their mean is kept). The prefill and each step end with a read of their last logits, so
+ * the time includes the device's work (webgpu runs asynchronously; on cpu and wasm the read is
+ * immediate).
  */
 const measure = async (c: Contender, settings: BenchSettings, length: number, vocab: number) => {
   const rows = settings.rows
@@ -254,13 +255,10 @@ const measure = async (c: Contender, settings: BenchSettings, length: number, vo
     await done(s.feed(tokens(rows, 1, vocab, 2), 1))
     before = { ...s.compression }
     const beforeKernels = counter.count
+    // each step read back (as generation reads its logits to sample); the mean step, since steps
+    // differ by design (a concept model runs on the steps where a row closes a concept)
     const t1 = performance.now()
-    let last: Tensor | undefined
-    for (let i = 0; i < settings.decodeSteps; i++) {
-      last?.dispose()
-      last = s.feed(tokens(rows, 1, vocab, 3 + i), 1)
-    }
-    if (last !== undefined) await done(last)
+    for (let i = 0; i < settings.decodeSteps; i++) await done(s.feed(tokens(rows, 1, vocab, 3 + i), 1))
     decodeMs = (performance.now() - t1) / settings.decodeSteps
     decodeKernels = (counter.count - beforeKernels) / settings.decodeSteps
   } finally {

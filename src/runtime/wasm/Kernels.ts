@@ -39,9 +39,31 @@ export const registerWasmKernels = (tf: Tf): boolean => {
     outputs: (shapes: Array<Array<number>>) => Array<Array<number>>,
     run: (xs: Array<Float32Array | Int32Array>, outs: Array<Float32Array>, shapes: Array<Array<number>>, attrs: Record<string, number>) => void
   ) => registerHeapKernel(tf, kernelName, outputs, run)
+  const memory = (tf.backend() as unknown as { wasm?: { asm?: { memory?: WebAssembly.Memory } } }).wasm?.asm?.memory
+  const simdAdamW = memory === undefined ? undefined : makeAdamW(memory)
+  // exact GELU x·Φ(x) = (x + |x|)/2 − |x|·(1 − erf(|x|/√2))/2, and Φ(x) + x·φ(x)
+  const gelu = (v: number) => {
+    const z = Math.abs(v)
+    return 0.5 * (v + z) - 0.5 * z * erfTail(z, expNonPositive(-0.5 * v * v))
+  }
+  const geluGrad = (v: number, d: number) => {
+    const e = expNonPositive(-0.5 * v * v)
+    const half = 0.5 * erfTail(Math.abs(v), e)
+    return d * ((v < 0 ? half : 1 - half) + v * e * 0.3989422804014327)
+  }
+  // SiLU's gradient σ(x)·(1 + x·(1 − σ(x)))
+  const siluGrad = (v: number, d: number) => {
+    const sg = 1 / (1 + Math.exp(-v))
+    return d * sg * (1 + v * (1 - sg))
+  }
+  // in SIMD where the engine has it (wasm/Simd.ts: four elements a step, the last n mod 4 by the
+  // scalar formulas above), else JavaScript loops
+  const simd = memory === undefined ? undefined : makeSimd(memory, { siluGrad, gelu, geluGrad })
   // inputs arrive in the order the call site names them
+  // RMSNorm forward and backward: in SIMD for rows of a multiple of 4 (wasm/Simd.ts), else these loops
   register(kernels.norm, (sh) => [sh[0]!], ([x, g], [y], [shape], a) => {
     const d = shape![1]!
+    if (simd !== undefined && d % 4 === 0) return simd.norm(x as Float32Array, g as Float32Array, y!, d, a["eps"]!)
     for (let base = 0; base < x!.length; base += d) {
       let sa = 0
       for (let c = 0; c < d; c++) sa += x![base + c]! * x![base + c]!
@@ -52,6 +74,7 @@ export const registerWasmKernels = (tf: Tf): boolean => {
   // dx = r·g·dy − x·r³·Σ(dy·g·x)/d
   register(kernels.normDx, (sh) => [sh[0]!], ([x, g, dy], [dx], [shape], a) => {
     const d = shape![1]!
+    if (simd !== undefined && d % 4 === 0) return simd.normDx(x as Float32Array, g as Float32Array, dy as Float32Array, dx!, d, a["eps"]!)
     for (let base = 0; base < x!.length; base += d) {
       let sa = 0
       let sb = 0
@@ -68,6 +91,7 @@ export const registerWasmKernels = (tf: Tf): boolean => {
   // per row dy·x·r (the caller sums the rows)
   register(kernels.normDg, (sh) => [sh[0]!], ([x, dy], [out], [shape], a) => {
     const d = shape![1]!
+    if (simd !== undefined && d % 4 === 0) return simd.normDg(x as Float32Array, dy as Float32Array, out!, d, a["eps"]!)
     for (let base = 0; base < x!.length; base += d) {
       let sa = 0
       for (let c = 0; c < d; c++) sa += x![base + c]! * x![base + c]!
@@ -102,8 +126,6 @@ export const registerWasmKernels = (tf: Tf): boolean => {
   register(kernels.unrotate, (sh) => [sh[0]!], rotation(true))
   // AdamW of one parameter: the three outputs w', m', v' (see `adamw`); h = [lr, c1, c2], s = the
   // clipping factor; in SIMD over the heap (wasm/AdamW.ts) where the engine has it
-  const memory = (tf.backend() as unknown as { wasm?: { asm?: { memory?: WebAssembly.Memory } } }).wasm?.asm?.memory
-  const simdAdamW = memory === undefined ? undefined : makeAdamW(memory)
   register(wasmKernels.adamw, (sh) => [sh[0]!, sh[0]!, sh[0]!], ([w, g, m, v, s, h], [w2, m2, v2], _, a) => {
     const [lr, c1, c2] = [h![0]!, h![1]!, h![2]!]
     const scalars = { scale: s![0]!, beta1: a["beta1"]!, beta2: a["beta2"]!, eps: a["eps"]!, decay: a["decay"]!, rate: lr * a["lrScale"]!, c1, c2 }
@@ -154,24 +176,6 @@ export const registerWasmKernels = (tf: Tf): boolean => {
   // exact GELU x·Φ(x) and its derivative Φ(x) + x·φ(x), with Φ(x) = 1 − t/2 for x ≥ 0 and t/2
   // below, t = 1 − erf(|x|/√2) (one exp each: e^(−x²/2) serves t and φ). The forward pass as
   // (x + |x|)/2 − |x|·t/2, without a branch on the sign (a fifth faster on random signs)
-  // exact GELU x·Φ(x) = (x + |x|)/2 − |x|·(1 − erf(|x|/√2))/2, and Φ(x) + x·φ(x)
-  const gelu = (v: number) => {
-    const z = Math.abs(v)
-    return 0.5 * (v + z) - 0.5 * z * erfTail(z, expNonPositive(-0.5 * v * v))
-  }
-  const geluGrad = (v: number, d: number) => {
-    const e = expNonPositive(-0.5 * v * v)
-    const half = 0.5 * erfTail(Math.abs(v), e)
-    return d * ((v < 0 ? half : 1 - half) + v * e * 0.3989422804014327)
-  }
-  // SiLU's gradient σ(x)·(1 + x·(1 − σ(x)))
-  const siluGrad = (v: number, d: number) => {
-    const sg = 1 / (1 + Math.exp(-v))
-    return d * sg * (1 + v * (1 - sg))
-  }
-  // in SIMD where the engine has it (wasm/Simd.ts: four elements a step, the last n mod 4 by the
-  // scalar formulas above), else JavaScript loops
-  const simd = memory === undefined ? undefined : makeSimd(memory, { siluGrad, gelu, geluGrad })
   const each = (f: (v: number) => number) => ([x]: Array<Float32Array | Int32Array>, [y]: Array<Float32Array>) => {
     for (let i = 0; i < x!.length; i++) y![i] = f(x![i]!)
   }

@@ -35,6 +35,7 @@ import {
   f32x4Nearest,
   f32x4Neg,
   f32x4Splat,
+  f32x4Sqrt,
   f32x4Sub,
   type Func,
   geS,
@@ -131,6 +132,52 @@ const softmaxGradFunc: Func = (() => {
   }
 })()
 
+/**
+ * An RMSNorm row kernel over rows of `d` floats (a multiple of 4): `name(x, g, dy, out, rows, d, eps,
+ * 1/d)` (g or dy unused by some). Per row, `sums` gives the vector partial sums of its loop, and
+ * `write` each output vector from the row's r = 1/√(Σx²/d + ε) (a splat local) and those sums.
+ */
+const normFunc = (
+  name: string,
+  sums: (x: Code, g: Code, dy: Code) => ReadonlyArray<Code>,
+  write: (x: Code, g: Code, dy: Code, r: number, totals: ReadonlyArray<number>) => Code
+): Func => {
+  const f = frame([i32, i32, i32, i32, i32, i32, f32, f32], 4, 0, 5)
+  const [xp, gp, dyp, out, rows, d, eps, dInv] = [0, 1, 2, 3, 4, 5, 6, 7]
+  const [row, c, base, bytes] = [0, 1, 2, 3].map(f.int) as [number, number, number, number]
+  const [r, acc0, acc1, tot0, tot1] = [0, 1, 2, 3, 4].map(f.vec) as [number, number, number, number, number]
+  const ld = (ptr: number, withRow: boolean): Code => [...get(ptr), ...(withRow ? [...get(base), ...add] : []), ...get(c), ...add, ...v128Load(0)]
+  const [x, g, dy] = [ld(xp, true), ld(gp, false), ld(dyp, true)]
+  const terms = sums(x, g, dy)
+  const accs = [acc0, acc1].slice(0, terms.length)
+  const perRow: Array<Code> = [
+    get(row), get(rows), geS, brIf(1),
+    get(row), get(bytes), mul, set(base),
+    ...accs.map((a) => [...k(0), ...set(a)]),
+    each(c, bytes, accs.map((a, j) => [...vadd(get(a), terms[j]!), ...set(a)])),
+    ...accs.map((a, j) => [...lanes(a, f32Add), ...f32x4Splat, ...set([tot0, tot1][j]!)]),
+    // r = 1/√(Σx²/d + ε)
+    [...vdiv(k(1), [...vadd(vmul(get(tot0), [...get(dInv), ...f32x4Splat]), [...get(eps), ...f32x4Splat]), ...f32x4Sqrt]), ...set(r)],
+    each(c, bytes, [get(out), get(base), add, get(c), add, write(x, g, dy, r, [tot0, tot1]), v128Store(0)]),
+    get(row), const32(1), add, set(row), br(0)
+  ]
+  return {
+    name,
+    params: [i32, i32, i32, i32, i32, i32, f32, f32],
+    locals: f.locals,
+    body: [get(d), const32(4), mul, set(bytes), const32(0), set(row), block(loop(...perRow))]
+  }
+}
+
+// y = x·r·g
+const normForward = normFunc("norm", (x) => [vmul(x, x)], (x, g, _, r) => vmul(vmul(x, get(r)), g))
+// dx = r·g·dy − x·r³·Σ(dy·g·x)/d (1/d: the kernel's last parameter)
+const dInvParam = 7
+const normGradX = normFunc("normDx", (x, g, dy) => [vmul(x, x), vmul(vmul(dy, g), x)], (x, g, dy, r, [, sb]) =>
+  vsub(vmul(vmul(get(r), g), dy), vmul(x, vmul(vmul(vmul(vmul(get(r), get(r)), get(r)), get(sb!)), [...get(dInvParam), ...f32x4Splat]))))
+// per row dy·x·r
+const normGradRows = normFunc("normDg", (x) => [vmul(x, x)], (x, _, dy, r) => vmul(vmul(dy, x), get(r)))
+
 /** An elementwise function `name(x, [dy,] out, n4)`: `value(x, dy)` pushes the result from the v128 locals x (and dy). */
 const elementwise = (name: string, withDy: boolean, value: (x: number, dy: number, t: readonly [number, number, number, number, number]) => Code): Func => {
   const params = withDy ? [i32, i32, i32, i32] as const : [i32, i32, i32] as const
@@ -190,6 +237,10 @@ export interface Simd {
   readonly siluGrad: (x: Float32Array, dy: Float32Array, out: Float32Array) => void
   readonly gelu: (x: Float32Array, out: Float32Array) => void
   readonly geluGrad: (x: Float32Array, dy: Float32Array, out: Float32Array) => void
+  /** RMSNorm over rows of `d` (a multiple of 4): y = x·r·g; its gradient by x; per row dy·x·r (r = 1/√(mean x² + ε)). */
+  readonly norm: (x: Float32Array, g: Float32Array, y: Float32Array, d: number, eps: number) => void
+  readonly normDx: (x: Float32Array, g: Float32Array, dy: Float32Array, dx: Float32Array, d: number, eps: number) => void
+  readonly normDg: (x: Float32Array, dy: Float32Array, out: Float32Array, d: number, eps: number) => void
 }
 
 /**
@@ -202,7 +253,7 @@ export const makeSimd = (memory: WebAssembly.Memory, tails: {
   readonly gelu: (x: number) => number
   readonly geluGrad: (x: number, dy: number) => number
 }): Simd | undefined => {
-  const bytes = moduleBytes([softmaxGradFunc, siluGradFunc, geluFunc, geluGradFunc])
+  const bytes = moduleBytes([softmaxGradFunc, siluGradFunc, geluFunc, geluGradFunc, normForward, normGradX, normGradRows])
   if (!WebAssembly.validate(bytes)) return undefined
   const x = new WebAssembly.Instance(new WebAssembly.Module(bytes), { env: { memory } }).exports as Record<string, (...a: Array<number>) => void>
   const unary = (name: string, scalar: (v: number) => number) => (v: Float32Array, out: Float32Array) => {
@@ -219,6 +270,9 @@ export const makeSimd = (memory: WebAssembly.Memory, tails: {
     softmaxGrad: (p, dp, out, width, scale) => x["softmaxGrad"]!(p.byteOffset, dp.byteOffset, out.byteOffset, p.length / width, width, scale),
     siluGrad: binary("siluGrad", tails.siluGrad),
     gelu: unary("gelu", tails.gelu),
+    norm: (v, g, y, d, eps) => x["norm"]!(v.byteOffset, g.byteOffset, 0, y.byteOffset, v.length / d, d, eps, 1 / d),
+    normDx: (v, g, dy, dx, d, eps) => x["normDx"]!(v.byteOffset, g.byteOffset, dy.byteOffset, dx.byteOffset, v.length / d, d, eps, 1 / d),
+    normDg: (v, dy, out, d, eps) => x["normDg"]!(v.byteOffset, 0, dy.byteOffset, out.byteOffset, v.length / d, d, eps, 1 / d),
     geluGrad: binary("geluGrad", tails.geluGrad)
   }
 }

@@ -24,9 +24,10 @@ import * as Settings from "../internal/Settings.ts"
 import { backendNames, type BackendName } from "../internal/Settings.ts"
 import { useSettings } from "./Env.ts"
 import { install } from "./Fixes.ts"
+import { provideOps } from "./Ops.ts"
 import { registerWasmKernels } from "./wasm/Kernels.ts"
 import { registerWebGpuKernels } from "./webgpu/Kernels.ts"
-import { type MatMulMode, matMulMode, parseMode, tilesName, useMatMul } from "./webgpu/MatMul.ts"
+import { makeGroupedMatMul, type MatMulMode, matMulMode, parseMode, tilesName, useMatMul } from "./webgpu/MatMul.ts"
 
 export { backendNames }
 export type { BackendName }
@@ -129,7 +130,10 @@ const loadWith = (name: BackendName, settings: Settings.RuntimeSettings, matmul:
       install(tf, backendName)
       // our kernels, registered by the backend's folder (the makers of Fused.ts run them)
       if (name === "wasm") registerWasmKernels(tf)
-      if (name === "webgpu") registerWebGpuKernels(tf)
+      if (name === "webgpu") {
+        registerWebGpuKernels(tf)
+        provideOps(tf, "webgpu", { groupedMatMul: makeGroupedMatMul })
+      }
       useSettings(tf, settings)
       if (name === "webgpu") {
         // the matmul mode is set once per process, when the backend first loads (loading it again,

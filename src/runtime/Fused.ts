@@ -40,7 +40,7 @@
  * - `makeRoute`, `makeSlots`: the MoE grouped and capacity dispatches' routing tables (a dispatch per
  *   table: a scan per expert numbers its tokens) and their gathers into expert rows and back, and of
  *   each group's expert parameters (biases; the matrices are read in place by
- *   `MatMul.makeGroupedMatMul`) (one dispatch each way, and one per gradient: every gradient is a
+ *   `webgpu/MatMul.ts`'s `makeGroupedMatMul`, which the webgpu backend provides: `Ops.ts`) (one dispatch each way, and one per gradient: every gradient is a
  *   gather, no atomics), instead of a transpose, a cumulative sum's passes, a scatter, a sorted
  *   search, a concatenated zero row and gathers whose gradients scatter with atomics.
  *

@@ -14,7 +14,7 @@ import type { ChildApply, ContextKey, DecodeCache, FlopCounter, ForwardContext, 
 import type { AnyBlock } from "../graph/Block.ts"
 import { type ChunkState, type Compression, type ConceptFeeds, ConceptOps, type DeviceCompression, makeConceptOps } from "../blocks/ConceptContext.ts"
 import { type Dispatch, MoeOps } from "../blocks/MoE.ts"
-import { makeGroupedMatMul } from "./webgpu/MatMul.ts"
+import { backendOps } from "./Ops.ts"
 import { makeActivate, makeCombine, makeMaskedNll, makeMaskedSoftmax, makeRepeat, makeRmsNorm, makeRotate, makeRoute, makeSlots, makeTopMask } from "./Fused.ts"
 import { makeDetach, makeMatMul, makeOneHot, makeSte, makeStop } from "./Fixes.ts"
 import { prng } from "../internal/Random.ts"
@@ -230,7 +230,8 @@ const moeOps = (tf: Tf, flops: FlopCounter, options: ForwardOptions) => {
   const slots = makeSlots(tf)
   // the fallback's product is counted with the grouped one's, not again
   const uncounted = makeMatMul(tf, { weights: 0, attentionMap: 0, other: 0 })
-  const groupedMatMul = makeGroupedMatMul(tf, (x, w, groups) => uncounted(x, slots.gatherGroups(w, groups), "weights"))
+  const gathered = (x: Tensor, w: Tensor, groups: Tensor) => uncounted(x, slots.gatherGroups(w, groups), "weights")
+  const groupedMatMul = backendOps(tf).groupedMatMul?.(tf, gathered) ?? gathered
   let routing: { readonly routed: Tensor; readonly kept: Tensor } | undefined
   const ops: MoeOps = {
     dispatch: options.concept !== undefined

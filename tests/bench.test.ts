@@ -121,5 +121,8 @@ describe("conceptmoe bench inference", () => {
     const b = run("--lengths", "16,x", "--quick")
     assert.strictEqual(b.status, 2)
     assert.match(b.stderr, /--lengths must be whole numbers/)
+    const c = run("--repeats", "0", "--quick")
+    assert.strictEqual(c.status, 2)
+    assert.match(c.stderr, /--repeats: "0"\. Expected: an integer from 1 to 100/)
   }, 60_000)
 })

@@ -114,6 +114,7 @@ const inference = Command.make(
     quick: Flag.Boolean("quick").pipe(Flag.withDescription("lengths 128 and 256, 4 decode steps, one repetition (under a minute)"), Flag.withDefault(false)),
     lengths: Flag.String("lengths").pipe(Flag.withDescription("comma-separated prompt / KV lengths (default 256,…,8192; --quick 128,256)"), Flag.optional),
     rows: intFlag("rows", 1, flagLimits.batch).pipe(Flag.withDescription("rows prefilled and decoded together"), Flag.optional),
+    repeats: intFlag("repeats", 1, 100).pipe(Flag.withDescription("measure every model this many times at every length, alternating, and keep the median (default: 3 times up to 1024 tokens, once beyond; --quick once)"), Flag.optional),
     format,
     backend,
     out: Flag.String("out").pipe(Flag.withDescription("directory for inference.json and inference.svg"), Flag.withDefault("runs/bench-inference"))
@@ -130,6 +131,9 @@ const inference = Command.make(
     if (Option.isSome(f.rows)) {
       if (!(f.rows.value >= 1)) return yield* new UsageError({ message: `--rows must be ≥ 1, got ${f.rows.value}` })
       settings = { ...settings, rows: f.rows.value }
+    }
+    if (Option.isSome(f.repeats)) {
+      settings = { ...settings, repeats: f.repeats.value, repeatUpTo: Math.max(...settings.lengths) }
     }
     const json = yield* readJson(f.baseline)
     const base = yield* loadModel(f.baseline)

@@ -109,6 +109,19 @@ describe("wasm matrix product (our SIMD kernel)", () => {
     assert.strictEqual(Settings.defaults.matmul, "auto")
   })
 
+  it("refuses inner sizes that differ with a typed error naming both shapes (reachable from a custom kernel call)", async () => {
+    const tf = await runtime("wasm")
+    const a = operand(tf, [20, 6], 1)
+    const b = operand(tf, [7, 5], 2)
+    const run = () => tf.engine().runKernel("BatchMatMul", { a: tf.reshape(a, [1, 20, 6]), b: tf.reshape(b, [1, 7, 5]) } as never, { transposeA: false, transposeB: false } as never)
+    assert.throws(run, /matMul: expected inner sizes that match, got 6 and 7 \(shapes \[1, 20, 6\] and \[1, 7, 5\]\)/)
+    try {
+      run()
+    } catch (e) {
+      assert.strictEqual((e as { _tag?: string })._tag, "InvalidInput")
+    }
+  })
+
   it("gives the cpu backend's gradients for each pair of transpose flags", async () => {
     const grads: Record<string, Array<Float32Array>> = {}
     for (const name of ["cpu", "wasm"] as const) {

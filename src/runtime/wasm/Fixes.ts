@@ -8,6 +8,7 @@
  * @since 0.4.0
  */
 import type { Tf } from "../../graph/Apply.ts"
+import { InvalidInput } from "../../internal/RunErrors.ts"
 import { settingsOf } from "../Env.ts"
 import { type Gemm, makeGemm } from "./Gemm.ts"
 
@@ -182,9 +183,8 @@ const installWasmMatMul = (tf: Tf): void => {
       const [m, k] = A.shape.slice(-2) as [number, number]
       const [k2, n] = B.shape.slice(-2) as [number, number]
       if (k !== k2) {
-        // tfjs's own message for this shape error (a block's bug; shapes from a user are checked before)
         for (const t of made) b.disposeData(t.dataId)
-        throw new Error(`Error in matMul: inner shapes (${k}) and (${k2}) of tensors with shapes ${x.shape} and ${y.shape} and transposeA=${transposeA} and transposeB=${transposeB} must match.`)
+        throw innerMismatch(k, k2, x.shape, y.shape, transposeA, transposeB)
       }
       const batchShape = (ba >= bb ? x : y).shape.slice(0, -2)
       const batch = Math.max(ba, bb)
@@ -214,12 +214,23 @@ const installWasmMatMul = (tf: Tf): void => {
   })
 }
 
+/**
+ * A product whose inner sizes differ: a typed error naming both shapes (a user's custom block can
+ * cause it; the built-in blocks' shapes are checked before they run).
+ */
+const innerMismatch = (k: number, k2: number, a: ReadonlyArray<number>, b: ReadonlyArray<number>, ta: boolean, tb: boolean) =>
+  new InvalidInput({
+    input: "matMul",
+    expected: "inner sizes that match",
+    got: `${k} and ${k2} (shapes [${a.join(", ")}]${ta ? "ᵀ" : ""} and [${b.join(", ")}]${tb ? "ᵀ" : ""})`
+  })
+
 /** Fix 8 through our kernel: the whole batch in one call, the flags as strides. */
 const ours = (b: WasmBackend, gemm: Gemm, x: Info, y: Info, transposeA: boolean, transposeB: boolean, ba: number, bb: number): Info => {
   const [m, k] = (transposeA ? x.shape.slice(-2).reverse() : x.shape.slice(-2)) as [number, number]
   const [k2, n] = (transposeB ? y.shape.slice(-2).reverse() : y.shape.slice(-2)) as [number, number]
   if (k !== k2) {
-    throw new Error(`Error in matMul: inner shapes (${k}) and (${k2}) of tensors with shapes ${x.shape} and ${y.shape} and transposeA=${transposeA} and transposeB=${transposeB} must match.`)
+    throw innerMismatch(k, k2, x.shape, y.shape, transposeA, transposeB)
   }
   const batchShape = (ba >= bb ? x : y).shape.slice(0, -2)
   const out = b.makeOutput([...batchShape, m, n], "float32")

@@ -25,42 +25,58 @@
  */
 import type { Tf } from "../../graph/Apply.ts"
 import { kernels, wasmKernels } from "../KernelNames.ts"
-import { makeAdamW } from "./AdamW.ts"
+import { type AdamW, makeAdamW } from "./AdamW.ts"
 import { hasHeap, registerHeapKernel } from "./Heap.ts"
 import { registerWasmMoe } from "./Moe.ts"
-import { makeSimd } from "./Simd.ts"
+import { makeSimd, type Simd } from "./Simd.ts"
+
+/** Registers one heap kernel: the outputs' shapes from the inputs', and the loop that fills them. */
+type Register = (
+  kernelName: string,
+  outputs: (shapes: Array<Array<number>>) => Array<Array<number>>,
+  run: (xs: Array<Float32Array | Int32Array>, outs: Array<Float32Array>, shapes: Array<Array<number>>, attrs: Record<string, number>) => void
+) => void
 
 /** Registers the wasm kernels (once); false, registering none, if the backend lacks the heap interface. */
 export const registerWasmKernels = (tf: Tf): boolean => {
   if (!hasHeap(tf)) return false
   if (tf.getKernel(kernels.norm, "wasm") !== undefined) return true
-  const register = (
-    kernelName: string,
-    outputs: (shapes: Array<Array<number>>) => Array<Array<number>>,
-    run: (xs: Array<Float32Array | Int32Array>, outs: Array<Float32Array>, shapes: Array<Array<number>>, attrs: Record<string, number>) => void
-  ) => registerHeapKernel(tf, kernelName, outputs, run)
+  const register: Register = (kernelName, outputs, run) => registerHeapKernel(tf, kernelName, outputs, run)
   const memory = (tf.backend() as unknown as { wasm?: { asm?: { memory?: WebAssembly.Memory } } }).wasm?.asm?.memory
-  const simdAdamW = memory === undefined ? undefined : makeAdamW(memory)
-  // exact GELU x·Φ(x) = (x + |x|)/2 − |x|·(1 − erf(|x|/√2))/2, and Φ(x) + x·φ(x)
-  const gelu = (v: number) => {
-    const z = Math.abs(v)
-    return 0.5 * (v + z) - 0.5 * z * erfTail(z, expNonPositive(-0.5 * v * v))
-  }
-  const geluGrad = (v: number, d: number) => {
-    const e = expNonPositive(-0.5 * v * v)
-    const half = 0.5 * erfTail(Math.abs(v), e)
-    return d * ((v < 0 ? half : 1 - half) + v * e * 0.3989422804014327)
-  }
-  // SiLU's gradient σ(x)·(1 + x·(1 − σ(x)))
-  const siluGrad = (v: number, d: number) => {
-    const sg = 1 / (1 + Math.exp(-v))
-    return d * sg * (1 + v * (1 - sg))
-  }
-  // in SIMD where the engine has it (wasm/Simd.ts: four elements a step, the last n mod 4 by the
-  // scalar formulas above), else JavaScript loops
+  // in SIMD where the engine has it (Simd.ts: four elements a step, the last n mod 4 by the scalar
+  // formulas below), else JavaScript loops
   const simd = memory === undefined ? undefined : makeSimd(memory, { siluGrad, gelu, geluGrad })
   // inputs arrive in the order the call site names them
-  // RMSNorm forward and backward: in SIMD for rows of a multiple of 4 (wasm/Simd.ts), else these loops
+  registerNorms(register, simd)
+  registerRotary(register)
+  registerOptimizer(register, memory === undefined ? undefined : makeAdamW(memory))
+  registerLoss(register)
+  registerActivations(register, simd)
+  // the MoE layer's routing and slots (Moe.ts)
+  registerWasmMoe(tf, kernels)
+  return true
+}
+
+// exact GELU x·Φ(x) = (x + |x|)/2 − |x|·(1 − erf(|x|/√2))/2, and Φ(x) + x·φ(x), with Φ(x) = 1 − t/2
+// for x ≥ 0 and t/2 below, t = 1 − erf(|x|/√2) (one exp each: e^(−x²/2) serves t and φ); the
+// forward pass without a branch on the sign (a fifth faster on random signs)
+const gelu = (v: number) => {
+  const z = Math.abs(v)
+  return 0.5 * (v + z) - 0.5 * z * erfTail(z, expNonPositive(-0.5 * v * v))
+}
+const geluGrad = (v: number, d: number) => {
+  const e = expNonPositive(-0.5 * v * v)
+  const half = 0.5 * erfTail(Math.abs(v), e)
+  return d * ((v < 0 ? half : 1 - half) + v * e * 0.3989422804014327)
+}
+// SiLU's gradient σ(x)·(1 + x·(1 − σ(x)))
+const siluGrad = (v: number, d: number) => {
+  const sg = 1 / (1 + Math.exp(-v))
+  return d * sg * (1 + v * (1 - sg))
+}
+
+/** RMSNorm forward and backward: in SIMD for rows of a multiple of 4 (Simd.ts), else loops. */
+const registerNorms = (register: Register, simd: Simd | undefined): void => {
   register(kernels.norm, (sh) => [sh[0]!], ([x, g], [y], [shape], a) => {
     const d = shape![1]!
     if (simd !== undefined && d % 4 === 0) return simd.norm(x as Float32Array, g as Float32Array, y!, d, a["eps"]!)
@@ -99,6 +115,10 @@ export const registerWasmKernels = (tf: Tf): boolean => {
       for (let c = 0; c < d; c++) out![base + c] = dy![base + c]! * x![base + c]! * r
     }
   })
+}
+
+/** The rotary embedding and its inverse (the gradient). */
+const registerRotary = (register: Register): void => {
   // rotate-half of x [n, heads, hd] with tables [n, 1, dim/2]; back: the inverse rotation
   const rotation = (back: boolean) => (xs: Array<Float32Array | Int32Array>, outs: Array<Float32Array>, shapes: Array<Array<number>>, a: Record<string, number>) => {
     const [x, c, sn] = xs as [Float32Array, Float32Array, Float32Array]
@@ -124,8 +144,13 @@ export const registerWasmKernels = (tf: Tf): boolean => {
   }
   register(kernels.rotate, (sh) => [sh[0]!], rotation(false))
   register(kernels.unrotate, (sh) => [sh[0]!], rotation(true))
-  // AdamW of one parameter: the three outputs w', m', v' (see `adamw`); h = [lr, c1, c2], s = the
-  // clipping factor; in SIMD over the heap (wasm/AdamW.ts) where the engine has it
+}
+
+/**
+ * AdamW of one parameter (the three outputs w', m', v', see `Fused.adamw`; h = [lr, c1, c2], s = the
+ * clipping factor), in SIMD over the heap (AdamW.ts) where the engine has it; and the clipping's Σx².
+ */
+const registerOptimizer = (register: Register, simdAdamW: AdamW | undefined): void => {
   register(wasmKernels.adamw, (sh) => [sh[0]!, sh[0]!, sh[0]!], ([w, g, m, v, s, h], [w2, m2, v2], _, a) => {
     const [lr, c1, c2] = [h![0]!, h![1]!, h![2]!]
     const scalars = { scale: s![0]!, beta1: a["beta1"]!, beta2: a["beta2"]!, eps: a["eps"]!, decay: a["decay"]!, rate: lr * a["lrScale"]!, c1, c2 }
@@ -147,6 +172,10 @@ export const registerWasmKernels = (tf: Tf): boolean => {
     for (const x of xs) for (let i = 0; i < x.length; i++) total += x[i]! * x[i]!
     out![0] = total
   })
+}
+
+/** The masked cross-entropy and its gradient. */
+const registerLoss = (register: Register): void => {
   // the loss per row (makeMaskedNll): mask·(log Σ exp − the label's logit); a label outside [0, V)
   // contributes nothing, as with the one-hot of the op-by-op path. The labels are int32.
   register(kernels.nll, (sh) => [[sh[0]![0]!, 1]], ([l, y, m], [out], [shape]) => {
@@ -173,9 +202,10 @@ export const registerWasmKernels = (tf: Tf): boolean => {
       if (valid) g![base + label] = (expNonPositive(l![base + label]! - top) / total - 1) * scale
     }
   })
-  // exact GELU x·Φ(x) and its derivative Φ(x) + x·φ(x), with Φ(x) = 1 − t/2 for x ≥ 0 and t/2
-  // below, t = 1 − erf(|x|/√2) (one exp each: e^(−x²/2) serves t and φ). The forward pass as
-  // (x + |x|)/2 − |x|·t/2, without a branch on the sign (a fifth faster on random signs)
+}
+
+/** Exact GELU and its gradient; SiLU's and the attention softmax's gradients (SIMD only). */
+const registerActivations = (register: Register, simd: Simd | undefined): void => {
   const each = (f: (v: number) => number) => ([x]: Array<Float32Array | Int32Array>, [y]: Array<Float32Array>) => {
     for (let i = 0; i < x!.length; i++) y![i] = f(x![i]!)
   }
@@ -198,9 +228,6 @@ export const registerWasmKernels = (tf: Tf): boolean => {
       }
     })
   }
-  // the MoE layer's routing and slots (wasm/Moe.ts)
-  registerWasmMoe(tf, kernels)
-  return true
 }
 
 const expTable = Float64Array.from({ length: 10200 }, (_, k) => 2 ** (-k / 64))

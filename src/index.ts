@@ -5,8 +5,10 @@
  * This entry point loads no tensor library: building graphs, costing them, matching budgets and
  * reallocating compute need only `effect`. Running models is in the subpath entry points:
  * `conceptmoe/runtime` (backends, lowering, the executed-cost check, decode sessions),
- * `conceptmoe/train` (data, the training loop, checkpoints) and `conceptmoe/infer` (text
- * generation, the inference benchmark). A custom block's `apply` is written against the types in
+ * `conceptmoe/train` (data, the training loop, checkpoints, comparisons, conversion),
+ * `conceptmoe/infer` (text generation, the inference benchmark), `conceptmoe/export` (the PyTorch
+ * export and the import of checkpoints) and `conceptmoe/report` (plots and the reallocation report).
+ * A custom block's `apply` is written against the types in
  * {@link Apply}.
  *
  * @since 0.1.0

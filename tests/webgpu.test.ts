@@ -19,7 +19,7 @@ import { capturedTrainer } from "../src/train/Captured.ts"
 import { NeedsFeedAsync, session } from "../src/runtime/Decode.ts"
 import { forward, recordReads, replay } from "../src/runtime/Lower.ts"
 import { type Batch, type Lowered, materialize, release } from "../src/runtime/Lower.ts"
-import { evaluate, evaluateAsync, newOptimizer, trainStep, trainStepAsync, TrainSettings } from "../src/train/Step.ts"
+import { evaluate, evaluateAsync, newOptimizer, trainStep, type StepResult, trainStepAsync, TrainSettings } from "../src/train/Step.ts"
 import { load } from "./support/models.ts"
 import { NodeServices } from "@effect/platform-node"
 import { Layer } from "effect"
@@ -836,7 +836,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       await tf.setBackend(backend)
       const low = materialize(tf, m.analysis, 5)
       const opt = newOptimizer(low)
-      const steps: Array<Record<string, number>> = []
+      const steps: Array<StepResult> = []
       for (let s = 0; s < 3; s++) steps.push(backend === "cpu" ? trainStep(low, opt, batchAt(s), roomy, s) : await trainStepAsync(low, opt, batchAt(s), roomy, s))
       const params = await values(low)
       release(low)

@@ -16,6 +16,7 @@
  * @since 0.6.0
  */
 import { ContextKey, type Tensor, type Tensor2D, type Tf } from "../graph/Apply.ts"
+import { withSwapped } from "../internal/Swap.ts"
 
 /** What a concept stage's chunk module hands it, and the stage hands its dechunk. */
 export interface ChunkState {
@@ -143,15 +144,7 @@ export const makeConceptOps = (
   let device: DeviceCompression | undefined
   return {
     ...inputs,
-    inStage: (inner, f) => {
-      const outer = scope
-      scope = inner
-      try {
-        return f()
-      } finally {
-        scope = outer
-      }
-    },
+    inStage: (inner, f) => withSwapped(() => scope, (s) => { scope = s }, inner, f),
     stage: () => scope,
     measure: (m) => {
       host.tokens += m.tokens

@@ -19,6 +19,7 @@ import { makeActivate, makeCombine, makeMaskedNll, makeMaskedSoftmax, makeRepeat
 import { makeDetach, makeMatMul, makeOneHot, makeSte, makeStop } from "./Fixes.ts"
 import { prng } from "../internal/Random.ts"
 import { NotLowerable, Unsupported } from "../internal/RunErrors.ts"
+import { withSwapped } from "../internal/Swap.ts"
 
 export interface Lowered {
   readonly tf: Tf
@@ -312,24 +313,8 @@ export const forward = (m: Lowered, batch: Batch, options: ForwardOptions): { re
     get stream() {
       return stream
     },
-    withScope: <A>(inner: string, f: () => A): A => {
-      const outer = scope
-      scope = inner
-      try {
-        return f()
-      } finally {
-        scope = outer
-      }
-    },
-    withStream: <A>(inner: TokenStream, f: () => A): A => {
-      const outer = stream
-      stream = inner
-      try {
-        return f()
-      } finally {
-        stream = outer
-      }
-    },
+    withScope: <A>(inner: string, f: () => A): A => withSwapped(() => scope, (s) => { scope = s }, inner, f),
+    withStream: <A>(inner: TokenStream, f: () => A): A => withSwapped(() => stream, (s) => { stream = s }, inner, f),
     get,
     positionIds: () => {
       let t = positionTensors.get(stream.positions)

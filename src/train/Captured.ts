@@ -23,30 +23,15 @@ import type { ConceptFeeds } from "../blocks/ConceptContext.ts"
 import { conceptSlots } from "../blocks/Chunker.ts"
 import { type TuneRow, tuneMatMuls, watchProducts } from "../runtime/webgpu/MatMul.ts"
 import { settingsOf } from "../runtime/Env.ts"
-import { failOnGpuErrors, type Optimizer, packStats, type PassOptions, readStats, stepInputValues, stepOnDevice, stepOptions, trainStepAsync, type TrainSettings } from "./Step.ts"
+import { failOnGpuErrors, type Optimizer, packStats, type PassOptions, readStats, stepInputValues, stepOnDevice, stepOptions, type StepResult, trainStepAsync, type TrainSettings } from "./Step.ts"
 
 export type Mode =
   | { readonly mode: "warming" }
   | { readonly mode: "replay"; readonly dispatches: number }
   | { readonly mode: "eager"; readonly reason: string }
 
-export interface StepResult {
-  readonly loss: number
-  readonly ce: number
-  readonly aux: number
-  readonly lr: number
-  readonly tokens: number
-  readonly concepts: number
-  readonly boundaryProbSum: number
-  /** Concepts the step's batch would have at evaluation (p ≥ ½). */
-  readonly thresholdConcepts: number
-  /** Sampled boundaries dropped for want of concept slots (static-shape ConceptMoE steps). */
-  readonly dropped?: number
-  /** Token-expert pairs routed, and dropped for want of expert slots, over the MoE layers (capacity dispatch). */
-  readonly expertPairs?: number
-  readonly expertDropped?: number
-  readonly profile?: StepProfile
-}
+/** One step's result (declared with the step, `Step.StepResult`). */
+export type { StepResult }
 
 export interface StepCallOptions {
   readonly profile?: "step" | "dispatches"

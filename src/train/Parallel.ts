@@ -30,7 +30,7 @@ import { Worker } from "node:worker_threads"
 import type * as TF from "@tensorflow/tfjs"
 import type { Tensor } from "../graph/Apply.ts"
 import { type Batch, loss, type Lowered } from "../runtime/Lower.ts"
-import { applyGradients, type Optimizer, type PassOptions, stepInputValues, stepOptions, type TrainSettings } from "./Step.ts"
+import { applyGradients, type Optimizer, type PassOptions, stepInputValues, stepOptions, type StepResult, type TrainSettings } from "./Step.ts"
 
 export type { PassOptions }
 
@@ -126,21 +126,8 @@ export const combineGradients = (parts: ReadonlyArray<ShardResult>, weights: Rea
 
 
 export interface ParallelTrainer {
-  /** One optimisation step on `batch`, with the same result as `Step.trainStep`. */
-  readonly step: (batch: Batch, step: number, pass?: PassOptions) => Promise<{
-    readonly loss: number
-    readonly ce: number
-    readonly aux: number
-    readonly lr: number
-    readonly tokens: number
-    readonly concepts: number
-    readonly boundaryProbSum: number
-    readonly thresholdConcepts: number
-    /** Never set here (the device paths' counts of dropped boundaries and token-expert pairs). */
-    readonly dropped?: number
-    readonly expertPairs?: number
-    readonly expertDropped?: number
-  }>
+  /** One optimisation step on `batch`, with the same result as `Step.trainStep` (never a profile, dropped boundaries or expert pairs). */
+  readonly step: (batch: Batch, step: number, pass?: PassOptions) => Promise<StepResult>
   readonly threads: number
   /** Ends the workers. */
   readonly dispose: () => Promise<void>

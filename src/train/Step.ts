@@ -9,6 +9,7 @@ import { Schema } from "effect"
 import type * as TF from "@tensorflow/tfjs"
 import { Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
 import { gpuErrors } from "../runtime/webgpu/Fixes.ts"
+import type { StepProfile } from "../runtime/webgpu/Capture.ts"
 import { adamStepValues, adamw, makeSumSquares } from "../runtime/Fused.ts"
 import type { Tensor, Tf } from "../graph/Apply.ts"
 import type { ConceptFeeds } from "../blocks/ConceptContext.ts"
@@ -241,8 +242,31 @@ export const stepInputValues = (settings: TrainSettings, step: number): readonly
   return [learningRate(o, settings.steps, step), 1 - o.beta1 ** (step + 1), 1 - o.beta2 ** (step + 1)]
 }
 
+/**
+ * What one optimisation step reports, whichever path ran it (`trainStep`, `trainStepAsync`, the
+ * recorded and replayed step of `Captured.ts`, the worker threads of `Parallel.ts`).
+ */
+export interface StepResult {
+  readonly loss: number
+  readonly ce: number
+  readonly aux: number
+  readonly lr: number
+  readonly tokens: number
+  readonly concepts: number
+  readonly boundaryProbSum: number
+  /** Concepts the step's batch would have at evaluation (p ≥ ½). */
+  readonly thresholdConcepts: number
+  /** Sampled boundaries dropped for want of concept slots (static-shape ConceptMoE steps). */
+  readonly dropped?: number
+  /** Token-expert pairs routed, and dropped for want of expert slots, over the MoE layers (capacity dispatch). */
+  readonly expertPairs?: number
+  readonly expertDropped?: number
+  /** Where a recorded step's time went (`Captured.ts`, when asked). */
+  readonly profile?: StepProfile
+}
+
 /** Reads and frees a step's loss tensors. */
-const stepResult = (r: ReturnType<typeof stepOnDevice>, values: readonly [number, number, number]) => {
+const stepResult = (r: ReturnType<typeof stepOnDevice>, values: readonly [number, number, number]): StepResult => {
   r.total.dispose()
   r.ce.dispose()
   r.aux.dispose()
@@ -250,7 +274,7 @@ const stepResult = (r: ReturnType<typeof stepOnDevice>, values: readonly [number
 }
 
 /** One optimisation step; returns the loss parts and the stage statistics. */
-export const trainStep = (low: Lowered, opt: Optimizer, batch: Batch, settings: TrainSettings, step: number, pass: PassOptions = {}) => {
+export const trainStep = (low: Lowered, opt: Optimizer, batch: Batch, settings: TrainSettings, step: number, pass: PassOptions = {}): StepResult => {
   const r = stepOnDevice(low, opt, batch, settings, step, undefined, undefined, pass)
   return stepResult(r, [r.total.dataSync()[0]!, r.ce.dataSync()[0]!, r.aux.dataSync()[0]!])
 }
@@ -259,7 +283,7 @@ export const trainStep = (low: Lowered, opt: Optimizer, batch: Batch, settings: 
  * The same step for backends that read only asynchronously (webgpu in Node): the host decisions
  * (boundaries; MoE routing unless dispatch is dense) are read in an untaped recording pass first.
  */
-export const trainStepAsync = async (low: Lowered, opt: Optimizer, batch: Batch, settings: TrainSettings, step: number, pass: PassOptions = {}) => {
+export const trainStepAsync = async (low: Lowered, opt: Optimizer, batch: Batch, settings: TrainSettings, step: number, pass: PassOptions = {}): Promise<StepResult> => {
   const reads = await recordReads(low, batch, stepOptions(low, settings, step, pass))
   const r = stepOnDevice(low, opt, batch, settings, step, replay(reads), undefined, pass)
   const packed = packStats(low.tf, r)

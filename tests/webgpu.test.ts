@@ -255,7 +255,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       tf.dispose([...(e as NotCapturable).outputs!])
     }
     tf.dispose([x, v, y, a, b, shared])
-    assert.deepStrictEqual(gpuErrors(), [])
+    assert.deepStrictEqual(gpuErrors(tf), [])
   })
 
   it("feed (synchronous) refuses a piece that needs a host value on webgpu: NeedsFeedAsync, naming feedAsync", async () => {
@@ -306,7 +306,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       }
       s.dispose()
       release(low)
-      assert.deepStrictEqual(gpuErrors(), [])
+      assert.deepStrictEqual(gpuErrors(tf), [])
     })
   }
 
@@ -367,7 +367,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     assert.deepStrictEqual(parseTiles("128x128x8/8x8/v4/db2"), { tm: 128, tn: 128, tk: 8, rm: 8, rn: 8, vec4: true, prefetch: true, double: true, split: 1 })
     for (const name of kernelNames) assert.strictEqual(tilesName(parseTiles(name)!), name)
     assert.deepStrictEqual([parseMode(undefined), parseMode("auto"), parseMode("tfjs"), parseMode("32x32")], ["auto", "auto", "tfjs", undefined])
-    assert.deepStrictEqual(gpuErrors(), [])
+    assert.deepStrictEqual(gpuErrors(tf), [])
     // every kernel on 21 products: about 80 s on lavapipe on 2 cores
   }, 240_000)
 
@@ -473,7 +473,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     } finally {
       useMatMul(tf, "tfjs")
     }
-    assert.deepStrictEqual(gpuErrors(), [])
+    assert.deepStrictEqual(gpuErrors(tf), [])
   })
 
   for (const [name, cfg] of webgpuModels.slice(0, 2)) {
@@ -524,7 +524,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       } finally {
         useMatMul(tf, "tfjs")
       }
-      assert.deepStrictEqual(gpuErrors(), [])
+      assert.deepStrictEqual(gpuErrors(tf), [])
     })
   }
 
@@ -545,7 +545,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     const [cpu, web] = await onBoth(() => tf.tidy(() => tf.addN(Array.from({ length: 20 }, (_, i) => tf.fill([5], i + 0.5)))))
     assert.deepStrictEqual(Array.from(web), Array.from(cpu))
     assert.strictEqual(web[0], 200)
-    assert.deepStrictEqual(gpuErrors(), [])
+    assert.deepStrictEqual(gpuErrors(tf), [])
   })
 
   it("a reverse cumsum is right for every length, not only the first one compiled (fix 7)", async () => {
@@ -578,7 +578,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       }
       outputs[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(outputs[1]![i]!, cpu), 2e-6, `output ${i}, decay ${decay}`))
     }
-    assert.deepStrictEqual(gpuErrors(), [])
+    assert.deepStrictEqual(gpuErrors(tf), [])
   })
 
   it("the fused RMSNorm gives the op-by-op values and gradients of the cpu backend", async () => {
@@ -599,7 +599,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       }
       results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 5e-5, `${shape.join("×")}, output ${i}`))
     }
-    assert.deepStrictEqual(gpuErrors(), [])
+    assert.deepStrictEqual(gpuErrors(tf), [])
   })
 
   it("the fused rotary embedding gives the op-by-op values and gradients of the cpu backend", async () => {
@@ -622,7 +622,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       }
       results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 1e-5, `${n}×${heads}×${hd}, dim ${dim}, output ${i}`))
     }
-    assert.deepStrictEqual(gpuErrors(), [])
+    assert.deepStrictEqual(gpuErrors(tf), [])
   })
 
   it("the fused GELU and SiLU give the op-by-op values and gradients of the cpu backend", async () => {
@@ -640,7 +640,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       }
       results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 2e-6, `${a}, output ${i}`))
     }
-    assert.deepStrictEqual(gpuErrors(), [])
+    assert.deepStrictEqual(gpuErrors(tf), [])
   })
 
   it("the fused masked softmax gives the op-by-op values and gradients of the cpu backend", async () => {
@@ -660,7 +660,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       }
       results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 1e-6, `[${lead}, ${n}, ${len}], output ${i}`))
     }
-    assert.deepStrictEqual(gpuErrors(), [])
+    assert.deepStrictEqual(gpuErrors(tf), [])
   })
 
   it("the fused sum of squares gives the cpu's, of one tensor and of several, summed in chunks or whole", async () => {
@@ -676,7 +676,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     }
     const [cpu, web] = await onBoth(() => tf.tidy(() => makeSumSquares(tf)(shapes.map(tensor))))
     assert.closeTo(web[0]!, cpu[0]!, 1e-5 * cpu[0]!, "all")
-    assert.deepStrictEqual(gpuErrors(), [])
+    assert.deepStrictEqual(gpuErrors(tf), [])
   })
 
   it("the fused top-k mask gives the cpu's top-k, ties to the lower index", async () => {
@@ -692,7 +692,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       // k ones per row
       assert.strictEqual(cpu.reduce((a, b) => a + b, 0), rows.length * k)
     }
-    assert.deepStrictEqual(gpuErrors(), [])
+    assert.deepStrictEqual(gpuErrors(tf), [])
   })
 
   it("the fused repeat (MoE experts, GQA heads) and MoE combine give the op-by-op values and gradients of the cpu backend", async () => {
@@ -721,7 +721,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       }
       results[0]!.forEach((cpu, i) => assert.isAtMost(maxDiff(results[1]![i]!, cpu), 1e-5, `[${E}, ${n}, ${d}], output ${i}`))
     }
-    assert.deepStrictEqual(gpuErrors(), [])
+    assert.deepStrictEqual(gpuErrors(tf), [])
   })
 
   it("the fused routing (by capacity and by tile), row gathers and group gathers give the cpu's tables, values and gradients", async () => {
@@ -765,7 +765,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
         cpu.slice(tables).forEach((c, i) => assert.isAtMost(maxDiff(web[i + tables]!, c), 1e-5, `${what}, output ${i}`))
       }
     }
-    assert.deepStrictEqual(gpuErrors(), [])
+    assert.deepStrictEqual(gpuErrors(tf), [])
   })
 
   it("grouped products read each group's expert matrix in place: the cpu's gathered products, values and both gradients, for every kernel kind", async () => {
@@ -825,7 +825,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     } finally {
       useMatMul(tf, "tfjs")
     }
-    assert.deepStrictEqual(gpuErrors(), [])
+    assert.deepStrictEqual(gpuErrors(tf), [])
   })
 
   it("an MoE trained with a slot for every pair (capacity dispatch) gives the cpu's losses and parameters", async () => {
@@ -940,7 +940,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     } finally {
       useMatMul(tf, "tfjs")
     }
-    assert.deepStrictEqual(gpuErrors(), [])
+    assert.deepStrictEqual(gpuErrors(tf), [])
   }, 120_000)
 
   it("the fused masked cross-entropy gives the op-by-op value and gradient of the cpu backend", async () => {
@@ -961,7 +961,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
       assert.closeTo(results[1]![0]![0]!, results[0]![0]![0]!, 1e-4 * n)
       assert.isAtMost(maxDiff(results[1]![1]!, results[0]![1]!), 1e-6, `${n}×${v} gradient`)
     }
-    assert.deepStrictEqual(gpuErrors(), [])
+    assert.deepStrictEqual(gpuErrors(tf), [])
   })
 
   it("device validation errors are reported, not silently dropped", async () => {
@@ -969,7 +969,7 @@ describe.skipIf(!available)("webgpu against cpu", () => {
     const device = (tf.backend() as unknown as { device: { createBuffer: (d: { size: number; usage: number }) => unknown } }).device
     device.createBuffer({ size: 4, usage: 0 })
     await tf.scalar(1).data()
-    const errors = gpuErrors()
+    const errors = gpuErrors(tf)
     assert.strictEqual(errors.length, 1)
     assert.match(errors[0]!, /usage/i)
   })

@@ -26,7 +26,7 @@ const relDiff = async (x: Tensor, ref: Tensor) => {
   tf.dispose([d!, m!])
   return dv / Math.max(mv, 1e-30)
 }
-gpuErrors()
+gpuErrors(tf)
 for (const n of sizes) {
   const a = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n))
   const b = tf.randomNormal([n, n], 0, 1 / Math.sqrt(n))
@@ -60,7 +60,7 @@ for (const n of sizes) {
       const timing = await tf.time(() => tf.dispose(chain()))
       const kernelMs = (timing as unknown as { kernelMs: number | { error: string } }).kernelMs
       const flops = 2 * n ** 3
-      const errors = gpuErrors()
+      const errors = gpuErrors(tf)
       console.log(JSON.stringify({
         kernel,
         n,

@@ -64,19 +64,26 @@ export const applyRope = (ctx: ForwardContext, x: Tensor, dim: number, tables: {
 /** Which keys a query sees: causal or not, within a sliding window or not. */
 type Masking = { readonly causal: boolean; readonly window: number | null }
 
-const maskCache = new Map<string, Tensor>()
-let maskElements = 0
-/** At most this many mask elements are kept (64 MB). */
+/**
+ * The masks kept for one tensor library (keyed by its environment object, so two copies of tfjs in a
+ * process keep their own): by backend and shape, oldest first, and their element count.
+ */
+const maskCaches = new WeakMap<object, { readonly masks: Map<string, Tensor>; elements: number }>()
+/** At most this many mask elements are kept per tensor library (64 MB). */
 const maskBudget = 16 * 1024 * 1024
 
 /**
  * Additive mask `[n, len]` for `n` queries at positions `past … past+n−1` over keys `0 … len−1`:
  * 0 where a query may attend, −1e9 elsewhere (causal and sliding window). Full passes use
- * `past = 0`, `n = len`. Kept across calls per backend (at most 64 shapes and 64 MB; the oldest is dropped first): a mask
- * made on one backend and used on another would be copied through a synchronous read.
+ * `past = 0`, `n = len`. Kept across calls per tensor library and backend (at most 64 shapes and 64 MB
+ * per library; the oldest is dropped first): a mask made on one backend and used on another would be
+ * copied through a synchronous read.
  */
 const mask = (ctx: ForwardContext, n: number, len: number, past: number, causal: boolean, window: number | null): Tensor => {
   const key = `${ctx.tf.getBackend()}/${n}/${len}/${past}/${causal}/${window}`
+  const cache = maskCaches.get(ctx.tf.env()) ?? { masks: new Map<string, Tensor>(), elements: 0 }
+  maskCaches.set(ctx.tf.env(), cache)
+  const maskCache = cache.masks
   let m = maskCache.get(key)
   if (m === undefined || m.isDisposed) {
     const a = new Float32Array(n * len)
@@ -89,11 +96,11 @@ const mask = (ctx: ForwardContext, n: number, len: number, past: number, causal:
     }
     m = ctx.tf.keep(ctx.tf.tensor2d(a, [n, len]))
     maskCache.set(key, m)
-    maskElements += n * len
-    while (maskCache.size > 1 && (maskCache.size > 64 || maskElements > maskBudget)) {
+    cache.elements += n * len
+    while (maskCache.size > 1 && (maskCache.size > 64 || cache.elements > maskBudget)) {
       const [oldest, t] = maskCache.entries().next().value!
       maskCache.delete(oldest)
-      maskElements -= t.size
+      cache.elements -= t.size
       t.dispose()
     }
   }

@@ -38,13 +38,16 @@ import { installWebGpuFixes } from "./webgpu/Fixes.ts"
 
 const zeroGradKernels = ["Equal", "NotEqual", "Greater", "GreaterEqual", "Less", "LessEqual", "LogicalAnd", "LogicalOr", "LogicalNot"]
 
-const installed = new Set<string>()
+// what has been installed, per tensor library (keyed by its environment object, as Env.ts keys settings)
+const installedIn = new WeakMap<object, Set<string>>()
 
 /**
- * Registers the missing gradients (once) and the fixes of `backend` (its folder's, once each):
- * wasm/Fixes.ts, webgpu/Fixes.ts, cpu/Fixes.ts.
+ * Registers the missing gradients (once) and the fixes of `backend` (its folder's, once each), per
+ * tensor library: wasm/Fixes.ts, webgpu/Fixes.ts, cpu/Fixes.ts.
  */
 export const install = (tf: Tf, backend: string): void => {
+  const installed = installedIn.get(tf.env()) ?? new Set<string>()
+  installedIn.set(tf.env(), installed)
   if (!installed.has("grads")) {
     installZeroGradients(tf)
     installed.add("grads")

@@ -154,7 +154,7 @@ export const capturedTrainer = (
   /** The step's scalars, packed into its one output (`packStats`). */
   const read = async (outputs: ReadonlyArray<Tensor>) => {
     const values = await outputs[0]!.data()
-    failOnGpuErrors()
+    failOnGpuErrors(tf)
     return { concepts: 0, boundaryProbSum: 0, thresholdConcepts: 0, ...readStats(values, { concepts: concept !== undefined, routing: routes }), ...(concept === undefined ? {} : { tokens: rows * length }) }
   }
   const eagerStep = (batch: Batch, step: number, pass: PassOptions) => {

@@ -289,7 +289,7 @@ export const trainStepAsync = async (low: Lowered, opt: Optimizer, batch: Batch,
   const packed = packStats(low.tf, r)
   const values = await packed.data()
   packed.dispose()
-  failOnGpuErrors()
+  failOnGpuErrors(low.tf)
   return { ...readStats(values, { concepts: false, routing: r.routing !== undefined }), lr: r.lr, ...r.stats }
 }
 
@@ -297,8 +297,8 @@ export const trainStepAsync = async (low: Lowered, opt: Optimizer, batch: Batch,
  * Throws if the GPU device reported errors since the last check: Dawn drops a command buffer that
  * fails validation without an exception, so the values read back would be silently wrong.
  */
-export const failOnGpuErrors = (): void => {
-  const errors = gpuErrors()
+export const failOnGpuErrors = (tf: Tf): void => {
+  const errors = gpuErrors(tf)
   if (errors.length > 0) throw new Error(`the GPU device reported ${errors.length} error(s); the results are invalid: ${errors.join("; ")}`)
 }
 
@@ -344,7 +344,7 @@ export const evaluateAsync = async (low: Lowered, batches: ReadonlyArray<Batch>,
     r.ce.dispose()
     parts.push({ ...r, ce })
   }
-  failOnGpuErrors()
+  failOnGpuErrors(low.tf)
   return summarize(parts)
 }
 

@@ -5,7 +5,7 @@
  */
 import type { Tf } from "../../graph/Apply.ts"
 
-/** Installs the cpu fixes (once per process: `../Fixes.ts`'s `install`). */
+/** Installs the cpu fixes (once per tensor library: `../Fixes.ts`'s `install`). */
 export const installCpuFixes = (tf: Tf): void => installCpuSegmentSum(tf)
 
 /** Fix 3: cpu's `UnsortedSegmentSum` in linear time (the stock kernel loops over every segment for every row). */

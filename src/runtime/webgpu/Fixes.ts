@@ -8,7 +8,7 @@
  */
 import type { Tf } from "../../graph/Apply.ts"
 
-/** Installs the webgpu fixes (once per process: `../Fixes.ts`'s `install`). */
+/** Installs the webgpu fixes (once per tensor library: `../Fixes.ts`'s `install`). */
 export const installWebGpuFixes = (tf: Tf): void => {
   const gpu = tf.backend() as unknown as WebGpuBackend
   installWebGpuAddN(tf, gpu)
@@ -75,7 +75,9 @@ const installWebGpuCumsum = (tf: Tf, gpu: WebGpuBackend): void => {
 const logGpuErrors = (gpu: WebGpuBackend): void => {
   gpu.device.addEventListener("uncapturederror", (event: unknown) => {
     const e = event as { error?: { message?: string } }
-    if (gpuErrorLog.length < 16) gpuErrorLog.push(String(e.error?.message ?? e).split("\n")[0]!)
+    const log = gpuErrorLogs.get(gpu) ?? []
+    gpuErrorLogs.set(gpu, log)
+    if (log.length < 16) log.push(String(e.error?.message ?? e).split("\n")[0]!)
   })
 }
 
@@ -88,10 +90,17 @@ interface WebGpuBackend {
   disposeData: (dataId: unknown) => boolean
 }
 
-const gpuErrorLog: Array<string> = []
+// the errors each webgpu backend's device reported, keyed by the backend object (one per tensor library)
+const gpuErrorLogs = new WeakMap<object, Array<string>>()
 
 /**
- * Validation and out-of-memory errors that the WebGPU device reported since the last call (Dawn
- * reports them asynchronously and drops the failing command buffer); empty elsewhere. Clears them.
+ * Validation and out-of-memory errors that the WebGPU device of `tf`'s webgpu backend reported
+ * since the last call (Dawn reports them asynchronously and drops the failing command buffer);
+ * empty where `tf` has no webgpu backend. Clears them. Reads the engine's registry of initialised
+ * backends, so it never starts one.
  */
-export const gpuErrors = (): ReadonlyArray<string> => gpuErrorLog.splice(0, gpuErrorLog.length)
+export const gpuErrors = (tf: Tf): ReadonlyArray<string> => {
+  const gpu = (tf.engine() as unknown as { readonly registry: Readonly<Record<string, object | undefined>> }).registry["webgpu"]
+  const log = gpu === undefined ? undefined : gpuErrorLogs.get(gpu)
+  return log === undefined ? [] : log.splice(0, log.length)
+}

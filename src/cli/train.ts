@@ -6,6 +6,7 @@
 import { Console, Effect, Option, Path, Schema } from "effect"
 import { Argument, Command, Flag } from "effect/cli"
 import { formatNumber, renderTable } from "../internal/Table.ts"
+import { attemptPromise } from "../internal/RunErrors.ts"
 import { loadTrained } from "../infer/Generate.ts"
 import { type LoadedModel, loadModel, modelFromJson, readJson } from "../models/Load.ts"
 import { ConfigError } from "../models/Errors.ts"
@@ -149,7 +150,7 @@ export const verify = Command.make(
           : yield* loadTrained(checkpoint, Option.getOrUndefined(f.config))
         const data = sotuSplits(byteTokenizer, 0)
         const b = validationBatches(data.validation, f.batch, f.seqLen, 1)[0]!
-        const r = yield* Effect.promise(() => (syncReads(tf) ? Promise.resolve(verifyModel(loaded.low, b)) : verifyAsync(loaded.low, b))).pipe(
+        const r = yield* attemptPromise(() => (syncReads(tf) ? Promise.resolve(verifyModel(loaded.low, b)) : verifyAsync(loaded.low, b))).pipe(
           Effect.ensuring(Effect.sync(() => release(loaded.low)))
         )
         return { model: loaded.model, backend: description, ...(loaded.step === undefined ? {} : { checkpoint, step: loaded.step }), ...r }

@@ -10,7 +10,7 @@ import { attemptPromise, type RunFailure } from "../internal/RunErrors.ts"
 import { type LoadedModel, loadModel, modelFromJson } from "../models/Load.ts"
 import { syncReads, Tensors } from "../runtime/Backend.ts"
 import { fitsInMemory } from "../runtime/Memory.ts"
-import { session } from "../runtime/Decode.ts"
+import { type Session, session } from "../runtime/Decode.ts"
 import { type Lowered, materialize, release } from "../runtime/Lower.ts"
 import { readChecked as readCheckpoint } from "../train/Checkpoint.ts"
 import type { Tokenizer } from "../train/Data.ts"
@@ -131,49 +131,68 @@ export const generate = (
     const ids = yield* promptIds(model, tokenizer, prompt)
     return yield* attemptPromise(async () => {
       const s = session(low, { rows: 1, maxLength: model.contextLength })
-      // webgpu in Node reads only asynchronously: pieces that need host values go through feedAsync
-      const sync = syncReads(low.tf)
-      const feed = (next: Int32Array, n: number) => (sync ? s.feed(next, n) : s.feedAsync(next, n))
-      const random = prng(settings.seed)
-      const decoder = new TextDecoder("utf-8")
-      const t0 = performance.now()
-      let logits = sync ? s.prefill(ids, ids.length) : await s.prefillAsync(ids, ids.length)
-      let row = (await logits.data()) as Float32Array
-      const prefillSeconds = (performance.now() - t0) / 1000
-      const promptCompression = s.compression.concepts > 0 ? s.compression.tokens / s.compression.concepts : undefined
-      const t1 = performance.now()
-      let generated = 0
-      let stop: GenerateStats["stop"] = "max-tokens"
+      // the session's KV caches are released on every exit: done, a failed step, or a throwing `emit`
       try {
-        while (generated < settings.maxTokens) {
-          const next = sample(row, settings, random)
-          generated++
-          // byte tokens: emit only complete UTF-8 characters
-          emit(tokenizer.name === "bytes" ? decoder.decode(Uint8Array.of(next), { stream: true }) : tokenizer.decode([next]))
-          if (generated === settings.maxTokens) break
-          if (s.length >= model.contextLength) {
-            stop = "context"
-            break
-          }
-          logits.dispose()
-          logits = await feed(Int32Array.of(next), 1)
-          row = (await logits.data()) as Float32Array
-        }
-        if (tokenizer.name === "bytes") emit(decoder.decode())
+        return await decodeAfter(model, s, low, tokenizer, ids, settings, emit)
       } finally {
-        logits.dispose()
+        s.dispose()
       }
-      const stats: GenerateStats = {
-        promptTokens: ids.length,
-        generatedTokens: generated,
-        prefillSeconds,
-        decodeSeconds: (performance.now() - t1) / 1000,
-        promptCompression,
-        totalCompression: s.compression.concepts > 0 ? s.compression.tokens / s.compression.concepts : undefined,
-        cacheBytes: s.cacheBytes().total,
-        stop
-      }
-      s.dispose()
-      return stats
     })
   })
+
+/** The prefill of `ids` and the decode loop of {@link generate}, in session `s` (which the caller releases). */
+const decodeAfter = async (
+  model: LoadedModel,
+  s: Session,
+  low: Lowered,
+  tokenizer: Tokenizer,
+  ids: Int32Array,
+  settings: SamplingSettings,
+  emit: (text: string) => void
+): Promise<GenerateStats> => {
+  // webgpu in Node reads only asynchronously: pieces that need host values go through feedAsync
+  const sync = syncReads(low.tf)
+  const feed = (next: Int32Array, n: number) => (sync ? s.feed(next, n) : s.feedAsync(next, n))
+  const random = prng(settings.seed)
+  const decoder = new TextDecoder("utf-8")
+  const t0 = performance.now()
+  let logits = sync ? s.prefill(ids, ids.length) : await s.prefillAsync(ids, ids.length)
+  let prefillSeconds = 0
+  let promptCompression: number | undefined
+  let t1 = 0
+  let generated = 0
+  let stop: GenerateStats["stop"] = "max-tokens"
+  try {
+    let row = (await logits.data()) as Float32Array
+    prefillSeconds = (performance.now() - t0) / 1000
+    promptCompression = s.compression.concepts > 0 ? s.compression.tokens / s.compression.concepts : undefined
+    t1 = performance.now()
+    while (generated < settings.maxTokens) {
+      const next = sample(row, settings, random)
+      generated++
+      // byte tokens: emit only complete UTF-8 characters
+      emit(tokenizer.name === "bytes" ? decoder.decode(Uint8Array.of(next), { stream: true }) : tokenizer.decode([next]))
+      if (generated === settings.maxTokens) break
+      if (s.length >= model.contextLength) {
+        stop = "context"
+        break
+      }
+      logits.dispose()
+      logits = await feed(Int32Array.of(next), 1)
+      row = (await logits.data()) as Float32Array
+    }
+    if (tokenizer.name === "bytes") emit(decoder.decode())
+  } finally {
+    logits.dispose()
+  }
+  return {
+    promptTokens: ids.length,
+    generatedTokens: generated,
+    prefillSeconds,
+    decodeSeconds: (performance.now() - t1) / 1000,
+    promptCompression,
+    totalCompression: s.compression.concepts > 0 ? s.compression.tokens / s.compression.concepts : undefined,
+    cacheBytes: s.cacheBytes().total,
+    stop
+  }
+}

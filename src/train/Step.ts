@@ -81,9 +81,17 @@ export const newOptimizer = (low: Lowered): Optimizer => {
   const { tf } = low
   const m = new Map<string, TF.Variable>()
   const v = new Map<string, TF.Variable>()
+  // a variable shares its initial tensor's data: the initial tensor is disposed, so that disposing
+  // the variable frees the data (otherwise every run would leave two tensors per parameter behind)
+  const zeros = (w: TF.Variable) => {
+    const z = tf.zerosLike(w)
+    const x = tf.variable(z, false)
+    z.dispose()
+    return x
+  }
   for (const [p, w] of low.variables) {
-    m.set(p, tf.variable(tf.zerosLike(w), false))
-    v.set(p, tf.variable(tf.zerosLike(w), false))
+    m.set(p, zeros(w))
+    v.set(p, zeros(w))
   }
   return { m, v, step: 0 }
 }

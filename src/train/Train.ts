@@ -294,7 +294,7 @@ export const train = (model: LoadedModel, settings: TrainSettings, options: Trai
       Effect.gen(function*() {
         const probe = validation.length > 0 ? validation.slice(0, 1) : [trainBatch(data.train, settings.batchSize, settings.seqLen, settings.seed, step)]
         const loss = checked ?? (yield* evaluateAt(probe, rampAt(step - 1))).bitsPerByte
-        const tensors = yield* Effect.promise(() => checkpointTensors(low, opt))
+        const tensors = yield* attemptPromise(() => checkpointTensors(low, opt))
         const bad = Number.isFinite(loss) ? [...tensors].find(([, t]) => !t.data.every(Number.isFinite))?.[0] : undefined
         if (!Number.isFinite(loss) || bad !== undefined) {
           return yield* new DivergedError({ step, loss, checkpoint: lastCheckpoint, checkpointStep: lastStep, during: "checkpoint", ...(bad === undefined ? {} : { tensor: bad }) })

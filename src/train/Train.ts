@@ -112,7 +112,7 @@ const rampOf = (model: LoadedModel) => {
 }
 
 /** What a step gives the metrics and the controller, whichever runner ran it. */
-type StepOutcome = StepResult & { readonly dropped?: number; readonly expertPairs?: number; readonly expertDropped?: number }
+type StepOutcome = StepResult
 
 /** A step's metrics record: the losses, the stage's compression measures and, at an evaluation, the validation ones. */
 const stepMetrics = (

@@ -12,7 +12,7 @@ import { InvalidInput } from "../../internal/RunErrors.ts"
 import { settingsOf } from "../Env.ts"
 import { type Gemm, makeGemm } from "./Gemm.ts"
 
-/** Installs the wasm fixes (once per process: `../Fixes.ts`'s `install`). */
+/** Installs the wasm fixes (once per tensor library: `../Fixes.ts`'s `install`). */
 export const installWasmFixes = (tf: Tf): void => {
   if (tf.getKernel("UnsortedSegmentSum", "wasm") === undefined) installWasmSegmentSum(tf)
   installWasmSlice(tf)

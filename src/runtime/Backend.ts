@@ -129,10 +129,18 @@ const loadWith = (name: BackendName, settings: Settings.RuntimeSettings, matmul:
       await tf.ready()
       install(tf, backendName)
       // our kernels, registered by the backend's folder (the makers of Fused.ts run them)
-      if (name === "wasm") registerWasmKernels(tf)
+      if (name === "wasm") {
+        registerWasmKernels(tf)
+        // MoE layers read their routing back at no cost: as many groups as a step needs
+        provideOps(tf, "wasm", { dispatch: { decode: "fitted", training: (c) => (c === null ? "fitted" : undefined) } })
+      }
       if (name === "webgpu") {
         registerWebGpuKernels(tf)
-        provideOps(tf, "webgpu", { groupedMatMul: makeGroupedMatMul })
+        // MoE layers stay on the device, in static shapes (a recorded step replays them)
+        provideOps(tf, "webgpu", {
+          groupedMatMul: makeGroupedMatMul,
+          dispatch: { forward: "grouped", training: (c) => (c === null ? "grouped" : { capacity: c }) }
+        })
       }
       useSettings(tf, settings)
       if (name === "webgpu") {

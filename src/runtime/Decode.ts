@@ -17,6 +17,7 @@ import { ContextOverflow, InvalidInput, NeedsFeedAsync, NotDecodable, Unsupporte
 import { syncReads } from "./Backend.ts"
 import { bufferBytes, rowBuffer } from "./Cache.ts"
 import { forward, type ForwardOptions, type Lowered, PendingRead } from "./Lower.ts"
+import { backendOps } from "./Ops.ts"
 
 export { ContextOverflow, NeedsFeedAsync, NotDecodable } from "../internal/RunErrors.ts"
 
@@ -92,7 +93,7 @@ export const session = (m: Lowered, options: SessionOptions): Session => {
   const { tf } = m
   const sync = syncReads(tf)
   const rows = options.rows
-  const dispatch = options.dispatch ?? (tf.getBackend() === "wasm" ? "fitted" : undefined)
+  const dispatch = options.dispatch ?? backendOps(tf).dispatch?.decode
   const { cache, states, buffers } = sessionCache(tf, options)
   let length = 0
   const compression = { tokens: 0, concepts: 0 }

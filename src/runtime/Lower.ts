@@ -237,7 +237,7 @@ const moeOps = (tf: Tf, flops: FlopCounter, options: ForwardOptions) => {
   const ops: MoeOps = {
     dispatch: options.concept !== undefined
       ? options.dispatch === undefined || options.dispatch === "sparse" ? "grouped" : options.dispatch
-      : options.dispatch ?? (tf.getBackend() === "webgpu" ? "grouped" : "sparse"),
+      : options.dispatch ?? backendOps(tf).dispatch?.forward ?? "sparse",
     balanceWeight: options.balanceWeight ?? 0.01,
     topMask: makeTopMask(tf, makeOneHot(tf)),
     combine: makeCombine(tf),

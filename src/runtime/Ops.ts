@@ -3,17 +3,30 @@
  * backend's folder when it loads (`Backend.load`) and kept with the tensor library it was loaded
  * for, per backend (as the runtime's settings are kept: `Env.ts`). Lowering (`Lower.ts`) asks for it
  * here and knows no backend: today the webgpu backend's grouped product that reads each group's
- * expert matrix in place (`webgpu/MatMul.ts`); a backend without one gathers the matrices.
+ * expert matrix in place (`webgpu/MatMul.ts`), and each backend's MoE dispatch where the caller sets
+ * none (webgpu: grouped, static shapes for its replay; wasm: fitted to each step's routing); a
+ * backend without them gathers the matrices and dispatches sparse.
  *
  * @since 0.4.0
  */
 import type { Tensor, Tf } from "../graph/Apply.ts"
+import type { Dispatch } from "../blocks/MoE.ts"
 
 export type GroupedProduct = (x: Tensor, w: Tensor, groups: Tensor) => Tensor
 
 export interface BackendOps {
   /** `x [G, T, a]` times each group's expert matrix of `w [E, a, b]`, given the gathering `fallback`. */
   readonly groupedMatMul?: (tf: Tf, fallback: GroupedProduct) => GroupedProduct
+  /**
+   * How MoE layers dispatch on this backend where the caller does not say (`MoE.Dispatch`; else
+   * `sparse`): in a forward pass, in a decoding session, and in training for a capacity factor
+   * (`expertCapacity`, or null).
+   */
+  readonly dispatch?: {
+    readonly forward?: Dispatch
+    readonly decode?: Dispatch
+    readonly training?: (capacity: number | null) => Dispatch | undefined
+  }
 }
 
 const provided = new WeakMap<object, Map<string, BackendOps>>()

@@ -14,6 +14,8 @@ import { adamStepValues, adamw, makeSumSquares } from "../runtime/Fused.ts"
 import type { Tensor, Tf } from "../graph/Apply.ts"
 import type { ConceptFeeds } from "../blocks/ConceptContext.ts"
 import { type Batch, type Feeds, loss, type Lowered, mixSeed, recordReads, replay } from "../runtime/Lower.ts"
+import { backendOps } from "../runtime/Ops.ts"
+import type { Dispatch } from "../blocks/MoE.ts"
 
 const Fraction = Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0), Schema.isLessThan(1)))
 
@@ -203,21 +205,25 @@ export const applyGradients = (low: Lowered, opt: Optimizer, gs: ReadonlyArray<T
 }
 
 /**
- * A training pass's options, with the step's {@link PassOptions}: on webgpu MoE layers dispatch
- * grouped, or by capacity with `expertCapacity`; on wasm grouped.
+ * A training pass's options, with the step's {@link PassOptions}; MoE layers dispatch as the backend
+ * provides for training (`runtime/Ops.ts`): on webgpu grouped, or by capacity with `expertCapacity`;
+ * on wasm fitted (grouped in as many groups as the step needs: the same routing and loss as sparse,
+ * a few dozen ops per MoE layer instead of a gather, slices and products per expert, moe-tiny's step
+ * 9,713 → 2,751 kernels; moe-tiny's 2,048 pairs per layer in 2,048 rows or a few groups more instead
+ * of the worst case's 3,072).
  */
 export const stepOptions = (low: Lowered, settings: TrainSettings, step: number, pass: PassOptions = {}) => ({
   training: true,
   seed: mixSeed(settings.seed, step),
   balanceWeight: settings.balanceWeight,
   ...passFields(pass),
-  ...(low.tf.getBackend() === "webgpu" ? { dispatch: settings.expertCapacity === null ? "grouped" as const : { capacity: settings.expertCapacity } } : {}),
-  // wasm: grouped in as many groups as the step needs (the same routing and loss as sparse; a few
-  // dozen ops per MoE layer instead of a gather, slices and products per expert: moe-tiny's step
-  // 9,713 → 2,751 kernels; fitted: moe-tiny's 2,048 pairs per layer
-  // in 2,048 rows or a few groups more, instead of the worst case's 3,072)
-  ...(low.tf.getBackend() === "wasm" && settings.expertCapacity === null ? { dispatch: "fitted" as const } : {})
+  ...trainingDispatch(low, settings)
 }) as const
+
+const trainingDispatch = (low: Lowered, settings: TrainSettings): { readonly dispatch?: Dispatch } => {
+  const dispatch = backendOps(low.tf).dispatch?.training?.(settings.expertCapacity)
+  return dispatch === undefined ? {} : { dispatch }
+}
 
 /**
  * A step's scalars as one vector, read back in one transfer: the loss and its parts, then the

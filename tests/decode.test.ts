@@ -9,6 +9,7 @@ import type { Tensor2D } from "../src/graph/Apply.ts"
 import { leaf } from "../src/graph/Block.ts"
 import { Tensors, layer as backendLayer } from "../src/runtime/Backend.ts"
 import { rowBuffer } from "../src/runtime/Cache.ts"
+import { backendOps } from "../src/runtime/Ops.ts"
 import { ContextOverflow, NotDecodable, session } from "../src/runtime/Decode.ts"
 import { forward, type Lowered, materialize } from "../src/runtime/Lower.ts"
 import { load } from "./support/models.ts"
@@ -168,6 +169,15 @@ layer(backendLayer("cpu"))("decode sessions", (it) => {
       assert.deepStrictEqual(Array.from(c.all().dataSync()), [1, 10, 13, 2, 11, 14, 3, 12, 15, 4, 7, 16, 5, 8, 17, 6, 9, 18])
       assert.deepStrictEqual(c.store().shape, [2, 3, 4])
       c.dispose()
+      // the cpu backend provides a view of a tensor's storage (runtime/Ops.ts): an append writes in
+      // place, so the store is the same tensor before and after (a host copy would upload a new one)
+      assert.isDefined(backendOps(tf).storage)
+      const d = rowBuffer(tf, 1, 2, 4)
+      const before = d.store()
+      d.append(tf.tensor2d([[1, 2]]), [1])
+      assert.strictEqual(d.store(), before)
+      assert.deepStrictEqual(Array.from(d.row(0).dataSync()), [1, 2])
+      d.dispose()
     }))
 
   it.effect("a session refuses a piece past the context, and a graph with an undeclared kind", () =>

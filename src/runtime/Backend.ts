@@ -25,6 +25,9 @@ import { backendNames, type BackendName } from "../internal/Settings.ts"
 import { useSettings } from "./Env.ts"
 import { install } from "./Fixes.ts"
 import { provideOps } from "./Ops.ts"
+import { cpuStorage } from "./cpu/Storage.ts"
+import { heapStorage } from "./wasm/Heap.ts"
+import { scatterRows } from "./webgpu/Scatter.ts"
 import { registerWasmKernels } from "./wasm/Kernels.ts"
 import { registerWebGpuKernels } from "./webgpu/Kernels.ts"
 import { makeGroupedMatMul, type MatMulMode, matMulMode, parseMode, tilesName, useMatMul } from "./webgpu/MatMul.ts"
@@ -129,16 +132,18 @@ const loadWith = (name: BackendName, settings: Settings.RuntimeSettings, matmul:
       await tf.ready()
       install(tf, backendName)
       // our kernels, registered by the backend's folder (the makers of Fused.ts run them)
+      if (name === "cpu") provideOps(tf, "cpu", { storage: cpuStorage(tf) })
       if (name === "wasm") {
         registerWasmKernels(tf)
         // MoE layers read their routing back at no cost: as many groups as a step needs
-        provideOps(tf, "wasm", { dispatch: { decode: "fitted", training: (c) => (c === null ? "fitted" : undefined) } })
+        provideOps(tf, "wasm", { storage: heapStorage(tf), dispatch: { decode: "fitted", training: (c) => (c === null ? "fitted" : undefined) } })
       }
       if (name === "webgpu") {
         registerWebGpuKernels(tf)
         // MoE layers stay on the device, in static shapes (a recorded step replays them)
         provideOps(tf, "webgpu", {
           groupedMatMul: makeGroupedMatMul,
+          scatterRows: scatterRows(tf),
           dispatch: { forward: "grouped", training: (c) => (c === null ? "grouped" : { capacity: c }) }
         })
       }

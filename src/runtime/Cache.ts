@@ -2,120 +2,18 @@
  * Growable per-row buffers for KV caches and other decode state.
  *
  * A buffer is one float32 tensor `[rows, capacity, width]`, preallocated and doubled when a row
- * outgrows it. On the cpu and wasm backends new elements are written in place into the tensor's
- * storage (the backend's typed array, or its view of the wasm heap), so an append costs only the
- * new elements. On webgpu a small WGSL kernel scatters them into the tensor's GPU buffer, in tfjs's
- * command stream (no read-back), and growing pads on the device. Other backends (tensorflow) keep a
- * host copy and upload the whole buffer again after an append: correct, but O(capacity) per append
- * (see docs/inference.md).
+ * outgrows it. Where the backend provides a writable view of a tensor's storage (`Ops.ts`: the cpu
+ * backend's typed array, wasm's view of its heap), new elements are written in place, so an append
+ * costs only the new elements. Where it provides a device-side row write (webgpu: a small WGSL kernel
+ * in tfjs's command stream, `webgpu/Scatter.ts`), they are scattered into the tensor's GPU buffer
+ * without a read-back, and growing pads on the device. Other backends (tensorflow) keep a host copy
+ * and upload the whole buffer again after an append: correct, but O(capacity) per append (see
+ * docs/inference.md).
  *
  * @since 0.2.0
  */
 import type { RowBuffer, Tensor, Tensor2D, Tf } from "../graph/Apply.ts"
-
-/** A writable view of a float32 tensor's storage, where the backend allows one. */
-const storageOf = (tf: Tf, t: Tensor): Float32Array | undefined => {
-  const name = tf.getBackend()
-  const backend = tf.backend() as unknown as {
-    data?: { get: (id: unknown) => { values?: unknown } }
-    typedArrayFromHeap?: (t: Tensor) => Float32Array
-  }
-  if (name === "cpu") {
-    const values = backend.data?.get(t.dataId).values
-    return values instanceof Float32Array && values.length === t.size ? values : undefined
-  }
-  if (name === "wasm" && backend.typedArrayFromHeap !== undefined) return backend.typedArrayFromHeap(t)
-  return undefined
-}
-
-/* The parts of WebGPU and tfjs-backend-webgpu that the device-side append uses. */
-interface GpuBuffer {
-  readonly size: number
-}
-interface WebGpuBackend {
-  device: {
-    createShaderModule: (d: { code: string }) => unknown
-    createComputePipeline: (d: { layout: "auto"; compute: { module: unknown; entryPoint: string } }) => { getBindGroupLayout: (i: number) => unknown }
-    createBindGroup: (d: { layout: unknown; entries: Array<{ binding: number; resource: { buffer: GpuBuffer } }> }) => unknown
-  }
-  bufferManager: {
-    acquireBuffer: (size: number, usage: number, mappedAtCreation: boolean, reuse: boolean) => GpuBuffer & { getMappedRange: () => ArrayBuffer; unmap: () => void }
-  }
-  commandEncoder: { beginComputePass: () => { setPipeline: (p: unknown) => void; setBindGroup: (i: number, g: unknown) => void; dispatchWorkgroups: (x: number, y?: number) => void; end: () => void } }
-  tensorMap: { get: (dataId: unknown) => { resource: unknown; values: unknown } }
-  commandQueueOwnedIds: { add: (dataId: unknown) => void }
-  uploadToGPU: (dataId: unknown) => void
-  ensureCommandEncoderReady: () => void
-  endComputePassEncoder: () => void
-  stagingPendingDisposal: Array<unknown>
-}
-
-/** One element per invocation: store[dst(t, w)] = x[t·width + w], dst from the token's row and position. */
-const scatterShader = `
-@group(0) @binding(0) var<storage, read> x : array<f32>;
-@group(0) @binding(1) var<storage, read_write> store : array<f32>;
-@group(0) @binding(2) var<storage, read> info : array<i32>;
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) id : vec3<u32>, @builtin(num_workgroups) groups : vec3<u32>) {
-  let total = info[0];
-  let width = info[1];
-  let capacity = info[2];
-  let columns = info[3];
-  let i = i32(id.x + id.y * groups.x * 64u);
-  if (i >= total * width) { return; }
-  let t = i / width;
-  let w = i % width;
-  let row = info[4 + t];
-  let pos = info[4 + total + t];
-  var dst : i32;
-  if (columns == 1) { dst = (row * width + w) * capacity + pos; } else { dst = (row * capacity + pos) * width + w; }
-  store[dst] = x[i];
-}`
-
-const pipelines = new WeakMap<object, { getBindGroupLayout: (i: number) => unknown }>()
-
-/**
- * Writes `x [total, width]` into `store`'s GPU buffer in place: token t goes to row `rowOf[t]`,
- * position `posOf[t]`. Encoded into tfjs's command stream, so it runs after the kernel that made `x`
- * and before any later kernel that reads `store`.
- */
-const scatterOnGpu = (tf: Tf, store: Tensor, x: Tensor, rowOf: Int32Array, posOf: Int32Array, capacity: number, columns: boolean) => {
-  const be = tf.backend() as unknown as WebGpuBackend
-  const device = be.device
-  let pipeline = pipelines.get(device)
-  if (pipeline === undefined) {
-    pipeline = device.createComputePipeline({ layout: "auto", compute: { module: device.createShaderModule({ code: scatterShader }), entryPoint: "main" } })
-    pipelines.set(device, pipeline)
-  }
-  const total = rowOf.length
-  const width = x.shape[1]!
-  const buffer = (t: Tensor) => {
-    be.uploadToGPU(t.dataId)
-    const d = be.tensorMap.get(t.dataId)
-    d.values = null
-    // as tfjs does for a program's tensors: a disposal waits for the submit
-    be.commandQueueOwnedIds.add(t.dataId)
-    return d.resource as GpuBuffer
-  }
-  const meta = Int32Array.from([total, width, capacity, columns ? 1 : 0, ...rowOf, ...posOf])
-  // STORAGE | COPY_DST, filled at creation; destroyed after the next submit, like tfjs's staging buffers
-  const metaBuffer = be.bufferManager.acquireBuffer(meta.byteLength, 0x80 | 0x08, true, false)
-  new Int32Array(metaBuffer.getMappedRange()).set(meta)
-  metaBuffer.unmap()
-  const group = device.createBindGroup({
-    layout: pipeline.getBindGroupLayout(0),
-    entries: [buffer(x), buffer(store), metaBuffer].map((b, binding) => ({ binding, resource: { buffer: b } }))
-  })
-  be.ensureCommandEncoderReady()
-  be.endComputePassEncoder()
-  const pass = be.commandEncoder.beginComputePass()
-  pass.setPipeline(pipeline)
-  pass.setBindGroup(0, group)
-  const groups = Math.ceil((total * width) / 64)
-  pass.dispatchWorkgroups(Math.min(groups, 65535), Math.ceil(groups / 65535))
-  pass.end()
-  be.stagingPendingDisposal.push(metaBuffer)
-}
+import { backendOps } from "./Ops.ts"
 
 /**
  * Creates an empty buffer of `rows` rows of `width` floats, with room for `initial` per row.
@@ -126,15 +24,17 @@ export const rowBuffer = (tf: Tf, rows: number, width: number, initial = 16, lay
   let capacity = Math.max(1, initial)
   const lengths = new Array<number>(rows).fill(0)
   const shape = (cap: number): [number, number, number] => (layout === "rows" ? [rows, cap, width] : [rows, width, cap])
-  const onGpu = tf.getBackend() === "webgpu"
+  const { storage, scatterRows } = backendOps(tf)
+  const storageOf = (t: Tensor) => storage?.(t)
+  const onGpu = scatterRows !== undefined
   const allocate = (cap: number, from?: Float32Array) =>
     tf.keep(from === undefined && onGpu ? tf.zeros(shape(cap)) : tf.tensor3d(from ?? new Float32Array(rows * cap * width), shape(cap)))
   let store = allocate(capacity)
-  const inPlace = onGpu || storageOf(tf, store) !== undefined
+  const inPlace = onGpu || storageOf(store) !== undefined
   // the host copy for backends without writable storage
   let host: Float32Array | undefined = inPlace ? undefined : new Float32Array(rows * capacity * width)
   let stale = false
-  const view = (): Float32Array => (host ?? storageOf(tf, store)!)
+  const view = (): Float32Array => (host ?? storageOf(store)!)
   // contiguous runs of stored values: one per row (rows layout) or per row and feature (columns)
   const runs = layout === "rows" ? rows : rows * width
   const grow = (needed: number) => {
@@ -163,7 +63,7 @@ export const rowBuffer = (tf: Tf, rows: number, width: number, initial = 16, lay
       store = allocate(cap, next)
     } else {
       store = allocate(cap)
-      storageOf(tf, store)!.set(next)
+      storageOf(store)!.set(next)
     }
   }
   const current = () => {
@@ -204,7 +104,7 @@ export const rowBuffer = (tf: Tf, rows: number, width: number, initial = 16, lay
           }
           lengths[b]! += n
         })
-        scatterOnGpu(tf, store, tf.reshape(x, [total, width]), rowOf, posOf, capacity, layout === "columns")
+        scatterRows(store, tf.reshape(x, [total, width]), rowOf, posOf, capacity, layout === "columns")
         return
       }
       const data = x.dataSync() as Float32Array

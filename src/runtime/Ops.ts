@@ -3,8 +3,9 @@
  * backend's folder when it loads (`Backend.load`) and kept with the tensor library it was loaded
  * for, per backend (as the runtime's settings are kept: `Env.ts`). Lowering (`Lower.ts`) asks for it
  * here and knows no backend: today the webgpu backend's grouped product that reads each group's
- * expert matrix in place (`webgpu/MatMul.ts`), and each backend's MoE dispatch where the caller sets
- * none (webgpu: grouped, static shapes for its replay; wasm: fitted to each step's routing); a
+ * expert matrix in place (`webgpu/MatMul.ts`), how decode buffers append in place (a view of a
+ * tensor's storage on cpu and wasm, a device-side scatter on webgpu: `Cache.ts`), and each backend's
+ * MoE dispatch where the caller sets none (webgpu: grouped, static shapes for its replay; wasm: fitted to each step's routing); a
  * backend without them gathers the matrices and dispatches sparse.
  *
  * @since 0.4.0
@@ -22,6 +23,10 @@ export interface BackendOps {
    * `sparse`): in a forward pass, in a decoding session, and in training for a capacity factor
    * (`expertCapacity`, or null).
    */
+  /** A writable view of a float32 tensor's storage, for appends in place (cpu, wasm: `Cache.ts`). */
+  readonly storage?: (t: Tensor) => Float32Array | undefined
+  /** Writes `x [total, width]` into a buffer tensor's device storage, token t at row `rowOf[t]`, position `posOf[t]` (webgpu). */
+  readonly scatterRows?: (store: Tensor, x: Tensor, rowOf: Int32Array, posOf: Int32Array, capacity: number, columns: boolean) => void
   readonly dispatch?: {
     readonly forward?: Dispatch
     readonly decode?: Dispatch

@@ -13,6 +13,13 @@ export interface WasmBackend {
   typedArrayFromHeap: (t: TF.TensorInfo) => Float32Array | Int32Array
 }
 
+/**
+ * A writable view of a float32 tensor where it lies in the heap, for appends in place
+ * (`../Cache.ts`; valid until the next allocation, which may grow the heap).
+ */
+export const heapStorage = (tf: Tf) => (t: TF.Tensor): Float32Array | undefined =>
+  (tf.backend() as unknown as WasmBackend).typedArrayFromHeap(t) as Float32Array
+
 /** Whether the current backend is tfjs-backend-wasm with the heap interface. */
 export const hasHeap = (tf: Tf): boolean => {
   if (tf.getBackend() !== "wasm") return false

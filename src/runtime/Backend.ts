@@ -28,9 +28,10 @@ import { provideOps } from "./Ops.ts"
 import { cpuStorage } from "./cpu/Storage.ts"
 import { heapStorage } from "./wasm/Heap.ts"
 import { scatterRows } from "./webgpu/Scatter.ts"
+import { gpuErrors } from "./webgpu/Fixes.ts"
 import { registerWasmKernels } from "./wasm/Kernels.ts"
 import { registerWebGpuKernels } from "./webgpu/Kernels.ts"
-import { makeGroupedMatMul, type MatMulMode, matMulMode, parseMode, tilesName, useMatMul } from "./webgpu/MatMul.ts"
+import { takeChoices, tunedChoices, makeGroupedMatMul, type MatMulMode, matMulMode, parseMode, tilesName, useMatMul } from "./webgpu/MatMul.ts"
 
 export { backendNames }
 export type { BackendName }
@@ -143,6 +144,8 @@ const loadWith = (name: BackendName, settings: Settings.RuntimeSettings, matmul:
         // MoE layers stay on the device, in static shapes (a recorded step replays them)
         provideOps(tf, "webgpu", {
           groupedMatMul: makeGroupedMatMul,
+          kernelChoices: { saved: () => tunedChoices(tf), take: (choices) => takeChoices(tf, choices) },
+          deviceErrors: () => gpuErrors(tf),
           scatterRows: scatterRows(tf),
           dispatch: { forward: "grouped", training: (c) => (c === null ? "grouped" : { capacity: c }) }
         })

@@ -23,6 +23,17 @@ export interface BackendOps {
    * `sparse`): in a forward pass, in a decoding session, and in training for a capacity factor
    * (`expertCapacity`, or null).
    */
+  /**
+   * The kernels the backend chose by timing (webgpu's tuned matmuls), as an opaque record that a
+   * checkpoint keeps (`saved`) and a resumed run takes back (`take`: how many were taken, and the
+   * names it does not know).
+   */
+  readonly kernelChoices?: {
+    readonly saved: () => Readonly<Record<string, string>>
+    readonly take: (choices: Readonly<Record<string, string>>) => { readonly taken: number; readonly unknown: ReadonlyArray<string> }
+  }
+  /** Errors the device reported since the last call, cleared (webgpu: Dawn drops a failing command buffer silently). */
+  readonly deviceErrors?: () => ReadonlyArray<string>
   /** A writable view of a float32 tensor's storage, for appends in place (cpu, wasm: `Cache.ts`). */
   readonly storage?: (t: Tensor) => Float32Array | undefined
   /** Writes `x [total, width]` into a buffer tensor's device storage, token t at row `rowOf[t]`, position `posOf[t]` (webgpu). */

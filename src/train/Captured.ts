@@ -21,7 +21,7 @@ import { type Captured, capture, difference, NotCapturable, type StepProfile, wr
 import { type Batch, conceptFeedValues, type Feeds, feedValues, type Lowered, mixSeed, recordReads } from "../runtime/Lower.ts"
 import type { ConceptFeeds } from "../blocks/ConceptContext.ts"
 import { conceptSlots } from "../blocks/Chunker.ts"
-import { type TuneRow, tuneMatMuls, watchProducts } from "../runtime/webgpu/MatMul.ts"
+import { describeTuning, type TuneRow, tuneMatMuls, watchProducts } from "../runtime/webgpu/MatMul.ts"
 import { settingsOf } from "../runtime/Env.ts"
 import { failOnGpuErrors, type Optimizer, packStats, type PassOptions, readStats, stepInputValues, stepOnDevice, stepOptions, type StepResult, trainStepAsync, type TrainSettings } from "./Step.ts"
 
@@ -55,6 +55,8 @@ export interface CapturedTrainer {
   readonly issueMs: () => number
   /** What tuning the matmuls after step 0 found (empty when nothing was tuned). */
   readonly tuned: () => ReadonlyArray<TuneRow>
+  /** The same as one line for a log, or undefined when nothing was tuned. */
+  readonly tuning: () => string | undefined
   /** Frees the recording and the feed tensors. */
   readonly dispose: () => void
 }
@@ -265,6 +267,7 @@ export const capturedTrainer = (
     mode: () => mode,
     issueMs: () => issued,
     tuned: () => tuned,
+    tuning: () => (tuned.length > 0 ? describeTuning(tuned) : undefined),
     dispose: () => {
       stepZero?.()
       first?.dispose()

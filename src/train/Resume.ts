@@ -10,7 +10,7 @@ import type * as TF from "@tensorflow/tfjs"
 import { type ChunkerSpec, controlledRate, initialRatioControl, rampSpec, type RatioControl, ratioControlStep } from "../blocks/Chunker.ts"
 import { type LoadedModel, modelFromJson, parseJson } from "../models/Load.ts"
 import type { Lowered } from "../runtime/Lower.ts"
-import { takeChoices } from "../runtime/webgpu/MatMul.ts"
+import { backendOps } from "../runtime/Ops.ts"
 import { CheckpointError, type Metadata, readChecked, type SettingChange, type TensorData } from "./Checkpoint.ts"
 import { DataMismatch, type DataInfo } from "./Data.ts"
 import { readMetrics, type StepMetrics } from "./Metrics.ts"
@@ -219,7 +219,7 @@ export const resumeRun = (args: {
         Effect.flatMap(Schema.decodeUnknownEffect(Schema.Record(Schema.String, Schema.String))),
         Effect.mapError((e) => new CheckpointError({ file: where, message: `expected an object of kernel names: ${e.message}` }))
       )
-      const { taken, unknown } = takeChoices(tf, choices)
+      const { taken, unknown } = backendOps(tf).kernelChoices?.take(choices) ?? { taken: 0, unknown: [] }
       if (taken > 0) yield* log(`matmul: the run's kernels for ${taken} product shape(s) taken from the checkpoint`)
       if (unknown.length > 0) yield* log(`matmul: unknown kernels in the checkpoint (${unknown.join(", ")}); those products are tuned again`)
     }

@@ -8,7 +8,6 @@
 import { Schema } from "effect"
 import type * as TF from "@tensorflow/tfjs"
 import { Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
-import { gpuErrors } from "../runtime/webgpu/Fixes.ts"
 import type { StepProfile } from "../runtime/webgpu/Capture.ts"
 import { adamStepValues, adamw, makeSumSquares } from "../runtime/Fused.ts"
 import type { Tensor, Tf } from "../graph/Apply.ts"
@@ -312,7 +311,7 @@ export const trainStepAsync = async (low: Lowered, opt: Optimizer, batch: Batch,
  * fails validation without an exception, so the values read back would be silently wrong.
  */
 export const failOnGpuErrors = (tf: Tf): void => {
-  const errors = gpuErrors(tf)
+  const errors = backendOps(tf).deviceErrors?.() ?? []
   if (errors.length > 0) throw new Error(`the GPU device reported ${errors.length} error(s); the results are invalid: ${errors.join("; ")}`)
 }
 

@@ -8,6 +8,7 @@
  */
 import { Effect, Path, Schema } from "effect"
 import type { LoadedModel } from "../models/Load.ts"
+import type { Tf } from "../graph/Apply.ts"
 import { lineChart, toSvg } from "../report/Plots.ts"
 import { Tensors } from "../runtime/Backend.ts"
 import { fitsInMemory } from "../runtime/Memory.ts"
@@ -20,7 +21,7 @@ import * as Progress from "../internal/Progress.ts"
 import { type DataInfo, type Stream, sotuData, trainBatch, validationBatches } from "./Data.ts"
 import { capturedTrainer, type StepResult } from "./Captured.ts"
 import { parallelTrainer, trainingThreads } from "./Parallel.ts"
-import { describeTuning, tunedChoices } from "../runtime/webgpu/MatMul.ts"
+import { backendOps } from "../runtime/Ops.ts"
 import { evaluate, evaluateAsync, newOptimizer, type Optimizer, type PassOptions, syncReads, trainStep, type TrainSettings } from "./Step.ts"
 import { type ChunkerSpec, controlledRate, initialRatioControl, rampSpec, type RatioControl, ratioLossValue } from "../blocks/Chunker.ts"
 import { compressionSummary, type CompressionSummary } from "./Compression.ts"
@@ -303,7 +304,7 @@ export const train = (model: LoadedModel, settings: TrainSettings, options: Trai
           step: String(step),
           model: model.name,
           format: "conceptmoe/v1",
-          ...(Object.keys(tunedChoices(tf)).length > 0 ? { matmul: JSON.stringify(tunedChoices(tf)) } : {}),
+          ...kernelChoicesMetadata(tf),
           ...(chunk === undefined ? {} : { ratioControl: JSON.stringify(control) }),
           config: JSON.stringify(model.config),
           settings: JSON.stringify(settings),
@@ -330,7 +331,8 @@ export const train = (model: LoadedModel, settings: TrainSettings, options: Trai
       const r = yield* run(batch, step, pass)
       const dt = performance.now() - t0
       const now = trainer?.mode()
-      if (step === start + 1 && trainer !== undefined && trainer.tuned().length > 0) yield* log(`matmul: ${describeTuning(trainer.tuned())}`)
+      const tuning = step === start + 1 ? trainer?.tuning() : undefined
+      if (tuning !== undefined) yield* log(`matmul: ${tuning}`)
       if (now !== undefined && now.mode !== mode) {
         mode = now.mode
         if (now.mode === "replay") yield* log(`steps from ${step + 2} on replay a recorded step (${now.dispatches} GPU dispatches)`)
@@ -371,3 +373,9 @@ export const train = (model: LoadedModel, settings: TrainSettings, options: Trai
   }).pipe(Effect.scoped)
 
 export { CheckpointError }
+
+/** The backend's kernel choices for a checkpoint's metadata (`matmul`), where it made any. */
+const kernelChoicesMetadata = (tf: Tf): { readonly matmul?: string } => {
+  const choices = backendOps(tf).kernelChoices?.saved() ?? {}
+  return Object.keys(choices).length > 0 ? { matmul: JSON.stringify(choices) } : {}
+}

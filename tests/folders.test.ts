@@ -127,4 +127,21 @@ describe("folder dependencies", () => {
     assert.deepStrictEqual([...(edges.get("graph")?.keys() ?? [])].sort(), ["cost"])
     assert.isFalse(edges.get("blocks")?.has("models") ?? false)
   })
+
+  it("the backend folders of runtime/ are reached only through Backend.ts, Fixes.ts and the webgpu trainer", () => {
+    // generic interpretation (Lower, Decode, Verify, Cache, Fused) knows no backend: what a backend
+    // adds comes through runtime/Ops.ts, filled by Backend.load
+    const allowed = new Set(["runtime/Backend.ts", "runtime/Fixes.ts", "train/Captured.ts", "train/Step.ts"])
+    const reaching: Array<string> = []
+    for (const [rel, text] of sources()) {
+      if (/^runtime\/(wasm|webgpu|cpu)\//.test(rel)) continue
+      for (const m of text.matchAll(/(?:\bfrom|\bimport)\s*\(?\s*["'](\.\.?\/[^"']+)["']/g)) {
+        const target = path.posix.normalize(path.posix.join(path.posix.dirname(rel), m[1]!))
+        if (/^runtime\/(wasm|webgpu|cpu)\//.test(target) && !allowed.has(rel)) reaching.push(`${rel} → ${target}`)
+      }
+    }
+    assert.deepStrictEqual(reaching, [])
+    // Step.ts only for a type
+    assert.notMatch(sources().get("train/Step.ts")!, /^import \{[^}]*\} from "\.\.\/runtime\/(wasm|webgpu|cpu)\//m)
+  })
 })

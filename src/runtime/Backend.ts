@@ -24,14 +24,11 @@ import * as Settings from "../internal/Settings.ts"
 import { backendNames, type BackendName } from "../internal/Settings.ts"
 import { useSettings } from "./Env.ts"
 import { install } from "./Fixes.ts"
-import { provideOps } from "./Ops.ts"
-import { cpuStorage } from "./cpu/Storage.ts"
-import { heapStorage } from "./wasm/Heap.ts"
-import { scatterRows } from "./webgpu/Scatter.ts"
-import { gpuErrors } from "./webgpu/Fixes.ts"
-import { registerWasmKernels } from "./wasm/Kernels.ts"
-import { registerWebGpuKernels } from "./webgpu/Kernels.ts"
-import { takeChoices, tunedChoices, makeGroupedMatMul, type MatMulMode, matMulMode, parseMode, tilesName, useMatMul } from "./webgpu/MatMul.ts"
+import { type BackendOps, provideOps } from "./Ops.ts"
+import { cpuSupport } from "./cpu/Support.ts"
+import { wasmSupport } from "./wasm/Support.ts"
+import { webGpuSupport } from "./webgpu/Support.ts"
+import { type MatMulMode, matMulMode, parseMode, tilesName, useMatMul } from "./webgpu/MatMul.ts"
 
 export { backendNames }
 export type { BackendName }
@@ -83,6 +80,9 @@ const runtimeSettings = Effect.flatMap(Settings.runtime, (settings) => {
     : Effect.succeed({ settings, mode })
 })
 
+/** Each backend's folder: its kernels, registered as it loads, and what it provides (`Ops.ts`). */
+const supports: Partial<Record<string, (tf: Tf) => BackendOps>> = { cpu: cpuSupport, wasm: wasmSupport, webgpu: webGpuSupport }
+
 /** Loads tfjs and a backend, installs the fixes, and resolves the runtime's settings for it. */
 export const load = (name: BackendName): Effect.Effect<Runtime, BackendError | SettingError> =>
   Effect.flatMap(runtimeSettings, ({ settings, mode }) => loadWith(name, settings, mode))
@@ -132,24 +132,10 @@ const loadWith = (name: BackendName, settings: Settings.RuntimeSettings, matmul:
       if (!ok) throw new Error(name === "webgpu" ? "no WebGPU adapter was found" : "setBackend returned false")
       await tf.ready()
       install(tf, backendName)
-      // our kernels, registered by the backend's folder (the makers of Fused.ts run them)
-      if (name === "cpu") provideOps(tf, "cpu", { storage: cpuStorage(tf) })
-      if (name === "wasm") {
-        registerWasmKernels(tf)
-        // MoE layers read their routing back at no cost: as many groups as a step needs
-        provideOps(tf, "wasm", { storage: heapStorage(tf), dispatch: { decode: "fitted", training: (c) => (c === null ? "fitted" : undefined) } })
-      }
-      if (name === "webgpu") {
-        registerWebGpuKernels(tf)
-        // MoE layers stay on the device, in static shapes (a recorded step replays them)
-        provideOps(tf, "webgpu", {
-          groupedMatMul: makeGroupedMatMul,
-          kernelChoices: { saved: () => tunedChoices(tf), take: (choices) => takeChoices(tf, choices) },
-          deviceErrors: () => gpuErrors(tf),
-          scatterRows: scatterRows(tf),
-          dispatch: { forward: "grouped", training: (c) => (c === null ? "grouped" : { capacity: c }) }
-        })
-      }
+      // the backend's folder registers its kernels (the makers of Fused.ts run them) and says what
+      // it provides beyond them (Ops.ts)
+      const support = supports[name]
+      if (support !== undefined) provideOps(tf, name, support(tf))
       useSettings(tf, settings)
       if (name === "webgpu") {
         // the matmul mode is set once per process, when the backend first loads (loading it again,

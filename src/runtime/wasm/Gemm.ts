@@ -54,9 +54,9 @@ import {
 } from "./Assemble.ts"
 
 /** Rows of A per block (one vector register of accumulators per row and 4 columns). */
-export const blockRows = 4
+const blockRows = 4
 /** Columns of B per packed panel (two vectors of 4). */
-export const panelCols = 8
+const panelCols = 8
 
 /**
  * `gemm(a, rowS, kS, blockS, bp, c, ldc, mBlocks, panels, K)`: for each block of 4 rows of A (block

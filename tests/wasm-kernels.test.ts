@@ -174,6 +174,39 @@ describe("wasm kernels equal cpu", () => {
     for (let i = 0; i < 4; i++) close(wasm[i]!, cpu[i]!, 1e-5, ["Σx²", "w", "m", "v"][i]!)
   })
 
+  it("AdamW with tiny and subnormal gradients and moments: equal to cpu, no subnormal moment left, NaN kept; Σx² of odd lengths", async () => {
+    // 4·40 + 3 elements (the last 3 in JavaScript), in groups of 8: normal values; small but normal
+    // ones (g 1e-6, whose Adam step is as large as any other's); tiny ones (g 1e-21, whose square is
+    // subnormal); subnormal g, m and v (1e-39, 1e-40); and one NaN gradient
+    const n = 163
+    const pick = (i: number, normal: number, small: number, tiny: number, sub: number) => [normal, small, tiny, sub][(i >> 1) % 4]! * (i % 2 ? -1 : 1) * (1 + (i % 7) / 7)
+    const data = {
+      w: Float32Array.from({ length: n }, (_, i) => 0.05 * Math.sin(i + 1)),
+      g: Float32Array.from({ length: n }, (_, i) => (i === 77 ? NaN : pick(i, 0.3, 1e-6, 1e-21, 1e-39))),
+      m: Float32Array.from({ length: n }, (_, i) => pick(i, 0.02, 1e-7, 1e-33, 1e-40)),
+      v: Float32Array.from({ length: n }, (_, i) => Math.abs(pick(i, 1e-3, 1e-12, 1e-36, 1e-39)))
+    }
+    const { cpu, wasm } = await onBoth((tf) => {
+      const [w, g, m, v] = (["w", "g", "m", "v"] as const).map((k) => tf.tensor1d(data[k]))
+      const h = { beta1: 0.9, beta2: 0.95, eps: 1e-8, c1: 1 - 0.9 ** 3, c2: 1 - 0.95 ** 3, lr: 3e-3, lrScale: 0.5, decay: 0.1 }
+      const next = adamw(tf, w!, g!, m!, v!, tf.tensor1d([0.8]), h, adamStepValues(tf, h))
+      const odd = tf.tensor1d(data.w.slice(0, 7))
+      return [next.w, next.m, next.v, makeSumSquares(tf)([odd, tf.tensor2d(data.m.slice(0, 150), [10, 15]), odd])]
+    })
+    const finite = (x: Float32Array) => x.map((a, i) => (i === 77 ? 0 : a))
+    for (let i = 0; i < 3; i++) {
+      closeEach(finite(wasm[i]!), finite(cpu[i]!), 1e-6, ["w", "m", "v"][i]!)
+      assert.isNaN(wasm[i]![77], `${["w", "m", "v"][i]}: NaN gradient`)
+    }
+    // the small gradients' Adam steps are not flushed: each moves w by about lr·lrScale
+    for (const i of [2, 3, 10, 11]) assert.isAbove(Math.abs(wasm[0]![i]! - data.w[i]!), 1e-4, `w[${i}]`)
+    // cpu keeps subnormal moments (so the inputs make them); wasm flushes them to 0
+    const subnormal = (x: Float32Array) => x.filter((a) => a !== 0 && Math.abs(a) < 2 ** -126).length
+    assert.isAbove(subnormal(cpu[1]!) + subnormal(cpu[2]!), 10)
+    assert.strictEqual(subnormal(wasm[1]!) + subnormal(wasm[2]!), 0)
+    close(wasm[3]!, cpu[3]!, 1e-6, "Σx²")
+  })
+
   it("masked cross-entropy: value and gradient, masked rows, labels outside the vocabulary, logits of ±80", async () => {
     // 37 rows of 29 logits: every third row spans ±80, the others ±4; rows 5 and 20 masked, rows 11
     // and 30 with labels −1 and 29 (no target), so they add nothing

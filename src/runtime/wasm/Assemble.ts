@@ -42,8 +42,9 @@ const section = (id: number, body: Code): Array<number> => [id, ...uleb(body.len
 
 export const i32 = 0x7f
 export const f32 = 0x7d
+export const f64 = 0x7c
 export const v128 = 0x7b
-type ValueType = typeof i32 | typeof f32 | typeof v128
+type ValueType = typeof i32 | typeof f32 | typeof f64 | typeof v128
 
 // control
 export const block = (...body: ReadonlyArray<Code>): Code => [0x02, 0x40, ...body.flat(), 0x0b]
@@ -77,6 +78,7 @@ export const f32Load = (offset = 0): Code => [0x2a, 2, ...uleb(offset)]
 export const f32Store = (offset = 0): Code => [0x38, 2, ...uleb(offset)]
 export const f32Zero: Code = [0x43, 0, 0, 0, 0]
 export const f32Add = [0x92] as Code
+export const f64Add = [0xa0] as Code
 
 // 128-bit SIMD
 const simd = (op: number, ...immediates: ReadonlyArray<number>): Code => [0xfd, ...uleb(op), ...immediates]
@@ -92,6 +94,9 @@ export const i32x4Const = (x: number): Code => simd(0x0c, ...new Uint8Array(new 
 export const f32x4ExtractLane = (lane: number): Code => simd(0x1f, lane)
 export const v128And = simd(0x4e)
 export const v128Bitselect = simd(0x52)
+/** a & ~b */
+export const v128AndNot = simd(0x4f)
+export const f32x4Lt = simd(0x43)
 export const f32x4Ge = simd(0x46)
 export const f32x4Nearest = simd(0x6a)
 export const i32x4Shl = simd(0xab)
@@ -107,22 +112,32 @@ export const f32x4Add = simd(0xe4)
 export const f32x4Sub = simd(0xe5)
 export const f32x4Mul = simd(0xe6)
 export const f32x4Div = simd(0xe7)
+/** The low two lanes of an f32x4 as an f64x2. */
+export const f64x2PromoteLowF32x4 = simd(0x5f)
+export const f64x2Add = simd(0xf0)
+export const f64x2Mul = simd(0xf2)
+export const f64x2ExtractLane = (lane: number): Code => simd(0x21, lane)
+/** Of two vectors' 32 bytes, the 16 named by `lanes` (0–15 the first's, 16–31 the second's). */
+export const i8x16Shuffle = (lanes: ReadonlyArray<number>): Code => simd(0x0d, ...lanes)
+/** Relaxed SIMD: the truncation of f32 lanes to i32 (as cvttps2dq: out of range lanes are unspecified). */
+export const i32x4RelaxedTruncF32x4S = simd(0x101)
 /** Relaxed SIMD: a·b + c, fused where the hardware has an FMA (one rounding), else two roundings. */
 export const f32x4RelaxedMadd = simd(0x105)
 
-/** A function of the module: its name, parameters (a count of i32s, or their types), extra locals and body. */
+/** A function of the module: its name, parameters (a count of i32s, or their types), its result (none if absent), extra locals and body. */
 export interface Func {
   readonly name: string
   readonly params: number | ReadonlyArray<ValueType>
+  readonly result?: ValueType
   readonly locals: ReadonlyArray<readonly [count: number, type: ValueType]>
   readonly body: ReadonlyArray<Code>
 }
 
 /**
- * The binary of a module that imports `env.memory` and exports `functions` (each returns nothing).
+ * The binary of a module that imports `env.memory` and exports `functions` (each returns nothing or its `result`).
  */
 export const moduleBytes = (functions: ReadonlyArray<Func>): Uint8Array<ArrayBuffer> => {
-  const types = functions.map((f) => [0x60, ...vec((typeof f.params === "number" ? new Array<ValueType>(f.params).fill(i32) : f.params).map((t) => [t])), 0])
+  const types = functions.map((f) => [0x60, ...vec((typeof f.params === "number" ? new Array<ValueType>(f.params).fill(i32) : f.params).map((t) => [t])), ...(f.result === undefined ? [0] : [1, f.result])])
   const bodies = functions.map((f) => {
     const code = [...vec(f.locals.map(([count, type]) => [...uleb(count), type])), ...f.body.flat(), 0x0b]
     return [...uleb(code.length), ...code]

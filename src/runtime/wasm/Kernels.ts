@@ -49,7 +49,7 @@ export const registerWasmKernels = (tf: Tf): boolean => {
   // inputs arrive in the order the call site names them
   registerNorms(register, simd)
   registerRotary(register)
-  registerOptimizer(register, memory === undefined ? undefined : makeAdamW(memory))
+  registerOptimizer(register, memory === undefined ? undefined : makeAdamW(memory), simd)
   registerLoss(register)
   registerActivations(register, simd)
   // the MoE layer's routing and slots (Moe.ts)
@@ -150,7 +150,7 @@ const registerRotary = (register: Register): void => {
  * AdamW of one parameter (the three outputs w', m', v', see `Fused.adamw`; h = [lr, c1, c2], s = the
  * clipping factor), in SIMD over the heap (AdamW.ts) where the engine has it; and the clipping's Σx².
  */
-const registerOptimizer = (register: Register, simdAdamW: AdamW | undefined): void => {
+const registerOptimizer = (register: Register, simdAdamW: AdamW | undefined, simd: Simd | undefined): void => {
   register(wasmKernels.adamw, (sh) => [sh[0]!, sh[0]!, sh[0]!], ([w, g, m, v, s, h], [w2, m2, v2], _, a) => {
     const [lr, c1, c2] = [h![0]!, h![1]!, h![2]!]
     const scalars = { scale: s![0]!, beta1: a["beta1"]!, beta2: a["beta2"]!, eps: a["eps"]!, decay: a["decay"]!, rate: lr * a["lrScale"]!, c1, c2 }
@@ -166,10 +166,13 @@ const registerOptimizer = (register: Register, simdAdamW: AdamW | undefined): vo
       w2![i] = wi - rate * (mi / c1 / (Math.sqrt(vi / c2) + eps) + decay * wi)
     }
   })
-  // Σ x² over all the inputs, one scalar (summed in double precision)
+  // Σ x² over all the inputs, one scalar (summed in double precision; in SIMD where the engine has it)
   register(wasmKernels.sumSquares, () => [[]], (xs, [out]) => {
     let total = 0
-    for (const x of xs) for (let i = 0; i < x.length; i++) total += x[i]! * x[i]!
+    for (const x of xs) {
+      if (simd !== undefined) total += simd.sumSquares(x as Float32Array)
+      else for (let i = 0; i < x.length; i++) total += x[i]! * x[i]!
+    }
     out![0] = total
   })
 }

@@ -37,6 +37,12 @@ import {
   f32x4Splat,
   f32x4Sqrt,
   f32x4Sub,
+  f64,
+  f64Add,
+  f64x2Add,
+  f64x2ExtractLane,
+  f64x2Mul,
+  f64x2PromoteLowF32x4,
   type Func,
   geS,
   get,
@@ -45,6 +51,7 @@ import {
   i32x4Const,
   i32x4Shl,
   i32x4TruncSatF32x4S,
+  i8x16Shuffle,
   loop,
   moduleBytes,
   mul,
@@ -231,6 +238,34 @@ const geluGradFunc = elementwise("geluGrad", true, (x, dy, t) => [
   ...get(dy), ...f32x4Mul
 ])
 
+// sumSquares(x, n4): Σ x² of n4 floats (a multiple of 4) in double precision, two lanes of f64 for
+// the low and two for the high half of each vector (the product of two float32s is exact in f64)
+const sumSquaresFunc: Func = (() => {
+  const f = frame([i32, i32], 2, 0, 4)
+  const [xp, n4] = [0, 1]
+  const [c, bytes] = [0, 1].map(f.int) as [number, number]
+  const [lo, hi, x, d] = [0, 1, 2, 3].map(f.vec) as [number, number, number, number]
+  const square = (v: Code): Code => [...v, ...f64x2PromoteLowF32x4, ...set(d), ...get(d), ...get(d), ...f64x2Mul]
+  const high = [...get(x), ...get(x), ...i8x16Shuffle([8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7])]
+  return {
+    name: "sumSquares",
+    params: [i32, i32],
+    result: f64,
+    locals: f.locals,
+    body: [
+      get(n4), const32(4), mul, set(bytes),
+      k(0), set(lo), k(0), set(hi),
+      each(c, bytes, [
+        at(xp, c), v128Load(0), set(x),
+        get(hi), square(high), f64x2Add, set(hi),
+        get(lo), square(get(x)), f64x2Add, set(lo)
+      ]),
+      get(lo), get(hi), f64x2Add, set(x),
+      get(x), f64x2ExtractLane(0), get(x), f64x2ExtractLane(1), f64Add
+    ]
+  }
+})()
+
 /** The kernels, on views of the heap (whole groups of 4; see {@link makeSimd} for tails). */
 export interface Simd {
   readonly softmaxGrad: (p: Float32Array, dp: Float32Array, out: Float32Array, width: number, scale: number) => void
@@ -241,6 +276,8 @@ export interface Simd {
   readonly norm: (x: Float32Array, g: Float32Array, y: Float32Array, d: number, eps: number) => void
   readonly normDx: (x: Float32Array, g: Float32Array, dy: Float32Array, dx: Float32Array, d: number, eps: number) => void
   readonly normDg: (x: Float32Array, dy: Float32Array, out: Float32Array, d: number, eps: number) => void
+  /** Σ x² in double precision (any length). */
+  readonly sumSquares: (x: Float32Array) => number
 }
 
 /**
@@ -253,7 +290,7 @@ export const makeSimd = (memory: WebAssembly.Memory, tails: {
   readonly gelu: (x: number) => number
   readonly geluGrad: (x: number, dy: number) => number
 }): Simd | undefined => {
-  const bytes = moduleBytes([softmaxGradFunc, siluGradFunc, geluFunc, geluGradFunc, normForward, normGradX, normGradRows])
+  const bytes = moduleBytes([softmaxGradFunc, siluGradFunc, geluFunc, geluGradFunc, normForward, normGradX, normGradRows, sumSquaresFunc])
   if (!WebAssembly.validate(bytes)) return undefined
   const x = new WebAssembly.Instance(new WebAssembly.Module(bytes), { env: { memory } }).exports as Record<string, (...a: Array<number>) => void>
   const unary = (name: string, scalar: (v: number) => number) => (v: Float32Array, out: Float32Array) => {
@@ -273,6 +310,12 @@ export const makeSimd = (memory: WebAssembly.Memory, tails: {
     norm: (v, g, y, d, eps) => x["norm"]!(v.byteOffset, g.byteOffset, 0, y.byteOffset, v.length / d, d, eps, 1 / d),
     normDx: (v, g, dy, dx, d, eps) => x["normDx"]!(v.byteOffset, g.byteOffset, dy.byteOffset, dx.byteOffset, v.length / d, d, eps, 1 / d),
     normDg: (v, dy, out, d, eps) => x["normDg"]!(v.byteOffset, 0, dy.byteOffset, out.byteOffset, v.length / d, d, eps, 1 / d),
-    geluGrad: binary("geluGrad", tails.geluGrad)
+    geluGrad: binary("geluGrad", tails.geluGrad),
+    sumSquares: (v) => {
+      const n4 = v.length - (v.length % 4)
+      let total = n4 > 0 ? (x["sumSquares"]! as unknown as (p: number, n: number) => number)(v.byteOffset, n4) : 0
+      for (let i = n4; i < v.length; i++) total += v[i]! * v[i]!
+      return total
+    }
   }
 }

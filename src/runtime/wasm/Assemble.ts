@@ -105,6 +105,10 @@ export const f32x4Abs = simd(0xe0)
 export const f32x4Neg = simd(0xe1)
 export const f32x4Min = simd(0xe8)
 export const f32x4Max = simd(0xe9)
+/** Pseudo-minimum b < a ? b : a (one minps; NaN in a passes). */
+export const f32x4Pmin = simd(0xea)
+/** Pseudo-maximum a < b ? b : a (one maxps; NaN in a passes). */
+export const f32x4Pmax = simd(0xeb)
 export const i32x4TruncSatF32x4S = simd(0xf8)
 export const f32x4Splat = simd(0x13)
 export const f32x4Sqrt = simd(0xe3)

@@ -8,17 +8,25 @@
  *
  * exp(x): Cephes' single-precision method (x = k·ln 2 + r, |r| ≤ ln 2 / 2, e^r by a degree-7
  * polynomial, 2^k put into the exponent bits), relative error about 2e-7; arguments are clamped to
- * [−87, 88] and e^x is 0 below −87 (so that no result is subnormal, which x86 computes about a hundred times slower; a masked attention score, −1e9, gives exactly 0). The erf
- * of GELU is Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), as tfjs's cpu Erf and our WGSL.
- * Each kernel takes whole groups of 4 (the caller finishes a tail in JavaScript).
+ * [−87, 88] and e^x is 0 below −87 (so that no result is subnormal, which x86 computes about a
+ * hundred times slower; a masked attention score, −1e9, gives exactly 0).
+ *
+ * Exact GELU x·Φ(x), Φ(x) = (1 + erf(x/√2))/2: the value with erf as a rational function we fitted
+ * ({@link erfP}: no exp, 18 vector operations), |error| of Φ below 2e-7 (the former exp-based form:
+ * 2.0e-7); since 1 + erf cancels for x < 0, the value's error is up to 7e-7 of max(1, |value|), at
+ * x ≈ −5 where the value is about −1.4e-6 (that form: 2.1e-7). The gradient Φ(x) + x·φ(x) needs
+ * e^(−x²/2) for φ anyway, so its Φ is 1 − erfc/2 with erfc by Abramowitz & Stegun 7.1.26 (|error| <
+ * 1.5e-7, as tfjs's cpu Erf and our WGSL) from that same exp. Each kernel takes whole groups of 4
+ * (the caller finishes a tail in JavaScript: there GELU's value is the exp-based form).
  *
  * What V8 makes of an instruction matters as much as how many there are: `f32x4.min`/`max` (NaN and
  * ±0 rules) become about seven x86 instructions each and `i32x4.trunc_sat_f32x4_s` about eight, so
- * the clamp uses `pmin`/`pmax` (one each; NaN still passes) and, where the engine has relaxed SIMD,
+ * the clamps use `pmin`/`pmax` (one each; NaN still passes) and, where the engine has relaxed SIMD,
  * the truncation of the already clamped exponent is the relaxed one and polynomials use fused
- * multiply-adds. With these and one exp per element for GELU's gradient (it took two), GELU on
- * [1024, 512] went from 1.76 to 1.20 ms and its gradient from 1.92 to 1.31 ms (old and new module
- * timed alternately in one process over the same heap).
+ * multiply-adds. Timed alternately in one process over the same heap against the kernels before
+ * these changes, on [1024, 512]: GELU 1.83 → 0.81 ms, its gradient (one exp where it took two)
+ * 1.99 → 1.36 ms (`tests/wasm-simd.test.ts` checks both builds, relaxed and not, in double
+ * precision's terms).
  *
  * @since 0.4.0
  */
@@ -257,6 +265,20 @@ const elementwise = (relaxed: boolean, name: string, withDy: boolean, value: (x:
   }
 }
 
+/**
+ * erf(x/√2) ≈ x·P(x²)/Q(x²) for |x| ≤ 5.5437 (3.92·√2, past which erf is 1 in float32), P's and
+ * Q's coefficients from the constant term up; the kernel clamps x to ±5.8, where the ratio exceeds 1
+ * by 6e-7, and the result to [−1, 1] (between 5.5 and 5.8 the ratio is within 1e-7 of 1, and for
+ * larger |x| erf is ±1 exactly). We fitted the coefficients (minimax by Lawson's iteration on the
+ * linearised error x·P − erf·Q, weighted by 1/Q of the previous pass, in double precision): the fit's
+ * error is 1.6e-8, and evaluated in float32 (coefficients rounded, Horner's rule) the error is at
+ * most 3.1e-7 on erf, 1.6e-7 on Φ(x) = (1 + erf(x/√2))/2, largest near |x| = 3.8. All coefficients
+ * are positive: Q ≥ 1, no pole, no cancellation.
+ */
+const erfP = [0.797884464263916, 0.06815292686223984, 0.009379889816045761, 0.00034192061866633594, 1.2704951586783864e-05, 4.496126848607673e-08]
+const erfQ = [1.0, 0.25208285450935364, 0.028771309182047844, 0.0018965525086969137, 7.425808871630579e-05, 1.18970240237104e-06]
+const erfClamp = 5.8
+
 /** SiLU's gradient and exact GELU's value and gradient (relaxed: see {@link Ctx}). */
 const activations = (relaxed: boolean): ReadonlyArray<Func> => {
   // σ(x) = 1 / (1 + e^(−x))
@@ -273,10 +295,14 @@ const activations = (relaxed: boolean): ReadonlyArray<Func> => {
     ...vdiv(cx.k(1), cx.madd(cx.k(0.23164188826636045), [...get(x), ...f32x4Abs], cx.k(1))), ...set(t[3]),
     ...vmul(vmul(horner(cx, t[3], [1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592]), get(t[3])), get(t[4]))
   ]
-  // x·Φ(x) = (x + |x|)/2 − |x|·tail/2
+  // x·Φ(x) = x/2 + x/2·erf(x/√2), erf(x/√2) = x·P(x²)/Q(x²) (see erfP)
   const gelu = elementwise(relaxed, "gelu", false, (x, _, t, cx) => [
-    ...gauss(cx, x, t), ...tail(cx, x, t), ...set(t[3]),
-    ...vsub(vmul(vadd(get(x), [...get(x), ...f32x4Abs]), cx.k(0.5)), vmul(vmul([...get(x), ...f32x4Abs], get(t[3])), cx.k(0.5)))
+    ...get(x), ...cx.k(erfClamp), ...f32x4Pmin, ...cx.k(-erfClamp), ...f32x4Pmax, ...set(t[0]),
+    ...vmul(get(t[0]), get(t[0])), ...set(t[1]),
+    ...vmul(get(t[0]), vdiv(horner(cx, t[1], [...erfP].reverse()), horner(cx, t[1], [...erfQ].reverse()))),
+    ...cx.k(1), ...f32x4Pmin, ...cx.k(-1), ...f32x4Pmax, ...set(t[2]),
+    ...vmul(get(x), cx.k(0.5)), ...set(t[3]),
+    ...cx.madd(get(t[3]), get(t[2]), get(t[3]))
   ])
   // Φ(x) + x·φ(x): Φ = 1 − tail/2 for x ≥ 0, tail/2 below; one exp for both
   const geluGrad = elementwise(relaxed, "geluGrad", true, (x, dy, t, cx) => [
@@ -340,9 +366,12 @@ export const makeSimd = (memory: WebAssembly.Memory, tails: {
   readonly siluGrad: (x: number, dy: number) => number
   readonly gelu: (x: number) => number
   readonly geluGrad: (x: number, dy: number) => number
-}): Simd | undefined => {
+}, options: {
+  /** Relaxed SIMD (FMA, the plain truncation) or not; by default where the engine has it (tests pick each). */
+  readonly relaxed?: boolean
+} = {}): Simd | undefined => {
   const build = (relaxed: boolean) => moduleBytes([softmaxGradFunc, ...activations(relaxed), normForward, normGradX, normGradRows, sumSquaresFunc])
-  const relaxed = WebAssembly.validate(build(true))
+  const relaxed = options.relaxed ?? WebAssembly.validate(build(true))
   const bytes = build(relaxed)
   if (!WebAssembly.validate(bytes)) return undefined
   const x = new WebAssembly.Instance(new WebAssembly.Module(bytes), { env: { memory } }).exports as Record<string, (...a: Array<number>) => void>

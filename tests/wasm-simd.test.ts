@@ -1,0 +1,121 @@
+/**
+ * The SIMD kernels of src/runtime/wasm/Simd.ts on their own heap, in both builds (with relaxed SIMD:
+ * fused multiply-adds and the plain truncation; without: a multiply and an add, the saturating
+ * truncation), against the same functions in double precision: exact GELU (its erf a fitted rational
+ * function), its gradient, SiLU's gradient, the attention softmax's gradient and Σx². The kernels
+ * through tfjs, against the cpu backend, are in tests/wasm-kernels.test.ts.
+ */
+import { assert, describe, it } from "@effect/vitest"
+import { makeSimd } from "../src/runtime/wasm/Simd.ts"
+
+/** erf in double precision: its Taylor series below 3, a continued fraction of erfc above. */
+const erf = (z: number): number => {
+  const a = Math.abs(z)
+  if (a < 3) {
+    let sum = 0
+    let term = a
+    for (let k = 0; k < 80; k++) {
+      sum += term / (2 * k + 1)
+      term *= (-a * a) / (k + 1)
+    }
+    return Math.sign(z) * sum * (2 / Math.sqrt(Math.PI))
+  }
+  let f = 0
+  for (let k = 80; k >= 1; k--) f = k / 2 / (a + f)
+  return Math.sign(z) * (1 - Math.exp(-a * a) / Math.sqrt(Math.PI) / (a + f))
+}
+const phi = (x: number) => 0.5 * (1 + erf(x / Math.SQRT2))
+const gauss = (x: number) => Math.exp(-0.5 * x * x) / Math.sqrt(2 * Math.PI)
+const sigmoid = (x: number) => 1 / (1 + Math.exp(-x))
+
+const memory = new WebAssembly.Memory({ initial: 64 })
+const fail = () => NaN
+const tails = { siluGrad: fail, gelu: fail, geluGrad: fail }
+const builds = [true, false].flatMap((relaxed) => {
+  const simd = makeSimd(memory, tails, { relaxed })
+  return simd === undefined ? [] : [{ relaxed, simd }]
+})
+
+/** Consecutive float32 views of the heap. */
+const views = (...lengths: Array<number>) => {
+  let offset = 0
+  return lengths.map((n) => {
+    const v = new Float32Array(memory.buffer, offset, n)
+    offset += 4 * n + 16 - ((4 * n) % 16)
+    return v
+  })
+}
+
+/** |got − want| ≤ tol·max(1, |want|) element by element (NaN only where wanted). */
+const near = (got: ArrayLike<number>, want: ArrayLike<number>, tol: number, what: string) => {
+  for (let i = 0; i < want.length; i++) {
+    const [g, w] = [got[i]!, want[i]!]
+    if (Number.isNaN(w) ? !Number.isNaN(g) : !(Math.abs(g - w) <= tol * Math.max(1, Math.abs(w)))) assert.fail(`${what}: index ${i}: ${g} vs ${w}`)
+  }
+}
+
+// x from −12 to 12 in steps of 2⁻⁸ (every float32 exactly), then ±80, ±1e-4, ±0 and NaN
+const grid = [...Array.from({ length: 6144 }, (_, i) => -12 + i / 256), 80, -80, 1e-4, -1e-4, 0, -0, NaN, 3]
+
+describe("wasm SIMD kernels in double precision's terms", () => {
+  it("both builds exist here (the engine has 128-bit and relaxed SIMD)", () => {
+    assert.deepStrictEqual(builds.map((b) => b.relaxed), [true, false])
+  })
+
+  for (const { relaxed, simd } of builds) {
+    const build = relaxed ? "relaxed" : "plain"
+    it(`${build}: exact GELU within 8e-7 (its Φ within 2e-7), its gradient within 5e-7, SiLU's within 8e-7 (of max(1, |value|))`, () => {
+      const n = grid.length
+      const [x, dy, y] = views(n, n, n)
+      x!.set(grid)
+      simd.gelu(x!, y!)
+      near(y!, grid.map((v) => v * phi(v)), 8e-7, `${build} GELU`)
+      // the largest error of Φ, from y/x away from 0
+      let worst = 0
+      grid.forEach((v, i) => {
+        if (Math.abs(v) > 0.5 && Number.isFinite(v)) worst = Math.max(worst, Math.abs(y![i]! / v - phi(v)))
+      })
+      assert.isBelow(worst, 2e-7, `${build} Φ`)
+      assert.isAbove(worst, 1e-9, `${build} Φ is float32`)
+      dy!.set(grid.map((_, i) => Math.cos(i * 0.37) * 2))
+      simd.geluGrad(x!, dy!, y!)
+      near(y!, grid.map((v, i) => dy![i]! * (phi(v) + v * gauss(v))), 5e-7, `${build} GELU gradient`)
+      simd.siluGrad(x!, dy!, y!)
+      near(y!, grid.map((v, i) => (Math.abs(v) > 87 ? y![i]! : dy![i]! * sigmoid(v) * (1 + v * (1 - sigmoid(v))))), 8e-7, `${build} SiLU gradient`)
+    })
+
+    it(`${build}: the softmax gradient and Σx² (double precision, any length)`, () => {
+      const [rows, width] = [6, 12]
+      const [p, dp, out] = views(rows * width, rows * width, rows * width)
+      for (let r = 0; r < rows; r++) {
+        const e = Array.from({ length: width }, (_, c) => Math.exp(Math.sin(r * 5 + c)))
+        const total = e.reduce((a, b) => a + b, 0)
+        e.forEach((v, c) => (p![r * width + c] = v / total))
+      }
+      dp!.set(Array.from({ length: rows * width }, (_, i) => Math.cos(i)))
+      simd.softmaxGrad(p!, dp!, out!, width, 0.5)
+      const want = Array.from({ length: rows * width }, (_, i) => {
+        const base = i - (i % width)
+        let dot = 0
+        for (let c = 0; c < width; c++) dot += p![base + c]! * dp![base + c]!
+        return 0.5 * p![i]! * (dp![i]! - dot)
+      })
+      near(out!, want, 1e-6, `${build} softmax gradient`)
+      for (const n of [1, 4, 7, 1001]) {
+        const [v] = views(n)
+        v!.set(Array.from({ length: n }, (_, i) => Math.sin(i + 1) * 1e3))
+        const exact = Array.from(v!).reduce((a, b) => a + b * b, 0)
+        assert.isBelow(Math.abs(simd.sumSquares(v!) - exact), 1e-12 * exact, `${build} Σx² of ${n}`)
+      }
+    })
+  }
+
+  it("the two builds agree within 1e-6 on GELU", () => {
+    const n = grid.length
+    const [x, a, b] = views(n, n, n)
+    x!.set(grid)
+    builds[0]!.simd.gelu(x!, a!)
+    builds[1]!.simd.gelu(x!, b!)
+    near(a!, b!, 1e-6, "relaxed vs plain")
+  })
+})

@@ -124,6 +124,12 @@ describe("wasm kernels equal cpu", () => {
     const { tf } = await runtime("wasm")
     assert.isTrue(wasmFused(tf))
     assert.strictEqual(tf.getKernel("ConceptmoeAdamW", "wasm")?.kernelName, "ConceptmoeAdamW")
+    // RMSNorm's gradient: one kernel for dx and dg (no Sum over the rows)
+    const x = tf.randomNormal([6, 8])
+    const g = tf.ones([8])
+    const { kernelNames } = await tf.profile(() => tf.grads((a: Tensor, b: Tensor) => makeRmsNorm(tf)(a, b, 1e-6))([x, g], tf.randomNormal([6, 8])) as never)
+    assert.include(kernelNames, "ConceptmoeRmsNormGrad")
+    assert.notInclude(kernelNames, "Sum", kernelNames.join(" "))
   })
 
   it("RMSNorm: value and gradients (rows of a multiple of 4 in SIMD, others in JavaScript)", async () => {

@@ -495,6 +495,8 @@ export const makeRmsNorm = (tf: Tf) => {
   const ops = (x: Tensor, g: Tensor, eps: number) => tf.mul(tf.mul(x, tf.rsqrt(tf.add(tf.mean(tf.mul(x, x), -1, true), eps))), g)
   if (!hasKernel(tf, kernels.norm)) return ops
   const run = (name: string, inputs: Record<string, Tensor>, eps: number) => runKernel(tf, name, inputs, { eps })
+  // wasm: both gradients in one kernel (dg summed over the rows inside it)
+  const both = hasKernel(tf, wasmKernels.normGrad)
   return (x: Tensor, g: Tensor, eps: number): Tensor => {
     const d = x.shape[x.rank - 1]!
     const rows = x.size / d
@@ -502,10 +504,10 @@ export const makeRmsNorm = (tf: Tf) => {
       save([x2, g1])
       return {
         value: run(kernels.norm, { x: x2, g: g1 }, eps),
-        gradFunc: (dy: Tensor, [sx, sg]: Array<Tensor>) => [
-          run(kernels.normDx, { x: sx!, g: sg!, dy }, eps),
-          tf.sum(run(kernels.normDg, { x: sx!, dy }, eps), 0)
-        ]
+        gradFunc: (dy: Tensor, [sx, sg]: Array<Tensor>) =>
+          both
+            ? tf.engine().runKernel(wasmKernels.normGrad, { x: sx!, g: sg!, dy } as unknown as TF.NamedTensorMap, { eps } as unknown as TF.NamedAttrMap) as unknown as Array<Tensor>
+            : [run(kernels.normDx, { x: sx!, g: sg!, dy }, eps), tf.sum(run(kernels.normDg, { x: sx!, dy }, eps), 0)]
       }
     }) as unknown as Parameters<Tf["customGrad"]>[0])
     return tf.reshape(f(tf.reshape(x, [rows, d]), g) as Tensor, x.shape)

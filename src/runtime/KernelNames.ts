@@ -38,5 +38,5 @@ export const kernels = {
   sumGroups: "ConceptmoeSumGroups"
 } as const
 
-/** Kernels only the wasm backend has: AdamW in one kernel, and Σx² over all the gradients. */
-export const wasmKernels = { adamw: "ConceptmoeAdamW", sumSquares: "ConceptmoeSumSquaresAll" } as const
+/** Kernels only the wasm backend has: AdamW in one kernel, Σx² over all the gradients, RMSNorm's two gradients in one pass. */
+export const wasmKernels = { adamw: "ConceptmoeAdamW", sumSquares: "ConceptmoeSumSquaresAll", normGrad: "ConceptmoeRmsNormGrad" } as const

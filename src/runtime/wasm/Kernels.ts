@@ -104,6 +104,27 @@ const registerNorms = (register: Register, simd: Simd | undefined): void => {
       for (let c = 0; c < d; c++) dx![base + c] = r * g![c]! * dy![base + c]! - x![base + c]! * k
     }
   })
+  // both gradients in one pass: dx as above, and dg = Σ_rows dy·x·r
+  register(wasmKernels.normGrad, (sh) => [sh[0]!, [sh[0]![1]!]], ([x, g, dy], [dx, dg], [shape], a) => {
+    const d = shape![1]!
+    if (simd !== undefined && d % 4 === 0) return simd.normGrad(x as Float32Array, g as Float32Array, dy as Float32Array, dx!, dg!, d, a["eps"]!)
+    dg!.fill(0)
+    for (let base = 0; base < x!.length; base += d) {
+      let sa = 0
+      let sb = 0
+      for (let c = 0; c < d; c++) {
+        const v = x![base + c]!
+        sa += v * v
+        sb += dy![base + c]! * g![c]! * v
+      }
+      const r = 1 / Math.sqrt(sa / d + a["eps"]!)
+      const k = (r * r * r * sb) / d
+      for (let c = 0; c < d; c++) {
+        dx![base + c] = r * g![c]! * dy![base + c]! - x![base + c]! * k
+        dg![c] = dg![c]! + dy![base + c]! * x![base + c]! * r
+      }
+    }
+  })
   // per row dy·x·r (the caller sums the rows)
   register(kernels.normDg, (sh) => [sh[0]!], ([x, dy], [out], [shape], a) => {
     const d = shape![1]!

@@ -239,6 +239,43 @@ const normGradX = normFunc("normDx", (x, g, dy) => [vmul(x, x), vmul(vmul(dy, g)
 // per row dy·x·r
 const normGradRows = normFunc("normDg", (x) => [vmul(x, x)], (x, _, dy, r) => vmul(vmul(dy, x), get(r)))
 
+// normGrad(x, g, dy, dx, dg, rows, d, eps, 1/d): both gradients of RMSNorm in one pass over the rows:
+// dx as normDx, and dg += dy·x·r summed over the rows into dg (which the caller zeroes)
+const normGradBoth: Func = (() => {
+  const f = frame([i32, i32, i32, i32, i32, i32, i32, f32, f32], 4, 0, 7)
+  const [xp, gp, dyp, dxp, dgp, rows, d, eps, dInv] = [0, 1, 2, 3, 4, 5, 6, 7, 8]
+  const [row, c, base, bytes] = [0, 1, 2, 3].map(f.int) as [number, number, number, number]
+  const [r, acc0, acc1, kk, xv, dyv, gv] = [0, 1, 2, 3, 4, 5, 6].map(f.vec) as [number, number, number, number, number, number, number]
+  const ld = (ptr: number, withRow: boolean): Code => [...get(ptr), ...(withRow ? [...get(base), ...add] : []), ...get(c), ...add, ...v128Load(0)]
+  const perRow: Array<Code> = [
+    get(row), get(rows), geS, brIf(1),
+    get(row), get(bytes), mul, set(base),
+    k(0), set(acc0), k(0), set(acc1),
+    each(c, bytes, [
+      ld(xp, true), set(xv),
+      vadd(get(acc0), vmul(get(xv), get(xv))), set(acc0),
+      vadd(get(acc1), vmul(vmul(ld(dyp, true), ld(gp, false)), get(xv))), set(acc1)
+    ]),
+    // r = 1/√(Σx²/d + ε); kk = r³·Σ(dy·g·x)/d
+    vdiv(k(1), [...vadd(vmul([...lanes(acc0, f32Add), ...f32x4Splat], [...get(dInv), ...f32x4Splat]), [...get(eps), ...f32x4Splat]), ...f32x4Sqrt]), set(r),
+    vmul(vmul(vmul(vmul(get(r), get(r)), get(r)), [...lanes(acc1, f32Add), ...f32x4Splat]), [...get(dInv), ...f32x4Splat]), set(kk),
+    each(c, bytes, [
+      ld(xp, true), set(xv), ld(dyp, true), set(dyv), ld(gp, false), set(gv),
+      get(dxp), get(base), add, get(c), add,
+      vsub(vmul(vmul(get(r), get(gv)), get(dyv)), vmul(get(xv), get(kk))), v128Store(0),
+      get(dgp), get(c), add,
+      vadd(ld(dgp, false), vmul(vmul(get(dyv), get(xv)), get(r))), v128Store(0)
+    ]),
+    get(row), const32(1), add, set(row), br(0)
+  ]
+  return {
+    name: "normGrad",
+    params: [i32, i32, i32, i32, i32, i32, i32, f32, f32],
+    locals: f.locals,
+    body: [get(d), const32(4), mul, set(bytes), const32(0), set(row), block(loop(...perRow))]
+  }
+})()
+
 type Temps = readonly [number, number, number, number, number]
 
 /**
@@ -353,6 +390,8 @@ export interface Simd {
   readonly norm: (x: Float32Array, g: Float32Array, y: Float32Array, d: number, eps: number) => void
   readonly normDx: (x: Float32Array, g: Float32Array, dy: Float32Array, dx: Float32Array, d: number, eps: number) => void
   readonly normDg: (x: Float32Array, dy: Float32Array, out: Float32Array, d: number, eps: number) => void
+  /** Both: dx as normDx, and dg = Σ over the rows of dy·x·r (d floats). */
+  readonly normGrad: (x: Float32Array, g: Float32Array, dy: Float32Array, dx: Float32Array, dg: Float32Array, d: number, eps: number) => void
   /** Σ x² in double precision (any length). */
   readonly sumSquares: (x: Float32Array) => number
 }
@@ -370,7 +409,7 @@ export const makeSimd = (memory: WebAssembly.Memory, tails: {
   /** Relaxed SIMD (FMA, the plain truncation) or not; by default where the engine has it (tests pick each). */
   readonly relaxed?: boolean
 } = {}): Simd | undefined => {
-  const build = (relaxed: boolean) => moduleBytes([softmaxGradFunc, ...activations(relaxed), normForward, normGradX, normGradRows, sumSquaresFunc])
+  const build = (relaxed: boolean) => moduleBytes([softmaxGradFunc, ...activations(relaxed), normForward, normGradX, normGradRows, normGradBoth, sumSquaresFunc])
   const relaxed = options.relaxed ?? WebAssembly.validate(build(true))
   const bytes = build(relaxed)
   if (!WebAssembly.validate(bytes)) return undefined
@@ -391,6 +430,10 @@ export const makeSimd = (memory: WebAssembly.Memory, tails: {
     gelu: unary("gelu", tails.gelu),
     norm: (v, g, y, d, eps) => x["norm"]!(v.byteOffset, g.byteOffset, 0, y.byteOffset, v.length / d, d, eps, 1 / d),
     normDx: (v, g, dy, dx, d, eps) => x["normDx"]!(v.byteOffset, g.byteOffset, dy.byteOffset, dx.byteOffset, v.length / d, d, eps, 1 / d),
+    normGrad: (v, g, dy, dx, dg, d, eps) => {
+      dg.fill(0)
+      x["normGrad"]!(v.byteOffset, g.byteOffset, dy.byteOffset, dx.byteOffset, dg.byteOffset, v.length / d, d, eps, 1 / d)
+    },
     normDg: (v, dy, out, d, eps) => x["normDg"]!(v.byteOffset, 0, dy.byteOffset, out.byteOffset, v.length / d, d, eps, 1 / d),
     geluGrad: binary("geluGrad", tails.geluGrad),
     sumSquares: (v) => {

@@ -28,6 +28,12 @@
  * 9. wasm: `GatherV2` as memory copies over the heap (the stock kernel took up to 95 ms a call).
  * 10. wasm: `Identity` (tfjs's clone of every tensor saved for a gradient) shares the data instead
  *    of copying it, as the cpu backend's does.
+ * 11. wasm: `Add`, `Sub` and `Multiply` of float32 tensors (same shapes, trailing dimensions or one
+ *    number) as one SIMD pass over the heap (`wasm/Elementwise.ts`): 0.053 → 0.033 ms for a [1024,
+ *    128] Add, the kernels alone, alternating in one process.
+ * 12. wasm: `Transpose` of 4-byte tensors as at most four loops of copies over the heap (runs of
+ *    vectors where the last axis stays): the attention's head split [8, 128, 4, 32] → [8, 4, 128,
+ *    32] 0.036 → 0.020 ms, its keys' [0, 2, 3, 1] 0.122 → 0.090 ms (the same way).
  *
  * @since 0.1.0
  */

@@ -110,6 +110,32 @@ describe("wasm SIMD kernels in double precision's terms", () => {
     })
   }
 
+  for (const { relaxed, simd } of builds) {
+    it(`${relaxed ? "relaxed" : "plain"}: the masked cross-entropy and its gradient within 1e-6 (logits up to ±80, masked rows, labels outside)`, () => {
+      const [n, V] = [9, 36]
+      const [l, m, out, dy, g, yf] = views(n * V, n, n, 4, n * V, n)
+      const y = new Int32Array(yf!.buffer, yf!.byteOffset, n)
+      l!.set(Array.from({ length: n * V }, (_, i) => Math.sin(i * 0.9) * (i % 3 === 0 ? 80 : 4)))
+      m!.set([1, 0.5, 0, 2, 1, 1, 1, 1, 1])
+      y.set([0, 35, 3, -1, 36, 7, 20, 1, 2])
+      dy![0] = 1.5
+      simd.nll(l!, y, m!, out!, V)
+      simd.nllGrad(l!, y, m!, dy!, g!, V)
+      const want = Array.from({ length: n }, (_, r) => {
+        const row = Array.from(l!.subarray(r * V, (r + 1) * V))
+        const top = Math.max(...row)
+        const total = row.reduce((a, b) => a + Math.exp(b - top), 0)
+        const valid = y[r]! >= 0 && y[r]! < V
+        return {
+          value: valid ? m![r]! * (Math.log(total) + top - row[y[r]!]!) : 0,
+          grad: row.map((v, c) => (valid ? (Math.exp(v - top) / total - (c === y[r] ? 1 : 0)) * m![r]! * dy![0]! : 0))
+        }
+      })
+      near(out!, want.map((w) => w.value), 1e-6, "value")
+      near(g!, want.flatMap((w) => w.grad), 1e-6, "gradient")
+    })
+  }
+
   it("the two builds agree within 1e-6 on GELU", () => {
     const n = grid.length
     const [x, a, b] = views(n, n, n)

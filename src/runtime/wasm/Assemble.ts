@@ -70,6 +70,8 @@ export const eq = [0x46] as Code
 export const gtS = [0x4a] as Code
 export const and = [0x71] as Code
 export const shl = [0x74] as Code
+export const ltU = [0x49] as Code
+export const i32Load = (offset = 0): Code => [0x28, 2, ...uleb(offset)]
 /** `select`: of two values, the first where the condition (on top) is non-zero. */
 export const select = [0x1b] as Code
 
@@ -78,6 +80,11 @@ export const f32Load = (offset = 0): Code => [0x2a, 2, ...uleb(offset)]
 export const f32Store = (offset = 0): Code => [0x38, 2, ...uleb(offset)]
 export const f32Zero: Code = [0x43, 0, 0, 0, 0]
 export const f32Add = [0x92] as Code
+export const f32Sub = [0x93] as Code
+export const f32Mul = [0x94] as Code
+export const f32Div = [0x95] as Code
+/** NaN-propagating maximum. */
+export const f32Max = [0x97] as Code
 export const f64Add = [0xa0] as Code
 
 // 128-bit SIMD
@@ -100,7 +107,12 @@ export const f32x4Lt = simd(0x43)
 export const f32x4Ge = simd(0x46)
 export const f32x4Nearest = simd(0x6a)
 export const i32x4Shl = simd(0xab)
+export const i32x4ShrU = simd(0xad)
 export const i32x4Add = simd(0xae)
+export const i32x4Sub = simd(0xb1)
+export const v128Or = simd(0x50)
+export const f32x4Gt = simd(0x44)
+export const f32x4ConvertI32x4S = simd(0xfa)
 export const f32x4Abs = simd(0xe0)
 export const f32x4Neg = simd(0xe1)
 export const f32x4Min = simd(0xe8)

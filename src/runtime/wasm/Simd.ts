@@ -31,25 +31,36 @@
  * @since 0.4.0
  */
 import {
+  type Code,
+  type Func,
   add,
   block,
   br,
   brIf,
-  type Code,
   const32,
   f32,
   f32Add,
+  f32Div,
+  f32Load,
+  f32Max,
+  f32Mul,
+  f32Store,
+  f32Sub,
+  f32Zero,
   f32x4Abs,
   f32x4Add,
   f32x4Const,
+  f32x4ConvertI32x4S,
   f32x4Div,
   f32x4ExtractLane,
   f32x4Ge,
-  f32x4Pmax,
-  f32x4Pmin,
+  f32x4Gt,
+  f32x4Max,
   f32x4Mul,
   f32x4Nearest,
   f32x4Neg,
+  f32x4Pmax,
+  f32x4Pmin,
   f32x4RelaxedMadd,
   f32x4Splat,
   f32x4Sqrt,
@@ -60,24 +71,29 @@ import {
   f64x2ExtractLane,
   f64x2Mul,
   f64x2PromoteLowF32x4,
-  type Func,
   geS,
   get,
   i32,
+  i32Load,
   i32x4Add,
   i32x4Const,
-  i32x4Shl,
   i32x4RelaxedTruncF32x4S,
+  i32x4Shl,
+  i32x4ShrU,
+  i32x4Sub,
   i32x4TruncSatF32x4S,
   i8x16Shuffle,
   loop,
+  ltU,
   moduleBytes,
   mul,
+  select,
   set,
   v128,
   v128And,
   v128Bitselect,
   v128Load,
+  v128Or,
   v128Store
 } from "./Assemble.ts"
 
@@ -352,6 +368,89 @@ const activations = (relaxed: boolean): ReadonlyArray<Func> => {
   return [siluGrad, gelu, geluGrad]
 }
 
+/**
+ * ln x of the vector `x` (positive normal lanes), with three scratch v128 locals: x = m·2^e with
+ * m in [√½, √2), ln m = 2·atanh(s) = 2(s + s³/3 + s⁵/5 + s⁷/7 + s⁹/9), s = (m − 1)/(m + 1) and
+ * |s| ≤ 0.172 (the series' remainder below 1e-9).
+ */
+const log = (cx: Ctx, x: Code, [v, e, m]: readonly [number, number, number]): Code => [
+  ...x, ...set(v),
+  ...get(v), ...const32(23), ...i32x4ShrU, ...i32x4Const(127), ...i32x4Sub, ...set(e),
+  ...get(v), ...i32x4Const(0x007fffff), ...v128And, ...i32x4Const(0x3f800000), ...v128Or, ...set(m),
+  // m ≥ √2: halved, e one more (the mask is −1 there)
+  ...get(m), ...cx.k(Math.SQRT2), ...f32x4Gt, ...set(v),
+  ...vmul(get(m), cx.k(0.5)), ...get(m), ...get(v), ...v128Bitselect, ...set(m),
+  ...get(e), ...get(v), ...i32x4Sub, ...f32x4ConvertI32x4S, ...set(e),
+  ...vdiv(vsub(get(m), cx.k(1)), vadd(get(m), cx.k(1))), ...set(m),
+  ...vmul(get(m), get(m)), ...set(v),
+  ...cx.madd(get(e), cx.k(Math.LN2), vmul(vmul(get(m), cx.k(2)), horner(cx, v, [1 / 9, 1 / 7, 1 / 5, 1 / 3, 1])))
+]
+
+/**
+ * The masked cross-entropy over rows of V logits (V a multiple of 4), per row: the label (int32)
+ * valid when in [0, V), its maximum (NaN-propagating), Σ e^(l − max).
+ * nll(l, y, m, out, rows, V): out[row] = valid ? m[row]·(ln Σ + max − l[label]) : 0.
+ * nllGrad(l, y, m, dy, g, rows, V): g = (softmax − one-hot)·m[row]·dy[0] where valid, else 0.
+ */
+const crossEntropy = (relaxed: boolean): ReadonlyArray<Func> => {
+  const cx = context(relaxed, k)
+  const make = (grad: boolean): Func => {
+    const params: Array<typeof i32> = new Array<typeof i32>(grad ? 7 : 6).fill(i32)
+    const f = frame(params, 5, 3, 5)
+    const [lp, yp, mp] = [0, 1, 2]
+    const dyp = grad ? 3 : -1
+    const out = grad ? 4 : 3
+    const [rows, V] = grad ? [5, 6] : [4, 5]
+    const [row, c, base, bytes, label] = [0, 1, 2, 3, 4].map(f.int) as [number, number, number, number, number]
+    const [top, total, scale] = [0, 1, 2].map(f.float) as [number, number, number]
+    const [acc, t0, t1, t2, mx] = [0, 1, 2, 3, 4].map(f.vec) as [number, number, number, number, number]
+    const logit = (offsetOf: Code): Code => [...get(lp), ...get(base), ...add, ...offsetOf, ...add, ...f32Load(0)]
+    const validLabel: Code = [...get(label), ...get(V), ...ltU]
+    const e = exp(cx, vsub([...get(lp), ...get(base), ...add, ...get(c), ...add, ...v128Load(0)], get(mx)), [t0, t1, t2])
+    const perRow: Array<Code> = [
+      get(row), get(rows), geS, brIf(1),
+      get(row), get(bytes), mul, set(base),
+      get(yp), get(row), const32(4), mul, add, i32Load(0), set(label),
+      // the maximum
+      get(lp), get(base), add, v128Load(0), set(acc),
+      each(c, bytes, [get(acc), get(lp), get(base), add, get(c), add, v128Load(0), f32x4Max, set(acc)]),
+      lanes(acc, f32Max), set(top), get(top), f32x4Splat, set(mx),
+      // Σ e^(l − max) (stored as the gradient's first pass)
+      k(0), set(acc),
+      each(c, bytes, grad
+        ? [get(out), get(base), add, get(c), add, e, set(t0), get(t0), v128Store(0), vadd(get(acc), get(t0)), set(acc)]
+        : [vadd(get(acc), e), set(acc)]),
+      lanes(acc, f32Add), set(total),
+      ...(grad
+        ? [
+          // scale = valid ? m·dy : 0; g = e·scale/Σ, then g[label] −= scale
+          get(mp), get(row), const32(4), mul, add, f32Load(0), get(dyp), f32Load(0), f32Mul, f32Zero, validLabel, select, set(scale),
+          get(scale), get(total), f32Div, f32x4Splat, set(acc),
+          each(c, bytes, [get(out), get(base), add, get(c), add, get(out), get(base), add, get(c), add, v128Load(0), get(acc), f32x4Mul, v128Store(0)]),
+          block(validLabel, [0x45], brIf(0),
+            get(out), get(base), add, get(label), const32(4), mul, add,
+            get(out), get(base), add, get(label), const32(4), mul, add, f32Load(0), get(scale), f32Sub, f32Store(0))
+        ]
+        : [
+          get(out), get(row), const32(4), mul, add,
+          // m·(ln Σ + max − l[label]), or 0
+          get(mp), get(row), const32(4), mul, add, f32Load(0),
+          log(cx, [...get(total), ...f32x4Splat], [t0, t1, t2]), f32x4ExtractLane(0),
+          get(top), f32Add, logit([...get(label), ...const32(4), ...mul]), f32Sub, f32Mul,
+          f32Zero, validLabel, select, f32Store(0)
+        ]),
+      get(row), const32(1), add, set(row), br(0)
+    ]
+    return {
+      name: grad ? "nllGrad" : "nll",
+      params: [...params],
+      locals: f.locals,
+      body: [get(V), const32(4), mul, set(bytes), const32(0), set(row), block(loop(...perRow))]
+    }
+  }
+  return [make(false), make(true)]
+}
+
 // sumSquares(x, n4): Σ x² of n4 floats (a multiple of 4) in double precision, two lanes of f64 for
 // the low and two for the high half of each vector (the product of two float32s is exact in f64)
 const sumSquaresFunc: Func = (() => {
@@ -392,6 +491,9 @@ export interface Simd {
   readonly normDg: (x: Float32Array, dy: Float32Array, out: Float32Array, d: number, eps: number) => void
   /** Both: dx as normDx, and dg = Σ over the rows of dy·x·r (d floats). */
   readonly normGrad: (x: Float32Array, g: Float32Array, dy: Float32Array, dx: Float32Array, dg: Float32Array, d: number, eps: number) => void
+  /** The masked cross-entropy per row and its gradient (rows of a multiple of 4; see crossEntropy). */
+  readonly nll: (l: Float32Array, y: Int32Array, m: Float32Array, out: Float32Array, V: number) => void
+  readonly nllGrad: (l: Float32Array, y: Int32Array, m: Float32Array, dy: Float32Array, g: Float32Array, V: number) => void
   /** Σ x² in double precision (any length). */
   readonly sumSquares: (x: Float32Array) => number
 }
@@ -409,7 +511,7 @@ export const makeSimd = (memory: WebAssembly.Memory, tails: {
   /** Relaxed SIMD (FMA, the plain truncation) or not; by default where the engine has it (tests pick each). */
   readonly relaxed?: boolean
 } = {}): Simd | undefined => {
-  const build = (relaxed: boolean) => moduleBytes([softmaxGradFunc, ...activations(relaxed), normForward, normGradX, normGradRows, normGradBoth, sumSquaresFunc])
+  const build = (relaxed: boolean) => moduleBytes([softmaxGradFunc, ...activations(relaxed), normForward, normGradX, normGradRows, normGradBoth, sumSquaresFunc, ...crossEntropy(relaxed)])
   const relaxed = options.relaxed ?? WebAssembly.validate(build(true))
   const bytes = build(relaxed)
   if (!WebAssembly.validate(bytes)) return undefined
@@ -430,6 +532,8 @@ export const makeSimd = (memory: WebAssembly.Memory, tails: {
     gelu: unary("gelu", tails.gelu),
     norm: (v, g, y, d, eps) => x["norm"]!(v.byteOffset, g.byteOffset, 0, y.byteOffset, v.length / d, d, eps, 1 / d),
     normDx: (v, g, dy, dx, d, eps) => x["normDx"]!(v.byteOffset, g.byteOffset, dy.byteOffset, dx.byteOffset, v.length / d, d, eps, 1 / d),
+    nll: (l, y, m, out, V) => x["nll"]!(l.byteOffset, y.byteOffset, m.byteOffset, out.byteOffset, l.length / V, V),
+    nllGrad: (l, y, m, dy, g, V) => x["nllGrad"]!(l.byteOffset, y.byteOffset, m.byteOffset, dy.byteOffset, g.byteOffset, l.length / V, V),
     normGrad: (v, g, dy, dx, dg, d, eps) => {
       dg.fill(0)
       x["normGrad"]!(v.byteOffset, g.byteOffset, dy.byteOffset, dx.byteOffset, dg.byteOffset, v.length / d, d, eps, 1 / d)

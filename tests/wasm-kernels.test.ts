@@ -172,20 +172,20 @@ describe("wasm kernels equal cpu", () => {
     }
   })
 
-  it("rotary embedding: value and gradient, part of each head rotated", async () => {
-    for (const dim of [8, 4]) {
+  it("rotary embedding: value and gradient, whole heads and part of each head rotated (SIMD where dim/2 and the head are multiples of 4)", async () => {
+    for (const [hd, dim] of [[8, 8], [8, 4], [16, 8], [12, 8]] as const) {
       const { cpu, wasm } = await onBoth((tf) => {
-        const x = tf.randomNormal([12, 3, 8], 0, 1, "float32", 6)
+        const x = tf.randomNormal([12, 3, hd], 0, 1, "float32", 6)
         const angles = tf.mul(tf.reshape(tf.range(0, 12, 1, "float32"), [12, 1, 1]), tf.tensor3d(Array.from({ length: dim / 2 }, (_, j) => 10000 ** (-(2 * j) / dim)), [1, 1, dim / 2]))
         const cos = tf.cos(angles)
         const sin = tf.sin(angles)
         const rotate = makeRotate(tf)
-        const w = tf.randomNormal([12, 3, 8], 0, 1, "float32", 7)
+        const w = tf.randomNormal([12, 3, hd], 0, 1, "float32", 7)
         const dx = tf.grad((a: Tensor) => tf.sum(tf.mul(rotate(a, dim, cos, sin), w)))(x)
         return [rotate(x, dim, cos, sin), dx]
       })
-      close(wasm[0]!, cpu[0]!, 1e-5, `rotated ${dim}`)
-      close(wasm[1]!, cpu[1]!, 1e-5, `gradient ${dim}`)
+      close(wasm[0]!, cpu[0]!, 1e-5, `rotated ${dim} of ${hd}`)
+      close(wasm[1]!, cpu[1]!, 1e-5, `gradient ${dim} of ${hd}`)
     }
   })
 

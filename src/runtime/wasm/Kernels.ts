@@ -6,7 +6,9 @@
  * elementwise ops run SIMD (a product by a scalar over [1024, 512] takes about 0.3 ms, a scalar
  * JavaScript loop about 0.7 ms), so a kernel wins by replacing several ops, or slow ones:
  *
- * - RMSNorm, the rotary embedding, the clipping's Σx² (JavaScript loops) and AdamW (SIMD, `AdamW.ts`).
+ * - RMSNorm (both gradients in one pass), the rotary embedding (0.34 → 0.036 ms at [1024, 4, 32]
+ *   against its JavaScript loop, alternating in one process), the clipping's Σx² (SIMD, `Simd.ts`;
+ *   JavaScript loops where the shapes do not fit) and AdamW (SIMD, `AdamW.ts`).
  * - The masked cross-entropy (`makeMaskedNll`), forward and backward: one pass per row instead of
  *   tfjs's log-softmax and the one-hot (whose broadcast Equal alone costs about 17 ms at [1024, 256]);
  *   about 11× faster forward, 6× forward + backward at logits [1024, 256]. In SIMD (`Simd.ts`, with a
@@ -50,7 +52,7 @@ export const registerWasmKernels = (tf: Tf): boolean => {
   const simd = memory === undefined ? undefined : makeSimd(memory, { siluGrad, gelu, geluGrad })
   // inputs arrive in the order the call site names them
   registerNorms(register, simd)
-  registerRotary(register)
+  registerRotary(register, simd)
   registerOptimizer(register, memory === undefined ? undefined : makeAdamW(memory), simd)
   registerLoss(register, simd)
   registerActivations(register, simd)
@@ -141,8 +143,9 @@ const registerNorms = (register: Register, simd: Simd | undefined): void => {
 }
 
 /** The rotary embedding and its inverse (the gradient). */
-const registerRotary = (register: Register): void => {
-  // rotate-half of x [n, heads, hd] with tables [n, 1, dim/2]; back: the inverse rotation
+const registerRotary = (register: Register, simd: Simd | undefined): void => {
+  // rotate-half of x [n, heads, hd] with tables [n, 1, dim/2]; back: the inverse rotation (in SIMD
+  // where dim/2 and hd are multiples of 4)
   const rotation = (back: boolean) => (xs: Array<Float32Array | Int32Array>, outs: Array<Float32Array>, shapes: Array<Array<number>>, a: Record<string, number>) => {
     const [x, c, sn] = xs as [Float32Array, Float32Array, Float32Array]
     const y = outs[0]!
@@ -150,6 +153,7 @@ const registerRotary = (register: Register): void => {
     const dim = a["dim"]!
     const half = dim / 2
     const sign = back ? -1 : 1
+    if (simd !== undefined && half % 4 === 0 && hd % 4 === 0) return simd.rotate(x, c, sn, y, heads, hd, half, sign)
     y.set(x)
     for (let t = 0; t < n; t++) {
       for (let h = 0; h < heads; h++) {

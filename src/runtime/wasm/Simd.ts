@@ -451,6 +451,48 @@ const crossEntropy = (relaxed: boolean): ReadonlyArray<Func> => {
   return [make(false), make(true)]
 }
 
+// rotate(x, c, s, y, n, heads, hd, half, sign): the rotary embedding of x [n, heads, hd] by the
+// tables c, s [n, half] (s times sign: −1 rotates back): y[f] = x[f]·c − x[f+half]·s, y[f+half] =
+// x[f+half]·c + x[f]·s for f < half, the features from 2·half on copied; half and hd multiples of 4
+const rotateFunc: Func = (() => {
+  const f = frame([i32, i32, i32, i32, i32, i32, i32, i32, f32], 7, 0, 5)
+  const [xp, cp, sp, yp, n, heads, hd, half, sign] = [0, 1, 2, 3, 4, 5, 6, 7, 8]
+  const [t, h, c, base, tb, halfBytes, rowBytes] = [0, 1, 2, 3, 4, 5, 6].map(f.int) as [number, number, number, number, number, number, number]
+  const [sg, x1, x2, cs, sn] = [0, 1, 2, 3, 4].map(f.vec) as [number, number, number, number, number]
+  const at2 = (p: number, extra: Code): Code => [...get(p), ...get(base), ...add, ...get(c), ...add, ...extra]
+  const upper: Code = [...get(halfBytes), ...add]
+  const count = (i: number, limit: number, body: ReadonlyArray<Code>): Code =>
+    [...const32(0), ...set(i), ...block(loop(get(i), get(limit), geS, brIf(1), ...body, get(i), const32(1), add, set(i), br(0)))]
+  const pairs: Array<Code> = [
+    at2(xp, []), v128Load(0), set(x1), at2(xp, upper), v128Load(0), set(x2),
+    get(cp), get(tb), add, get(c), add, v128Load(0), set(cs),
+    vmul([...get(sp), ...get(tb), ...add, ...get(c), ...add, ...v128Load(0)], get(sg)), set(sn),
+    at2(yp, []), vsub(vmul(get(x1), get(cs)), vmul(get(x2), get(sn))), v128Store(0),
+    at2(yp, upper), vadd(vmul(get(x2), get(cs)), vmul(get(x1), get(sn))), v128Store(0),
+    get(c), const32(16), add, set(c)
+  ]
+  const perHead: Array<Code> = [
+    const32(0), set(c),
+    block(loop(get(c), get(halfBytes), geS, brIf(1), ...pairs, br(0))),
+    // the features past 2·half, copied
+    get(halfBytes), const32(2), mul, set(c),
+    block(loop(get(c), get(rowBytes), geS, brIf(1), at2(yp, []), at2(xp, []), v128Load(0), v128Store(0), get(c), const32(16), add, set(c), br(0))),
+    get(base), get(rowBytes), add, set(base)
+  ]
+  return {
+    name: "rotate",
+    params: [i32, i32, i32, i32, i32, i32, i32, i32, f32],
+    locals: f.locals,
+    body: [
+      get(sign), f32x4Splat, set(sg),
+      get(half), const32(4), mul, set(halfBytes),
+      get(hd), const32(4), mul, set(rowBytes),
+      const32(0), set(base), const32(0), set(tb),
+      count(t, n, [count(h, heads, perHead), get(tb), get(halfBytes), add, set(tb)])
+    ]
+  }
+})()
+
 // sumSquares(x, n4): Σ x² of n4 floats (a multiple of 4) in double precision, two lanes of f64 for
 // the low and two for the high half of each vector (the product of two float32s is exact in f64)
 const sumSquaresFunc: Func = (() => {
@@ -494,6 +536,8 @@ export interface Simd {
   /** The masked cross-entropy per row and its gradient (rows of a multiple of 4; see crossEntropy). */
   readonly nll: (l: Float32Array, y: Int32Array, m: Float32Array, out: Float32Array, V: number) => void
   readonly nllGrad: (l: Float32Array, y: Int32Array, m: Float32Array, dy: Float32Array, g: Float32Array, V: number) => void
+  /** The rotary embedding of x [n, heads, hd] by tables [n, half] (sign −1: back); half and hd multiples of 4. */
+  readonly rotate: (x: Float32Array, c: Float32Array, s: Float32Array, y: Float32Array, heads: number, hd: number, half: number, sign: number) => void
   /** Σ x² in double precision (any length). */
   readonly sumSquares: (x: Float32Array) => number
 }
@@ -511,7 +555,7 @@ export const makeSimd = (memory: WebAssembly.Memory, tails: {
   /** Relaxed SIMD (FMA, the plain truncation) or not; by default where the engine has it (tests pick each). */
   readonly relaxed?: boolean
 } = {}): Simd | undefined => {
-  const build = (relaxed: boolean) => moduleBytes([softmaxGradFunc, ...activations(relaxed), normForward, normGradX, normGradRows, normGradBoth, sumSquaresFunc, ...crossEntropy(relaxed)])
+  const build = (relaxed: boolean) => moduleBytes([softmaxGradFunc, ...activations(relaxed), normForward, normGradX, normGradRows, normGradBoth, sumSquaresFunc, rotateFunc, ...crossEntropy(relaxed)])
   const relaxed = options.relaxed ?? WebAssembly.validate(build(true))
   const bytes = build(relaxed)
   if (!WebAssembly.validate(bytes)) return undefined
@@ -532,6 +576,7 @@ export const makeSimd = (memory: WebAssembly.Memory, tails: {
     gelu: unary("gelu", tails.gelu),
     norm: (v, g, y, d, eps) => x["norm"]!(v.byteOffset, g.byteOffset, 0, y.byteOffset, v.length / d, d, eps, 1 / d),
     normDx: (v, g, dy, dx, d, eps) => x["normDx"]!(v.byteOffset, g.byteOffset, dy.byteOffset, dx.byteOffset, v.length / d, d, eps, 1 / d),
+    rotate: (v, c, sn, y, heads, hd, half, sign) => x["rotate"]!(v.byteOffset, c.byteOffset, sn.byteOffset, y.byteOffset, v.length / (heads * hd), heads, hd, half, sign),
     nll: (l, y, m, out, V) => x["nll"]!(l.byteOffset, y.byteOffset, m.byteOffset, out.byteOffset, l.length / V, V),
     nllGrad: (l, y, m, dy, g, V) => x["nllGrad"]!(l.byteOffset, y.byteOffset, m.byteOffset, dy.byteOffset, g.byteOffset, l.length / V, V),
     normGrad: (v, g, dy, dx, dg, d, eps) => {

@@ -264,7 +264,7 @@ describe("wasm kernels equal cpu", () => {
     assert.isFalse(off.kernels.some((k) => k.startsWith("Conceptmoe")), off.kernels.join(" "))
   })
 
-  it("attention's masked softmax: the gradient fused (rows of 4k and of other widths), the value op by op; masked entries exactly 0", async () => {
+  it("attention's masked softmax: value and gradient fused (rows of 4k in SIMD, of other widths in JavaScript); masked entries exactly 0", async () => {
     for (const len of [16, 7]) {
       const { cpu, fused, off } = await onRoutes((tf) => {
         const scores = tf.randomNormal([3, 2, len, len], 0, 4, "float32", 31)
@@ -280,8 +280,7 @@ describe("wasm kernels equal cpu", () => {
       // above the diagonal: masked, so 0 and no gradient
       assert.strictEqual(fused.values[0]![1], 0)
       assert.strictEqual(fused.values[1]![1], 0)
-      assert.include(fused.kernels, "ConceptmoeMaskedSoftmaxGrad")
-      assert.notInclude(fused.kernels, "ConceptmoeMaskedSoftmax")
+      assert.includeMembers(fused.kernels, ["ConceptmoeMaskedSoftmax", "ConceptmoeMaskedSoftmaxGrad"])
     }
   })
 

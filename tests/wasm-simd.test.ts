@@ -136,6 +136,27 @@ describe("wasm SIMD kernels in double precision's terms", () => {
     })
   }
 
+  for (const { relaxed, simd } of builds) {
+    it(`${relaxed ? "relaxed" : "plain"}: the masked softmax within 1e-6 (the mask's rows repeated, masked entries exactly 0, a NaN row NaN)`, () => {
+      const [rows, width, mRows] = [10, 12, 5]
+      const [sv, m, out] = views(rows * width, mRows * width, rows * width)
+      sv!.set(Array.from({ length: rows * width }, (_, i) => Math.sin(i * 1.7) * 9))
+      sv![3 * width + 2] = NaN
+      m!.set(Array.from({ length: mRows * width }, (_, i) => (i % width <= Math.floor(i / width) ? 0 : -1e9)))
+      simd.softmax(sv!, m!, out!, width, 0.4)
+      const want = Array.from({ length: rows }, (_, r) => {
+        const z = Array.from({ length: width }, (_, c) => sv![r * width + c]! * 0.4 + m![(r % mRows) * width + c]!)
+        const top = Math.max(...z)
+        const e = z.map((v) => Math.exp(v - top))
+        const total = e.reduce((a, b) => a + b, 0)
+        return e.map((v) => v / total)
+      }).flat()
+      near(out!, want, 1e-6, "softmax")
+      assert.strictEqual(out![1], 0)
+      assert.isTrue(out!.subarray(3 * width, 4 * width).every(Number.isNaN))
+    })
+  }
+
   it("the two builds agree within 1e-6 on GELU", () => {
     const n = grid.length
     const [x, a, b] = views(n, n, n)

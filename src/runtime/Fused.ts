@@ -451,14 +451,14 @@ export const sumChunks = (size: number): number => {
 
 /**
  * Attention's probabilities: softmax over the last axis of `scores [..., n, len]·scale + mask
- * [n, len]` (the mask broadcast over the leading axes; no gradient into it). On webgpu one row
- * kernel forward and one backward (dS = scale·P·(dP − Σ dP·P)) instead of a product, a sum, tfjs's
- * softmax and its four-op gradient; elsewhere op by op.
+ * [n, len]` (the mask broadcast over the leading axes; no gradient into it). On webgpu and wasm one
+ * row kernel forward and one backward (dS = scale·P·(dP − Σ dP·P)) instead of a product, a sum,
+ * tfjs's softmax and its four-op gradient; elsewhere op by op.
  */
 export const makeMaskedSoftmax = (tf: Tf) => {
   const ops = (scores: Tensor, scale: number, mask: Tensor): Tensor => tf.softmax(tf.add(tf.mul(scores, scale), mask))
   // fused where the backend has the gradient kernel; the forward pass our kernel where it has that
-  // too, else op by op (wasm: tfjs's softmax is faster than ours)
+  // too, else op by op
   if (!hasKernel(tf, kernels.softmaxGrad)) return ops
   const run = (name: string, inputs: Record<string, Tensor>, scale: number) => runKernel(tf, name, inputs, { scale })
   const forward = hasKernel(tf, kernels.softmax)

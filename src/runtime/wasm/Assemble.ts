@@ -71,6 +71,8 @@ export const gtS = [0x4a] as Code
 export const and = [0x71] as Code
 export const shl = [0x74] as Code
 export const ltU = [0x49] as Code
+export const remU = [0x70] as Code
+export const eqz = [0x45] as Code
 export const i32Load = (offset = 0): Code => [0x28, 2, ...uleb(offset)]
 /** `select`: of two values, the first where the condition (on top) is non-zero. */
 export const select = [0x1b] as Code

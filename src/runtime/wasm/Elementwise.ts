@@ -23,6 +23,7 @@ import {
   brIf,
   type Code,
   const32,
+  eqz,
   f32Load,
   f32Store,
   f32x4Add,
@@ -51,8 +52,6 @@ const stepping = (c: number, bytes: number, step: number, body: ReadonlyArray<Co
 
 const ops = { add: f32x4Add, sub: f32x4Sub, mul: f32x4Mul } as const
 export type BinaryOp = keyof typeof ops
-
-const eqz: Code = [0x45]
 
 // binary(a, b, out, bytes, period): locals c (byte offset), j (offset into b)
 const binaryFunc = (op: BinaryOp): Func => {

@@ -14,14 +14,14 @@
  *   about 11× faster forward, 6× forward + backward at logits [1024, 256]. In SIMD (`Simd.ts`, with a
  *   SIMD ln) for rows of a multiple of 4: at [1024, 256] 1.36 → 0.63 ms forward and 1.89 → 0.72 ms
  *   backward against these JavaScript loops (alternating in one process).
- * - Exact GELU forward and backward, SiLU's and attention's softmax's gradients: SIMD with an exp in
- *   SIMD (`Simd.ts`), each one pass instead of several tfjs ops (GELU: Erf, which tfjs runs scalar,
- *   Exp and about 8 SIMD ops). Where the engine lacks SIMD, GELU runs as JavaScript loops, and the
- *   other two op by op.
+ * - Exact GELU forward and backward, SiLU's gradient, attention's masked softmax and its gradient:
+ *   SIMD with an exp in SIMD (`Simd.ts`), each one pass instead of several tfjs ops (GELU: Erf, which
+ *   tfjs runs scalar, Exp and about 8 SIMD ops). Where the engine lacks SIMD, GELU runs as
+ *   JavaScript loops, and the others op by op.
  * - The MoE layer's routing and slots (`makeTopMask`, `makeRoute`, `makeSlots`): `Moe.ts`.
  *
- * Not here, measured slower: the forward passes of SiLU and of the softmax (tfjs's Sigmoid and Mul
- * are SIMD; its Softmax is XNNPACK's), whose makers run them op by op with our gradient kernels. The
+ * Not here, measured slower: the forward pass of SiLU (tfjs's Sigmoid and Mul are SIMD), whose
+ * maker runs it op by op with our gradient kernel. The
  * scalar exps use {@link expNonPositive}, about twice as fast as `Math.exp`. Each kernel is tested
  * against the cpu backend's ops (tests/wasm-kernels.test.ts, tests/capacity.test.ts).
  *
@@ -249,6 +249,22 @@ const registerActivations = (register: Register, simd: Simd | undefined): void =
   if (simd !== undefined) {
     // only in SIMD: in JavaScript (Math.exp) slower than tfjs's ops; their forward passes stay op by op
     register(kernels.siluGrad, (sh) => [sh[0]!], ([x, dy], [y]) => simd.siluGrad(x as Float32Array, dy as Float32Array, y!))
+    // attention's masked softmax softmax(s·scale + m[row mod m's rows]) (rows of a width off
+    // multiples of 4 in JavaScript)
+    register(kernels.softmax, (sh) => [sh[0]!], ([sv, m], [out], shapes, a) => {
+      const width = shapes[0]![shapes[0]!.length - 1]!
+      const scale = a["scale"]!
+      if (width % 4 === 0) return simd.softmax(sv as Float32Array, m as Float32Array, out!, width, scale)
+      const mRows = m!.length / width
+      for (let row = 0, base = 0; base < sv!.length; row++, base += width) {
+        const mb = (row % mRows) * width
+        let top = -Infinity
+        for (let c = 0; c < width; c++) top = Math.max(top, out![base + c] = sv![base + c]! * scale + m![mb + c]!)
+        let total = 0
+        for (let c = 0; c < width; c++) total += out![base + c] = Math.exp(out![base + c]! - top)
+        for (let c = 0; c < width; c++) out![base + c] = out![base + c]! / total
+      }
+    })
     // attention's softmax gradient scale·p·(dp − Σ p·dp) per row (rows of a width off multiples of 4 in JavaScript)
     register(kernels.softmaxGrad, (sh) => [sh[0]!], ([p, dp], [out], [shape], a) => {
       const width = shape![shape!.length - 1]!

@@ -1,6 +1,6 @@
 /**
- * Fixes 11 and 12 (src/runtime/wasm/Fixes.ts, Elementwise.ts): wasm's `Add`, `Sub`, `Multiply` and
- * `Transpose` as our loops over the heap, against the cpu backend, on the shapes they take (same
+ * Fixes 11–13 (src/runtime/wasm/Fixes.ts, Elementwise.ts): wasm's `Add`, `Sub`, `Multiply`,
+ * `Transpose`, `Sin` and `Cos` as our loops over the heap, against the cpu backend, on the shapes they take (same
  * shapes, trailing dimensions, one number, merged axes, runs of vectors and element by element) and
  * those they leave to the stock kernel (odd sizes, other broadcasts, int32 arithmetic, more than four
  * loops).
@@ -86,6 +86,14 @@ describe("wasm Add, Sub, Multiply and Transpose (fixes 11, 12) equal cpu", () =>
         assert.deepStrictEqual(wasm, cpu, `${dtype} [${shape}] by [${perm}]`)
       }
     }
+  })
+
+  it("Sin and Cos (fix 13): equal to cpu's (both Math.sin and Math.cos rounded to float32), angles up to 1024", async () => {
+    const { cpu, wasm } = await both((tf) => {
+      const x = tf.mul(tf.reshape(tf.range(0, 1024), [1024, 1, 1]), tf.tensor3d(Array.from({ length: 16 }, (_, j) => 10000 ** (-j / 16)), [1, 1, 16]))
+      return [tf.sin(x), tf.cos(x), tf.cos(tf.tensor1d([NaN, Infinity, -0, 1e30]))]
+    })
+    assert.deepStrictEqual(wasm, cpu)
   })
 
   it("the loops replace the stock kernels where they apply, and only there", async () => {

@@ -5,7 +5,8 @@
  * tests/support/regression.ts; the fixture was written by tests/fixtures/record-regression.ts on
  * the tree of commit c19c380, before the redesign. (Two runs of it gave identical JSON, so the
  * comparison is exact.) The ConceptMoE trains with the paper's ratio loss ("plain"), so that a
- * retuned "pi" controller does not count as a change of numbers.
+ * retuned "pi" controller does not count as a change of numbers, and every part with β₁ 0.9
+ * (`partBeta1: {}`), the optimizer of that commit.
  */
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"

@@ -135,6 +135,47 @@ describe("training", () => {
       assert.isTrue(moved("encoder/0/mixer/attn/q.weight"))
     }).pipe(run("cpu")), 120_000)
 
+  for (const backend of ["cpu", "wasm"]) {
+    it.effect(`partBeta1 gives a part its own β₁ and bias correction (${backend}): the chunk module's first step is the same, its moment 10× larger, its second step differs`, () =>
+      Effect.gen(function*() {
+        const { Tensors } = yield* Effect.promise(() => import("../src/runtime/Backend.ts"))
+        const { materialize } = yield* Effect.promise(() => import("../src/runtime/Lower.ts"))
+        const { trainStep } = yield* Effect.promise(() => import("../src/train/Train.ts"))
+        const { tf } = yield* Tensors
+        const m = yield* load(tinyConcept)
+        const runTwo = (partBeta1: Record<string, number>) => {
+          const low = materialize(tf, m.analysis, 1)
+          const opt = { m: new Map(), v: new Map(), step: 0 }
+          for (const [p, w] of low.variables) {
+            opt.m.set(p, tf.variable(tf.zerosLike(w), false))
+            opt.v.set(p, tf.variable(tf.zerosLike(w), false))
+          }
+          const s = settings({ threads: 1, optimizer: { partBeta1, warmup: 0 } })
+          const snap = () => new Map([...low.variables].map(([p, w]) => [p, { w: Float32Array.from(w.dataSync()), m: (opt.m.get(p) as { dataSync: () => Float32Array }).dataSync().slice() }]))
+          trainStep(low, opt as never, trainBatch(data.train, 2, 16, 0, 0), s, 0)
+          const first = snap()
+          trainStep(low, opt as never, trainBatch(data.train, 2, 16, 0, 1), s, 1)
+          const second = snap()
+          return { first, second }
+        }
+        const none = runTwo({ chunk: 0 })
+        const plain = runTwo({})
+        const maxDiff = (a: Float32Array, b: Float32Array) => a.reduce((d, x, i) => Math.max(d, Math.abs(x - b[i]!)), 0)
+        for (const p of ["concept/chunk/q.weight", "concept/chunk/k.weight"]) {
+          const a = none.first.get(p)!, b = plain.first.get(p)!
+          // m = (1 − β₁)·g: all of g without momentum, a tenth of it with β₁ 0.9; m/(1 − β₁) is g either way
+          let big = 0
+          a.m.forEach((x, i) => { if (Math.abs(x) > Math.abs(a.m[big]!)) big = i })
+          assert.isAbove(Math.abs(a.m[big]!), 0)
+          assert.closeTo(a.m[big]! / b.m[big]!, 10, 1e-3)
+          assert.isBelow(maxDiff(a.w, b.w), 1e-6)
+          assert.isAbove(maxDiff(none.second.get(p)!.w, plain.second.get(p)!.w), 1e-5)
+        }
+        // the other parts train alike in both runs at the first step (the chunk module's weights, equal up to rounding, feed their second)
+        for (const [p, a] of none.first) if (!p.startsWith("concept/chunk/")) assert.deepStrictEqual(a.w, plain.first.get(p)!.w, p)
+      }).pipe(run(backend)), 120_000)
+  }
+
   it.effect("a checkpoint of another model is refused", () =>
     Effect.gen(function*() {
       const out = tmp()

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node N train.py [--fsdp] [--steps S] [--out DIR]
     python train.py ...                      (one process)
 
-Same optimiser (AdamW: decay on matrices only, per-part learning-rate multipliers), schedule (linear
+Same optimiser (AdamW: decay on matrices only, per-part learning-rate multipliers and β₁), schedule (linear
 warm-up, cosine to ``minLrRatio``), global-norm clipping and data order (batch ``s`` of the seed) as
 the TypeScript trainer; settings from ``train_settings.json``. The global batch of ``batchSize`` rows
 is split by rows over the ranks; the cross-entropy is the mean over the global batch's targets (each
@@ -47,7 +47,19 @@ def learning_rate(o: dict, steps: int, step: int) -> float:
 
 DEFAULTS = {"seqLen": 128, "batchSize": 8, "steps": 200, "seed": 0, "balanceWeight": 0.01, "logEvery": 10,
             "optimizer": {"lr": 3e-3, "warmup": 20, "minLrRatio": 0.1, "weightDecay": 0.1, "beta1": 0.9, "beta2": 0.95,
-                          "eps": 1e-8, "clip": 1.0, "partLr": {}}}
+                          "eps": 1e-8, "clip": 1.0, "partLr": {}, "partBeta1": {"chunk": 0.0}}}
+
+
+def param_groups(model, o: dict) -> list:
+    """AdamW's parameter groups, as ``conceptmoe train`` treats parameters: a part's learning-rate
+    multiplier (``partLr``), decay on matrices only, and a part's own beta1 (``partBeta1``: the chunk
+    module trains without momentum by default)."""
+    groups = {}
+    for p in model.owned():
+        key = (o["partLr"].get(p["part"], 1.0), o["weightDecay"] if len(p["shape"]) >= 2 else 0.0,
+               o.get("partBeta1", {}).get(p["part"], o["beta1"]))
+        groups.setdefault(key, []).append(model.parameter(p["path"]))
+    return [{"params": ps, "lr_scale": k[0], "weight_decay": k[1], "betas": (k[2], o["beta2"])} for k, ps in groups.items()]
 
 
 def settings_of(directory: str) -> dict:
@@ -109,7 +121,6 @@ def main(argv=None) -> None:
     model = build_model(os.path.join(a.export, "graph.json"))
     load_weights(model, os.path.join(a.export, "model.safetensors"))
     model.to(device)
-    part = {p["path"]: p["part"] for p in model.owned()}
     if a.fsdp and distributed:
         from torch.distributed.fsdp import fully_shard
         for unit in stacks(model):
@@ -120,13 +131,7 @@ def main(argv=None) -> None:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     else:
         wrapped = model
-    groups = {}
-    for p in model.owned():
-        param = model.parameter(p["path"])
-        key = (o["partLr"].get(part[p["path"]], 1.0), o["weightDecay"] if len(p["shape"]) >= 2 else 0.0)
-        groups.setdefault(key, []).append(param)
-    opt = torch.optim.AdamW([{"params": ps, "lr_scale": k[0], "weight_decay": k[1]} for k, ps in groups.items()],
-                            lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"])
+    opt = torch.optim.AdamW(param_groups(model, o), lr=o["lr"], betas=(o["beta1"], o["beta2"]), eps=o["eps"])
     params = [q for g in opt.param_groups for q in g["params"]]
     stream = load_stream(os.path.join(a.export, "data"), "train")
     integral = 0.0

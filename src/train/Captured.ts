@@ -23,7 +23,7 @@ import type { ConceptFeeds } from "../blocks/ConceptContext.ts"
 import { conceptSlots } from "../blocks/Chunker.ts"
 import { describeTuning, type TuneRow, tuneMatMuls, watchProducts } from "../runtime/webgpu/MatMul.ts"
 import { settingsOf } from "../runtime/Env.ts"
-import { failOnGpuErrors, type Optimizer, packStats, type PassOptions, readStats, stepInputValues, stepOnDevice, stepOptions, type StepResult, trainStepAsync, type TrainSettings } from "./Step.ts"
+import { betasOf, failOnGpuErrors, type Optimizer, packStats, type PassOptions, readStats, stepInputValues, stepOnDevice, stepOptions, type StepResult, trainStepAsync, type TrainSettings } from "./Step.ts"
 
 export type Mode =
   | { readonly mode: "warming" }
@@ -75,7 +75,8 @@ const stepFeeds = (low: Lowered, settings: TrainSettings, rows: number, length: 
     labels: tf.keep(tf.zeros([n], "int32")),
     mask: tf.keep(tf.zeros([n], "float32"))
   }
-  const stepValues = tf.keep(tf.zeros([3], "float32"))
+  // [lr, c1, c2] for each β₁ the parameters train with (Step.betasOf)
+  const stepValues = new Map(betasOf(low, settings).map((b) => [b, tf.keep(tf.zeros([3], "float32"))] as const))
   // a ConceptMoE (one concept stage) trains with static shapes: its draws and document starts are feeds
   const stages = low.analysis.rows.filter((r) => r.kind === "chunk")
   const ratio = stages.length === 1 ? (low.analysis.specs.get(stages[0]!.path) as { ratio: number }).ratio : undefined
@@ -88,7 +89,7 @@ const stepFeeds = (low: Lowered, settings: TrainSettings, rows: number, length: 
       ratioIntegral: tf.keep(tf.zeros([1], "float32"))
     }
   const slots = ratio === undefined ? 0 : conceptSlots(length, ratio, settings.conceptCapacity)
-  const feedList: ReadonlyArray<Tensor> = [feeds.ids, feeds.positions, feeds.labels, feeds.mask, stepValues, ...(concept === undefined ? [] : [concept.random, concept.documentStart, concept.ratioIntegral!])]
+  const feedList: ReadonlyArray<Tensor> = [feeds.ids, feeds.positions, feeds.labels, feeds.mask, ...stepValues.values(), ...(concept === undefined ? [] : [concept.random, concept.documentStart, concept.ratioIntegral!])]
   const valuesOf = (batch: Batch, step: number, pass: PassOptions): ReadonlyArray<readonly [Tensor, Float32Array | Int32Array]> => {
     if (batch.rows * batch.length !== n) throw new Error(`a captured trainer for ${rows}×${length} tokens got a batch of ${batch.rows}×${batch.length}`)
     const v = feedValues(batch)
@@ -98,7 +99,7 @@ const stepFeeds = (low: Lowered, settings: TrainSettings, rows: number, length: 
       [feeds.positions, v.positions],
       [feeds.labels, v.labels],
       [feeds.mask, v.mask],
-      [stepValues, Float32Array.from(stepInputValues(settings, step))],
+      ...[...stepValues].map(([b, t]) => [t, Float32Array.from(stepInputValues(settings, step, b))] as const),
       ...(concept === undefined || c === undefined ? [] : [
         [concept.random, c.random],
         [concept.documentStart, c.documentStart],

@@ -28,7 +28,14 @@ export const OptimizerConfig = Schema.Struct({
   eps: withDefault(PositiveNumber, 1e-8),
   clip: withDefault(PositiveNumber, 1),
   /** Learning-rate multipliers by parameter part (e.g. `{ "chunk": 0.1 }`). */
-  partLr: withDefault(Schema.Record(Schema.String, Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0)))), {})
+  partLr: withDefault(Schema.Record(Schema.String, Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0)))), {}),
+  /**
+   * β₁ by parameter part, in place of `beta1` (each with its own bias correction 1 − β₁ᵗ). The
+   * default trains the chunk module without momentum: the ratio controller acts through it, and
+   * momentum's lag (about ten steps at 0.9) made the boundary rate oscillate around the target
+   * (docs/training.md, "Compression control"). `{}` gives every part `beta1`.
+   */
+  partBeta1: withDefault(Schema.Record(Schema.String, Fraction), { chunk: 0 })
 })
 
 export const TrainSettings = Schema.Struct({
@@ -116,8 +123,8 @@ const passFields = (pass: PassOptions) => ({
 /** A step's device inputs, for a step that is recorded and replayed (`Captured.ts`). */
 export interface StepInputs {
   readonly feeds: Feeds
-  /** `[lr, c1, c2]` (see `Fused.adamStepValues`). */
-  readonly stepValues: Tensor
+  /** `[lr, c1, c2]` (see `Fused.adamStepValues`) for each β₁ the model's parts use ({@link betasOf}). */
+  readonly stepValues: ReadonlyMap<number, Tensor>
   /** Static-shape ConceptMoE inputs (`Lower.conceptFeedValues` for this step's seed). */
   readonly concept?: ConceptFeeds
 }
@@ -173,22 +180,32 @@ export const stepOnDevice = (
  * optimizer half of {@link stepOnDevice}, also run on gradients summed over worker threads
  * (`Parallel.ts`). Call inside `tf.tidy`.
  */
-export const applyGradients = (low: Lowered, opt: Optimizer, gs: ReadonlyArray<Tensor>, settings: TrainSettings, step: number, given?: Tensor): void => {
+export const applyGradients = (low: Lowered, opt: Optimizer, gs: ReadonlyArray<Tensor>, settings: TrainSettings, step: number, given?: ReadonlyMap<number, Tensor>): void => {
   const { tf } = low
   const o = settings.optimizer
-  const [lr, c1, c2] = stepInputValues(settings, step)
   const names = [...low.variables.keys()]
   const vars = names.map((n) => low.variables.get(n)!)
   const partOf = new Map(low.analysis.params.map((p) => [p.path, p.part]))
   const norm = tf.sqrt(makeSumSquares(tf)(gs))
   const scale = tf.minimum(tf.div(o.clip, norm), 1)
-  const stepValues = given ?? adamStepValues(tf, { lr, c1, c2 })
+  // one [lr, c1, c2] per β₁ in use, made once per step (or the recorded step's feeds)
+  const made = new Map<number, Tensor>()
+  const valuesFor = (beta1: number): Tensor => {
+    const known = given?.get(beta1) ?? made.get(beta1)
+    if (known !== undefined) return known
+    const [lr, c1, c2] = stepInputValues(settings, step, beta1)
+    const t = adamStepValues(tf, { lr, c1, c2 })
+    made.set(beta1, t)
+    return t
+  }
   names.forEach((n, i) => {
     const m = opt.m.get(n)!
     const v = opt.v.get(n)!
     const w = vars[i]!
+    const beta1 = betaOf(o, partOf.get(n))
+    const [lr, c1, c2] = stepInputValues(settings, step, beta1)
     const next = adamw(tf, w, gs[i]!, m, v, scale, {
-      beta1: o.beta1,
+      beta1,
       beta2: o.beta2,
       eps: o.eps,
       c1,
@@ -196,7 +213,7 @@ export const applyGradients = (low: Lowered, opt: Optimizer, gs: ReadonlyArray<T
       lr,
       lrScale: o.partLr[partOf.get(n) ?? ""] ?? 1,
       decay: w.rank >= 2 ? o.weightDecay : 0
-    }, stepValues)
+    }, valuesFor(beta1))
     m.assign(next.m as TF.Tensor)
     v.assign(next.v as TF.Tensor)
     w.assign(next.w as TF.Tensor)
@@ -249,11 +266,21 @@ export const readStats = (v: ArrayLike<number>, has: { readonly concepts: boolea
   }
 }
 
-/** A step's learning rate and Adam bias corrections `[lr, 1 − β₁ᵗ, 1 − β₂ᵗ]` (t = step + 1). */
-export const stepInputValues = (settings: TrainSettings, step: number): readonly [number, number, number] => {
+/**
+ * A step's learning rate and Adam bias corrections `[lr, 1 − β₁ᵗ, 1 − β₂ᵗ]` (t = step + 1), for
+ * `beta1` (default: the optimizer's).
+ */
+export const stepInputValues = (settings: TrainSettings, step: number, beta1 = settings.optimizer.beta1): readonly [number, number, number] => {
   const o = settings.optimizer
-  return [learningRate(o, settings.steps, step), 1 - o.beta1 ** (step + 1), 1 - o.beta2 ** (step + 1)]
+  return [learningRate(o, settings.steps, step), 1 - beta1 ** (step + 1), 1 - o.beta2 ** (step + 1)]
 }
+
+/** The β₁ of a parameter of `part`: its entry in `partBeta1`, else `beta1`. */
+export const betaOf = (o: typeof OptimizerConfig.Type, part: string | undefined): number => (part === undefined ? undefined : o.partBeta1[part]) ?? o.beta1
+
+/** The distinct β₁ that the parameters of `low` train with, in ascending order. */
+export const betasOf = (low: Lowered, settings: TrainSettings): ReadonlyArray<number> =>
+  [...new Set(low.analysis.params.map((p) => betaOf(settings.optimizer, p.part)))].sort((a, b) => a - b)
 
 /**
  * What one optimisation step reports, whichever path ran it (`trainStep`, `trainStepAsync`, the

@@ -66,7 +66,7 @@ export const settings = {
   conceptCapacity: 1.5,
   expertCapacity: null,
   threads: 1,
-  optimizer: { lr: 0.003, warmup: 5, minLrRatio: 0.1, weightDecay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, clip: 1, partLr: { chunk: 1 } }
+  optimizer: { lr: 0.003, warmup: 5, minLrRatio: 0.1, weightDecay: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, clip: 1, partLr: { chunk: 1 }, partBeta1: {} }
 }
 
 /** What is recorded of one model: its static costs and its training run. */

@@ -36,6 +36,11 @@ export interface BackendOps {
   readonly deviceErrors?: () => ReadonlyArray<string>
   /** A writable view of a float32 tensor's storage, for appends in place (cpu, wasm: `Cache.ts`). */
   readonly storage?: (t: Tensor) => Float32Array | undefined
+  /**
+   * `Σ_s weights[s]·g_s` of a gradient and the same gradient from other training threads
+   * (`train/Parallel.ts`), as `Parallel.weightedSum` computes it, bit for bit (wasm: in SIMD).
+   */
+  readonly weightedSum?: (first: Tensor, rest: ReadonlyArray<Float32Array>, weights: ReadonlyArray<number>) => Tensor
   /** Writes `x [total, width]` into a buffer tensor's device storage, token t at row `rowOf[t]`, position `posOf[t]` (webgpu). */
   readonly scatterRows?: (store: Tensor, x: Tensor, rowOf: Int32Array, posOf: Int32Array, capacity: number, columns: boolean) => void
   readonly dispatch?: {

@@ -132,6 +132,9 @@ export const f32x4Mul = simd(0xe6)
 export const f32x4Div = simd(0xe7)
 /** The low two lanes of an f32x4 as an f64x2. */
 export const f64x2PromoteLowF32x4 = simd(0x5f)
+/** Each f64 lane rounded to f32, in the low two lanes (the high two zero). */
+export const f32x4DemoteF64x2Zero = simd(0x5e)
+export const f64x2Splat = simd(0x14)
 export const f64x2Add = simd(0xf0)
 export const f64x2Mul = simd(0xf2)
 export const f64x2ExtractLane = (lane: number): Code => simd(0x21, lane)

@@ -2,7 +2,8 @@
  * Our SIMD matrix product on the wasm backend (src/runtime/wasm/Gemm.ts, fix 8 in Fixes.ts): the
  * assembler's encodings, and every product through tfjs's `BatchMatMul` equal to the cpu backend's
  * (values and gradients), over transposes, edges (rows not a multiple of 4, columns not of 8), a
- * K of 1, broadcast batches and the small products that stay on the stock kernel.
+ * K of 1, broadcast batches and the small products that stay on the stock kernel; both loop orders
+ * (B's panels outside or inside A's blocks) the same bits.
  */
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
@@ -11,6 +12,7 @@ import * as Settings from "../src/internal/Settings.ts"
 import { load } from "../src/runtime/Backend.ts"
 import { settingsOf, useSettings } from "../src/runtime/Env.ts"
 import { moduleBytes, sleb, uleb } from "../src/runtime/wasm/Assemble.ts"
+import { makeGemm, panelsOuter } from "../src/runtime/wasm/Gemm.ts"
 
 const runtime = (name: "cpu" | "wasm") => Effect.runPromise(load(name)).then((r) => r.tf)
 
@@ -107,6 +109,29 @@ describe("wasm matrix product (our SIMD kernel)", () => {
     assert.isBelow(relativeError(xnnpack, reference), 1e-5)
     assert.isAbove(ours.filter((v, i) => v !== xnnpack[i]).length, 0)
     assert.strictEqual(Settings.defaults.matmul, "auto")
+  })
+
+  it("loops over B's panels outside or inside A's blocks with the same bits; the order chosen by shape", async () => {
+    const tf = await runtime("wasm")
+    const b = tf.backend() as unknown as { wasm: { asm: { memory: WebAssembly.Memory }; _malloc: (n: number) => number; _free: (p: number) => void }; dataIdMap: { get: (d: object) => { memoryOffset: number } } }
+    const gemm = makeGemm({ memory: b.wasm.asm.memory, malloc: b.wasm._malloc, free: b.wasm._free })!
+    const at = (t: Tensor) => b.dataIdMap.get(t.dataId).memoryOffset
+    // [batch, m, k, n, transposeA, transposeB]: rows past the blocks, columns past the panels, a batch
+    for (const [batch, m, k, n, ta, tb] of [[1, 17, 33, 29, true, false], [1, 16, 40, 64, false, true], [2, 9, 5, 21, false, false], [1, 23, 64, 48, true, true]] as const) {
+      const a = operand(tf, [batch, ...(ta ? [k, m] : [m, k])], m)
+      const bm = operand(tf, [batch, ...(tb ? [n, k] : [k, n])], n)
+      const c = [tf.zeros([batch, m, n]), tf.zeros([batch, m, n])]
+      for (const [i, outer] of [[0, false], [1, true]] as const) {
+        gemm.product({ a: at(a), b: at(bm), c: at(c[i]!), batch, aBatched: true, bBatched: true, m, k, n, transposeA: ta, transposeB: tb, panelsOuter: outer })
+      }
+      const [x, y] = c.map((t) => t.dataSync())
+      assert.deepStrictEqual([...x!].map(String), [...y!].map(String), `${batch}×${m}×${k}×${n}`)
+      assert.isBelow(relativeError(x!, tf.matMul(a, bm, ta, tb).dataSync()), 1e-6)
+      tf.dispose([a, bm, ...c])
+    }
+    assert.isTrue(panelsOuter(128, 1024, 512))
+    assert.isFalse(panelsOuter(512, 1024, 128))
+    assert.isFalse(panelsOuter(256, 32, 512))
   })
 
   it("refuses inner sizes that differ with a typed error naming both shapes (reachable from a custom kernel call)", async () => {

@@ -51,9 +51,9 @@ export const ChunkerSpec = Schema.Struct({
   /** Integral weight of "pi". */
   ki: withDefault(NonNegative, DEFAULT_KI),
   /**
-   * What "pi" holds at 1/R: the rate (1 − w)·F + w·F½, F the sampled boundary rate (training's
-   * compute) and F½ the rate at p ≥ ½ on the same batch (inference's). 0 (the default) holds the
-   * sampled rate alone. See {@link controlledRate}.
+   * What the integral of "pi" holds at 1/R: the rate (1 − w)·F + w·F½, F the sampled boundary rate
+   * (training's compute) and F½ the rate at p ≥ ½ on the same batch (inference's); the
+   * proportional term acts on F alone. See {@link controlledRate}.
    */
   thresholdWeight: withDefault(UnitInterval, DEFAULT_THRESHOLD_WEIGHT)
 }).pipe(Schema.check(crossCheck((s) => s.ratio <= 1 ? ["ratio", `the compression ratio must exceed 1, got ${s.ratio}`] : undefined)))
@@ -95,14 +95,14 @@ export const ratioControlStep = (state: RatioControl, ratio: number, boundaryRat
 }
 
 /**
- * The boundary rate the controller of `s` holds at 1/R, from a batch's sampled rate F and its rate
- * at threshold F½ (p ≥ ½): F for "plain" (the paper's loss), (1 − w)·F + w·F½ for "pi" (w =
- * `thresholdWeight`). The sharpened Bernoulli fires on some p just under ½ and skips some just over,
- * so F and F½ differ where many p sit near ½ (at R 4 the threshold R ran up to 40% above the sampled
- * one). A weight w > 0 moves part of that gap from inference's compression to training's; in
- * 100-step runs of every strategy at R 1.5, 2 and 4 over two seeds it held the threshold R at R 4
- * more often and the sampled windows less often, no better overall, so the default is 0
- * (docs/training.md, "Compression control").
+ * The boundary rate whose error the integral of "pi" sums ({@link ratioControlStep}), from a
+ * batch's sampled rate F and its rate at threshold F½ (p ≥ ½): F for "plain", (1 − w)·F + w·F½ for
+ * "pi" (w = `thresholdWeight`). The sharpened Bernoulli fires on some p under ½ and skips some over
+ * it, so where many p sit near ½ the two differ (at R 4 the threshold R ran 15–35% above the sampled
+ * one): w > 0 moves part of that gap from inference's compression to training's. Only the integral
+ * holds the mix; the proportional term acts on F, whose dependence on p is smooth (the count at
+ * p ≥ ½ jumps as p cross ½, and feeding it back made the rate oscillate). See docs/training.md,
+ * "Compression control".
  */
 export const controlledRate = (s: ChunkerSpec, F: number, thresholdF: number): number => {
   const w = thresholdWeightOf(s)
@@ -229,8 +229,8 @@ const applyChunker = (ctx: ForwardContext, spec: ChunkerSpec, x: Tensor, p: Read
     if (p >= 0.5) above++
   }
   const atThreshold = host === undefined ? count : above
-  // the controlled rate (controlledRate: the sampled one, or its mean with the rate at p ≥ ½)
-  const F = controlledRate(s, count / n, atThreshold / n)
+  // the proportional term acts on the sampled rate (the integral, on the host, on controlledRate's mix)
+  const F = count / n
   const G = tf.mean(probs)
   const R = s.ratio
   // L = a·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) + b·G (ratioLossWeights)
@@ -295,9 +295,8 @@ const staticBoundaries = (ctx: ForwardContext, concepts: ConceptOps, s: ChunkerS
   const atThreshold = tf.sum(tf.cast(tf.greaterEqual(pr, 0.5), "float32"))
   const G = tf.mean(probs)
   const ratio = s.ratio
-  // the controlled rate, as controlledRate computes it on the host
-  const wt = thresholdWeightOf(s)
-  const F = tf.div(wt === 0 ? count : tf.add(tf.mul(count, 1 - wt), tf.mul(atThreshold, wt)), n)
+  // the proportional term acts on the sampled rate, as the host path's
+  const F = tf.div(count, n)
   // L = a·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) + b·G (ratioLossWeights)
   const w = ratioLossWeights(s, concepts.ratioControl)
   const paper = tf.mul(tf.add(tf.mul(tf.mul(G, F), ratio - 1), tf.mul(tf.sub(1, G), tf.sub(1, F))), (ratio / (ratio - 1)) * w.a)

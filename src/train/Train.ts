@@ -23,7 +23,7 @@ import { capturedTrainer, type StepResult } from "./Captured.ts"
 import { parallelTrainer, trainingThreads } from "./Parallel.ts"
 import { backendOps } from "../runtime/Ops.ts"
 import { evaluate, evaluateAsync, newOptimizer, type Optimizer, type PassOptions, syncReads, trainStep, type TrainSettings } from "./Step.ts"
-import { type ChunkerSpec, controlledRate, initialRatioControl, rampSpec, type RatioControl, ratioLossValue } from "../blocks/Chunker.ts"
+import { type ChunkerSpec, initialRatioControl, rampSpec, type RatioControl, ratioLossValue } from "../blocks/Chunker.ts"
 import { compressionSummary, type CompressionSummary } from "./Compression.ts"
 import type { StepMetrics } from "./Metrics.ts"
 import { nextControl, resumeRun } from "./Resume.ts"
@@ -126,7 +126,6 @@ const stepMetrics = (
 ): StepMetrics => {
   const F = r.concepts > 0 ? r.concepts / r.tokens : undefined
   const chunk = control.chunk
-  const held = chunk === undefined || F === undefined ? undefined : controlledRate(chunk, F, r.thresholdConcepts / r.tokens)
   const experts = r.expertPairs !== undefined && r.expertPairs > 0 ? { routed: r.expertPairs, dropped: r.expertDropped ?? 0 } : undefined
   return {
     step,
@@ -136,7 +135,7 @@ const stepMetrics = (
     lr: r.lr,
     tokensPerSecond: tokens / (ms / 1000),
     ...(F === undefined ? {} : { compression: r.tokens / r.concepts, boundaryRate: F, boundaryProb: r.boundaryProbSum / r.tokens, thresholdRate: r.thresholdConcepts / r.tokens }),
-    ...(held === undefined || chunk === undefined ? {} : { ratioLoss: ratioLossValue(rampSpec(chunk, control.ramp), control.used, held, r.boundaryProbSum / r.tokens) }),
+    ...(F === undefined || chunk === undefined ? {} : { ratioLoss: ratioLossValue(rampSpec(chunk, control.ramp), control.used, F, r.boundaryProbSum / r.tokens) }),
     ...(r.dropped !== undefined && r.dropped > 0 ? { droppedBoundaries: r.dropped } : {}),
     ...(experts === undefined || experts.dropped === 0 ? {} : { droppedExpertPairs: experts.dropped / experts.routed }),
     ...(val === undefined ? {} : { valBitsPerByte: val.bitsPerByte }),

@@ -4,9 +4,9 @@ p_n = ½(1 − cos(W_q h_n, W_k h_{n−1})) clipped to [0, 1], with p = 1 and a 
 row start and document start. Boundaries: imposed ones where the caller gives them (``boundaries=``
 of ``Model.forward``; forced ones are kept), else b_n ~ Bernoulli(sharpen_τ(p_n)) in training, drawn
 with the runtime's generator and seed so that both sides sample the same boundaries, else p_n ≥ ½.
-The ratio loss a·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) + b·G (F: the controlled boundary rate, a
-constant, see :func:`controlled_rate`; G: mean p; a, b from :func:`ratio_loss_weights`) joins the
-auxiliary losses in training.
+The ratio loss a·R/(R−1)·((R−1)·F·G + (1−F)(1−G)) + b·G (F: the sampled boundary rate, a
+constant; G: mean p; a, b from :func:`ratio_loss_weights`, whose integral sums the errors of
+:func:`controlled_rate`) joins the auxiliary losses in training.
 """
 import torch
 
@@ -27,8 +27,8 @@ def ratio_loss_weights(s: dict, integral: float) -> tuple[float, float]:
 
 
 def controlled_rate(s: dict, sampled: float, threshold: float) -> float:
-    """The boundary rate the controller holds at 1/R: the sampled one with ``"plain"``, else
-    (1 − w)·F + w·F½ (F½: the rate at p ≥ ½ on the same batch, w = ``thresholdWeight``)."""
+    """The boundary rate whose error the controller's integral sums: the sampled one with ``"plain"``,
+    else (1 − w)·F + w·F½ (F½: the rate at p ≥ ½ on the same batch, w = ``thresholdWeight``)."""
     if s.get("ratioControl", "plain") == "plain":
         return sampled
     w = s.get("thresholdWeight", 0.0)
@@ -90,7 +90,8 @@ class Chunk(Block):
         threshold = int((probs.detach() >= 0.5).sum()) if ctx.training else count
         a, b_weight = ratio_loss_weights(s, ctx.ratio_integral)
         if ctx.training and (a > 0 or b_weight != 0):
-            F, G, R = controlled_rate(s, count / n, threshold / n), probs.mean(), s["ratio"]
+            # the proportional term acts on the sampled rate (the integral, in train.py, on controlled_rate's mix)
+            F, G, R = count / n, probs.mean(), s["ratio"]
             ctx.aux_losses.append((G * ((R - 1) * F) + (1 - G) * (1 - F)) * (R / (R - 1) * a) + G * b_weight)
         ctx.chunk = {"h": x, "p": probs, "b": b, "concepts": concepts, "receive": torch.cumsum(counts, 0) - 1}
         ctx.compression["tokens"] += n

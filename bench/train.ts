@@ -11,7 +11,8 @@
  * elementwise, reductions, gather/segment, copies and reshapes, and the optimizer: clipping and
  * AdamW, the kernels of a whole step beyond those of its gradients alone), with their count and
  * summed kernel time, and the rest of the step's time outside kernels (host: tfjs's dispatch,
- * JS between kernels, garbage collection).
+ * JS between kernels, garbage collection). For several threads, where the step's time goes between
+ * the threads' shards, the wait and the serial part (`ParallelTrainer.timings`).
  *
  * Writes `results.jsonl` (one line per measurement), `summary.md` (the tables) and `train.svg` (the
  * plot) under `--out` (default runs/bench-train). PyTorch comes from `.venv/bin/python` (else
@@ -99,6 +100,7 @@ const timeOurs = async (tf: Tf, w: typeof workloads[number], threads: number) =>
   const batch = batchOf(w.rows, w.length)
   const times: Array<number> = []
   let first = NaN
+  let parallel: Record<string, number> | undefined
   if (threads === 1) {
     const low = materialize(tf, m.analysis, 1)
     const opt = newOptimizer(low)
@@ -118,12 +120,26 @@ const timeOurs = async (tf: Tf, w: typeof workloads[number], threads: number) =>
     const low = materialize(tf, m.analysis, 1)
     const opt = newOptimizer(low)
     const trainer = await parallelTrainer(low, opt, m.config, settings, threads)
+    const spent: Array<ReturnType<typeof trainer.timings>> = []
     try {
       for (let s = 0; s < 2 + timed; s++) {
         const t0 = performance.now()
         const r = await trainer.step(batch, s)
         if (s === 0) first = r.loss
-        if (s >= 2) times.push(performance.now() - t0)
+        if (s >= 2) {
+          times.push(performance.now() - t0)
+          spent.push(trainer.timings())
+        }
+      }
+      const med = (f: (t: typeof spent[number]) => number) => round(median(spent.map(f)))
+      parallel = {
+        ownShard: med((t) => t.own),
+        wait: med((t) => t.wait),
+        workerShard: med((t) => t.worker.shard),
+        publish: med((t) => t.publish),
+        workerLoadWrite: med((t) => t.worker.load + t.worker.write),
+        combine: med((t) => t.combine),
+        apply: med((t) => t.apply)
       }
     } finally {
       await trainer.dispose()
@@ -131,7 +147,7 @@ const timeOurs = async (tf: Tf, w: typeof workloads[number], threads: number) =>
       tf.dispose([...opt.m.values(), ...opt.v.values()])
     }
   }
-  return { params: m.analysis.rows[0]!.params, stepMs: median(times), firstLoss: first }
+  return { params: m.analysis.rows[0]!.params, stepMs: median(times), firstLoss: first, ...(parallel === undefined ? {} : { parallel }) }
 }
 
 /** The kind of a kernel, for the breakdown; undefined for wrappers that time other kernels inside them. */
@@ -217,6 +233,7 @@ const main = async () => {
   }
   emit({ ours: description, torch: torchVersion ?? (flag("--no-torch") ? "not run (--no-torch)" : "no PyTorch installed (create .venv: python3 -m venv .venv && .venv/bin/pip install torch numpy)"), cores: (await import("node:os")).cpus().length, loadAverage: (await import("node:os")).loadavg().map((x) => round(x)) })
   const rows: Array<{ model: string; threads: number; oursMs: number; torchMs?: number; ratio?: number }> = []
+  const spentBy: Array<{ model: string; threads: number; ownShard: number; wait: number; workerShard: number; publish: number; workerLoadWrite: number; combine: number; apply: number }> = []
   for (const threads of threadCounts) {
     const before = runTorch(threads)
     const ours = new Map<string, Awaited<ReturnType<typeof timeOurs>>>()
@@ -227,7 +244,8 @@ const main = async () => {
         continue
       }
       ours.set(w.name, r)
-      emit({ side: "ours", model: w.name, threads, params: r.params, stepMsMedian: round(r.stepMs), firstLoss: r.firstLoss })
+      emit({ side: "ours", model: w.name, threads, params: r.params, stepMsMedian: round(r.stepMs), firstLoss: r.firstLoss, ...(r.parallel === undefined ? {} : { parallel: r.parallel }) })
+      if (r.parallel !== undefined) spentBy.push({ model: w.name, threads, ...r.parallel } as typeof spentBy[number])
     }
     const after = runTorch(threads)
     for (const w of chosen) {
@@ -257,6 +275,11 @@ const main = async () => {
     return rows.filter((r) => r.model === w.name && r.threads > 1 && one !== undefined).map((r) => `| ${w.name} | 1 → ${r.threads} | ${round(one!.oursMs / r.oursMs)}× | ${one!.torchMs !== undefined && r.torchMs !== undefined ? `${round(one!.torchMs / r.torchMs)}×` : "—"} |`)
   })
   if (scaling.length > 0) md.push("", "| model | threads | ours: speed-up | PyTorch: speed-up |", "|---|---|---|---|", ...scaling)
+  if (spentBy.length > 0) {
+    md.push("", "Several threads: where a step's time goes (ms, medians; src/train/Parallel.ts's timings): this thread's shard, then its wait for the workers; the slowest worker's shard; the serial part: copying the parameters out (this thread) and in (a worker, with writing its gradients), summing the gradients, clipping and AdamW.", "")
+    md.push("| model | threads | own shard | wait | worker's shard | parameters out | worker: in + gradients out | sum | clip + AdamW |", "|---|---|---|---|---|---|---|---|---|")
+    for (const p of spentBy) md.push(`| ${p.model} | ${p.threads} | ${p.ownShard} | ${p.wait} | ${p.workerShard} | ${p.publish} | ${p.workerLoadWrite} | ${p.combine} | ${p.apply} |`)
+  }
   if (profiles.size > 0) {
     const kinds = ["matmul", "batched matmul", "transpose", "elementwise", "reductions", "gather/segment", "copies/reshapes", "optimizer"]
     md.push("", "One thread, one step under tf.profile: kernels (count) and kernel ms by kind; host = the unprofiled step's time outside kernels.", "")

@@ -8,14 +8,15 @@
  * 4 rows × 8 columns held in eight vector registers, with `f32x4.relaxed_madd` (one fused
  * multiply-add per 4 lanes where the CPU has FMA; the plain multiply and add where the engine lacks
  * relaxed SIMD). B is first packed into panels of 8 columns (`[panel][k][8]`, zero past N), so the
- * kernel reads it contiguously; A is read in place through two byte strides (between rows and
- * between consecutive k), which covers a transposed A without a copy, and B's packing takes its
- * strides the same way. Rows past the last whole block of 4, and columns past the last whole panel,
- * go through a small scratch area and are copied out. The loop over B's panels runs inside the
- * loop over A's blocks, or outside it where A is the smaller operand and B large ({@link panelsOuter}).
- * Each output element is one sum over k in
- * ascending order: the same bits every run on a given machine (the FMA rounds once per term, so the
- * last bits differ from a plain multiply-and-add, as between any two BLAS libraries).
+ * kernel reads it contiguously; a row-major B is packed a 64-byte line at a time (16 columns, two
+ * panels: each line read once), a transposed one element by element. A is read in place through
+ * two byte strides (between rows and between consecutive k); a transposed A is packed first into
+ * blocks of 4 rows (`[block][k][4]`, a line at a time as B). Rows past the last whole block of 4,
+ * and columns past the last whole panel, go through a small scratch area and are copied out. The
+ * loop over B's panels runs inside the loop over A's blocks, or outside it where A is the smaller
+ * operand and B large ({@link panelsOuter}). Each output element is one sum over k in ascending
+ * order: the same bits every run on a given machine (the FMA rounds once per term, so the last
+ * bits differ from a plain multiply-and-add, as between any two BLAS libraries).
  *
  * @since 0.4.0
  */
@@ -157,6 +158,47 @@ const packFunc = (width: 4 | 8): Func => {
   }
 }
 
+/**
+ * `packLinesW(b, kS, dst, K, groups)` for a width W of 8 or 4: a row-major source's columns
+ * (element (k, n) at `b + k·kS + 4n`) into panels `dst[p][k][0..W)` (K rows each), 16 columns
+ * (one 64-byte line, 16/W panels) at a time: each line of the source is read once, where `packW`
+ * reads a panel's part of it per panel.
+ */
+const packLinesFunc = (width: 4 | 8): Func => {
+  const [b, kS, dst, K, groups] = [0, 1, 2, 3, 4]
+  const [g, k, src, panelBytes] = [5, 6, 7, 8]
+  const per = 16 / width
+  const ds = Array.from({ length: per }, (_, i) => 9 + i)
+  const vs = [9 + per, 10 + per, 11 + per, 12 + per]
+  const step: Array<Code> = []
+  for (let v = 0; v < 4; v++) step.push(get(src), v128Load(16 * v), set(vs[v]!))
+  for (let v = 0; v < 4; v++) {
+    const panel = Math.floor(v / (width / 4))
+    step.push(get(ds[panel]!), get(vs[v]!), v128Store(16 * (v % (width / 4))))
+  }
+  step.push(get(src), get(kS), add, set(src))
+  for (const d of ds) step.push(get(d), const32(width * 4), add, set(d))
+  step.push(get(k), const32(1), sub, tee(k), brIf(0))
+  return {
+    name: `packLines${width}`,
+    params: 5,
+    locals: [[4 + per, i32], [4, v128]],
+    body: [
+      get(K), const32(width * 4), mul, set(panelBytes),
+      const32(0), set(g),
+      block(loop(
+        get(g), get(groups), geS, brIf(1),
+        // src = b + 64·g; the group's first panel at dst + g·(16/W)·panelBytes
+        get(b), get(g), const32(6), shl, add, set(src),
+        ...ds.map((d, i): Code => [...get(dst), ...get(g), ...const32(per), ...mul, ...const32(i), ...add, ...get(panelBytes), ...mul, ...add, ...set(d)]),
+        get(K), set(k),
+        loop(...step),
+        get(g), const32(1), add, set(g), br(0)
+      ))
+    ]
+  }
+}
+
 /** The heap and allocator of tfjs-backend-wasm's module. */
 export interface Heap {
   readonly memory: WebAssembly.Memory
@@ -205,7 +247,7 @@ export interface Gemm {
 
 /** The kernel over `heap`, or undefined where the engine has no 128-bit SIMD. */
 export const makeGemm = (heap: Heap): Gemm | undefined => {
-  const build = (fma: boolean) => moduleBytes([gemmFunc(fma), packFunc(8), packFunc(4)])
+  const build = (fma: boolean) => moduleBytes([gemmFunc(fma), packFunc(8), packFunc(4), packLinesFunc(8), packLinesFunc(4)])
   const fma = WebAssembly.validate(build(true))
   const bytes = fma ? build(true) : build(false)
   if (!WebAssembly.validate(bytes)) return undefined
@@ -213,6 +255,15 @@ export const makeGemm = (heap: Heap): Gemm | undefined => {
   const gemm = exports["gemm"] as (...xs: Array<number>) => void
   const pack8 = exports["pack8"] as (...xs: Array<number>) => void
   const pack4 = exports["pack4"] as (...xs: Array<number>) => void
+  const packLines8 = exports["packLines8"] as (...xs: Array<number>) => void
+  const packLines4 = exports["packLines4"] as (...xs: Array<number>) => void
+  // packs as packW(src, kS, nS, dst, K, N, panels) does; a row-major source's whole lines first
+  const pack = (width: 4 | 8, src: number, kS: number, nS: number, dst: number, K: number, N: number, panels: number) => {
+    const groups = nS === 4 ? Math.floor(N / 16) : 0
+    if (groups > 0) (width === 8 ? packLines8 : packLines4)(src, kS, dst, K, groups)
+    const done = (groups * 16) / width
+    if (panels > done) (width === 8 ? pack8 : pack4)(src + groups * 64, kS, nS, dst + done * K * width * 4, K, N - groups * 16, panels - done)
+  }
   // one scratch area, grown as needed: packed B, packed A, a padded C, and C's last rows
   let scratch = 0
   let scratchBytes = 0
@@ -256,8 +307,8 @@ export const makeGemm = (heap: Heap): Gemm | undefined => {
     for (let i = 0; i < x.batch; i++) {
       const given = x.a + (x.aBatched ? i * m * k * 4 : 0)
       const c = x.c + i * m * n * 4
-      if (i === 0 || x.bBatched) pack8(x.b + (x.bBatched ? i * k * n * 4 : 0), bk, bn, bPacked, k, n, panels)
-      if (x.transposeA && (i === 0 || x.aBatched)) pack4(given, m * 4, 4, aPacked, k, m, blocks)
+      if (i === 0 || x.bBatched) pack(8, x.b + (x.bBatched ? i * k * n * 4 : 0), bk, bn, bPacked, k, n, panels)
+      if (x.transposeA && (i === 0 || x.aBatched)) pack(4, given, m * 4, 4, aPacked, k, m, blocks)
       const a = x.transposeA ? aPacked : given
       if (full > 0) {
         const [cc, ldcBytes] = [direct ? c : cPad, (direct ? n : np) * 4]

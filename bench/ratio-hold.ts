@@ -7,7 +7,7 @@
  *
  * Run: node bench/ratio-hold.ts [--baseline examples/compare/moe-tiny.json] [--strategies topk,loop,width]
  *   [--ratios 1.5,2,4] [--steps 100] [--batch 8] [--seq-len 128] [--control pi|plain] [--kp K] [--ki K]
- *   [--lambda L] [--threshold-weight W] [--chunk-lr M] [--encoder-layers 2] [--decoder-layers 2] [--backend wasm] [--seed 0] [--json FILE]
+ *   [--lambda L] [--threshold-weight W] [--chunk-lr M] [--part-beta1 JSON] [--encoder-layers 2] [--decoder-layers 2] [--backend wasm] [--seed 0] [--json FILE]
  * A (strategy, R) that the solver cannot match is listed as such.
  */
 import { NodeServices } from "@effect/platform-node"
@@ -46,7 +46,11 @@ const settings = Schema.decodeUnknownSync(TrainSettings)({
   evalEvery: steps,
   checkpointEvery: steps,
   logEvery: steps,
-  ...(process.argv.includes("--chunk-lr") ? { optimizer: { partLr: { chunk: Number(arg("chunk-lr", "1")) } } } : {})
+  optimizer: {
+    ...(process.argv.includes("--chunk-lr") ? { partLr: { chunk: Number(arg("chunk-lr", "1")) } } : {}),
+    // e.g. --part-beta1 '{}': every part with β₁ 0.9, the router's momentum back (default { chunk: 0 })
+    ...(process.argv.includes("--part-beta1") ? { partBeta1: JSON.parse(arg("part-beta1", "{}")) } : {})
+  }
 })
 const baselineJson = JSON.parse(fs.readFileSync(baselineFile, "utf8"))
 const data = sotuSplits(byteTokenizer, settings.seed)

@@ -310,10 +310,13 @@ export const parallelTrainer = async (low: Lowered, opt: Optimizer, config: unkn
           return tf.tensor(weightedSum([valuesOf(tf, mine.grads[i]!), ...rest], weights, new Float32Array(sizes[i]!)), v.shape)
         })
         const t4 = performance.now()
-        tf.tidy(() => {
-          applyGradients(low, opt, summed, settings, step)
-        })
-        tf.dispose(summed)
+        try {
+          tf.tidy(() => {
+            applyGradients(low, opt, summed, settings, step)
+          })
+        } finally {
+          tf.dispose(summed)
+        }
         opt.step = step + 1
         const spent = replies.map((r) => (r.ok ? r.spent : undefined) ?? { load: 0, shard: 0, write: 0 })
         const worker = spent.reduce((a, b) => (b.shard > a.shard ? b : a))

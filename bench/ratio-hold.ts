@@ -7,7 +7,8 @@
  *
  * Run: node bench/ratio-hold.ts [--baseline examples/compare/moe-tiny.json] [--strategies topk,loop,width]
  *   [--ratios 1.5,2,4] [--steps 100] [--batch 8] [--seq-len 128] [--control pi|plain] [--kp K] [--ki K]
- *   [--lambda L] [--threshold-weight W] [--chunk-lr M] [--part-beta1 JSON] [--encoder-layers 2] [--decoder-layers 2] [--backend wasm] [--seed 0] [--json FILE]
+ *   [--lambda L] [--threshold-weight W] [--chunk-lr M] [--part-beta1 JSON]
+ *   [--eval-every N] [--eval-batches 4] [--encoder-layers 2] [--decoder-layers 2] [--backend wasm] [--seed 0] [--json FILE]
  * A (strategy, R) that the solver cannot match is listed as such.
  */
 import { NodeServices } from "@effect/platform-node"
@@ -43,7 +44,9 @@ const settings = Schema.decodeUnknownSync(TrainSettings)({
   batchSize: Number(arg("batch", "8")),
   seqLen: Number(arg("seq-len", "128")),
   seed: Number(arg("seed", "0")),
-  evalEvery: steps,
+  // --eval-every 1 measures the threshold R on the same validation bytes after every step (printed per step)
+  evalEvery: Number(arg("eval-every", String(steps))),
+  evalBatches: Number(arg("eval-batches", "4")),
   checkpointEvery: steps,
   logEvery: steps,
   optimizer: {
@@ -105,6 +108,7 @@ const program = Effect.gen(function*() {
       console.error(`${strategy} R ${ratio} ${model.name}: ${JSON.stringify(row)} (${((performance.now() - t0) / 1000).toFixed(0)} s)`)
       const perStep = result.metrics.map((m) => m.compression?.toFixed(2)).join(" ")
       console.error(`  sampled R per step: ${perStep}`)
+      if (settings.evalEvery < steps) console.error(`  threshold R (p ≥ ½) on validation per evaluation: ${result.metrics.filter((m) => m.valCompression !== undefined).map((m) => `${m.step + 1}:${m.valCompression!.toFixed(2)}`).join(" ")}`)
       const perStepThreshold = result.metrics.map((m) => (m.thresholdRate === undefined ? "-" : (1 / m.thresholdRate).toFixed(2))).join(" ")
       console.error(`  threshold R (p ≥ ½) of the training batch per step: ${perStepThreshold}`)
     }

@@ -119,16 +119,13 @@ describe("training", () => {
       const { Tensors } = yield* Effect.promise(() => import("../src/runtime/Backend.ts"))
       const { materialize } = yield* Effect.promise(() => import("../src/runtime/Lower.ts"))
       const { trainStep } = yield* Effect.promise(() => import("../src/train/Train.ts"))
+      const { newOptimizer } = yield* Effect.promise(() => import("../src/train/Step.ts"))
       const { tf } = yield* Tensors
       const m = yield* load(tinyConcept)
       const low = materialize(tf, m.analysis, 1)
-      const opt = { m: new Map(), v: new Map(), step: 0 }
-      for (const [p, w] of low.variables) {
-        opt.m.set(p, tf.variable(tf.zerosLike(w), false))
-        opt.v.set(p, tf.variable(tf.zerosLike(w), false))
-      }
+      const opt = newOptimizer(low)
       const before = new Map([...low.variables].map(([p, w]) => [p, w.dataSync().slice()]))
-      trainStep(low, opt as never, trainBatch(data.train, 2, 16, 0, 0), settings({ optimizer: { partLr: { chunk: 0 }, warmup: 0 } }), 0)
+      trainStep(low, opt, trainBatch(data.train, 2, 16, 0, 0), settings({ optimizer: { partLr: { chunk: 0 }, warmup: 0 } }), 0)
       const moved = (p: string) => low.variables.get(p)!.dataSync().some((x, i) => x !== before.get(p)![i])
       assert.isFalse(moved("concept/chunk/q.weight"))
       assert.isFalse(moved("concept/chunk/k.weight"))
@@ -141,20 +138,17 @@ describe("training", () => {
         const { Tensors } = yield* Effect.promise(() => import("../src/runtime/Backend.ts"))
         const { materialize } = yield* Effect.promise(() => import("../src/runtime/Lower.ts"))
         const { trainStep } = yield* Effect.promise(() => import("../src/train/Train.ts"))
+        const { newOptimizer } = yield* Effect.promise(() => import("../src/train/Step.ts"))
         const { tf } = yield* Tensors
         const m = yield* load(tinyConcept)
         const runTwo = (partBeta1: Record<string, number>) => {
           const low = materialize(tf, m.analysis, 1)
-          const opt = { m: new Map(), v: new Map(), step: 0 }
-          for (const [p, w] of low.variables) {
-            opt.m.set(p, tf.variable(tf.zerosLike(w), false))
-            opt.v.set(p, tf.variable(tf.zerosLike(w), false))
-          }
+          const opt = newOptimizer(low)
           const s = settings({ threads: 1, optimizer: { partBeta1, warmup: 0 } })
-          const snap = () => new Map([...low.variables].map(([p, w]) => [p, { w: Float32Array.from(w.dataSync()), m: (opt.m.get(p) as { dataSync: () => Float32Array }).dataSync().slice() }]))
-          trainStep(low, opt as never, trainBatch(data.train, 2, 16, 0, 0), s, 0)
+          const snap = () => new Map([...low.variables].map(([p, w]) => [p, { w: Float32Array.from(w.dataSync()), m: opt.m.get(p)!.dataSync().slice() }]))
+          trainStep(low, opt, trainBatch(data.train, 2, 16, 0, 0), s, 0)
           const first = snap()
-          trainStep(low, opt as never, trainBatch(data.train, 2, 16, 0, 1), s, 1)
+          trainStep(low, opt, trainBatch(data.train, 2, 16, 0, 1), s, 1)
           const second = snap()
           return { first, second }
         }

@@ -8,6 +8,7 @@
  *
  * @since 0.4.0
  */
+import type * as TF from "@tensorflow/tfjs"
 import type { Tf } from "../../graph/Apply.ts"
 import { InvalidInput } from "../../internal/RunErrors.ts"
 import { settingsOf } from "../Env.ts"
@@ -254,6 +255,13 @@ const ours = (b: WasmBackend, gemm: Gemm, x: Info, y: Info, transposeA: boolean,
   return out
 }
 
+/** Replaces wasm's kernel `kernelName` by `kernelFunc(stock)`, keeping the stock kernel's setup (and the stock kernel for the cases it leaves to it). */
+const overrideWasm = (tf: Tf, kernelName: string, kernelFunc: (stock: TF.KernelConfig) => TF.KernelFunc): void => {
+  const stock = tf.getKernel(kernelName, "wasm")!
+  tf.unregisterKernel(kernelName, "wasm")
+  tf.registerKernel({ kernelName, backendName: "wasm", ...(stock.setupFunc === undefined ? {} : { setupFunc: stock.setupFunc }), kernelFunc: kernelFunc(stock) })
+}
+
 /**
  * 9. wasm: `GatherV2` (without batch dimensions) as contiguous copies over the heap. The stock
  *    kernel took 5–95 ms per call in a training step's profile (the MoE's gathers of token rows and
@@ -262,39 +270,32 @@ const ours = (b: WasmBackend, gemm: Gemm, x: Info, y: Info, transposeA: boolean,
  *    passes them). Tested equal to the cpu backend (tests/wasm-kernels.test.ts).
  */
 const installWasmGather = (tf: Tf): void => {
-  const stock = tf.getKernel("GatherV2", "wasm")!
-  tf.unregisterKernel("GatherV2", "wasm")
-  tf.registerKernel({
-    kernelName: "GatherV2",
-    backendName: "wasm",
-    ...(stock.setupFunc === undefined ? {} : { setupFunc: stock.setupFunc }),
-    kernelFunc: (args) => {
-      const b = args.backend as unknown as WasmBackend & { typedArrayFromHeap: (t: Info) => Float32Array | Int32Array }
-      const x = args.inputs["x"] as unknown as Info
-      const indices = args.inputs["indices"] as unknown as Info
-      const { axis: given, batchDims } = args.attrs as { axis: number; batchDims?: number }
-      if ((batchDims ?? 0) !== 0 || (x.dtype !== "float32" && x.dtype !== "int32") || indices.dtype !== "int32") return stock.kernelFunc(args)
-      const axis = given < 0 ? given + x.shape.length : given
-      const outer = x.shape.slice(0, axis).reduce((p, c) => p * c, 1)
-      const dim = x.shape[axis]!
-      const inner = x.shape.slice(axis + 1).reduce((p, c) => p * c, 1)
-      const out = b.makeOutput([...x.shape.slice(0, axis), ...indices.shape, ...x.shape.slice(axis + 1)], x.dtype)
-      // views after the output's allocation (which may grow the heap)
-      const src = b.typedArrayFromHeap(x)
-      const at = b.typedArrayFromHeap(indices)
-      const dst = b.typedArrayFromHeap(out)
-      const n = at.length
-      for (let o = 0; o < outer; o++) {
-        for (let j = 0; j < n; j++) {
-          const i = at[j]!
-          const to = (o * n + j) * inner
-          if (i < 0 || i >= dim) dst.fill(0, to, to + inner)
-          else if (inner === 1) dst[to] = src[o * dim + i]!
-          else dst.set(src.subarray((o * dim + i) * inner, (o * dim + i + 1) * inner), to)
-        }
+  overrideWasm(tf, "GatherV2", (stock) => (args) => {
+    const b = args.backend as unknown as WasmBackend & { typedArrayFromHeap: (t: Info) => Float32Array | Int32Array }
+    const x = args.inputs["x"] as unknown as Info
+    const indices = args.inputs["indices"] as unknown as Info
+    const { axis: given, batchDims } = args.attrs as { axis: number; batchDims?: number }
+    if ((batchDims ?? 0) !== 0 || (x.dtype !== "float32" && x.dtype !== "int32") || indices.dtype !== "int32") return stock.kernelFunc(args)
+    const axis = given < 0 ? given + x.shape.length : given
+    const outer = x.shape.slice(0, axis).reduce((p, c) => p * c, 1)
+    const dim = x.shape[axis]!
+    const inner = x.shape.slice(axis + 1).reduce((p, c) => p * c, 1)
+    const out = b.makeOutput([...x.shape.slice(0, axis), ...indices.shape, ...x.shape.slice(axis + 1)], x.dtype)
+    // views after the output's allocation (which may grow the heap)
+    const src = b.typedArrayFromHeap(x)
+    const at = b.typedArrayFromHeap(indices)
+    const dst = b.typedArrayFromHeap(out)
+    const n = at.length
+    for (let o = 0; o < outer; o++) {
+      for (let j = 0; j < n; j++) {
+        const i = at[j]!
+        const to = (o * n + j) * inner
+        if (i < 0 || i >= dim) dst.fill(0, to, to + inner)
+        else if (inner === 1) dst[to] = src[o * dim + i]!
+        else dst.set(src.subarray((o * dim + i) * inner, (o * dim + i + 1) * inner), to)
       }
-      return out as never
     }
+    return out as never
   })
 }
 
@@ -347,6 +348,7 @@ export const stridedCopy = (
  */
 export const elementwiseCalls = { binary: 0, transpose: 0 }
 
+
 const installWasmElementwise = (tf: Tf): void => {
   // made on the first call, over this backend's heap (null: no SIMD in this engine)
   let loops: ElementwiseKernels | null | undefined
@@ -354,57 +356,43 @@ const installWasmElementwise = (tf: Tf): void => {
   const offset = (b: WasmBackend, t: Info) => b.dataIdMap.get(t.dataId).memoryOffset
   const size = (shape: ReadonlyArray<number>) => shape.reduce((p, c) => p * c, 1)
   const binary = (kernelName: string, op: BinaryOp, commutes: boolean) => {
-    const stock = tf.getKernel(kernelName, "wasm")!
-    tf.unregisterKernel(kernelName, "wasm")
-    tf.registerKernel({
-      kernelName,
-      backendName: "wasm",
-      ...(stock.setupFunc === undefined ? {} : { setupFunc: stock.setupFunc }),
-      kernelFunc: (args) => {
-        const b = args.backend as unknown as WasmBackend
-        const kernels = kernelsOf(b)
-        const [x, y] = [args.inputs["a"] as unknown as Info, args.inputs["b"] as unknown as Info]
-        if (kernels === null || x.dtype !== "float32" || y.dtype !== "float32") return stock.kernelFunc(args)
-        const shape = tf.backend_util.assertAndGetBroadcastShape(x.shape, y.shape)
-        const n = size(shape)
-        // the full-size side first; the other must be its trailing dimensions (or one number)
-        const [big, small] = size(x.shape) === n ? [x, y] : commutes && size(y.shape) === n ? [y, x] : [undefined, undefined]
-        if (big === undefined || small === undefined || n % 4 !== 0 || n === 0) return stock.kernelFunc(args)
-        const m = size(small.shape)
-        const trailing = small.shape.filter((d, i) => d !== 1 || small.shape.slice(0, i).some((e) => e !== 1))
-        const suffix = trailing.every((d, i) => d === shape[shape.length - trailing.length + i])
-        if (m !== 1 && (!suffix || m % 4 !== 0)) return stock.kernelFunc(args)
-        const out = b.makeOutput(shape, "float32")
-        elementwiseCalls.binary++
-        if (m === 1) kernels.binaryScalar(op, offset(b, big), offset(b, small), offset(b, out), 4 * n)
-        else kernels.binary(op, offset(b, big), offset(b, small), offset(b, out), 4 * n, 4 * m)
-        return out as never
-      }
+    overrideWasm(tf, kernelName, (stock) => (args) => {
+      const b = args.backend as unknown as WasmBackend
+      const kernels = kernelsOf(b)
+      const [x, y] = [args.inputs["a"] as unknown as Info, args.inputs["b"] as unknown as Info]
+      if (kernels === null || x.dtype !== "float32" || y.dtype !== "float32") return stock.kernelFunc(args)
+      const shape = tf.backend_util.assertAndGetBroadcastShape(x.shape, y.shape)
+      const n = size(shape)
+      // the full-size side first; the other must be its trailing dimensions (or one number)
+      const [big, small] = size(x.shape) === n ? [x, y] : commutes && size(y.shape) === n ? [y, x] : [undefined, undefined]
+      if (big === undefined || small === undefined || n % 4 !== 0 || n === 0) return stock.kernelFunc(args)
+      const m = size(small.shape)
+      const trailing = small.shape.filter((d, i) => d !== 1 || small.shape.slice(0, i).some((e) => e !== 1))
+      const suffix = trailing.every((d, i) => d === shape[shape.length - trailing.length + i])
+      if (m !== 1 && (!suffix || m % 4 !== 0)) return stock.kernelFunc(args)
+      const out = b.makeOutput(shape, "float32")
+      elementwiseCalls.binary++
+      if (m === 1) kernels.binaryScalar(op, offset(b, big), offset(b, small), offset(b, out), 4 * n)
+      else kernels.binary(op, offset(b, big), offset(b, small), offset(b, out), 4 * n, 4 * m)
+      return out as never
     })
   }
   binary("Add", "add", true)
   binary("Sub", "sub", false)
   binary("Multiply", "mul", true)
-  const stock = tf.getKernel("Transpose", "wasm")!
-  tf.unregisterKernel("Transpose", "wasm")
-  tf.registerKernel({
-    kernelName: "Transpose",
-    backendName: "wasm",
-    ...(stock.setupFunc === undefined ? {} : { setupFunc: stock.setupFunc }),
-    kernelFunc: (args) => {
-      const b = args.backend as unknown as WasmBackend
-      const kernels = kernelsOf(b)
-      const x = args.inputs["x"] as unknown as Info
-      const perm = (args.attrs as { perm: Array<number> }).perm
-      if (kernels === null || (x.dtype !== "float32" && x.dtype !== "int32")) return stock.kernelFunc(args)
-      const out = b.makeOutput(perm.map((p) => x.shape[p]!), x.dtype)
-      if (size(x.shape) === 0 || kernels.transpose(offset(b, x), offset(b, out), x.shape, perm)) {
-        elementwiseCalls.transpose++
-        return out as never
-      }
-      b.disposeData(out.dataId)
-      return stock.kernelFunc(args)
+  overrideWasm(tf, "Transpose", (stock) => (args) => {
+    const b = args.backend as unknown as WasmBackend
+    const kernels = kernelsOf(b)
+    const x = args.inputs["x"] as unknown as Info
+    const perm = (args.attrs as { perm: Array<number> }).perm
+    if (kernels === null || (x.dtype !== "float32" && x.dtype !== "int32")) return stock.kernelFunc(args)
+    const out = b.makeOutput(perm.map((p) => x.shape[p]!), x.dtype)
+    if (size(x.shape) === 0 || kernels.transpose(offset(b, x), offset(b, out), x.shape, perm)) {
+      elementwiseCalls.transpose++
+      return out as never
     }
+    b.disposeData(out.dataId)
+    return stock.kernelFunc(args)
   })
 }
 
@@ -415,23 +403,16 @@ const installWasmElementwise = (tf: Tf): void => {
  */
 const installWasmTrig = (tf: Tf): void => {
   for (const [kernelName, f] of [["Sin", Math.sin], ["Cos", Math.cos]] as const) {
-    const stock = tf.getKernel(kernelName, "wasm")!
-    tf.unregisterKernel(kernelName, "wasm")
-    tf.registerKernel({
-      kernelName,
-      backendName: "wasm",
-      ...(stock.setupFunc === undefined ? {} : { setupFunc: stock.setupFunc }),
-      kernelFunc: (args) => {
-        const b = args.backend as unknown as WasmBackend & { typedArrayFromHeap: (t: Info) => Float32Array | Int32Array }
-        const x = args.inputs["x"] as unknown as Info
-        if (x.dtype !== "float32") return stock.kernelFunc(args)
-        const out = b.makeOutput([...x.shape], "float32")
-        // views after the output's allocation (which may grow the heap)
-        const v = b.typedArrayFromHeap(x)
-        const w = b.typedArrayFromHeap(out)
-        for (let i = 0; i < v.length; i++) w[i] = f(v[i]!)
-        return out as never
-      }
+    overrideWasm(tf, kernelName, (stock) => (args) => {
+      const b = args.backend as unknown as WasmBackend & { typedArrayFromHeap: (t: Info) => Float32Array | Int32Array }
+      const x = args.inputs["x"] as unknown as Info
+      if (x.dtype !== "float32") return stock.kernelFunc(args)
+      const out = b.makeOutput([...x.shape], "float32")
+      // views after the output's allocation (which may grow the heap)
+      const v = b.typedArrayFromHeap(x)
+      const w = b.typedArrayFromHeap(out)
+      for (let i = 0; i < v.length; i++) w[i] = f(v[i]!)
+      return out as never
     })
   }
 }

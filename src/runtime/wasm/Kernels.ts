@@ -80,6 +80,31 @@ const siluGrad = (v: number, d: number) => {
 }
 
 /** RMSNorm forward and backward: in SIMD for rows of a multiple of 4 (Simd.ts), else loops. */
+type Values = Float32Array | Int32Array | Uint8Array
+
+/**
+ * RMSNorm's gradients over rows of `d` (the JavaScript route, where the SIMD one does not apply):
+ * dx = r·g·dy − x·r³·Σ(dy·g·x)/d per row, and, with `dg`, dg = Σ_rows dy·x·r.
+ */
+const normGradRows = (x: Values, g: Values, dy: Values, dx: Values, dg: Values | undefined, d: number, eps: number): void => {
+  dg?.fill(0)
+  for (let base = 0; base < x.length; base += d) {
+    let sa = 0
+    let sb = 0
+    for (let c = 0; c < d; c++) {
+      const v = x[base + c]!
+      sa += v * v
+      sb += dy[base + c]! * g[c]! * v
+    }
+    const r = 1 / Math.sqrt(sa / d + eps)
+    const k = (r * r * r * sb) / d
+    for (let c = 0; c < d; c++) {
+      dx[base + c] = r * g[c]! * dy[base + c]! - x[base + c]! * k
+      if (dg !== undefined) dg[c] = dg[c]! + dy[base + c]! * x[base + c]! * r
+    }
+  }
+}
+
 const registerNorms = (register: Register, simd: Simd | undefined): void => {
   register(kernels.norm, (sh) => [sh[0]!], ([x, g], [y], [shape], a) => {
     const d = shape![1]!
@@ -95,39 +120,13 @@ const registerNorms = (register: Register, simd: Simd | undefined): void => {
   register(kernels.normDx, (sh) => [sh[0]!], ([x, g, dy], [dx], [shape], a) => {
     const d = shape![1]!
     if (simd !== undefined && d % 4 === 0) return simd.normDx(x as Float32Array, g as Float32Array, dy as Float32Array, dx!, d, a["eps"]!)
-    for (let base = 0; base < x!.length; base += d) {
-      let sa = 0
-      let sb = 0
-      for (let c = 0; c < d; c++) {
-        const v = x![base + c]!
-        sa += v * v
-        sb += dy![base + c]! * g![c]! * v
-      }
-      const r = 1 / Math.sqrt(sa / d + a["eps"]!)
-      const k = (r * r * r * sb) / d
-      for (let c = 0; c < d; c++) dx![base + c] = r * g![c]! * dy![base + c]! - x![base + c]! * k
-    }
+    normGradRows(x!, g!, dy!, dx!, undefined, d, a["eps"]!)
   })
   // both gradients in one pass: dx as above, and dg = Σ_rows dy·x·r
   register(wasmKernels.normGrad, (sh) => [sh[0]!, [sh[0]![1]!]], ([x, g, dy], [dx, dg], [shape], a) => {
     const d = shape![1]!
     if (simd !== undefined && d % 4 === 0) return simd.normGrad(x as Float32Array, g as Float32Array, dy as Float32Array, dx!, dg!, d, a["eps"]!)
-    dg!.fill(0)
-    for (let base = 0; base < x!.length; base += d) {
-      let sa = 0
-      let sb = 0
-      for (let c = 0; c < d; c++) {
-        const v = x![base + c]!
-        sa += v * v
-        sb += dy![base + c]! * g![c]! * v
-      }
-      const r = 1 / Math.sqrt(sa / d + a["eps"]!)
-      const k = (r * r * r * sb) / d
-      for (let c = 0; c < d; c++) {
-        dx![base + c] = r * g![c]! * dy![base + c]! - x![base + c]! * k
-        dg![c] = dg![c]! + dy![base + c]! * x![base + c]! * r
-      }
-    }
+    normGradRows(x!, g!, dy!, dx!, dg!, d, a["eps"]!)
   })
   // per row dy·x·r (the caller sums the rows)
   register(kernels.normDg, (sh) => [sh[0]!], ([x, dy], [out], [shape], a) => {

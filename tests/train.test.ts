@@ -8,10 +8,12 @@ import { spawnSync } from "node:child_process"
 import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
-import { layer as backendLayer } from "../src/runtime/Backend.ts"
+import { layer as backendLayer, Tensors } from "../src/runtime/Backend.ts"
+import { materialize } from "../src/runtime/Lower.ts"
+import { newOptimizer } from "../src/train/Step.ts"
 import { decode, encode } from "../src/train/Checkpoint.ts"
 import { batchAt, byteTokenizer, sotu, sotuSplits, streamOf, trainBatch } from "../src/train/Data.ts"
-import { learningRate, train, TrainSettings } from "../src/train/Train.ts"
+import { learningRate, train, TrainSettings, trainStep } from "../src/train/Train.ts"
 import { load, root } from "./support/models.ts"
 
 const tiny = { kind: "moe", name: "tiny", vocab: 256, hidden: 16, layers: 3, heads: 2, experts: 2, topK: 1, expertHidden: 16, tiedEmbeddings: true, contextLength: 32 }
@@ -116,10 +118,6 @@ describe("training", () => {
 
   it.effect("partLr scales a part's learning rate: at 0 the chunk module does not move, the rest does", () =>
     Effect.gen(function*() {
-      const { Tensors } = yield* Effect.promise(() => import("../src/runtime/Backend.ts"))
-      const { materialize } = yield* Effect.promise(() => import("../src/runtime/Lower.ts"))
-      const { trainStep } = yield* Effect.promise(() => import("../src/train/Train.ts"))
-      const { newOptimizer } = yield* Effect.promise(() => import("../src/train/Step.ts"))
       const { tf } = yield* Tensors
       const m = yield* load(tinyConcept)
       const low = materialize(tf, m.analysis, 1)
@@ -135,10 +133,6 @@ describe("training", () => {
   for (const backend of ["cpu", "wasm"]) {
     it.effect(`partBeta1 gives a part its own β₁ and bias correction (${backend}): the chunk module's first step is the same, its moment 10× larger, its second step differs`, () =>
       Effect.gen(function*() {
-        const { Tensors } = yield* Effect.promise(() => import("../src/runtime/Backend.ts"))
-        const { materialize } = yield* Effect.promise(() => import("../src/runtime/Lower.ts"))
-        const { trainStep } = yield* Effect.promise(() => import("../src/train/Train.ts"))
-        const { newOptimizer } = yield* Effect.promise(() => import("../src/train/Step.ts"))
         const { tf } = yield* Tensors
         const m = yield* load(tinyConcept)
         const runTwo = (partBeta1: Record<string, number>) => {

@@ -188,22 +188,22 @@ export const applyGradients = (low: Lowered, opt: Optimizer, gs: ReadonlyArray<T
   const partOf = new Map(low.analysis.params.map((p) => [p.path, p.part]))
   const norm = tf.sqrt(makeSumSquares(tf)(gs))
   const scale = tf.minimum(tf.div(o.clip, norm), 1)
-  // one [lr, c1, c2] per β₁ in use, made once per step (or the recorded step's feeds)
-  const made = new Map<number, Tensor>()
-  const valuesFor = (beta1: number): Tensor => {
-    const known = given?.get(beta1) ?? made.get(beta1)
+  // [lr, c1, c2] once per β₁ in use, as numbers and as a tensor (made here, or the recorded step's feed)
+  const perBeta = new Map<number, { readonly values: readonly [number, number, number]; readonly tensor: Tensor }>()
+  const forBeta = (beta1: number) => {
+    const known = perBeta.get(beta1)
     if (known !== undefined) return known
-    const [lr, c1, c2] = stepInputValues(settings, step, beta1)
-    const t = adamStepValues(tf, { lr, c1, c2 })
-    made.set(beta1, t)
-    return t
+    const values = stepInputValues(settings, step, beta1)
+    const made = { values, tensor: given?.get(beta1) ?? adamStepValues(tf, { lr: values[0], c1: values[1], c2: values[2] }) }
+    perBeta.set(beta1, made)
+    return made
   }
   names.forEach((n, i) => {
     const m = opt.m.get(n)!
     const v = opt.v.get(n)!
     const w = vars[i]!
     const beta1 = betaOf(o, partOf.get(n))
-    const [lr, c1, c2] = stepInputValues(settings, step, beta1)
+    const { values: [lr, c1, c2], tensor } = forBeta(beta1)
     const next = adamw(tf, w, gs[i]!, m, v, scale, {
       beta1,
       beta2: o.beta2,
@@ -213,7 +213,7 @@ export const applyGradients = (low: Lowered, opt: Optimizer, gs: ReadonlyArray<T
       lr,
       lrScale: o.partLr[partOf.get(n) ?? ""] ?? 1,
       decay: w.rank >= 2 ? o.weightDecay : 0
-    }, valuesFor(beta1))
+    }, tensor)
     m.assign(next.m as TF.Tensor)
     v.assign(next.v as TF.Tensor)
     w.assign(next.w as TF.Tensor)

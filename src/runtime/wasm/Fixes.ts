@@ -8,10 +8,10 @@
  *
  * @since 0.4.0
  */
-import type * as TF from "@tensorflow/tfjs"
 import type { Tf } from "../../graph/Apply.ts"
 import { InvalidInput } from "../../internal/RunErrors.ts"
 import { settingsOf } from "../Env.ts"
+import { overrideKernel } from "../Override.ts"
 import { type BinaryOp, type ElementwiseKernels, makeElementwise } from "./Elementwise.ts"
 import { type Gemm, makeGemm } from "./Gemm.ts"
 
@@ -61,23 +61,18 @@ const installWasmSlice = (tf: Tf): void => {
   // tfjs-backend-wasm 4.22's Slice copies its whole input out of the heap (readSync) before taking
   // the slice: slicing one expert out of a stacked [E, d, h] parameter, or a prefix out of a KV
   // cache, costs the whole tensor. This one reads the heap in place.
-  tf.unregisterKernel("Slice", "wasm")
-  tf.registerKernel({
-    kernelName: "Slice",
-    backendName: "wasm",
-    kernelFunc: ({ attrs, backend: b, inputs }) => {
-      const wasm = b as unknown as {
-        makeOutput: (shape: Array<number>, dtype: string) => { dataId: unknown; shape: Array<number>; dtype: string }
-        typedArrayFromHeap: (t: unknown) => Float32Array | Int32Array
-      }
-      const x = inputs["x"] as unknown as { dataId: unknown; shape: Array<number>; dtype: string }
-      const [begin, size] = tf.slice_util.parseSliceParams(x as never, (attrs as { begin: Array<number> }).begin, (attrs as { size: Array<number> }).size)
-      const out = wasm.makeOutput(size!, x.dtype)
-      const src = wasm.typedArrayFromHeap(x)
-      const dst = wasm.typedArrayFromHeap(out)
-      stridedCopy(src, x.shape, begin!, size!, dst)
-      return out as never
+  overrideKernel(tf, "Slice", "wasm", () => ({ attrs, backend: b, inputs }) => {
+    const wasm = b as unknown as {
+      makeOutput: (shape: Array<number>, dtype: string) => { dataId: unknown; shape: Array<number>; dtype: string }
+      typedArrayFromHeap: (t: unknown) => Float32Array | Int32Array
     }
+    const x = inputs["x"] as unknown as { dataId: unknown; shape: Array<number>; dtype: string }
+    const [begin, size] = tf.slice_util.parseSliceParams(x as never, (attrs as { begin: Array<number> }).begin, (attrs as { size: Array<number> }).size)
+    const out = wasm.makeOutput(size!, x.dtype)
+    const src = wasm.typedArrayFromHeap(x)
+    const dst = wasm.typedArrayFromHeap(out)
+    stridedCopy(src, x.shape, begin!, size!, dst)
+    return out as never
   })
 }
 
@@ -86,15 +81,10 @@ const installWasmIdentity = (tf: Tf): void => {
   // 10. Identity shares the data (as the cpu backend's and wasm's own Reshape do) instead of
   // copying it: tfjs clones every tensor a kernel saves for its gradient (1,791 copies in a
   // ConceptMoE step); tensors are immutable, and the reference count frees the data once
-  tf.unregisterKernel("Identity", "wasm")
-  tf.registerKernel({
-    kernelName: "Identity",
-    backendName: "wasm",
-    kernelFunc: ({ inputs, backend: b }) => {
-      const x = inputs["x"] as unknown as Info
-      ;(b as unknown as { incRef: (id: unknown) => void }).incRef(x.dataId)
-      return { dataId: x.dataId, shape: [...x.shape], dtype: x.dtype } as never
-    }
+  overrideKernel(tf, "Identity", "wasm", () => ({ inputs, backend: b }) => {
+    const x = inputs["x"] as unknown as Info
+    ;(b as unknown as { incRef: (id: unknown) => void }).incRef(x.dataId)
+    return { dataId: x.dataId, shape: [...x.shape], dtype: x.dtype } as never
   })
 }
 
@@ -141,81 +131,74 @@ type Info = { dataId: unknown; shape: Array<number>; dtype: string }
 export const fastRowsAtLeast = 16
 
 const installWasmMatMul = (tf: Tf): void => {
-  const stock = tf.getKernel("BatchMatMul", "wasm")!
   const transpose = tf.getKernel("Transpose", "wasm")!.kernelFunc
   let product: ((...a: Array<unknown>) => void) | undefined
   // our kernel over this backend's heap, made on the first product (null: none on this engine)
   let gemm: Gemm | null | undefined
-  tf.unregisterKernel("BatchMatMul", "wasm")
-  tf.registerKernel({
-    kernelName: "BatchMatMul",
-    backendName: "wasm",
-    ...(stock.setupFunc === undefined ? {} : { setupFunc: stock.setupFunc }),
-    kernelFunc: (args) => {
-      const b = args.backend as unknown as WasmBackend
-      const x = args.inputs["a"] as unknown as Info
-      const y = args.inputs["b"] as unknown as Info
-      const { transposeA, transposeB } = args.attrs as { transposeA: boolean; transposeB: boolean }
-      const lead = (t: Info) => t.shape.slice(0, -2).reduce((p, c) => p * c, 1)
-      const ba = lead(x)
-      const bb = lead(y)
-      // one matrix each and no flags: the stock kernel's fast path already; other dtypes and
-      // batches that broadcast in other ways: the stock kernel
-      const rows = transposeA ? x.shape[x.shape.length - 1]! : x.shape[x.shape.length - 2]!
-      const plain = ba === 1 && bb === 1 && !transposeA && !transposeB && settingsOf(tf).matmul === "tfjs"
-      if (plain || rows < fastRowsAtLeast || x.dtype !== "float32" || y.dtype !== "float32" || (ba !== bb && ba !== 1 && bb !== 1)) {
-        return stock.kernelFunc(args)
-      }
-      if (settingsOf(tf).matmul !== "tfjs") {
-        gemm ??= b.wasm.asm?.memory === undefined ? null : (makeGemm({ memory: b.wasm.asm.memory, malloc: b.wasm._malloc, free: b.wasm._free }) ?? null)
-        if (gemm !== null) return ours(b, gemm, x, y, transposeA, transposeB, ba, bb) as never
-      }
-      product ??= b.wasm.cwrap("BatchMatMul", null, ["number", "array", "number", "number", "array", "number", "number", "number", "number"])
-      const made: Array<Info> = []
-      // a flagged operand, transposed once (its last two axes swapped)
-      const upright = (t: Info, flagged: boolean): Info => {
-        if (!flagged) return t
-        const r = t.shape.length
-        const perm = [...Array(r).keys()]
-        perm[r - 1] = r - 2
-        perm[r - 2] = r - 1
-        const out = transpose({ ...args, inputs: { x: t } as never, attrs: { perm } as never }) as unknown as Info
-        made.push(out)
-        return out
-      }
-      const A = upright(x, transposeA)
-      const B = upright(y, transposeB)
-      const [m, k] = A.shape.slice(-2) as [number, number]
-      const [k2, n] = B.shape.slice(-2) as [number, number]
-      if (k !== k2) {
-        for (const t of made) b.disposeData(t.dataId)
-        throw innerMismatch(k, k2, x.shape, y.shape, transposeA, transposeB)
-      }
-      const batchShape = (ba >= bb ? x : y).shape.slice(0, -2)
-      const batch = Math.max(ba, bb)
-      const out = b.makeOutput([...batchShape, m, n], "float32")
-      const offA = b.dataIdMap.get(A.dataId).memoryOffset
-      const offB = b.dataIdMap.get(B.dataId).memoryOffset
-      const offO = b.dataIdMap.get(out.dataId).memoryOffset
-      const shapeA = new Uint8Array(new Int32Array([1, m, k]).buffer)
-      const shapeB = new Uint8Array(new Int32Array([1, k, n]).buffer)
-      const view = (offset: number, size: number) => {
-        const id = b.dataIdNextNumber++
-        b.wasm.tfjs.registerTensor(id, size, offset)
-        return id
-      }
-      for (let i = 0; i < batch; i++) {
-        const ia = view(offA + (ba === 1 ? 0 : i * m * k * 4), m * k)
-        const ib = view(offB + (bb === 1 ? 0 : i * k * n * 4), k * n)
-        const io = view(offO + i * m * n * 4, m * n)
-        product(ia, shapeA, 3, ib, shapeB, 3, false, false, io)
-        b.wasm.tfjs.disposeData(ia)
-        b.wasm.tfjs.disposeData(ib)
-        b.wasm.tfjs.disposeData(io)
-      }
-      for (const t of made) b.disposeData(t.dataId)
-      return out as never
+  overrideKernel(tf, "BatchMatMul", "wasm", (stock) => (args) => {
+    const b = args.backend as unknown as WasmBackend
+    const x = args.inputs["a"] as unknown as Info
+    const y = args.inputs["b"] as unknown as Info
+    const { transposeA, transposeB } = args.attrs as { transposeA: boolean; transposeB: boolean }
+    const lead = (t: Info) => t.shape.slice(0, -2).reduce((p, c) => p * c, 1)
+    const ba = lead(x)
+    const bb = lead(y)
+    // one matrix each and no flags: the stock kernel's fast path already; other dtypes and
+    // batches that broadcast in other ways: the stock kernel
+    const rows = transposeA ? x.shape[x.shape.length - 1]! : x.shape[x.shape.length - 2]!
+    const plain = ba === 1 && bb === 1 && !transposeA && !transposeB && settingsOf(tf).matmul === "tfjs"
+    if (plain || rows < fastRowsAtLeast || x.dtype !== "float32" || y.dtype !== "float32" || (ba !== bb && ba !== 1 && bb !== 1)) {
+      return stock.kernelFunc(args)
     }
+    if (settingsOf(tf).matmul !== "tfjs") {
+      gemm ??= b.wasm.asm?.memory === undefined ? null : (makeGemm({ memory: b.wasm.asm.memory, malloc: b.wasm._malloc, free: b.wasm._free }) ?? null)
+      if (gemm !== null) return ours(b, gemm, x, y, transposeA, transposeB, ba, bb) as never
+    }
+    product ??= b.wasm.cwrap("BatchMatMul", null, ["number", "array", "number", "number", "array", "number", "number", "number", "number"])
+    const made: Array<Info> = []
+    // a flagged operand, transposed once (its last two axes swapped)
+    const upright = (t: Info, flagged: boolean): Info => {
+      if (!flagged) return t
+      const r = t.shape.length
+      const perm = [...Array(r).keys()]
+      perm[r - 1] = r - 2
+      perm[r - 2] = r - 1
+      const out = transpose({ ...args, inputs: { x: t } as never, attrs: { perm } as never }) as unknown as Info
+      made.push(out)
+      return out
+    }
+    const A = upright(x, transposeA)
+    const B = upright(y, transposeB)
+    const [m, k] = A.shape.slice(-2) as [number, number]
+    const [k2, n] = B.shape.slice(-2) as [number, number]
+    if (k !== k2) {
+      for (const t of made) b.disposeData(t.dataId)
+      throw innerMismatch(k, k2, x.shape, y.shape, transposeA, transposeB)
+    }
+    const batchShape = (ba >= bb ? x : y).shape.slice(0, -2)
+    const batch = Math.max(ba, bb)
+    const out = b.makeOutput([...batchShape, m, n], "float32")
+    const offA = b.dataIdMap.get(A.dataId).memoryOffset
+    const offB = b.dataIdMap.get(B.dataId).memoryOffset
+    const offO = b.dataIdMap.get(out.dataId).memoryOffset
+    const shapeA = new Uint8Array(new Int32Array([1, m, k]).buffer)
+    const shapeB = new Uint8Array(new Int32Array([1, k, n]).buffer)
+    const view = (offset: number, size: number) => {
+      const id = b.dataIdNextNumber++
+      b.wasm.tfjs.registerTensor(id, size, offset)
+      return id
+    }
+    for (let i = 0; i < batch; i++) {
+      const ia = view(offA + (ba === 1 ? 0 : i * m * k * 4), m * k)
+      const ib = view(offB + (bb === 1 ? 0 : i * k * n * 4), k * n)
+      const io = view(offO + i * m * n * 4, m * n)
+      product(ia, shapeA, 3, ib, shapeB, 3, false, false, io)
+      b.wasm.tfjs.disposeData(ia)
+      b.wasm.tfjs.disposeData(ib)
+      b.wasm.tfjs.disposeData(io)
+    }
+    for (const t of made) b.disposeData(t.dataId)
+    return out as never
   })
 }
 
@@ -255,13 +238,6 @@ const ours = (b: WasmBackend, gemm: Gemm, x: Info, y: Info, transposeA: boolean,
   return out
 }
 
-/** Replaces wasm's kernel `kernelName` by `kernelFunc(stock)`, keeping the stock kernel's setup (and the stock kernel for the cases it leaves to it). */
-const overrideWasm = (tf: Tf, kernelName: string, kernelFunc: (stock: TF.KernelConfig) => TF.KernelFunc): void => {
-  const stock = tf.getKernel(kernelName, "wasm")!
-  tf.unregisterKernel(kernelName, "wasm")
-  tf.registerKernel({ kernelName, backendName: "wasm", ...(stock.setupFunc === undefined ? {} : { setupFunc: stock.setupFunc }), kernelFunc: kernelFunc(stock) })
-}
-
 /**
  * 9. wasm: `GatherV2` (without batch dimensions) as contiguous copies over the heap. The stock
  *    kernel took 5–95 ms per call in a training step's profile (the MoE's gathers of token rows and
@@ -270,7 +246,7 @@ const overrideWasm = (tf: Tf, kernelName: string, kernelFunc: (stock: TF.KernelC
  *    passes them). Tested equal to the cpu backend (tests/wasm-kernels.test.ts).
  */
 const installWasmGather = (tf: Tf): void => {
-  overrideWasm(tf, "GatherV2", (stock) => (args) => {
+  overrideKernel(tf, "GatherV2", "wasm", (stock) => (args) => {
     const b = args.backend as unknown as WasmBackend & { typedArrayFromHeap: (t: Info) => Float32Array | Int32Array }
     const x = args.inputs["x"] as unknown as Info
     const indices = args.inputs["indices"] as unknown as Info
@@ -356,7 +332,7 @@ const installWasmElementwise = (tf: Tf): void => {
   const offset = (b: WasmBackend, t: Info) => b.dataIdMap.get(t.dataId).memoryOffset
   const size = (shape: ReadonlyArray<number>) => shape.reduce((p, c) => p * c, 1)
   const binary = (kernelName: string, op: BinaryOp, commutes: boolean) => {
-    overrideWasm(tf, kernelName, (stock) => (args) => {
+    overrideKernel(tf, kernelName, "wasm", (stock) => (args) => {
       const b = args.backend as unknown as WasmBackend
       const kernels = kernelsOf(b)
       const [x, y] = [args.inputs["a"] as unknown as Info, args.inputs["b"] as unknown as Info]
@@ -380,7 +356,7 @@ const installWasmElementwise = (tf: Tf): void => {
   binary("Add", "add", true)
   binary("Sub", "sub", false)
   binary("Multiply", "mul", true)
-  overrideWasm(tf, "Transpose", (stock) => (args) => {
+  overrideKernel(tf, "Transpose", "wasm", (stock) => (args) => {
     const b = args.backend as unknown as WasmBackend
     const kernels = kernelsOf(b)
     const x = args.inputs["x"] as unknown as Info
@@ -403,7 +379,7 @@ const installWasmElementwise = (tf: Tf): void => {
  */
 const installWasmTrig = (tf: Tf): void => {
   for (const [kernelName, f] of [["Sin", Math.sin], ["Cos", Math.cos]] as const) {
-    overrideWasm(tf, kernelName, (stock) => (args) => {
+    overrideKernel(tf, kernelName, "wasm", (stock) => (args) => {
       const b = args.backend as unknown as WasmBackend & { typedArrayFromHeap: (t: Info) => Float32Array | Int32Array }
       const x = args.inputs["x"] as unknown as Info
       if (x.dtype !== "float32") return stock.kernelFunc(args)

@@ -82,6 +82,13 @@ const siluGrad = (v: number, d: number) => {
 /** RMSNorm forward and backward: in SIMD for rows of a multiple of 4 (Simd.ts), else loops. */
 type Values = Float32Array | Int32Array | Uint8Array
 
+/** 1/√(mean(x²) + eps) of the row of `d` values at `base` (RMSNorm's scale, the JavaScript route). */
+const rmsScale = (x: Values, base: number, d: number, eps: number): number => {
+  let sa = 0
+  for (let c = 0; c < d; c++) sa += x[base + c]! * x[base + c]!
+  return 1 / Math.sqrt(sa / d + eps)
+}
+
 /**
  * RMSNorm's gradients over rows of `d` (the JavaScript route, where the SIMD one does not apply):
  * dx = r·g·dy − x·r³·Σ(dy·g·x)/d per row, and, with `dg`, dg = Σ_rows dy·x·r.
@@ -89,14 +96,9 @@ type Values = Float32Array | Int32Array | Uint8Array
 const normGradRows = (x: Values, g: Values, dy: Values, dx: Values, dg: Values | undefined, d: number, eps: number): void => {
   dg?.fill(0)
   for (let base = 0; base < x.length; base += d) {
-    let sa = 0
+    const r = rmsScale(x, base, d, eps)
     let sb = 0
-    for (let c = 0; c < d; c++) {
-      const v = x[base + c]!
-      sa += v * v
-      sb += dy[base + c]! * g[c]! * v
-    }
-    const r = 1 / Math.sqrt(sa / d + eps)
+    for (let c = 0; c < d; c++) sb += dy[base + c]! * g[c]! * x[base + c]!
     const k = (r * r * r * sb) / d
     for (let c = 0; c < d; c++) {
       dx[base + c] = r * g[c]! * dy[base + c]! - x[base + c]! * k
@@ -110,9 +112,7 @@ const registerNorms = (register: Register, simd: Simd | undefined): void => {
     const d = shape![1]!
     if (simd !== undefined && d % 4 === 0) return simd.norm(x as Float32Array, g as Float32Array, y!, d, a["eps"]!)
     for (let base = 0; base < x!.length; base += d) {
-      let sa = 0
-      for (let c = 0; c < d; c++) sa += x![base + c]! * x![base + c]!
-      const r = 1 / Math.sqrt(sa / d + a["eps"]!)
+      const r = rmsScale(x!, base, d, a["eps"]!)
       for (let c = 0; c < d; c++) y![base + c] = x![base + c]! * r * g![c]!
     }
   })
@@ -133,9 +133,7 @@ const registerNorms = (register: Register, simd: Simd | undefined): void => {
     const d = shape![1]!
     if (simd !== undefined && d % 4 === 0) return simd.normDg(x as Float32Array, dy as Float32Array, out!, d, a["eps"]!)
     for (let base = 0; base < x!.length; base += d) {
-      let sa = 0
-      for (let c = 0; c < d; c++) sa += x![base + c]! * x![base + c]!
-      const r = 1 / Math.sqrt(sa / d + a["eps"]!)
+      const r = rmsScale(x!, base, d, a["eps"]!)
       for (let c = 0; c < d; c++) out![base + c] = dy![base + c]! * x![base + c]! * r
     }
   })

@@ -7,6 +7,7 @@
  * @since 0.4.0
  */
 import type { Tf } from "../../graph/Apply.ts"
+import { overrideKernel } from "../Override.ts"
 
 /** Installs the webgpu fixes (once per tensor library: `../Fixes.ts`'s `install`). */
 export const installWebGpuFixes = (tf: Tf): void => {
@@ -18,56 +19,44 @@ export const installWebGpuFixes = (tf: Tf): void => {
 
 /** Fix 6: webgpu's `AddN` of more inputs than a shader stage may bind, summed in groups. */
 const installWebGpuAddN = (tf: Tf, gpu: WebGpuBackend): void => {
-  const stock = tf.getKernel("AddN", "webgpu")!.kernelFunc
   const most = Math.max(2, gpu.device.limits.maxStorageBuffersPerShaderStage - 1)
-  tf.unregisterKernel("AddN", "webgpu")
-  tf.registerKernel({
-    kernelName: "AddN",
-    backendName: "webgpu",
-    kernelFunc: (args) => {
-      let xs = args.inputs as unknown as Array<{ dataId: unknown }>
-      const made: Array<{ dataId: unknown }> = []
-      while (xs.length > most) {
-        const next: Array<{ dataId: unknown }> = []
-        for (let i = 0; i < xs.length; i += most) {
-          const group = xs.slice(i, i + most)
-          if (group.length === 1) next.push(group[0]!)
-          else {
-            const part = stock({ ...args, inputs: group as never }) as unknown as { dataId: unknown }
-            made.push(part)
-            next.push(part)
-          }
+  overrideKernel(tf, "AddN", "webgpu", ({ kernelFunc: stock }) => (args) => {
+    let xs = args.inputs as unknown as Array<{ dataId: unknown }>
+    const made: Array<{ dataId: unknown }> = []
+    while (xs.length > most) {
+      const next: Array<{ dataId: unknown }> = []
+      for (let i = 0; i < xs.length; i += most) {
+        const group = xs.slice(i, i + most)
+        if (group.length === 1) next.push(group[0]!)
+        else {
+          const part = stock({ ...args, inputs: group as never }) as unknown as { dataId: unknown }
+          made.push(part)
+          next.push(part)
         }
-        xs = next
       }
-      const out = stock({ ...args, inputs: xs as never })
-      for (const t of made) gpu.disposeData(t.dataId)
-      return out
+      xs = next
     }
+    const out = stock({ ...args, inputs: xs as never })
+    for (const t of made) gpu.disposeData(t.dataId)
+    return out
   })
 }
 
 /** Fix 7: webgpu's reverse `Cumsum` as reverse → forward cumsum → reverse. */
 const installWebGpuCumsum = (tf: Tf, gpu: WebGpuBackend): void => {
-  const cumsum = tf.getKernel("Cumsum", "webgpu")!.kernelFunc
   const reverse = tf.getKernel("Reverse", "webgpu")!.kernelFunc
-  tf.unregisterKernel("Cumsum", "webgpu")
-  tf.registerKernel({
-    kernelName: "Cumsum",
-    backendName: "webgpu",
-    kernelFunc: (args) => {
-      const a = args.attrs as { axis: number; exclusive: boolean; reverse: boolean }
-      if (!a.reverse) return cumsum(args)
-      const x = args.inputs["x"] as unknown as { shape: Array<number> }
-      const axis = a.axis < 0 ? a.axis + x.shape.length : a.axis
-      const flip = (t: unknown) => reverse({ ...args, inputs: { x: t } as never, attrs: { dims: [axis] } }) as unknown as { dataId: unknown }
-      const flipped = flip(x)
-      const summed = cumsum({ ...args, inputs: { x: flipped } as never, attrs: { ...a, axis, reverse: false } }) as unknown as { dataId: unknown }
-      const out = flip(summed)
-      gpu.disposeData(flipped.dataId)
-      gpu.disposeData(summed.dataId)
-      return out as never
-    }
+  overrideKernel(tf, "Cumsum", "webgpu", ({ kernelFunc: cumsum }) => (args) => {
+    const a = args.attrs as { axis: number; exclusive: boolean; reverse: boolean }
+    if (!a.reverse) return cumsum(args)
+    const x = args.inputs["x"] as unknown as { shape: Array<number> }
+    const axis = a.axis < 0 ? a.axis + x.shape.length : a.axis
+    const flip = (t: unknown) => reverse({ ...args, inputs: { x: t } as never, attrs: { dims: [axis] } }) as unknown as { dataId: unknown }
+    const flipped = flip(x)
+    const summed = cumsum({ ...args, inputs: { x: flipped } as never, attrs: { ...a, axis, reverse: false } }) as unknown as { dataId: unknown }
+    const out = flip(summed)
+    gpu.disposeData(flipped.dataId)
+    gpu.disposeData(summed.dataId)
+    return out as never
   })
 }
 

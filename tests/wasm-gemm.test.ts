@@ -11,6 +11,8 @@ import type { Tensor, Tf } from "../src/graph/Apply.ts"
 import * as Settings from "../src/internal/Settings.ts"
 import { load } from "../src/runtime/Backend.ts"
 import { settingsOf, useSettings } from "../src/runtime/Env.ts"
+import { makeMatMul } from "../src/runtime/Fixes.ts"
+import { makeMaskedSoftmax } from "../src/runtime/Fused.ts"
 import { moduleBytes, sleb, uleb } from "../src/runtime/wasm/Assemble.ts"
 import { makeGemm, panelsOuter } from "../src/runtime/wasm/Gemm.ts"
 
@@ -132,6 +134,91 @@ describe("wasm matrix product (our SIMD kernel)", () => {
     assert.isTrue(panelsOuter(128, 1024, 512))
     assert.isFalse(panelsOuter(512, 1024, 128))
     assert.isFalse(panelsOuter(256, 32, 512))
+  })
+
+  it("skips a causal map's empty triangle with the full product's bits (lowerC below the diagonal), on whole blocks and on edges", async () => {
+    const tf = await runtime("wasm")
+    const b = tf.backend() as unknown as { wasm: { asm: { memory: WebAssembly.Memory }; _malloc: (n: number) => number; _free: (p: number) => void }; dataIdMap: { get: (d: object) => { memoryOffset: number } } }
+    const gemm = makeGemm({ memory: b.wasm.asm.memory, malloc: b.wasm._malloc, free: b.wasm._free })!
+    const at = (t: Tensor) => b.dataIdMap.get(t.dataId).memoryOffset
+    // a [rows, cols] matrix's lower (j ≤ i) or upper (j ≥ i) triangle, the rest 0
+    const keep = (rows: number, cols: number, lower: boolean) =>
+      tf.tensor2d(Array.from({ length: rows * cols }, (_, x) => ((lower ? x % cols <= Math.floor(x / cols) : x % cols >= Math.floor(x / cols)) ? 1 : 0)), [rows, cols])
+    const triangles = ["lowerC", "lowerA", "upperA", "lowerB"] as const
+    let skipped = 0
+    // [batch, m, k, n]: square maps of whole blocks (the fast path), one of attention's, and edges (the full product)
+    for (const [batch, m, k, n] of [[3, 64, 64, 64], [2, 32, 32, 16], [2, 16, 24, 32], [1, 128, 128, 128], [2, 21, 21, 13], [1, 17, 9, 17]] as const) {
+      for (const triangle of triangles) {
+        for (const [ta, tb] of [[false, false], [true, false], [false, true]] as const) {
+          // op(A) [m, k] lower (lowerA) or upper (upperA) triangular; op(B) [k, n] lower (lowerB)
+          let a = operand(tf, [batch, m, k], m + k)
+          let bm = operand(tf, [batch, k, n], n + 2 * k)
+          if (triangle === "lowerA" || triangle === "upperA") a = tf.mul(a, keep(m, k, triangle === "lowerA"))
+          if (triangle === "lowerB") bm = tf.mul(bm, keep(k, n, true))
+          const stored = [ta ? tf.transpose(a, [0, 2, 1]) : a, tb ? tf.transpose(bm, [0, 2, 1]) : bm]
+          const [full, part] = [tf.zeros([batch, m, n]), tf.fill([batch, m, n], Number.NaN)]
+          const x = { a: at(stored[0]!), b: at(stored[1]!), batch, aBatched: true, bBatched: true, m, k, n, transposeA: ta, transposeB: tb }
+          gemm.product({ ...x, c: at(full) })
+          gemm.product({ ...x, c: at(part), triangle })
+          const [f, p] = [full.dataSync(), part.dataSync()]
+          const label = `${triangle} ${batch}×${m}×${k}×${n} flags ${ta}/${tb}`
+          for (let i = 0; i < f.length; i++) {
+            const [row, col] = [Math.floor(i / n) % m, i % n]
+            if (triangle !== "lowerC" || col <= row) assert.strictEqual(String(p[i]), String(f[i]), `${label} at ${i}`)
+            else {
+              // above the diagonal: 0 (a skipped block) or the product (a block across the diagonal)
+              assert.isTrue(p[i] === 0 || p[i] === f[i], `${label} above the diagonal at ${i}: ${p[i]}`)
+              if (p[i] === 0 && f[i] !== 0) skipped++
+            }
+          }
+          assert.isBelow(relativeError(f, tf.matMul(a, bm).dataSync()), 1e-6, label)
+          tf.dispose([a, bm, ...stored, full, part])
+        }
+      }
+    }
+    // lowerC skipped the blocks above the diagonal of the whole-block maps
+    assert.isAbove(skipped, 3 * 64 * 64 / 4)
+  })
+
+  it("gives causal attention's output and gradients on wasm (triangle products) as the plain products and the cpu backend do", async () => {
+    const run = async (name: "cpu" | "wasm", fused: boolean) => {
+      const tf = await runtime(name)
+      const before = settingsOf(tf)
+      useSettings(tf, { ...before, fused })
+      try {
+        const [B, n, d] = [6, 48, 16]
+        const q = operand(tf, [B, n, d], 1)
+        const kt = operand(tf, [B, d, n], 2)
+        const v = operand(tf, [B, n, d], 3)
+        const mask = tf.tensor2d(Array.from({ length: n * n }, (_, x) => (x % n <= Math.floor(x / n) ? 0 : -1e9)), [n, n])
+        const flops = { weights: 0, attentionMap: 0, other: 0 }
+        const matMul = makeMatMul(tf, flops)
+        const softmax = makeMaskedSoftmax(tf)
+        const f = (x: Tensor, y: Tensor, z: Tensor) => {
+          const p = softmax(matMul(x, y, "attentionMap", "lowerC"), 0.25, mask)
+          return tf.sum(tf.mul(tf.sin(matMul(p, z, "attentionMap", "lowerA")), operand(tf, [B, n, d], 4)))
+        }
+        let out: Array<Float32Array> = []
+        const info = await tf.profile(() => {
+          const { value, grads } = tf.valueAndGrads(f)([q, kt, v])
+          out = [value.dataSync() as Float32Array, ...grads.map((g) => g.dataSync() as Float32Array)]
+        })
+        return { out, triangles: info.kernels.filter((k) => k.name === "ConceptmoeTriangularMatMul").length }
+      } finally {
+        useSettings(tf, before)
+      }
+    }
+    const cpu = await run("cpu", true)
+    const plain = await run("wasm", false)
+    const ours = await run("wasm", true)
+    // the two products and their four gradients through the triangle kernel; none without our kernels
+    assert.strictEqual(ours.triangles, 6)
+    assert.strictEqual(plain.triangles, 0)
+    assert.strictEqual(cpu.out.length, 4)
+    for (let i = 0; i < cpu.out.length; i++) {
+      assert.isBelow(relativeError(ours.out[i]!, cpu.out[i]!), 1e-5, `output ${i}`)
+      assert.isBelow(relativeError(plain.out[i]!, cpu.out[i]!), 1e-5, `output ${i} (plain)`)
+    }
   })
 
   it("refuses inner sizes that differ with a typed error naming both shapes (reachable from a custom kernel call)", async () => {

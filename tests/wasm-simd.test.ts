@@ -157,6 +157,37 @@ describe("wasm SIMD kernels in double precision's terms", () => {
     })
   }
 
+  for (const { relaxed, simd } of builds) {
+    it(`${relaxed ? "relaxed" : "plain"}: the softmax and its gradient stopped at each causal row's diagonal give the whole rows' bits, zeros after`, () => {
+      // three square maps of 12 rows (rows whose diagonal is inside a vector and at its end), and two
+      // of 8 (two vectors a row)
+      for (const [maps, n] of [[3, 12], [2, 8]] as const) {
+        const rows = maps * n
+        const [sv, m, whole, part, dp, gWhole, gPart] = views(rows * n, n * n, rows * n, rows * n, rows * n, rows * n, rows * n)
+        sv!.set(Array.from({ length: rows * n }, (_, i) => Math.sin(i * 1.3) * 7))
+        m!.set(Array.from({ length: n * n }, (_, i) => (i % n <= Math.floor(i / n) ? 0 : -1e9)))
+        dp!.set(Array.from({ length: rows * n }, (_, i) => Math.cos(i * 0.7)))
+        part!.fill(NaN)
+        gPart!.fill(NaN)
+        simd.softmax(sv!, m!, whole!, n, 0.3)
+        simd.softmaxGrad(whole!, dp!, gWhole!, n, 0.3)
+        // NaN in the vectors past each diagonal's: a kernel that read them would give NaN rows
+        for (let i = 0; i < rows * n; i++) {
+          if (i % n >= (Math.floor(i / n) % n) + 4 - ((Math.floor(i / n) % n) % 4)) [sv![i], dp![i]] = [NaN, NaN]
+        }
+        simd.softmax(sv!, m!, part!, n, 0.3, n)
+        simd.softmaxGrad(whole!, dp!, gPart!, n, 0.3, n)
+        for (let i = 0; i < rows * n; i++) {
+          const [row, col] = [Math.floor(i / n) % n, i % n]
+          assert.strictEqual(part![i], whole![i], `softmax ${maps}×${n} at ${i}`)
+          // above the diagonal p is 0, so the gradient is ±0
+          assert.strictEqual(gPart![i], col <= row ? gWhole![i] : 0, `gradient ${maps}×${n} at ${i}`)
+          if (col > row) assert.strictEqual(whole![i], 0)
+        }
+      }
+    })
+  }
+
   it("the two builds agree within 1e-6 on GELU", () => {
     const n = grid.length
     const [x, a, b] = views(n, n, n)

@@ -138,12 +138,15 @@ const attendCore = (
   }
   // [R·n, heads, d] → [R·heads, n, d]
   const q3 = tf.reshape(tf.transpose(tf.reshape(q, [R, n, H, dqk]), [0, 2, 1, 3]), [R * H, n, dqk])
-  let raw = ctx.matMul(q3, expand(kt), "attentionMap")
+  // a causal square map (a full pass): the scores above the diagonal are masked, the
+  // probabilities 0 there; a backend may skip those blocks
+  const square = options.causal && past === 0 && n === len
+  let raw = ctx.matMul(q3, expand(kt), "attentionMap", square ? "lowerC" : undefined)
   // packed documents: a query sees only keys of its own document (`documents [R, 1, n, len]`)
   if (documents !== undefined) raw = tf.reshape(tf.add(tf.reshape(raw, [R, H, n, len]), documents), [R * H, n, len])
   const m = mask(ctx, n, len, past, options.causal, options.window)
   let p: Tensor
-  if (keyValid === undefined) p = ctx.softmax(raw, 1 / Math.sqrt(dqk), m)
+  if (keyValid === undefined) p = ctx.softmax(raw, 1 / Math.sqrt(dqk), m, square)
   else {
     // padded keys (static-shape concept slots) take no attention
     const bias = tf.reshape(tf.mul(tf.sub(keyValid, 1), 1e9), [R, 1, 1, len])
@@ -153,7 +156,7 @@ const attendCore = (
   // stored values: with one query (P·V)ᵀ = Vᵀ·Pᵀ, where Pᵀ is a reshape; with a block of queries
   // P·V, transposing Vᵀ (len·dv, smaller than P's n·len)
   const out = "v" in values
-    ? ctx.matMul(p, expand(values.v), "attentionMap")
+    ? ctx.matMul(p, expand(values.v), "attentionMap", square ? "lowerA" : undefined)
     : n === 1
     ? ctx.matMul(expand(values.vt), tf.reshape(p, [R * H, len, 1]), "attentionMap")
     : ctx.matMul(p, tf.transpose(expand(values.vt), [0, 2, 1]), "attentionMap")

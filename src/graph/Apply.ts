@@ -165,8 +165,12 @@ export interface ForwardContext {
    * ConceptMoE's chunk module draws the first).
    */
   readonly nextSeed: () => number
-  /** Matmul with explicit-transpose gradients, counted under `category`. */
-  readonly matMul: (a: Tensor, b: Tensor, category: keyof FlopCounter) => Tensor
+  /**
+   * Matmul with explicit-transpose gradients, counted under `category` (as the full product). With
+   * `triangle`, a promise about causal attention's map that lets a backend skip the blocks outside
+   * it ({@link CausalTriangle}); backends without such a kernel compute the whole product.
+   */
+  readonly matMul: (a: Tensor, b: Tensor, category: keyof FlopCounter, triangle?: CausalTriangle) => Tensor
   /** Forward: the value; backward: no gradient. */
   readonly detach: (x: Tensor) => Tensor
   /** The same values off the tape: ops on the result are not differentiated at all (for indices). */
@@ -177,8 +181,12 @@ export interface ForwardContext {
   readonly rmsNorm: (x: Tensor, g: Tensor, eps: number) => Tensor
   /** An activation function (of the gate, for GLU kinds), fused where the runtime can. */
   readonly activate: (x: Tensor, activation: "swiglu" | "silu" | "geglu" | "gelu" | "gelu_tanh" | "relu") => Tensor
-  /** Softmax over the last axis of `scores [..., n, len]·scale + mask [n, len]` (no gradient into the mask; fused where the runtime can). */
-  readonly softmax: (scores: Tensor, scale: number, mask: Tensor) => Tensor
+  /**
+   * Softmax over the last axis of `scores [..., n, len]·scale + mask [n, len]` (no gradient into the
+   * mask; fused where the runtime can). `causal`: a promise that the maps are square (n = len) and
+   * the mask −1e9 above each diagonal, so a kernel may stop each row at its diagonal.
+   */
+  readonly softmax: (scores: Tensor, scale: number, mask: Tensor, causal?: boolean) => Tensor
   /** `x [o, ...rest]` → `[o, times, ...rest]`, every row `times` times (fused where the runtime can). */
   readonly repeat: (x: Tensor, times: number) => Tensor
   /** Rotary embedding of the first `dim` features of `x [n, heads, hd]` with tables `cos`, `sin [n, 1, dim/2]`. */
@@ -192,6 +200,15 @@ export interface ForwardContext {
   /** A float32 one-hot that is correct on every backend. */
   readonly oneHot: (indices: Tensor, depth: number) => Tensor
 }
+
+/**
+ * What a causal attention product promises about its last two axes (square maps, query i and key j):
+ * - `"lowerC"`: only the result's lower triangle (j ≤ i) is used, and the gradient that comes back
+ *   is 0 above the diagonal (the scores under a causal mask: the softmax's probabilities, and so
+ *   their gradient, are exactly 0 there). The entries above may come out as 0 or as the product.
+ * - `"lowerA"`: A is 0 above the diagonal (the probabilities times the values).
+ */
+export type CausalTriangle = "lowerC" | "lowerA"
 
 /**
  * Where an MoE layer's token-expert pairs go, without reading the routing back (the layout of

@@ -39,7 +39,9 @@
  *
  * @since 0.1.0
  */
-import type { FlopCounter, Tensor, Tf } from "../graph/Apply.ts"
+import type { CausalTriangle, FlopCounter, Tensor, Tf } from "../graph/Apply.ts"
+import { hasKernel, runKernel } from "./Fused.ts"
+import { kernels, wasmKernels } from "./KernelNames.ts"
 import { installCpuFixes } from "./cpu/Fixes.ts"
 import { installWasmFixes } from "./wasm/Fixes.ts"
 import { installWebGpuFixes } from "./webgpu/Fixes.ts"
@@ -121,10 +123,33 @@ export const makeMatMul = (tf: Tf, counter: FlopCounter) => {
         flags ? [tf.matMul(dy, sb!, false, true), tf.matMul(sa!, dy, true, false)] : [product(dy, swap(sb!)), product(swap(sa!), dy)]
     }
   }) as unknown as Parameters<Tf["customGrad"]>[0])
-  return (a: Tensor, b: Tensor, category: keyof FlopCounter): Tensor => {
+  const triangular = hasKernel(tf, wasmKernels.triangularMatMul) && hasKernel(tf, kernels.softmax) ? makeTriangular(tf) : undefined
+  return (a: Tensor, b: Tensor, category: keyof FlopCounter, triangle?: CausalTriangle): Tensor => {
     counter[category] += matMulFlops(a, b)
-    return f(a, b) as Tensor
+    return (triangle !== undefined && triangular !== undefined ? triangular[triangle](a, b) : f(a, b)) as Tensor
   }
+}
+
+/**
+ * The two products of causal attention where the backend has a kernel that skips a triangle (wasm:
+ * `wasm/Gemm.ts`'s `Triangle`), each with its gradients' triangles: the scores S = Q·Kᵀ, of which
+ * only S's lower triangle is used (`lowerC`: dQ = dS·K reads dS's lower triangle, dK = Qᵀ·dS from
+ * each column's diagonal down), and the output P·V with P lower triangular (`lowerA`: dP = dO·Vᵀ
+ * only below the diagonal, dV = Pᵀ·dO from each row's diagonal on). Exact where the caller keeps
+ * the promise ({@link CausalTriangle}): the skipped terms are zeros.
+ */
+const makeTriangular = (tf: Tf) => {
+  const run = (a: Tensor, b: Tensor, transposeA: boolean, transposeB: boolean, triangle: string): Tensor =>
+    runKernel(tf, wasmKernels.triangularMatMul, { a, b }, { transposeA, transposeB, triangle })
+  const product = (forward: string, dA: string, dB: string) =>
+    tf.customGrad(((a: Tensor, b: Tensor, save: (ts: Array<Tensor>) => void) => {
+      save([a, b])
+      return {
+        value: run(a, b, false, false, forward),
+        gradFunc: (dy: Tensor, [sa, sb]: Array<Tensor>) => [run(dy, sb!, false, true, dA), run(sa!, dy, true, false, dB)]
+      }
+    }) as unknown as Parameters<Tf["customGrad"]>[0])
+  return { lowerC: product("lowerC", "lowerA", "lowerB"), lowerA: product("lowerA", "lowerC", "upperA") }
 }
 
 /** Forward: the value; backward: nothing flows. */

@@ -453,22 +453,25 @@ export const sumChunks = (size: number): number => {
  * Attention's probabilities: softmax over the last axis of `scores [..., n, len]·scale + mask
  * [n, len]` (the mask broadcast over the leading axes; no gradient into it). On webgpu and wasm one
  * row kernel forward and one backward (dS = scale·P·(dP − Σ dP·P)) instead of a product, a sum,
- * tfjs's softmax and its four-op gradient; elsewhere op by op.
+ * tfjs's softmax and its four-op gradient; elsewhere op by op. `causal`: a promise that the maps
+ * are square and the mask is −1e9 above each diagonal, so that a kernel may stop each row there
+ * (wasm's do: `wasm/Simd.ts`).
  */
 export const makeMaskedSoftmax = (tf: Tf) => {
   const ops = (scores: Tensor, scale: number, mask: Tensor): Tensor => tf.softmax(tf.add(tf.mul(scores, scale), mask))
   // fused where the backend has the gradient kernel; the forward pass our kernel where it has that
   // too, else op by op
   if (!hasKernel(tf, kernels.softmaxGrad)) return ops
-  const run = (name: string, inputs: Record<string, Tensor>, scale: number) => runKernel(tf, name, inputs, { scale })
   const forward = hasKernel(tf, kernels.softmax)
-  return (scores: Tensor, scale: number, mask: Tensor): Tensor => {
+  return (scores: Tensor, scale: number, mask: Tensor, causal = false): Tensor => {
     const len = scores.shape[scores.rank - 1]!
     const rows = scores.size / len
+    const attrs = causal && scores.shape[scores.rank - 2] === len ? { scale, mapRows: len } : { scale }
+    const run = (name: string, inputs: Record<string, Tensor>) => runKernel(tf, name, inputs, attrs)
     const f = tf.customGrad(((s2: Tensor, save: (ts: Array<Tensor>) => void) => {
-      const value = forward ? run(kernels.softmax, { s: s2, m: mask }, scale) : tf.reshape(ops(tf.reshape(s2, scores.shape), scale, mask), [rows, len])
+      const value = forward ? run(kernels.softmax, { s: s2, m: mask }) : tf.reshape(ops(tf.reshape(s2, scores.shape), scale, mask), [rows, len])
       save([value])
-      return { value, gradFunc: (dp: Tensor, [pr]: Array<Tensor>) => [run(kernels.softmaxGrad, { p: pr!, dp }, scale)] }
+      return { value, gradFunc: (dp: Tensor, [pr]: Array<Tensor>) => [run(kernels.softmaxGrad, { p: pr!, dp })] }
     }) as unknown as Parameters<Tf["customGrad"]>[0])
     return tf.reshape(f(tf.reshape(scores, [rows, len])) as Tensor, scores.shape)
   }

@@ -38,5 +38,13 @@ export const kernels = {
   sumGroups: "ConceptmoeSumGroups"
 } as const
 
-/** Kernels only the wasm backend has: AdamW in one kernel, Σx² over all the gradients, RMSNorm's two gradients in one pass. */
-export const wasmKernels = { adamw: "ConceptmoeAdamW", sumSquares: "ConceptmoeSumSquaresAll", normGrad: "ConceptmoeRmsNormGrad" } as const
+/**
+ * Kernels only the wasm backend has: AdamW in one kernel, Σx² over all the gradients, RMSNorm's two
+ * gradients in one pass, a matrix product that skips a causal map's empty triangle.
+ */
+export const wasmKernels = {
+  adamw: "ConceptmoeAdamW",
+  sumSquares: "ConceptmoeSumSquaresAll",
+  normGrad: "ConceptmoeRmsNormGrad",
+  triangularMatMul: "ConceptmoeTriangularMatMul"
+} as const

@@ -11,9 +11,10 @@
 import type { Tf } from "../../graph/Apply.ts"
 import { InvalidInput } from "../../internal/RunErrors.ts"
 import { settingsOf } from "../Env.ts"
+import { wasmKernels } from "../KernelNames.ts"
 import { overrideKernel } from "../Override.ts"
 import { type BinaryOp, type ElementwiseKernels, makeElementwise } from "./Elementwise.ts"
-import { type Gemm, makeGemm } from "./Gemm.ts"
+import { type Gemm, makeGemm, type Triangle } from "./Gemm.ts"
 
 /** Installs the wasm fixes (once per tensor library: `../Fixes.ts`'s `install`). */
 export const installWasmFixes = (tf: Tf): void => {
@@ -139,7 +140,7 @@ const installWasmMatMul = (tf: Tf): void => {
     const b = args.backend as unknown as WasmBackend
     const x = args.inputs["a"] as unknown as Info
     const y = args.inputs["b"] as unknown as Info
-    const { transposeA, transposeB } = args.attrs as { transposeA: boolean; transposeB: boolean }
+    const { transposeA, transposeB, triangle } = args.attrs as { transposeA: boolean; transposeB: boolean; triangle?: Triangle }
     const lead = (t: Info) => t.shape.slice(0, -2).reduce((p, c) => p * c, 1)
     const ba = lead(x)
     const bb = lead(y)
@@ -152,7 +153,7 @@ const installWasmMatMul = (tf: Tf): void => {
     }
     if (settingsOf(tf).matmul !== "tfjs") {
       gemm ??= b.wasm.asm?.memory === undefined ? null : (makeGemm({ memory: b.wasm.asm.memory, malloc: b.wasm._malloc, free: b.wasm._free }) ?? null)
-      if (gemm !== null) return ours(b, gemm, x, y, transposeA, transposeB, ba, bb) as never
+      if (gemm !== null) return ours(b, gemm, x, y, transposeA, transposeB, ba, bb, triangle) as never
     }
     product ??= b.wasm.cwrap("BatchMatMul", null, ["number", "array", "number", "number", "array", "number", "number", "number", "number"])
     const made: Array<Info> = []
@@ -200,7 +201,12 @@ const installWasmMatMul = (tf: Tf): void => {
     for (const t of made) b.disposeData(t.dataId)
     return out as never
   })
+  // the same kernel for a product told its triangle (`Gemm.ts`'s `Triangle`, an attribute
+  // BatchMatMul's other callers never pass); stock products compute it whole, as the triangles allow
+  const batchMatMul = tf.getKernel("BatchMatMul", "wasm")!.kernelFunc
+  tf.registerKernel({ kernelName: wasmKernels.triangularMatMul, backendName: "wasm", kernelFunc: (args) => batchMatMul(args) })
 }
+
 
 /**
  * A product whose inner sizes differ: a typed error naming both shapes (a user's custom block can
@@ -214,7 +220,7 @@ const innerMismatch = (k: number, k2: number, a: ReadonlyArray<number>, b: Reado
   })
 
 /** Fix 8 through our kernel: the whole batch in one call, the flags as strides. */
-const ours = (b: WasmBackend, gemm: Gemm, x: Info, y: Info, transposeA: boolean, transposeB: boolean, ba: number, bb: number): Info => {
+const ours = (b: WasmBackend, gemm: Gemm, x: Info, y: Info, transposeA: boolean, transposeB: boolean, ba: number, bb: number, triangle: Triangle | undefined): Info => {
   const [m, k] = (transposeA ? x.shape.slice(-2).reverse() : x.shape.slice(-2)) as [number, number]
   const [k2, n] = (transposeB ? y.shape.slice(-2).reverse() : y.shape.slice(-2)) as [number, number]
   if (k !== k2) {
@@ -233,7 +239,8 @@ const ours = (b: WasmBackend, gemm: Gemm, x: Info, y: Info, transposeA: boolean,
     k,
     n,
     transposeA,
-    transposeB
+    transposeB,
+    ...(triangle === undefined ? {} : { triangle })
   })
   return out
 }

@@ -62,16 +62,18 @@ const blockRows = 4
 const panelCols = 8
 
 /**
- * `gemm(a, rowS, kS, blockS, bp, c, ldc, mBlocks, panels, K)`: for each block of 4 rows of A (block
- * q's row r, k at `a + q·blockS + r·rowS + k·kS`, bytes) and each packed panel of B
- * (`bp + p·K·32`), the 4 × 8 block of C at `c + (4q + r)·ldc + p·32`. K ≥ 1.
+ * `gemm(a, rowS, kS, blockS, bp, c, ldc, mBlocks, panels, K, panelS, live)`: for each block of 4
+ * rows of A (block q's row r, k at `a + q·blockS + r·rowS + k·kS`, bytes) and each packed panel of B
+ * (`bp + p·panelS`, k at `+ k·32`), the 4 × 8 block of C at `c + (4q + r)·ldc + p·32`, summing K
+ * terms; panels from `live` on are written as zeros without a sum. K ≥ 1. A panel stride apart
+ * from K lets a caller sum part of the k range (a triangle).
  */
 const gemmFunc = (fma: boolean): Func => {
-  const [a, rowS, kS, blockS, bp, c, ldc, mBlocks, panels, K] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
-  const [i, p, k, pa, pb, o1, o2, o3, crow, a0, panelBytes, pk] = [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
-  const [b0, b1] = [22, 23]
-  const acc = Array.from({ length: 2 * blockRows }, (_, j) => 24 + j)
-  const av = 24 + 2 * blockRows
+  const [a, rowS, kS, blockS, bp, c, ldc, mBlocks, panels, K, panelBytes, live] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+  const [i, p, k, pa, pb, o1, o2, o3, crow, a0, pk] = [12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
+  const [b0, b1] = [23, 24]
+  const acc = Array.from({ length: 2 * blockRows }, (_, j) => 25 + j)
+  const av = 25 + 2 * blockRows
   const offsets = [undefined, o1, o2, o3]
   const madd = (x: number, y: number, z: number): Code => (fma ? [...get(x), ...get(y), ...get(z), ...f32x4RelaxedMadd] : [...get(x), ...get(y), ...f32x4Mul, ...get(z), ...f32x4Add])
   const kStep: Array<Code> = [get(pk), v128Load(0), set(b0), get(pk), v128Load(16), set(b1)]
@@ -91,7 +93,7 @@ const gemmFunc = (fma: boolean): Func => {
     get(p), get(panels), geS, brIf(1),
     ...acc.flatMap((x) => [v128Zero, set(x)]),
     get(a0), set(pa), get(pb), set(pk), get(K), set(k),
-    loop(...kStep),
+    block(get(p), get(live), geS, brIf(0), loop(...kStep)),
     ...stores,
     get(pb), get(panelBytes), add, set(pb),
     get(crow), const32(32), add, set(crow),
@@ -107,11 +109,10 @@ const gemmFunc = (fma: boolean): Func => {
   ]
   return {
     name: "gemm",
-    params: 10,
-    locals: [[12, i32], [2 + 2 * blockRows + 1, v128]],
+    params: 12,
+    locals: [[11, i32], [2 + 2 * blockRows + 1, v128]],
     body: [
       get(rowS), set(o1), get(rowS), const32(2), mul, set(o2), get(rowS), const32(3), mul, set(o3),
-      get(K), const32(32), mul, set(panelBytes),
       get(a), set(a0), const32(0), set(i),
       block(loop(...rowBlock))
     ]
@@ -227,7 +228,27 @@ export interface Product {
    * {@link panelsOuter} chooses by shape.
    */
   readonly panelsOuter?: boolean
+  /** Where the product is a triangle (causal attention's maps), the blocks the kernel may skip. */
+  readonly triangle?: Triangle
 }
+
+/**
+ * A causal attention map is a triangle: the scores are needed at key j ≤ query i only, and the
+ * probabilities (and the gradients the softmax gives them) are exactly 0 above the diagonal, where
+ * the mask's −1e9 makes e^x 0. A product told which triangle skips the 4 × 8 blocks outside it
+ * (about half of a square map's):
+ * - `lowerC`: C[i, j] at j ≤ i is the product; above the diagonal each entry is 0 or the product
+ *   (0 in the blocks of 4 × 8 wholly above it, the product in those across it).
+ * - `lowerA`: op(A)[i, k] is 0 for k > i (each block of rows sums k up to its last row).
+ * - `upperA`: op(A)[i, k] is 0 for k < i (each block of rows sums k from its first row).
+ * - `lowerB`: op(B)[k, j] is 0 for k < j (each panel of columns sums k from its first column).
+ * The operand triangles are a promise: entries outside them are taken as 0 but may be read where a
+ * block straddles the diagonal. With the promise kept the result is the full product's bit for
+ * bit (lowerC's: below the diagonal): the terms skipped are exact zeros, and a fused 0·b + s is s.
+ * Where C is not whole blocks and panels, the full product is computed (as these definitions
+ * allow).
+ */
+export type Triangle = "lowerC" | "lowerA" | "upperA" | "lowerB"
 
 /**
  * Whether a product loops over B's panels outside A's blocks: where A has fewer rows than B columns
@@ -290,7 +311,11 @@ export const makeGemm = (heap: Heap): Gemm | undefined => {
     const rest = m - fullRows
     const direct = np === n
     const outer = (x.panelsOuter ?? panelsOuter(m, k, n)) && panels > 1
-    const packedB = panels * k * panelCols * 4
+    const panelBytes = k * panelCols * 4
+    const packedB = panels * panelBytes
+    // the triangle's blocks where C is whole blocks and panels; elsewhere the full product (the
+    // same values, by the promise) and lowerC's zeros after
+    const triangular = x.triangle !== undefined && direct && rest === 0
     // a transposed A is packed into blocks of 4 rows ([block][k][4], zeros past m): read in place,
     // its 4 rows of one k share a cache line but consecutive k are a row of A apart
     const packedA = x.transposeA ? blocks * k * blockRows * 4 : 0
@@ -310,10 +335,11 @@ export const makeGemm = (heap: Heap): Gemm | undefined => {
       if (i === 0 || x.bBatched) pack(8, x.b + (x.bBatched ? i * k * n * 4 : 0), bk, bn, bPacked, k, n, panels)
       if (x.transposeA && (i === 0 || x.aBatched)) pack(4, given, m * 4, 4, aPacked, k, m, blocks)
       const a = x.transposeA ? aPacked : given
-      if (full > 0) {
+      if (triangular) triangle(x.triangle!, a, rowS, kS, blockS, bPacked, c, m, k, n)
+      else if (full > 0) {
         const [cc, ldcBytes] = [direct ? c : cPad, (direct ? n : np) * 4]
-        if (outer) for (let p = 0; p < panels; p++) gemm(a, rowS, kS, blockS, bPacked + p * k * panelCols * 4, cc + p * panelCols * 4, ldcBytes, full, 1, k)
-        else gemm(a, rowS, kS, blockS, bPacked, cc, ldcBytes, full, panels, k)
+        if (outer) for (let p = 0; p < panels; p++) gemm(a, rowS, kS, blockS, bPacked + p * panelBytes, cc + p * panelCols * 4, ldcBytes, full, 1, k, panelBytes, 1)
+        else gemm(a, rowS, kS, blockS, bPacked, cc, ldcBytes, full, panels, k, panelBytes, panels)
       }
       if (rest > 0) {
         let last = a + full * blockS
@@ -325,7 +351,7 @@ export const makeGemm = (heap: Heap): Gemm | undefined => {
           f.set(f.subarray(last >> 2, (last >> 2) + rest * k), ar)
           last = aRest
         }
-        gemm(last, rowS, kS, blockS, bPacked, cRest, np * 4, 1, panels, k)
+        gemm(last, rowS, kS, blockS, bPacked, cRest, np * 4, 1, panels, k, panelBytes, panels)
       }
       if (!direct || rest > 0) {
         const f = new Float32Array(heap.memory.buffer)
@@ -333,6 +359,34 @@ export const makeGemm = (heap: Heap): Gemm | undefined => {
         if (!direct) for (let r = 0; r < fullRows; r++) f.copyWithin(out + r * n, (cPad >> 2) + r * np, (cPad >> 2) + r * np + n)
         for (let r = 0; r < rest; r++) f.copyWithin(out + (fullRows + r) * n, (cRest >> 2) + r * np, (cRest >> 2) + r * np + n)
       }
+    }
+  }
+  // the product of whole blocks and panels (C written in place) by the triangle's blocks: a call
+  // per block of rows (lowerC: the panels up to the block's last row; lowerA / upperA: k up to its
+  // last row / from its first) or per panel (lowerB: k from the panel's first column)
+  const triangle = (t: Triangle, a: number, rowS: number, kS: number, blockS: number, bp: number, c: number, m: number, k: number, n: number) => {
+    const [blocks, panels, panelBytes, ldc] = [m / blockRows, n / panelCols, k * panelCols * 4, n * 4]
+    const zero = (at: number, rows: number, cols: number) => {
+      const f = new Float32Array(heap.memory.buffer)
+      for (let r = 0; r < rows; r++) f.fill(0, (at >> 2) + r * n, (at >> 2) + r * n + cols)
+    }
+    if (t === "lowerB") {
+      for (let p = 0; p < panels; p++) {
+        const from = p * panelCols
+        if (from < k) gemm(a + from * kS, rowS, kS, blockS, bp + p * panelBytes + from * 32, c + p * 32, ldc, blocks, 1, k - from, panelBytes, 1)
+        else zero(c + p * 32, m, panelCols)
+      }
+      return
+    }
+    // lowerC: two blocks of rows (one panel's height) at a time, the panels past their last row zeros
+    const step = t === "lowerC" && blocks % 2 === 0 ? 2 : 1
+    for (let q = 0; q < blocks; q += step) {
+      const [first, last] = [q * blockRows, (q + step) * blockRows - 1]
+      const [aq, cq] = [a + q * blockS, c + first * ldc]
+      if (t === "lowerC") gemm(aq, rowS, kS, blockS, bp, cq, ldc, step, panels, k, panelBytes, Math.min(panels, Math.floor(last / panelCols) + 1))
+      else if (t === "lowerA") gemm(aq, rowS, kS, blockS, bp, cq, ldc, 1, panels, Math.min(k, last + 1), panelBytes, panels)
+      else if (first < k) gemm(aq + first * kS, rowS, kS, blockS, bp + first * 32, cq, ldc, 1, panels, k - first, panelBytes, panels)
+      else zero(cq, blockRows, n)
     }
   }
   return { fma, product }

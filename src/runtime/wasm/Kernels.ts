@@ -251,7 +251,7 @@ const registerActivations = (register: Register, simd: Simd | undefined): void =
     register(kernels.softmax, (sh) => [sh[0]!], ([sv, m], [out], shapes, a) => {
       const width = shapes[0]![shapes[0]!.length - 1]!
       const scale = a["scale"]!
-      if (width % 4 === 0) return simd.softmax(sv as Float32Array, m as Float32Array, out!, width, scale)
+      if (width % 4 === 0) return simd.softmax(sv as Float32Array, m as Float32Array, out!, width, scale, a["mapRows"] ?? 0)
       const mRows = m!.length / width
       for (let row = 0, base = 0; base < sv!.length; row++, base += width) {
         const mb = (row % mRows) * width
@@ -265,7 +265,7 @@ const registerActivations = (register: Register, simd: Simd | undefined): void =
     // attention's softmax gradient scale·p·(dp − Σ p·dp) per row (rows of a width off multiples of 4 in JavaScript)
     register(kernels.softmaxGrad, (sh) => [sh[0]!], ([p, dp], [out], [shape], a) => {
       const width = shape![shape!.length - 1]!
-      if (width % 4 === 0) return simd.softmaxGrad(p as Float32Array, dp as Float32Array, out!, width, a["scale"]!)
+      if (width % 4 === 0) return simd.softmaxGrad(p as Float32Array, dp as Float32Array, out!, width, a["scale"]!, a["mapRows"] ?? 0)
       for (let base = 0; base < p!.length; base += width) {
         let dot = 0
         for (let c = 0; c < width; c++) dot += p![base + c]! * dp![base + c]!

@@ -90,6 +90,8 @@ import {
   ltU,
   remU,
   eqz,
+  and,
+  v128Zero,
   moduleBytes,
   mul,
   select,
@@ -191,25 +193,48 @@ const each = (c: number, bytes: number, body: ReadonlyArray<Code>): Code =>
 
 const at = (base: number, c: number): Code => [...get(base), ...get(c), ...add]
 
-// softmaxGrad(p, dp, out, rows, width, scale): out = scale·p·(dp − Σ p·dp) per row
+/**
+ * A causal map's row: `live` = the row's bytes up to its diagonal, in whole vectors (row `row` of
+ * maps of `mapRows` rows: query i = row mod mapRows sees keys 0…i), or all `bytes` where mapRows is 0
+ * (no causal promise) or the map is wider than tall. `t` a scratch local.
+ */
+const liveBytes = (row: number, mapRows: number, bytes: number, live: number, t: number): Code => [
+  ...get(bytes), ...set(live),
+  ...block(
+    get(mapRows), eqz, brIf(0),
+    get(row), get(mapRows), remU, const32(4), add, const32(-4), and, const32(4), mul, set(t),
+    block(get(t), get(bytes), geS, brIf(0), get(t), set(live))
+  )
+]
+
+/** Zeros from byte `c` = from to `bytes` of a row at `base` of `out` (the masked part of a causal row). */
+const zeroRest = (out: number, base: number, c: number, from: number, bytes: number): Code => [
+  ...get(from), ...set(c),
+  ...block(loop(get(c), get(bytes), geS, brIf(1), get(out), get(base), add, get(c), add, v128Zero, v128Store(0), get(c), const32(16), add, set(c), br(0)))
+]
+
+// softmaxGrad(p, dp, out, rows, width, scale, mapRows): out = scale·p·(dp − Σ p·dp) per row; with
+// mapRows > 0 (causal square maps, p 0 above the diagonal) up to the diagonal's vector, zeros after
 const softmaxGradFunc: Func = (() => {
-  const f = frame([i32, i32, i32, i32, i32, f32], 4, 0, 3)
-  const [p, dp, out, rows, width, scale] = [0, 1, 2, 3, 4, 5].map(f.param) as [number, number, number, number, number, number]
-  const [row, c, base, bytes] = [0, 1, 2, 3].map(f.int) as [number, number, number, number]
+  const f = frame([i32, i32, i32, i32, i32, f32, i32], 6, 0, 3)
+  const [p, dp, out, rows, width, scale, mapRows] = [0, 1, 2, 3, 4, 5, 6].map(f.param) as [number, number, number, number, number, number, number]
+  const [row, c, base, bytes, live, t] = [0, 1, 2, 3, 4, 5].map(f.int) as [number, number, number, number, number, number]
   const [sc, acc, dot] = [0, 1, 2].map(f.vec) as [number, number, number]
   const ld = (ptr: number): Code => [...get(ptr), ...get(base), ...add, ...get(c), ...add, ...v128Load(0)]
   const perRow: Array<Code> = [
     get(row), get(rows), geS, brIf(1),
     get(row), get(bytes), mul, set(base),
+    liveBytes(row, mapRows, bytes, live, t),
     k(0), set(acc),
-    each(c, bytes, [vadd(get(acc), vmul(ld(p), ld(dp))), set(acc)]),
+    each(c, live, [vadd(get(acc), vmul(ld(p), ld(dp))), set(acc)]),
     lanes(acc, f32Add), f32x4Splat, set(dot),
-    each(c, bytes, [get(out), get(base), add, get(c), add, vmul(vmul(get(sc), ld(p)), vsub(ld(dp), get(dot))), v128Store(0)]),
+    each(c, live, [get(out), get(base), add, get(c), add, vmul(vmul(get(sc), ld(p)), vsub(ld(dp), get(dot))), v128Store(0)]),
+    zeroRest(out, base, c, live, bytes),
     get(row), const32(1), add, set(row), br(0)
   ]
   return {
     name: "softmaxGrad",
-    params: [i32, i32, i32, i32, i32, f32],
+    params: [i32, i32, i32, i32, i32, f32, i32],
     locals: f.locals,
     body: [get(scale), f32x4Splat, set(sc), get(width), const32(4), mul, set(bytes), const32(0), set(row), block(loop(...perRow))]
   }
@@ -499,14 +524,15 @@ const rotateFunc: Func = (() => {
   }
 })()
 
-// softmax(s, m, out, rows, width, mRows, scale): per row, softmax(s·scale + m[row mod mRows]) (the
-// attention's masked softmax; width a multiple of 4): the logits into out with their maximum
-// (NaN-propagating), then e^(logit − max) with their sum, then times 1/sum
+// softmax(s, m, out, rows, width, mRows, scale, mapRows): per row, softmax(s·scale + m[row mod mRows])
+// (the attention's masked softmax; width a multiple of 4): the logits into out with their maximum
+// (NaN-propagating), then e^(logit − max) with their sum, then times 1/sum; with mapRows > 0 (a
+// causal square map: the mask −1e9 above the diagonal) up to the diagonal's vector, zeros after
 const softmaxFunc = (relaxed: boolean): Func => {
   const cx = context(relaxed, k)
-  const f = frame([i32, i32, i32, i32, i32, i32, f32], 5, 0, 6)
-  const [sp, mp, out, rows, width, mRows, scale] = [0, 1, 2, 3, 4, 5, 6]
-  const [row, c, base, bytes, mbase] = [0, 1, 2, 3, 4].map(f.int) as [number, number, number, number, number]
+  const f = frame([i32, i32, i32, i32, i32, i32, f32, i32], 7, 0, 6)
+  const [sp, mp, out, rows, width, mRows, scale, mapRows] = [0, 1, 2, 3, 4, 5, 6, 7]
+  const [row, c, base, bytes, mbase, live, t] = [0, 1, 2, 3, 4, 5, 6].map(f.int) as [number, number, number, number, number, number, number]
   const [acc, sc, mx, t0, t1, t2] = [0, 1, 2, 3, 4, 5].map(f.vec) as [number, number, number, number, number, number]
   const outAt: Code = [...get(out), ...get(base), ...add, ...get(c), ...add]
   const perRow: Array<Code> = [
@@ -514,21 +540,23 @@ const softmaxFunc = (relaxed: boolean): Func => {
     get(row), get(bytes), mul, set(base),
     // (row mod mRows)·bytes
     get(row), get(mRows), remU, get(bytes), mul, set(mbase),
+    liveBytes(row, mapRows, bytes, live, t),
     k(-Infinity), set(acc),
-    each(c, bytes, [
+    each(c, live, [
       outAt, cx.madd([...get(sp), ...get(base), ...add, ...get(c), ...add, ...v128Load(0)], get(sc), [...get(mp), ...get(mbase), ...add, ...get(c), ...add, ...v128Load(0)]), set(t0), get(t0), v128Store(0),
       get(acc), get(t0), f32x4Pmax, set(acc)
     ]),
     lanes(acc, f32Max), f32x4Splat, set(mx),
     k(0), set(acc),
-    each(c, bytes, [outAt, exp(cx, vsub([...outAt, ...v128Load(0)], get(mx)), [t0, t1, t2]), set(t0), get(t0), v128Store(0), vadd(get(acc), get(t0)), set(acc)]),
+    each(c, live, [outAt, exp(cx, vsub([...outAt, ...v128Load(0)], get(mx)), [t0, t1, t2]), set(t0), get(t0), v128Store(0), vadd(get(acc), get(t0)), set(acc)]),
     vdiv(k(1), [...lanes(acc, f32Add), ...f32x4Splat]), set(acc),
-    each(c, bytes, [outAt, vmul([...outAt, ...v128Load(0)], get(acc)), v128Store(0)]),
+    each(c, live, [outAt, vmul([...outAt, ...v128Load(0)], get(acc)), v128Store(0)]),
+    zeroRest(out, base, c, live, bytes),
     get(row), const32(1), add, set(row), br(0)
   ]
   return {
     name: "softmax",
-    params: [i32, i32, i32, i32, i32, i32, f32],
+    params: [i32, i32, i32, i32, i32, i32, f32, i32],
     locals: f.locals,
     body: [get(scale), f32x4Splat, set(sc), get(width), const32(4), mul, set(bytes), const32(0), set(row), block(loop(...perRow))]
   }
@@ -564,7 +592,8 @@ const sumSquaresFunc: Func = (() => {
 
 /** The kernels, on views of the heap (whole groups of 4; see {@link makeSimd} for tails). */
 export interface Simd {
-  readonly softmaxGrad: (p: Float32Array, dp: Float32Array, out: Float32Array, width: number, scale: number) => void
+  /** scale·p·(dp − Σ p·dp) per row of `width`; `mapRows` > 0: causal square maps of that many rows (see softmax). */
+  readonly softmaxGrad: (p: Float32Array, dp: Float32Array, out: Float32Array, width: number, scale: number, mapRows?: number) => void
   readonly siluGrad: (x: Float32Array, dy: Float32Array, out: Float32Array) => void
   readonly gelu: (x: Float32Array, out: Float32Array) => void
   readonly geluGrad: (x: Float32Array, dy: Float32Array, out: Float32Array) => void
@@ -579,8 +608,12 @@ export interface Simd {
   readonly nllGrad: (l: Float32Array, y: Int32Array, m: Float32Array, dy: Float32Array, g: Float32Array, V: number) => void
   /** The rotary embedding of x [n, heads, hd] by tables [n, half] (sign −1: back); half and hd multiples of 4. */
   readonly rotate: (x: Float32Array, c: Float32Array, s: Float32Array, y: Float32Array, heads: number, hd: number, half: number, sign: number) => void
-  /** softmax(s·scale + m[row mod mRows]) per row of `width` (a multiple of 4); m has mRows rows. */
-  readonly softmax: (s: Float32Array, m: Float32Array, out: Float32Array, width: number, scale: number) => void
+  /**
+   * softmax(s·scale + m[row mod mRows]) per row of `width` (a multiple of 4); m has mRows rows.
+   * `mapRows` > 0: the rows are causal square maps of that many rows (m −1e9 above each diagonal),
+   * computed up to the diagonal's vector, 0 after (the same values: e^x is 0 there).
+   */
+  readonly softmax: (s: Float32Array, m: Float32Array, out: Float32Array, width: number, scale: number, mapRows?: number) => void
   /** Σ x² in double precision (any length). */
   readonly sumSquares: (x: Float32Array) => number
 }
@@ -614,13 +647,13 @@ export const makeSimd = (memory: WebAssembly.Memory, tails: {
     for (let i = n4; i < v.length; i++) out[i] = scalar(v[i]!, dy[i]!)
   }
   return {
-    softmaxGrad: (p, dp, out, width, scale) => x["softmaxGrad"]!(p.byteOffset, dp.byteOffset, out.byteOffset, p.length / width, width, scale),
+    softmaxGrad: (p, dp, out, width, scale, mapRows = 0) => x["softmaxGrad"]!(p.byteOffset, dp.byteOffset, out.byteOffset, p.length / width, width, scale, mapRows),
     siluGrad: binary("siluGrad", tails.siluGrad),
     gelu: unary("gelu", tails.gelu),
     norm: (v, g, y, d, eps) => x["norm"]!(v.byteOffset, g.byteOffset, 0, y.byteOffset, v.length / d, d, eps, 1 / d),
     normDx: (v, g, dy, dx, d, eps) => x["normDx"]!(v.byteOffset, g.byteOffset, dy.byteOffset, dx.byteOffset, v.length / d, d, eps, 1 / d),
     rotate: (v, c, sn, y, heads, hd, half, sign) => x["rotate"]!(v.byteOffset, c.byteOffset, sn.byteOffset, y.byteOffset, v.length / (heads * hd), heads, hd, half, sign),
-    softmax: (sv, m, out, width, scale) => x["softmax"]!(sv.byteOffset, m.byteOffset, out.byteOffset, sv.length / width, width, m.length / width, scale),
+    softmax: (sv, m, out, width, scale, mapRows = 0) => x["softmax"]!(sv.byteOffset, m.byteOffset, out.byteOffset, sv.length / width, width, m.length / width, scale, mapRows),
     nll: (l, y, m, out, V) => x["nll"]!(l.byteOffset, y.byteOffset, m.byteOffset, out.byteOffset, l.length / V, V),
     nllGrad: (l, y, m, dy, g, V) => x["nllGrad"]!(l.byteOffset, y.byteOffset, m.byteOffset, dy.byteOffset, g.byteOffset, l.length / V, V),
     normGrad: (v, g, dy, dx, dg, d, eps) => {

@@ -35,7 +35,7 @@ const seq = (tf: Tfjs, shape: Array<number>, seed: number, dtype: "float32" | "i
 }
 
 describe("wasm Add, Sub, Multiply and Transpose (fixes 11, 12) equal cpu", () => {
-  it("Add, Sub, Multiply: same shapes, trailing dimensions either side, one number either side, odd sizes, int32", async () => {
+  it("Add, Sub, Multiply, RealDiv: same shapes, trailing dimensions either side, one number either side, one per row, odd sizes, int32", async () => {
     const pairs: Array<[Array<number>, Array<number>]> = [
       [[1024, 128], [1024, 128]],
       [[32, 8, 12], [8, 12]],
@@ -46,13 +46,19 @@ describe("wasm Add, Sub, Multiply and Transpose (fixes 11, 12) equal cpu", () =>
       [[1, 16], [16]],
       [[5, 3], [5, 3]],
       [[6, 8], [6, 1]],
-      [[4, 1], [1, 4]]
+      [[4, 1], [1, 4]],
+      // one number per row (an [n, 1] side), either side, and with leading axes
+      [[24, 64], [24, 1]],
+      [[24, 1], [24, 64]],
+      [[3, 5, 16], [3, 5, 1]],
+      [[3, 5, 16], [5, 1]],
+      [[6, 6], [6, 1]]
     ]
     for (const [sa, sb] of pairs) {
       for (const dtype of ["float32", "int32"] as const) {
         const { cpu, wasm } = await both((tf) => {
           const [a, b] = [seq(tf, sa, 1, dtype), seq(tf, sb, 2, dtype)]
-          return [tf.add(a, b), tf.sub(a, b), tf.mul(a, b)]
+          return [tf.add(a, b), tf.sub(a, b), tf.mul(a, b), ...(dtype === "float32" ? [tf.div(a, b)] : [])]
         })
         assert.deepStrictEqual(wasm, cpu, `${dtype} [${sa}] and [${sb}]`)
       }
@@ -108,6 +114,12 @@ describe("wasm Add, Sub, Multiply and Transpose (fixes 11, 12) equal cpu", () =>
     assert.deepStrictEqual(calls((t) => t.mul(t.scalar(2), t.ones([4, 4]))), [1, 0])
     assert.deepStrictEqual(calls((t) => t.sub(t.scalar(2), t.ones([4, 4]))), [0, 0])
     assert.deepStrictEqual(calls((t) => t.add(t.ones([5, 3]), t.ones([5, 3]))), [0, 0])
+    assert.deepStrictEqual(calls((t) => t.mul(t.ones([1024, 1]), t.ones([1024, 64]))), [1, 0])
+    assert.deepStrictEqual(calls((t) => t.sub(t.ones([1024, 64]), t.ones([1024, 1]))), [1, 0])
+    assert.deepStrictEqual(calls((t) => t.sub(t.ones([1024, 1]), t.ones([1024, 64]))), [0, 0])
+    assert.deepStrictEqual(calls((t) => t.div(t.ones([1024, 64]), t.ones([1024, 1]))), [1, 0])
+    assert.deepStrictEqual(calls((t) => t.div(t.ones([1024, 1]), t.ones([1024, 64]))), [0, 0])
+    assert.deepStrictEqual(calls((t) => t.add(t.ones([8, 1024, 64]), t.ones([1024, 1]))), [0, 0])
     assert.deepStrictEqual(calls((t) => t.add(t.ones([6, 8], "int32"), t.ones([6, 8], "int32"))), [0, 0])
     assert.deepStrictEqual(calls((t) => t.transpose(t.ones([8, 128, 4, 32]), [0, 2, 1, 3])), [0, 1])
     assert.deepStrictEqual(calls((t) => t.transpose(t.ones([2, 3, 2, 3, 2]), [4, 3, 2, 1, 0])), [0, 0])

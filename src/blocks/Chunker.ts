@@ -164,7 +164,9 @@ const applyChunker = (ctx: ForwardContext, spec: ChunkerSpec, x: Tensor, p: Read
     }
     start += L
   })
-  const unit = (t: Tensor) => tf.div(t, tf.add(tf.norm(t, "euclidean", -1, true), 1e-12))
+  // t/(|t| + 1e-12): tfjs's norm, whose Abs and Pow (and their gradients) cost a dozen kernels, as
+  // the same sums (bit for bit on cpu)
+  const unit = (t: Tensor) => tf.div(t, tf.add(tf.sqrt(tf.sum(tf.square(t), -1, true)), 1e-12))
   const q = unit(ops.linear(ctx, x, p["q.weight"]!))
   const k = unit(ops.linear(ctx, x, p["k.weight"]!))
   const keys = state === undefined ? k : tf.concat([state.prevK, k], 0)

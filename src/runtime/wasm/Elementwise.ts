@@ -1,5 +1,5 @@
 /**
- * tfjs's `Add`, `Sub` and `Multiply` of float32 tensors, and `Transpose` of 4-byte tensors, as
+ * tfjs's `Add`, `Sub`, `Multiply` and `RealDiv` of float32 tensors, and `Transpose` of 4-byte tensors, as
  * loops in WebAssembly over tfjs-backend-wasm's heap (fixes 11 and 12 of `../Fixes.ts`, installed
  * by `Fixes.ts` here). tfjs-backend-wasm 4.22 took about 0.3 ms for an `Add` of two [1024, 128]
  * tensors (2.4 ns an element, where a SIMD pass over that memory takes about 0.05 ms) and 0.3–0.4 ms
@@ -9,6 +9,8 @@
  * - `binary(op)(a, b, out, bytes, period)`: out = a op b over `bytes` of a, b's `period` bytes
  *   repeated (b the same shape as a, or a's trailing dimensions: the mask added to every head's
  *   scores); both multiples of 16. `binaryScalar(op)(a, b, out, bytes)`: b one float.
+ *   `binaryRows(op)(a, b, out, bytes, rowBytes)`: b one float per row of a (an `[n, 1]` side: the
+ *   chunk module's norms, gates).
  * - `permuteRuns(src, dst, n0, n1, n2, n3, s0, s1, s2)`: dst, in order, is src's [n0, n1, n2] runs
  *   of n3 contiguous bytes (a multiple of 16) at byte strides s0, s1, s2 (the last axis kept by the
  *   permutation). `permuteScalar(src, dst, n0, n1, n2, n3, s0, s1, s2, s3)`: the same with n3
@@ -27,6 +29,7 @@ import {
   f32Load,
   f32Store,
   f32x4Add,
+  f32x4Div,
   f32x4Mul,
   f32x4Sub,
   type Func,
@@ -50,7 +53,7 @@ const repeat = (i: number, limit: number, body: ReadonlyArray<Code>): Code =>
 const stepping = (c: number, bytes: number, step: number, body: ReadonlyArray<Code>): Code =>
   [...const32(0), ...set(c), ...block(loop(get(c), get(bytes), geS, brIf(1), ...body, get(c), const32(step), add, set(c), br(0)))]
 
-const ops = { add: f32x4Add, sub: f32x4Sub, mul: f32x4Mul } as const
+const ops = { add: f32x4Add, sub: f32x4Sub, mul: f32x4Mul, div: f32x4Div } as const
 export type BinaryOp = keyof typeof ops
 
 // binary(a, b, out, bytes, period): locals c (byte offset), j (offset into b)
@@ -85,6 +88,30 @@ const binaryScalarFunc = (op: BinaryOp): Func => {
     body: [
       get(b), load32Splat(0), set(s),
       stepping(c, bytes, 16, [get(out), get(c), add, get(a), get(c), add, v128Load(0), get(s), ops[op], v128Store(0)])
+    ]
+  }
+}
+
+// binaryRows(a, b, out, bytes, rowBytes): b one float per row of a (rows of rowBytes)
+const binaryRowsFunc = (op: BinaryOp): Func => {
+  const [a, b, out, bytes, rowBytes, row, c, end, s] = [0, 1, 2, 3, 4, 5, 6, 7, 8]
+  return {
+    name: `${op}Rows`,
+    params: 5,
+    locals: [[3, i32], [1, v128]],
+    body: [
+      const32(0), set(row), const32(0), set(c),
+      block(loop(
+        get(c), get(bytes), geS, brIf(1),
+        get(b), get(row), add, load32Splat(0), set(s),
+        get(c), get(rowBytes), add, set(end),
+        block(loop(
+          get(c), get(end), geS, brIf(1),
+          get(out), get(c), add, get(a), get(c), add, v128Load(0), get(s), ops[op], v128Store(0),
+          get(c), const32(16), add, set(c), br(0)
+        )),
+        get(row), const32(4), add, set(row), br(0)
+      ))
     ]
   }
 }
@@ -142,6 +169,8 @@ export interface ElementwiseKernels {
   readonly binary: (op: BinaryOp, a: number, b: number, out: number, bytes: number, period: number) => void
   /** out = a op b for one float b. */
   readonly binaryScalar: (op: BinaryOp, a: number, b: number, out: number, bytes: number) => void
+  /** out = a op b[row] over rows of `rowBytes` (a multiple of 16): b one float per row (a `[n, 1]` side). */
+  readonly binaryRows: (op: BinaryOp, a: number, b: number, out: number, bytes: number, rowBytes: number) => void
   /**
    * Copies src, of `shape` (4-byte elements, rank ≤ 4 after merging), permuted by `perm` into dst;
    * false (nothing copied) where the permutation needs more than four loops.
@@ -169,12 +198,13 @@ export const permutedAxes = (shape: ReadonlyArray<number>, perm: ReadonlyArray<n
 /** The kernels over `memory` (tfjs-backend-wasm's), or undefined where the engine has no SIMD. */
 export const makeElementwise = (memory: WebAssembly.Memory): ElementwiseKernels | undefined => {
   const names = Object.keys(ops) as Array<BinaryOp>
-  const bytes = moduleBytes([...names.map(binaryFunc), ...names.map(binaryScalarFunc), permuteRunsFunc, permuteScalarFunc])
+  const bytes = moduleBytes([...names.map(binaryFunc), ...names.map(binaryScalarFunc), ...names.map(binaryRowsFunc), permuteRunsFunc, permuteScalarFunc])
   if (!WebAssembly.validate(bytes)) return undefined
   const x = new WebAssembly.Instance(new WebAssembly.Module(bytes), { env: { memory } }).exports as Record<string, (...a: Array<number>) => void>
   return {
     binary: (op, a, b, out, n, period) => x[op]!(a, b, out, n, period),
     binaryScalar: (op, a, b, out, n) => x[`${op}Scalar`]!(a, b, out, n),
+    binaryRows: (op, a, b, out, n, rowBytes) => x[`${op}Rows`]!(a, b, out, n, rowBytes),
     transpose: (src, dst, shape, perm) => {
       const axes = permutedAxes(shape, perm)
       if (axes.length > 4) return false

@@ -315,9 +315,11 @@ export const stridedCopy = (
 }
 
 /**
- * 11. wasm: `Add`, `Sub` and `Multiply` of float32 tensors whose sizes are multiples of 4, where one
- *     side is the other's shape, its trailing dimensions, or one number, as one SIMD pass over the
- *     heap (`Elementwise.ts`); other cases (ints, other broadcasts, odd sizes) the stock kernel.
+ * 11. wasm: `Add`, `Sub`, `Multiply` and `RealDiv` of float32 tensors whose sizes are multiples of
+ *     4, where one side is the other's shape, its trailing dimensions, one number, or one number per
+ *     row (`[n, 1]` by `[n, d]`, d a multiple of 4), as one SIMD pass over the heap
+ *     (`Elementwise.ts`); other cases (ints, other broadcasts, odd sizes, the small side first in a
+ *     Sub or RealDiv) the stock kernel.
  * 12. wasm: `Transpose` of float32 and int32 tensors as four nested loops of copies (runs of
  *     vectors where the last axis stays), after merging the axes that stay neighbours; the stock
  *     kernel where more than four loops remain.
@@ -352,10 +354,15 @@ const installWasmElementwise = (tf: Tf): void => {
       const m = size(small.shape)
       const trailing = small.shape.filter((d, i) => d !== 1 || small.shape.slice(0, i).some((e) => e !== 1))
       const suffix = trailing.every((d, i) => d === shape[shape.length - trailing.length + i])
-      if (m !== 1 && (!suffix || m % 4 !== 0)) return stock.kernelFunc(args)
+      // one number per row: the small side is the big one's shape with a last axis of 1 ([n, 1] by [n, d])
+      const last = shape[shape.length - 1]!
+      const perRow = m !== 1 && m * last === n && last % 4 === 0 && small.shape[small.shape.length - 1] === 1 &&
+        small.shape.slice(0, -1).filter((d) => d !== 1).every((d, i, xs) => d === shape[shape.length - 1 - xs.length + i])
+      if (m !== 1 && !perRow && (!suffix || m % 4 !== 0)) return stock.kernelFunc(args)
       const out = b.makeOutput(shape, "float32")
       elementwiseCalls.binary++
       if (m === 1) kernels.binaryScalar(op, offset(b, big), offset(b, small), offset(b, out), 4 * n)
+      else if (perRow && !suffix) kernels.binaryRows(op, offset(b, big), offset(b, small), offset(b, out), 4 * n, 4 * last)
       else kernels.binary(op, offset(b, big), offset(b, small), offset(b, out), 4 * n, 4 * m)
       return out as never
     })
@@ -363,6 +370,7 @@ const installWasmElementwise = (tf: Tf): void => {
   binary("Add", "add", true)
   binary("Sub", "sub", false)
   binary("Multiply", "mul", true)
+  binary("RealDiv", "div", false)
   overrideKernel(tf, "Transpose", "wasm", (stock) => (args) => {
     const b = args.backend as unknown as WasmBackend
     const kernels = kernelsOf(b)

@@ -153,7 +153,7 @@ const timeOurs = async (tf: Tf, w: typeof workloads[number], threads: number) =>
 /** The kind of a kernel, for the breakdown; undefined for wrappers that time other kernels inside them. */
 const kindOf = (tf: Tf, name: string, shapes: ReadonlyArray<ReadonlyArray<number> | undefined>): string | undefined => {
   if (tf.getKernel(name, tf.getBackend()) === undefined) return undefined
-  if (name === "BatchMatMul" || name === "_FusedMatMul" || name === "ConceptmoeMatMul") {
+  if (name === "BatchMatMul" || name === "_FusedMatMul" || name === "ConceptmoeMatMul" || name === "ConceptmoeTriangularMatMul") {
     const a = shapes[0] ?? []
     const b = shapes[1] ?? []
     const batch = Math.max(a.slice(0, -2).reduce((x, y) => x * y, 1), b.slice(0, -2).reduce((x, y) => x * y, 1))

@@ -207,7 +207,6 @@ const installWasmMatMul = (tf: Tf): void => {
   tf.registerKernel({ kernelName: wasmKernels.triangularMatMul, backendName: "wasm", kernelFunc: (args) => batchMatMul(args) })
 }
 
-
 /**
  * A product whose inner sizes differ: a typed error naming both shapes (a user's custom block can
  * cause it; the built-in blocks' shapes are checked before they run).

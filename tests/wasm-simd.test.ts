@@ -158,6 +158,29 @@ describe("wasm SIMD kernels in double precision's terms", () => {
   }
 
   for (const { relaxed, simd } of builds) {
+    it(`${relaxed ? "relaxed" : "plain"}: the masked softmax on widths off multiples of 4 (a prefill piece's n × past + n), within 1e-6, every row whole`, () => {
+      for (const [rows, width, mRows] of [[6, 5, 3], [4, 7, 4], [3, 129, 3], [2, 4, 1], [5, 258, 5]] as const) {
+        const [sv, m, out] = views(rows * width, mRows * width, rows * width + 8)
+        sv!.set(Array.from({ length: rows * width }, (_, i) => Math.sin(i * 1.3) * 8))
+        // causal with a past: query r sees keys up to width − mRows + r
+        m!.set(Array.from({ length: mRows * width }, (_, i) => (i % width <= width - mRows + Math.floor(i / width) ? 0 : -1e9)))
+        out!.fill(7)
+        simd.softmax(sv!.subarray(0, rows * width), m!, out!.subarray(0, rows * width), width, 0.35)
+        const want = Array.from({ length: rows }, (_, r) => {
+          const z = Array.from({ length: width }, (_, c) => sv![r * width + c]! * 0.35 + m![(r % mRows) * width + c]!)
+          const top = Math.max(...z)
+          const e = z.map((x) => Math.exp(x - top))
+          const total = e.reduce((a, b) => a + b, 0)
+          return e.map((x) => x / total)
+        }).flat()
+        near(out!.subarray(0, rows * width), want, 1e-6, `softmax ${rows}×${width}`)
+        // nothing written past the last row
+        assert.deepStrictEqual([...out!.subarray(rows * width)], new Array(8).fill(7))
+      }
+    })
+  }
+
+  for (const { relaxed, simd } of builds) {
     it(`${relaxed ? "relaxed" : "plain"}: the softmax and its gradient stopped at each causal row's diagonal give the whole rows' bits, zeros after`, () => {
       // three square maps of 12 rows (rows whose diagonal is inside a vector and at its end), and two
       // of 8 (two vectors a row)

@@ -98,6 +98,8 @@ export const load32Splat = (offset = 0): Code => simd(0x09, 2, ...uleb(offset))
 export const v128Zero: Code = simd(0x0c, ...new Array<number>(16).fill(0))
 /** Four copies of a float32 constant. */
 export const f32x4Const = (x: number): Code => simd(0x0c, ...new Uint8Array(new Float32Array([x, x, x, x]).buffer))
+/** Four float32 constants, lane by lane. */
+export const f32x4Lanes = (xs: readonly [number, number, number, number]): Code => simd(0x0c, ...new Uint8Array(new Float32Array(xs).buffer))
 /** Four copies of an int32 constant. */
 export const i32x4Const = (x: number): Code => simd(0x0c, ...new Uint8Array(new Int32Array([x, x, x, x]).buffer))
 export const f32x4ExtractLane = (lane: number): Code => simd(0x1f, lane)

@@ -246,12 +246,12 @@ const registerActivations = (register: Register, simd: Simd | undefined): void =
   if (simd !== undefined) {
     // only in SIMD: in JavaScript (Math.exp) slower than tfjs's ops; their forward passes stay op by op
     register(kernels.siluGrad, (sh) => [sh[0]!], ([x, dy], [y]) => simd.siluGrad(x as Float32Array, dy as Float32Array, y!))
-    // attention's masked softmax softmax(s·scale + m[row mod m's rows]) (rows of a width off
-    // multiples of 4 in JavaScript)
+    // attention's masked softmax softmax(s·scale + m[row mod m's rows]) (rows narrower than 4 in
+    // JavaScript)
     register(kernels.softmax, (sh) => [sh[0]!], ([sv, m], [out], shapes, a) => {
       const width = shapes[0]![shapes[0]!.length - 1]!
       const scale = a["scale"]!
-      if (width % 4 === 0) return simd.softmax(sv as Float32Array, m as Float32Array, out!, width, scale, a["mapRows"] ?? 0)
+      if (width >= 4) return simd.softmax(sv as Float32Array, m as Float32Array, out!, width, scale, a["mapRows"] ?? 0)
       const mRows = m!.length / width
       for (let row = 0, base = 0; base < sv!.length; row++, base += width) {
         const mb = (row % mRows) * width

@@ -52,6 +52,9 @@ import {
   f32x4Abs,
   f32x4Add,
   f32x4Const,
+  f32x4Lanes,
+  if_,
+  sub,
   f32x4ConvertI32x4S,
   f32x4Div,
   f32x4ExtractLane,
@@ -524,41 +527,67 @@ const rotateFunc: Func = (() => {
   }
 })()
 
-// softmax(s, m, out, rows, width, mRows, scale, mapRows): per row, softmax(s·scale + m[row mod mRows])
-// (the attention's masked softmax; width a multiple of 4): the logits into out with their maximum
+// softmax(s, m, out, rows, width, mRows, scale, mapRows, tailFrom): per row, softmax(s·scale +
+// m[row mod mRows]) (the attention's masked softmax): the logits into out with their maximum
 // (NaN-propagating), then e^(logit − max) with their sum, then times 1/sum; with mapRows > 0 (a
-// causal square map: the mask −1e9 above the diagonal) up to the diagonal's vector, zeros after
+// causal square map: the mask −1e9 above the diagonal; width a multiple of 4) up to the diagonal's
+// vector, zeros after. A width off multiples of 4 (at least 4) ends each pass with the row's last
+// vector, which overlaps the one before: its lanes from `tailFrom` (4 − width mod 4) on are the
+// new ones (the maximum may see the others twice; the sum and the stores take only the new ones).
 const softmaxFunc = (relaxed: boolean): Func => {
   const cx = context(relaxed, k)
-  const f = frame([i32, i32, i32, i32, i32, i32, f32, i32], 7, 0, 6)
-  const [sp, mp, out, rows, width, mRows, scale, mapRows] = [0, 1, 2, 3, 4, 5, 6, 7]
-  const [row, c, base, bytes, mbase, live, t] = [0, 1, 2, 3, 4, 5, 6].map(f.int) as [number, number, number, number, number, number, number]
-  const [acc, sc, mx, t0, t1, t2] = [0, 1, 2, 3, 4, 5].map(f.vec) as [number, number, number, number, number, number]
+  const f = frame([i32, i32, i32, i32, i32, i32, f32, i32, f32], 8, 0, 8)
+  const [sp, mp, out, rows, width, mRows, scale, mapRows, tailFrom] = [0, 1, 2, 3, 4, 5, 6, 7, 8]
+  const [row, c, base, bytes, mbase, live, t, whole] = [0, 1, 2, 3, 4, 5, 6, 7].map(f.int) as [number, number, number, number, number, number, number, number]
+  const [acc, sc, mx, t0, t1, t2, tmask, v] = [0, 1, 2, 3, 4, 5, 6, 7].map(f.vec) as [number, number, number, number, number, number, number, number]
   const outAt: Code = [...get(out), ...get(base), ...add, ...get(c), ...add]
+  // the pass's body at byte c, and the same at the row's last (overlapping) vector where the live
+  // part is not whole vectors
+  const withTail = (body: ReadonlyArray<Code>, tail: ReadonlyArray<Code>): Code => [
+    ...each(c, whole, body),
+    ...if_([...get(live), ...get(whole), ...sub], [get(live), const32(16), sub, set(c), ...tail])
+  ]
+  const logits: ReadonlyArray<Code> = [
+    outAt, cx.madd([...get(sp), ...get(base), ...add, ...get(c), ...add, ...v128Load(0)], get(sc), [...get(mp), ...get(mbase), ...add, ...get(c), ...add, ...v128Load(0)]), set(t0), get(t0), v128Store(0),
+    get(acc), get(t0), f32x4Pmax, set(acc)
+  ]
   const perRow: Array<Code> = [
     get(row), get(rows), geS, brIf(1),
     get(row), get(bytes), mul, set(base),
     // (row mod mRows)·bytes
     get(row), get(mRows), remU, get(bytes), mul, set(mbase),
     liveBytes(row, mapRows, bytes, live, t),
+    get(live), const32(-16), and, set(whole),
     k(-Infinity), set(acc),
-    each(c, live, [
-      outAt, cx.madd([...get(sp), ...get(base), ...add, ...get(c), ...add, ...v128Load(0)], get(sc), [...get(mp), ...get(mbase), ...add, ...get(c), ...add, ...v128Load(0)]), set(t0), get(t0), v128Store(0),
-      get(acc), get(t0), f32x4Pmax, set(acc)
-    ]),
+    // the logits again at the last vector: the same values, and the maximum is idempotent
+    withTail(logits, logits),
     lanes(acc, f32Max), f32x4Splat, set(mx),
     k(0), set(acc),
-    each(c, live, [outAt, exp(cx, vsub([...outAt, ...v128Load(0)], get(mx)), [t0, t1, t2]), set(t0), get(t0), v128Store(0), vadd(get(acc), get(t0)), set(acc)]),
+    withTail(
+      [outAt, exp(cx, vsub([...outAt, ...v128Load(0)], get(mx)), [t0, t1, t2]), set(t0), get(t0), v128Store(0), vadd(get(acc), get(t0)), set(acc)],
+      // the last vector's old lanes already hold their e^x
+      [outAt, v128Load(0), set(v), exp(cx, vsub(get(v), get(mx)), [t0, t1, t2]), set(t0),
+        outAt, get(t0), get(v), get(tmask), v128Bitselect, v128Store(0),
+        vadd(get(acc), [...get(t0), ...get(tmask), ...v128And]), set(acc)]
+    ),
     vdiv(k(1), [...lanes(acc, f32Add), ...f32x4Splat]), set(acc),
-    each(c, live, [outAt, vmul([...outAt, ...v128Load(0)], get(acc)), v128Store(0)]),
+    withTail(
+      [outAt, vmul([...outAt, ...v128Load(0)], get(acc)), v128Store(0)],
+      [outAt, v128Load(0), set(v), outAt, vmul(get(v), get(acc)), get(v), get(tmask), v128Bitselect, v128Store(0)]
+    ),
     zeroRest(out, base, c, live, bytes),
     get(row), const32(1), add, set(row), br(0)
   ]
   return {
     name: "softmax",
-    params: [i32, i32, i32, i32, i32, i32, f32, i32],
+    params: [i32, i32, i32, i32, i32, i32, f32, i32, f32],
     locals: f.locals,
-    body: [get(scale), f32x4Splat, set(sc), get(width), const32(4), mul, set(bytes), const32(0), set(row), block(loop(...perRow))]
+    body: [
+      get(scale), f32x4Splat, set(sc), get(width), const32(4), mul, set(bytes), const32(0), set(row),
+      // the new lanes of a row's last vector: lane ≥ tailFrom
+      f32x4Lanes([0, 1, 2, 3]), get(tailFrom), f32x4Splat, f32x4Ge, set(tmask),
+      block(loop(...perRow))
+    ]
   }
 }
 
@@ -609,9 +638,10 @@ export interface Simd {
   /** The rotary embedding of x [n, heads, hd] by tables [n, half] (sign −1: back); half and hd multiples of 4. */
   readonly rotate: (x: Float32Array, c: Float32Array, s: Float32Array, y: Float32Array, heads: number, hd: number, half: number, sign: number) => void
   /**
-   * softmax(s·scale + m[row mod mRows]) per row of `width` (a multiple of 4); m has mRows rows.
+   * softmax(s·scale + m[row mod mRows]) per row of `width` (at least 4); m has mRows rows.
    * `mapRows` > 0: the rows are causal square maps of that many rows (m −1e9 above each diagonal),
-   * computed up to the diagonal's vector, 0 after (the same values: e^x is 0 there).
+   * computed up to the diagonal's vector, 0 after (the same values: e^x is 0 there); taken where
+   * the width is a multiple of 4.
    */
   readonly softmax: (s: Float32Array, m: Float32Array, out: Float32Array, width: number, scale: number, mapRows?: number) => void
   /** Σ x² in double precision (any length). */
@@ -653,7 +683,8 @@ export const makeSimd = (memory: WebAssembly.Memory, tails: {
     norm: (v, g, y, d, eps) => x["norm"]!(v.byteOffset, g.byteOffset, 0, y.byteOffset, v.length / d, d, eps, 1 / d),
     normDx: (v, g, dy, dx, d, eps) => x["normDx"]!(v.byteOffset, g.byteOffset, dy.byteOffset, dx.byteOffset, v.length / d, d, eps, 1 / d),
     rotate: (v, c, sn, y, heads, hd, half, sign) => x["rotate"]!(v.byteOffset, c.byteOffset, sn.byteOffset, y.byteOffset, v.length / (heads * hd), heads, hd, half, sign),
-    softmax: (sv, m, out, width, scale, mapRows = 0) => x["softmax"]!(sv.byteOffset, m.byteOffset, out.byteOffset, sv.length / width, width, m.length / width, scale, mapRows),
+    softmax: (sv, m, out, width, scale, mapRows = 0) =>
+      x["softmax"]!(sv.byteOffset, m.byteOffset, out.byteOffset, sv.length / width, width, m.length / width, scale, width % 4 === 0 ? mapRows : 0, 4 - (width % 4)),
     nll: (l, y, m, out, V) => x["nll"]!(l.byteOffset, y.byteOffset, m.byteOffset, out.byteOffset, l.length / V, V),
     nllGrad: (l, y, m, dy, g, V) => x["nllGrad"]!(l.byteOffset, y.byteOffset, m.byteOffset, dy.byteOffset, g.byteOffset, l.length / V, V),
     normGrad: (v, g, dy, dx, dg, d, eps) => {

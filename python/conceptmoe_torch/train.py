@@ -176,6 +176,10 @@ def main(argv=None) -> None:
             print(f"step {step + 1:5d}/{s['steps']}  loss {log[-1]['loss']:.4f}  lr {lr:.2e}  ({world} process{'es' if world > 1 else ''}, {'FSDP' if a.fsdp and distributed else 'DDP' if distributed else 'single'})", flush=True)
     save(model, out, s["steps"], rank, a.export, log)
     if distributed:
+        # every rank past the checkpoint before any tears its process group down: a rank that
+        # destroyed it while rank 0 was still writing aborted once in gloo's teardown ("terminate
+        # called without an active exception", a CI run under load)
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -81,9 +81,9 @@ describe("the ratio controller", () => {
     assert.strictEqual(INTEGRATE_WITHIN, 0.25)
   })
 
-  it("pi holds the sampled rate by default, or its mix with the rate at p ≥ ½ (thresholdWeight); plain the sampled one", () => {
-    assert.strictEqual(spec({}).thresholdWeight, 0)
-    assert.strictEqual(controlledRate(spec({}), 0.3, 0.2), 0.3)
+  it("pi holds a mix of the sampled rate and the rate at p ≥ ½ (thresholdWeight, 0.4 by default); plain the sampled one", () => {
+    assert.strictEqual(spec({}).thresholdWeight, 0.4)
+    assert.closeTo(controlledRate(spec({}), 0.3, 0.2), 0.26, 1e-15)
     assert.closeTo(controlledRate(spec({ thresholdWeight: 0.5 }), 0.3, 0.2), 0.25, 1e-15)
     assert.closeTo(controlledRate(spec({ thresholdWeight: 0.25 }), 0.3, 0.2), 0.275, 1e-15)
     assert.strictEqual(controlledRate(spec({ thresholdWeight: 0 }), 0.3, 0.2), 0.3)

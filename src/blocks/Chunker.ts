@@ -28,7 +28,7 @@ const NonNegative = Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualT
 /** Default gains of `ratioControl: "pi"` (chosen by measurement: docs/training.md, "Compression control"). */
 export const DEFAULT_KP = 0.3
 export const DEFAULT_KI = 0.03
-export const DEFAULT_THRESHOLD_WEIGHT = 0
+export const DEFAULT_THRESHOLD_WEIGHT = 0.4
 
 const UnitInterval = Schema.Finite.pipe(Schema.check(Schema.isBetween({ minimum: 0, maximum: 1 })))
 
@@ -99,7 +99,8 @@ export const ratioControlStep = (state: RatioControl, ratio: number, boundaryRat
  * batch's sampled rate F and its rate at threshold F½ (p ≥ ½): F for "plain", (1 − w)·F + w·F½ for
  * "pi" (w = `thresholdWeight`). The sharpened Bernoulli fires on some p under ½ and skips some over
  * it, so where many p sit near ½ the two differ (at R 4 the threshold R ran 15–35% above the sampled
- * one): w > 0 moves part of that gap from inference's compression to training's. Only the integral
+ * one): w > 0 moves part of that gap from inference's compression to training's (the default 0.4
+ * held both in more 100-step runs than 0 did: docs/training.md). Only the integral
  * holds the mix; the proportional term acts on F, whose dependence on p is smooth (the count at
  * p ≥ ½ jumps as p cross ½, and feeding it back made the rate oscillate). See docs/training.md,
  * "Compression control".

@@ -31,7 +31,7 @@ def controlled_rate(s: dict, sampled: float, threshold: float) -> float:
     else (1 − w)·F + w·F½ (F½: the rate at p ≥ ½ on the same batch, w = ``thresholdWeight``)."""
     if s.get("ratioControl", "plain") == "plain":
         return sampled
-    w = s.get("thresholdWeight", 0.0)
+    w = s.get("thresholdWeight", 0.4)
     return (1 - w) * sampled + w * threshold
 
 

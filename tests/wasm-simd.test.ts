@@ -54,6 +54,18 @@ const near = (got: ArrayLike<number>, want: ArrayLike<number>, tol: number, what
   }
 }
 
+/** softmax(s·scale + m[row mod m's rows]) per row, in double precision. */
+const maskedSoftmax = (sv: Float32Array, m: Float32Array, rows: number, width: number, scale: number): Array<number> => {
+  const mRows = m.length / width
+  return Array.from({ length: rows }, (_, r) => {
+    const z = Array.from({ length: width }, (_, c) => sv[r * width + c]! * scale + m[(r % mRows) * width + c]!)
+    const top = Math.max(...z)
+    const e = z.map((x) => Math.exp(x - top))
+    const total = e.reduce((a, b) => a + b, 0)
+    return e.map((x) => x / total)
+  }).flat()
+}
+
 // x from −12 to 12 in steps of 2⁻⁸ (every float32 exactly), then ±80, ±1e-4, ±0 and NaN
 const grid = [...Array.from({ length: 6144 }, (_, i) => -12 + i / 256), 80, -80, 1e-4, -1e-4, 0, -0, NaN, 3]
 
@@ -144,14 +156,7 @@ describe("wasm SIMD kernels in double precision's terms", () => {
       sv![3 * width + 2] = NaN
       m!.set(Array.from({ length: mRows * width }, (_, i) => (i % width <= Math.floor(i / width) ? 0 : -1e9)))
       simd.softmax(sv!, m!, out!, width, 0.4)
-      const want = Array.from({ length: rows }, (_, r) => {
-        const z = Array.from({ length: width }, (_, c) => sv![r * width + c]! * 0.4 + m![(r % mRows) * width + c]!)
-        const top = Math.max(...z)
-        const e = z.map((v) => Math.exp(v - top))
-        const total = e.reduce((a, b) => a + b, 0)
-        return e.map((v) => v / total)
-      }).flat()
-      near(out!, want, 1e-6, "softmax")
+      near(out!, maskedSoftmax(sv!, m!, rows, width, 0.4), 1e-6, "softmax")
       assert.strictEqual(out![1], 0)
       assert.isTrue(out!.subarray(3 * width, 4 * width).every(Number.isNaN))
     })
@@ -166,14 +171,7 @@ describe("wasm SIMD kernels in double precision's terms", () => {
         m!.set(Array.from({ length: mRows * width }, (_, i) => (i % width <= width - mRows + Math.floor(i / width) ? 0 : -1e9)))
         out!.fill(7)
         simd.softmax(sv!.subarray(0, rows * width), m!, out!.subarray(0, rows * width), width, 0.35)
-        const want = Array.from({ length: rows }, (_, r) => {
-          const z = Array.from({ length: width }, (_, c) => sv![r * width + c]! * 0.35 + m![(r % mRows) * width + c]!)
-          const top = Math.max(...z)
-          const e = z.map((x) => Math.exp(x - top))
-          const total = e.reduce((a, b) => a + b, 0)
-          return e.map((x) => x / total)
-        }).flat()
-        near(out!.subarray(0, rows * width), want, 1e-6, `softmax ${rows}×${width}`)
+        near(out!.subarray(0, rows * width), maskedSoftmax(sv!, m!, rows, width, 0.35), 1e-6, `softmax ${rows}×${width}`)
         // nothing written past the last row
         assert.deepStrictEqual([...out!.subarray(rows * width)], new Array(8).fill(7))
       }

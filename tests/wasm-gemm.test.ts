@@ -62,6 +62,15 @@ const products = (tf: Tf): Array<Float32Array> => {
   return out
 }
 
+/** Our kernel over the wasm backend's heap, and a tensor's byte offset there. */
+const onHeap = (tf: Tf) => {
+  const b = tf.backend() as unknown as { wasm: { asm: { memory: WebAssembly.Memory }; _malloc: (n: number) => number; _free: (p: number) => void }; dataIdMap: { get: (d: object) => { memoryOffset: number } } }
+  return {
+    gemm: makeGemm({ memory: b.wasm.asm.memory, malloc: b.wasm._malloc, free: b.wasm._free })!,
+    at: (t: Tensor) => b.dataIdMap.get((t as unknown as { dataId: object }).dataId).memoryOffset
+  }
+}
+
 describe("wasm matrix product (our SIMD kernel)", () => {
   it("encodes LEB128 numbers as the WebAssembly format does, and assembles a module the engine accepts", () => {
     assert.deepStrictEqual(uleb(0), [0])
@@ -115,9 +124,7 @@ describe("wasm matrix product (our SIMD kernel)", () => {
 
   it("loops over B's panels outside or inside A's blocks with the same bits; the order chosen by shape", async () => {
     const tf = await runtime("wasm")
-    const b = tf.backend() as unknown as { wasm: { asm: { memory: WebAssembly.Memory }; _malloc: (n: number) => number; _free: (p: number) => void }; dataIdMap: { get: (d: object) => { memoryOffset: number } } }
-    const gemm = makeGemm({ memory: b.wasm.asm.memory, malloc: b.wasm._malloc, free: b.wasm._free })!
-    const at = (t: Tensor) => b.dataIdMap.get(t.dataId).memoryOffset
+    const { gemm, at } = onHeap(tf)
     // [batch, m, k, n, transposeA, transposeB]: rows past the blocks, columns past the panels, a batch
     for (const [batch, m, k, n, ta, tb] of [[1, 17, 33, 29, true, false], [1, 16, 40, 64, false, true], [2, 9, 5, 21, false, false], [1, 23, 64, 48, true, true]] as const) {
       const a = operand(tf, [batch, ...(ta ? [k, m] : [m, k])], m)
@@ -138,9 +145,7 @@ describe("wasm matrix product (our SIMD kernel)", () => {
 
   it("skips a causal map's empty triangle with the full product's bits (lowerC below the diagonal), on whole blocks and on edges", async () => {
     const tf = await runtime("wasm")
-    const b = tf.backend() as unknown as { wasm: { asm: { memory: WebAssembly.Memory }; _malloc: (n: number) => number; _free: (p: number) => void }; dataIdMap: { get: (d: object) => { memoryOffset: number } } }
-    const gemm = makeGemm({ memory: b.wasm.asm.memory, malloc: b.wasm._malloc, free: b.wasm._free })!
-    const at = (t: Tensor) => b.dataIdMap.get(t.dataId).memoryOffset
+    const { gemm, at } = onHeap(tf)
     // a [rows, cols] matrix's lower (j ≤ i) or upper (j ≥ i) triangle, the rest 0
     const keep = (rows: number, cols: number, lower: boolean) =>
       tf.tensor2d(Array.from({ length: rows * cols }, (_, x) => ((lower ? x % cols <= Math.floor(x / cols) : x % cols >= Math.floor(x / cols)) ? 1 : 0)), [rows, cols])

@@ -4,6 +4,7 @@
  */
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
+import type { Scalar } from "@tensorflow/tfjs"
 import type { Tensor } from "../src/graph/Apply.ts"
 import { load } from "../src/runtime/Backend.ts"
 import { makeDetach, makeMatMul, makeOneHot, makeSte } from "../src/runtime/Fixes.ts"
@@ -73,6 +74,51 @@ describe("fixes", () => {
     close(ours[0]!.dataSync(), stock[0]!.dataSync(), 1e-4)
     close(ours[1]!.dataSync(), stock[1]!.dataSync(), 1e-4)
     assert.strictEqual(counter.weights, 2 * 5 * 3 * 4)
+  })
+
+  it("a segment sum's gradient is one gather of dy (0 where an id is negative), on cpu and wasm", async () => {
+    for (const name of ["cpu", "wasm"] as const) {
+      const { tf } = await runtime(name)
+      const x = tf.tensor2d([[1, 2], [3, 4], [5, 6], [7, 8]])
+      const ids = tf.tensor1d([2, -1, 0, 2], "int32")
+      const w = tf.tensor2d([[1, 10], [100, 1000], [3, 30]])
+      const f = (t: Tensor) => tf.sum(tf.mul(tf.unsortedSegmentSum(t, ids, 3), w))
+      const info = await tf.profile(() => void tf.grad(f)(x).dataSync())
+      // row i gets w[ids[i]]; the row with a negative id gets nothing
+      close(tf.grad(f)(x).dataSync(), [3, 30, 0, 0, 1, 10, 3, 30], 0)
+      const names = info.kernels.map((k) => k.name)
+      assert.isFalse(names.includes("LogicalAnd"), `${name}: ${names.join(",")}`)
+      assert.strictEqual(names.filter((k) => k === "GatherV2").length, 1, `${name}: ${names.join(",")}`)
+    }
+  })
+
+  it("what a gradient saves shares its data (no Identity kernel), reshapes run no dispatched kernel, and nothing leaks", async () => {
+    for (const name of ["cpu", "wasm"] as const) {
+      const { tf } = await runtime(name)
+      const x = tf.variable(tf.tensor2d([[1, -2, 3], [4, 5, -6]]), true, `fix16-${name}`)
+      const w = tf.tensor2d([[1, 2], [3, 4], [5, 6]])
+      // a customGrad that saves both inputs, reshapes forward and in gradients, a same-shape Add
+      const square = tf.customGrad(((a: Tensor, save: (ts: Array<Tensor>) => void) => {
+        save([a])
+        return { value: tf.mul(a, a), gradFunc: (dy: Tensor, [s]: Array<Tensor>) => [tf.mul(dy, tf.mul(s!, 2))] }
+      }) as unknown as Parameters<typeof tf.customGrad>[0])
+      const f = () => {
+        const y = tf.reshape(square(tf.reshape(tf.matMul(x, w), [4])) as Tensor, [2, 2])
+        return tf.sum(tf.add(y, tf.reshape(x, [3, 2]).slice([0, 0], [2, 2]))) as Scalar
+      }
+      const before = tf.memory().numTensors
+      const info = await tf.profile(() => tf.tidy(() => void tf.variableGrads(f, [x]).grads[x.name]!.dataSync()))
+      const names = info.kernels.map((k) => k.name)
+      assert.isFalse(names.includes("Identity"), `${name}: ${names.join(",")}`)
+      assert.isFalse(names.includes("Reshape"), `${name}: ${names.join(",")}`)
+      assert.strictEqual(tf.memory().numTensors, before, name)
+      const g = tf.tidy(() => tf.variableGrads(f, [x]).grads[x.name]!.dataSync())
+      // d/dx Σ (x·w)² + Σ of x's first four entries: 2·(x·w)·wᵀ, plus 1 on those
+      const xw = [[1 - 6 + 15, 2 - 8 + 18], [4 + 15 - 30, 8 + 20 - 36]]
+      const expected = [0, 1].flatMap((i) => [0, 1, 2].map((j) => 2 * (xw[i]![0]! * [1, 3, 5][j]! + xw[i]![1]! * [2, 4, 6][j]!) + (3 * i + j < 4 ? 1 : 0)))
+      close(g, expected, 1e-4)
+      x.dispose()
+    }
   })
 
   it("comparisons on the tape get zero gradients instead of breaking backprop", async () => {

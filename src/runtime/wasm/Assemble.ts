@@ -54,10 +54,11 @@ export const if_ = (cond: Code, then: ReadonlyArray<Code>, otherwise: ReadonlyAr
 export const br = (depth: number): Code => [0x0c, ...uleb(depth)]
 export const brIf = (depth: number): Code => [0x0d, ...uleb(depth)]
 
-// locals
+// locals and globals
 export const get = (i: number): Code => [0x20, ...uleb(i)]
 export const set = (i: number): Code => [0x21, ...uleb(i)]
 export const tee = (i: number): Code => [0x22, ...uleb(i)]
+export const globalGet = (i: number): Code => [0x23, ...uleb(i)]
 
 // i32
 export const const32 = (n: number): Code => [0x41, ...sleb(n)]
@@ -159,7 +160,36 @@ export interface Func {
 /**
  * The binary of a module that imports `env.memory` and exports `functions` (each returns nothing or its `result`).
  */
-export const moduleBytes = (functions: ReadonlyArray<Func>): Uint8Array<ArrayBuffer> => {
+/**
+ * Vector constants held in a module's mutable v128 globals. TurboFan re-materialises a known vector
+ * constant at every use, even one set into a local before a loop (it schedules the constant, and
+ * anything pure computed from it, where it is used): three instructions a use, two of them on the
+ * shuffle port (the exact GELU's loop, fifteen constants, ran at 18 cycles a vector; Liftoff's code
+ * at 12). A `global.get` is a load, which stays where it is: a local set from it before the loop
+ * holds the constant in a register or a stack slot. `get(c)` pushes the global holding `c` (a
+ * v128.const's code, one global per distinct constant); `inits` goes to {@link moduleBytes}.
+ */
+export const vectorConstants = () => {
+  const inits: Array<Code> = []
+  const index = new Map<string, number>()
+  return {
+    get: (c: Code): Code => {
+      const key = c.join(",")
+      let i = index.get(key)
+      if (i === undefined) {
+        i = inits.length
+        inits.push(c)
+        index.set(key, i)
+      }
+      return globalGet(i)
+    },
+    inits: (): ReadonlyArray<Code> => inits
+  }
+}
+export type VectorConstants = ReturnType<typeof vectorConstants>
+
+/** A module of `functions`, exported by name, importing `env.memory`; `globals`: mutable v128 globals' initial values (see {@link vectorConstants}). */
+export const moduleBytes = (functions: ReadonlyArray<Func>, globals: ReadonlyArray<Code> = []): Uint8Array<ArrayBuffer> => {
   const types = functions.map((f) => [0x60, ...vec((typeof f.params === "number" ? new Array<ValueType>(f.params).fill(i32) : f.params).map((t) => [t])), ...(f.result === undefined ? [0] : [1, f.result])])
   const bodies = functions.map((f) => {
     const code = [...vec(f.locals.map(([count, type]) => [...uleb(count), type])), ...f.body.flat(), 0x0b]
@@ -170,6 +200,7 @@ export const moduleBytes = (functions: ReadonlyArray<Func>): Uint8Array<ArrayBuf
     ...section(1, vec(types)),
     ...section(2, vec([[...name("env"), ...name("memory"), 0x02, 0x00, 0x01]])),
     ...section(3, vec(functions.map((_, i) => uleb(i)))),
+    ...(globals.length === 0 ? [] : section(6, vec(globals.map((init) => [v128, 0x01, ...init, 0x0b])))),
     ...section(7, vec(functions.map((f, i) => [...name(f.name), 0x00, ...uleb(i)]))),
     ...section(10, vec(bodies))
   ])

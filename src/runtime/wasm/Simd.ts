@@ -104,6 +104,8 @@ import {
   v128AndNot,
   v128Bitselect,
   v128Load,
+  type VectorConstants,
+  vectorConstants,
   v128Or,
   v128Store
 } from "./Assemble.ts"
@@ -130,37 +132,45 @@ const low = -87
 const high = 88
 
 /**
- * How an elementwise function computes: `k(c)` pushes four copies of a constant (from a local set
- * once before the loop: V8 rebuilds a v128.const inside a loop on every pass); where the engine has
+ * How an elementwise function computes: `k(c)` pushes four copies of a float constant and `ki(c)`
+ * of an int32 one (from a local set once before the loop from a module global, Assemble's
+ * `vectorConstants`: V8 rebuilds a known v128 constant at every use); where the engine has
  * relaxed SIMD, `madd(a, b, c)` = a·b + c with one rounding (an FMA), and `trunc` the truncation to
  * int32 of lanes known to be in range (V8 emits cvttps2dq for it, and about eight instructions for
  * the saturating one).
  */
 interface Ctx {
   readonly k: (c: number) => Code
+  readonly ki: (c: number) => Code
   readonly madd: (a: Code, b: Code, c: Code) => Code
   readonly trunc: Code
 }
 
-/** The constants of a function, held in v128 locals from `first` on. */
-const constantPool = (first: number) => {
-  const index = new Map<number, number>()
+/**
+ * The constants of a function, held in v128 locals from `first` on (float `k`, int32 `ki`), set
+ * by the prologue from the module's globals (see {@link Ctx}).
+ */
+const constantPool = (first: number, globals: VectorConstants) => {
+  const index = new Map<string, { readonly code: Code; readonly local: number }>()
+  const local = (key: string, code: Code): Code => {
+    const known = index.get(key)
+    if (known !== undefined) return get(known.local)
+    index.set(key, { code, local: first + index.size })
+    return get(first + index.size - 1)
+  }
   return {
-    k: (c: number): Code => {
-      const i = index.get(c) ?? first + index.size
-      index.set(c, i)
-      return get(i)
-    },
+    k: (c: number): Code => local(`f${Object.is(c, -0) ? "-0" : c}`, f32x4Const(c)),
+    ki: (c: number): Code => local(`i${c | 0}`, i32x4Const(c)),
     count: () => index.size,
     /** Sets the locals (before the loop). */
-    prologue: (): Code => [...index].flatMap(([c, i]) => [...f32x4Const(c), ...set(i)])
+    prologue: (): Code => [...index.values()].flatMap(({ code, local }) => [...globals.get(code), ...set(local)])
   }
 }
 
-const context = (relaxed: boolean, kc: (c: number) => Code): Ctx =>
+const context = (relaxed: boolean, pool: { readonly k: (c: number) => Code; readonly ki: (c: number) => Code }): Ctx =>
   relaxed
-    ? { k: kc, madd: (a, b, c) => [...a, ...b, ...c, ...f32x4RelaxedMadd], trunc: i32x4RelaxedTruncF32x4S }
-    : { k: kc, madd: (a, b, c) => vadd(vmul(a, b), c), trunc: i32x4TruncSatF32x4S }
+    ? { k: pool.k, ki: pool.ki, madd: (a, b, c) => [...a, ...b, ...c, ...f32x4RelaxedMadd], trunc: i32x4RelaxedTruncF32x4S }
+    : { k: pool.k, ki: pool.ki, madd: (a, b, c) => vadd(vmul(a, b), c), trunc: i32x4TruncSatF32x4S }
 
 /** c₀·xⁿ + … + cₙ by Horner's rule, x a local. */
 const horner = (cx: Ctx, x: number, [c0, ...cs]: ReadonlyArray<number>): Code =>
@@ -179,7 +189,7 @@ const exp = (cx: Ctx, x: Code, [xl, fx, p]: readonly [number, number, number]): 
   ...set(p),
   // e^r = p·r² + r + 1, times 2^k from the exponent bits
   ...cx.madd(vmul(get(p), get(xl)), get(xl), vadd(get(xl), cx.k(1))),
-  ...get(fx), ...cx.trunc, ...i32x4Const(127), ...i32x4Add, ...const32(23), ...i32x4Shl,
+  ...get(fx), ...cx.trunc, ...cx.ki(127), ...i32x4Add, ...const32(23), ...i32x4Shl,
   ...f32x4Mul,
   // 0 below the clamp (NaN stays NaN)
   ...x, ...cx.k(low), ...f32x4Lt, ...v128AndNot
@@ -332,17 +342,17 @@ type Temps = readonly [number, number, number, number, number]
  * An elementwise function `name(x, [dy,] out, n4)`: `value(x, dy, t, cx)` pushes the result from the
  * v128 locals x (and dy), with five scratch locals t.
  */
-const elementwise = (relaxed: boolean, name: string, withDy: boolean, value: (x: number, dy: number, t: Temps, cx: Ctx) => Code): Func => {
+const elementwise = (relaxed: boolean, globals: VectorConstants, name: string, withDy: boolean, value: (x: number, dy: number, t: Temps, cx: Ctx) => Code): Func => {
   const params = withDy ? [i32, i32, i32, i32] as const : [i32, i32, i32] as const
   const f = frame(params, 2, 0, 7)
   const [xp, dyp, out, n4] = withDy ? [0, 1, 2, 3] : [0, -1, 1, 2]
   const [c, bytes] = [0, 1].map(f.int) as [number, number]
   const [x, dy, ...t] = [0, 1, 2, 3, 4, 5, 6].map(f.vec) as [number, number, number, number, number, number, number]
-  const pool = constantPool(f.vec(7))
+  const pool = constantPool(f.vec(7), globals)
   const loopBody = each(c, bytes, [
     at(xp!, c), v128Load(0), set(x),
     ...(withDy ? [[...at(dyp!, c), ...v128Load(0), ...set(dy)]] : []),
-    at(out!, c), value(x, dy, t as unknown as Temps, context(relaxed, pool.k)), v128Store(0)
+    at(out!, c), value(x, dy, t as unknown as Temps, context(relaxed, pool)), v128Store(0)
   ])
   return {
     name,
@@ -367,11 +377,11 @@ const erfQ = [1.0, 0.25208285450935364, 0.028771309182047844, 0.0018965525086969
 const erfClamp = 5.8
 
 /** SiLU's gradient and exact GELU's value and gradient (relaxed: see {@link Ctx}). */
-const activations = (relaxed: boolean): ReadonlyArray<Func> => {
+const activations = (relaxed: boolean, globals: VectorConstants): ReadonlyArray<Func> => {
   // σ(x) = 1 / (1 + e^(−x))
   const sigmoid = (cx: Ctx, x: number, t: Temps): Code => vdiv(cx.k(1), vadd(cx.k(1), exp(cx, [...get(x), ...f32x4Neg], [t[0], t[1], t[2]])))
   // σ(x)·(1 + x·(1 − σ(x)))·dy
-  const siluGrad = elementwise(relaxed, "siluGrad", true, (x, dy, t, cx) => [
+  const siluGrad = elementwise(relaxed, globals, "siluGrad", true, (x, dy, t, cx) => [
     ...sigmoid(cx, x, t), ...set(t[3]),
     ...vmul(get(dy), vmul(get(t[3]), vadd(cx.k(1), vmul(get(x), vsub(cx.k(1), get(t[3]))))))
   ])
@@ -383,7 +393,7 @@ const activations = (relaxed: boolean): ReadonlyArray<Func> => {
     ...vmul(vmul(horner(cx, t[3], [1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592]), get(t[3])), get(t[4]))
   ]
   // x·Φ(x) = x/2 + x/2·erf(x/√2), erf(x/√2) = x·P(x²)/Q(x²) (see erfP)
-  const gelu = elementwise(relaxed, "gelu", false, (x, _, t, cx) => [
+  const gelu = elementwise(relaxed, globals, "gelu", false, (x, _, t, cx) => [
     ...get(x), ...cx.k(erfClamp), ...f32x4Pmin, ...cx.k(-erfClamp), ...f32x4Pmax, ...set(t[0]),
     ...vmul(get(t[0]), get(t[0])), ...set(t[1]),
     ...vmul(get(t[0]), vdiv(horner(cx, t[1], [...erfP].reverse()), horner(cx, t[1], [...erfQ].reverse()))),
@@ -392,7 +402,7 @@ const activations = (relaxed: boolean): ReadonlyArray<Func> => {
     ...cx.madd(get(t[3]), get(t[2]), get(t[3]))
   ])
   // Φ(x) + x·φ(x): Φ = 1 − tail/2 for x ≥ 0, tail/2 below; one exp for both
-  const geluGrad = elementwise(relaxed, "geluGrad", true, (x, dy, t, cx) => [
+  const geluGrad = elementwise(relaxed, globals, "geluGrad", true, (x, dy, t, cx) => [
     ...gauss(cx, x, t),
     ...vmul(tail(cx, x, t), cx.k(0.5)), ...set(t[3]),
     ...vsub(cx.k(1), get(t[3])), ...get(t[3]), ...get(x), ...cx.k(0), ...f32x4Ge, ...v128Bitselect, ...set(t[3]),
@@ -409,8 +419,8 @@ const activations = (relaxed: boolean): ReadonlyArray<Func> => {
  */
 const log = (cx: Ctx, x: Code, [v, e, m]: readonly [number, number, number]): Code => [
   ...x, ...set(v),
-  ...get(v), ...const32(23), ...i32x4ShrU, ...i32x4Const(127), ...i32x4Sub, ...set(e),
-  ...get(v), ...i32x4Const(0x007fffff), ...v128And, ...i32x4Const(0x3f800000), ...v128Or, ...set(m),
+  ...get(v), ...const32(23), ...i32x4ShrU, ...cx.ki(127), ...i32x4Sub, ...set(e),
+  ...get(v), ...cx.ki(0x007fffff), ...v128And, ...cx.ki(0x3f800000), ...v128Or, ...set(m),
   // m ≥ √2: halved, e one more (the mask is −1 there)
   ...get(m), ...cx.k(Math.SQRT2), ...f32x4Gt, ...set(v),
   ...vmul(get(m), cx.k(0.5)), ...get(m), ...get(v), ...v128Bitselect, ...set(m),
@@ -426,11 +436,12 @@ const log = (cx: Ctx, x: Code, [v, e, m]: readonly [number, number, number]): Co
  * nll(l, y, m, out, rows, V): out[row] = valid ? m[row]·(ln Σ + max − l[label]) : 0.
  * nllGrad(l, y, m, dy, g, rows, V): g = (softmax − one-hot)·m[row]·dy[0] where valid, else 0.
  */
-const crossEntropy = (relaxed: boolean): ReadonlyArray<Func> => {
-  const cx = context(relaxed, k)
+const crossEntropy = (relaxed: boolean, globals: VectorConstants): ReadonlyArray<Func> => {
   const make = (grad: boolean): Func => {
     const params: Array<typeof i32> = new Array<typeof i32>(grad ? 7 : 6).fill(i32)
     const f = frame(params, 5, 3, 5)
+    const pool = constantPool(f.vec(5), globals)
+    const cx = context(relaxed, pool)
     const [lp, yp, mp] = [0, 1, 2]
     const dyp = grad ? 3 : -1
     const out = grad ? 4 : 3
@@ -478,8 +489,8 @@ const crossEntropy = (relaxed: boolean): ReadonlyArray<Func> => {
     return {
       name: grad ? "nllGrad" : "nll",
       params: [...params],
-      locals: f.locals,
-      body: [get(V), const32(4), mul, set(bytes), const32(0), set(row), block(loop(...perRow))]
+      locals: [...f.locals, [pool.count(), v128]],
+      body: [pool.prologue(), get(V), const32(4), mul, set(bytes), const32(0), set(row), block(loop(...perRow))]
     }
   }
   return [make(false), make(true)]
@@ -534,9 +545,10 @@ const rotateFunc: Func = (() => {
 // vector, zeros after. A width off multiples of 4 (at least 4) ends each pass with the row's last
 // vector, which overlaps the one before: its lanes from `tailFrom` (4 − width mod 4) on are the
 // new ones (the maximum may see the others twice; the sum and the stores take only the new ones).
-const softmaxFunc = (relaxed: boolean): Func => {
-  const cx = context(relaxed, k)
+const softmaxFunc = (relaxed: boolean, globals: VectorConstants): Func => {
   const f = frame([i32, i32, i32, i32, i32, i32, f32, i32, f32], 8, 0, 8)
+  const pool = constantPool(f.vec(8), globals)
+  const cx = context(relaxed, pool)
   const [sp, mp, out, rows, width, mRows, scale, mapRows, tailFrom] = [0, 1, 2, 3, 4, 5, 6, 7, 8]
   const [row, c, base, bytes, mbase, live, t, whole] = [0, 1, 2, 3, 4, 5, 6, 7].map(f.int) as [number, number, number, number, number, number, number, number]
   const [acc, sc, mx, t0, t1, t2, tmask, v] = [0, 1, 2, 3, 4, 5, 6, 7].map(f.vec) as [number, number, number, number, number, number, number, number]
@@ -581,8 +593,9 @@ const softmaxFunc = (relaxed: boolean): Func => {
   return {
     name: "softmax",
     params: [i32, i32, i32, i32, i32, i32, f32, i32, f32],
-    locals: f.locals,
+    locals: [...f.locals, [pool.count(), v128]],
     body: [
+      pool.prologue(),
       get(scale), f32x4Splat, set(sc), get(width), const32(4), mul, set(bytes), const32(0), set(row),
       // the new lanes of a row's last vector: lane ≥ tailFrom
       f32x4Lanes([0, 1, 2, 3]), get(tailFrom), f32x4Splat, f32x4Ge, set(tmask),
@@ -661,7 +674,11 @@ export const makeSimd = (memory: WebAssembly.Memory, tails: {
   /** Relaxed SIMD (FMA, the plain truncation) or not; by default where the engine has it (tests pick each). */
   readonly relaxed?: boolean
 } = {}): Simd | undefined => {
-  const build = (relaxed: boolean) => moduleBytes([softmaxGradFunc, ...activations(relaxed), normForward, normGradX, normGradRows, normGradBoth, sumSquaresFunc, rotateFunc, softmaxFunc(relaxed), ...crossEntropy(relaxed)])
+  const build = (relaxed: boolean) => {
+    const globals = vectorConstants()
+    const funcs = [softmaxGradFunc, ...activations(relaxed, globals), normForward, normGradX, normGradRows, normGradBoth, sumSquaresFunc, rotateFunc, softmaxFunc(relaxed, globals), ...crossEntropy(relaxed, globals)]
+    return moduleBytes(funcs, globals.inits())
+  }
   const relaxed = options.relaxed ?? WebAssembly.validate(build(true))
   const bytes = build(relaxed)
   if (!WebAssembly.validate(bytes)) return undefined

@@ -45,7 +45,7 @@ export const conceptFields = {
   /** Gains of `ratioControl` "pi" (defaults in `Chunker.ts`). */
   kp: Schema.optionalKey(Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0)))),
   ki: Schema.optionalKey(Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0)))),
-  /** With "pi": the weight of the rate at p ≥ ½ in the rate held at 1/R (0 to 1; default ½; blocks/Chunker.ts). */
+  /** With "pi": the weight of the rate at p ≥ ½ in the rate held at 1/R (0 to 1; default 0.4, `DEFAULT_THRESHOLD_WEIGHT`; blocks/Chunker.ts). */
   thresholdWeight: Schema.optionalKey(Schema.Finite.pipe(Schema.check(Schema.isBetween({ minimum: 0, maximum: 1 })))),
   jointDecoding: withDefault(Schema.Boolean, true),
   /**

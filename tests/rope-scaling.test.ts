@@ -84,3 +84,27 @@ describe("rope_scaling in Hugging Face configs", () => {
       assert.include(e.message, "rope_scaling")
     }))
 })
+
+describe("rotary tables", () => {
+  it("rows of tables kept per backend equal the angles computed on the device bit for bit (cpu, wasm), past a table's end too", async () => {
+    const { ropeTablesFor } = await import("../src/blocks/ops.ts")
+    const { load: loadBackend } = await import("../src/runtime/Backend.ts")
+    for (const backend of ["cpu", "wasm"] as const) {
+      const { tf } = await Effect.runPromise(loadBackend(backend))
+      const f = ropeFrequencies(16, 10000, { type: "yarn", factor: 4, originalContext: 64, betaFast: 32, betaSlow: 1, attention: 1.2, truncate: true })
+      for (const [inverse, attention] of [[f.inverse, 1], [f.inverse, f.attention]] as const) {
+        // a pass at positions up to 200, then one past the table's 256 rows (a decode step)
+        for (const positions of [Int32Array.from({ length: 201 }, (_, i) => 200 - i), Int32Array.from([3, 700, 0, 511])]) {
+          const ids = tf.tensor1d(positions, "int32")
+          const ctx = { tf, stream: { positions }, positionIds: () => ids, memo: <T>(_: string, make: () => T) => make() }
+          const got = ropeTablesFor(ctx as never, inverse, attention)
+          const angles = tf.mul(tf.reshape(tf.cast(ids, "float32"), [-1, 1, 1]), tf.tensor3d(Float32Array.from(inverse), [1, 1, 8]))
+          const want = { cos: tf.mul(tf.cos(angles), attention), sin: tf.mul(tf.sin(angles), attention) }
+          assert.deepStrictEqual(got.cos.shape, [positions.length, 1, 8])
+          assert.deepStrictEqual([...got.cos.dataSync()], [...want.cos.dataSync()], `${backend} cos, attention ${attention}`)
+          assert.deepStrictEqual([...got.sin.dataSync()], [...want.sin.dataSync()], `${backend} sin, attention ${attention}`)
+        }
+      }
+    }
+  })
+})

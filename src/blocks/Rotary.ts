@@ -25,7 +25,7 @@ import * as Cost from "../cost/Cost.ts"
 import type { ForwardContext } from "../graph/Apply.ts"
 import { type Block, type BlockKind, leaf, type Named } from "../graph/Block.ts"
 import { crossCheck, Dim, PositiveNumber, withDefault } from "../graph/Spec.ts"
-import { applyRope, ropeTables } from "./ops.ts"
+import { applyRope, ropeTables, ropeTablesFor } from "./ops.ts"
 
 const AtLeastOne = Schema.Finite.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(1)))
 
@@ -88,15 +88,8 @@ export const ropeFrequencies = (dim: number, base: number, scaling: RopeScaling 
 export const ropeTablesOf = (ctx: ForwardContext, rope: { readonly dim: number; readonly base: number; readonly scaling?: RopeScaling | null }) => {
   const scaling = rope.scaling ?? null
   if (scaling === null) return ropeTables(ctx, rope.dim, rope.base)
-  return ctx.memo(`rope/${rope.dim}/${rope.base}/${JSON.stringify(scaling)}`, () => {
-    const { tf } = ctx
-    const half = rope.dim / 2
-    const f = ropeFrequencies(rope.dim, rope.base, scaling)
-    const angles = tf.mul(tf.reshape(tf.cast(ctx.positionIds(), "float32"), [-1, 1, 1]), tf.tensor3d(Float32Array.from(f.inverse), [1, 1, half]))
-    return f.attention === 1
-      ? { cos: tf.cos(angles), sin: tf.sin(angles) }
-      : { cos: tf.mul(tf.cos(angles), f.attention), sin: tf.mul(tf.sin(angles), f.attention) }
-  })
+  const f = ropeFrequencies(rope.dim, rope.base, scaling)
+  return ropeTablesFor(ctx, f.inverse, f.attention)
 }
 
 export const RotarySpec = Schema.Struct({

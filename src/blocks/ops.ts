@@ -45,17 +45,64 @@ export const ffn = (
 }
 
 /**
- * cos and sin tables `[N, 1, dim/2]` for the context's positions (HF `rotate_half` convention),
- * computed on the device from `ctx.positionIds()` in float32 as transformers does, once per pass.
+ * The rotary tables kept for one tensor library (keyed by its environment object, as the masks):
+ * by backend, frequencies and attention factor, cos and sin `[P, 1, half]` of positions 0 … P − 1.
  */
-export const ropeTables = (ctx: ForwardContext, dim: number, base: number) =>
-  ctx.memo(`rope/${dim}/${base}`, () => {
+const ropeCaches = new WeakMap<object, Map<string, { readonly cos: Tensor; readonly sin: Tensor; readonly rows: number }>>()
+/** Tables past this many entries (rows · half) are not kept: such passes compute their angles instead. */
+const ropeTableBudget = 1 << 22
+
+/**
+ * cos and sin `[N, 1, half]` for the pass's positions of angles position · `inverse[j]` (times the
+ * attention factor), once per pass (`ctx.memo`). They are rows of tables of positions 0 … P − 1
+ * (P a power of two past the largest position) kept per tensor library and backend, gathered by
+ * `ctx.positionIds()`: the float32 angle as the device computes it (the product of the float32
+ * position and frequency), its cosine and sine in double precision rounded to float32, as cpu's and
+ * wasm's kernels compute them (webgpu's shader functions are less exact); a training step computed
+ * Cast, Multiply, Sin and Cos (Math.sin, Math.cos over every entry) each pass before. Past
+ * {@link ropeTableBudget} entries the angles are computed on the device as before.
+ */
+export const ropeTablesFor = (ctx: ForwardContext, inverse: ArrayLike<number>, attention: number) =>
+  ctx.memo(`rope/${Array.prototype.join.call(inverse, ",")}/${attention}`, () => {
     const { tf } = ctx
-    const half = dim / 2
-    const inverse = Float32Array.from({ length: half }, (_, j) => base ** (-(2 * j) / dim))
-    const angles = tf.mul(tf.reshape(tf.cast(ctx.positionIds(), "float32"), [-1, 1, 1]), tf.tensor3d(inverse, [1, 1, half]))
-    return { cos: tf.cos(angles), sin: tf.sin(angles) }
+    const half = inverse.length
+    const freq = Float32Array.from(inverse)
+    let top = 0
+    for (const q of ctx.stream.positions) top = Math.max(top, q)
+    let rows = 1
+    while (rows <= top) rows *= 2
+    if (rows * half > ropeTableBudget) {
+      const angles = tf.mul(tf.reshape(tf.cast(ctx.positionIds(), "float32"), [-1, 1, 1]), tf.tensor3d(freq, [1, 1, half]))
+      return attention === 1
+        ? { cos: tf.cos(angles), sin: tf.sin(angles) }
+        : { cos: tf.mul(tf.cos(angles), attention), sin: tf.mul(tf.sin(angles), attention) }
+    }
+    const key = `${tf.getBackend()}/${Array.prototype.join.call(freq, ",")}/${attention}`
+    const byLibrary = ropeCaches.get(tf.env()) ?? new Map<string, { cos: Tensor; sin: Tensor; rows: number }>()
+    ropeCaches.set(tf.env(), byLibrary)
+    let table = byLibrary.get(key)
+    if (table === undefined || table.rows < rows || table.cos.isDisposed || table.sin.isDisposed) {
+      if (table !== undefined) tf.dispose([table.cos, table.sin])
+      const cos = new Float32Array(rows * half)
+      const sin = new Float32Array(rows * half)
+      const factor = Math.fround(attention)
+      for (let q = 0; q < rows; q++) {
+        for (let j = 0; j < half; j++) {
+          const angle = Math.fround(q * freq[j]!)
+          cos[q * half + j] = attention === 1 ? Math.cos(angle) : Math.fround(Math.cos(angle)) * factor
+          sin[q * half + j] = attention === 1 ? Math.sin(angle) : Math.fround(Math.sin(angle)) * factor
+        }
+      }
+      table = { cos: tf.keep(tf.tensor3d(cos, [rows, 1, half])), sin: tf.keep(tf.tensor3d(sin, [rows, 1, half])), rows }
+      byLibrary.set(key, table)
+    }
+    const ids = ctx.positionIds()
+    return { cos: tf.gather(table.cos, ids), sin: tf.gather(table.sin, ids) }
   })
+
+/** cos and sin tables `[N, 1, dim/2]` for the context's positions (HF `rotate_half` convention): {@link ropeTablesFor}. */
+export const ropeTables = (ctx: ForwardContext, dim: number, base: number) =>
+  ropeTablesFor(ctx, Float64Array.from({ length: dim / 2 }, (_, j) => base ** (-(2 * j) / dim)), 1)
 
 /** Rotates the first `dim` features of each head of `x [N, heads, hd]`. */
 export const applyRope = (ctx: ForwardContext, x: Tensor, dim: number, tables: { cos: Tensor; sin: Tensor }): Tensor =>

@@ -18,7 +18,9 @@
  * plot) under `--out` (default runs/bench-train). PyTorch comes from `.venv/bin/python` (else
  * `python3`); where neither imports torch, the benchmark says so and prints ours alone.
  *
- * Options: --models a,b  --threads 1,2  --steps N (timed, after 2 warm-ups; default 5)
+ * Options: --models a,b  --threads 1,2  --steps N (timed; default 5)  --warmup N (untimed steps
+ *          first, ours and PyTorch's alike; default 10: with two threads on two cores V8's background
+ *          compilation of the MoE steps' code competes with the threads for about the first 15 steps)
  *          --out DIR  --no-torch  --no-profile  --label TEXT (tags every line, e.g. "before")
  */
 import { Effect, Schema } from "effect"
@@ -51,10 +53,12 @@ const flag = (name: string) => argv.includes(name)
 const names = (option("--models") ?? "dense-2L-d128,moe-tiny,conceptmoe-1L-top7-R2").split(",")
 const threadCounts = (option("--threads") ?? "1,2").split(",").map(Number)
 const timed = Number(option("--steps") ?? 5)
+const warmup = Number(option("--warmup") ?? 10)
 const out = path.resolve(option("--out") ?? path.join(root, "runs", "bench-train"))
 const label = option("--label")
 for (const t of threadCounts) if (!Number.isInteger(t) || t < 1) throw new Error(`--threads: expected whole numbers ≥ 1, got "${option("--threads")}"`)
 if (!Number.isInteger(timed) || timed < 1) throw new Error(`--steps: expected a whole number ≥ 1, got "${option("--steps")}"`)
+if (!Number.isInteger(warmup) || warmup < 0) throw new Error(`--warmup: expected a whole number ≥ 0, got "${option("--warmup")}"`)
 const chosen = workloads.filter((w) => names.includes(w.name))
 if (chosen.length !== names.length) throw new Error(`--models: expected names among ${workloads.map((w) => w.name).join(", ")}`)
 
@@ -84,7 +88,7 @@ const torchVersion = python === undefined || flag("--no-torch") ? undefined : ex
 type TorchLine = { model: string; stepMsMedian: number; firstLoss: number; params: number; threads: number }
 const runTorch = (threads: number): Array<TorchLine> => {
   if (python === undefined || torchVersion === undefined) return []
-  const text = execFileSync(python, [path.join(root, "bench", "peers", "torch_lm.py"), "cpu", chosen.map((w) => w.name).join(","), "--threads", String(threads), "--steps", String(timed)], { encoding: "utf8" })
+  const text = execFileSync(python, [path.join(root, "bench", "peers", "torch_lm.py"), "cpu", chosen.map((w) => w.name).join(","), "--threads", String(threads), "--steps", String(timed), "--warmup", String(warmup)], { encoding: "utf8" })
   return text.split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l) as TorchLine)
 }
 
@@ -93,7 +97,7 @@ const runTorch = (threads: number): Array<TorchLine> => {
 const settingsOf = (w: typeof workloads[number], threads: number) =>
   Schema.decodeUnknownSync(TrainSettings)({ steps: 100, batchSize: w.rows, seqLen: w.length, seed: 0, ...(threads > 1 ? { threads } : {}) })
 
-/** Times `timed` steps after 2 warm-ups at `threads` threads; the first loss and the step times. */
+/** Times `timed` steps after `warmup` untimed ones at `threads` threads; the first loss and the step times. */
 const timeOurs = async (tf: Tf, w: typeof workloads[number], threads: number) => {
   const m = await Effect.runPromise(modelFromJson(w.config, `${w.name}.json`))
   const settings = settingsOf(w, threads)
@@ -105,11 +109,11 @@ const timeOurs = async (tf: Tf, w: typeof workloads[number], threads: number) =>
     const low = materialize(tf, m.analysis, 1)
     const opt = newOptimizer(low)
     try {
-      for (let s = 0; s < 2 + timed; s++) {
+      for (let s = 0; s < warmup + timed; s++) {
         const t0 = performance.now()
         const r = trainStep(low, opt, batch, settings, s)
         if (s === 0) first = r.loss
-        if (s >= 2) times.push(performance.now() - t0)
+        if (s >= warmup) times.push(performance.now() - t0)
       }
     } finally {
       release(low)
@@ -122,11 +126,11 @@ const timeOurs = async (tf: Tf, w: typeof workloads[number], threads: number) =>
     const trainer = await parallelTrainer(low, opt, m.config, settings, threads)
     const spent: Array<ReturnType<typeof trainer.timings>> = []
     try {
-      for (let s = 0; s < 2 + timed; s++) {
+      for (let s = 0; s < warmup + timed; s++) {
         const t0 = performance.now()
         const r = await trainer.step(batch, s)
         if (s === 0) first = r.loss
-        if (s >= 2) {
+        if (s >= warmup) {
           times.push(performance.now() - t0)
           spent.push(trainer.timings())
         }
@@ -267,7 +271,7 @@ const main = async () => {
   }
   // tables
   const md: Array<string> = []
-  md.push(`ours: ${description}; PyTorch: ${torchVersion ?? "not installed"}; ${timed} timed steps after 2 warm-ups, medians; PyTorch run before and after ours, mean of the two${label === undefined ? "" : `; label ${label}`}`)
+  md.push(`ours: ${description}; PyTorch: ${torchVersion ?? "not installed"}; ${timed} timed steps after ${warmup} warm-ups (each side), medians; PyTorch run before and after ours, mean of the two${label === undefined ? "" : `; label ${label}`}`)
   md.push("", "| model | threads | ours ms/step | PyTorch ms/step | ours ÷ PyTorch |", "|---|---|---|---|---|")
   for (const r of rows) md.push(`| ${r.model} | ${r.threads} | ${r.oursMs} | ${r.torchMs ?? "—"} | ${r.ratio === undefined ? "—" : `${r.ratio}×`} |`)
   const scaling = chosen.flatMap((w) => {

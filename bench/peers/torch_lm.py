@@ -18,7 +18,8 @@ q, k, v of the decoder's attention reading the concept through their own project
 Prints one JSON line per model: params (compare with ours), the median step over 10 steps after 3
 warm-ups, and the first loss. Run on the GPU machine: python3 bench/peers/torch_lm.py [cuda|cpu] [name,...]
 Options (after the positional ones): --threads N (torch.set_num_threads, CPU; default torch's, printed
-as `threads`), --steps N (timed steps, default 10). bench/train.ts runs it on CPU at 1 and 2 threads.
+as `threads`), --steps N (timed steps, default 10), --warmup N (untimed steps first, default 3).
+bench/train.ts runs it on CPU at 1 and 2 threads, with its own warm-up count.
 Checked on CPU (torch 2.13): parameter counts equal ours for all four models.
 """
 import json
@@ -215,16 +216,17 @@ class ConceptLM(torch.nn.Module):
 def main():
     args = sys.argv[1:]
     options = {}
-    for flag in ("--threads", "--steps"):
+    for flag in ("--threads", "--steps", "--warmup"):
         if flag in args:
             i = args.index(flag)
-            if i + 1 >= len(args) or not args[i + 1].isdigit() or int(args[i + 1]) < 1:
-                sys.exit(f"{flag} expects a positive whole number")
+            if i + 1 >= len(args) or not args[i + 1].isdigit() or int(args[i + 1]) < (0 if flag == "--warmup" else 1):
+                sys.exit(f"{flag} expects a {'whole number' if flag == '--warmup' else 'positive whole number'}")
             options[flag] = int(args[i + 1])
             del args[i:i + 2]
     if "--threads" in options:
         torch.set_num_threads(options["--threads"])
     timed = options.get("--steps", 10)
+    warmup = options.get("--warmup", 3)
     device = args[0] if len(args) > 0 else "cuda"
     only = args[1].split(",") if len(args) > 1 and args[1] != "" else None
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -241,7 +243,7 @@ def main():
         ids = torch.tensor([(i * 7 + (i % 13) * 5) % 256 for i in range(n)], device=device).view(w["rows"], w["length"])
         targets = torch.tensor([(i * 11 + 3) % 256 for i in range(n)], device=device).view(w["rows"], w["length"])
         times, first = [], None
-        for s in range(3 + timed):
+        for s in range(warmup + timed):
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -254,7 +256,7 @@ def main():
                 torch.cuda.synchronize()
             if s == 0:
                 first = loss.item()
-            if s >= 3:
+            if s >= warmup:
                 times.append((time.perf_counter() - t0) * 1000)
         params = sum(p.numel() for p in model.parameters())
         print(json.dumps({"model": w["name"], "torch": torch.__version__, "threads": torch.get_num_threads(), "params": params, "stepMsMedian": round(statistics.median(times), 2), "firstLoss": first}), flush=True)

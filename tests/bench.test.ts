@@ -34,7 +34,7 @@ describe("inference prediction", () => {
     }))
 
   it("the time model: a·FLOPs with the phase's ms per GFLOP, plus b·kernels", () => {
-    const c = { msPerGflopPrefill: 20, msPerGflopDecode: 500, usPerKernel: 10 }
+    const c = { msPerGflopPrefill: 20, msPerGflopDecode: 500, usPerKernel: 10, usPerTinyKernel: 6 }
     // 3 GFLOP at 20 ms/GFLOP = 60 ms; 1,000 kernels at 10 µs = 10 ms
     assert.closeTo(timeModel(c, "prefill", 3e9, 1000), 70, 1e-9)
     // 0.02 GFLOP at 500 ms/GFLOP = 10 ms; 800 kernels = 8 ms
@@ -95,7 +95,7 @@ describe("conceptmoe bench inference", () => {
     assert.strictEqual(saved.models.length, 7)
     // the calibration the time model used, and each row's time model from it and the row's FLOPs and kernels
     const c = saved.calibration
-    for (const key of ["msPerGflopPrefill", "msPerGflopDecode", "usPerKernel"]) assert.isAbove(c[key], 0)
+    for (const key of ["msPerGflopPrefill", "msPerGflopDecode", "usPerKernel", "usPerTinyKernel"]) assert.isAbove(c[key], 0)
     for (const row of saved.rows) {
       const a = row.phase === "prefill" ? c.msPerGflopPrefill : c.msPerGflopDecode
       assert.closeTo(row.msModelConcept, (a * row.flopsConcept) / 1e9 + (c.usPerKernel * row.kernelsConcept) / 1000, 1e-9)

@@ -79,7 +79,7 @@ export const renderBench = (r: BenchResult): string => {
   )
   const c = r.calibration
   const legend = `time ratio: (1 + measured speedup) / (1 + predicted), 1 when the runtime delivers the FLOP prediction; ` +
-    `time model: ms = a·FLOPs + b·kernels, a = ${c.msPerGflopPrefill.toFixed(1)} ms/GFLOP (prefill), ${c.msPerGflopDecode.toFixed(1)} ms/GFLOP (decode), b = ${c.usPerKernel.toFixed(1)} µs per kernel (calibrated on this machine before the run)`
+    `time model: ms = a·FLOPs + b·kernels, a = ${c.msPerGflopPrefill.toFixed(1)} ms/GFLOP (prefill), ${c.msPerGflopDecode.toFixed(1)} ms/GFLOP (decode), b = ${c.usPerKernel.toFixed(1)} µs per kernel (a probe model's decode steps; a tiny kernel alone ${c.usPerTinyKernel.toFixed(1)} µs), calibrated on this machine before the run`
   return `${table}\n${legend}\n\nKV-cache bytes (float32, ${r.settings.rows} rows) after ${formatNumber(longest)} positions; for the baseline, "concept model" is the layers the variants compress:\n${caches}`
 }
 

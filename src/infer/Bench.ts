@@ -84,14 +84,20 @@ export interface BenchRow {
 /**
  * The time model's constants, measured on this machine by {@link calibrate} before the models run:
  * milliseconds per FLOP of a prefill's products (hundreds of rows) and of a decode step's (1–2
- * rows per product), and milliseconds per kernel (tiny kernels: the fixed cost of one tfjs kernel,
- * host work included).
+ * rows per product), and microseconds per kernel: `usPerKernel`, the model's b, from decode steps
+ * of a probe model that is not benchmarked (a tiny dense decoder, whose steps are all kernels and
+ * the host work around them), and `usPerTinyKernel`, the cost of a tiny kernel alone (for
+ * comparison: the host work of a block's apply comes on top of it).
  */
 export interface Calibration {
   readonly msPerGflopPrefill: number
   readonly msPerGflopDecode: number
   readonly usPerKernel: number
+  readonly usPerTinyKernel: number
 }
+
+/** The probe model of {@link calibrate}'s cost per kernel: a decoder far smaller than any benchmarked, its FLOPs negligible. */
+export const probeConfig = { kind: "dense", name: "calibration-probe", vocab: 256, hidden: 32, layers: 2, heads: 2, ffnHidden: 64, activation: "gelu", contextLength: 256 } as const
 
 /** Predicted milliseconds of a phase: a·FLOPs + b·kernels, with a the phase's ms per FLOP and b the ms per kernel. */
 export const timeModel = (c: Calibration, phase: "prefill" | "decode", flops: number, kernels: number): number =>
@@ -199,7 +205,7 @@ const timeOf = (f: () => { dispose(): void }, n: number) => {
  * tiny element-wise, reshape, slice and concat kernels on `[2, 128]` tensors (a decode step's
  * activations), the median of 7 timings after 3 untimed.
  */
-export const calibrate = (tf: Lowered["tf"]): Calibration => {
+export const calibrate = async (tf: Lowered["tf"], probe: Contender, settings: BenchSettings): Promise<Calibration> => {
   const perGflop = (rows: number, batchRows: number) => {
     const a = tf.randomNormal([rows, 128]), w = tf.randomNormal([128, 512])
     const q = tf.randomNormal([8, batchRows, 32]), k = tf.randomNormal([8, 32, 2048]), p = tf.randomNormal([8, batchRows, 2048]), v = tf.randomNormal([8, 2048, 32])
@@ -231,7 +237,17 @@ export const calibrate = (tf: Lowered["tf"]): Calibration => {
     counter.stop()
   }
   x.dispose()
-  return { msPerGflopPrefill: perGflop(512, 256), msPerGflopDecode: perGflop(2, 1), usPerKernel: (ms * 1000) / counter.count }
+  const usPerTinyKernel = (ms * 1000) / counter.count
+  const msPerGflopPrefill = perGflop(512, 256)
+  const msPerGflopDecode = perGflop(2, 1)
+  // b: the probe's decode steps at 64 positions, less their (tiny) FLOPs' time, per kernel; the median of 3
+  const perKernel: Array<number> = []
+  for (let i = 0; i < 4; i++) {
+    const m = await measure(probe, { ...settings, decodeSteps: 16 }, 64, 256)
+    const flopsMs = (msPerGflopDecode * settings.rows * decodeFlops(probe.model.analysis, 64)) / 1e9
+    if (i > 0) perKernel.push(((m.decode.ms - flopsMs) * 1000) / m.decode.kernels)
+  }
+  return { msPerGflopPrefill, msPerGflopDecode, usPerKernel: median(perKernel), usPerTinyKernel }
 }
 
 /**
@@ -329,7 +345,9 @@ export const run = (baseline: LoadedModel, baselineJson: unknown, settings: Benc
     // warm-up: every model once at the shortest length (kernel setup, JIT), untimed
     const shortest = Math.min(...settings.lengths)
     for (const c of contenders) yield* Effect.promise(() => measure(c, { ...settings, decodeSteps: 2 }, shortest, vocab))
-    const calibration = calibrate(contenders[0]!.low.tf)
+    const probeModel = yield* modelFromJson(probeConfig, "(the time model's probe)")
+    const probe: Contender = { model: probeModel, low: materialize(contenders[0]!.low.tf, probeModel.analysis, 0), ratio: null, strategy: null }
+    const calibration = yield* Effect.promise(() => calibrate(contenders[0]!.low.tf, probe, settings)).pipe(Effect.ensuring(Effect.sync(() => release(probe.low))))
     const rows: Array<BenchRow> = []
     const caches: Array<CacheRow> = []
     const layers = baseline.decoder.layers.length

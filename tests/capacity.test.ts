@@ -36,6 +36,69 @@ describe(`MoE grouped and capacity dispatch (${backend})`, () => {
     assert.deepStrictEqual(Array.from(g.dataSync()), [1 + 5, 2 + 6, 3 + 7, 4 + 8, 0, 0, 0, 0, 9 + 13 + 17, 10 + 14 + 18, 11 + 15 + 19, 12 + 16 + 20])
   })
 
+  it("slots, combine and group sums equal plain loops (wasm bit for bit: float64 sums in order), rows of 64 and of 6", () => {
+    const f32 = Math.fround
+    for (const d of [64, 6]) {
+      const n = 37
+      const E = 5
+      const x = Float32Array.from({ length: n * d }, (_, i) => Math.sin(i * 1.7) * 3.3)
+      const w = Float32Array.from({ length: n * E }, (_, i) => Math.cos(i * 0.9))
+      // rows of pairs e·n + i by groups of 4 per expert, the padding empty (−1)
+      const route = makeRoute(tf)(tf.tensor2d(routingMask(n, E, 2, 3), [n, E]), { tile: 4 }, 2)
+      const tokens = route.tokens.dataSync() as Int32Array
+      const slots = route.slots
+      assert.isTrue(tokens.includes(-1))
+      const { toSlots, fromSlots, gatherGroups } = makeSlots(tf)
+      // toSlots and, through fromSlots' gradient in w, the weighted gather
+      const xs = toSlots(tf.tensor2d(x, [n, d]), route.tokens, slots)
+      const want = new Float32Array(tokens.length * d)
+      tokens.forEach((v, s) => {
+        if (v >= 0) for (let j = 0; j < d; j++) want[s * d + j] = x[(v % n) * d + j]!
+      })
+      assert.deepStrictEqual(Array.from(xs.dataSync()), Array.from(want), `toSlots, d ${d}`)
+      // fromSlots: each token's kept pairs' rows times their gates, summed over the experts in order
+      const combined = fromSlots(xs, slots, route.tokens, tf.tensor2d(w, [n, E])).dataSync()
+      const xsv = xs.dataSync()
+      const slotv = slots.dataSync()
+      const wantC = new Float32Array(n * d)
+      for (let i = 0; i < n; i++) {
+        for (let j = 0; j < d; j++) {
+          let acc = 0
+          for (let e = 0; e < E; e++) if (slotv[e * n + i]! >= 0) acc += w[i * E + e]! * xsv[slotv[e * n + i]! * d + j]!
+          wantC[i * d + j] = f32(acc)
+        }
+      }
+      if (backend === "wasm") assert.deepStrictEqual(Array.from(combined), Array.from(wantC), `fromSlots, d ${d}`)
+      else Array.from(combined).forEach((v, i) => assert.closeTo(v, wantC[i]!, 1e-5 * (1 + Math.abs(wantC[i]!)), `fromSlots, d ${d}, ${i}`))
+      // fromSlots' gradient in its rows: each row's token's dy times that pair's gate (one float32 product)
+      const dyT = Float32Array.from({ length: n * d }, (_, i) => Math.cos(i * 0.37) * 2.1)
+      const gys = tf.grad((ys: Tensor) => tf.sum(tf.mul(fromSlots(ys, slots, route.tokens, tf.tensor2d(w, [n, E])), tf.tensor2d(dyT, [n, d]))))(xs)
+      const wantW = new Float32Array(tokens.length * d)
+      tokens.forEach((v, s) => {
+        if (v >= 0) for (let j = 0; j < d; j++) wantW[s * d + j] = f32(dyT[(v % n) * d + j]! * w[(v % n) * E + Math.floor(v / n)]!)
+      })
+      assert.deepStrictEqual(Array.from(gys.dataSync()), Array.from(wantW), `fromSlots' gradient in its rows, d ${d}`)
+      // the gradient of gatherGroups sums each expert's groups (groups in expert order, expert 2 without any)
+      const groups = tf.tensor1d([0, 0, 0, 1, 3, 3, 4, 4, 4, 4], "int32")
+      const size = 2 * d
+      const wt = tf.zeros([E, 2, d])
+      const dy = Float32Array.from({ length: 10 * size }, (_, i) => Math.sin(i * 0.31) * 1e3 + Math.cos(i * 7.7) * 1e-3)
+      const g = tf.grad((t: Tensor) => tf.sum(tf.mul(gatherGroups(t, groups), tf.tensor3d(dy, [10, 2, d]))))(wt)
+      const sums = new Float32Array(E * size)
+      const q = [0, 0, 0, 1, 3, 3, 4, 4, 4, 4]
+      for (let e = 0; e < E; e++) {
+        for (let j = 0; j < size; j++) {
+          let acc = 0
+          q.forEach((qe, r) => { if (qe === e) acc += dy[r * size + j]! })
+          sums[e * size + j] = f32(acc)
+        }
+      }
+      // wasm's kernel sums in float64 as the loop does; cpu's ops sum in float32
+      if (backend === "wasm") assert.deepStrictEqual(Array.from(g.dataSync()), Array.from(sums), `group sums, d ${d}`)
+      else Array.from(g.dataSync()).forEach((v, i) => assert.closeTo(v, sums[i]!, 1e-3 * (1 + Math.abs(sums[i]!)), `group sums, d ${d}, ${i}`))
+    }
+  })
+
   it("routes, gathers into slots and back, with gradients, on hand-checked values", () => {
     // 7 tokens, 3 experts, 2 slots each; token 6 is routed nowhere (padding)
     const mask = tf.tensor2d([1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 1, 0, 1, 0, 0, 0], [7, 3])

@@ -73,6 +73,7 @@ export const and = [0x71] as Code
 export const shl = [0x74] as Code
 export const ltU = [0x49] as Code
 export const remU = [0x70] as Code
+export const divU = [0x6e] as Code
 export const eqz = [0x45] as Code
 export const i32Load = (offset = 0): Code => [0x28, 2, ...uleb(offset)]
 /** `select`: of two values, the first where the condition (on top) is non-zero. */

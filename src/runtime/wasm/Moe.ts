@@ -63,6 +63,10 @@ import { registerHeapKernel } from "./Heap.ts"
 const i32TruncF32S: Code = [0xa8]
 const f64PromoteF32: Code = [0xbb]
 
+/** Lanes 2, 3 of a vector in lanes 0, 1 (the high half's promotion); the low halves of two vectors as one. */
+const high = i8x16Shuffle([8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7])
+const joinLow = i8x16Shuffle([0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23])
+
 /** `for (i = 0; i < limit; i += step) body` over i32 locals. */
 const upTo = (i: number, limit: number, step: number, body: ReadonlyArray<Code>): Code =>
   [...const32(0), ...set(i), ...block(loop(get(i), get(limit), geS, brIf(1), ...body, get(i), const32(step), add, set(i), br(0)))]
@@ -75,8 +79,6 @@ const sumRowsFunc: Func = (() => {
   const [x, out, bytes, rows, stride] = [0, 1, 2, 3, 4]
   const [c, r, p] = [5, 6, 7]
   const [lo, hi, v] = [8, 9, 10]
-  const high = i8x16Shuffle([8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7])
-  const joinLow = i8x16Shuffle([0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23])
   return {
     name: "sumRows",
     params: 5,
@@ -133,8 +135,6 @@ const fromSlotsFunc: Func = (() => {
   const [y, p, w, out, n, E, rowBytes] = [0, 1, 2, 3, 4, 5, 6]
   const [i, c, e, slot, row] = [7, 8, 9, 10, 11]
   const [lo, hi, v, g] = [12, 13, 14, 15]
-  const high = i8x16Shuffle([8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7])
-  const joinLow = i8x16Shuffle([0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23])
   return {
     name: "fromSlots",
     params: 7,

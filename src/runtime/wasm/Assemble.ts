@@ -79,10 +79,17 @@ export const i32Load = (offset = 0): Code => [0x28, 2, ...uleb(offset)]
 /** `select`: of two values, the first where the condition (on top) is non-zero. */
 export const select = [0x1b] as Code
 
+/** `for (i = 0; i < limit; i += step) body` over the i32 locals i and limit. */
+export const forUp = (i: number, limit: number, step: number, body: ReadonlyArray<Code>): Code =>
+  [...const32(0), ...set(i), ...block(loop(get(i), get(limit), geS, brIf(1), ...body, get(i), const32(step), add, set(i), br(0)))]
+
 // f32 scalars
 export const f32Load = (offset = 0): Code => [0x2a, 2, ...uleb(offset)]
 export const f32Store = (offset = 0): Code => [0x38, 2, ...uleb(offset)]
 export const f32Zero: Code = [0x43, 0, 0, 0, 0]
+export const f32Const = (x: number): Code => [0x43, ...new Uint8Array(new Float32Array([x]).buffer)]
+export const i32TruncF32S: Code = [0xa8]
+export const f64PromoteF32: Code = [0xbb]
 export const f32Add = [0x92] as Code
 export const f32Sub = [0x93] as Code
 export const f32Mul = [0x94] as Code
@@ -144,6 +151,10 @@ export const f64x2Mul = simd(0xf2)
 export const f64x2ExtractLane = (lane: number): Code => simd(0x21, lane)
 /** Of two vectors' 32 bytes, the 16 named by `lanes` (0–15 the first's, 16–31 the second's). */
 export const i8x16Shuffle = (lanes: ReadonlyArray<number>): Code => simd(0x0d, ...lanes)
+/** Lanes 2, 3 of a vector in lanes 0, 1 (to promote a vector's high half to f64x2). */
+export const highHalf = i8x16Shuffle([8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7])
+/** The low halves of two vectors as one (two f32x4.demote_f64x2_zero results joined). */
+export const joinLowHalves = i8x16Shuffle([0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23])
 /** Relaxed SIMD: the truncation of f32 lanes to i32 (as cvttps2dq: out of range lanes are unspecified). */
 export const i32x4RelaxedTruncF32x4S = simd(0x101)
 /** Relaxed SIMD: a·b + c, fused where the hardware has an FMA (one rounding), else two roundings. */

@@ -32,6 +32,7 @@ import {
   f32x4Div,
   f32x4Mul,
   f32x4Sub,
+  forUp,
   type Func,
   geS,
   get,
@@ -46,12 +47,7 @@ import {
 } from "./Assemble.ts"
 
 /** `for (i = 0; i < limit; i++) body` over the i32 locals i and limit. */
-const repeat = (i: number, limit: number, body: ReadonlyArray<Code>): Code =>
-  [...const32(0), ...set(i), ...block(loop(get(i), get(limit), geS, brIf(1), ...body, get(i), const32(1), add, set(i), br(0)))]
-
-/** `for (c = 0; c < bytes; c += step) body`. */
-const stepping = (c: number, bytes: number, step: number, body: ReadonlyArray<Code>): Code =>
-  [...const32(0), ...set(c), ...block(loop(get(c), get(bytes), geS, brIf(1), ...body, get(c), const32(step), add, set(c), br(0)))]
+const repeat = (i: number, limit: number, body: ReadonlyArray<Code>): Code => forUp(i, limit, 1, body)
 
 const ops = { add: f32x4Add, sub: f32x4Sub, mul: f32x4Mul, div: f32x4Div } as const
 export type BinaryOp = keyof typeof ops
@@ -65,7 +61,7 @@ const binaryFunc = (op: BinaryOp): Func => {
     locals: [[2, i32]],
     body: [
       const32(0), set(j),
-      stepping(c, bytes, 16, [
+      forUp(c, bytes, 16, [
         get(out), get(c), add,
         get(a), get(c), add, v128Load(0),
         get(b), get(j), add, v128Load(0),
@@ -87,7 +83,7 @@ const binaryScalarFunc = (op: BinaryOp): Func => {
     locals: [[1, i32], [1, v128]],
     body: [
       get(b), load32Splat(0), set(s),
-      stepping(c, bytes, 16, [get(out), get(c), add, get(a), get(c), add, v128Load(0), get(s), ops[op], v128Store(0)])
+      forUp(c, bytes, 16, [get(out), get(c), add, get(a), get(c), add, v128Load(0), get(s), ops[op], v128Store(0)])
     ]
   }
 }
@@ -138,7 +134,7 @@ const outerLoops = (
 const permuteRunsFunc: Func = (() => {
   const [src, dst, n0, n1, n2, n3, s0, s1, s2] = [0, 1, 2, 3, 4, 5, 6, 7, 8]
   const [i0, i1, i2, p0, p1, p2, c, o] = [9, 10, 11, 12, 13, 14, 15, 16]
-  const inner = stepping(c, n3, 16, [get(o), get(p2), get(c), add, v128Load(0), v128Store(0), get(o), const32(16), add, set(o)])
+  const inner = forUp(c, n3, 16, [get(o), get(p2), get(c), add, v128Load(0), v128Store(0), get(o), const32(16), add, set(o)])
   return {
     name: "permuteRuns",
     params: 9,

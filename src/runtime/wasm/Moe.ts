@@ -26,27 +26,27 @@
 import type { Tf } from "../../graph/Apply.ts"
 import {
   add,
-  block,
-  br,
-  brIf,
-  type Code,
   const32,
   divU,
+  f32Const,
   f32Load,
   f32x4DemoteF64x2Zero,
   f32x4Mul,
   f32x4Splat,
+  f64PromoteF32,
   f64x2Add,
   f64x2Mul,
   f64x2PromoteLowF32x4,
   f64x2Splat,
+  forUp,
   type Func,
   geS,
   get,
+  highHalf,
   i32,
-  i8x16Shuffle,
+  i32TruncF32S,
   if_,
-  loop,
+  joinLowHalves,
   ltS,
   moduleBytes,
   mul,
@@ -58,18 +58,6 @@ import {
   v128Zero
 } from "./Assemble.ts"
 import { registerHeapKernel } from "./Heap.ts"
-
-/** `i32.trunc_f32_s`, `f64.promote_f32`. */
-const i32TruncF32S: Code = [0xa8]
-const f64PromoteF32: Code = [0xbb]
-
-/** Lanes 2, 3 of a vector in lanes 0, 1 (the high half's promotion); the low halves of two vectors as one. */
-const high = i8x16Shuffle([8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7])
-const joinLow = i8x16Shuffle([0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23])
-
-/** `for (i = 0; i < limit; i += step) body` over i32 locals. */
-const upTo = (i: number, limit: number, step: number, body: ReadonlyArray<Code>): Code =>
-  [...const32(0), ...set(i), ...block(loop(get(i), get(limit), geS, brIf(1), ...body, get(i), const32(step), add, set(i), br(0)))]
 
 /**
  * `sumRows(x, out, bytes, rows, stride)`: out[c] = f32(Σ_r x[r·stride + c]) over `rows` rows, each
@@ -83,15 +71,15 @@ const sumRowsFunc: Func = (() => {
     name: "sumRows",
     params: 5,
     locals: [[3, i32], [3, v128]],
-    body: [upTo(c, bytes, 16, [
+    body: [forUp(c, bytes, 16, [
       v128Zero, set(lo), v128Zero, set(hi), get(x), get(c), add, set(p),
-      upTo(r, rows, 1, [
+      forUp(r, rows, 1, [
         get(p), v128Load(0), set(v),
         get(lo), get(v), f64x2PromoteLowF32x4, f64x2Add, set(lo),
-        get(hi), get(v), get(v), high, f64x2PromoteLowF32x4, f64x2Add, set(hi),
+        get(hi), get(v), get(v), highHalf, f64x2PromoteLowF32x4, f64x2Add, set(hi),
         get(p), get(stride), add, set(p)
       ]),
-      get(out), get(c), add, get(lo), f32x4DemoteF64x2Zero, get(hi), f32x4DemoteF64x2Zero, joinLow, v128Store(0)
+      get(out), get(c), add, get(lo), f32x4DemoteF64x2Zero, get(hi), f32x4DemoteF64x2Zero, joinLowHalves, v128Store(0)
     ])]
   }
 })()
@@ -109,18 +97,18 @@ const toSlotsFunc: Func = (() => {
     name: "toSlots",
     params: 9,
     locals: [[6, i32], [1, v128]],
-    body: [upTo(s, slots, 1, [
+    body: [forUp(s, slots, 1, [
       // the row's pair, a float32 (as every heap kernel's output) holding an integer
       get(t), get(s), const32(4), mul, add, f32Load(0), i32TruncF32S, set(tv),
       get(out), get(s), get(rowBytes), mul, add, set(dst),
-      if_([...get(tv), ...const32(0), ...ltS], [upTo(c, rowBytes, 16, [get(dst), get(c), add, v128Zero, v128Store(0)])], [
+      if_([...get(tv), ...const32(0), ...ltS], [forUp(c, rowBytes, 16, [get(dst), get(c), add, v128Zero, v128Store(0)])], [
         get(tv), get(n), remU, set(i),
         get(x), get(i), get(rowBytes), mul, add, set(src),
         // the gate w[i·E + e] (e = t / n), or 1
         if_([...get(weighted)], [
           get(w), get(i), get(E), mul, get(tv), get(n), divU, add, const32(4), mul, add, f32Load(0), f32x4Splat, set(g)
-        ], [[0x43, ...new Uint8Array(new Float32Array([1]).buffer)], f32x4Splat, set(g)]),
-        upTo(c, rowBytes, 16, [get(dst), get(c), add, get(src), get(c), add, v128Load(0), get(g), f32x4Mul, v128Store(0)])
+        ], [f32Const(1), f32x4Splat, set(g)]),
+        forUp(c, rowBytes, 16, [get(dst), get(c), add, get(src), get(c), add, v128Load(0), get(g), f32x4Mul, v128Store(0)])
       ])
     ])]
   }
@@ -139,20 +127,20 @@ const fromSlotsFunc: Func = (() => {
     name: "fromSlots",
     params: 7,
     locals: [[5, i32], [4, v128]],
-    body: [upTo(i, n, 1, [
-      upTo(c, rowBytes, 16, [
+    body: [forUp(i, n, 1, [
+      forUp(c, rowBytes, 16, [
         v128Zero, set(lo), v128Zero, set(hi),
-        upTo(e, E, 1, [
+        forUp(e, E, 1, [
           get(p), get(e), get(n), mul, get(i), add, const32(4), mul, add, f32Load(0), i32TruncF32S, set(slot),
           if_([...get(slot), ...const32(0), ...geS], [
             get(w), get(i), get(E), mul, get(e), add, const32(4), mul, add, f32Load(0), f64PromoteF32, f64x2Splat, set(g),
             get(y), get(slot), get(rowBytes), mul, add, get(c), add, v128Load(0), set(v),
             get(lo), get(g), get(v), f64x2PromoteLowF32x4, f64x2Mul, f64x2Add, set(lo),
-            get(hi), get(g), get(v), get(v), high, f64x2PromoteLowF32x4, f64x2Mul, f64x2Add, set(hi)
+            get(hi), get(g), get(v), get(v), highHalf, f64x2PromoteLowF32x4, f64x2Mul, f64x2Add, set(hi)
           ])
         ]),
         get(out), get(i), get(rowBytes), mul, add, get(c), add, set(row),
-        get(row), get(lo), f32x4DemoteF64x2Zero, get(hi), f32x4DemoteF64x2Zero, joinLow, v128Store(0)
+        get(row), get(lo), f32x4DemoteF64x2Zero, get(hi), f32x4DemoteF64x2Zero, joinLowHalves, v128Store(0)
       ])
     ])]
   }

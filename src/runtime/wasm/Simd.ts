@@ -33,13 +33,14 @@
  * @since 0.4.0
  */
 import {
-  type Code,
-  type Func,
   add,
+  and,
   block,
   br,
   brIf,
+  type Code,
   const32,
+  eqz,
   f32,
   f32Add,
   f32Div,
@@ -48,18 +49,15 @@ import {
   f32Mul,
   f32Store,
   f32Sub,
-  f32Zero,
   f32x4Abs,
   f32x4Add,
   f32x4Const,
-  f32x4Lanes,
-  if_,
-  sub,
   f32x4ConvertI32x4S,
   f32x4Div,
   f32x4ExtractLane,
   f32x4Ge,
   f32x4Gt,
+  f32x4Lanes,
   f32x4Lt,
   f32x4Max,
   f32x4Mul,
@@ -71,14 +69,18 @@ import {
   f32x4Splat,
   f32x4Sqrt,
   f32x4Sub,
+  f32Zero,
   f64,
   f64Add,
   f64x2Add,
   f64x2ExtractLane,
   f64x2Mul,
   f64x2PromoteLowF32x4,
+  forUp,
+  type Func,
   geS,
   get,
+  highHalf,
   i32,
   i32Load,
   i32x4Add,
@@ -88,26 +90,25 @@ import {
   i32x4ShrU,
   i32x4Sub,
   i32x4TruncSatF32x4S,
-  i8x16Shuffle,
+  if_,
   loop,
   ltU,
-  remU,
-  eqz,
-  and,
-  v128Zero,
   moduleBytes,
   mul,
+  remU,
   select,
   set,
+  sub,
   v128,
   v128And,
   v128AndNot,
   v128Bitselect,
   v128Load,
-  type VectorConstants,
-  vectorConstants,
   v128Or,
-  v128Store
+  v128Store,
+  v128Zero,
+  vectorConstants,
+  type VectorConstants
 } from "./Assemble.ts"
 
 const vmul = (a: Code, b: Code): Code => [...a, ...b, ...f32x4Mul]
@@ -201,8 +202,7 @@ const lanes = (v: number, op: Code): Code => [
 ]
 
 /** A loop over byte offsets `c` = 0, 16, … < `bytes` (locals), running `body`. */
-const each = (c: number, bytes: number, body: ReadonlyArray<Code>): Code =>
-  [...const32(0), ...set(c), ...block(loop(get(c), get(bytes), geS, brIf(1), ...body, get(c), const32(16), add, set(c), br(0)))]
+const each = (c: number, bytes: number, body: ReadonlyArray<Code>): Code => forUp(c, bytes, 16, body)
 
 const at = (base: number, c: number): Code => [...get(base), ...get(c), ...add]
 
@@ -612,7 +612,7 @@ const sumSquaresFunc: Func = (() => {
   const [c, bytes] = [0, 1].map(f.int) as [number, number]
   const [lo, hi, x, d] = [0, 1, 2, 3].map(f.vec) as [number, number, number, number]
   const square = (v: Code): Code => [...v, ...f64x2PromoteLowF32x4, ...set(d), ...get(d), ...get(d), ...f64x2Mul]
-  const high = [...get(x), ...get(x), ...i8x16Shuffle([8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7])]
+  const high = [...get(x), ...get(x), ...highHalf]
   return {
     name: "sumSquares",
     params: [i32, i32],

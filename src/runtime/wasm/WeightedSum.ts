@@ -26,8 +26,9 @@ import {
   type Func,
   geS,
   get,
+  highHalf,
   i32,
-  i8x16Shuffle,
+  joinLowHalves,
   loop,
   moduleBytes,
   set,
@@ -38,10 +39,6 @@ import {
 } from "./Assemble.ts"
 import { hasHeap, heapStorage } from "./Heap.ts"
 
-/** Lanes 2, 3 of a vector in lanes 0, 1 (for the promotion of the high half). */
-const high = i8x16Shuffle([8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7])
-/** The low halves of two vectors as one. */
-const joinLow = i8x16Shuffle([0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23])
 
 /**
  * `first(a, b, out, bytes, w0, w1)`: out = f32(f32(+0 + w0·a) + w1·b) over `bytes` (a multiple of 16;
@@ -52,14 +49,14 @@ const funcs = (): Array<Func> => {
   const step = (at: number, bytes: number, out: number, lo: number, hi: number, terms: Array<Code>): Array<Code> => [
     get(at), get(bytes), geS, brIf(1),
     ...terms,
-    get(out), get(at), add, get(lo), f32x4DemoteF64x2Zero, get(hi), f32x4DemoteF64x2Zero, joinLow, v128Store(0),
+    get(out), get(at), add, get(lo), f32x4DemoteF64x2Zero, get(hi), f32x4DemoteF64x2Zero, joinLowHalves, v128Store(0),
     get(at), const32(16), add, set(at), br(0)
   ]
   // lo += w·b's low half, hi += w·b's high half
   const addTerm = (b: number, at: number, w: number, lo: number, hi: number, v: number): Array<Code> => [
     get(b), get(at), add, v128Load(0), set(v),
     get(lo), get(w), get(v), f64x2PromoteLowF32x4, f64x2Mul, f64x2Add, set(lo),
-    get(hi), get(w), get(v), get(v), high, f64x2PromoteLowF32x4, f64x2Mul, f64x2Add, set(hi)
+    get(hi), get(w), get(v), get(v), highHalf, f64x2PromoteLowF32x4, f64x2Mul, f64x2Add, set(hi)
   ]
   // f32(x) back in f64 lanes
   const round = (x: number): Array<Code> => [get(x), f32x4DemoteF64x2Zero, f64x2PromoteLowF32x4, set(x)]
@@ -84,7 +81,7 @@ const funcs = (): Array<Func> => {
     const [at, W, lo, hi, v] = [4, 5, 6, 7, 8]
     const terms: Array<Code> = [
       get(out), get(at), add, v128Load(0), set(v),
-      get(v), f64x2PromoteLowF32x4, set(lo), get(v), get(v), high, f64x2PromoteLowF32x4, set(hi),
+      get(v), f64x2PromoteLowF32x4, set(lo), get(v), get(v), highHalf, f64x2PromoteLowF32x4, set(hi),
       ...addTerm(b, at, W, lo, hi, v)
     ]
     return {
